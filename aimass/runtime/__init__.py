@@ -1,0 +1,1 @@
+"""The runtime every aimass process shares: config, server bootstrap, interceptors, batching, discovery."""
