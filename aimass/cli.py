@@ -1,0 +1,153 @@
+"""The ``aimass`` command: ``aimass up`` starts the mesh, ``aimass status`` shows what runs where."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimass.runtime.config import load_settings
+from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.runtime.logs import configure_logging
+from aimass.supervisor import ProcessSpec, Supervisor
+
+log = logging.getLogger("aimass")
+
+# kind → the module that runs one replica of it.
+SERVICE_MODULES = {"nlp": "services.nlp"}
+
+
+def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
+    settings = load_settings()
+    gateway_port = args.gateway_port or settings.gateway.server.port
+    registry = f"{settings.gateway.server.host}:{gateway_port}"
+    common = {"AIMASS_REGISTRY__ADDRESS": registry}
+    specs = [ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)})]
+    first_port = args.nlp_port or settings.nlp.server.port
+    for index in range(args.nlp_replicas):
+        port = first_port + index if first_port else 0
+        specs.append(
+            ProcessSpec(f"nlp-{index}", SERVICE_MODULES["nlp"], {**common, "AIMASS_NLP__SERVER__PORT": str(port)})
+        )
+    return specs
+
+
+async def wait_until_ready(registry_address: str, expected: dict[str, int], timeout_s: float) -> list[Instance]:
+    """Poll the registry until every expected kind has its replicas SERVING, reporting progress."""
+    registry = RemoteRegistry(registry_address)
+    deadline = time.monotonic() + timeout_s
+    last_report = ""
+    try:
+        while True:
+            try:
+                instances = await registry.list()
+            except grpc.aio.AioRpcError:
+                instances = []
+            serving = [i for i in instances if i.serving]
+            counts = {kind: sum(1 for i in serving if i.kind == kind) for kind in expected}
+            report = ", ".join(f"{kind} {counts[kind]}/{want}" for kind, want in expected.items())
+            if all(counts[kind] >= want for kind, want in expected.items()):
+                return serving
+            if report != last_report:
+                log.info("waiting for replicas (models loading): %s ready", report)
+                last_report = report
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mesh not ready after {timeout_s:.0f}s: {report}")
+            await asyncio.sleep(0.5)
+    finally:
+        await registry.close()
+
+
+def format_instances(instances: Sequence[Instance]) -> str:
+    rows = [("KIND", "ADDRESS", "STATE", "PID", "SERVICES", "MODELS")]
+    for i in sorted(instances, key=lambda i: (i.kind != "gateway", i.kind, i.address)):
+        services = ",".join(s.removeprefix("aimass.v1.") for s in i.services)
+        rows.append((i.kind, i.address, i.state_name, str(i.pid), services, ",".join(i.models) or "-"))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+async def up(args: argparse.Namespace) -> int:
+    specs = process_specs(args)
+    gateway_env = specs[0].env
+    gateway = f"127.0.0.1:{gateway_env['AIMASS_GATEWAY__SERVER__PORT']}"
+    supervisor = Supervisor(specs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("starting %s", ", ".join(spec.name for spec in specs))
+    supervisor.start()
+    try:
+        ready = asyncio.ensure_future(wait_until_ready(gateway, {"gateway": 1, "nlp": args.nlp_replicas}, 600))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            instances = ready.result()
+            print(f"\naimass is up. Gateway (the one front door): {gateway}\n", flush=True)
+            print(format_instances(instances), flush=True)
+            print(
+                f"\nTry: grpcurl -plaintext {gateway} list    |    aimass status    |    Ctrl-C stops all\n", flush=True
+            )
+        else:
+            ready.cancel()
+        await stopped
+    finally:
+        log.info("stopping: services drain first, then the gateway")
+        await supervisor.stop()
+    return 0
+
+
+async def status(args: argparse.Namespace) -> int:
+    gateway = args.gateway or load_settings().registry.address
+    registry = RemoteRegistry(gateway)
+    try:
+        instances = await registry.list()
+    except grpc.aio.AioRpcError as err:
+        print(f"cannot reach the gateway's registry at {gateway}: {err.code().name} {err.details()}", file=sys.stderr)
+        return 1
+    finally:
+        await registry.close()
+    print(format_instances(instances))
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        services = sorted({s for i in instances for s in i.services if i.kind != "gateway"})
+        print("\nHEALTH VIA GATEWAY")
+        for service in services:
+            state = "UNKNOWN"
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            print(f"{service}  {state}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="aimass", description="AI models as a service over one gRPC mesh")
+    commands = root.add_subparsers(dest="command", required=True)
+    up_cmd = commands.add_parser("up", help="start gateway and services (supervised) and print where they listen")
+    up_cmd.add_argument("--gateway-port", type=int, default=0, help="default: config gateway.server.port (50051)")
+    up_cmd.add_argument("--nlp-port", type=int, default=0, help="first NLP replica's port (default 50061)")
+    up_cmd.add_argument("--nlp-replicas", type=int, default=1)
+    status_cmd = commands.add_parser("status", help="list services, replicas, models and health")
+    status_cmd.add_argument("--gateway", default="", help="gateway address (default: config registry.address)")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure_logging(load_settings().log_level, "aimass")
+    command = up if args.command == "up" else status
+    return asyncio.run(command(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""Dynamic batching in front of an engine's batched ``execute(requests) -> responses`` (Triton style).
+
+Handlers ``await batcher.submit(request)``; one collector task forms FIFO batches of up to ``max_batch_size``
+units (a request's units come from ``size_of``, e.g. the number of texts in an Embed request) and hands each
+batch to ``execute`` in a worker thread, so the event loop keeps serving while the model runs.
+
+A batch closes when it is full or ``max_queue_delay_s`` after its first request was queued, whichever is first.
+The collector takes a free execution slot *before* forming a batch: while every slot is busy, requests pile up
+and the next batch is as large as the queue allows, which is how throughput grows under load.
+
+The queue is a deque with lazy removal: a cancelled or expired request is marked, its units are returned to the
+queue budget at once, and the collector skips the entry when it reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import functools
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
+
+__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn"]
+
+logger = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+# Blocking; runs in a worker thread. One result per request, in order; an Exception in a slot fails only that
+# request, raising fails the whole batch.
+ExecuteFn = Callable[[Sequence[Req]], Sequence[Resp | Exception]]
+
+BATCH_SIZE = Histogram(
+    "aimass_batch_size",
+    "Units (size_of) per executed batch.",
+    ["batcher"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+QUEUE_DEPTH = Gauge("aimass_batcher_queue_depth", "Units waiting in the batcher queue.", ["batcher"])
+DROPPED = Counter(
+    "aimass_batcher_dropped_total",
+    "Requests that never reached execute, by reason (queue_full, cancelled, expired, shutdown).",
+    ["batcher", "reason"],
+)
+
+_DROP_REASONS = ("queue_full", "cancelled", "expired", "shutdown")
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherStats:
+    """Counters since construction. ``*_items`` are units (see ``size_of``); everything else counts requests."""
+
+    submitted: int  # submit() calls on an open, running batcher, whatever happened to them next
+    executed_items: int
+    executed_requests: int
+    executed_batches: int
+    rejected_full: int
+    dropped_cancelled: int  # cancelled while queued; cancelled while executing still counts as executed
+    dropped_expired: int  # deadline passed before execution (including already passed at submit)
+    dropped_shutdown: int  # failed by close(drain=False)
+
+
+class _State(enum.Enum):
+    QUEUED = enum.auto()
+    RUNNING = enum.auto()
+    DROPPED = enum.auto()
+
+
+@dataclass(eq=False, slots=True)
+class _Item(Generic[Req, Resp]):
+    request: Req
+    units: int
+    future: asyncio.Future[Resp]
+    enqueued_at: float
+    deadline: float | None
+    timer: asyncio.TimerHandle | None = None
+    state: _State = _State.QUEUED
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _call_execute(execute: ExecuteFn[Req, Resp], requests: list[Req]) -> list[Resp | Exception]:
+    # list() here so a lazily produced result sequence is also computed off the event loop.
+    return list(execute(requests))
+
+
+class DynamicBatcher(Generic[Req, Resp]):
+    """Queue + batch former + bounded concurrent execution for one engine method."""
+
+    def __init__(
+        self,
+        execute: ExecuteFn[Req, Resp],
+        *,
+        name: str,
+        max_batch_size: int = 32,
+        max_queue_delay_s: float = 0.005,
+        max_queue_size: int = 1024,
+        size_of: Callable[[Req], int] = lambda r: 1,
+        max_concurrent_batches: int = 1,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
+        self.name = name
+        self._execute = execute
+        self._max_batch_size = max_batch_size
+        self._max_queue_delay_s = max_queue_delay_s
+        self._max_queue_size = max_queue_size
+        self._size_of = size_of
+        self._max_concurrent_batches = max_concurrent_batches
+        self._owns_executor = executor is None
+        self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_concurrent_batches, thread_name_prefix=f"aimass-batcher-{name}"
+        )
+
+        self._queue: deque[_Item[Req, Resp]] = deque()
+        self._queued_units = 0
+        self._in_flight_units = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._collector: asyncio.Task[None] | None = None
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closing = False
+
+        self._submitted = 0
+        self._executed_items = 0
+        self._executed_requests = 0
+        self._executed_batches = 0
+        self._rejected_full = 0
+        self._dropped = dict.fromkeys(_DROP_REASONS, 0)
+
+        # Bind label children once so the hot path is a plain observe/set/inc.
+        self._m_batch_size = BATCH_SIZE.labels(batcher=name)
+        self._m_queue_depth = QUEUE_DEPTH.labels(batcher=name)
+        self._m_dropped = {reason: DROPPED.labels(batcher=name, reason=reason) for reason in _DROP_REASONS}
+        self._m_queue_depth.set(0)
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Units waiting to be batched."""
+        return self._queued_units
+
+    @property
+    def in_flight(self) -> int:
+        """Units inside batches that are executing now."""
+        return self._in_flight_units
+
+    @property
+    def stats(self) -> BatcherStats:
+        return BatcherStats(
+            submitted=self._submitted,
+            executed_items=self._executed_items,
+            executed_requests=self._executed_requests,
+            executed_batches=self._executed_batches,
+            rejected_full=self._rejected_full,
+            dropped_cancelled=self._dropped["cancelled"],
+            dropped_expired=self._dropped["expired"],
+            dropped_shutdown=self._dropped["shutdown"],
+        )
+
+    async def start(self) -> None:
+        """Start the collector on the running loop. Idempotent."""
+        if self._closing:
+            raise RuntimeError(f"{self.name} batcher is closed and cannot be restarted")
+        if self._collector is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._slots = asyncio.Semaphore(self._max_concurrent_batches)
+        self._collector = self._loop.create_task(self._collect_loop(), name=f"aimass-batcher-{self.name}")
+
+    async def submit(self, request: Req, *, deadline: float | None = None) -> Resp:
+        """Queue ``request`` and wait for its result.
+
+        ``deadline`` is absolute, in ``loop.time()``. Cancelling the awaiting task removes a queued request
+        (it never reaches execute) or discards the result of one already executing.
+        """
+        if self._closing:
+            raise Unavailable(f"{self.name} batcher is shutting down; retry on another replica", reason="DRAINING")
+        loop = self._loop
+        if loop is None:
+            raise Unavailable(f"{self.name} batcher is not started yet; retry shortly", reason="NOT_READY")
+        self._submitted += 1
+        now = loop.time()
+        if deadline is not None and deadline <= now:
+            self._count_drop("expired")
+            raise DeadlineExceeded(
+                f"{self.name}: deadline passed {(now - deadline) * 1000:.0f} ms before the request was queued"
+            )
+        # A zero-unit request still costs a batch slot; counting it as 1 keeps the fill logic finite.
+        units = max(1, self._size_of(request))
+        # An empty queue accepts any size, so a request larger than the queue limit is not refused forever.
+        if self._queued_units > 0 and self._queued_units + units > self._max_queue_size:
+            self._rejected_full += 1
+            self._m_dropped["queue_full"].inc()
+            this = "" if units == 1 else f"; this request adds {units}"
+            raise ResourceExhausted(
+                f"{self.name} queue is full ({self._queued_units} items waiting, limit {self._max_queue_size}"
+                f"{this}); retry later",
+                reason="QUEUE_FULL",
+                metadata={
+                    "batcher": self.name,
+                    "queue_depth": str(self._queued_units),
+                    "limit": str(self._max_queue_size),
+                },
+            )
+
+        item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline)
+        if deadline is not None:
+            # Fail a request at its deadline even if no batch forms meanwhile (e.g. all slots busy).
+            item.timer = loop.call_at(deadline, self._expire, item)
+        self._queue.append(item)
+        self._queued_units += units
+        self._m_queue_depth.set(self._queued_units)
+        self._notify()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if item.state is _State.QUEUED:
+                self._drop(item, "cancelled")
+            raise
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop accepting work, then wait until the collector and executing batches finish.
+
+        ``drain=True`` executes everything already queued first. ``drain=False`` fails queued requests with
+        Unavailable at once; batches already executing cannot be interrupted, so they are still awaited.
+        """
+        self._closing = True
+        if not drain:
+            while self._queue:
+                item = self._queue.popleft()
+                if item.state is _State.QUEUED:
+                    self._drop(item, "shutdown")
+                    if not item.future.done():
+                        item.future.set_exception(
+                            Unavailable(
+                                f"{self.name} batcher is shutting down; request was not executed, retry elsewhere",
+                                reason="DRAINING",
+                            )
+                        )
+        self._notify()
+        if self._collector is not None:
+            await asyncio.shield(self._collector)
+        while self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
+        if self._owns_executor:
+            # Workers are idle by now; don't block the loop joining them.
+            self._executor.shutdown(wait=False)
+
+    # -- queue bookkeeping ----------------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        if self._wakeup is not None:
+            _wake(self._wakeup)
+
+    def _count_drop(self, reason: str) -> None:
+        self._dropped[reason] += 1
+        self._m_dropped[reason].inc()
+
+    def _drop(self, item: _Item[Req, Resp], reason: str) -> None:
+        """Take a queued item out of the budget; the deque entry is skipped lazily by the collector."""
+        item.state = _State.DROPPED
+        if item.timer is not None:
+            item.timer.cancel()
+        self._queued_units -= item.units
+        self._m_queue_depth.set(self._queued_units)
+        self._count_drop(reason)
+
+    def _expire(self, item: _Item[Req, Resp]) -> None:
+        if item.state is not _State.QUEUED:
+            return
+        if item.future.done():  # cancelled; the submit() handler has not run yet
+            self._drop(item, "cancelled")
+            return
+        assert self._loop is not None
+        self._drop(item, "expired")
+        waited_ms = (self._loop.time() - item.enqueued_at) * 1000
+        item.future.set_exception(
+            DeadlineExceeded(
+                f"{self.name}: waited {waited_ms:.0f} ms in queue; deadline passed before execution",
+            )
+        )
+
+    # -- collector ------------------------------------------------------------------------------------------------
+
+    async def _wait(self, when: float | None) -> None:
+        """Sleep until submit()/close() notifies or the loop clock reaches ``when``."""
+        assert self._loop is not None
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._wakeup = waiter
+        timer = self._loop.call_at(when, _wake, waiter) if when is not None else None
+        try:
+            await waiter
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+    def _live_head(self) -> _Item[Req, Resp] | None:
+        while self._queue:
+            head = self._queue[0]
+            if head.state is _State.QUEUED and not head.future.done():
+                return head
+            self._queue.popleft()
+            if head.state is _State.QUEUED:  # future cancelled; submit()'s handler has not run yet
+                self._drop(head, "cancelled")
+        return None
+
+    def _take_batch(self) -> list[_Item[Req, Resp]]:
+        """Pop a FIFO batch of at most max_batch_size units (an oversized head request goes alone)."""
+        assert self._loop is not None
+        now = self._loop.time()
+        batch: list[_Item[Req, Resp]] = []
+        units = 0
+        while (item := self._live_head()) is not None:
+            if item.deadline is not None and item.deadline <= now:
+                self._queue.popleft()
+                self._expire(item)
+                continue
+            if batch and units + item.units > self._max_batch_size:
+                break  # strict FIFO: don't let smaller requests overtake the one that doesn't fit
+            self._queue.popleft()
+            item.state = _State.RUNNING
+            if item.timer is not None:
+                item.timer.cancel()
+            self._queued_units -= item.units
+            batch.append(item)
+            units += item.units
+            if units >= self._max_batch_size:
+                break
+        self._m_queue_depth.set(self._queued_units)
+        return batch
+
+    async def _next_batch(self) -> list[_Item[Req, Resp]] | None:
+        """Wait for a batch to fill or its delay to pass; None once closing and the queue is empty."""
+        assert self._loop is not None
+        while True:
+            head = self._live_head()
+            if head is None:
+                if self._closing:
+                    return None
+                await self._wait(None)
+                continue
+            fill_by = head.enqueued_at + self._max_queue_delay_s
+            while not self._closing and self._queued_units < self._max_batch_size and self._loop.time() < fill_by:
+                await self._wait(fill_by)
+            batch = self._take_batch()
+            if batch:
+                return batch
+
+    async def _collect_loop(self) -> None:
+        assert self._loop is not None and self._slots is not None
+        try:
+            while True:
+                await self._slots.acquire()
+                batch = await self._next_batch()
+                if batch is None:
+                    self._slots.release()
+                    return
+                task = self._loop.create_task(self._run_batch(batch))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_tasks.discard)
+        except Exception:
+            # A bug here must not leave callers waiting forever.
+            logger.exception("batcher %s: collector failed; failing queued requests", self.name)
+            self._closing = True
+            while self._queue:
+                item = self._queue.popleft()
+                if item.state is _State.QUEUED:
+                    self._drop(item, "shutdown")
+                    if not item.future.done():
+                        item.future.set_exception(Unavailable(f"{self.name} batcher failed; retry elsewhere"))
+
+    async def _run_batch(self, batch: list[_Item[Req, Resp]]) -> None:
+        assert self._loop is not None and self._slots is not None
+        units = sum(item.units for item in batch)
+        self._in_flight_units += units
+        self._m_batch_size.observe(units)
+        try:
+            call = functools.partial(_call_execute, self._execute, [item.request for item in batch])
+            try:
+                results = await self._loop.run_in_executor(self._executor, call)
+            except Exception as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                return
+            if len(results) != len(batch):
+                error = AimassError(
+                    f"{self.name}: execute returned {len(results)} results for a batch of {len(batch)} requests;"
+                    " it must return exactly one result (or Exception) per request, in order"
+                )
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                return
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():  # caller cancelled while executing: discard
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        finally:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(AimassError(f"{self.name}: batch aborted before results were set"))
+            self._in_flight_units -= units
+            self._executed_items += units
+            self._executed_requests += len(batch)
+            self._executed_batches += 1
+            self._slots.release()

@@ -1,0 +1,108 @@
+"""One typed config for every aimass process: defaults that run on a laptop, overridden by a TOML file and env.
+
+Precedence (highest first): keyword arguments, environment (``AIMASS_`` prefix, ``__`` between levels, e.g.
+``AIMASS_NLP__SERVER__PORT=50062``), the TOML file named by ``AIMASS_CONFIG``, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "AIMASS_CONFIG"
+
+
+class ServerConfig(BaseModel):
+    """How one gRPC server listens, admits work and drains."""
+
+    host: str = "127.0.0.1"
+    # 0 picks a free port; the registry tells everyone which.
+    port: int = Field(default=0, ge=0, le=65535)
+    # Requests in flight (executing or queued) beyond which new ones get RESOURCE_EXHAUSTED.
+    max_inflight: PositiveInt = 512
+    max_message_bytes: PositiveInt = 16 * 1024 * 1024
+    # On SIGTERM: report NOT_SERVING, wait drain_delay_s so routers stop sending, then give in-flight and queued
+    # work up to drain_grace_s to finish before stopping.
+    drain_delay_s: float = Field(default=0.5, ge=0)
+    drain_grace_s: PositiveFloat = 30.0
+    # Prometheus text endpoint on this port (0 = off).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class BatchingConfig(BaseModel):
+    """Dynamic batching: gather up to max_batch_size items, waiting at most max_queue_delay_ms for a batch to fill."""
+
+    max_batch_size: PositiveInt = 64
+    max_queue_delay_ms: float = Field(default=4.0, ge=0)
+    max_queue_size: PositiveInt = 2048
+    max_concurrent_batches: PositiveInt = 1
+
+
+class RegistryConfig(BaseModel):
+    """Service discovery. The embedded registry lives in the gateway process, so its address is the gateway's."""
+
+    backend: Literal["embedded"] = "embedded"
+    address: str = "127.0.0.1:50051"
+    heartbeat_s: PositiveFloat = 1.0
+    # An instance that misses heartbeats this long is dropped from the view.
+    ttl_s: PositiveFloat = 5.0
+
+
+class GatewayConfig(BaseModel):
+    server: ServerConfig = ServerConfig(port=50051, max_inflight=4096)
+    router: Literal["round_robin"] = "round_robin"
+    # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining or gone): the
+    # replica did not run it, so the retry cannot duplicate work.
+    retry_unavailable: bool = True
+
+
+class NlpConfig(BaseModel):
+    server: ServerConfig = ServerConfig(port=50061)
+    # "auto" takes CUDA when torch sees a GPU, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_text_chars: PositiveInt = 10_000
+    max_items: PositiveInt = 256
+    max_labels: PositiveInt = 64
+    embed_batching: BatchingConfig = BatchingConfig()
+    # Torch threads for the embedding model (0 = torch's default: all cores).
+    torch_threads: int = Field(default=0, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    registry: RegistryConfig = RegistryConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    nlp: NlpConfig = NlpConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,200 @@
+"""The embedded registry: an in-memory store with TTLs, served over gRPC by the gateway process.
+
+``InMemoryRegistry`` is the store (the gateway uses it directly), ``RegistryServicer`` exposes it as
+``aimass.v1.RegistryService``, and ``RemoteRegistry`` is the client every other process uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from aimass.runtime.discovery.base import Instance
+from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class InMemoryRegistry:
+    def __init__(self) -> None:
+        self._instances: dict[str, Instance] = {}
+        self._expires_at: dict[str, float] = {}
+        self._ttl: dict[str, float] = {}
+        self._version = 0
+        self._changed = asyncio.Condition()
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_expired(), name="registry-reaper")
+
+    async def _publish(self) -> None:
+        async with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    async def register(self, instance: Instance, ttl_s: float) -> None:
+        self._instances[instance.instance_id] = instance
+        self._ttl[instance.instance_id] = ttl_s
+        self._expires_at[instance.instance_id] = time.monotonic() + ttl_s
+        log.info(
+            "registered %s %s at %s (%s)", instance.kind, instance.instance_id, instance.address, instance.state_name
+        )
+        await self._publish()
+
+    async def heartbeat(self, instance_id: str, state: common_pb2.ServingState.ValueType) -> bool:
+        current = self._instances.get(instance_id)
+        if current is None:
+            return False
+        self._expires_at[instance_id] = time.monotonic() + self._ttl[instance_id]
+        if current.state != state:
+            self._instances[instance_id] = dataclasses.replace(current, state=state)
+            log.info("%s is now %s", instance_id, self._instances[instance_id].state_name)
+            await self._publish()
+        return True
+
+    async def deregister(self, instance_id: str) -> None:
+        if self._drop(instance_id):
+            log.info("deregistered %s", instance_id)
+            await self._publish()
+
+    def _drop(self, instance_id: str) -> bool:
+        self._expires_at.pop(instance_id, None)
+        self._ttl.pop(instance_id, None)
+        return self._instances.pop(instance_id, None) is not None
+
+    async def list(self, service: str = "") -> list[Instance]:
+        return [i for i in self._instances.values() if not service or service in i.services]
+
+    async def watch(self) -> AsyncIterator[list[Instance]]:
+        seen = -1
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._version != seen)
+                seen = self._version
+                view = list(self._instances.values())
+            yield view
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            expired = [iid for iid, deadline in self._expires_at.items() if deadline < now]
+            for iid in expired:
+                log.warning("%s missed its heartbeats; dropped from the registry", iid)
+                self._drop(iid)
+            if expired:
+                await self._publish()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, store: InMemoryRegistry) -> None:
+        self.store = store
+
+    async def Register(
+        self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.RegisterResponse:
+        instance = request.instance
+        if not instance.instance_id or not instance.address or not instance.services:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "instance_id, address and at least one service are required"
+            )
+        ttl = request.ttl_seconds if request.ttl_seconds > 0 else 5.0
+        await self.store.register(Instance.from_proto(instance), ttl)
+        return registry_pb2.RegisterResponse()
+
+    async def Heartbeat(
+        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.HeartbeatResponse:
+        if not await self.store.heartbeat(request.instance_id, request.state):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {request.instance_id!r} is not registered")
+        return registry_pb2.HeartbeatResponse()
+
+    async def Deregister(
+        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.DeregisterResponse:
+        await self.store.deregister(request.instance_id)
+        return registry_pb2.DeregisterResponse()
+
+    async def ListInstances(
+        self, request: registry_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> registry_pb2.ListInstancesResponse:
+        found = await self.store.list(request.service)
+        return registry_pb2.ListInstancesResponse(instances=[i.to_proto() for i in found])
+
+    async def WatchInstances(
+        self, request: registry_pb2.WatchInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[registry_pb2.WatchInstancesResponse]:
+        async for view in self.store.watch():
+            yield registry_pb2.WatchInstancesResponse(
+                instances=[i.to_proto() for i in view], version=self.store.version
+            )
+
+
+class RemoteRegistry:
+    """Client of an embedded registry hosted by another process (normally the gateway)."""
+
+    def __init__(self, address: str, *, call_timeout_s: float = 2.0) -> None:
+        self.address = address
+        self.call_timeout_s = call_timeout_s
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+
+    async def register(self, instance: Instance, ttl_s: float) -> None:
+        await self._stub.Register(
+            registry_pb2.RegisterRequest(instance=instance.to_proto(), ttl_seconds=ttl_s), timeout=self.call_timeout_s
+        )
+
+    async def heartbeat(self, instance_id: str, state: common_pb2.ServingState.ValueType) -> bool:
+        try:
+            await self._stub.Heartbeat(
+                registry_pb2.HeartbeatRequest(instance_id=instance_id, state=state), timeout=self.call_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    async def deregister(self, instance_id: str) -> None:
+        await self._stub.Deregister(
+            registry_pb2.DeregisterRequest(instance_id=instance_id), timeout=self.call_timeout_s
+        )
+
+    async def list(self, service: str = "") -> list[Instance]:
+        reply = await self._stub.ListInstances(
+            registry_pb2.ListInstancesRequest(service=service), timeout=self.call_timeout_s
+        )
+        return [Instance.from_proto(i) for i in reply.instances]
+
+    async def watch(self) -> AsyncIterator[list[Instance]]:
+        backoff = 0.1
+        while True:
+            try:
+                async for update in self._stub.WatchInstances(registry_pb2.WatchInstancesRequest()):
+                    backoff = 0.1
+                    yield [Instance.from_proto(i) for i in update.instances]
+            except grpc.aio.AioRpcError as err:
+                log.warning(
+                    "registry watch at %s broke (%s); keeping the last view and retrying", self.address, err.code()
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,166 @@
+"""Server bootstrap shared by every aimass process.
+
+``ServerRunner`` turns a ``ServiceApp`` (servicers + engines) into a running grpc.aio server with health,
+reflection, interceptors and registry membership, and drains it on SIGTERM: health NOT_SERVING and deregister,
+a short delay so routers notice, then queued and in-flight work finishes before the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aimass.runtime.config import RegistryConfig, ServerConfig
+from aimass.runtime.discovery import Instance, Membership, Registry
+from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
+from aimass.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ServiceApp(Protocol):
+    """What a process serves. Servicers stay thin; engines load in ``load`` (showing progress in the log)."""
+
+    kind: str
+    # Fully-qualified gRPC services this process implements; health and registry report these.
+    service_names: tuple[str, ...]
+
+    def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None: ...
+
+    async def load(self) -> None: ...
+
+    def model_names(self) -> tuple[str, ...]: ...
+
+    async def close(self) -> None:
+        """Release engines after the server stopped (queued work has finished by then)."""
+        ...
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Without this a second server silently shares the port (SO_REUSEPORT); we want "address in use".
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ServerRunner:
+    def __init__(
+        self,
+        app: ServiceApp,
+        config: ServerConfig,
+        *,
+        registry: Registry | None,
+        registry_config: RegistryConfig,
+        reflection_extra: Sequence[str] = (),
+        access_log: bool = True,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.registry = registry
+        self.registry_config = registry_config
+        self.reflection_extra = tuple(reflection_extra)
+        self.access_log = access_log
+        self.health = health.aio.HealthServicer()
+        self.admission = AdmissionInterceptor(config.max_inflight)
+        self.port = 0
+        self.membership: Membership | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        if self._server is None:
+            raise RuntimeError("the server exists once start() has run")
+        return self._server
+
+    async def start(self) -> None:
+        # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
+        self._server = grpc.aio.server(
+            interceptors=[
+                TelemetryInterceptor(access_log_enabled=self.access_log),
+                self.admission,
+                ErrorMappingInterceptor(),
+            ],
+            options=server_options(self.config),
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.app.add_to_server(self.server, self.health)
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, NOT_SERVING)
+        try:
+            self.port = self.server.add_insecure_port(self.config.address)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self.app.kind}: cannot listen on {self.config.address}: {err}") from err
+        await self.server.start()
+        log.info("%s listening on %s; loading models", self.app.kind, self.address)
+        started = time.perf_counter()
+        await self.app.load()
+        for name in ("", *self.app.service_names):
+            await self.health.set(name, SERVING)
+        if self.registry is not None:
+            instance = Instance(
+                instance_id=f"{self.app.kind}-{self.address}-{os.getpid()}",
+                kind=self.app.kind,
+                services=self.app.service_names,
+                address=self.address,
+                models=self.app.model_names(),
+                state=common_pb2.SERVING_STATE_SERVING,
+                pid=os.getpid(),
+            )
+            self.membership = Membership(
+                self.registry, instance, heartbeat_s=self.registry_config.heartbeat_s, ttl_s=self.registry_config.ttl_s
+            )
+            self.membership.start()
+        log.info(
+            "%s ready on %s in %.1fs (models: %s)",
+            self.app.kind,
+            self.address,
+            time.perf_counter() - started,
+            ", ".join(self.app.model_names()) or "none",
+        )
+
+    async def drain(self) -> None:
+        """Stop taking work, finish what was accepted, then stop."""
+        if self._stopped or self._server is None:
+            return
+        self._stopped = True
+        log.info("%s draining: health NOT_SERVING, finishing in-flight work", self.app.kind)
+        await self.health.enter_graceful_shutdown()
+        if self.membership is not None:
+            await self.membership.leave()
+        await asyncio.sleep(self.config.drain_delay_s)
+        await self.server.stop(self.config.drain_grace_s)
+        await self.app.close()
+        if self.registry is not None:
+            await self.registry.close()
+        log.info("%s stopped", self.app.kind)
+
+    async def run_until_signalled(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then drain."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.drain()

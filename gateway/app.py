@@ -1,0 +1,99 @@
+"""The gateway process: hosts the embedded registry, watches it, and forwards aimass.v1 calls to replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health
+
+from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.discovery import InMemoryRegistry, RegistryServicer
+from aimass.runtime.logs import configure_logging
+from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, server_options
+from aimass.v1 import registry_pb2_grpc
+from gateway.forwarder import Forwarder
+from gateway.replicas import Replica, ReplicaSet
+from gateway.router import make_router
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SERVICE = "aimass.v1.RegistryService"
+
+
+class GatewayApp:
+    kind = "gateway"
+    service_names = (REGISTRY_SERVICE,)
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = InMemoryRegistry()
+        self.replicas = ReplicaSet(
+            self.registry,
+            channel_options=server_options(settings.gateway.server),
+            close_grace_s=settings.gateway.server.drain_grace_s,
+            on_change=self._on_change,
+        )
+        self.forwarder = Forwarder(
+            self.replicas,
+            make_router(settings.gateway.router),
+            local_services=frozenset(self.service_names),
+            retry_unavailable=settings.gateway.retry_unavailable,
+        )
+        self._health: health.aio.HealthServicer | None = None
+        self._health_updates: set[asyncio.Task[None]] = set()
+
+    @property
+    def forwarded_services(self) -> tuple[str, ...]:
+        return tuple(sorted(self.forwarder.forwarded_services))
+
+    def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+        self._health = health_servicer
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.registry), server)
+        # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
+        server.add_generic_rpc_handlers((self.forwarder,))
+
+    async def load(self) -> None:
+        self.registry.start()
+        self.replicas.start()
+        self._on_change({})
+
+    def _on_change(self, by_service: dict[str, list[Replica]]) -> None:
+        # Health per forwarded service: SERVING while at least one healthy replica serves it.
+        if self._health is None:
+            return
+        for service in self.forwarded_services:
+            status = SERVING if by_service.get(service) else NOT_SERVING
+            task = asyncio.get_running_loop().create_task(self._health.set(service, status))
+            self._health_updates.add(task)
+            task.add_done_callback(self._health_updates.discard)
+
+    def model_names(self) -> tuple[str, ...]:
+        return ()
+
+    async def close(self) -> None:
+        await self.replicas.close()
+        await self.registry.close()
+
+
+def build_runner(settings: Settings) -> ServerRunner:
+    app = GatewayApp(settings)
+    return ServerRunner(
+        app,
+        settings.gateway.server,
+        registry=app.registry,
+        registry_config=settings.registry,
+        reflection_extra=app.forwarded_services,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level, "gateway")
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
+        await build_runner(settings).run_until_signalled()
+
+    asyncio.run(serve())

@@ -1,0 +1,197 @@
+"""Forwards any aimass.v1 method to a replica as raw bytes: no deserialisation, no re-serialisation.
+
+A generic handler answers every method of the contract with a handler of the method's own call kind (so unary
+calls take grpc's fast unary path), picks a replica through the Router, and passes the deadline, the caller's
+metadata and cancellation through. Errors from the replica reach the client unchanged, trailers included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from aimass.runtime import contract
+from gateway.replicas import Replica, ReplicaSet
+from gateway.router import Router
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[bytes, bytes]
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+# Transport headers that grpc sets per hop; everything else (api keys, tenant, traceparent, ...) passes through.
+HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"})
+
+
+def forwarded_metadata(context: Context) -> Metadata:
+    return tuple(
+        (key, value)
+        for key, value in (context.invocation_metadata() or ())
+        if not key.startswith(":") and key not in HOP_BY_HOP
+    )
+
+
+async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
+    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
+    await context.abort(err.code(), err.details() or "", trailing_metadata=trailers)
+
+
+class Forwarder(grpc.GenericRpcHandler):
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        router: Router,
+        *,
+        local_services: frozenset[str],
+        retry_unavailable: bool = True,
+    ) -> None:
+        self.replicas = replicas
+        self.router = router
+        self.retry_unavailable = retry_unavailable
+        self.forwarded_services = frozenset(contract.services()) - local_services
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for method, kind in contract.methods().items():
+            service = method.split("/")[1]
+            if service in self.forwarded_services:
+                self._handlers[method] = self._make_handler(method, service, kind)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is not None:
+            return handler
+        return grpc.stream_stream_rpc_method_handler(self._unknown_method(method))
+
+    def _unknown_method(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
+        service, _, name = method.lstrip("/").partition("/")
+        descriptor = contract.services().get(service)
+        if descriptor is not None:
+            message = f"{service} has no method {name!r}; it has {', '.join(m.name for m in descriptor.methods)}"
+        else:
+            message = f"unknown service {service!r}; the gateway serves {', '.join(sorted(self.forwarded_services))}"
+
+        async def reject(requests: AsyncIterator[bytes], context: Context) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+        return reject
+
+    def _pick(self, service: str, exclude: Replica | None = None) -> Replica | None:
+        candidates: Sequence[Replica] = self.replicas.healthy(service)
+        if exclude is not None and len(candidates) > 1:
+            candidates = [r for r in candidates if r is not exclude]
+        if not candidates:
+            return None
+        return self.router.choose(service, candidates)
+
+    @staticmethod
+    async def _no_replica(context: Context, service: str) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"no healthy replica serves {service} right now; start one (aimass up) or check `aimass status`",
+        )
+
+    def _make_handler(self, method: str, service: str, kind: contract.MethodKind) -> grpc.RpcMethodHandler:
+        if not kind.client_streaming and not kind.server_streaming:
+            return grpc.unary_unary_rpc_method_handler(self._unary_unary(method, service))
+        if not kind.client_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._streaming(method, service, client_streaming=False))
+        if not kind.server_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._stream_unary(method, service))
+        return grpc.stream_stream_rpc_method_handler(self._streaming(method, service, client_streaming=True))
+
+    def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
+        async def forward(request: bytes, context: Context) -> bytes:
+            replica = self._pick(service)
+            if replica is None:
+                await self._no_replica(context, service)
+                raise AssertionError("unreachable")
+            metadata = forwarded_metadata(context)
+            for attempt in (1, 2):
+                target = replica
+                call = target.unary_unary(method)(request, timeout=context.time_remaining(), metadata=metadata)
+                target.inflight += 1
+                try:
+                    response: bytes = await call
+                except grpc.aio.AioRpcError as err:
+                    retry = self._pick(service, exclude=target) if attempt == 1 else None
+                    # UNAVAILABLE means the replica did not run the call (down or draining): safe to send elsewhere.
+                    if err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable and retry is not None:
+                        log.info(
+                            "%s unavailable on %s; retrying on %s",
+                            method,
+                            target.instance.address,
+                            retry.instance.address,
+                        )
+                        replica = retry
+                        continue
+                    await relay_error(context, err)
+                    raise AssertionError("unreachable") from err
+                finally:
+                    target.inflight -= 1
+                trailers = await call.trailing_metadata()
+                if trailers:
+                    context.set_trailing_metadata(trailers)
+                return response
+            raise AssertionError("unreachable")
+
+        return forward
+
+    def _stream_unary(self, method: str, service: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            replica = self._pick(service)
+            if replica is None:
+                await self._no_replica(context, service)
+                raise AssertionError("unreachable")
+            call = replica.stream_unary(method)(
+                requests, timeout=context.time_remaining(), metadata=forwarded_metadata(context)
+            )
+            replica.inflight += 1
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as err:
+                await relay_error(context, err)
+                raise AssertionError("unreachable") from err
+            finally:
+                replica.inflight -= 1
+                call.cancel()
+            trailers = await call.trailing_metadata()
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            return response
+
+        return forward
+
+    def _streaming(self, method: str, service: str, *, client_streaming: bool) -> Callable[[Any, Context], Any]:
+        async def forward(request: Any, context: Context) -> AsyncIterator[bytes]:
+            replica = self._pick(service)
+            if replica is None:
+                await self._no_replica(context, service)
+                return
+            timeout = context.time_remaining()
+            metadata = forwarded_metadata(context)
+            call: Any
+            if client_streaming:
+                call = replica.stream_stream(method)(request, timeout=timeout, metadata=metadata)
+            else:
+                call = replica.unary_stream(method)(request, timeout=timeout, metadata=metadata)
+            replica.inflight += 1
+            try:
+                initial = await call.initial_metadata()
+                if initial:
+                    await context.send_initial_metadata(initial)
+                async for response in call:
+                    yield response
+                trailers = await call.trailing_metadata()
+                if trailers:
+                    context.set_trailing_metadata(trailers)
+            except grpc.aio.AioRpcError as err:
+                await relay_error(context, err)
+            finally:
+                replica.inflight -= 1
+                # The client went away or the deadline passed: stop the replica's work too.
+                call.cancel()
+
+        return forward

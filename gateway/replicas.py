@@ -1,0 +1,111 @@
+"""The gateway's live view of replicas: one long-lived channel per replica, kept in step with the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from aimass.runtime.discovery import Instance, Registry
+
+log = logging.getLogger(__name__)
+
+RawUnary = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+
+
+@dataclass(eq=False)
+class Replica:
+    instance: Instance
+    channel: grpc.aio.Channel
+    # Requests this gateway has in flight on the replica (routers may use it).
+    inflight: int = 0
+    _calls: dict[str, Any] = field(default_factory=dict)
+
+    def unary_unary(self, method: str) -> RawUnary:
+        call = self._calls.get(method)
+        if call is None:
+            # No (de)serialisers: the request and response stay the bytes the client sent and the replica wrote.
+            call = self._calls[method] = self.channel.unary_unary(method)
+        return call  # type: ignore[no-any-return]
+
+    def unary_stream(self, method: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+        return self.channel.unary_stream(method)
+
+    def stream_unary(self, method: str) -> grpc.aio.StreamUnaryMultiCallable[bytes, bytes]:
+        return self.channel.stream_unary(method)
+
+    def stream_stream(self, method: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+        return self.channel.stream_stream(method)
+
+
+class ReplicaSet:
+    """Healthy replicas per service, from the registry's watch stream."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        close_grace_s: float = 30.0,
+        on_change: Callable[[dict[str, list[Replica]]], Any] | None = None,
+        skip_kinds: frozenset[str] = frozenset({"gateway"}),
+    ) -> None:
+        self.registry = registry
+        self.channel_options = list(channel_options)
+        self.close_grace_s = close_grace_s
+        self.on_change = on_change
+        self.skip_kinds = skip_kinds
+        self.by_service: dict[str, list[Replica]] = {}
+        self._by_instance: dict[str, Replica] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.first_view = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="replica-set")
+
+    def healthy(self, service: str) -> list[Replica]:
+        return self.by_service.get(service, [])
+
+    async def _follow(self) -> None:
+        async for view in self.registry.watch():
+            self.apply(view)
+            self.first_view.set()
+
+    def apply(self, view: list[Instance]) -> None:
+        serving = {i.instance_id: i for i in view if i.serving and i.kind not in self.skip_kinds}
+        for gone in set(self._by_instance) - set(serving):
+            replica = self._by_instance.pop(gone)
+            log.info("replica %s left; closing its channel after in-flight calls finish", gone)
+            # Closing with a grace lets calls already on the channel finish (a draining replica completes them).
+            task = asyncio.get_running_loop().create_task(replica.channel.close(self.close_grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        for iid, instance in serving.items():
+            current = self._by_instance.get(iid)
+            if current is None:
+                log.info("replica %s joined at %s serving %s", iid, instance.address, ", ".join(instance.services))
+                channel = grpc.aio.insecure_channel(instance.address, options=self.channel_options)
+                self._by_instance[iid] = Replica(instance, channel)
+            else:
+                current.instance = instance
+        by_service: dict[str, list[Replica]] = {}
+        for replica in sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id):
+            for service in replica.instance.services:
+                by_service.setdefault(service, []).append(replica)
+        self.by_service = by_service
+        if self.on_change is not None:
+            self.on_change(by_service)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for replica in self._by_instance.values():
+            await replica.channel.close(self.close_grace_s)
+        self._by_instance.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,59 @@
+"""The NLP service process: loads the models, serves aimass.v1.NlpService, registers with the registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health
+
+from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.logs import configure_logging
+from aimass.runtime.server import ServerRunner
+from aimass.v1 import nlp_pb2_grpc
+from services.nlp.engine import MODELS, NlpEngine
+from services.nlp.servicer import NlpServicer
+
+
+class NlpApp:
+    kind = "nlp"
+    service_names = ("aimass.v1.NlpService",)
+
+    def __init__(self, settings: Settings) -> None:
+        self.engine = NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
+        self.servicer = NlpServicer(self.engine, settings.nlp)
+
+    def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+        nlp_pb2_grpc.add_NlpServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> None:
+        # Model loading blocks for seconds; a thread keeps health checks answering meanwhile.
+        await asyncio.to_thread(self.engine.load)
+        await self.servicer.start()
+
+    def model_names(self) -> tuple[str, ...]:
+        return MODELS
+
+    async def close(self) -> None:
+        await self.servicer.close()
+
+
+def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
+    return ServerRunner(
+        NlpApp(settings),
+        settings.nlp.server,
+        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry_config=settings.registry,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level, "nlp")
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
+        await build_runner(settings).run_until_signalled()
+
+    asyncio.run(serve())

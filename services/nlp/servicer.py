@@ -1,0 +1,221 @@
+"""aimass.v1.NlpService: validate, hand the work to the engine through batchers, shape the reply.
+
+Thin by design: limits and model names are checked here (INVALID_ARGUMENT / NOT_FOUND with what is allowed),
+the models live in ``engine``, and errors become statuses in the runtime's error interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from aimass.runtime.batcher import DynamicBatcher
+from aimass.runtime.config import NlpConfig
+from aimass.runtime.errors import InvalidArgument, NotFound, Unavailable
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+from services.nlp.engine import (
+    EMBED_MODEL,
+    NER_MODEL,
+    SENTIMENT_MODEL,
+    EmbedJob,
+    EntitySpan,
+    NlpEngine,
+    zero_shot_scores,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+DEFAULT_HYPOTHESIS = "This text is about {}."
+LABEL_CACHE_SIZE = 4096
+
+
+def deadline_of(context: Context) -> float | None:
+    """The RPC's deadline on the event loop's clock, for queues that drop work nobody will wait for."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
+    def __init__(self, engine: NlpEngine, config: NlpConfig) -> None:
+        self.engine = engine
+        self.config = config
+        batching = config.embed_batching
+        self.embed_batcher: DynamicBatcher[EmbedJob, npt.NDArray[np.float32]] = DynamicBatcher(
+            engine.embed_batch,
+            name="embed",
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            max_queue_size=batching.max_queue_size,
+            size_of=lambda job: len(job.texts),
+            max_concurrent_batches=batching.max_concurrent_batches,
+        )
+        self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher(
+            engine.entities_batch,
+            name="entities",
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            max_queue_size=batching.max_queue_size,
+            size_of=len,
+        )
+        # Sentiment is cheap and lock-free: a small pool keeps it off the event loop without a batching delay.
+        self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlp-cpu")
+        self._label_cache: dict[tuple[str, str], npt.NDArray[np.float32]] = {}
+
+    async def start(self) -> None:
+        await self.embed_batcher.start()
+        await self.ner_batcher.start()
+
+    async def close(self) -> None:
+        await self.embed_batcher.close(drain=True)
+        await self.ner_batcher.close(drain=True)
+        self.cpu_pool.shutdown(wait=True)
+
+    # -- validation ---------------------------------------------------------------------------------------------
+
+    def _check_ready(self) -> None:
+        if not self.engine.loaded:
+            raise Unavailable("NlpService is still loading its models; retry in a few seconds")
+
+    def _check_model(self, method: str, model: common_pb2.ModelRef, served: str) -> common_pb2.ModelRef:
+        if model.name and model.name != served:
+            raise NotFound(
+                f"model {model.name!r} is not served by NlpService.{method}; available: {served}",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": model.name, "available": served},
+            )
+        return common_pb2.ModelRef(name=served, version=model.version or "1")
+
+    def _check_texts(self, texts: Sequence[str], field: str = "texts") -> tuple[str, ...]:
+        limit = self.config.max_text_chars
+        if not texts:
+            raise InvalidArgument(
+                f"{field} is empty; send between 1 and {self.config.max_items} texts", reason="NO_INPUT"
+            )
+        if len(texts) > self.config.max_items:
+            raise InvalidArgument(
+                f"{field} has {len(texts)} items; the limit is {self.config.max_items} per request",
+                reason="TOO_MANY_ITEMS",
+                metadata={"limit": str(self.config.max_items)},
+            )
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(
+                    f"{field}[{index}] is empty; every text needs at least one non-space character", reason="EMPTY_TEXT"
+                )
+            if len(text) > limit:
+                raise InvalidArgument(
+                    f"{field}[{index}] is {len(text)} characters; the limit is {limit}",
+                    reason="TEXT_TOO_LONG",
+                    metadata={"limit": str(limit), "index": str(index)},
+                )
+        return tuple(texts)
+
+    def _check_labels(self, request: nlp_pb2.ClassifyRequest) -> tuple[str, ...]:
+        labels = tuple(label.strip() for label in request.labels)
+        minimum = 1 if request.multi_label else 2
+        if not minimum <= len(labels) <= self.config.max_labels:
+            raise InvalidArgument(
+                f"labels has {len(labels)} items; send between {minimum} and {self.config.max_labels}"
+                + ("" if request.multi_label else " (or set multi_label for a single label)"),
+                reason="BAD_LABELS",
+            )
+        if any(not label for label in labels):
+            raise InvalidArgument("labels contains an empty label", reason="BAD_LABELS")
+        if len(set(labels)) != len(labels):
+            raise InvalidArgument("labels contains duplicates", reason="BAD_LABELS")
+        for label in labels:
+            if len(label) > 200:
+                raise InvalidArgument(
+                    f"label {label[:20]!r}... is {len(label)} characters; the limit is 200", reason="BAD_LABELS"
+                )
+        return labels
+
+    # -- methods ------------------------------------------------------------------------------------------------
+
+    async def Embed(self, request: nlp_pb2.EmbedRequest, context: Context) -> nlp_pb2.EmbedResponse:
+        self._check_ready()
+        model = self._check_model("Embed", request.model, EMBED_MODEL)
+        texts = self._check_texts(request.texts)
+        vectors = await self.embed_batcher.submit(EmbedJob(texts, request.normalize), deadline=deadline_of(context))
+        return nlp_pb2.EmbedResponse(
+            model=model,
+            embeddings=[nlp_pb2.Embedding(values=row.tolist()) for row in vectors],
+            dimensions=int(vectors.shape[1]),
+        )
+
+    async def Sentiment(self, request: nlp_pb2.SentimentRequest, context: Context) -> nlp_pb2.SentimentResponse:
+        self._check_ready()
+        model = self._check_model("Sentiment", request.model, SENTIMENT_MODEL)
+        texts = self._check_texts(request.texts)
+        results = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, self.engine.sentiment, texts)
+        return nlp_pb2.SentimentResponse(
+            model=model,
+            results=[
+                nlp_pb2.SentimentScore(
+                    label=r.label, compound=r.compound, positive=r.positive, negative=r.negative, neutral=r.neutral
+                )
+                for r in results
+            ],
+        )
+
+    async def Entities(self, request: nlp_pb2.EntitiesRequest, context: Context) -> nlp_pb2.EntitiesResponse:
+        self._check_ready()
+        model = self._check_model("Entities", request.model, NER_MODEL)
+        texts = self._check_texts(request.texts)
+        documents = await self.ner_batcher.submit(texts, deadline=deadline_of(context))
+        return nlp_pb2.EntitiesResponse(
+            model=model,
+            documents=[
+                nlp_pb2.DocumentEntities(
+                    entities=[
+                        nlp_pb2.Entity(text=e.text, label=e.label, start_char=e.start_char, end_char=e.end_char)
+                        for e in spans
+                    ]
+                )
+                for spans in documents
+            ],
+        )
+
+    async def Classify(self, request: nlp_pb2.ClassifyRequest, context: Context) -> nlp_pb2.ClassifyResponse:
+        self._check_ready()
+        model = self._check_model("Classify", request.model, EMBED_MODEL)
+        texts = self._check_texts(request.texts)
+        labels = self._check_labels(request)
+        template = request.hypothesis_template or DEFAULT_HYPOTHESIS
+        if template.count("{}") != 1:
+            raise InvalidArgument(
+                f"hypothesis_template must contain '{{}}' exactly once, e.g. {DEFAULT_HYPOTHESIS!r}",
+                reason="BAD_TEMPLATE",
+            )
+        deadline = deadline_of(context)
+        text_vectors, label_vectors = await asyncio.gather(
+            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline),
+            self._label_vectors(labels, template, deadline),
+        )
+        scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
+        results = []
+        for row in scores:
+            order = np.argsort(-row)
+            results.append(
+                nlp_pb2.Classification(scores=[nlp_pb2.LabelScore(label=labels[i], score=float(row[i])) for i in order])
+            )
+        return nlp_pb2.ClassifyResponse(model=model, results=results)
+
+    async def _label_vectors(
+        self, labels: tuple[str, ...], template: str, deadline: float | None
+    ) -> npt.NDArray[np.float32]:
+        """Embeddings of the label hypotheses; labels recur across requests, so they are cached."""
+        missing = tuple(label for label in labels if (label, template) not in self._label_cache)
+        if missing:
+            hypotheses = tuple(template.format(label) for label in missing)
+            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), deadline=deadline)
+            for label, vector in zip(missing, vectors, strict=True):
+                if len(self._label_cache) >= LABEL_CACHE_SIZE:
+                    self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order
+                self._label_cache[(label, template)] = vector
+        return np.stack([self._label_cache[(label, template)] for label in labels])

@@ -1,0 +1,379 @@
+"""DynamicBatcher: batch forming, units, errors, backpressure, cancellation, deadlines, shutdown.
+
+Timing is controlled with a gate (threading.Event) that holds a batch inside execute: while it is held the
+single execution slot is busy, so later submits queue up deterministically and the test can inspect the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from aimass.runtime.batcher import DynamicBatcher
+from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
+
+_names = itertools.count()
+
+
+class Engine:
+    """A real batched execute: records every batch it saw and returns each request times 10."""
+
+    def __init__(self, *, hold_first: bool = False) -> None:
+        self.batches: list[list[Any]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.hold_first = hold_first
+        if not hold_first:
+            self.gate.set()
+
+    def __call__(self, requests: Sequence[Any]) -> list[Any]:
+        self.batches.append(list(requests))
+        self.entered.set()
+        if self.hold_first and len(self.batches) == 1:
+            assert self.gate.wait(5), "test never released the gate"
+        return [r * 10 if isinstance(r, int) else len(r) for r in requests]
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 5)
+
+    def seen(self) -> list[Any]:
+        return [r for batch in self.batches for r in batch]
+
+
+Factory = Callable[..., Awaitable[DynamicBatcher[Any, Any]]]
+
+
+@pytest.fixture
+async def make() -> AsyncIterator[Factory]:
+    """Build started batchers with unique names; release gates and close them after the test."""
+    made: list[tuple[DynamicBatcher[Any, Any], Engine]] = []
+
+    async def _make(engine: Engine, **kwargs: Any) -> DynamicBatcher[Any, Any]:
+        kwargs.setdefault("name", f"test{next(_names)}")
+        batcher: DynamicBatcher[Any, Any] = DynamicBatcher(engine, **kwargs)
+        await batcher.start()
+        made.append((batcher, engine))
+        return batcher
+
+    yield _make
+    for batcher, engine in made:
+        engine.gate.set()
+        await batcher.close(drain=False)
+
+
+async def hold_slot(batcher: DynamicBatcher[Any, Any], engine: Engine) -> asyncio.Task[Any]:
+    """Submit a blocker (request 0) and wait until execute is holding it, so the next submits queue up."""
+    blocker = asyncio.create_task(batcher.submit(0))
+    await engine.wait_entered()
+    return blocker
+
+
+async def queue_tasks(batcher: DynamicBatcher[Any, Any], requests: Sequence[Any]) -> list[asyncio.Task[Any]]:
+    tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
+    await asyncio.sleep(0)  # one loop turn: every task runs up to its await, i.e. is queued
+    return tasks
+
+
+async def test_concurrent_submits_form_fifo_batches(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=4, max_queue_delay_s=0.01)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_tasks(b, range(1, 11))
+    assert b.queue_depth == 10 and b.in_flight == 1
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [r * 10 for r in range(1, 11)]
+    assert await blocker == 0
+    assert engine.batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    s = b.stats
+    assert (s.submitted, s.executed_requests, s.executed_items, s.executed_batches) == (11, 11, 11, 4)
+    assert b.queue_depth == 0 and b.in_flight == 0
+
+
+async def test_many_unheld_submits_use_fewer_calls(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine, max_batch_size=8, max_queue_delay_s=0.02)
+    assert await asyncio.gather(*(b.submit(i) for i in range(50))) == [i * 10 for i in range(50)]
+    assert len(engine.batches) < 50
+    assert all(len(batch) <= 8 for batch in engine.batches)
+    assert engine.seen() == list(range(50))
+
+
+async def test_size_of_counts_units(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=10, max_queue_delay_s=0.01, size_of=len)
+    blocker = asyncio.create_task(b.submit(["x"]))
+    await engine.wait_entered()
+    reqs = [["a"] * 4, ["b"] * 4, ["c"] * 4, ["d"] * 3]
+    tasks = await queue_tasks(b, reqs)
+    assert b.queue_depth == 15  # units, not requests
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [4, 4, 4, 3]
+    await blocker
+    assert [[len(r) for r in batch] for batch in engine.batches[1:]] == [[4, 4], [4, 3]]
+    assert b.stats.executed_items == 16
+
+
+async def test_oversized_request_runs_alone(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=4, max_queue_delay_s=0.01, size_of=len)
+    blocker = asyncio.create_task(b.submit(["x"]))
+    await engine.wait_entered()
+    tasks = await queue_tasks(b, [["a"], ["b"] * 10, ["c"]])
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [1, 10, 1]
+    await blocker
+    assert [[len(r) for r in batch] for batch in engine.batches[1:]] == [[1], [10], [1]]
+
+
+async def test_lone_request_waits_at_most_about_the_delay(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine, max_batch_size=32, max_queue_delay_s=0.05)
+    start = time.monotonic()
+    assert await b.submit(7) == 70
+    assert time.monotonic() - start < 1.0
+    assert engine.batches == [[7]]
+
+
+async def test_full_batch_goes_without_waiting_for_the_delay(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=30.0)
+    assert list(await asyncio.wait_for(asyncio.gather(b.submit(1), b.submit(2)), timeout=2)) == [10, 20]
+    assert engine.batches == [[1, 2]]
+
+
+async def test_concurrent_batches_are_bounded() -> None:
+    release = threading.Event()
+    two_running = threading.Event()
+    lock = threading.Lock()
+    running = peak = 0
+
+    def execute(requests: Sequence[int]) -> list[int]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            if running == 2:
+                two_running.set()
+        release.wait(5)
+        with lock:
+            running -= 1
+        return list(requests)
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        execute, name=f"test{next(_names)}", max_batch_size=1, max_queue_delay_s=0, max_concurrent_batches=2
+    )
+    await b.start()
+    try:
+        tasks = await queue_tasks(b, range(6))
+        assert await asyncio.to_thread(two_running.wait, 5)
+        assert b.in_flight == 2 and b.queue_depth == 4  # a third batch waits for a slot
+        release.set()
+        assert await asyncio.gather(*tasks) == list(range(6))
+        assert peak == 2
+    finally:
+        release.set()
+        await b.close()
+
+
+async def test_exception_in_a_slot_fails_only_that_request(make: Factory) -> None:
+    def execute(requests: Sequence[int]) -> list[int | Exception]:
+        return [ValueError(f"bad {r}") if r % 2 else r for r in requests]
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(execute, name=f"test{next(_names)}", max_batch_size=4)
+    await b.start()
+    try:
+        results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        assert results[0] == 0 and results[2] == 2
+        assert isinstance(results[1], ValueError) and str(results[1]) == "bad 1"
+        assert isinstance(results[3], ValueError) and str(results[3]) == "bad 3"
+    finally:
+        await b.close()
+
+
+async def test_execute_raising_fails_the_whole_batch() -> None:
+    calls = 0
+
+    def execute(requests: Sequence[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("CUDA out of memory")
+        return list(requests)
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(execute, name=f"test{next(_names)}", max_batch_size=4)
+    await b.start()
+    try:
+        results = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "CUDA out of memory" in str(r) for r in results)
+        assert await b.submit(5) == 5  # the batcher keeps serving after a failed batch
+    finally:
+        await b.close()
+
+
+async def test_wrong_result_count_is_internal_error() -> None:
+    def execute(requests: Sequence[int]) -> list[int]:
+        return list(requests)[:-1]
+
+    b: DynamicBatcher[int, int] = DynamicBatcher(execute, name="shortcount", max_batch_size=3, max_queue_delay_s=1)
+    await b.start()
+    try:
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        for r in results:
+            assert isinstance(r, AimassError)
+            assert r.code == grpc.StatusCode.INTERNAL
+            assert "returned 2 results for a batch of 3" in r.message
+    finally:
+        await b.close()
+
+
+async def test_queue_full_rejects_with_resource_exhausted(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, name="qfull", max_batch_size=8, max_queue_size=3)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_tasks(b, [1, 2, 3])
+    assert b.queue_depth == 3
+
+    with pytest.raises(ResourceExhausted) as info:
+        await b.submit(4)
+    err = info.value
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert err.reason == "QUEUE_FULL"
+    assert err.message == "qfull queue is full (3 items waiting, limit 3); retry later"
+    assert "retry_after_ms" in err.metadata
+    assert b.stats.rejected_full == 1
+    assert REGISTRY.get_sample_value("aimass_batcher_dropped_total", {"batcher": "qfull", "reason": "queue_full"}) == 1
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [10, 20, 30]
+    await blocker
+    assert 4 not in engine.seen()
+
+
+async def test_cancelled_queued_request_never_reaches_execute(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8)
+    blocker = await hold_slot(b, engine)
+    doomed, kept = await queue_tasks(b, [1, 2])
+    assert b.queue_depth == 2
+
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert b.queue_depth == 1  # its units are freed at once, not when the collector reaches it
+    assert b.stats.dropped_cancelled == 1
+
+    engine.gate.set()
+    assert await kept == 20
+    await blocker
+    assert 1 not in engine.seen()
+
+
+async def test_cancel_while_executing_discards_result(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8)
+    blocker = await hold_slot(b, engine)
+    blocker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocker
+    engine.gate.set()
+    assert await b.submit(3) == 30  # the batcher is fine after the discarded result
+    assert b.stats.dropped_cancelled == 0
+    assert engine.batches[0] == [0]
+
+
+async def test_deadline_expires_in_queue(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, name="expiry", max_batch_size=8)
+    blocker = await hold_slot(b, engine)
+    loop = asyncio.get_running_loop()
+
+    with pytest.raises(DeadlineExceeded) as info:
+        await b.submit(5, deadline=loop.time() + 0.02)  # fails while the slot is still held
+    assert "ms in queue; deadline passed before execution" in info.value.message
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert b.stats.dropped_expired == 1
+    assert b.queue_depth == 0
+    assert REGISTRY.get_sample_value("aimass_batcher_dropped_total", {"batcher": "expiry", "reason": "expired"}) == 1
+
+    engine.gate.set()
+    await blocker
+    assert 5 not in engine.seen()
+
+
+async def test_deadline_already_passed_raises_at_once(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine)
+    with pytest.raises(DeadlineExceeded):
+        await b.submit(1, deadline=asyncio.get_running_loop().time() - 0.001)
+    assert engine.batches == []
+    assert b.stats.dropped_expired == 1
+
+
+async def test_close_drains_queued_work_and_rejects_new(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=10.0)
+    blockers = await queue_tasks(b, [0, -1])  # a full batch: starts without the 10 s delay, then is held
+    await engine.wait_entered()
+    tasks = await queue_tasks(b, [1, 2, 3])
+
+    closing = asyncio.create_task(b.close(drain=True))
+    await asyncio.sleep(0)
+    with pytest.raises(Unavailable) as info:
+        await b.submit(9)
+    assert "is shutting down" in info.value.message
+    assert not closing.done()
+
+    engine.gate.set()
+    await asyncio.wait_for(closing, timeout=2)
+    assert [t.result() for t in tasks] == [10, 20, 30]
+    assert [t.result() for t in blockers] == [0, -10]
+    assert engine.batches == [[0, -1], [1, 2], [3]]  # [3] alone: closing does not wait for the batch to fill
+
+
+async def test_close_without_drain_fails_queued(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_tasks(b, [1, 2])
+
+    closing = asyncio.create_task(b.close(drain=False))
+    for t in tasks:
+        with pytest.raises(Unavailable):
+            await t
+    assert b.stats.dropped_shutdown == 2 and b.queue_depth == 0
+
+    engine.gate.set()
+    await closing
+    assert await blocker == 0  # what was executing still completes
+    assert 1 not in engine.seen() and 2 not in engine.seen()
+
+
+async def test_submit_before_start_is_unavailable() -> None:
+    b: DynamicBatcher[int, int] = DynamicBatcher(Engine(), name=f"test{next(_names)}")
+    with pytest.raises(Unavailable):
+        await b.submit(1)
+    await b.close()
+
+
+async def test_batch_size_histogram_observes_units(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine, name="hist", max_batch_size=4, max_queue_delay_s=1.0, size_of=len)
+    assert await b.submit(["a"] * 4) == 4
+    assert REGISTRY.get_sample_value("aimass_batch_size_count", {"batcher": "hist"}) == 1
+    assert REGISTRY.get_sample_value("aimass_batch_size_sum", {"batcher": "hist"}) == 4
+
+
+def test_rejects_bad_config() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(Engine(), name="bad", max_batch_size=0)
