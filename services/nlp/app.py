@@ -20,8 +20,9 @@ class NlpApp:
     kind = "nlp"
     service_names = ("aimass.v1.NlpService",)
 
-    def __init__(self, settings: Settings) -> None:
-        self.engine = NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
+    def __init__(self, settings: Settings, engine: NlpEngine | None = None) -> None:
+        # An engine may be shared (tests build several servers over one set of loaded models).
+        self.engine = engine or NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
         self.servicer = NlpServicer(self.engine, settings.nlp)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
@@ -29,7 +30,8 @@ class NlpApp:
 
     async def load(self) -> None:
         # Model loading blocks for seconds; a thread keeps health checks answering meanwhile.
-        await asyncio.to_thread(self.engine.load)
+        if not self.engine.loaded:
+            await asyncio.to_thread(self.engine.load)
         await self.servicer.start()
 
     def model_names(self) -> tuple[str, ...]:
@@ -39,9 +41,9 @@ class NlpApp:
         await self.servicer.close()
 
 
-def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
+def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine | None = None) -> ServerRunner:
     return ServerRunner(
-        NlpApp(settings),
+        NlpApp(settings, engine),
         settings.nlp.server,
         registry=RemoteRegistry(settings.registry.address) if register else None,
         registry_config=settings.registry,
