@@ -48,7 +48,7 @@ async def wait_until_ready(registry_address: str, expected: dict[str, int], time
     try:
         while True:
             try:
-                instances = await registry.list()
+                instances = await registry.list_instances()
             except grpc.aio.AioRpcError:
                 instances = []
             serving = [i for i in instances if i.serving]
@@ -110,7 +110,7 @@ async def status(args: argparse.Namespace) -> int:
     gateway = args.gateway or load_settings().registry.address
     registry = RemoteRegistry(gateway)
     try:
-        instances = await registry.list()
+        instances = await registry.list_instances()
     except grpc.aio.AioRpcError as err:
         print(f"cannot reach the gateway's registry at {gateway}: {err.code().name} {err.details()}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ REGISTRY_SERVICE = "aimass.v1.RegistryService"
 
 class GatewayApp:
     kind = "gateway"
-    service_names = (REGISTRY_SERVICE,)
+    service_names: tuple[str, ...] = (REGISTRY_SERVICE,)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -85,6 +85,8 @@ def build_runner(settings: Settings) -> ServerRunner:
         registry=app.registry,
         registry_config=settings.registry,
         reflection_extra=app.forwarded_services,
+        # Replicas echo the request id; the gateway only fills one in (see forwarder) and relays their trailers.
+        echo_request_id=False,
     )
 
 

@@ -8,12 +8,14 @@ metadata and cancellation through. Errors from the replica reach the client unch
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 
 from aimass.runtime import contract
+from aimass.runtime.interceptors import REQUEST_ID_KEY, Handler, request_id_of
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import Router
 
@@ -27,11 +29,12 @@ HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "grpc-accept-encodin
 
 
 def forwarded_metadata(context: Context) -> Metadata:
-    return tuple(
-        (key, value)
-        for key, value in (context.invocation_metadata() or ())
-        if not key.startswith(":") and key not in HOP_BY_HOP
-    )
+    """The caller's metadata minus per-hop headers, with a request id filled in when the caller sent none."""
+    incoming = context.invocation_metadata() or ()
+    kept: Metadata = tuple((key, value) for key, value in incoming if not key.startswith(":") and key not in HOP_BY_HOP)
+    if request_id_of(incoming):
+        return kept
+    return (*kept, (REQUEST_ID_KEY, uuid.uuid4().hex[:16]))
 
 
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
@@ -52,13 +55,13 @@ class Forwarder(grpc.GenericRpcHandler):
         self.router = router
         self.retry_unavailable = retry_unavailable
         self.forwarded_services = frozenset(contract.services()) - local_services
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Handler] = {}
         for method, kind in contract.methods().items():
             service = method.split("/")[1]
             if service in self.forwarded_services:
                 self._handlers[method] = self._make_handler(method, service, kind)
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method = handler_call_details.method
         handler = self._handlers.get(method)
         if handler is not None:
@@ -93,7 +96,7 @@ class Forwarder(grpc.GenericRpcHandler):
             f"no healthy replica serves {service} right now; start one (aimass up) or check `aimass status`",
         )
 
-    def _make_handler(self, method: str, service: str, kind: contract.MethodKind) -> grpc.RpcMethodHandler:
+    def _make_handler(self, method: str, service: str, kind: contract.MethodKind) -> Handler:
         if not kind.client_streaming and not kind.server_streaming:
             return grpc.unary_unary_rpc_method_handler(self._unary_unary(method, service))
         if not kind.client_streaming:

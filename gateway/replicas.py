@@ -30,7 +30,7 @@ class Replica:
         if call is None:
             # No (de)serialisers: the request and response stay the bytes the client sent and the replica wrote.
             call = self._calls[method] = self.channel.unary_unary(method)
-        return call  # type: ignore[no-any-return]
+        return call
 
     def unary_stream(self, method: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
         return self.channel.unary_stream(method)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from aimass.runtime.errors import ERROR_INFO_METADATA_KEY, AimassError
+from aimass.runtime.errors import ERROR_INFO_METADATA_KEY, AimassError, InvalidArgument
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -36,51 +37,100 @@ UNMETERED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Registry heartbeats and polls are counted in metrics but would drown the access log.
 UNLOGGED_PREFIXES = ("/aimass.v1.RegistryService/",)
 
+REQUEST_ID_KEY = "x-request-id"
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # the stubs make it generic; the runtime class is not subscriptable
+    Handler = grpc.RpcMethodHandler
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
 Behavior = Callable[..., Any]
 # Runs one call: gets the method name, the context and a thunk that performs the real behaviour.
 UnaryAround = Callable[[str, grpc.aio.ServicerContext[Any, Any], Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
+def request_id_of(metadata: Iterable[Any] | None) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return ""
+
+
 def wrap_handler(
-    handler: grpc.RpcMethodHandler,
+    handler: Handler,
     method: str,
     around_unary: UnaryAround,
     around_stream: Callable[
         [str, grpc.aio.ServicerContext[Any, Any], Callable[[], AsyncIterator[Any]]], AsyncIterator[Any]
     ],
-) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with its behaviour run through ``around_unary``/``around_stream``."""
+    *,
+    parse_requests: bool = False,
+) -> Handler:
+    """Return ``handler`` with its behaviour run through ``around_unary``/``around_stream``.
+
+    With ``parse_requests`` the handler receives raw bytes and deserialises them inside ``around_*``, so a
+    malformed message becomes a clear INVALID_ARGUMENT instead of grpc's generic deserialisation failure.
+    """
+    deserialize = handler.request_deserializer
+    parse: Callable[[Any], Any] = _parser(deserialize) if parse_requests and deserialize else (lambda raw: raw)
+    client_streaming = bool(handler.stream_unary or handler.stream_stream)
+
+    def arguments(request: Any) -> Any:
+        return _parsed_stream(request, parse) if client_streaming else parse(request)
 
     def unary_response(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await around_unary(method, context, lambda: behavior(request, context))
+            return await around_unary(method, context, lambda: behavior(arguments(request), context))
 
         return run
 
     def stream_response(behavior: Behavior) -> Behavior:
         # Must itself be an async generator function: grpc.aio inspects it to pick how to read the responses.
         async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async for item in around_stream(method, context, lambda: behavior(request, context)):
+            async for item in around_stream(method, context, lambda: behavior(arguments(request), context)):
                 yield item
 
         return run
 
+    request_deserializer = None if parse_requests else deserialize
+    serializer = handler.response_serializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary_response(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            unary_response(handler.unary_unary), request_deserializer, serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            unary_response(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            unary_response(handler.stream_unary), request_deserializer, serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream_response(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            stream_response(handler.unary_stream), request_deserializer, serializer
         )
     assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(
-        stream_response(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        stream_response(handler.stream_stream), request_deserializer, serializer
     )
+
+
+def _parser(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    message_class = getattr(deserialize, "__self__", None)
+    type_name = getattr(getattr(message_class, "DESCRIPTOR", None), "full_name", "the method's request type")
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # protobuf raises DecodeError, or others on invalid UTF-8
+            raise InvalidArgument(
+                f"request bytes are not a valid {type_name} ({len(raw)} bytes): {exc}", reason="MALFORMED_REQUEST"
+            ) from exc
+
+    return parse
+
+
+async def _parsed_stream(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield parse(raw)
 
 
 async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
@@ -97,13 +147,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream, parse_requests=True)
 
     async def _unary(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[Any]]
@@ -135,7 +185,8 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], method: str, e
         if retry_after is not None:
             # gRPC's standard pushback header: clients with retry policies wait this long.
             trailers.append(("grpc-retry-pushback-ms", retry_after))
-        await context.abort(exc.code, exc.message, trailing_metadata=tuple(trailers))
+        # Keep trailers already set (e.g. x-request-id) next to the error's own.
+        await context.abort(exc.code, exc.message, trailing_metadata=(*(context.trailing_metadata() or ()), *trailers))
     log.exception("unexpected error in %s", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; see server log")
 
@@ -152,9 +203,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNMETERED_PREFIXES):
             return handler
@@ -210,20 +261,31 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     """Access log line and Prometheus metrics per RPC, with the status the client saw."""
 
-    def __init__(self, *, access_log_enabled: bool = True) -> None:
+    def __init__(self, *, access_log_enabled: bool = True, echo_request_id: bool = True) -> None:
         self.access_log_enabled = access_log_enabled
+        # Replicas answer with the request id (the caller's, or a new one) as a trailer, for support requests.
+        self.echo_request_id = echo_request_id
+
+    def _request_id(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        if not self.echo_request_id:
+            return ""
+        request_id = request_id_of(context.invocation_metadata()) or uuid.uuid4().hex[:16]
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        return request_id
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Continuation,
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(UNMETERED_PREFIXES):
             return handler
         return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
-    def _record(self, method: str, context: grpc.aio.ServicerContext[Any, Any], started: float, code: str) -> None:
+    def _record(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], started: float, code: str, request_id: str
+    ) -> None:
         elapsed = time.perf_counter() - started
         REQUESTS.labels(method, code).inc()
         LATENCY.labels(method).observe(elapsed)
@@ -232,7 +294,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             and access_log.isEnabledFor(logging.INFO)
             and not method.startswith(UNLOGGED_PREFIXES)
         ):
-            access_log.info("%s %s %.2fms peer=%s", method, code, elapsed * 1000, context.peer())
+            access_log.info(
+                "%s %s %.2fms peer=%s request_id=%s", method, code, elapsed * 1000, context.peer(), request_id or "-"
+            )
 
     @staticmethod
     def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
@@ -247,6 +311,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[Any]]
     ) -> Any:
         started = time.perf_counter()
+        request_id = self._request_id(context)
         failure: BaseException | None = None
         try:
             return await call()
@@ -254,12 +319,13 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             failure = exc
             raise
         finally:
-            self._record(method, context, started, self._code_of(context, failure))
+            self._record(method, context, started, self._code_of(context, failure), request_id)
 
     async def _stream(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Any]
     ) -> AsyncIterator[Any]:
         started = time.perf_counter()
+        request_id = self._request_id(context)
         failure: BaseException | None = None
         try:
             async for item in _stream_of(call()):
@@ -268,4 +334,4 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             failure = exc
             raise
         finally:
-            self._record(method, context, started, self._code_of(context, failure))
+            self._record(method, context, started, self._code_of(context, failure), request_id)

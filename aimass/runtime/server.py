@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -67,6 +68,7 @@ class ServerRunner:
         registry_config: RegistryConfig,
         reflection_extra: Sequence[str] = (),
         access_log: bool = True,
+        echo_request_id: bool = True,
     ) -> None:
         self.app = app
         self.config = config
@@ -74,6 +76,7 @@ class ServerRunner:
         self.registry_config = registry_config
         self.reflection_extra = tuple(reflection_extra)
         self.access_log = access_log
+        self.echo_request_id = echo_request_id
         self.health = health.aio.HealthServicer()
         self.admission = AdmissionInterceptor(config.max_inflight)
         self.port = 0
@@ -95,7 +98,7 @@ class ServerRunner:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
         self._server = grpc.aio.server(
             interceptors=[
-                TelemetryInterceptor(access_log_enabled=self.access_log),
+                TelemetryInterceptor(access_log_enabled=self.access_log, echo_request_id=self.echo_request_id),
                 self.admission,
                 ErrorMappingInterceptor(),
             ],
@@ -112,6 +115,9 @@ class ServerRunner:
         except RuntimeError as err:
             raise RuntimeError(f"{self.app.kind}: cannot listen on {self.config.address}: {err}") from err
         await self.server.start()
+        if self.config.metrics_port:
+            prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
+            log.info("%s metrics at http://%s:%d/metrics", self.app.kind, self.config.host, self.config.metrics_port)
         log.info("%s listening on %s; loading models", self.app.kind, self.address)
         started = time.perf_counter()
         await self.app.load()

@@ -18,7 +18,7 @@ from services.nlp.servicer import NlpServicer
 
 class NlpApp:
     kind = "nlp"
-    service_names = ("aimass.v1.NlpService",)
+    service_names: tuple[str, ...] = ("aimass.v1.NlpService",)
 
     def __init__(self, settings: Settings, engine: NlpEngine | None = None) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).

@@ -164,7 +164,7 @@ class NlpEngine:
 def zero_shot_scores(
     text_vectors: npt.NDArray[np.float32], label_vectors: npt.NDArray[np.float32], *, multi_label: bool
 ) -> npt.NDArray[np.float64]:
-    """Scores (texts × labels) from unit-length embeddings: softmax over labels, or independent sigmoids."""
+    """Scores (texts x labels) from unit-length embeddings: softmax over labels, or independent sigmoids."""
     similarity = text_vectors.astype(np.float64) @ label_vectors.astype(np.float64).T
     if multi_label:
         return 1.0 / (1.0 + np.exp(-ZERO_SHOT_LOGIT_SCALE * (similarity - ZERO_SHOT_MULTI_LABEL_OFFSET)))

@@ -73,14 +73,15 @@ class InMemoryRegistry:
         self._ttl.pop(instance_id, None)
         return self._instances.pop(instance_id, None) is not None
 
-    async def list(self, service: str = "") -> list[Instance]:
+    async def list_instances(self, service: str = "") -> list[Instance]:
         return [i for i in self._instances.values() if not service or service in i.services]
 
     async def watch(self) -> AsyncIterator[list[Instance]]:
         seen = -1
         while True:
             async with self._changed:
-                await self._changed.wait_for(lambda: self._version != seen)
+                if self._version == seen:
+                    await self._changed.wait()
                 seen = self._version
                 view = list(self._instances.values())
             yield view
@@ -134,7 +135,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ListInstances(
         self, request: registry_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> registry_pb2.ListInstancesResponse:
-        found = await self.store.list(request.service)
+        found = await self.store.list_instances(request.service)
         return registry_pb2.ListInstancesResponse(instances=[i.to_proto() for i in found])
 
     async def WatchInstances(
@@ -176,7 +177,7 @@ class RemoteRegistry:
             registry_pb2.DeregisterRequest(instance_id=instance_id), timeout=self.call_timeout_s
         )
 
-    async def list(self, service: str = "") -> list[Instance]:
+    async def list_instances(self, service: str = "") -> list[Instance]:
         reply = await self._stub.ListInstances(
             registry_pb2.ListInstancesRequest(service=service), timeout=self.call_timeout_s
         )
