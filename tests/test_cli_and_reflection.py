@@ -1,0 +1,95 @@
+"""What a user sees from the command line: grpcurl through the gateway by reflection, `aimass status`, health."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import BIN, Mesh
+
+SERVICES = [
+    "aimass.v1.LlmService",
+    "aimass.v1.ModelService",
+    "aimass.v1.NlpService",
+    "aimass.v1.RegistryService",
+    "aimass.v1.SchedulerService",
+    "aimass.v1.SpeechService",
+    "aimass.v1.VisionService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+]
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_grpcurl_lists_every_service_through_the_gateway(mesh: Mesh) -> None:
+    listed = grpcurl(mesh.gateway, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == SERVICES
+
+
+def test_grpcurl_describes_and_calls_without_proto_files(mesh: Mesh) -> None:
+    described = grpcurl(mesh.gateway, "describe", "aimass.v1.NlpService")
+    assert described.returncode == 0, described.stderr
+    assert "rpc Embed ( .aimass.v1.EmbedRequest ) returns ( .aimass.v1.EmbedResponse );" in described.stdout
+    called = grpcurl("-d", '{"texts": ["I love this"]}', mesh.gateway, "aimass.v1.NlpService/Sentiment")
+    assert called.returncode == 0, called.stderr
+    assert json.loads(called.stdout)["results"][0]["label"] == "positive"
+
+
+def test_grpcurl_reaches_a_replica_directly_too(mesh: Mesh) -> None:
+    listed = grpcurl(mesh.nlp_addresses[0], "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == [
+        "aimass.v1.NlpService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+
+
+def test_gateway_health_per_service(mesh: Mesh) -> None:
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        overall = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        nlp = health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.NlpService"), timeout=5)
+        vision = health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.VisionService"), timeout=5)
+    assert overall.status == health_pb2.HealthCheckResponse.SERVING
+    assert nlp.status == health_pb2.HealthCheckResponse.SERVING
+    assert vision.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_aimass_status_lists_replicas_models_and_health(mesh: Mesh) -> None:
+    shown = subprocess.run(
+        [str(BIN / "aimass"), "status", "--gateway", mesh.gateway], capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["KIND", "ADDRESS", "STATE", "PID", "SERVICES", "MODELS"]
+    nlp_row = next(line for line in lines if line.startswith("nlp "))
+    assert mesh.nlp_addresses[0] in nlp_row and "SERVING" in nlp_row
+    assert "all-MiniLM-L6-v2,vader,en_core_web_sm" in nlp_row
+    assert "aimass.v1.NlpService  SERVING" in shown.stdout
+
+
+def test_aimass_status_explains_an_unreachable_gateway() -> None:
+    from tests.conftest import free_port
+
+    shown = subprocess.run(
+        [str(BIN / "aimass"), "status", "--gateway", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 1
+    assert "cannot reach the gateway's registry" in shown.stderr
+
+
+def test_up_printed_where_everything_listens(mesh: Mesh) -> None:
+    log = mesh.log_text()
+    assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
+    assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load

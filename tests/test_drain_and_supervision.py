@@ -1,0 +1,113 @@
+"""SIGTERM during load loses no accepted request; a crashed replica is restarted; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.v1 import nlp_pb2, nlp_pb2_grpc
+from tests.conftest import Mesh, start_mesh
+
+REQUESTS = 240
+CONCURRENCY = 8
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    mesh = start_mesh(tmp_path_factory.mktemp("drain"), nlp_replicas=2)
+    yield mesh
+    mesh.stop()
+
+
+async def nlp_instances(gateway: str) -> list[Instance]:
+    registry = RemoteRegistry(gateway)
+    try:
+        return [i for i in await registry.list_instances() if i.kind == "nlp" and i.serving]
+    finally:
+        await registry.close()
+
+
+async def wait_for(condition_text: str, check: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(condition_text)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(two_replicas: Mesh) -> None:
+    before = await nlp_instances(two_replicas.gateway)
+    assert len(before) == 2
+    victim = before[0]
+    codes: Counter[str] = Counter()
+    served_by_victim_after_term = 0
+    terminated_at: float | None = None
+
+    async with grpc.aio.insecure_channel(two_replicas.gateway) as channel:
+        stub = nlp_pb2_grpc.NlpServiceStub(channel)
+        pending = iter(range(REQUESTS))
+
+        async def worker() -> None:
+            nonlocal served_by_victim_after_term
+            for index in pending:
+                try:
+                    await stub.Embed(nlp_pb2.EmbedRequest(texts=[f"request number {index}"]), timeout=30)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    codes[err.code().name] += 1
+
+        async def terminate_midway() -> None:
+            nonlocal terminated_at
+            while sum(codes.values()) < REQUESTS // 4:
+                await asyncio.sleep(0.01)
+            os.kill(victim.pid, signal.SIGTERM)
+            terminated_at = time.monotonic()
+
+        await asyncio.gather(terminate_midway(), *(worker() for _ in range(CONCURRENCY)))
+
+    assert terminated_at is not None
+    assert codes == Counter({"OK": REQUESTS}), f"requests lost around SIGTERM: {dict(codes)}"
+    log = two_replicas.log_text()
+    assert "nlp draining: health NOT_SERVING" in log
+    # The supervisor brings the stopped replica back, and it registers again under a new pid.
+
+    async def replaced() -> bool:
+        now = await nlp_instances(two_replicas.gateway)
+        return len(now) == 2 and victim.pid not in {i.pid for i in now}
+
+    await wait_for("the supervisor did not restart the terminated replica", replaced, 120)
+    assert "exited with code 0; restarting" in two_replicas.log_text()
+    assert not alive(victim.pid)
+
+
+def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path)
+    instances = asyncio.run(nlp_instances(mesh.gateway))
+    pids = [i.pid for i in instances]
+    assert pids and all(alive(pid) for pid in pids)
+    assert mesh.stop() == 0
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "a replica outlived `aimass up`"
+    log = mesh.log_text()
+    assert "stopping: services drain first, then the gateway" in log
+    assert "nlp stopped" in log and "gateway stopped" in log
