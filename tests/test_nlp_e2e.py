@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from aimass.runtime.errors import ERROR_INFO_METADATA_KEY
+from aimass.client import error_info
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from tests.conftest import Mesh
 
@@ -86,7 +86,7 @@ def test_zero_shot_classify(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
 
 def test_request_id_is_echoed_and_filled_in(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
     _, call = nlp.Sentiment.with_call(
-        nlp_pb2.SentimentRequest(texts=["hi"]), metadata=[("x-request-id", "ticket-42")], timeout=30
+        nlp_pb2.SentimentRequest(texts=["hi"]), metadata=(("x-request-id", "ticket-42"),), timeout=30
     )
     assert ("x-request-id", "ticket-42") in tuple(call.trailing_metadata())
     _, call = nlp.Sentiment.with_call(nlp_pb2.SentimentRequest(texts=["hi"]), timeout=30)
@@ -98,11 +98,6 @@ def rpc_error(call: object, *args: object, **kwargs: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call(*args, **kwargs)  # type: ignore[operator]
     return caught.value
-
-
-def error_info(err: grpc.RpcError) -> common_pb2.ErrorInfo:
-    trailers = dict(err.trailing_metadata())  # type: ignore[attr-defined]
-    return common_pb2.ErrorInfo.FromString(trailers[ERROR_INFO_METADATA_KEY])
 
 
 @pytest.mark.parametrize(
@@ -121,13 +116,14 @@ def test_bad_texts_are_invalid_argument(nlp: nlp_pb2_grpc.NlpServiceStub, texts:
         (nlp.Entities, nlp_pb2.EntitiesRequest(texts=texts)),
     ]:
         err = rpc_error(method, request, timeout=30)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-        assert message in err.details()  # type: ignore[attr-defined]
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in (err.details() or "")
 
 
 def test_oversize_text_carries_error_info(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
     err = rpc_error(nlp.Embed, nlp_pb2.EmbedRequest(texts=["x" * 20_000]), timeout=30)
     info = error_info(err)
+    assert info is not None
     assert info.reason == "TEXT_TOO_LONG" and info.metadata["limit"] == "10000"
 
 
@@ -147,44 +143,43 @@ def test_bad_classify_labels(
         texts=["hello"], labels=labels, multi_label=multi_label, hypothesis_template=template
     )
     err = rpc_error(nlp.Classify, request, timeout=30)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert message in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (err.details() or "")
 
 
 def test_unknown_model_is_not_found(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
     request = nlp_pb2.EmbedRequest(texts=["x"], model=common_pb2.ModelRef(name="bert-large"))
     err = rpc_error(nlp.Embed, request, timeout=30)
-    assert err.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-    assert err.details() == (  # type: ignore[attr-defined]
-        "model 'bert-large' is not served by NlpService.Embed; available: all-MiniLM-L6-v2"
-    )
-    assert error_info(err).reason == "MODEL_NOT_FOUND"
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert err.details() == ("model 'bert-large' is not served by NlpService.Embed; available: all-MiniLM-L6-v2")
+    info = error_info(err)
+    assert info is not None and info.reason == "MODEL_NOT_FOUND"
 
 
 def test_unknown_method_and_service_are_unimplemented(channel: grpc.Channel) -> None:
     err = rpc_error(channel.unary_unary("/aimass.v1.NlpService/Translate"), b"", timeout=10)
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "aimass.v1.NlpService has no method 'Translate'; it has Embed, Sentiment" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "aimass.v1.NlpService has no method 'Translate'; it has Embed, Sentiment" in (err.details() or "")
     err = rpc_error(channel.unary_unary("/acme.v1.Nope/Do"), b"", timeout=10)
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "unknown service 'acme.v1.Nope'" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "unknown service 'acme.v1.Nope'" in (err.details() or "")
 
 
 def test_malformed_bytes_through_gateway_are_invalid_argument(channel: grpc.Channel) -> None:
     err = rpc_error(channel.unary_unary("/aimass.v1.NlpService/Sentiment"), b"\x1a\x05ab", timeout=10)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "not a valid aimass.v1.SentimentRequest" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid aimass.v1.SentimentRequest" in (err.details() or "")
 
 
 def test_service_without_replicas_is_unavailable_with_a_reason(channel: grpc.Channel) -> None:
     err = rpc_error(channel.unary_unary("/aimass.v1.VisionService/Classify"), b"", timeout=10)
-    assert err.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-    assert "no healthy replica serves aimass.v1.VisionService" in err.details()  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no healthy replica serves aimass.v1.VisionService" in (err.details() or "")
 
 
 def test_deadline_passes_through_the_gateway(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
     err = rpc_error(nlp.Embed, nlp_pb2.EmbedRequest(texts=["slow " * 500] * 64), timeout=0.005)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_still_serving_after_all_the_bad_input(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:

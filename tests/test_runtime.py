@@ -130,7 +130,7 @@ async def test_admission_limit_answers_resource_exhausted(nlp_engine: NlpEngine)
 
 async def test_malformed_request_bytes_are_invalid_argument_and_server_keeps_serving(nlp_engine: NlpEngine) -> None:
     async for _, channel in running(nlp_engine, settings_for()):
-        raw = channel.unary_unary("/aimass.v1.NlpService/Embed")
+        raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/aimass.v1.NlpService/Embed")
         for garbage, why in [(b"\x1a\x05ab", "truncated"), (b"\x1a\x02\xff\xfe", "invalid UTF-8 in texts")]:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await raw(garbage, timeout=5)

@@ -1,0 +1,372 @@
+"""A small typed client for the aimass mesh (the gateway, or any replica), sync and async.
+
+    with Client("127.0.0.1:50051", api_key="my-key") as client:
+        vectors = client.embeddings(["a cat", "a kitten"], normalize=True)
+    async with AsyncClient("127.0.0.1:50051") as client:
+        reply = await client.classify(["Book me a flight to Rome"], ["travel", "cooking"])
+    print(reply.results[0].scores[0].label)  # "travel"
+
+Both clients hold one long-lived channel. UNAVAILABLE (replica down or draining, connection refused) is retried by
+gRPC itself, through the channel's service config (``channel_options``), with exponential backoff; other codes reach
+the caller as ``grpc.RpcError`` unchanged (``error_info`` decodes the machine-readable detail the mesh attaches).
+Methods not wrapped here are on the raw generated stub, ``client.nlp``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self, TypedDict
+
+import grpc
+import grpc.aio
+
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "RETRIED_SERVICES",
+    "AsyncClient",
+    "Client",
+    "channel_options",
+    "error_info",
+    "service_config",
+]
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+# The public aimass.v1 services the retry policy covers (control-plane services are for mesh processes only).
+RETRIED_SERVICES: Final = tuple(
+    f"aimass.v1.{name}" for name in ("NlpService", "LlmService", "VisionService", "SpeechService", "ModelService")
+)
+# gRPC caps a retry policy's maxAttempts at 5 (silently); we refuse more instead of pretending.
+MAX_ATTEMPTS_LIMIT: Final = 5
+ERROR_INFO_METADATA_KEY: Final = "aimass-error-bin"
+REQUEST_ID_METADATA_KEY: Final = "x-request-id"
+
+Metadata = tuple[tuple[str, str], ...]
+ChannelOptions = tuple[tuple[str, str | int], ...]
+
+
+class CallOptions(TypedDict):
+    """Keyword arguments every wrapped call passes to the generated stub."""
+
+    timeout: float | None
+    metadata: Metadata
+
+
+# -- channel configuration ---------------------------------------------------------------------------------------
+
+
+def service_config(max_attempts: int) -> dict[str, Any]:
+    """The gRPC service config: retry UNAVAILABLE on every public aimass.v1 service, up to ``max_attempts`` tries.
+
+    ``max_attempts=1`` means no retries (the policy is left out: gRPC requires at least 2 attempts in one).
+    """
+    if not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise ValueError(f"max_attempts is {max_attempts}; gRPC allows 1 to {MAX_ATTEMPTS_LIMIT} (1 disables retries)")
+    method_config: dict[str, Any] = {"name": [{"service": service} for service in RETRIED_SERVICES]}
+    if max_attempts > 1:
+        method_config["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "2s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return {"methodConfig": [method_config]}
+
+
+def channel_options(max_attempts: int) -> ChannelOptions:
+    """Channel arguments that install ``service_config(max_attempts)`` and turn retries on."""
+    return (("grpc.service_config", json.dumps(service_config(max_attempts))), ("grpc.enable_retries", 1))
+
+
+def error_info(error: grpc.RpcError) -> common_pb2.ErrorInfo | None:
+    """The ``aimass.v1.ErrorInfo`` (stable reason code, facts like limits) the mesh attaches to an error, if any.
+
+    Works for errors from both clients (``grpc.Call`` errors of the sync API and ``grpc.aio.AioRpcError``).
+    """
+    if isinstance(error, grpc.aio.AioRpcError):
+        trailers: Any = error.trailing_metadata()
+    elif isinstance(error, grpc.Call):
+        trailers = error.trailing_metadata()
+    else:
+        return None
+    for key, value in trailers or ():
+        if key == ERROR_INFO_METADATA_KEY and isinstance(value, bytes):
+            return common_pb2.ErrorInfo.FromString(value)
+    return None
+
+
+# -- request builders (shared by Client and AsyncClient) --------------------------------------------------------
+
+
+def _text_list(values: Sequence[str], field: str) -> list[str]:
+    """``values`` as a list of str; a bare str is refused (it would be sent as one text per character)."""
+    if isinstance(values, str | bytes):
+        preview = values[:40]
+        raise TypeError(
+            f"{field} must be a sequence of str, not a single {type(values).__name__}; "
+            f"wrap one text in a list: {field}=[{preview!r}]"
+        )
+    items = list(values)
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"{field}[{index}] must be str, not {type(item).__name__}")
+    return items
+
+
+def _meta(request_id: str | None) -> common_pb2.RequestMeta:
+    return common_pb2.RequestMeta(request_id=request_id or "")
+
+
+def embed_request(
+    texts: Sequence[str], *, normalize: bool = False, model: str = "", request_id: str | None = None
+) -> nlp_pb2.EmbedRequest:
+    return nlp_pb2.EmbedRequest(
+        meta=_meta(request_id),
+        model=common_pb2.ModelRef(name=model),
+        texts=_text_list(texts, "texts"),
+        normalize=normalize,
+    )
+
+
+def sentiment_request(
+    texts: Sequence[str], *, model: str = "", request_id: str | None = None
+) -> nlp_pb2.SentimentRequest:
+    return nlp_pb2.SentimentRequest(
+        meta=_meta(request_id), model=common_pb2.ModelRef(name=model), texts=_text_list(texts, "texts")
+    )
+
+
+def entities_request(
+    texts: Sequence[str], *, model: str = "", request_id: str | None = None
+) -> nlp_pb2.EntitiesRequest:
+    return nlp_pb2.EntitiesRequest(
+        meta=_meta(request_id), model=common_pb2.ModelRef(name=model), texts=_text_list(texts, "texts")
+    )
+
+
+def classify_request(
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    multi_label: bool = False,
+    hypothesis_template: str = "",
+    model: str = "",
+    request_id: str | None = None,
+) -> nlp_pb2.ClassifyRequest:
+    return nlp_pb2.ClassifyRequest(
+        meta=_meta(request_id),
+        model=common_pb2.ModelRef(name=model),
+        texts=_text_list(texts, "texts"),
+        labels=_text_list(labels, "labels"),
+        multi_label=multi_label,
+        hypothesis_template=hypothesis_template,
+    )
+
+
+def _vectors(response: nlp_pb2.EmbedResponse) -> list[list[float]]:
+    return [list(embedding.values) for embedding in response.embeddings]
+
+
+class _ClientBase:
+    """Settings and per-call options common to both clients."""
+
+    def __init__(self, target: str, *, api_key: str | None, timeout_s: float | None, max_attempts: int) -> None:
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"timeout_s is {timeout_s}; use a positive number of seconds, or None for no deadline")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.channel_options = channel_options(max_attempts)
+        self._auth: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _call(self, timeout_s: float | None, request_id: str | None) -> CallOptions:
+        """Deadline (the call's, else the client's) and metadata (api key, request id) for one call."""
+        metadata = self._auth + (((REQUEST_ID_METADATA_KEY, request_id),) if request_id else ())
+        return CallOptions(timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=metadata)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r}, timeout_s={self.timeout_s}, max_attempts={self.max_attempts})"
+
+
+class Client(_ClientBase):
+    """Blocking client. ``timeout_s`` is the default deadline per call (None: none); every method can override it.
+
+    Errors are ``grpc.RpcError`` with the mesh's status code and message (e.g. INVALID_ARGUMENT, NOT_FOUND).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout_s: float | None = 30.0,
+        max_attempts: int = 4,
+    ) -> None:
+        super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
+        self.channel = grpc.insecure_channel(target, options=self.channel_options)
+        self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = False,
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> nlp_pb2.EmbedResponse:
+        """Sentence embeddings, one per text in order (default model: 384 dimensions)."""
+        request = embed_request(texts, normalize=normalize, model=model, request_id=request_id)
+        return self.nlp.Embed(request, **self._call(timeout_s, request_id))
+
+    def embeddings(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = False,
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> list[list[float]]:
+        """``embed`` as plain lists of floats."""
+        return _vectors(self.embed(texts, normalize=normalize, model=model, timeout_s=timeout_s, request_id=request_id))
+
+    def sentiment(
+        self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
+    ) -> nlp_pb2.SentimentResponse:
+        """Polarity of each text: label "positive" / "negative" / "neutral" and a compound score in -1..1."""
+        request = sentiment_request(texts, model=model, request_id=request_id)
+        return self.nlp.Sentiment(request, **self._call(timeout_s, request_id))
+
+    def entities(
+        self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
+    ) -> nlp_pb2.EntitiesResponse:
+        """Named entities (PERSON, GPE, ORG, ...) with character offsets, one document per text."""
+        request = entities_request(texts, model=model, request_id=request_id)
+        return self.nlp.Entities(request, **self._call(timeout_s, request_id))
+
+    def classify(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        multi_label: bool = False,
+        hypothesis_template: str = "",
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> nlp_pb2.ClassifyResponse:
+        """Zero-shot classification of each text against ``labels``; scores sorted highest first."""
+        request = classify_request(
+            texts,
+            labels,
+            multi_label=multi_label,
+            hypothesis_template=hypothesis_template,
+            model=model,
+            request_id=request_id,
+        )
+        return self.nlp.Classify(request, **self._call(timeout_s, request_id))
+
+
+class AsyncClient(_ClientBase):
+    """asyncio client (grpc.aio); the same methods as ``Client``, as coroutines. Create it inside the event loop."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout_s: float | None = 30.0,
+        max_attempts: int = 4,
+    ) -> None:
+        super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
+        self.channel = grpc.aio.insecure_channel(target, options=self.channel_options)
+        self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = False,
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> nlp_pb2.EmbedResponse:
+        """See ``Client.embed``."""
+        request = embed_request(texts, normalize=normalize, model=model, request_id=request_id)
+        return await self.nlp.Embed(request, **self._call(timeout_s, request_id))
+
+    async def embeddings(
+        self,
+        texts: Sequence[str],
+        *,
+        normalize: bool = False,
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> list[list[float]]:
+        """See ``Client.embeddings``."""
+        response = await self.embed(texts, normalize=normalize, model=model, timeout_s=timeout_s, request_id=request_id)
+        return _vectors(response)
+
+    async def sentiment(
+        self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
+    ) -> nlp_pb2.SentimentResponse:
+        """See ``Client.sentiment``."""
+        request = sentiment_request(texts, model=model, request_id=request_id)
+        return await self.nlp.Sentiment(request, **self._call(timeout_s, request_id))
+
+    async def entities(
+        self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
+    ) -> nlp_pb2.EntitiesResponse:
+        """See ``Client.entities``."""
+        request = entities_request(texts, model=model, request_id=request_id)
+        return await self.nlp.Entities(request, **self._call(timeout_s, request_id))
+
+    async def classify(
+        self,
+        texts: Sequence[str],
+        labels: Sequence[str],
+        *,
+        multi_label: bool = False,
+        hypothesis_template: str = "",
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> nlp_pb2.ClassifyResponse:
+        """See ``Client.classify``."""
+        request = classify_request(
+            texts,
+            labels,
+            multi_label=multi_label,
+            hypothesis_template=hypothesis_template,
+            model=model,
+            request_id=request_id,
+        )
+        return await self.nlp.Classify(request, **self._call(timeout_s, request_id))
