@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 
@@ -14,3 +15,5 @@ def configure_logging(level: str, kind: str) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    # A crash inside a native extension (grpc, torch) then leaves a Python traceback in the log.
+    faulthandler.enable(sys.stderr)
