@@ -1,12 +1,14 @@
 """Server interceptors: admission control, error mapping, access log and metrics, kept out of the handlers.
 
-Each interceptor wraps the RPC's behaviour the same way for all four call kinds (see ``wrap_handler``), so a
-handler only parses, calls its engine and returns; what the client sees on failure is decided here.
+Each interceptor is one async context manager, ``around(method, context)``, that every call of any kind (unary or
+streaming) runs inside (see ``wrap_handler``). Handlers only validate, call their engine and return; what the
+client sees on failure is decided here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from aimass.runtime.errors import ERROR_INFO_METADATA_KEY, AimassError, InvalidArgument
+from aimass.runtime.errors import ERROR_INFO_METADATA_KEY, AimassError, InvalidArgument, ResourceExhausted
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -43,11 +45,10 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
 else:  # the stubs make it generic; the runtime class is not subscriptable
     Handler = grpc.RpcMethodHandler
+Context = grpc.aio.ServicerContext[Any, Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
-
 Behavior = Callable[..., Any]
-# Runs one call: gets the method name, the context and a thunk that performs the real behaviour.
-UnaryAround = Callable[[str, grpc.aio.ServicerContext[Any, Any], Callable[[], Awaitable[Any]]], Awaitable[Any]]
+Around = Callable[[str, Context], contextlib.AbstractAsyncContextManager[None]]
 
 
 def request_id_of(metadata: Iterable[Any] | None) -> str:
@@ -57,19 +58,10 @@ def request_id_of(metadata: Iterable[Any] | None) -> str:
     return ""
 
 
-def wrap_handler(
-    handler: Handler,
-    method: str,
-    around_unary: UnaryAround,
-    around_stream: Callable[
-        [str, grpc.aio.ServicerContext[Any, Any], Callable[[], AsyncIterator[Any]]], AsyncIterator[Any]
-    ],
-    *,
-    parse_requests: bool = False,
-) -> Handler:
-    """Return ``handler`` with its behaviour run through ``around_unary``/``around_stream``.
+def wrap_handler(handler: Handler, method: str, around: Around, *, parse_requests: bool = False) -> Handler:
+    """Return ``handler`` with its behaviour run inside ``around(method, context)``.
 
-    With ``parse_requests`` the handler receives raw bytes and deserialises them inside ``around_*``, so a
+    With ``parse_requests`` the handler receives raw bytes and deserialises them inside ``around``, so a
     malformed message becomes a clear INVALID_ARGUMENT instead of grpc's generic deserialisation failure.
     """
     deserialize = handler.request_deserializer
@@ -80,16 +72,18 @@ def wrap_handler(
         return _parsed_stream(request, parse) if client_streaming else parse(request)
 
     def unary_response(behavior: Behavior) -> Behavior:
-        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            return await around_unary(method, context, lambda: behavior(arguments(request), context))
+        async def run(request: Any, context: Context) -> Any:
+            async with around(method, context):
+                return await behavior(arguments(request), context)
 
         return run
 
     def stream_response(behavior: Behavior) -> Behavior:
         # Must itself be an async generator function: grpc.aio inspects it to pick how to read the responses.
-        async def run(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async for item in around_stream(method, context, lambda: behavior(arguments(request), context)):
-                yield item
+        async def run(request: Any, context: Context) -> AsyncIterator[Any]:
+            async with around(method, context):
+                async for item in _stream_of(behavior(arguments(request), context)):
+                    yield item
 
         return run
 
@@ -142,42 +136,40 @@ async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
         await behavior_result
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """AimassError → its status and message (+ ErrorInfo trailer); anything unexpected → INTERNAL, logged."""
+class AroundInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every call except health and reflection inside ``self.around(method, context)``."""
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
+    parse_requests = False
+
+    def around(self, method: str, context: Context) -> contextlib.AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(UNMETERED_PREFIXES):
             return handler
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream, parse_requests=True)
+        return wrap_handler(handler, details.method, self.around, parse_requests=self.parse_requests)
 
-    async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        try:
-            return await call()
-        except (grpc.aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            await abort_with(context, method, exc)
 
-    async def _stream(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Any]
-    ) -> AsyncIterator[Any]:
+class ErrorMappingInterceptor(AroundInterceptor):
+    """AimassError → its status and message (+ ErrorInfo trailer); anything unexpected → INTERNAL, logged.
+
+    It also parses request bytes, so a malformed message is an INVALID_ARGUMENT like any other bad input.
+    """
+
+    parse_requests = True
+
+    @contextlib.asynccontextmanager
+    async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         try:
-            async for item in _stream_of(call()):
-                yield item
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as exc:
+        except Exception as exc:  # every failure must reach the client as a status
             await abort_with(context, method, exc)
 
 
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+async def abort_with(context: Context, method: str, exc: Exception) -> None:
     if isinstance(exc, AimassError):
         info = common_pb2.ErrorInfo(reason=exc.reason, metadata=exc.metadata)
         trailers: list[tuple[str, str | bytes]] = [(ERROR_INFO_METADATA_KEY, info.SerializeToString())]
@@ -191,7 +183,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], method: str, e
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; see server log")
 
 
-class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+class AdmissionInterceptor(AroundInterceptor):
     """Bounded admission: at most ``max_inflight`` RPCs at once, beyond that RESOURCE_EXHAUSTED at once.
 
     Queues deeper in the stack (batchers) have their own bounds; this one protects the process as a whole.
@@ -201,64 +193,30 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.max_inflight = max_inflight
         self.inflight = 0
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNMETERED_PREFIXES):
-            return handler
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
-
-    def _admit(self, method: str) -> str | None:
+    @contextlib.asynccontextmanager
+    async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         if self.inflight >= self.max_inflight:
             REJECTED.inc()
-            return (
-                f"server is at capacity ({self.inflight} requests in flight, limit {self.max_inflight}); "
-                f"{method} was not started, retry later"
+            await abort_with(
+                context,
+                method,
+                ResourceExhausted(
+                    f"server is at capacity ({self.inflight} requests in flight, limit {self.max_inflight}); "
+                    f"{method} was not started, retry later",
+                    reason="SERVER_FULL",
+                    metadata={"limit": str(self.max_inflight)},
+                ),
             )
         self.inflight += 1
         INFLIGHT.inc()
-        return None
-
-    def _release(self) -> None:
-        self.inflight -= 1
-        INFLIGHT.dec()
-
-    async def _reject(self, context: grpc.aio.ServicerContext[Any, Any], message: str) -> None:
-        info = common_pb2.ErrorInfo(reason="SERVER_FULL", metadata={"limit": str(self.max_inflight)})
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            message,
-            trailing_metadata=((ERROR_INFO_METADATA_KEY, info.SerializeToString()), ("grpc-retry-pushback-ms", "100")),
-        )
-
-    async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        refused = self._admit(method)
-        if refused:
-            await self._reject(context, refused)
         try:
-            return await call()
+            yield
         finally:
-            self._release()
-
-    async def _stream(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Any]
-    ) -> AsyncIterator[Any]:
-        refused = self._admit(method)
-        if refused:
-            await self._reject(context, refused)
-        try:
-            async for item in _stream_of(call()):
-                yield item
-        finally:
-            self._release()
+            self.inflight -= 1
+            INFLIGHT.dec()
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+class TelemetryInterceptor(AroundInterceptor):
     """Access log line and Prometheus metrics per RPC, with the status the client saw."""
 
     def __init__(self, *, access_log_enabled: bool = True, echo_request_id: bool = True) -> None:
@@ -266,26 +224,27 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         # Replicas answer with the request id (the caller's, or a new one) as a trailer, for support requests.
         self.echo_request_id = echo_request_id
 
-    def _request_id(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    def _request_id(self, context: Context) -> str:
         if not self.echo_request_id:
             return ""
         request_id = request_id_of(context.invocation_metadata()) or uuid.uuid4().hex[:16]
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return request_id
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNMETERED_PREFIXES):
-            return handler
-        return wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+    @contextlib.asynccontextmanager
+    async def around(self, method: str, context: Context) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        request_id = self._request_id(context)
+        failure: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            self._record(method, context, started, self._code_of(context, failure), request_id)
 
-    def _record(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], started: float, code: str, request_id: str
-    ) -> None:
+    def _record(self, method: str, context: Context, started: float, code: str, request_id: str) -> None:
         elapsed = time.perf_counter() - started
         REQUESTS.labels(method, code).inc()
         LATENCY.labels(method).observe(elapsed)
@@ -299,39 +258,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             )
 
     @staticmethod
-    def _code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
-        if isinstance(exc, asyncio.CancelledError):
+    def _code_of(context: Context, exc: BaseException | None) -> str:
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             return "CANCELLED"
         code = context.code()
         if isinstance(code, grpc.StatusCode):
             return str(code.name)
         return "UNKNOWN" if exc is not None else "OK"
-
-    async def _unary(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        started = time.perf_counter()
-        request_id = self._request_id(context)
-        failure: BaseException | None = None
-        try:
-            return await call()
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            self._record(method, context, started, self._code_of(context, failure), request_id)
-
-    async def _stream(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Any]
-    ) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        request_id = self._request_id(context)
-        failure: BaseException | None = None
-        try:
-            async for item in _stream_of(call()):
-                yield item
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            self._record(method, context, started, self._code_of(context, failure), request_id)
