@@ -64,10 +64,10 @@ class ProbeSpeech(speech_pb2_grpc.SpeechServiceServicer):
 
 @pytest.fixture(scope="module")
 async def probe(mesh: Mesh) -> AsyncIterator[ProbeLlm]:
-    llm = ProbeLlm()
+    llm = ProbeLlm()  # type: ignore[abstract]  # the probe implements only the streaming methods under test
     server = grpc.aio.server()
     llm_pb2_grpc.add_LlmServiceServicer_to_server(llm, server)
-    speech_pb2_grpc.add_SpeechServiceServicer_to_server(ProbeSpeech(), server)
+    speech_pb2_grpc.add_SpeechServiceServicer_to_server(ProbeSpeech(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     registry = RemoteRegistry(mesh.gateway)

@@ -40,6 +40,8 @@ UNMETERED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 UNLOGGED_PREFIXES = ("/aimass.v1.RegistryService/",)
 
 REQUEST_ID_KEY = "x-request-id"
+# Bounds the per-interceptor handler cache: unknown method names (which clients choose) must not grow it forever.
+MAX_CACHED_METHODS = 1024
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -141,14 +143,26 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
 
     parse_requests = False
 
+    def __init__(self) -> None:
+        # gRPC asks the interceptors for every call; services hand out the same handler object per method each
+        # time, so its wrapped twin is built once and reused (building it per call costs as much as the call).
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
     def around(self, method: str, context: Context) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(UNMETERED_PREFIXES):
+        method = details.method
+        if handler is None or method.startswith(UNMETERED_PREFIXES):
             return handler
-        return wrap_handler(handler, details.method, self.around, parse_requests=self.parse_requests)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_handler(handler, method, self.around, parse_requests=self.parse_requests)
+        if len(self._wrapped) < MAX_CACHED_METHODS:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 class ErrorMappingInterceptor(AroundInterceptor):
@@ -190,6 +204,7 @@ class AdmissionInterceptor(AroundInterceptor):
     """
 
     def __init__(self, max_inflight: int) -> None:
+        super().__init__()
         self.max_inflight = max_inflight
         self.inflight = 0
 
@@ -220,6 +235,7 @@ class TelemetryInterceptor(AroundInterceptor):
     """Access log line and Prometheus metrics per RPC, with the status the client saw."""
 
     def __init__(self, *, access_log_enabled: bool = True, echo_request_id: bool = True) -> None:
+        super().__init__()
         self.access_log_enabled = access_log_enabled
         # Replicas answer with the request id (the caller's, or a new one) as a trailer, for support requests.
         self.echo_request_id = echo_request_id

@@ -1,0 +1,292 @@
+"""What the benchmarks share: a mesh started with `aimass up`, per-process CPU accounting, the machine's
+description, medians, and updating one section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NLP_SERVICE = "aimass.v1.NlpService"
+START_TIMEOUT_S = 300.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(address: str, service: str, deadline: float, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll grpc.health.v1 until ``service`` is SERVING at ``address``; fail early if the mesh process died."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"aimass up exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{service} not SERVING at {address}:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Mesh:
+    """One `aimass up` (gateway + one NLP replica) on free loopback ports, quiet logs."""
+
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    gateway_port: int = 0
+    nlp_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def replica(self) -> str:
+        return f"127.0.0.1:{self.nlp_port}"
+
+    def start(self) -> None:
+        """Spawn `aimass up`; returns at once (see ``wait_ready``)."""
+        self.gateway_port = free_port()
+        self.nlp_port = free_port()
+        while self.nlp_port == self.gateway_port:
+            self.nlp_port = free_port()
+        handle, name = tempfile.mkstemp(prefix=f"aimass-bench-{self.name}-", suffix=".log")
+        os.close(handle)
+        self.log_path = Path(name)
+        env = {**os.environ, "AIMASS_LOG_LEVEL": "WARNING", **self.env}
+        with self.log_path.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN / "aimass"),
+                    "up",
+                    f"--gateway-port={self.gateway_port}",
+                    f"--nlp-port={self.nlp_port}",
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
+            )
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        assert self.process is not None and self.log_path is not None, "start() first"
+        deadline = time.monotonic() + timeout_s
+        wait_serving(self.replica, NLP_SERVICE, deadline, self.process, self.log_path)
+        # The gateway reports the service SERVING once the replica has registered with it.
+        wait_serving(self.gateway, NLP_SERVICE, deadline, self.process, self.log_path)
+
+    def stop(self) -> None:
+        """SIGINT (what Ctrl-C sends): services drain, then the gateway; SIGKILL after a minute."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+
+    def pids(self) -> dict[str, int]:
+        """``gateway`` and ``replica`` → pid, from the children of the `aimass up` process."""
+        assert self.process is not None
+        found: dict[str, int] = {}
+        for pid in child_pids(self.process.pid):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"gateway" in cmdline:
+                found["gateway"] = pid
+            elif b"services.nlp" in cmdline:
+                found["replica"] = pid
+        return found
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(child) for child in text)
+    return children
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command: state is field 3, utime 14 and stime 15 (1-based), i.e. indexes 11 and 12 here.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy since boot (/proc/stat: everything but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    # guest time is already counted in user/nice.
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+class CpuMeter:
+    """CPU seconds spent by named processes between enter and exit, and by every other process meanwhile."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self.pids = dict(pids)
+        self._before: dict[str, float] = {}
+        self._system_before = 0.0
+        self._started = 0.0
+        self.used: dict[str, float] = {}
+        # Percent of one CPU that processes outside ``pids`` used during the measurement (skew indicator).
+        self.others_pct = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._system_before = system_busy_seconds()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.used = {name: cpu_seconds(pid) - self._before[name] for name, pid in self.pids.items()}
+        wall = time.perf_counter() - self._started
+        others = system_busy_seconds() - self._system_before - sum(self.used.values())
+        self.others_pct = max(0.0, others / wall * 100) if wall > 0 else 0.0
+
+
+def median(values: Iterable[float]) -> float:
+    return float(statistics.median(list(values)))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> str:
+    return (
+        f"{os.cpu_count()} CPUs (nproc), {cpu_model()}, {memory_gib():.0f} GiB; Python {platform.python_version()},"
+        f" grpcio {grpc.__version__}"
+    )
+
+
+def memory_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024**2
+    return 0.0
+
+
+def busy_processes(exclude: Iterable[int] = (), threshold_pct: float = 20.0, window_s: float = 1.0) -> list[str]:
+    """Other processes using more than ``threshold_pct`` of a CPU now: they would skew a 2-core benchmark."""
+    skip = {os.getpid(), *exclude}
+
+    def snapshot() -> dict[int, float]:
+        seen: dict[int, float] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) not in skip:
+                try:
+                    seen[int(entry.name)] = cpu_seconds(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    continue
+        return seen
+
+    before = snapshot()
+    time.sleep(window_s)
+    after = snapshot()
+    busy: list[str] = []
+    for pid, used in after.items():
+        pct = (used - before.get(pid, used)) / window_s * 100
+        if pct >= threshold_pct:
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                command = "?"
+            busy.append(f"pid {pid} {pct:.0f}% {command[:100].strip()}")
+    return busy
+
+
+def wait_quiet(max_wait_s: float, exclude: Iterable[int] = ()) -> list[str]:
+    """Wait (at most ``max_wait_s``) until no other process is busy; warn about and return those still busy."""
+    deadline = time.monotonic() + max_wait_s
+    announced = False
+    while True:
+        busy = busy_processes(exclude)
+        if not busy or time.monotonic() >= deadline:
+            break
+        if not announced:
+            print(f"waiting up to {max_wait_s:.0f}s for other busy processes to finish: {busy}", file=sys.stderr)
+            announced = True
+    for line in busy:
+        print(f"WARNING: another process is busy during the benchmark: {line}", file=sys.stderr)
+    return busy
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return "\n".join(lines)
+
+
+DOC_HEADER = """# Benchmarks
+
+Each section below is written by its benchmark (`python -m benchmarks.<name> --write docs/benchmarks.md`), which
+replaces only its own section. Client, gateway and replica share the same machine, so every figure includes the
+load generator's own CPU use. CPU per request comes from /proc for each process; the last column of the raw tables
+is the CPU that processes outside the benchmark used meanwhile (% of one CPU): anything but ~0 means skewed figures.
+"""
+
+
+def section_markers(name: str) -> tuple[str, str]:
+    return f"<!-- benchmark:{name}:begin -->", f"<!-- benchmark:{name}:end -->"
+
+
+def update_doc(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the section of benchmark ``name`` in ``path``, keeping every other section."""
+    begin, end = section_markers(name)
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = path.read_text() if path.exists() else DOC_HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def command_line() -> str:
+    module = sys.modules["__main__"].__spec__
+    name = module.name if module is not None else Path(sys.argv[0]).stem
+    return " ".join(["python -m", name, *sys.argv[1:]])

@@ -1,0 +1,315 @@
+"""What the gateway costs: a cheap RPC straight to the NLP replica vs the same RPC through the gateway.
+
+Starts its own mesh (`aimass up` on free ports), then measures NlpService/Sentiment on one short text at c=1
+(latency) and c=64 (throughput), interleaving the two sides (direct, gateway, direct, gateway, ...) so drift on
+the machine hits both alike, and reports the median per side. CPU seconds of the client, gateway and replica
+processes are read from /proc around every measurement, so the report shows where each request's CPU goes.
+
+    python -m benchmarks.gateway_overhead [--rounds 3] [--duration 3] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import (
+    CpuMeter,
+    Mesh,
+    command_line,
+    machine,
+    markdown_table,
+    median,
+    update_doc,
+    utc_now,
+    wait_quiet,
+)
+from loadtest.generator import LoadResult, LoadSpec, run_load
+
+NAME = "gateway_overhead"
+METHOD = "aimass.v1.NlpService/Sentiment"
+REQUEST = {"texts": ["I love how fast this is."]}
+CONCURRENCIES = (1, 64)
+SIDES = ("direct", "gateway")
+RATIO_GOAL = 0.70  # gateway RPS / direct RPS at c=64
+ADDED_P50_GOAL_MS = 0.5  # at c=1
+PROCESSES = ("client", "gateway", "replica")
+
+
+@dataclass(frozen=True)
+class Sample:
+    side: str
+    concurrency: int
+    round: int
+    result: LoadResult
+    # Process → CPU milliseconds per request (warm-up included in both numerator and denominator).
+    cpu_ms: dict[str, float]
+    # CPU used meanwhile by processes outside this benchmark, in % of one CPU.
+    others_pct: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    concurrency: int
+    rps: dict[str, float]
+    p50_ms: dict[str, float]
+    cpu_ms: dict[str, dict[str, float]]
+
+    @property
+    def ratio(self) -> float:
+        return self.rps["gateway"] / self.rps["direct"]
+
+    @property
+    def added_p50_ms(self) -> float:
+        return self.p50_ms["gateway"] - self.p50_ms["direct"]
+
+
+def warmup_for(concurrency: int) -> int:
+    return max(100, concurrency * 10)
+
+
+async def measure(mesh: Mesh, pids: dict[str, int], side: str, concurrency: int, rnd: int, duration: float) -> Sample:
+    spec = LoadSpec(
+        target=mesh.replica if side == "direct" else mesh.gateway,
+        method=METHOD,
+        request=REQUEST,
+        concurrency=concurrency,
+        duration_s=duration,
+        warmup=warmup_for(concurrency),
+        deadline_s=10.0,
+        progress=False,
+    )
+    with CpuMeter(pids) as meter:
+        result = await run_load(spec)
+    calls = result.requests + spec.warmup
+    cpu_ms = {name: seconds * 1000 / calls for name, seconds in meter.used.items()}
+    print(
+        f"  round {rnd + 1} c={concurrency:<3} {side:<8} {result.rps:8,.0f} RPS  p50 {result.latency.p50_ms:6.2f} ms"
+        f"  p99 {result.latency.p99_ms:7.2f} ms  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU",
+        file=sys.stderr,
+    )
+    return Sample(side, concurrency, rnd, result, cpu_ms, meter.others_pct)
+
+
+async def run_all(mesh: Mesh, rounds: int, duration: float) -> list[Sample]:
+    pids = {"client": os.getpid(), **mesh.pids()}
+    # Settle first: the first seconds after start-up (lazy initialisation, first connections) are not measured.
+    for target in (mesh.replica, mesh.gateway):
+        await run_load(LoadSpec(target, METHOD, REQUEST, concurrency=8, duration_s=1.5, progress=False))
+    samples: list[Sample] = []
+    for concurrency in CONCURRENCIES:
+        for rnd in range(rounds):
+            for side in SIDES:
+                samples.append(await measure(mesh, pids, side, concurrency, rnd, duration))
+    return samples
+
+
+def summarise(samples: Sequence[Sample]) -> list[Summary]:
+    summaries = []
+    for concurrency in CONCURRENCIES:
+        by_side = {side: [s for s in samples if s.concurrency == concurrency and s.side == side] for side in SIDES}
+        summaries.append(
+            Summary(
+                concurrency=concurrency,
+                rps={side: median(s.result.rps for s in got) for side, got in by_side.items()},
+                p50_ms={side: median(s.result.latency.p50_ms for s in got) for side, got in by_side.items()},
+                cpu_ms={
+                    side: {p: median(s.cpu_ms.get(p, 0.0) for s in got) for p in PROCESSES}
+                    for side, got in by_side.items()
+                },
+            )
+        )
+    return summaries
+
+
+def headline_table(summaries: Sequence[Summary]) -> str:
+    rows = [
+        (
+            f"c={s.concurrency}",
+            f"{s.rps['direct']:,.0f}",
+            f"{s.rps['gateway']:,.0f}",
+            f"{s.ratio:.2f}",
+            f"{s.p50_ms['direct']:.2f}",
+            f"{s.p50_ms['gateway']:.2f}",
+            f"{s.added_p50_ms:+.2f}",
+        )
+        for s in summaries
+    ]
+    header = (
+        "concurrency",
+        "RPS direct",
+        "RPS gateway",
+        "ratio gw/direct",
+        "p50 direct ms",
+        "p50 gateway ms",
+        "added p50 ms",
+    )
+    return markdown_table(header, rows)
+
+
+def cpu_table(summaries: Sequence[Summary]) -> str:
+    rows = []
+    for s in summaries:
+        for side in SIDES:
+            cpu = s.cpu_ms[side]
+            rows.append(
+                (
+                    f"c={s.concurrency}",
+                    side,
+                    *(f"{cpu[p]:.3f}" for p in PROCESSES),
+                    f"{sum(cpu.values()):.3f}",
+                )
+            )
+    return markdown_table(("concurrency", "path", *(f"{p} CPU ms/req" for p in PROCESSES), "total"), rows)
+
+
+def raw_table(samples: Sequence[Sample]) -> str:
+    rows = [
+        (
+            str(s.round + 1),
+            f"c={s.concurrency}",
+            s.side,
+            str(s.result.requests),
+            f"{s.result.elapsed_s:.2f}",
+            f"{s.result.rps:,.1f}",
+            f"{s.result.latency.p50_ms:.3f}",
+            f"{s.result.latency.p95_ms:.3f}",
+            f"{s.result.latency.p99_ms:.3f}",
+            f"{s.result.latency.max_ms:.3f}",
+            str(s.result.errors),
+            f"{s.others_pct:.0f}",
+        )
+        for s in samples
+    ]
+    header = (
+        "round",
+        "c",
+        "path",
+        "requests",
+        "s",
+        "RPS",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "non-OK",
+        "other procs CPU %",
+    )
+    return markdown_table(header, rows)
+
+
+def goal_lines(summaries: Sequence[Summary]) -> list[str]:
+    by_c = {s.concurrency: s for s in summaries}
+    high, low = by_c[max(CONCURRENCIES)], by_c[min(CONCURRENCIES)]
+    lines = []
+    met = high.ratio >= RATIO_GOAL
+    lines.append(
+        f"- Throughput ratio at c={high.concurrency}: **{high.ratio:.2f}** (goal ≥ {RATIO_GOAL:.2f}): "
+        + ("met." if met else "**missed**. " + throughput_note(high))
+    )
+    met = low.added_p50_ms <= ADDED_P50_GOAL_MS
+    lines.append(
+        f"- Added p50 at c={low.concurrency}: **{low.added_p50_ms:.2f} ms** (goal ≤ {ADDED_P50_GOAL_MS} ms): "
+        + ("met." if met else "**missed**. " + latency_note(low))
+    )
+    return lines
+
+
+def throughput_note(s: Summary) -> str:
+    direct, gateway = s.cpu_ms["direct"], s.cpu_ms["gateway"]
+    direct_total, gateway_total = sum(direct.values()), sum(gateway.values())
+    # CPU-bound on shared cores, RPS scales with 1 / (CPU per request over all processes).
+    budget = direct_total / RATIO_GOAL - (gateway_total - gateway["gateway"])
+    return (
+        f"Client, gateway and replica share {os.cpu_count()} cores, so CPU per request bounds throughput:"
+        f" {direct_total:.2f} ms direct vs {gateway_total:.2f} ms through the gateway, of which the gateway process"
+        f" takes {gateway['gateway']:.2f} ms (replica {gateway['replica']:.2f}, client {gateway['client']:.2f})."
+        f" With both sides CPU-bound the ratio would be about {direct_total / gateway_total:.2f} (direct used"
+        f" {s.rps['direct'] * direct_total / 1000:.1f} cores here); {RATIO_GOAL:.2f} would need the gateway at"
+        f" ≤ {max(budget, 0.0):.2f} ms CPU per request. Its cost is a grpc.aio server call plus a grpc.aio client"
+        " call in Python per request (raw bytes or not): that dominates."
+    )
+
+
+def latency_note(s: Summary) -> str:
+    return (
+        f"The gateway hop is a second grpc.aio server + client round trip in Python: it spends "
+        f"{s.cpu_ms['gateway']['gateway']:.2f} ms CPU per request at c=1, and that work is on the critical path."
+    )
+
+
+def report(samples: Sequence[Sample], *, host: str, date: str, rounds: int, duration: float, busy: list[str]) -> str:
+    summaries = summarise(samples)
+    parts = [
+        "## Gateway overhead",
+        "",
+        f"`{command_line()}` — {date}",
+        "",
+        f"Machine: {host}.",
+        "",
+        f"NlpService/Sentiment on one short text ({REQUEST['texts'][0]!r}), straight to the replica vs through the"
+        f" gateway; {rounds} interleaved rounds of {duration:g} s per side and concurrency, median per side; one"
+        " aio channel from the load generator (loadtest.generator), running in the benchmark process.",
+        "",
+        headline_table(summaries),
+        "",
+        *goal_lines(summaries),
+    ]
+    if busy:
+        parts += [
+            "",
+            "Other busy processes seen before the run (see the last column of the raw figures for their share):",
+            *(f"- {b}" for b in busy),
+        ]
+    parts += [
+        "",
+        "CPU per request by process (from /proc, median of rounds):",
+        "",
+        cpu_table(summaries),
+        "",
+        "Raw figures:",
+        "",
+        raw_table(samples),
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli = argparse.ArgumentParser(
+        prog="python -m benchmarks.gateway_overhead", description=(__doc__ or "").split("\n")[0]
+    )
+    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency (default 3)")
+    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
+    cli.add_argument(
+        "--wait-quiet", type=float, default=60.0, help="wait up to this long for other busy processes (default 60)"
+    )
+    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    args = cli.parse_args(argv)
+    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 10:
+        cli.error("rounds must be 1..10 and duration 0.5..10 s (the whole run stays bounded)")
+    host, date = machine(), utc_now()
+    mesh = Mesh("gateway-overhead")
+    print("starting the mesh (models load first) ...", file=sys.stderr)
+    mesh.start()
+    try:
+        mesh.wait_ready()
+        assert mesh.process is not None
+        busy = wait_quiet(args.wait_quiet, exclude=[mesh.process.pid, *mesh.pids().values()])
+        samples = asyncio.run(run_all(mesh, args.rounds, args.duration))
+    finally:
+        mesh.stop()
+    text = report(samples, host=host, date=date, rounds=args.rounds, duration=args.duration, busy=busy)
+    print(text)
+    if args.write is not None:
+        update_doc(args.write, NAME, text)
+        print(f"\nupdated the {NAME} section of {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
