@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimass-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint typecheck loadtest bench clean
+.PHONY: run test install lint bench clean
 
 run: install
 	$(BIN)/aimass up
@@ -34,8 +34,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-loadtest: install
-	$(BIN)/python -m loadtest.run --help
+# Benchmarks start their own meshes on free loopback ports and print markdown tables (docs/benchmarks.md).
+bench: install
+	$(BIN)/python -m benchmarks.gateway_overhead
+	$(BIN)/python -m benchmarks.batching
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1
