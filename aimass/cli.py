@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -75,8 +76,30 @@ def format_instances(instances: Sequence[Instance]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
+    """Ports the mesh would listen on that something else holds already (another `aimass up`, say)."""
+    taken = []
+    for spec in specs:
+        for key, value in spec.env.items():
+            if key.endswith("__SERVER__PORT") and value != "0":
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.bind(("127.0.0.1", int(value)))
+                    except OSError:
+                        taken.append(f"{spec.name} port {value}")
+    return taken
+
+
 async def up(args: argparse.Namespace) -> int:
     specs = process_specs(args)
+    taken = busy_ports(specs)
+    if taken:
+        print(
+            f"cannot start: {', '.join(taken)} already in use (is another `aimass up` running? see `aimass status`); "
+            "choose others with --gateway-port / --nlp-port",
+            file=sys.stderr,
+        )
+        return 1
     gateway_env = specs[0].env
     gateway = f"127.0.0.1:{gateway_env['AIMASS_GATEWAY__SERVER__PORT']}"
     supervisor = Supervisor(specs)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import BIN, Mesh
+from tests.conftest import BIN, Mesh, free_port
 
 SERVICES = [
     "aimass.v1.LlmService",
@@ -77,8 +78,6 @@ def test_aimass_status_lists_replicas_models_and_health(mesh: Mesh) -> None:
 
 
 def test_aimass_status_explains_an_unreachable_gateway() -> None:
-    from tests.conftest import free_port
-
     shown = subprocess.run(
         [str(BIN / "aimass"), "status", "--gateway", f"127.0.0.1:{free_port()}"],
         capture_output=True,
@@ -93,3 +92,18 @@ def test_up_printed_where_everything_listens(mesh: Mesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load
+
+
+def test_up_refuses_ports_already_in_use() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = subprocess.run(
+            [str(BIN / "aimass"), "up", f"--gateway-port={port}", f"--nlp-port={free_port()}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert started.returncode == 1
+    assert f"cannot start: gateway port {port} already in use" in started.stderr
