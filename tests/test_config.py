@@ -1,0 +1,44 @@
+"""The one typed config: defaults that run here, a TOML file, environment overrides, and clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from aimass.runtime.config import CONFIG_FILE_ENV, Settings
+
+
+def test_defaults_run_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    settings = Settings()
+    assert settings.gateway.server.address == "127.0.0.1:50051"
+    assert settings.nlp.server.address == "127.0.0.1:50061"
+    assert settings.registry.address == "127.0.0.1:50051"
+    assert settings.nlp.embed_batching.max_batch_size == 64
+
+
+def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "aimass.toml"
+    config.write_text(
+        "log_level = 'DEBUG'\n"
+        "[nlp.server]\nport = 6000\nmax_inflight = 8\n"
+        "[nlp.embed_batching]\nmax_batch_size = 16\nmax_queue_delay_ms = 2.5\n"
+    )
+    monkeypatch.setenv(CONFIG_FILE_ENV, str(config))
+    monkeypatch.setenv("AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE", "8")
+    settings = Settings()
+    assert settings.log_level == "DEBUG"
+    assert settings.nlp.server.port == 6000 and settings.nlp.server.max_inflight == 8
+    assert settings.nlp.embed_batching.max_queue_delay_ms == 2.5
+    assert settings.nlp.embed_batching.max_batch_size == 8  # the environment wins over the file
+
+
+def test_bad_values_are_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    monkeypatch.setenv("AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "nlp.embed_batching.max_batch_size" in str(caught.value)
+    assert "greater than 0" in str(caught.value)
