@@ -22,6 +22,7 @@ from typing import Any, Final, Self, TypedDict
 import grpc
 import grpc.aio
 
+from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 
 __all__ = [
@@ -41,8 +42,6 @@ RETRIED_SERVICES: Final = tuple(
 )
 # gRPC caps a retry policy's maxAttempts at 5 (silently); we refuse more instead of pretending.
 MAX_ATTEMPTS_LIMIT: Final = 5
-ERROR_INFO_METADATA_KEY: Final = "aimass-error-bin"
-REQUEST_ID_METADATA_KEY: Final = "x-request-id"
 
 Metadata = tuple[tuple[str, str], ...]
 ChannelOptions = tuple[tuple[str, str | int], ...]
@@ -94,7 +93,7 @@ def error_info(error: grpc.RpcError) -> common_pb2.ErrorInfo | None:
     else:
         return None
     for key, value in trailers or ():
-        if key == ERROR_INFO_METADATA_KEY and isinstance(value, bytes):
+        if key == ERROR_INFO_KEY and isinstance(value, bytes):
             return common_pb2.ErrorInfo.FromString(value)
     return None
 
@@ -185,7 +184,7 @@ class _ClientBase:
 
     def _call(self, timeout_s: float | None, request_id: str | None) -> CallOptions:
         """Deadline (the call's, else the client's) and metadata (api key, request id) for one call."""
-        metadata = self._auth + (((REQUEST_ID_METADATA_KEY, request_id),) if request_id else ())
+        metadata = self._auth + (((REQUEST_ID_KEY, request_id),) if request_id else ())
         return CallOptions(timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=metadata)
 
     def __repr__(self) -> str:

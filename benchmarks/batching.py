@@ -3,12 +3,16 @@
 (a) Embed throughput at c=32 through the gateway, one short sentence per request: a mesh with the default
     batching config vs a mesh with ``AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE=1`` (both started here, measured
     interleaved).
-(b) The served, batched Embed (same load) vs ``NlpEngine.embed_batch`` called in-process with batches of the size
-    the server formed: read from the replica's ``aimass_batch_size`` histogram when its metrics endpoint answers
-    (``AIMASS_NLP__SERVER__METRICS_PORT``), else a fixed 32 single-text jobs per batch. The in-process side runs
-    after both meshes have stopped, so the two never share the CPU.
+(b) The served, batched Embed vs ``NlpEngine.embed_batch`` called in-process with batches of the size the server
+    formed, twice: one text per request at c=32, and ``--texts-per-request`` texts (default 8) per request at
+    c=32/texts-per-request, so that the same 32 texts are in flight with fewer, larger requests; both through the
+    gateway and straight to the replica. The batch size is read from the replica's ``aimass_batch_size`` histogram
+    (texts per batch) when its metrics endpoint answers (``AIMASS_NLP__SERVER__METRICS_PORT``), else a fixed 32
+    texts; the in-process jobs carry as many texts each as the served requests did. The in-process side runs after
+    both meshes have stopped, so the two never share the CPU. Comparing the two request shapes shows whether what
+    serving costs is per request (gRPC calls) or per text.
 
-    python -m benchmarks.batching [--rounds 2] [--duration 5] [--write docs/benchmarks.md]
+    python -m benchmarks.batching [--rounds 2] [--duration 5] [--texts-per-request 8] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -42,29 +46,43 @@ from loadtest.generator import LoadResult, LoadSpec, run_load
 NAME = "batching"
 METHOD = "aimass.v1.NlpService/Embed"
 TEXT = "The quick brown fox jumps over the lazy dog."
-REQUEST = {"texts": [TEXT]}
-CONCURRENCY = 32
+# Texts in flight at once, whatever the request shape: c=32 with one text each, or c=32/k with k texts each.
+TEXTS_IN_FLIGHT = 32
 FALLBACK_BATCH = 32
+DEFAULT_TEXTS_PER_REQUEST = 8
 SPEEDUP_GOAL = 3.0
 SERVED_RATIO_GOAL = 0.80
 PROCESSES = ("client", "gateway", "replica")
 _METRIC_LINE = re.compile(r'^aimass_batch_size_(sum|count)\{batcher="embed"\}\s+(\S+)$', re.MULTILINE)
 
+# Served runs: label → (mesh, path); every label is measured once per round, in this order.
+BATCHED_GATEWAY = "batched-gateway"
+UNBATCHED_GATEWAY = "unbatched-gateway"
+BATCHED_DIRECT = "batched-direct"
+MULTI_GATEWAY = "multi-gateway"
+MULTI_DIRECT = "multi-direct"
+
 
 @dataclass(frozen=True)
 class Served:
-    label: str  # "batched-gateway", "unbatched-gateway", "batched-direct"
+    label: str
     round: int
+    texts_per_request: int
     result: LoadResult
     cpu_ms_per_text: dict[str, float]
-    avg_batch: float | None
+    avg_batch: float | None  # texts per model call, from the replica's histogram
     # CPU used meanwhile by processes outside this benchmark, in % of one CPU.
     others_pct: float
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.result.rps * self.texts_per_request
 
 
 @dataclass(frozen=True)
 class InProcess:
-    batch: int
+    jobs: int
+    texts_per_job: int
     round: int
     texts: int
     elapsed_s: float
@@ -74,6 +92,14 @@ class InProcess:
     @property
     def texts_per_s(self) -> float:
         return self.texts / self.elapsed_s
+
+    @property
+    def label(self) -> str:
+        return jobs_label(self.jobs, self.texts_per_job)
+
+
+def jobs_label(jobs: int, texts_per_job: int) -> str:
+    return f"{jobs} jobs of {texts_per_job} text" + ("s" if texts_per_job > 1 else "")
 
 
 def batch_histogram(metrics_port: int) -> tuple[float, float] | None:
@@ -90,15 +116,22 @@ def batch_histogram(metrics_port: int) -> tuple[float, float] | None:
 
 
 async def serve_load(
-    label: str, target: str, pids: dict[str, int], rnd: int, duration: float, metrics_port: int | None
+    label: str,
+    target: str,
+    pids: dict[str, int],
+    rnd: int,
+    duration: float,
+    metrics_port: int | None,
+    texts_per_request: int = 1,
 ) -> Served:
+    concurrency = TEXTS_IN_FLIGHT // texts_per_request
     spec = LoadSpec(
         target=target,
         method=METHOD,
-        request=REQUEST,
-        concurrency=CONCURRENCY,
+        request={"texts": [TEXT] * texts_per_request},
+        concurrency=concurrency,
         duration_s=duration,
-        warmup=CONCURRENCY * 2,
+        warmup=concurrency * 2,
         deadline_s=30.0,
         progress=False,
     )
@@ -109,82 +142,114 @@ async def serve_load(
     avg_batch = None
     if before is not None and after is not None and after[1] > before[1]:
         avg_batch = (after[0] - before[0]) / (after[1] - before[1])
-    texts = result.requests + spec.warmup
+    texts = (result.requests + spec.warmup) * texts_per_request
     cpu = {name: seconds * 1000 / texts for name, seconds in meter.used.items()}
+    sample = Served(label, rnd, texts_per_request, result, cpu, avg_batch, meter.others_pct)
     print(
-        f"  round {rnd + 1} {label:<18} {result.rps:7,.1f} texts/s  p50 {result.latency.p50_ms:7.1f} ms"
+        f"  round {rnd + 1} {label:<18} {sample.texts_per_s:7,.1f} texts/s  p50 {result.latency.p50_ms:7.1f} ms"
         f"  p99 {result.latency.p99_ms:7.1f} ms  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU"
         + (f"  avg batch {avg_batch:.1f}" if avg_batch is not None else ""),
         file=sys.stderr,
     )
-    return Served(label, rnd, result, cpu, avg_batch, meter.others_pct)
+    return sample
 
 
 async def run_served(
-    batched: Mesh, unbatched: Mesh, rounds: int, duration: float, metrics_port: int | None
+    batched: Mesh, unbatched: Mesh, rounds: int, duration: float, metrics_port: int | None, texts_per_request: int
 ) -> list[Served]:
     me = os.getpid()
     batched_pids = {"client": me, **batched.pids()}
     unbatched_pids = {"client": me, **unbatched.pids()}
+    k = texts_per_request
     samples: list[Served] = []
     for rnd in range(rounds):
-        samples.append(await serve_load("batched-gateway", batched.gateway, batched_pids, rnd, duration, metrics_port))
-        samples.append(await serve_load("unbatched-gateway", unbatched.gateway, unbatched_pids, rnd, duration, None))
-        samples.append(await serve_load("batched-direct", batched.replica, batched_pids, rnd, duration, metrics_port))
+        samples.append(await serve_load(BATCHED_GATEWAY, batched.gateway, batched_pids, rnd, duration, metrics_port))
+        samples.append(await serve_load(UNBATCHED_GATEWAY, unbatched.gateway, unbatched_pids, rnd, duration, None))
+        samples.append(await serve_load(BATCHED_DIRECT, batched.replica, batched_pids, rnd, duration, metrics_port))
+        samples.append(await serve_load(MULTI_GATEWAY, batched.gateway, batched_pids, rnd, duration, metrics_port, k))
+        samples.append(await serve_load(MULTI_DIRECT, batched.replica, batched_pids, rnd, duration, metrics_port, k))
     return samples
 
 
-def run_in_process(batch: int, rounds: int, duration: float) -> list[InProcess]:
-    """NlpEngine.embed_batch on ``batch`` single-text jobs, back to back, in this process."""
+def run_in_process(shapes: Sequence[tuple[int, int]], rounds: int, duration: float) -> list[InProcess]:
+    """NlpEngine.embed_batch, back to back in this process, for each (jobs, texts per job) shape, interleaved."""
     from services.nlp.engine import EmbedJob, NlpEngine
 
     print("loading NlpEngine in-process ...", file=sys.stderr)
     engine = NlpEngine(device="cpu")
     engine.load(progress=lambda _: None)
-    jobs = [EmbedJob((TEXT,), False) for _ in range(batch)]
-    for _ in range(3):
-        engine.embed_batch(jobs)
+    batches = {shape: [EmbedJob((TEXT,) * shape[1], False) for _ in range(shape[0])] for shape in shapes}
+    for jobs in batches.values():
+        for _ in range(3):
+            engine.embed_batch(jobs)
     samples = []
     for rnd in range(rounds):
-        texts = 0
-        with CpuMeter({"self": os.getpid()}) as meter:
-            started = time.perf_counter()
-            stop_at = started + duration
-            while time.perf_counter() < stop_at:
-                engine.embed_batch(jobs)
-                texts += batch
-            elapsed = time.perf_counter() - started
-        sample = InProcess(batch, rnd, texts, elapsed, meter.used["self"] * 1000 / texts, meter.others_pct)
-        print(
-            f"  round {rnd + 1} in-process batch {batch:<3} {sample.texts_per_s:7,.1f} texts/s"
-            f"  others {meter.others_pct:.0f}% CPU",
-            file=sys.stderr,
-        )
-        samples.append(sample)
+        for (count, per_job), jobs in batches.items():
+            texts = 0
+            with CpuMeter({"self": os.getpid()}) as meter:
+                started = time.perf_counter()
+                stop_at = started + duration
+                while time.perf_counter() < stop_at:
+                    engine.embed_batch(jobs)
+                    texts += count * per_job
+                elapsed = time.perf_counter() - started
+            sample = InProcess(count, per_job, rnd, texts, elapsed, meter.used["self"] * 1000 / texts, meter.others_pct)
+            print(
+                f"  round {rnd + 1} in-process {sample.label:<17} {sample.texts_per_s:7,.1f} texts/s"
+                f"  others {meter.others_pct:.0f}% CPU",
+                file=sys.stderr,
+            )
+            samples.append(sample)
     return samples
 
 
 @dataclass(frozen=True)
-class Figures:
-    batched: float
-    unbatched: float
-    direct: float
-    in_process: float
-    batch: int
+class Shape:
+    """One request shape of part (b): served runs and the in-process batches they are compared with."""
+
+    texts_per_request: int
+    gateway_label: str
+    direct_label: str
+    jobs: int  # in-process jobs per batch (each of texts_per_request texts)
     batch_source: str
+
+    @property
+    def concurrency(self) -> int:
+        return TEXTS_IN_FLIGHT // self.texts_per_request
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.jobs, self.texts_per_request
+
+
+@dataclass(frozen=True)
+class Figures:
     served: Sequence[Served]
     local: Sequence[InProcess]
-
-    @property
-    def speedup(self) -> float:
-        return self.batched / self.unbatched
-
-    @property
-    def served_ratio(self) -> float:
-        return self.batched / self.in_process
+    single: Shape
+    multi: Shape
 
     def rows(self, label: str) -> list[Served]:
         return [s for s in self.served if s.label == label]
+
+    def texts_per_s(self, label: str) -> float:
+        return median(s.texts_per_s for s in self.rows(label))
+
+    def local_rows(self, shape: Shape) -> list[InProcess]:
+        return [s for s in self.local if (s.jobs, s.texts_per_job) == shape.key]
+
+    def in_process(self, shape: Shape) -> float:
+        return median(s.texts_per_s for s in self.local_rows(shape))
+
+    def local_cpu(self, shape: Shape) -> float:
+        return median(s.cpu_ms_per_text for s in self.local_rows(shape))
+
+    def ratio(self, shape: Shape, label: str | None = None) -> float:
+        return self.texts_per_s(label or shape.gateway_label) / self.in_process(shape)
+
+    @property
+    def speedup(self) -> float:
+        return self.texts_per_s(BATCHED_GATEWAY) / self.texts_per_s(UNBATCHED_GATEWAY)
 
     def median_of(self, label: str, attr: str) -> float:
         return median(getattr(s.result.latency, attr) for s in self.rows(label))
@@ -193,21 +258,30 @@ class Figures:
         got = self.rows(label)
         return {p: median(s.cpu_ms_per_text.get(p, 0.0) for s in got) for p in PROCESSES}
 
+    def avg_batch(self, label: str) -> float | None:
+        sizes = [s.avg_batch for s in self.rows(label) if s.avg_batch is not None]
+        return median(sizes) if sizes else None
 
-def figures(served: Sequence[Served], local: Sequence[InProcess], batch: int, batch_source: str) -> Figures:
-    def rps(label: str) -> float:
-        return median(s.result.rps for s in served if s.label == label)
 
-    return Figures(
-        batched=rps("batched-gateway"),
-        unbatched=rps("unbatched-gateway"),
-        direct=rps("batched-direct"),
-        in_process=median(s.texts_per_s for s in local),
-        batch=batch,
-        batch_source=batch_source,
-        served=served,
-        local=local,
-    )
+def shape_for(served: Sequence[Served], label: str, direct_label: str, texts_per_request: int) -> Shape:
+    """The in-process batches for a served run: the server's median average batch (in texts), as whole jobs."""
+    sizes = [s.avg_batch for s in served if s.label == label and s.avg_batch is not None]
+    if sizes:
+        texts = median(sizes)
+        source = f"the server averaged {texts:.1f} texts per batch (its aimass_batch_size histogram)"
+    else:
+        texts = FALLBACK_BATCH
+        source = (
+            f"fixed {FALLBACK_BATCH} texts: the replica's metrics endpoint did not answer (nlp.server.metrics_port is"
+            " not served), so the server's own batch size could not be read"
+        )
+    jobs = max(1, round(texts / texts_per_request))
+    return Shape(texts_per_request, label, direct_label, jobs, source)
+
+
+def served_label(shape: Shape, path: str) -> str:
+    texts = "1 text" if shape.texts_per_request == 1 else f"{shape.texts_per_request} texts"
+    return f"served, {path}, {texts} per request, c={shape.concurrency}"
 
 
 def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, busy: list[str]) -> str:
@@ -216,38 +290,54 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
         [
             (
                 "batching on (default config)",
-                f"{f.batched:,.1f}",
-                f"{f.median_of('batched-gateway', 'p50_ms'):.1f}",
-                f"{f.median_of('batched-gateway', 'p99_ms'):.1f}",
+                f"{f.texts_per_s(BATCHED_GATEWAY):,.1f}",
+                f"{f.median_of(BATCHED_GATEWAY, 'p50_ms'):.1f}",
+                f"{f.median_of(BATCHED_GATEWAY, 'p99_ms'):.1f}",
             ),
             (
                 "max_batch_size = 1",
-                f"{f.unbatched:,.1f}",
-                f"{f.median_of('unbatched-gateway', 'p50_ms'):.1f}",
-                f"{f.median_of('unbatched-gateway', 'p99_ms'):.1f}",
+                f"{f.texts_per_s(UNBATCHED_GATEWAY):,.1f}",
+                f"{f.median_of(UNBATCHED_GATEWAY, 'p50_ms'):.1f}",
+                f"{f.median_of(UNBATCHED_GATEWAY, 'p99_ms'):.1f}",
             ),
             ("**speedup**", f"**{f.speedup:.2f}x**", "", ""),
         ],
     )
-    local_cpu = median(s.cpu_ms_per_text for s in f.local)
-    table_b = markdown_table(
-        ("path", "texts/s", "ratio to in-process"),
-        [
-            (f"in-process `embed_batch`, {f.batch} single-text jobs per batch", f"{f.in_process:,.1f}", "1.00"),
-            ("served, through the gateway (c=32)", f"{f.batched:,.1f}", f"**{f.served_ratio:.2f}**"),
-            ("served, straight to the replica (c=32)", f"{f.direct:,.1f}", f"{f.direct / f.in_process:.2f}"),
-        ],
-    )
+    b_rows = []
+    for shape in (f.single, f.multi):
+        b_rows += [
+            (
+                f"in-process `embed_batch`, {jobs_label(shape.jobs, shape.texts_per_request)} per batch",
+                f"{f.in_process(shape):,.1f}",
+                "1.00",
+            ),
+            (
+                served_label(shape, "through the gateway"),
+                f"{f.texts_per_s(shape.gateway_label):,.1f}",
+                f"**{f.ratio(shape):.2f}**",
+            ),
+            (
+                served_label(shape, "straight to the replica"),
+                f"{f.texts_per_s(shape.direct_label):,.1f}",
+                f"{f.ratio(shape, shape.direct_label):.2f}",
+            ),
+        ]
+    table_b = markdown_table(("path", "texts/s", "ratio to in-process"), b_rows)
     cpu_rows = []
-    for label in ("batched-gateway", "batched-direct", "unbatched-gateway"):
+    for label in (BATCHED_GATEWAY, BATCHED_DIRECT, MULTI_GATEWAY, MULTI_DIRECT, UNBATCHED_GATEWAY):
         cpu = f.cpu(label)
         cpu_rows.append((label, *(f"{cpu[p]:.2f}" for p in PROCESSES), f"{sum(cpu.values()):.2f}"))
-    cpu_rows.append(("in-process", "-", "-", f"{local_cpu:.2f}", f"{local_cpu:.2f}"))
+    for shape in (f.single, f.multi):
+        local_cpu = f.local_cpu(shape)
+        name = f"in-process, {f.local_rows(shape)[0].label}"
+        cpu_rows.append((name, "-", "-", f"{local_cpu:.2f}", f"{local_cpu:.2f}"))
     cpu_table = markdown_table(("run", *(f"{p} CPU ms/text" for p in PROCESSES), "total"), cpu_rows)
     raw = markdown_table(
         (
             "round",
             "run",
+            "texts/req",
+            "c",
             "requests",
             "s",
             "texts/s",
@@ -262,9 +352,11 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
             (
                 str(s.round + 1),
                 s.label,
+                str(s.texts_per_request),
+                str(s.result.concurrency),
                 str(s.result.requests),
                 f"{s.result.elapsed_s:.2f}",
-                f"{s.result.rps:,.1f}",
+                f"{s.texts_per_s:,.1f}",
                 f"{s.result.latency.p50_ms:.1f}",
                 f"{s.result.latency.p95_ms:.1f}",
                 f"{s.result.latency.p99_ms:.1f}",
@@ -275,12 +367,14 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
             for s in f.served
         ]
         + [
-            (str(s.round + 1), f"in-process batch {s.batch}", "-", f"{s.elapsed_s:.2f}", f"{s.texts_per_s:,.1f}")
+            (str(s.round + 1), f"in-process {s.label}", str(s.texts_per_job), "-", "-", f"{s.elapsed_s:.2f}")
+            + (f"{s.texts_per_s:,.1f}",)
             + ("-",) * 5
             + (f"{s.others_pct:.0f}",)
             for s in f.local
         ],
     )
+    k = f.multi.texts_per_request
     parts = [
         "## Dynamic batching",
         "",
@@ -288,22 +382,24 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
         "",
         f"Machine: {host}.",
         "",
-        f"NlpService/Embed with one short sentence per request ({TEXT!r}), {CONCURRENCY} concurrent requests from"
-        f" loadtest.generator; {rounds} interleaved rounds of {duration:g} s, median. Two meshes (gateway + one"
+        f"NlpService/Embed on one short sentence ({TEXT!r}) from loadtest.generator, {TEXTS_IN_FLIGHT} texts in"
+        f" flight: one text per request at c={TEXTS_IN_FLIGHT}, or (part b, second half) {k} copies per request at"
+        f" c={f.multi.concurrency}; {rounds} interleaved rounds of {duration:g} s, median. Two meshes (gateway + one"
         " replica each) run side by side; only one is loaded at a time.",
         "",
-        "(a) Batching on vs off:",
+        "(a) Batching on vs off, one text per request:",
         "",
         table_a,
         "",
         goal_line_a(f),
         "",
-        f"(b) Served vs in-process, same batches (batch size {f.batch}: {f.batch_source}); the in-process run starts"
-        " after both meshes stopped:",
+        "(b) Served vs in-process, same batches. Batches: one text per request — "
+        f"{f.single.batch_source}; {k} texts per request — {f.multi.batch_source}. The in-process jobs carry as many"
+        " texts as the served requests; the in-process runs start after both meshes stopped:",
         "",
         table_b,
         "",
-        goal_line_b(f, local_cpu),
+        *goal_lines_b(f),
     ]
     if busy:
         parts += [
@@ -326,19 +422,39 @@ def goal_line_a(f: Figures) -> str:
     )
 
 
-def goal_line_b(f: Figures, local_cpu: float) -> str:
-    text = f"- Served / in-process: **{f.served_ratio:.2f}** (goal ≥ {SERVED_RATIO_GOAL:.2f}): "
-    if f.served_ratio >= SERVED_RATIO_GOAL:
-        return text + "met."
-    cpu = f.cpu("batched-gateway")
-    served_cores = f.batched * sum(cpu.values()) / 1000
-    local_cores = f.in_process * local_cpu / 1000
-    return text + (
-        f"**missed**. The replica's CPU per text is about the model's own ({cpu['replica']:.2f} ms served vs"
-        f" {local_cpu:.2f} ms in-process), but client and gateway add {cpu['client'] + cpu['gateway']:.2f} ms per"
-        f" text on the same {os.cpu_count()} cores, and served the processes keep only {served_cores:.2f} cores busy"
-        f" (in-process: {local_cores:.2f}): one batch executes at a time and the gRPC work of receiving and answering"
-        " the requests around it is not fully overlapped with the model, which leaves the cores partly idle."
+def goal_lines_b(f: Figures) -> list[str]:
+    lines = []
+    for shape in (f.single, f.multi):
+        ratio = f.ratio(shape)
+        texts = "one text" if shape.texts_per_request == 1 else f"{shape.texts_per_request} texts"
+        lines.append(
+            f"- Served (gateway) / in-process, {texts} per request: **{ratio:.2f}** (goal ≥ {SERVED_RATIO_GOAL:.2f}):"
+            + (" met." if ratio >= SERVED_RATIO_GOAL else " **missed**.")
+        )
+    lines.append("- " + overhead_note(f))
+    return lines
+
+
+def overhead_note(f: Figures) -> str:
+    """Where serving's cost goes: per request (client + gateway CPU per text shrinks with texts per request) or
+    per text (the replica's CPU per text next to the model's own in-process)."""
+    single, multi = f.cpu(f.single.gateway_label), f.cpu(f.multi.gateway_label)
+    k = f.multi.texts_per_request
+
+    def around(cpu: dict[str, float]) -> float:
+        return cpu["client"] + cpu["gateway"]
+
+    def cores(label: str) -> float:
+        return f.texts_per_s(label) * sum(f.cpu(label).values()) / 1000
+
+    return (
+        f"Client and gateway CPU per text: {around(single):.2f} ms with one text per request,"
+        f" {around(multi):.2f} ms with {k} (the gRPC calls are per request); the replica's:"
+        f" {single['replica']:.2f} and {multi['replica']:.2f} ms, next to the model's own in-process"
+        f" {f.local_cpu(f.single):.2f} and {f.local_cpu(f.multi):.2f} ms. Cores kept busy (of {os.cpu_count()}):"
+        f" {cores(f.single.gateway_label):.2f} and {cores(f.multi.gateway_label):.2f} served"
+        f" through the gateway, {f.in_process(f.single) * f.local_cpu(f.single) / 1000:.2f} and"
+        f" {f.in_process(f.multi) * f.local_cpu(f.multi) / 1000:.2f} in-process."
     )
 
 
@@ -347,12 +463,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     cli.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
     cli.add_argument(
+        "--texts-per-request",
+        type=int,
+        default=DEFAULT_TEXTS_PER_REQUEST,
+        help=f"texts per request in the multi-text runs of part (b), at c={TEXTS_IN_FLIGHT}/this"
+        f" (default {DEFAULT_TEXTS_PER_REQUEST})",
+    )
+    cli.add_argument(
         "--wait-quiet", type=float, default=60.0, help="wait up to this long for other busy processes (default 60)"
     )
     cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
     args = cli.parse_args(argv)
     if not 1 <= args.rounds <= 5 or not 1 <= args.duration <= 10:
         cli.error("rounds must be 1..5 and duration 1..10 s (the whole run stays bounded)")
+    k = args.texts_per_request
+    if k < 2 or TEXTS_IN_FLIGHT % k:
+        cli.error(f"--texts-per-request must divide {TEXTS_IN_FLIGHT} and be at least 2 (2, 4, 8, 16 or 32)")
     host, date = machine(), utc_now()
     metrics_port = free_port()
     batched = Mesh("batched", env={"AIMASS_NLP__SERVER__METRICS_PORT": str(metrics_port)})
@@ -367,25 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh_pids = [batched.process.pid, unbatched.process.pid, *batched.pids().values(), *unbatched.pids().values()]
         busy = wait_quiet(args.wait_quiet, exclude=mesh_pids)
         scrape = metrics_port if batch_histogram(metrics_port) is not None else None
-        served = asyncio.run(run_served(batched, unbatched, args.rounds, args.duration, scrape))
+        served = asyncio.run(run_served(batched, unbatched, args.rounds, args.duration, scrape, k))
     finally:
         unbatched.stop()
         batched.stop()
-    sizes = [s.avg_batch for s in served if s.label == "batched-gateway" and s.avg_batch is not None]
-    if sizes:
-        batch, source = max(1, round(median(sizes))), "the server's average, from its aimass_batch_size histogram"
-    else:
-        batch, source = (
-            FALLBACK_BATCH,
-            (
-                "fixed: the replica's metrics endpoint did not answer (nlp.server.metrics_port is not served), so the"
-                " server's own batch size could not be read"
-            ),
-        )
+    single = shape_for(served, BATCHED_GATEWAY, BATCHED_DIRECT, 1)
+    multi = shape_for(served, MULTI_GATEWAY, MULTI_DIRECT, k)
     busy += wait_quiet(args.wait_quiet)
-    local = run_in_process(batch, args.rounds, args.duration)
+    local = run_in_process([single.key, multi.key], args.rounds, args.duration)
     text = report(
-        figures(served, local, batch, source),
+        Figures(served, local, single, multi),
         host=host,
         date=date,
         rounds=args.rounds,

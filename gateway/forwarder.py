@@ -8,14 +8,14 @@ metadata and cancellation through. Errors from the replica reach the client unch
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 
 from aimass.runtime import contract
-from aimass.runtime.interceptors import REQUEST_ID_KEY, Handler, request_id_of
+from aimass.runtime.interceptors import Handler
+from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id, request_id_of
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import Router
 
@@ -34,7 +34,7 @@ def forwarded_metadata(context: Context) -> Metadata:
     kept: Metadata = tuple((key, value) for key, value in incoming if not key.startswith(":") and key not in HOP_BY_HOP)
     if request_id_of(incoming):
         return kept
-    return (*kept, (REQUEST_ID_KEY, uuid.uuid4().hex[:16]))
+    return (*kept, (REQUEST_ID_KEY, new_request_id()))
 
 
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:

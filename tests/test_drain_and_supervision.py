@@ -64,6 +64,7 @@ async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(
     async with grpc.aio.insecure_channel(two_replicas.gateway) as channel:
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
         pending = iter(range(REQUESTS))
+        quarter_done = asyncio.Event()
 
         async def worker() -> None:
             nonlocal served_by_victim_after_term
@@ -73,11 +74,12 @@ async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(
                     codes["OK"] += 1
                 except grpc.aio.AioRpcError as err:
                     codes[err.code().name] += 1
+                if sum(codes.values()) >= REQUESTS // 4:
+                    quarter_done.set()
 
         async def terminate_midway() -> None:
             nonlocal terminated_at
-            while sum(codes.values()) < REQUESTS // 4:
-                await asyncio.sleep(0.01)
+            await quarter_done.wait()
             os.kill(victim.pid, signal.SIGTERM)
             terminated_at = time.monotonic()
 

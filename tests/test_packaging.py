@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,11 +11,15 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGES = ["aimass", "gateway", "services"]
+UNSHIPPED = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
 
 
 def test_wheel_builds_and_every_module_imports_from_it(tmp_path: Path) -> None:
+    # Build from a copy: setuptools reuses ./build between builds, where stale modules could slip into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*UNSHIPPED))
     built = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(source)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.runtime.config import BatchingConfig, NlpConfig, ServerConfig, Settings
-from aimass.runtime.errors import ERROR_INFO_METADATA_KEY
+from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import NlpApp, build_runner
@@ -106,7 +106,7 @@ async def test_full_queue_answers_resource_exhausted_with_pushback(
     assert "queue is full" in (err.details() or "")
     trailers = dict(err.trailing_metadata() or ())
     assert trailers.get("grpc-retry-pushback-ms") == "100"
-    info = common_pb2.ErrorInfo.FromString(trailers[ERROR_INFO_METADATA_KEY])
+    info = common_pb2.ErrorInfo.FromString(trailers[ERROR_INFO_KEY])
     assert info.reason == "QUEUE_FULL"
     # The accepted requests are not lost.
     for done in await asyncio.gather(first, second):

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 
 import grpc
 
-ERROR_INFO_METADATA_KEY = "aimass-error-bin"
-
 
 class AimassError(Exception):
     """Base: an error a client should see with ``code`` and ``message``."""

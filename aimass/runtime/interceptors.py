@@ -11,14 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from aimass.runtime.errors import ERROR_INFO_METADATA_KEY, AimassError, InvalidArgument, ResourceExhausted
+from aimass.runtime.errors import AimassError, InvalidArgument, ResourceExhausted
+from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY, new_request_id, request_id_of
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -39,7 +39,6 @@ UNMETERED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Registry heartbeats and polls are counted in metrics but would drown the access log.
 UNLOGGED_PREFIXES = ("/aimass.v1.RegistryService/",)
 
-REQUEST_ID_KEY = "x-request-id"
 # Bounds the per-interceptor handler cache: unknown method names (which clients choose) must not grow it forever.
 MAX_CACHED_METHODS = 1024
 
@@ -51,13 +50,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 Behavior = Callable[..., Any]
 Around = Callable[[str, Context], contextlib.AbstractAsyncContextManager[None]]
-
-
-def request_id_of(metadata: Iterable[Any] | None) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY:
-            return str(value)
-    return ""
 
 
 def wrap_handler(handler: Handler, method: str, around: Around, *, parse_requests: bool = False) -> Handler:
@@ -186,7 +178,7 @@ class ErrorMappingInterceptor(AroundInterceptor):
 async def abort_with(context: Context, method: str, exc: Exception) -> None:
     if isinstance(exc, AimassError):
         info = common_pb2.ErrorInfo(reason=exc.reason, metadata=exc.metadata)
-        trailers: list[tuple[str, str | bytes]] = [(ERROR_INFO_METADATA_KEY, info.SerializeToString())]
+        trailers: list[tuple[str, str | bytes]] = [(ERROR_INFO_KEY, info.SerializeToString())]
         retry_after = exc.metadata.get("retry_after_ms")
         if retry_after is not None:
             # gRPC's standard pushback header: clients with retry policies wait this long.
@@ -243,7 +235,7 @@ class TelemetryInterceptor(AroundInterceptor):
     def _request_id(self, context: Context) -> str:
         if not self.echo_request_id:
             return ""
-        request_id = request_id_of(context.invocation_metadata()) or uuid.uuid4().hex[:16]
+        request_id = request_id_of(context.invocation_metadata()) or new_request_id()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return request_id
 

@@ -1,0 +1,24 @@
+"""gRPC metadata keys of the aimass contract (see protos/aimass/v1/common.proto), shared by servers and clients."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any, Final
+
+# Trailer carrying a serialized aimass.v1.ErrorInfo (reason code, limits) next to an error status.
+ERROR_INFO_KEY: Final = "aimass-error-bin"
+# Correlates a request across gateway and replica logs; replicas echo it back as a trailer.
+REQUEST_ID_KEY: Final = "x-request-id"
+
+
+def request_id_of(metadata: Iterable[Any] | None) -> str:
+    """The caller's request id, or "" when it sent none."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)
+    return ""
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
