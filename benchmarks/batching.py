@@ -29,11 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aimass.local_mesh import free_port
 from benchmarks.common import (
     CpuMeter,
     Mesh,
     command_line,
-    free_port,
     machine,
     markdown_table,
     median,

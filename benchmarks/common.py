@@ -7,113 +7,37 @@ import datetime as dt
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-NLP_SERVICE = "aimass.v1.NlpService"
-START_TIMEOUT_S = 300.0
+from aimass.local_mesh import LocalMesh
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Mesh(LocalMesh):
+    """A benchmark's mesh: gateway + one NLP replica, quiet logs in a temporary file, and its processes' pids."""
 
-
-def wait_serving(address: str, service: str, deadline: float, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll grpc.health.v1 until ``service`` is SERVING at ``address``; fail early if the mesh process died."""
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"aimass up exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"{service} not SERVING at {address}:\n{log.read_text()[-3000:]}")
-
-
-@dataclass
-class Mesh:
-    """One `aimass up` (gateway + one NLP replica) on free loopback ports, quiet logs."""
-
-    name: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    gateway_port: int = 0
-    nlp_port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-    @property
-    def gateway(self) -> str:
-        return f"127.0.0.1:{self.gateway_port}"
+    def __init__(self, name: str, env: Mapping[str, str] | None = None) -> None:
+        handle, log = tempfile.mkstemp(prefix=f"aimass-bench-{name}-", suffix=".log")
+        os.close(handle)
+        super().__init__(log_path=Path(log), env=dict(env or {}), log_level="WARNING")
+        self.name = name
 
     @property
     def replica(self) -> str:
-        return f"127.0.0.1:{self.nlp_port}"
+        return self.nlp_addresses[0]
 
-    def start(self) -> None:
-        """Spawn `aimass up`; returns at once (see ``wait_ready``)."""
-        self.gateway_port = free_port()
-        self.nlp_port = free_port()
-        while self.nlp_port == self.gateway_port:
-            self.nlp_port = free_port()
-        handle, name = tempfile.mkstemp(prefix=f"aimass-bench-{self.name}-", suffix=".log")
-        os.close(handle)
-        self.log_path = Path(name)
-        env = {**os.environ, "AIMASS_LOG_LEVEL": "WARNING", **self.env}
-        with self.log_path.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [
-                    str(BIN / "aimass"),
-                    "up",
-                    f"--gateway-port={self.gateway_port}",
-                    f"--nlp-port={self.nlp_port}",
-                ],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=ROOT,
-            )
-
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        assert self.process is not None and self.log_path is not None, "start() first"
-        deadline = time.monotonic() + timeout_s
-        wait_serving(self.replica, NLP_SERVICE, deadline, self.process, self.log_path)
-        # The gateway reports the service SERVING once the replica has registered with it.
-        wait_serving(self.gateway, NLP_SERVICE, deadline, self.process, self.log_path)
-
-    def stop(self) -> None:
-        """SIGINT (what Ctrl-C sends): services drain, then the gateway; SIGKILL after a minute."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
+    def stop(self) -> int:
+        code = super().stop()
+        self.log_path.unlink(missing_ok=True)
+        return code
 
     def pids(self) -> dict[str, int]:
         """``gateway`` and ``replica`` → pid, from the children of the `aimass up` process."""

@@ -9,7 +9,8 @@ import subprocess
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import BIN, Mesh, free_port
+from aimass.local_mesh import LocalMesh, free_port
+from tests.conftest import BIN
 
 SERVICES = [
     "aimass.v1.LlmService",
@@ -28,13 +29,13 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60)
 
 
-def test_grpcurl_lists_every_service_through_the_gateway(mesh: Mesh) -> None:
+def test_grpcurl_lists_every_service_through_the_gateway(mesh: LocalMesh) -> None:
     listed = grpcurl(mesh.gateway, "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == SERVICES
 
 
-def test_grpcurl_describes_and_calls_without_proto_files(mesh: Mesh) -> None:
+def test_grpcurl_describes_and_calls_without_proto_files(mesh: LocalMesh) -> None:
     described = grpcurl(mesh.gateway, "describe", "aimass.v1.NlpService")
     assert described.returncode == 0, described.stderr
     assert "rpc Embed ( .aimass.v1.EmbedRequest ) returns ( .aimass.v1.EmbedResponse );" in described.stdout
@@ -43,7 +44,7 @@ def test_grpcurl_describes_and_calls_without_proto_files(mesh: Mesh) -> None:
     assert json.loads(called.stdout)["results"][0]["label"] == "positive"
 
 
-def test_grpcurl_reaches_a_replica_directly_too(mesh: Mesh) -> None:
+def test_grpcurl_reaches_a_replica_directly_too(mesh: LocalMesh) -> None:
     listed = grpcurl(mesh.nlp_addresses[0], "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == [
@@ -53,7 +54,7 @@ def test_grpcurl_reaches_a_replica_directly_too(mesh: Mesh) -> None:
     ]
 
 
-def test_gateway_health_per_service(mesh: Mesh) -> None:
+def test_gateway_health_per_service(mesh: LocalMesh) -> None:
     with grpc.insecure_channel(mesh.gateway) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         overall = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -64,7 +65,7 @@ def test_gateway_health_per_service(mesh: Mesh) -> None:
     assert vision.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_aimass_status_lists_replicas_models_and_health(mesh: Mesh) -> None:
+def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None:
     shown = subprocess.run(
         [str(BIN / "aimass"), "status", "--gateway", mesh.gateway], capture_output=True, text=True, timeout=60
     )
@@ -88,7 +89,7 @@ def test_aimass_status_explains_an_unreachable_gateway() -> None:
     assert "cannot reach the gateway's registry" in shown.stderr
 
 
-def test_up_printed_where_everything_listens(mesh: Mesh) -> None:
+def test_up_printed_where_everything_listens(mesh: LocalMesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load

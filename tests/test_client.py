@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from aimass.client import RETRIED_SERVICES, AsyncClient, Client, channel_options, error_info
+from aimass.local_mesh import LocalMesh, free_port
 from aimass.v1 import nlp_pb2
-from tests.conftest import Mesh, free_port
 
 SIMILAR = ("A man is playing a guitar.", "Someone is strumming a guitar.")
 UNRELATED = "The central bank raised interest rates again this quarter."
@@ -37,7 +37,7 @@ def check_embeddings(response: nlp_pb2.EmbedResponse) -> None:
 
 
 @pytest.fixture(scope="module")
-def client(mesh: Mesh) -> Iterator[Client]:
+def client(mesh: LocalMesh) -> Iterator[Client]:
     with Client(mesh.gateway, timeout_s=30) as c:
         yield c
 
@@ -80,7 +80,7 @@ def test_classify_top_label(client: Client) -> None:
     assert [s.score for s in scores] == sorted((s.score for s in scores), reverse=True)
 
 
-def test_api_key_and_request_id_pass_through_the_mesh(mesh: Mesh) -> None:
+def test_api_key_and_request_id_pass_through_the_mesh(mesh: LocalMesh) -> None:
     with Client(mesh.gateway, api_key="test-key") as keyed:
         assert keyed.sentiment(["fine"], request_id="req-ok").results[0].label
 
@@ -137,13 +137,13 @@ def test_invalid_settings_rejected() -> None:
 # -- async client on the mesh -------------------------------------------------------------------------------------
 
 
-async def test_async_embed_similarity(mesh: Mesh) -> None:
+async def test_async_embed_similarity(mesh: LocalMesh) -> None:
     async with AsyncClient(mesh.gateway) as aclient:
         check_embeddings(await aclient.embed([*SIMILAR, UNRELATED]))
         assert len(await aclient.embeddings(["one", "two"])) == 2
 
 
-async def test_async_concurrent_embeds(mesh: Mesh) -> None:
+async def test_async_concurrent_embeds(mesh: LocalMesh) -> None:
     async with AsyncClient(mesh.gateway) as aclient:
         texts = [[f"sentence number {i}", f"another sentence {i}"] for i in range(16)]
         responses = await asyncio.gather(*(aclient.embed(t, request_id=f"req-{i}") for i, t in enumerate(texts)))
@@ -151,7 +151,7 @@ async def test_async_concurrent_embeds(mesh: Mesh) -> None:
     assert all(len(r.embeddings) == 2 and r.dimensions == 384 for r in responses)
 
 
-async def test_async_other_methods_and_errors(mesh: Mesh) -> None:
+async def test_async_other_methods_and_errors(mesh: LocalMesh) -> None:
     async with AsyncClient(mesh.gateway) as aclient:
         assert (await aclient.sentiment(["I love this"])).results[0].label == "positive"
         found = {

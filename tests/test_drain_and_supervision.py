@@ -13,16 +13,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aimass.local_mesh import LocalMesh
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc
-from tests.conftest import Mesh, start_mesh
+from tests.conftest import start_mesh
 
 REQUESTS = 240
 CONCURRENCY = 8
 
 
 @pytest.fixture(scope="module")
-def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     mesh = start_mesh(tmp_path_factory.mktemp("drain"), nlp_replicas=2)
     yield mesh
     mesh.stop()
@@ -53,7 +54,7 @@ def alive(pid: int) -> bool:
     return True
 
 
-async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(two_replicas: Mesh) -> None:
+async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(two_replicas: LocalMesh) -> None:
     before = await nlp_instances(two_replicas.gateway)
     assert len(before) == 2
     victim = before[0]

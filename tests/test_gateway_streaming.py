@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.local_mesh import LocalMesh
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.v1 import llm_pb2, llm_pb2_grpc, speech_pb2, speech_pb2_grpc
-from tests.conftest import Mesh
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -63,7 +63,7 @@ class ProbeSpeech(speech_pb2_grpc.SpeechServiceServicer):
 
 
 @pytest.fixture(scope="module")
-async def probe(mesh: Mesh) -> AsyncIterator[ProbeLlm]:
+async def probe(mesh: LocalMesh) -> AsyncIterator[ProbeLlm]:
     llm = ProbeLlm()  # type: ignore[abstract]  # the probe implements only the streaming methods under test
     server = grpc.aio.server()
     llm_pb2_grpc.add_LlmServiceServicer_to_server(llm, server)
@@ -89,7 +89,7 @@ async def probe(mesh: Mesh) -> AsyncIterator[ProbeLlm]:
 
 
 @pytest.fixture
-async def gateway_channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
+async def gateway_channel(mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(mesh.gateway) as channel:
         yield channel
 

