@@ -22,8 +22,12 @@ from aimass.supervisor import ProcessSpec, Supervisor
 
 log = logging.getLogger("aimass")
 
-# kind → the module that runs one replica of it.
+# kind → the module that runs one replica of it; each kind has a `<kind>` section in the config.
 SERVICE_MODULES = {"nlp": "services.nlp"}
+
+
+def replica_counts(args: argparse.Namespace) -> dict[str, int]:
+    return {kind: getattr(args, f"{kind}_replicas") for kind in SERVICE_MODULES}
 
 
 def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
@@ -32,12 +36,13 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     registry = f"{settings.gateway.server.host}:{gateway_port}"
     common = {"AIMASS_REGISTRY__ADDRESS": registry}
     specs = [ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)})]
-    first_port = args.nlp_port or settings.nlp.server.port
-    for index in range(args.nlp_replicas):
-        port = first_port + index if first_port else 0
-        specs.append(
-            ProcessSpec(f"nlp-{index}", SERVICE_MODULES["nlp"], {**common, "AIMASS_NLP__SERVER__PORT": str(port)})
-        )
+    for kind, replicas in replica_counts(args).items():
+        first_port = getattr(args, f"{kind}_port") or getattr(settings, kind).server.port
+        for index in range(replicas):
+            # Replicas of a kind take consecutive ports; 0 lets each pick a free one (the registry tells).
+            port = first_port + index if first_port else 0
+            env = {**common, f"AIMASS_{kind.upper()}__SERVER__PORT": str(port)}
+            specs.append(ProcessSpec(f"{kind}-{index}", SERVICE_MODULES[kind], env))
     return specs
 
 
@@ -96,7 +101,7 @@ async def up(args: argparse.Namespace) -> int:
     if taken:
         print(
             f"cannot start: {', '.join(taken)} already in use (is another `aimass up` running? see `aimass status`); "
-            "choose others with --gateway-port / --nlp-port",
+            "choose others with --gateway-port / --<kind>-port",
             file=sys.stderr,
         )
         return 1
@@ -110,7 +115,7 @@ async def up(args: argparse.Namespace) -> int:
     log.info("starting %s", ", ".join(spec.name for spec in specs))
     supervisor.start()
     try:
-        ready = asyncio.ensure_future(wait_until_ready(gateway, {"gateway": 1, "nlp": args.nlp_replicas}, 600))
+        ready = asyncio.ensure_future(wait_until_ready(gateway, {"gateway": 1, **replica_counts(args)}, 600))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -158,8 +163,13 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     up_cmd = commands.add_parser("up", help="start gateway and services (supervised) and print where they listen")
     up_cmd.add_argument("--gateway-port", type=int, default=0, help="default: config gateway.server.port (50051)")
-    up_cmd.add_argument("--nlp-port", type=int, default=0, help="first NLP replica's port (default 50061)")
-    up_cmd.add_argument("--nlp-replicas", type=int, default=1)
+    settings = load_settings()
+    for kind in SERVICE_MODULES:
+        default_port = getattr(settings, kind).server.port
+        up_cmd.add_argument(
+            f"--{kind}-port", type=int, default=0, help=f"first {kind} replica's port (default {default_port})"
+        )
+        up_cmd.add_argument(f"--{kind}-replicas", type=int, default=1, help="0 leaves the service out")
     status_cmd = commands.add_parser("status", help="list services, replicas, models and health")
     status_cmd.add_argument("--gateway", default="", help="gateway address (default: config registry.address)")
     return root
