@@ -33,6 +33,8 @@ class ServerConfig(BaseModel):
     # work up to drain_grace_s to finish before stopping.
     drain_delay_s: float = Field(default=0.5, ge=0)
     drain_grace_s: PositiveFloat = 30.0
+    # One log line per RPC (method, status, latency, peer, request id) at INFO on logger "aimass.access".
+    access_log: bool = True
     # Prometheus text endpoint on this port (0 = off).
     metrics_port: int = Field(default=0, ge=0, le=65535)
 

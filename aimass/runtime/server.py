@@ -68,7 +68,6 @@ class ServerRunner:
         registry: Registry | None,
         registry_config: RegistryConfig,
         reflection_extra: Sequence[str] = (),
-        access_log: bool = True,
         echo_request_id: bool = True,
     ) -> None:
         self.app = app
@@ -76,7 +75,6 @@ class ServerRunner:
         self.registry = registry
         self.registry_config = registry_config
         self.reflection_extra = tuple(reflection_extra)
-        self.access_log = access_log
         self.echo_request_id = echo_request_id
         self.health = health.aio.HealthServicer()
         self.admission = AdmissionInterceptor(config.max_inflight)
@@ -99,7 +97,7 @@ class ServerRunner:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
         self._server = grpc.aio.server(
             interceptors=[
-                TelemetryInterceptor(access_log_enabled=self.access_log, echo_request_id=self.echo_request_id),
+                TelemetryInterceptor(access_log_enabled=self.config.access_log, echo_request_id=self.echo_request_id),
                 self.admission,
                 ErrorMappingInterceptor(),
             ],
