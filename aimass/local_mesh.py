@@ -2,7 +2,7 @@
 
 For tests, benchmarks and scripts that need the real thing exactly as users start it::
 
-    mesh = LocalMesh(log_path=Path("/tmp/mesh.log"), nlp_replicas=2)
+    mesh = LocalMesh(log_path=Path("/tmp/mesh.log"), replicas={"nlp": 2, "vision": 1})
     mesh.start()
     mesh.wait_ready()
     ...  # call mesh.gateway
@@ -24,9 +24,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.cli import SERVICE_MODULES
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
-NLP_SERVICE = "aimass.v1.NlpService"
 BIN = Path(sys.executable).parent
 
 
@@ -55,73 +55,85 @@ def consecutive_free_ports(count: int) -> int:
 @dataclass
 class LocalMesh:
     log_path: Path
-    nlp_replicas: int = 1
+    # Replicas per service kind (see aimass.cli.SERVICE_MODULES); kinds left out are not started.
+    replicas: Mapping[str, int] = field(default_factory=lambda: {"nlp": 1})
     # Extra environment for every process, e.g. {"AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE": "1"}.
     env: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     gateway_port: int = 0
-    nlp_port: int = 0
+    # First port of each kind; its replicas listen on consecutive ports.
+    ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.replicas) - set(SERVICE_MODULES)
+        if unknown:
+            raise ValueError(f"unknown service kinds {sorted(unknown)}; known: {sorted(SERVICE_MODULES)}")
 
     @property
     def gateway(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
 
+    def addresses(self, kind: str) -> list[str]:
+        return [f"127.0.0.1:{self.ports[kind] + i}" for i in range(self.replicas.get(kind, 0))]
+
     @property
     def nlp_addresses(self) -> list[str]:
-        return [f"127.0.0.1:{self.nlp_port + i}" for i in range(self.nlp_replicas)]
+        return self.addresses("nlp")
 
     def start(self) -> None:
         """Spawn `aimass up`; returns at once (see ``wait_ready``)."""
+        taken: set[int] = set()
+        arguments = []
+        for kind in SERVICE_MODULES:
+            count = self.replicas.get(kind, 0)
+            if count:
+                first = consecutive_free_ports(count)
+                while taken & set(range(first, first + count)):
+                    first = consecutive_free_ports(count)
+                self.ports[kind] = first
+                taken |= set(range(first, first + count))
+                arguments.append(f"--{kind}-port={first}")
+            arguments.append(f"--{kind}-replicas={count}")
         self.gateway_port = free_port()
-        self.nlp_port = consecutive_free_ports(self.nlp_replicas)
-        while self.gateway_port in range(self.nlp_port, self.nlp_port + self.nlp_replicas):
+        while self.gateway_port in taken:
             self.gateway_port = free_port()
         env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, **self.env}
         with self.log_path.open("wb") as sink:
             self.process = subprocess.Popen(
-                [
-                    str(BIN / "aimass"),
-                    "up",
-                    f"--gateway-port={self.gateway_port}",
-                    f"--nlp-port={self.nlp_port}",
-                    f"--nlp-replicas={self.nlp_replicas}",
-                ],
+                [str(BIN / "aimass"), "up", f"--gateway-port={self.gateway_port}", *arguments],
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 env=env,
             )
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Until every replica serves and the gateway routes to all of them; fails early if `aimass up` died."""
+        """Until every replica is registered and the gateway reports each of their services SERVING.
+
+        Fails early, with the log's tail, if `aimass up` died.
+        """
         deadline = time.monotonic() + timeout_s
-        for address in self.nlp_addresses:
-            self._wait_serving(address, NLP_SERVICE, deadline)
-        # The gateway reports the service SERVING once a replica registered with it.
-        self._wait_serving(self.gateway, NLP_SERVICE, deadline)
         with grpc.insecure_channel(self.gateway) as channel:
             registry = registry_pb2_grpc.RegistryServiceStub(channel)
-            while self._serving_replicas(registry) < self.nlp_replicas:
-                self._check_alive(deadline, "replicas to register")
+            health = health_pb2_grpc.HealthStub(channel)
+            while not self._ready(registry, health):
+                self._check_alive(deadline, "every replica to register and serve")
                 time.sleep(0.2)
 
-    @staticmethod
-    def _serving_replicas(registry: registry_pb2_grpc.RegistryServiceStub) -> int:
-        listed = registry.ListInstances(registry_pb2.ListInstancesRequest(service=NLP_SERVICE), timeout=2)
-        return sum(1 for i in listed.instances if i.state == common_pb2.SERVING_STATE_SERVING)
-
-    def _wait_serving(self, address: str, service: str, deadline: float) -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                self._check_alive(deadline, f"{service} SERVING at {address}")
-                time.sleep(0.2)
+    def _ready(self, registry: registry_pb2_grpc.RegistryServiceStub, health: health_pb2_grpc.HealthStub) -> bool:
+        try:
+            listed = registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=2).instances
+            serving = [i for i in listed if i.state == common_pb2.SERVING_STATE_SERVING and i.kind != "gateway"]
+            if any(sum(1 for i in serving if i.kind == kind) < n for kind, n in self.replicas.items()):
+                return False
+            services = {service for instance in serving for service in instance.services}
+            return all(
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                == health_pb2.HealthCheckResponse.SERVING
+                for service in services
+            )
+        except grpc.RpcError:
+            return False  # the gateway is still starting
 
     def _check_alive(self, deadline: float, waiting_for: str) -> None:
         assert self.process is not None, "start() first"

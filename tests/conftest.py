@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,9 +16,11 @@ BIN = Path(sys.executable).parent
 MESH_START_TIMEOUT_S = 240.0
 
 
-def start_mesh(log_dir: Path, *, nlp_replicas: int = 1, extra_env: dict[str, str] | None = None) -> LocalMesh:
-    """`aimass up` (the command users run) on free loopback ports, ready to serve."""
-    mesh = LocalMesh(log_dir / "mesh.log", nlp_replicas=nlp_replicas, env=extra_env or {})
+def start_mesh(
+    log_dir: Path, replicas: Mapping[str, int] | None = None, extra_env: dict[str, str] | None = None
+) -> LocalMesh:
+    """`aimass up` (the command users run) on free loopback ports, ready to serve; NLP only unless told."""
+    mesh = LocalMesh(log_dir / "mesh.log", replicas=replicas or {"nlp": 1}, env=extra_env or {})
     mesh.start()
     try:
         mesh.wait_ready(MESH_START_TIMEOUT_S)
@@ -30,7 +32,8 @@ def start_mesh(log_dir: Path, *, nlp_replicas: int = 1, extra_env: dict[str, str
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    started = start_mesh(tmp_path_factory.mktemp("mesh"))
+    # Every service whose models install here; the others answer UNAVAILABLE through the gateway.
+    started = start_mesh(tmp_path_factory.mktemp("mesh"), {"nlp": 1, "vision": 1})
     yield started
     started.stop()
 

@@ -60,9 +60,11 @@ def test_gateway_health_per_service(mesh: LocalMesh) -> None:
         overall = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         nlp = health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.NlpService"), timeout=5)
         vision = health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.VisionService"), timeout=5)
+        models = health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.ModelService"), timeout=5)
     assert overall.status == health_pb2.HealthCheckResponse.SERVING
     assert nlp.status == health_pb2.HealthCheckResponse.SERVING
-    assert vision.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert vision.status == health_pb2.HealthCheckResponse.SERVING
+    assert models.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no replica serves it yet
 
 
 def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None:
@@ -76,6 +78,9 @@ def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None
     assert mesh.nlp_addresses[0] in nlp_row and "SERVING" in nlp_row
     assert "all-MiniLM-L6-v2,vader,en_core_web_sm" in nlp_row
     assert "aimass.v1.NlpService  SERVING" in shown.stdout
+    vision_row = next(line for line in lines if line.startswith("vision "))
+    assert "SERVING" in vision_row and "VisionService" in vision_row
+    assert "aimass.v1.VisionService  SERVING" in shown.stdout
 
 
 def test_aimass_status_explains_an_unreachable_gateway() -> None:

@@ -24,7 +24,7 @@ CONCURRENCY = 8
 
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    mesh = start_mesh(tmp_path_factory.mktemp("drain"), nlp_replicas=2)
+    mesh = start_mesh(tmp_path_factory.mktemp("drain"), {"nlp": 2})
     yield mesh
     mesh.stop()
 

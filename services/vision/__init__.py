@@ -1,0 +1,1 @@
+"""aimass.v1.VisionService: ImageNet classification, face detection and OCR."""

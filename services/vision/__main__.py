@@ -1,0 +1,3 @@
+from services.vision.app import main
+
+main()

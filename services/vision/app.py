@@ -1,0 +1,64 @@
+"""The vision service process: loads the models, serves aimass.v1.VisionService, registers with the registry."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health
+
+from aimass.runtime.config import Settings, VisionConfig, load_settings
+from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.logs import configure_logging
+from aimass.runtime.server import ServerRunner
+from aimass.v1 import vision_pb2_grpc
+from services.vision.engine import MODELS, VisionEngine
+from services.vision.servicer import VisionServicer
+
+
+class VisionApp:
+    kind = "vision"
+    service_names: tuple[str, ...] = ("aimass.v1.VisionService",)
+
+    def __init__(self, config: VisionConfig, engine: VisionEngine | None = None) -> None:
+        # An engine may be shared (tests build several servers over one set of loaded models).
+        self.engine = engine or VisionEngine(config)
+        self.servicer = VisionServicer(self.engine, config)
+
+    def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+        vision_pb2_grpc.add_VisionServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> None:
+        # Model loading (and the one-off ONNX export) blocks for seconds; a thread keeps health checks answering.
+        if not self.engine.loaded:
+            await asyncio.to_thread(self.engine.load)
+        await self.servicer.start()
+
+    def model_names(self) -> tuple[str, ...]:
+        return MODELS
+
+    async def close(self) -> None:
+        await self.servicer.close()
+
+
+def build_runner(
+    settings: Settings, config: VisionConfig, *, register: bool = True, engine: VisionEngine | None = None
+) -> ServerRunner:
+    return ServerRunner(
+        VisionApp(config, engine),
+        config.server,
+        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry_config=settings.registry,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    config = settings.vision
+    configure_logging(settings.log_level, "vision")
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
+        await build_runner(settings, config).run_until_signalled()
+
+    asyncio.run(serve())
