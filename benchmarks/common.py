@@ -16,23 +16,30 @@ from pathlib import Path
 
 import grpc
 
+from aimass.cli import SERVICE_MODULES
 from aimass.local_mesh import LocalMesh
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Mesh(LocalMesh):
-    """A benchmark's mesh: gateway + one NLP replica, quiet logs in a temporary file, and its processes' pids."""
+    """A benchmark's mesh: gateway + one replica (NLP unless ``replicas`` says otherwise, e.g. ``{"vision": 1}``),
+    quiet logs in a temporary file, and its processes' pids."""
 
-    def __init__(self, name: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str] | None = None, replicas: Mapping[str, int] | None = None
+    ) -> None:
         handle, log = tempfile.mkstemp(prefix=f"aimass-bench-{name}-", suffix=".log")
         os.close(handle)
-        super().__init__(log_path=Path(log), env=dict(env or {}), log_level="WARNING")
+        super().__init__(
+            log_path=Path(log), replicas=dict(replicas or {"nlp": 1}), env=dict(env or {}), log_level="WARNING"
+        )
         self.name = name
 
     @property
     def replica(self) -> str:
-        return self.nlp_addresses[0]
+        """The address of the (first) replica of the mesh's first service kind."""
+        return self.addresses(next(iter(self.replicas)))[0]
 
     def stop(self) -> int:
         code = super().stop()
@@ -47,7 +54,7 @@ class Mesh(LocalMesh):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"gateway" in cmdline:
                 found["gateway"] = pid
-            elif b"services.nlp" in cmdline:
+            elif any(module.encode() in cmdline for module in SERVICE_MODULES.values()):
                 found["replica"] = pid
         return found
 

@@ -107,6 +107,32 @@ class VisionConfig(BaseModel):
     threads: int = Field(default=0, ge=0)
 
 
+class SpeechConfig(BaseModel):
+    # 32 MiB messages: a Transcribe request may carry max_audio_bytes of audio plus its envelope.
+    server: ServerConfig = ServerConfig(port=50081, max_message_bytes=32 * 1024 * 1024)
+    # "auto" takes CUDA when CTranslate2 sees a GPU, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CTranslate2 threads for Whisper (0 = its default).
+    asr_threads: int = Field(default=0, ge=0)
+    # Beam width for Transcribe and final stream segments; partial hypotheses always use greedy decoding.
+    asr_beam_size: PositiveInt = 5
+    # Where Whisper base is assembled from its two packaged halves (the site-packages folders stay untouched).
+    whisper_cache_dir: str = "~/.cache/aimass/whisper-base"
+    max_audio_bytes: PositiveInt = 25 * 1024 * 1024
+    max_audio_seconds: PositiveFloat = 30 * 60
+    max_stream_chunk_bytes: PositiveInt = 1024 * 1024
+    max_stream_seconds: PositiveFloat = 60 * 60
+    # Streams: a partial hypothesis at most this often (seconds of new audio), a final segment at a pause of
+    # stream_min_silence_s once stream_min_segment_s of audio is pending, or forced at stream_max_segment_s.
+    stream_partial_interval_s: PositiveFloat = 1.0
+    stream_min_segment_s: PositiveFloat = 1.5
+    stream_min_silence_s: PositiveFloat = 0.4
+    stream_max_segment_s: PositiveFloat = 8.0
+    max_text_chars: PositiveInt = 5000
+    # Synthesize sends audio in chunks of at most this many milliseconds.
+    tts_chunk_ms: PositiveInt = 500
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -115,6 +141,7 @@ class Settings(BaseSettings):
     gateway: GatewayConfig = GatewayConfig()
     nlp: NlpConfig = NlpConfig()
     vision: VisionConfig = VisionConfig()
+    speech: SpeechConfig = SpeechConfig()
 
     @classmethod
     def settings_customise_sources(

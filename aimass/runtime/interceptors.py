@@ -243,6 +243,8 @@ class TelemetryInterceptor(AroundInterceptor):
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         started = time.perf_counter()
         request_id = self._request_id(context)
+        # Read now: context.peer() on a call the client has cancelled can crash the process (grpcio segfault).
+        peer = context.peer()
         failure: BaseException | None = None
         try:
             yield
@@ -250,9 +252,9 @@ class TelemetryInterceptor(AroundInterceptor):
             failure = exc
             raise
         finally:
-            self._record(method, context, started, self._code_of(context, failure), request_id)
+            self._record(method, peer, started, self._code_of(context, failure), request_id)
 
-    def _record(self, method: str, context: Context, started: float, code: str, request_id: str) -> None:
+    def _record(self, method: str, peer: str, started: float, code: str, request_id: str) -> None:
         elapsed = time.perf_counter() - started
         REQUESTS.labels(method, code).inc()
         LATENCY.labels(method).observe(elapsed)
@@ -261,9 +263,7 @@ class TelemetryInterceptor(AroundInterceptor):
             and access_log.isEnabledFor(logging.INFO)
             and not method.startswith(UNLOGGED_PREFIXES)
         ):
-            access_log.info(
-                "%s %s %.2fms peer=%s request_id=%s", method, code, elapsed * 1000, context.peer(), request_id or "-"
-            )
+            access_log.info("%s %s %.2fms peer=%s request_id=%s", method, code, elapsed * 1000, peer, request_id or "-")
 
     @staticmethod
     def _code_of(context: Context, exc: BaseException | None) -> str:

@@ -1,0 +1,3 @@
+from services.speech.app import main
+
+main()

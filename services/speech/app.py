@@ -1,0 +1,74 @@
+"""The speech service process: loads Whisper and the synthesisers, serves aimass.v1.SpeechService."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health
+
+from aimass.runtime.config import Settings, SpeechConfig, load_settings
+from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.logs import configure_logging
+from aimass.runtime.server import ServerRunner
+from aimass.v1 import speech_pb2_grpc
+from services.speech.asr import WHISPER_MODEL, AsrEngine
+from services.speech.servicer import SpeechServicer
+from services.speech.tts import TtsEngine
+
+
+class SpeechApp:
+    kind = "speech"
+    service_names: tuple[str, ...] = ("aimass.v1.SpeechService",)
+
+    def __init__(self, config: SpeechConfig, asr: AsrEngine | None = None, tts: TtsEngine | None = None) -> None:
+        # Engines may be shared (tests build several servers over one set of loaded models).
+        self.asr = asr or AsrEngine(
+            device=config.device, threads=config.asr_threads, cache_dir=config.whisper_cache_dir
+        )
+        self.tts = tts or TtsEngine()
+        self.servicer = SpeechServicer(self.asr, self.tts, config)
+
+    def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
+        speech_pb2_grpc.add_SpeechServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> None:
+        # Loading blocks for seconds; a thread keeps health checks answering meanwhile.
+        if not self.tts.voices:
+            await asyncio.to_thread(self.tts.load)
+        if not self.asr.loaded:
+            await asyncio.to_thread(self.asr.load)
+
+    def model_names(self) -> tuple[str, ...]:
+        return (WHISPER_MODEL, *self.tts.models)
+
+    async def close(self) -> None:
+        await self.servicer.close()
+
+
+def build_runner(
+    settings: Settings,
+    *,
+    config: SpeechConfig | None = None,
+    register: bool = True,
+    asr: AsrEngine | None = None,
+    tts: TtsEngine | None = None,
+) -> ServerRunner:
+    config = config or settings.speech
+    return ServerRunner(
+        SpeechApp(config, asr, tts),
+        config.server,
+        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry_config=settings.registry,
+    )
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level, "speech")
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
+        await build_runner(settings).run_until_signalled()
+
+    asyncio.run(serve())

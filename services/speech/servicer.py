@@ -1,0 +1,304 @@
+"""aimass.v1.SpeechService: validate, hand the work to the engines, shape the replies.
+
+Whisper runs on one worker thread (CTranslate2 uses its own thread pool inside a call, so a second call at once
+would only compete for the same cores); synthesisers run as subprocesses awaited on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from aimass.runtime.config import SpeechConfig
+from aimass.runtime.errors import InvalidArgument, NotFound, Unavailable
+from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
+from services.speech.asr import WHISPER_MODEL, AsrEngine, Transcript
+from services.speech.audio import StreamDecoder, check_rate, decode_audio, streaming_wav_header
+from services.speech.streaming import Segmenter
+from services.speech.tts import TtsEngine
+
+Context = grpc.aio.ServicerContext[Any, Any]
+PCM16 = speech_pb2.AUDIO_ENCODING_PCM16
+WAV = speech_pb2.AUDIO_ENCODING_WAV
+
+
+def monotonic_deadline(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
+    def __init__(self, asr: AsrEngine, tts: TtsEngine, config: SpeechConfig) -> None:
+        self.asr = asr
+        self.tts = tts
+        self.config = config
+        self.asr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-asr")
+
+    async def close(self) -> None:
+        self.asr_pool.shutdown(wait=True)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    def _check_asr(self, model: common_pb2.ModelRef) -> common_pb2.ModelRef:
+        if not self.asr.loaded:
+            raise Unavailable("SpeechService is still loading Whisper; retry in a few seconds")
+        if model.name and model.name != WHISPER_MODEL:
+            raise NotFound(
+                f"model {model.name!r} does not transcribe; available: {WHISPER_MODEL}",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": model.name, "available": WHISPER_MODEL},
+            )
+        return common_pb2.ModelRef(name=WHISPER_MODEL, version=model.version or "1")
+
+    @staticmethod
+    def _check_language(language: str) -> str | None:
+        language = language.strip().lower()
+        if language and not (len(language) == 2 and language.isalpha()):
+            raise InvalidArgument(f"language {language!r} is not an ISO 639-1 code such as 'en'", reason="BAD_LANGUAGE")
+        return language or None
+
+    async def _transcribe(
+        self, audio: Any, *, language: str | None, beam_size: int, deadline: float | None = None
+    ) -> Transcript:
+        """Whisper on the worker thread; if the caller is cancelled the thread stops at the next segment."""
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(
+            self.asr_pool,
+            lambda: self.asr.transcribe(
+                audio, language=language, beam_size=beam_size, cancel=cancel, deadline=deadline
+            ),
+        )
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    # -- recognition --------------------------------------------------------------------------------------------
+
+    async def Transcribe(
+        self, request: speech_pb2.TranscribeRequest, context: Context
+    ) -> speech_pb2.TranscribeResponse:
+        model = self._check_asr(request.model)
+        language = self._check_language(request.language)
+        decoded = decode_audio(
+            request.audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds
+        )
+        result = await self._transcribe(
+            decoded.samples,
+            language=language,
+            beam_size=self.config.asr_beam_size,
+            deadline=monotonic_deadline(context),
+        )
+        return speech_pb2.TranscribeResponse(
+            model=model,
+            text=result.text,
+            language=result.language,
+            language_probability=result.language_probability,
+            segments=[
+                speech_pb2.TranscriptSegment(start_seconds=s.start, end_seconds=s.end, text=s.text)
+                for s in result.segments
+            ],
+            duration_seconds=decoded.duration_s,
+        )
+
+    def _stream_decoder(self, config: speech_pb2.StreamTranscribeConfig) -> StreamDecoder:
+        if config.encoding == PCM16:
+            if config.channels < 0 or config.channels > 8:
+                raise InvalidArgument(f"config.channels is {config.channels}; accepted are 0..8", reason="BAD_CONFIG")
+            return StreamDecoder(wav=False, sample_rate=config.sample_rate_hz, channels=config.channels or 1)
+        if config.encoding == WAV:
+            return StreamDecoder(wav=True)
+        name = speech_pb2.AudioEncoding.Name(config.encoding) if config.encoding in (0, 3, 4) else str(config.encoding)
+        raise InvalidArgument(
+            f"config.encoding {name} cannot be streamed; use AUDIO_ENCODING_PCM16 or AUDIO_ENCODING_WAV",
+            reason="UNSUPPORTED_CODEC",
+        )
+
+    async def StreamTranscribe(
+        self, request_iterator: AsyncIterator[speech_pb2.StreamTranscribeRequest], context: Context
+    ) -> AsyncIterator[speech_pb2.StreamTranscribeResponse]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "config":
+            raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
+        model = self._check_asr(first.model)
+        config = first.config
+        language = self._check_language(config.language)
+        decoder = self._stream_decoder(config)
+        cfg = self.config
+        segmenter = Segmenter(
+            min_segment_s=cfg.stream_min_segment_s,
+            min_silence_s=cfg.stream_min_silence_s,
+            max_segment_s=cfg.stream_max_segment_s,
+        )
+        state = _StreamState()
+
+        async def read() -> None:
+            """Receives audio while transcription runs, so a fast client never waits on the model."""
+            try:
+                async for message in request_iterator:
+                    if message.WhichOneof("payload") != "audio":
+                        raise InvalidArgument("only the first message may carry config", reason="CONFIG_FIRST")
+                    if len(message.audio) > cfg.max_stream_chunk_bytes:
+                        raise InvalidArgument(
+                            f"audio chunk is {len(message.audio)} bytes; the limit is {cfg.max_stream_chunk_bytes}",
+                            reason="CHUNK_TOO_LARGE",
+                        )
+                    segmenter.add(decoder.feed(message.audio))
+                    if segmenter.offset_s + segmenter.pending_s > cfg.max_stream_seconds:
+                        raise InvalidArgument(
+                            f"stream exceeded {cfg.max_stream_seconds:g} s of audio", reason="AUDIO_TOO_LONG"
+                        )
+                    state.wake.set()
+                segmenter.add(decoder.feed(b"", last=True))
+            except BaseException as err:  # handed to the writer, which raises it to the client
+                state.error = err
+            finally:
+                state.closed = True
+                state.wake.set()
+
+        reader = asyncio.create_task(read())
+        finals: list[str] = []
+        probability = 1.0 if language else 0.0
+        partial_at = 0.0  # pending seconds when the last partial was sent
+        try:
+            while True:
+                await state.wake.wait()
+                state.wake.clear()
+                if state.error is not None:
+                    raise state.error
+                closed = state.closed
+                while (cut := segmenter.next_cut(closed=closed)) is not None:
+                    start = segmenter.offset_s
+                    piece = segmenter.take(cut)
+                    partial_at = 0.0
+                    if segmenter.is_silence(piece):
+                        continue
+                    result = await self._transcribe(piece, language=language, beam_size=cfg.asr_beam_size)
+                    if language is None and result.language:
+                        # Detected once, on the first speech, then held so every segment is in one language.
+                        language, probability = result.language, result.language_probability
+                    if result.text:
+                        finals.append(result.text)
+                        yield speech_pb2.StreamTranscribeResponse(
+                            final_segment=speech_pb2.TranscriptSegment(
+                                start_seconds=start, end_seconds=segmenter.offset_s, text=result.text
+                            )
+                        )
+                if closed:
+                    if state.error is not None:
+                        raise state.error
+                    break
+                pending = segmenter.pending_s
+                if config.interim_results and pending - partial_at >= cfg.stream_partial_interval_s:
+                    partial_at = pending
+                    start = segmenter.offset_s
+                    result = await self._transcribe(segmenter.buffer.copy(), language=language, beam_size=1)
+                    if result.text:
+                        yield speech_pb2.StreamTranscribeResponse(
+                            partial=speech_pb2.TranscriptSegment(
+                                start_seconds=start, end_seconds=start + pending, text=result.text
+                            )
+                        )
+            yield speech_pb2.StreamTranscribeResponse(
+                end=speech_pb2.StreamTranscribeEnd(
+                    model=model,
+                    text=" ".join(finals),
+                    language=language or "",
+                    language_probability=probability,
+                    duration_seconds=segmenter.offset_s,
+                )
+            )
+        finally:
+            reader.cancel()
+
+    # -- synthesis ----------------------------------------------------------------------------------------------
+
+    async def Synthesize(
+        self, request: speech_pb2.SynthesizeRequest, context: Context
+    ) -> AsyncIterator[speech_pb2.SynthesizeResponse]:
+        text = request.text
+        if not any(ch.isalnum() for ch in text):
+            limit = self.config.max_text_chars
+            raise InvalidArgument(f"text has nothing to speak; send 1..{limit} characters", reason="EMPTY_TEXT")
+        if len(text) > self.config.max_text_chars:
+            raise InvalidArgument(
+                f"text is {len(text)} characters; the limit is {self.config.max_text_chars}",
+                reason="TEXT_TOO_LONG",
+                metadata={"limit": str(self.config.max_text_chars)},
+            )
+        encoding = request.encoding or WAV
+        if encoding not in (WAV, PCM16):
+            raise InvalidArgument(
+                "encoding must be AUDIO_ENCODING_WAV or AUDIO_ENCODING_PCM16 (or unspecified for WAV)",
+                reason="UNSUPPORTED_CODEC",
+            )
+        voice = self.tts.find_voice(request.model.name, request.voice)
+        if voice is None:
+            raise NotFound(
+                f"voice {request.voice or '(default)'!r} of model {request.model.name or '(any)'!r} is not available; "
+                f"models: {', '.join(self.tts.models) or 'none'}; ListVoices names the voices",
+                reason="VOICE_NOT_FOUND",
+            )
+        rate = request.sample_rate_hz or voice.native_rate
+        check_rate(rate, "sample_rate_hz")
+        chunk_bytes = 2 * max(1, rate * self.config.tts_chunk_ms // 1000)
+        header = streaming_wav_header(rate) if encoding == WAV else b""
+        samples = 0
+        async for pcm in self.tts.stream(voice, text, rate):
+            samples += len(pcm) // 2
+            for offset in range(0, len(pcm), chunk_bytes):
+                yield speech_pb2.SynthesizeResponse(
+                    audio=speech_pb2.SynthesizeAudio(
+                        data=header + pcm[offset : offset + chunk_bytes],
+                        sample_rate_hz=rate,
+                        encoding=encoding,
+                        channels=1,
+                    )
+                )
+                header = b""
+        yield speech_pb2.SynthesizeResponse(
+            end=speech_pb2.SynthesizeEnd(
+                model=common_pb2.ModelRef(name=voice.model, version=request.model.version or "1"),
+                duration_seconds=samples / rate,
+                sample_count=samples,
+            )
+        )
+
+    async def ListVoices(
+        self, request: speech_pb2.ListVoicesRequest, context: Context
+    ) -> speech_pb2.ListVoicesResponse:
+        if request.model.name and request.model.name not in self.tts.models:
+            raise NotFound(
+                f"model {request.model.name!r} has no voices; available: {', '.join(self.tts.models)}",
+                reason="MODEL_NOT_FOUND",
+            )
+        language = request.language.strip().lower()
+        return speech_pb2.ListVoicesResponse(
+            voices=[
+                speech_pb2.Voice(
+                    voice_id=v.voice_id,
+                    display_name=v.display_name,
+                    languages=list(v.languages),
+                    native_sample_rate_hz=v.native_rate,
+                    model=common_pb2.ModelRef(name=v.model, version="1"),
+                )
+                for (model, _), v in self.tts.voices.items()
+                if (not request.model.name or model == request.model.name)
+                and (not language or any(lang == language or lang.startswith(language + "-") for lang in v.languages))
+            ]
+        )
+
+
+class _StreamState:
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.error: BaseException | None = None

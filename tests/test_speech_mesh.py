@@ -1,0 +1,57 @@
+"""Speech through the gateway of a mesh started by `aimass up`: the round trip and the bidirectional stream, as
+a client in any language would use them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from aimass.local_mesh import LocalMesh
+from aimass.v1 import speech_pb2, speech_pb2_grpc
+from tests.conftest import start_mesh
+from tests.test_speech import SENTENCE, TWO_SENTENCES, synthesize, word_error_rate
+
+
+@pytest.fixture(scope="module")
+def speech_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    mesh = start_mesh(tmp_path_factory.mktemp("speech"), {"speech": 1})
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture
+async def stub(speech_mesh: LocalMesh) -> AsyncIterator[speech_pb2_grpc.SpeechServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(speech_mesh.gateway) as channel:
+        yield speech_pb2_grpc.SpeechServiceStub(channel)
+
+
+async def test_synthesize_then_transcribe_through_the_gateway(stub: speech_pb2_grpc.SpeechServiceAsyncStub) -> None:
+    wav, chunks, _ = await synthesize(stub, SENTENCE)
+    assert chunks and wav[:4] == b"RIFF"
+    reply = await stub.Transcribe(speech_pb2.TranscribeRequest(audio=wav), timeout=60)
+    assert word_error_rate(SENTENCE, reply.text) <= 0.1, reply.text
+
+
+async def test_stream_transcribe_through_the_gateway(stub: speech_pb2_grpc.SpeechServiceAsyncStub) -> None:
+    pcm, _, _ = await synthesize(stub, TWO_SENTENCES, encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000)
+    chunk = 16000 * 2 // 10  # 100 ms of 16-bit samples
+
+    async def requests() -> AsyncIterator[speech_pb2.StreamTranscribeRequest]:
+        yield speech_pb2.StreamTranscribeRequest(
+            config=speech_pb2.StreamTranscribeConfig(encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000)
+        )
+        for offset in range(0, len(pcm), chunk):
+            yield speech_pb2.StreamTranscribeRequest(audio=pcm[offset : offset + chunk])
+
+    events = [reply async for reply in stub.StreamTranscribe(requests(), timeout=120)]
+    assert events[-1].WhichOneof("event") == "end"
+    assert word_error_rate(TWO_SENTENCES, events[-1].end.text) <= 0.1, events[-1].end.text
+
+
+async def test_bad_audio_through_the_gateway_is_invalid_argument(stub: speech_pb2_grpc.SpeechServiceAsyncStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Transcribe(speech_pb2.TranscribeRequest(audio=b"this is not audio at all"), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "audio" in (caught.value.details() or "")
