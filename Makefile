@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python -m benchmarks.gateway_overhead
 	$(BIN)/python -m benchmarks.batching
 	$(BIN)/python -m benchmarks.vision_batching
+	$(BIN)/python -m benchmarks.speech
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1
