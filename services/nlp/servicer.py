@@ -17,8 +17,9 @@ import numpy.typing as npt
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import NlpConfig
-from aimass.runtime.errors import InvalidArgument, NotFound, Unavailable
-from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.models import require_loaded, resolve_model
+from aimass.v1 import nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import (
     EMBED_MODEL,
     NER_MODEL,
@@ -80,19 +81,6 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
 
     # -- validation ---------------------------------------------------------------------------------------------
 
-    def _check_ready(self) -> None:
-        if not self.engine.loaded:
-            raise Unavailable("NlpService is still loading its models; retry in a few seconds")
-
-    def _check_model(self, method: str, model: common_pb2.ModelRef, served: str) -> common_pb2.ModelRef:
-        if model.name and model.name != served:
-            raise NotFound(
-                f"model {model.name!r} is not served by NlpService.{method}; available: {served}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": model.name, "available": served},
-            )
-        return common_pb2.ModelRef(name=served, version=model.version or "1")
-
     def _check_texts(self, texts: Sequence[str], field: str = "texts") -> tuple[str, ...]:
         limit = self.config.max_text_chars
         if not texts:
@@ -141,8 +129,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
     # -- methods ------------------------------------------------------------------------------------------------
 
     async def Embed(self, request: nlp_pb2.EmbedRequest, context: Context) -> nlp_pb2.EmbedResponse:
-        self._check_ready()
-        model = self._check_model("Embed", request.model, EMBED_MODEL)
+        require_loaded(self.engine.loaded, "NlpService")
+        model = resolve_model(request.model, EMBED_MODEL, "NlpService.Embed")
         texts = self._check_texts(request.texts)
         vectors = await self.embed_batcher.submit(EmbedJob(texts, request.normalize), deadline=deadline_of(context))
         return nlp_pb2.EmbedResponse(
@@ -152,8 +140,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Sentiment(self, request: nlp_pb2.SentimentRequest, context: Context) -> nlp_pb2.SentimentResponse:
-        self._check_ready()
-        model = self._check_model("Sentiment", request.model, SENTIMENT_MODEL)
+        require_loaded(self.engine.loaded, "NlpService")
+        model = resolve_model(request.model, SENTIMENT_MODEL, "NlpService.Sentiment")
         texts = self._check_texts(request.texts)
         if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS:
             results = self.engine.sentiment(texts)
@@ -170,8 +158,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Entities(self, request: nlp_pb2.EntitiesRequest, context: Context) -> nlp_pb2.EntitiesResponse:
-        self._check_ready()
-        model = self._check_model("Entities", request.model, NER_MODEL)
+        require_loaded(self.engine.loaded, "NlpService")
+        model = resolve_model(request.model, NER_MODEL, "NlpService.Entities")
         texts = self._check_texts(request.texts)
         documents = await self.ner_batcher.submit(texts, deadline=deadline_of(context))
         return nlp_pb2.EntitiesResponse(
@@ -188,8 +176,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Classify(self, request: nlp_pb2.ClassifyRequest, context: Context) -> nlp_pb2.ClassifyResponse:
-        self._check_ready()
-        model = self._check_model("Classify", request.model, EMBED_MODEL)
+        require_loaded(self.engine.loaded, "NlpService")
+        model = resolve_model(request.model, EMBED_MODEL, "NlpService.Classify")
         texts = self._check_texts(request.texts)
         labels = self._check_labels(request)
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS

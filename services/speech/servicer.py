@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 
 from aimass.runtime.config import SpeechConfig
-from aimass.runtime.errors import InvalidArgument, NotFound, Unavailable
+from aimass.runtime.errors import InvalidArgument, NotFound
+from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine, Transcript
 from services.speech.audio import StreamDecoder, check_rate, decode_audio, streaming_wav_header
@@ -45,16 +46,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
-    def _check_asr(self, model: common_pb2.ModelRef) -> common_pb2.ModelRef:
-        if not self.asr.loaded:
-            raise Unavailable("SpeechService is still loading Whisper; retry in a few seconds")
-        if model.name and model.name != WHISPER_MODEL:
-            raise NotFound(
-                f"model {model.name!r} does not transcribe; available: {WHISPER_MODEL}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": model.name, "available": WHISPER_MODEL},
-            )
-        return common_pb2.ModelRef(name=WHISPER_MODEL, version=model.version or "1")
+    def _check_asr(self, model: common_pb2.ModelRef, method: str) -> common_pb2.ModelRef:
+        require_loaded(self.asr.loaded, "SpeechService", "Whisper")
+        return resolve_model(model, WHISPER_MODEL, f"SpeechService.{method}")
 
     @staticmethod
     def _check_language(language: str) -> str | None:
@@ -86,7 +80,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def Transcribe(
         self, request: speech_pb2.TranscribeRequest, context: Context
     ) -> speech_pb2.TranscribeResponse:
-        model = self._check_asr(request.model)
+        model = self._check_asr(request.model, "Transcribe")
         language = self._check_language(request.language)
         decoded = decode_audio(
             request.audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds
@@ -128,7 +122,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "config":
             raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
-        model = self._check_asr(first.model)
+        model = self._check_asr(first.model, "StreamTranscribe")
         config = first.config
         language = self._check_language(config.language)
         decoder = self._stream_decoder(config)

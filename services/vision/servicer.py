@@ -17,8 +17,9 @@ from PIL import Image
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import VisionConfig
-from aimass.runtime.errors import InvalidArgument, NotFound, Unavailable
-from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.models import require_loaded, resolve_model
+from aimass.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.engine import (
     CLASSIFY_MODEL,
     FACE_MODEL,
@@ -80,19 +81,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # -- validation ---------------------------------------------------------------------------------------------
 
-    def _check_ready(self) -> None:
-        if not self.engine.loaded:
-            raise Unavailable("VisionService is still loading its models; retry in a few seconds")
-
-    def _check_model(self, method: str, model: common_pb2.ModelRef, served: str) -> common_pb2.ModelRef:
-        if model.name and model.name != served:
-            raise NotFound(
-                f"model {model.name!r} is not served by VisionService.{method}; available: {served}",
-                reason="MODEL_NOT_FOUND",
-                metadata={"model": model.name, "available": served},
-            )
-        return common_pb2.ModelRef(name=served, version=model.version or "1")
-
     async def _decode(self, images: Sequence[vision_pb2.Image], min_side: int | None = None) -> list[DecodedImage]:
         # The count is checked before any decoding work is queued.
         check_count(len(images), self.config)
@@ -109,8 +97,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def Classify(
         self, request: vision_pb2.VisionServiceClassifyRequest, context: Context
     ) -> vision_pb2.VisionServiceClassifyResponse:
-        self._check_ready()
-        model = self._check_model("Classify", request.model, CLASSIFY_MODEL)
+        require_loaded(self.engine.loaded, "VisionService")
+        model = resolve_model(request.model, CLASSIFY_MODEL, "VisionService.Classify")
         top_k = request.top_k or DEFAULT_TOP_K
         if not 1 <= top_k <= NUM_CLASSES:
             raise InvalidArgument(
@@ -138,8 +126,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def DetectFaces(
         self, request: vision_pb2.DetectFacesRequest, context: Context
     ) -> vision_pb2.DetectFacesResponse:
-        self._check_ready()
-        model = self._check_model("DetectFaces", request.model, FACE_MODEL)
+        require_loaded(self.engine.loaded, "VisionService")
+        model = resolve_model(request.model, FACE_MODEL, "VisionService.DetectFaces")
         self._check_fraction("min_score", request.min_score)
         if request.max_faces < 0:
             raise InvalidArgument(f"max_faces is {request.max_faces}; send 0 (no limit) or more", reason="BAD_LIMIT")
@@ -171,8 +159,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return vision_pb2.DetectFacesResponse(model=model, results=results)
 
     async def ReadText(self, request: vision_pb2.ReadTextRequest, context: Context) -> vision_pb2.ReadTextResponse:
-        self._check_ready()
-        model = self._check_model("ReadText", request.model, OCR_MODEL)
+        require_loaded(self.engine.loaded, "VisionService")
+        model = resolve_model(request.model, OCR_MODEL, "VisionService.ReadText")
         self._check_fraction("min_confidence", request.min_confidence)
         unsupported = [lang for lang in request.languages if lang.lower() not in OCR_LANGUAGES]
         if unsupported:
