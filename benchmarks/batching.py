@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +30,7 @@ from aimass.local_mesh import free_port
 from benchmarks.common import (
     CpuMeter,
     Mesh,
+    batch_histogram,
     command_line,
     machine,
     markdown_table,
@@ -53,8 +51,6 @@ DEFAULT_TEXTS_PER_REQUEST = 8
 SPEEDUP_GOAL = 3.0
 SERVED_RATIO_GOAL = 0.80
 PROCESSES = ("client", "gateway", "replica")
-_METRIC_LINE = re.compile(r'^aimass_batch_size_(sum|count)\{batcher="embed"\}\s+(\S+)$', re.MULTILINE)
-
 # Served runs: label → (mesh, path); every label is measured once per round, in this order.
 BATCHED_GATEWAY = "batched-gateway"
 UNBATCHED_GATEWAY = "unbatched-gateway"
@@ -102,19 +98,6 @@ def jobs_label(jobs: int, texts_per_job: int) -> str:
     return f"{jobs} jobs of {texts_per_job} text" + ("s" if texts_per_job > 1 else "")
 
 
-def batch_histogram(metrics_port: int) -> tuple[float, float] | None:
-    """(sum, count) of the embed batcher's aimass_batch_size, or None when no metrics endpoint answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as reply:
-            text = reply.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-    found = {kind: float(value) for kind, value in _METRIC_LINE.findall(text)}
-    if "sum" not in found or "count" not in found:
-        return None
-    return found["sum"], found["count"]
-
-
 async def serve_load(
     label: str,
     target: str,
@@ -135,10 +118,10 @@ async def serve_load(
         deadline_s=30.0,
         progress=False,
     )
-    before = batch_histogram(metrics_port) if metrics_port else None
+    before = batch_histogram(metrics_port, "embed") if metrics_port else None
     with CpuMeter(pids) as meter:
         result = await run_load(spec)
-    after = batch_histogram(metrics_port) if metrics_port else None
+    after = batch_histogram(metrics_port, "embed") if metrics_port else None
     avg_batch = None
     if before is not None and after is not None and after[1] > before[1]:
         avg_batch = (after[0] - before[0]) / (after[1] - before[1])
@@ -492,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert batched.process is not None and unbatched.process is not None
         mesh_pids = [batched.process.pid, unbatched.process.pid, *batched.pids().values(), *unbatched.pids().values()]
         busy = wait_quiet(args.wait_quiet, exclude=mesh_pids)
-        scrape = metrics_port if batch_histogram(metrics_port) is not None else None
+        scrape = metrics_port if batch_histogram(metrics_port, "embed") is not None else None
         served = asyncio.run(run_served(batched, unbatched, args.rounds, args.duration, scrape, k))
     finally:
         unbatched.stop()

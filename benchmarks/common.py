@@ -11,6 +11,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -221,3 +223,17 @@ def command_line() -> str:
     module = sys.modules["__main__"].__spec__
     name = module.name if module is not None else Path(sys.argv[0]).stem
     return " ".join(["python -m", name, *sys.argv[1:]])
+
+
+def batch_histogram(metrics_port: int, batcher: str) -> tuple[float, float] | None:
+    """(sum, count) of a batcher's aimass_batch_size histogram, or None when no metrics endpoint answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as reply:
+            text = reply.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    line = re.compile(rf'^aimass_batch_size_(sum|count)\{{batcher="{re.escape(batcher)}"\}}\s+(\S+)$', re.MULTILINE)
+    found = {kind: float(value) for kind, value in line.findall(text)}
+    if "sum" not in found or "count" not in found:
+        return None
+    return found["sum"], found["count"]

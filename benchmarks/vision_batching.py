@@ -18,11 +18,8 @@ import asyncio
 import base64
 import io
 import os
-import re
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from aimass.local_mesh import free_port
 from benchmarks.common import (
     CpuMeter,
     Mesh,
+    batch_histogram,
     command_line,
     machine,
     markdown_table,
@@ -49,8 +47,6 @@ JPEG_QUALITY = 90
 SPEEDUP_GOAL = 2.5
 PROCESSES = ("client", "gateway", "replica")
 REPLICAS = {"vision": 1}
-_METRIC_LINE = re.compile(r'^aimass_batch_size_(sum|count)\{batcher="classify"\}\s+(\S+)$', re.MULTILINE)
-
 BATCHED = "batched"
 UNBATCHED = "unbatched"
 
@@ -96,19 +92,6 @@ class ModelAlone:
     others_pct: float  # the most CPU other processes used during any of the three, % of one CPU
 
 
-def batch_histogram(metrics_port: int) -> tuple[float, float] | None:
-    """(sum, count) of the classify batcher's aimass_batch_size, or None when no metrics endpoint answers."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as reply:
-            text = reply.read().decode()
-    except (urllib.error.URLError, OSError):
-        return None
-    found = {kind: float(value) for kind, value in _METRIC_LINE.findall(text)}
-    if "sum" not in found or "count" not in found:
-        return None
-    return found["sum"], found["count"]
-
-
 async def serve_load(
     label: str,
     target: str,
@@ -128,10 +111,10 @@ async def serve_load(
         deadline_s=30.0,
         progress=False,
     )
-    before = batch_histogram(port) if port else None
+    before = batch_histogram(port, "classify") if port else None
     with CpuMeter(pids) as meter:
         result = await run_load(spec)
-    after = batch_histogram(port) if port else None
+    after = batch_histogram(port, "classify") if port else None
     avg_batch = None
     if before is not None and after is not None and after[1] > before[1]:
         avg_batch = (after[0] - before[0]) / (after[1] - before[1])
@@ -432,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert batched.process is not None and unbatched.process is not None
         mesh_pids = [batched.process.pid, unbatched.process.pid, *batched.pids().values(), *unbatched.pids().values()]
         busy = wait_quiet(args.wait_quiet, exclude=mesh_pids)
-        scrape = metrics_port if batch_histogram(metrics_port) is not None else None
+        scrape = metrics_port if batch_histogram(metrics_port, "classify") is not None else None
 
         def quiet_served() -> None:
             busy.extend(wait_quiet(args.wait_quiet, exclude=mesh_pids))
