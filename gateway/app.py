@@ -73,8 +73,8 @@ class GatewayApp:
         return ()
 
     async def close(self) -> None:
+        # The runner closes the registry itself (it is this process's Registry too).
         await self.replicas.close()
-        await self.registry.close()
 
 
 def build_runner(settings: Settings) -> ServerRunner:
