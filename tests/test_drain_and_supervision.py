@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aimass.local_mesh import LocalMesh
+from aimass.local_mesh import LocalMesh, free_port
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc
 from tests.conftest import start_mesh
@@ -114,3 +116,26 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     log = mesh.log_text()
     assert "stopping: services drain first, then the gateway" in log
     assert "nlp stopped" in log and "gateway stopped" in log
+
+
+def test_sigterm_while_models_load_exits_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "AIMASS_NLP__SERVER__PORT": str(port), "AIMASS_REGISTRY__ADDRESS": f"127.0.0.1:{free_port()}"}
+    log = tmp_path / "nlp.log"
+    with log.open("wb") as sink:
+        replica = subprocess.Popen(
+            [sys.executable, "-m", "services.nlp"], stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "loading model 1/3" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(replica.pid, signal.SIGTERM)
+        started = time.monotonic()
+        assert replica.wait(timeout=30) == 0
+        # The models take seconds to load; the replica must not sit through the rest of it.
+        assert time.monotonic() - started < 2.0, log.read_text()
+        assert "stopped while loading models" in log.read_text()
+    finally:
+        if replica.poll() is None:
+            replica.kill()

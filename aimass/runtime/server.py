@@ -165,11 +165,22 @@ class ServerRunner:
         log.info("%s stopped", self.app.kind)
 
     async def run_until_signalled(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, then drain."""
+        """Start, serve until SIGTERM/SIGINT, then drain. A signal during model loading ends the process at once."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # Nothing was accepted yet (health NOT_SERVING, not registered), so there is nothing to drain; the
+            # load runs in a thread that cannot be interrupted, and waiting for it would delay every shutdown.
+            log.info("%s stopped while loading models; exiting without waiting for the load", self.app.kind)
+            if self._server is not None:
+                await self._server.stop(0)
+            logging.shutdown()
+            os._exit(0)
+        starting.result()
+        await stopping
         await self.drain()
