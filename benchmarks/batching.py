@@ -34,12 +34,13 @@ from benchmarks.common import (
     command_line,
     machine,
     markdown_table,
+    measure_load,
     median,
-    update_doc,
+    publish,
     utc_now,
     wait_quiet,
 )
-from loadtest.generator import LoadResult, LoadSpec, run_load
+from loadtest.generator import LoadResult, LoadSpec
 
 NAME = "batching"
 METHOD = "aimass.v1.NlpService/Embed"
@@ -118,19 +119,14 @@ async def serve_load(
         deadline_s=30.0,
         progress=False,
     )
-    before = batch_histogram(metrics_port, "embed") if metrics_port else None
-    with CpuMeter(pids) as meter:
-        result = await run_load(spec)
-    after = batch_histogram(metrics_port, "embed") if metrics_port else None
-    avg_batch = None
-    if before is not None and after is not None and after[1] > before[1]:
-        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    measured = await measure_load(spec, pids, metrics_port, "embed")
+    result, avg_batch = measured.result, measured.avg_batch
     texts = (result.requests + spec.warmup) * texts_per_request
-    cpu = {name: seconds * 1000 / texts for name, seconds in meter.used.items()}
-    sample = Served(label, rnd, texts_per_request, result, cpu, avg_batch, meter.others_pct)
+    cpu = {name: seconds * 1000 / texts for name, seconds in measured.cpu_seconds.items()}
+    sample = Served(label, rnd, texts_per_request, result, cpu, avg_batch, measured.others_pct)
     print(
         f"  round {rnd + 1} {label:<18} {sample.texts_per_s:7,.1f} texts/s  p50 {result.latency.p50_ms:7.1f} ms"
-        f"  p99 {result.latency.p99_ms:7.1f} ms  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU"
+        f"  p99 {result.latency.p99_ms:7.1f} ms  non-OK {result.errors}  others {measured.others_pct:.0f}% CPU"
         + (f"  avg batch {avg_batch:.1f}" if avg_batch is not None else ""),
         file=sys.stderr,
     )
@@ -492,10 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration=args.duration,
         busy=busy,
     )
-    print(text)
-    if args.write is not None:
-        update_doc(args.write, NAME, text)
-        print(f"\nupdated the {NAME} section of {args.write}", file=sys.stderr)
+    publish(text, args.write, NAME)
     return 0
 
 

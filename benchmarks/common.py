@@ -14,12 +14,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from aimass.cli import SERVICE_MODULES
 from aimass.local_mesh import LocalMesh
+from loadtest.generator import LoadResult, LoadSpec, run_load
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -237,3 +239,33 @@ def batch_histogram(metrics_port: int, batcher: str) -> tuple[float, float] | No
     if "sum" not in found or "count" not in found:
         return None
     return found["sum"], found["count"]
+
+
+def publish(text: str, doc: Path | None, name: str) -> None:
+    """Print a benchmark's report and, when asked, write it into its section of ``doc``."""
+    print(text)
+    if doc is not None:
+        update_doc(doc, name, text)
+        print(f"\nupdated the {name} section of {doc}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class MeasuredLoad:
+    result: LoadResult
+    # CPU seconds per named process during the run (see CpuMeter).
+    cpu_seconds: dict[str, float]
+    others_pct: float
+    # Mean units per executed batch during the run, from the replica's aimass_batch_size; None when not readable.
+    avg_batch: float | None
+
+
+async def measure_load(spec: LoadSpec, pids: Mapping[str, int], metrics_port: int | None, batcher: str) -> MeasuredLoad:
+    """Run ``spec`` while metering each process's CPU and reading the batcher's batch sizes before and after."""
+    before = batch_histogram(metrics_port, batcher) if metrics_port else None
+    with CpuMeter(pids) as meter:
+        result = await run_load(spec)
+    after = batch_histogram(metrics_port, batcher) if metrics_port else None
+    avg_batch = None
+    if before is not None and after is not None and after[1] > before[1]:
+        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    return MeasuredLoad(result, meter.used, meter.others_pct, avg_batch)

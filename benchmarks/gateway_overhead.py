@@ -25,7 +25,7 @@ from benchmarks.common import (
     machine,
     markdown_table,
     median,
-    update_doc,
+    publish,
     utc_now,
     wait_quiet,
 )
@@ -304,10 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         mesh.stop()
     text = report(samples, host=host, date=date, rounds=args.rounds, duration=args.duration, busy=busy)
-    print(text)
-    if args.write is not None:
-        update_doc(args.write, NAME, text)
-        print(f"\nupdated the {NAME} section of {args.write}", file=sys.stderr)
+    publish(text, args.write, NAME)
     return 0
 
 

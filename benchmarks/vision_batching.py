@@ -32,12 +32,13 @@ from benchmarks.common import (
     command_line,
     machine,
     markdown_table,
+    measure_load,
     median,
-    update_doc,
+    publish,
     utc_now,
     wait_quiet,
 )
-from loadtest.generator import LoadResult, LoadSpec, run_load
+from loadtest.generator import LoadResult, LoadSpec
 
 NAME = "vision_batching"
 METHOD = "aimass.v1.VisionService/Classify"
@@ -111,19 +112,14 @@ async def serve_load(
         deadline_s=30.0,
         progress=False,
     )
-    before = batch_histogram(port, "classify") if port else None
-    with CpuMeter(pids) as meter:
-        result = await run_load(spec)
-    after = batch_histogram(port, "classify") if port else None
-    avg_batch = None
-    if before is not None and after is not None and after[1] > before[1]:
-        avg_batch = (after[0] - before[0]) / (after[1] - before[1])
+    measured = await measure_load(spec, pids, port, "classify")
+    result, avg_batch = measured.result, measured.avg_batch
     images = result.requests + spec.warmup
-    cpu = {name: seconds * 1000 / images for name, seconds in meter.used.items()}
-    sample = Served(label, rnd, result, cpu, avg_batch, meter.others_pct)
+    cpu = {name: seconds * 1000 / images for name, seconds in measured.cpu_seconds.items()}
+    sample = Served(label, rnd, result, cpu, avg_batch, measured.others_pct)
     print(
         f"  round {rnd + 1} {label:<10} {sample.images_per_s:7,.1f} images/s  p50 {result.latency.p50_ms:7.1f} ms"
-        f"  p99 {result.latency.p99_ms:7.1f} ms  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU"
+        f"  p99 {result.latency.p99_ms:7.1f} ms  non-OK {result.errors}  others {measured.others_pct:.0f}% CPU"
         + (f"  avg batch {avg_batch:.1f}" if avg_batch is not None else ""),
         file=sys.stderr,
     )
@@ -438,10 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jpeg_bytes=len(jpeg),
         busy=busy,
     )
-    print(text)
-    if args.write is not None:
-        update_doc(args.write, NAME, text)
-        print(f"\nupdated the {NAME} section of {args.write}", file=sys.stderr)
+    publish(text, args.write, NAME)
     return 0
 
 
