@@ -243,8 +243,14 @@ class TelemetryInterceptor(AroundInterceptor):
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         started = time.perf_counter()
         request_id = self._request_id(context)
-        # Read now: context.peer() on a call the client has cancelled can crash the process (grpcio segfault).
-        peer = context.peer()
+        logged = (
+            self.access_log_enabled
+            and access_log.isEnabledFor(logging.INFO)
+            and not method.startswith(UNLOGGED_PREFIXES)
+        )
+        # Read now, and only when logged: context.peer() on a call the client has cancelled can crash the process
+        # (grpcio segfault), and unlogged calls need not pay for it.
+        peer = context.peer() if logged else None
         failure: BaseException | None = None
         try:
             yield
@@ -254,15 +260,12 @@ class TelemetryInterceptor(AroundInterceptor):
         finally:
             self._record(method, peer, started, self._code_of(context, failure), request_id)
 
-    def _record(self, method: str, peer: str, started: float, code: str, request_id: str) -> None:
+    def _record(self, method: str, peer: str | None, started: float, code: str, request_id: str) -> None:
+        """Metrics always; the access-log line when ``peer`` was read for it."""
         elapsed = time.perf_counter() - started
         REQUESTS.labels(method, code).inc()
         LATENCY.labels(method).observe(elapsed)
-        if (
-            self.access_log_enabled
-            and access_log.isEnabledFor(logging.INFO)
-            and not method.startswith(UNLOGGED_PREFIXES)
-        ):
+        if peer is not None:
             access_log.info("%s %s %.2fms peer=%s request_id=%s", method, code, elapsed * 1000, peer, request_id or "-")
 
     @staticmethod
