@@ -23,7 +23,12 @@ from aimass.supervisor import ProcessSpec, Supervisor
 log = logging.getLogger("aimass")
 
 # kind → the module that runs one replica of it; each kind has a `<kind>` section in the config.
-SERVICE_MODULES = {"nlp": "services.nlp", "vision": "services.vision", "speech": "services.speech"}
+SERVICE_MODULES = {
+    "nlp": "services.nlp",
+    "vision": "services.vision",
+    "speech": "services.speech",
+    "llm": "services.llm",
+}
 
 
 def replica_counts(args: argparse.Namespace) -> dict[str, int]:

@@ -133,6 +133,47 @@ class SpeechConfig(BaseModel):
     tts_chunk_ms: PositiveInt = 500
 
 
+def default_llm_cache_dir() -> Path:
+    return Path.home() / ".cache" / "aimass" / "llm"
+
+
+class LlmConfig(BaseModel):
+    server: ServerConfig = ServerConfig(port=50091)
+    # A packaged model (see services/llm/weights.py) or, with model_path, any Hugging Face model folder.
+    model: str = "smollm2-135m-instruct"
+    model_path: Path | None = None
+    # Where packaged GGUF weights are converted once into a folder vLLM loads.
+    cache_dir: Path = Field(default_factory=default_llm_cache_dir)
+    # "auto" uses the GPU when vLLM was installed for CUDA, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Longest prompt + completion served (the model's own limit caps it; 0 = the model's limit).
+    max_model_len: int = Field(default=4096, ge=0)
+    # Sequences decoded together in one engine step (continuous batching).
+    max_num_seqs: PositiveInt = 16
+    # Accepted requests beyond max_num_seqs wait in the engine; past this many waiting, RESOURCE_EXHAUSTED.
+    max_waiting: int = Field(default=64, ge=0)
+    # KV-cache memory: GiB of RAM on the CPU (VLLM_CPU_KVCACHE_SPACE), fraction of GPU memory on CUDA.
+    cpu_kv_cache_gib: PositiveFloat = 1.0
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    # CPU cores the engine's threads bind to, e.g. "0-3" (VLLM_CPU_OMP_THREADS_BIND); empty = every core this
+    # process may use (vLLM's own default is core 0 only).
+    cpu_threads_bind: str = ""
+    # max_tokens when a request leaves it 0; always capped at what the context leaves.
+    default_max_tokens: PositiveInt = 512
+    max_messages: PositiveInt = 256
+    max_stop_sequences: PositiveInt = 4
+    max_stop_chars: PositiveInt = 64
+    max_prompt_chars: PositiveInt = 200_000
+
+
+class SchedulerConfig(BaseModel):
+    """Where replicas send load reports (SchedulerService.ReportLoad); an empty address sends none."""
+
+    address: str = ""
+    # First report interval; the scheduler's answers set the next ones.
+    report_interval_s: PositiveFloat = 1.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -142,6 +183,8 @@ class Settings(BaseSettings):
     nlp: NlpConfig = NlpConfig()
     vision: VisionConfig = VisionConfig()
     speech: SpeechConfig = SpeechConfig()
+    llm: LlmConfig = LlmConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -11,13 +11,21 @@ ERROR_INFO_KEY: Final = "aimass-error-bin"
 # Correlates a request across gateway and replica logs; replicas echo it back as a trailer.
 REQUEST_ID_KEY: Final = "x-request-id"
 
+# The tenant a request is for, set by the gateway after authentication; replicas account work to it.
+TENANT_KEY: Final = "x-aimass-tenant"
+
+
+def metadata_value(metadata: Iterable[Any] | None, key: str) -> str:
+    """One metadata entry's value, or "" when absent."""
+    for entry_key, value in metadata or ():
+        if entry_key == key:
+            return str(value)
+    return ""
+
 
 def request_id_of(metadata: Iterable[Any] | None) -> str:
     """The caller's request id, or "" when it sent none."""
-    for key, value in metadata or ():
-        if key == REQUEST_ID_KEY:
-            return str(value)
-    return ""
+    return metadata_value(metadata, REQUEST_ID_KEY)
 
 
 def new_request_id() -> str:

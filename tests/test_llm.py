@@ -1,0 +1,345 @@
+"""LlmService on the real vLLM engine (SmolLM2-135M-Instruct), through the gateway of a mesh started by
+`aimass up`, as a client in any language would use it. The engine starts once for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+import pytest
+
+from aimass.local_mesh import LocalMesh
+from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, models_pb2, models_pb2_grpc, scheduler_pb2
+from tests.conftest import start_mesh
+from tests.load_report_sink import LoadReportSink
+
+MODEL = "smollm2-135m-instruct"
+# Small enough to make the engine queue and a too-long prompt cheap to build.
+MAX_NUM_SEQS = 4
+MAX_WAITING = 8
+CONTEXT = 1024
+CAPITAL = "What is the capital of France?"
+# Greedy decoding keeps going on this one, so max_tokens decides the length.
+COUNTING = "Count from 1 to 200, separated by commas."
+LONG_STORY = "Write a very long story about a dragon who learns to cook. Use at least 2000 words."
+GREEDY = llm_pb2.SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def reports() -> Iterator[LoadReportSink]:
+    sink = LoadReportSink(report_interval_ms=100)
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_mesh(tmp_path_factory: pytest.TempPathFactory, reports: LoadReportSink) -> Iterator[LocalMesh]:
+    env = {
+        "AIMASS_LLM__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
+        "AIMASS_LLM__MAX_WAITING": str(MAX_WAITING),
+        "AIMASS_LLM__MAX_MODEL_LEN": str(CONTEXT),
+        "AIMASS_SCHEDULER__ADDRESS": reports.address,
+    }
+    mesh = start_mesh(tmp_path_factory.mktemp("llm"), {"llm": 1}, env)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture
+async def channel(llm_mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(llm_mesh.gateway) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LlmServiceAsyncStub:
+    return llm_pb2_grpc.LlmServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def user(text: str) -> llm_pb2.ChatMessage:
+    return llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=text)
+
+
+def chat_request(
+    text: str,
+    *,
+    system: str = "",
+    sampling: llm_pb2.SamplingParams = GREEDY,
+    max_tokens: int = 0,
+    priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_UNSPECIFIED,
+) -> llm_pb2.ChatRequest:
+    messages = [llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_SYSTEM, content=system)] if system else []
+    params = llm_pb2.SamplingParams()
+    params.CopyFrom(sampling)
+    if max_tokens:
+        params.max_tokens = max_tokens
+    return llm_pb2.ChatRequest(
+        messages=[*messages, user(text)], sampling=params, meta=common_pb2.RequestMeta(priority=priority)
+    )
+
+
+async def collect(
+    stub: llm_pb2_grpc.LlmServiceAsyncStub, request: llm_pb2.ChatRequest, **kwargs: object
+) -> list[llm_pb2.ChatResponse]:
+    return [response async for response in stub.Chat(request, timeout=120, **kwargs)]  # type: ignore[arg-type]
+
+
+def text_of(responses: Sequence[llm_pb2.ChatResponse]) -> str:
+    return "".join(r.delta for r in responses)
+
+
+async def test_greedy_chat_is_deterministic_and_right(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    first = await collect(stub, chat_request(CAPITAL, max_tokens=30))
+    second = await collect(stub, chat_request(CAPITAL, max_tokens=30))
+    assert text_of(first) == text_of(second)
+    assert "Paris" in text_of(first)
+    # The first response names the model; only the last carries the finish reason and usage.
+    assert first[0].model.name == MODEL
+    assert all(not r.HasField("usage") for r in first[:-1])
+    assert first[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
+    usage = first[-1].usage
+    assert usage.completion_tokens > 0
+    assert 0 < usage.time_to_first_token_ms <= usage.total_time_ms
+
+
+async def test_usage_counts_the_templated_prompt(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    request = chat_request(CAPITAL, max_tokens=4)
+    counted = await stub.CountTokens(llm_pb2.CountTokensRequest(messages=request.messages), timeout=30)
+    responses = await collect(stub, request)
+    assert counted.context_length == CONTEXT
+    assert responses[-1].usage.prompt_tokens == counted.token_count
+    # The chat template wraps the question, so the chat counts more tokens than the bare text.
+    bare = await stub.CountTokens(llm_pb2.CountTokensRequest(prompt=CAPITAL), timeout=30)
+    assert counted.token_count > bare.token_count > 0
+
+
+async def test_max_tokens_is_honoured(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    responses = await collect(stub, chat_request(COUNTING, max_tokens=7))
+    assert responses[-1].usage.completion_tokens == 7
+    assert responses[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
+
+
+async def test_stop_sequence_ends_the_answer_before_it(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    sampling = llm_pb2.SamplingParams(temperature=0, stop=["Paris"])
+    responses = await collect(stub, chat_request(CAPITAL, sampling=sampling, max_tokens=30))
+    text = text_of(responses)
+    assert "Paris" not in text and text.strip(), text
+    assert responses[-1].finish_reason == llm_pb2.FINISH_REASON_STOP_SEQUENCE
+    assert responses[-1].stop_sequence == "Paris"
+
+
+async def test_system_prompt_changes_the_answer(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    plain = text_of(await collect(stub, chat_request("Who are you?", max_tokens=40)))
+    pirate = text_of(
+        await collect(
+            stub,
+            chat_request("Who are you?", system="You are Captain Hook, a pirate. Talk like a pirate.", max_tokens=40),
+        )
+    )
+    assert plain != pirate
+
+
+async def test_generate_continues_a_raw_prompt(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    request = llm_pb2.GenerateRequest(prompt="1, 2, 3, 4,", sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=6))
+    responses = [r async for r in stub.Generate(request, timeout=60)]
+    assert responses[0].model.name == MODEL
+    assert "5" in "".join(r.delta for r in responses)
+    assert responses[-1].usage.completion_tokens == 6
+
+
+async def test_eight_concurrent_streams_complete_in_order(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    prompts = [f"Name {n} fruits, one per line." for n in range(2, 10)]
+    alone = text_of(await collect(stub, chat_request(prompts[0], max_tokens=24)))
+    together = await asyncio.gather(*(collect(stub, chat_request(p, max_tokens=24)) for p in prompts))
+    for responses in together:
+        assert responses[0].model.name == MODEL
+        assert responses[-1].finish_reason in (llm_pb2.FINISH_REASON_STOP, llm_pb2.FINISH_REASON_LENGTH)
+        assert [bool(r.finish_reason) for r in responses] == [False] * (len(responses) - 1) + [True]
+    # Sharing the engine's batches does not change a greedy answer: its tokens arrive in the same order.
+    assert text_of(together[0]) == alone
+
+
+def load_of(report: scheduler_pb2.ReportLoadRequest) -> scheduler_pb2.ModelLoad:
+    (load,) = report.models
+    return load
+
+
+async def test_cancel_mid_stream_frees_the_engine(
+    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
+) -> None:
+    call = stub.Chat(chat_request(LONG_STORY, max_tokens=600), timeout=120)
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 5:
+            break
+    busy = await asyncio.to_thread(reports.wait_for, lambda r: load_of(r).running_requests == 1, 10)
+    assert load_of(busy).kv_cache_usage > 0
+    call.cancel()
+    cancelled_at = len(reports.reports)
+    started = time.monotonic()
+    await asyncio.to_thread(
+        reports.wait_for, lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0, 5, after=cancelled_at
+    )
+    # Reports come every 100 ms; the abort itself takes one engine step.
+    assert time.monotonic() - started < 2.0
+
+
+async def test_deadline_expiry_aborts_generation(
+    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.Chat(chat_request(LONG_STORY, max_tokens=600), timeout=1.5):
+            pass
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    expired_at = len(reports.reports)
+    started = time.monotonic()
+    await asyncio.to_thread(
+        reports.wait_for, lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0, 5, after=expired_at
+    )
+    assert time.monotonic() - started < 2.0
+
+
+async def test_high_priority_overtakes_a_queue_of_low_priority(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    finished: list[str] = []
+
+    async def run(name: str, priority: common_pb2.Priority.ValueType) -> None:
+        responses = await collect(stub, chat_request(COUNTING, max_tokens=40, priority=priority))
+        assert responses[-1].usage.completion_tokens == 40
+        finished.append(name)
+
+    # Twice the engine's batch of low-priority requests: half run, half wait.
+    lows = [asyncio.create_task(run(f"low{i}", common_pb2.PRIORITY_LOW)) for i in range(2 * MAX_NUM_SEQS)]
+    await asyncio.sleep(0.5)
+    await run("high", common_pb2.PRIORITY_HIGH)
+    await asyncio.gather(*lows)
+    # Without priorities the high request would finish last; with them it takes the first free slot.
+    assert finished.index("high") <= MAX_NUM_SEQS + 1, finished
+
+
+async def test_full_replica_answers_resource_exhausted(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    async def run() -> grpc.StatusCode:
+        try:
+            await collect(stub, chat_request(COUNTING, max_tokens=24))
+        except grpc.aio.AioRpcError as err:
+            assert "full" in (err.details() or ""), err.details()
+            return err.code()
+        return grpc.StatusCode.OK
+
+    capacity = MAX_NUM_SEQS + MAX_WAITING
+    codes = await asyncio.gather(*(run() for _ in range(capacity + 6)))
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
+    assert codes.count(grpc.StatusCode.OK) >= capacity - 2
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+async def test_tenant_work_reaches_the_load_reports(
+    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
+) -> None:
+    before = len(reports.reports)
+    responses = await collect(stub, chat_request(CAPITAL, max_tokens=5), metadata=(("x-aimass-tenant", "acme"),))
+    usage = responses[-1].usage
+
+    def has_acme(report: scheduler_pb2.ReportLoadRequest) -> bool:
+        return any(t.tenant_id == "acme" for t in report.tenant_tokens)
+
+    report = await asyncio.to_thread(reports.wait_for, has_acme, 5, after=before)
+    (acme,) = [t for t in report.tenant_tokens if t.tenant_id == "acme"]
+    assert (acme.requests, acme.prompt_tokens, acme.completion_tokens) == (
+        1,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+    assert report.node_id and load_of(report).device_id.endswith("/cpu")
+    assert load_of(report).model.name == MODEL
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "words"),
+    [
+        (llm_pb2.ChatRequest(), grpc.StatusCode.INVALID_ARGUMENT, ["messages is empty"]),
+        (
+            llm_pb2.ChatRequest(messages=[llm_pb2.ChatMessage(content="hi")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["messages[0].role is unset"],
+        ),
+        (
+            llm_pb2.ChatRequest(messages=[llm_pb2.ChatMessage(role=7, content="hi")]),  # type: ignore[arg-type]
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["messages[0].role", "not a ChatRole"],
+        ),
+        (
+            llm_pb2.ChatRequest(messages=[user("hi"), llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_SYSTEM, content="x")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["messages[1]", "system"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(temperature=3)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.temperature is 3", "[0, 2]"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(top_p=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.top_p", "(0, 1]"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(stop=["a"] * 5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.stop", "limit is 4"],
+        ),
+        (
+            chat_request("word " * 1500),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["tokens", f"context is {CONTEXT} tokens"],
+        ),
+        (
+            chat_request("hi", max_tokens=CONTEXT),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["max_tokens is 1024", f"context of {CONTEXT} tokens"],
+        ),
+        (
+            llm_pb2.ChatRequest(model=common_pb2.ModelRef(name="gpt-17"), messages=[user("hi")]),
+            grpc.StatusCode.NOT_FOUND,
+            ["'gpt-17'", MODEL],
+        ),
+        (
+            llm_pb2.ChatRequest(model=common_pb2.ModelRef(name=MODEL, version="9"), messages=[user("hi")]),
+            grpc.StatusCode.NOT_FOUND,
+            ["no version '9'"],
+        ),
+    ],
+)
+async def test_bad_chat_requests_are_refused_clearly(
+    stub: llm_pb2_grpc.LlmServiceAsyncStub, request_: llm_pb2.ChatRequest, code: grpc.StatusCode, words: list[str]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(stub, request_)
+    assert raised.value.code() == code
+    for word in words:
+        assert word in (raised.value.details() or ""), raised.value.details()
+
+
+async def test_bad_generate_and_count_requests(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.Generate(llm_pb2.GenerateRequest(prompt=""), timeout=10):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in (raised.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CountTokens(llm_pb2.CountTokensRequest(prompt="a", messages=[user("b")]), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in (raised.value.details() or "")
+
+
+async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Channel) -> None:
+    models = models_pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    listed = await models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_LLM), timeout=10)
+    (info,) = [m for m in listed.models if m.name == MODEL]
+    assert info.versions[0].context_length == CONTEXT
+    assert "aimass.v1.LlmService/Chat" in info.methods
+    described = await models.DescribeModel(
+        models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name=MODEL)), timeout=10
+    )
+    assert len(described.model.replicas) == 1 and described.model.replicas[0].loaded
