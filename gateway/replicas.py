@@ -71,6 +71,10 @@ class ReplicaSet:
     def healthy(self, service: str) -> list[Replica]:
         return self.by_service.get(service, [])
 
+    def all_healthy(self) -> list[Replica]:
+        """Every serving replica once, whatever it serves (mesh-wide questions such as the model catalogue)."""
+        return sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id)
+
     async def _follow(self) -> None:
         async for view in self.registry.watch():
             self.apply(view)

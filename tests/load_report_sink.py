@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any, NoReturn
 
 import grpc
 
@@ -39,6 +40,26 @@ class LoadReportSink(scheduler_pb2_grpc.SchedulerServiceServicer):
             self.reports.append(request)
             self._changed.notify_all()
         return scheduler_pb2.ReportLoadResponse(report_interval_ms=self.report_interval_ms)
+
+    # The rest of the scheduler's contract is not this sink's business.
+    def _unimplemented(self, context: grpc.ServicerContext) -> NoReturn:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "this test sink only receives load reports")
+        raise AssertionError("unreachable")
+
+    def ReportNode(self, request: Any, context: grpc.ServicerContext) -> scheduler_pb2.ReportNodeResponse:
+        self._unimplemented(context)
+
+    def WatchView(self, request: Any, context: grpc.ServicerContext) -> Iterator[scheduler_pb2.WatchViewResponse]:
+        self._unimplemented(context)
+
+    def PlaceModel(self, request: Any, context: grpc.ServicerContext) -> scheduler_pb2.PlaceModelResponse:
+        self._unimplemented(context)
+
+    def EvictModel(self, request: Any, context: grpc.ServicerContext) -> scheduler_pb2.EvictModelResponse:
+        self._unimplemented(context)
+
+    def GetPlacement(self, request: Any, context: grpc.ServicerContext) -> scheduler_pb2.GetPlacementResponse:
+        self._unimplemented(context)
 
     def wait_for(
         self, predicate: Callable[[scheduler_pb2.ReportLoadRequest], bool], timeout_s: float, *, after: int = 0

@@ -48,6 +48,7 @@ def test_grpcurl_reaches_a_replica_directly_too(mesh: LocalMesh) -> None:
     listed = grpcurl(mesh.nlp_addresses[0], "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == [
+        "aimass.v1.ModelService",  # its own models (the gateway's answers for the whole mesh)
         "aimass.v1.NlpService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -64,7 +65,7 @@ def test_gateway_health_per_service(mesh: LocalMesh) -> None:
     assert overall.status == health_pb2.HealthCheckResponse.SERVING
     assert nlp.status == health_pb2.HealthCheckResponse.SERVING
     assert vision.status == health_pb2.HealthCheckResponse.SERVING
-    assert models.status == health_pb2.HealthCheckResponse.NOT_SERVING  # no replica serves it yet
+    assert models.status == health_pb2.HealthCheckResponse.SERVING  # the gateway serves the mesh's catalogue
 
 
 def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None:

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -11,7 +15,18 @@ import grpc
 import pytest
 
 from aimass.local_mesh import LocalMesh
-from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, models_pb2, models_pb2_grpc, scheduler_pb2
+from aimass.runtime.config import default_llm_cache_dir
+from aimass.v1 import (
+    common_pb2,
+    llm_pb2,
+    llm_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+)
+from services.llm.weights import PACKAGED_MODELS, model_folder
 from tests.conftest import start_mesh
 from tests.load_report_sink import LoadReportSink
 
@@ -56,7 +71,7 @@ async def channel(llm_mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
 
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> llm_pb2_grpc.LlmServiceAsyncStub:
-    return llm_pb2_grpc.LlmServiceStub(channel)  # type: ignore[no-untyped-call]
+    return llm_pb2_grpc.LlmServiceStub(channel)
 
 
 def user(text: str) -> llm_pb2.ChatMessage:
@@ -143,7 +158,9 @@ async def test_system_prompt_changes_the_answer(stub: llm_pb2_grpc.LlmServiceAsy
 
 
 async def test_generate_continues_a_raw_prompt(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
-    request = llm_pb2.GenerateRequest(prompt="1, 2, 3, 4,", sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=6))
+    request = llm_pb2.GenerateRequest(
+        prompt="1, 2, 3, 4,", sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=6)
+    )
     responses = [r async for r in stub.Generate(request, timeout=60)]
     assert responses[0].model.name == MODEL
     assert "5" in "".join(r.delta for r in responses)
@@ -182,7 +199,10 @@ async def test_cancel_mid_stream_frees_the_engine(
     cancelled_at = len(reports.reports)
     started = time.monotonic()
     await asyncio.to_thread(
-        reports.wait_for, lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0, 5, after=cancelled_at
+        reports.wait_for,
+        lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0,
+        5,
+        after=cancelled_at,
     )
     # Reports come every 100 ms; the abort itself takes one engine step.
     assert time.monotonic() - started < 2.0
@@ -327,14 +347,16 @@ async def test_bad_generate_and_count_requests(stub: llm_pb2_grpc.LlmServiceAsyn
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in stub.Generate(llm_pb2.GenerateRequest(prompt=""), timeout=10):
             pass
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in (raised.value.details() or "")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in (
+        raised.value.details() or ""
+    )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.CountTokens(llm_pb2.CountTokensRequest(prompt="a", messages=[user("b")]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in (raised.value.details() or "")
 
 
 async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Channel) -> None:
-    models = models_pb2_grpc.ModelServiceStub(channel)  # type: ignore[no-untyped-call]
+    models = models_pb2_grpc.ModelServiceStub(channel)
     listed = await models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_LLM), timeout=10)
     (info,) = [m for m in listed.models if m.name == MODEL]
     assert info.versions[0].context_length == CONTEXT
@@ -343,3 +365,59 @@ async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Ch
         models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name=MODEL)), timeout=10
     )
     assert len(described.model.replicas) == 1 and described.model.replicas[0].loaded
+
+
+TWIN = "smollm2-twin"
+
+
+@pytest.fixture(scope="module")
+def twin_replica(llm_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A second LLM process serving the same weights under another model name, as one would add a model."""
+    folder = model_folder(PACKAGED_MODELS[MODEL], default_llm_cache_dir())
+    env = {
+        **os.environ,
+        "AIMASS_REGISTRY__ADDRESS": llm_mesh.gateway,
+        "AIMASS_LLM__SERVER__PORT": "0",
+        "AIMASS_LLM__MODEL": TWIN,
+        "AIMASS_LLM__MODEL_PATH": str(folder),
+        "AIMASS_LLM__MAX_MODEL_LEN": str(CONTEXT),
+        "AIMASS_LLM__CPU_KV_CACHE_GIB": "1",
+    }
+    log = (tmp_path_factory.mktemp("twin") / "llm.log").open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "services.llm"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        with grpc.insecure_channel(llm_mesh.gateway) as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
+            while not any(
+                TWIN in [m.name for m in i.models] and i.state == common_pb2.SERVING_STATE_SERVING
+                for i in registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=5).instances
+            ):
+                assert process.poll() is None, "the second LLM replica exited while starting"
+                assert time.monotonic() < deadline, "the second LLM replica did not register in time"
+                time.sleep(0.5)
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+
+
+async def test_gateway_routes_each_model_to_its_replica(
+    twin_replica: None, stub: llm_pb2_grpc.LlmServiceAsyncStub, channel: grpc.aio.Channel
+) -> None:
+    async def ask(model: str) -> str:
+        request = chat_request(CAPITAL, max_tokens=8)
+        request.model.name = model
+        responses = await collect(stub, request)
+        return responses[0].model.name
+
+    # Round-robin alone would send half of each to the wrong process (NOT_FOUND there).
+    served = await asyncio.gather(*(ask(model) for model in (MODEL, TWIN) * 3))
+    assert served == [MODEL, TWIN] * 3
+    models = models_pb2_grpc.ModelServiceStub(channel)
+    listed = await models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_LLM), timeout=10)
+    assert [m.name for m in listed.models] == [MODEL, TWIN]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await ask("gpt-17")
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND

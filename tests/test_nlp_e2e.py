@@ -172,9 +172,10 @@ def test_malformed_bytes_through_gateway_are_invalid_argument(channel: grpc.Chan
 
 
 def test_service_without_replicas_is_unavailable_with_a_reason(channel: grpc.Channel) -> None:
-    err = rpc_error(channel.unary_unary("/aimass.v1.ModelService/ListModels"), b"", timeout=10)
+    # The test mesh runs no speech replica.
+    err = rpc_error(channel.unary_unary("/aimass.v1.SpeechService/ListVoices"), b"", timeout=10)
     assert err.code() == grpc.StatusCode.UNAVAILABLE
-    assert "no healthy replica serves aimass.v1.ModelService" in (err.details() or "")
+    assert "no healthy replica serves aimass.v1.SpeechService" in (err.details() or "")
 
 
 def test_deadline_passes_through_the_gateway(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:

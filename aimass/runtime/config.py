@@ -152,8 +152,8 @@ class LlmConfig(BaseModel):
     max_num_seqs: PositiveInt = 16
     # Accepted requests beyond max_num_seqs wait in the engine; past this many waiting, RESOURCE_EXHAUSTED.
     max_waiting: int = Field(default=64, ge=0)
-    # KV-cache memory: GiB of RAM on the CPU (VLLM_CPU_KVCACHE_SPACE), fraction of GPU memory on CUDA.
-    cpu_kv_cache_gib: PositiveFloat = 1.0
+    # KV-cache memory: whole GiB of RAM on the CPU (VLLM_CPU_KVCACHE_SPACE), fraction of GPU memory on CUDA.
+    cpu_kv_cache_gib: PositiveInt = 1
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
     # CPU cores the engine's threads bind to, e.g. "0-3" (VLLM_CPU_OMP_THREADS_BIND); empty = every core this
     # process may use (vLLM's own default is core 0 only).

@@ -111,7 +111,7 @@ class LlmEngine:
 
     def _configure_cpu_environment(self) -> None:
         # vLLM's CPU build reads these when its engine process starts; explicit env vars win.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.config.cpu_kv_cache_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
         cores = self.config.cpu_threads_bind or _cores_string(sorted(os.sched_getaffinity(0)))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
+from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import RemoteRegistry
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.server import ServerRunner
-from aimass.v1 import nlp_pb2_grpc
-from services.nlp.engine import MODELS, NlpEngine
+from aimass.v1 import models_pb2, nlp_pb2_grpc
+from services.nlp.engine import EMBED_MODEL, MODELS, NER_MODEL, SENTIMENT_MODEL, NlpEngine
 from services.nlp.servicer import NlpServicer
 
 
@@ -36,6 +38,32 @@ class NlpApp:
 
     def model_names(self) -> tuple[str, ...]:
         return MODELS
+
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        text, service = models_pb2.MODALITY_TEXT, self.service_names[0]
+        return (
+            model_info(
+                EMBED_MODEL,
+                description="Sentence embeddings (384 dimensions); zero-shot classification by similarity",
+                modality=text,
+                service=service,
+                methods=("Embed", "Classify"),
+            ),
+            model_info(
+                SENTIMENT_MODEL,
+                description="Rule-based English sentiment (VADER)",
+                modality=text,
+                service=service,
+                methods=("Sentiment",),
+            ),
+            model_info(
+                NER_MODEL,
+                description="English named entities (spaCy small pipeline)",
+                modality=text,
+                service=service,
+                methods=("Entities",),
+            ),
+        )
 
     async def close(self) -> None:
         await self.servicer.close()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
+from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, SpeechConfig, load_settings
 from aimass.runtime.discovery import RemoteRegistry
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.server import ServerRunner
-from aimass.v1 import speech_pb2_grpc
+from aimass.v1 import models_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine
 from services.speech.servicer import SpeechServicer
 from services.speech.tts import TtsEngine
@@ -41,6 +44,32 @@ class SpeechApp:
 
     def model_names(self) -> tuple[str, ...]:
         return (WHISPER_MODEL, *self.tts.models)
+
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        speech, service = models_pb2.MODALITY_SPEECH, self.service_names[0]
+        # Synthesize without a model takes the first synthesiser that has its default voice.
+        default = self.tts.find_voice("", "")
+        voices = Counter(model for model, _ in self.tts.voices)
+        return (
+            model_info(
+                WHISPER_MODEL,
+                description="Multilingual speech recognition (Whisper base), whole files or streamed",
+                modality=speech,
+                service=service,
+                methods=("Transcribe", "StreamTranscribe"),
+            ),
+            *(
+                model_info(
+                    model,
+                    description=f"Text to speech with {voices[model]} voices; ListVoices names them",
+                    modality=speech,
+                    service=service,
+                    methods=("Synthesize", "ListVoices"),
+                    is_default=default is not None and default.model == model,
+                )
+                for model in self.tts.models
+            ),
+        )
 
     async def close(self) -> None:
         await self.servicer.close()

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
+from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, VisionConfig, load_settings
 from aimass.runtime.discovery import RemoteRegistry
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.server import ServerRunner
-from aimass.v1 import vision_pb2_grpc
-from services.vision.engine import MODELS, VisionEngine
+from aimass.v1 import models_pb2, vision_pb2_grpc
+from services.vision.engine import (
+    CLASSIFY_MODEL,
+    FACE_MODEL,
+    MODELS,
+    NUM_CLASSES,
+    OCR_LANGUAGES,
+    OCR_MODEL,
+    VisionEngine,
+)
 from services.vision.servicer import VisionServicer
 
 
@@ -36,6 +46,32 @@ class VisionApp:
 
     def model_names(self) -> tuple[str, ...]:
         return MODELS
+
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        vision, service = models_pb2.MODALITY_VISION, self.service_names[0]
+        return (
+            model_info(
+                CLASSIFY_MODEL,
+                description=f"Image classification into the {NUM_CLASSES} ImageNet classes",
+                modality=vision,
+                service=service,
+                methods=("Classify",),
+            ),
+            model_info(
+                FACE_MODEL,
+                description="Face detection with five landmarks per face",
+                modality=vision,
+                service=service,
+                methods=("DetectFaces",),
+            ),
+            model_info(
+                OCR_MODEL,
+                description=f"Text detection and recognition ({', '.join(OCR_LANGUAGES)})",
+                modality=vision,
+                service=service,
+                methods=("ReadText",),
+            ),
+        )
 
     async def close(self) -> None:
         await self.servicer.close()

@@ -1,0 +1,210 @@
+"""LLM figures: the served path (client → gateway → LLM replica → vLLM) vs vLLM's AsyncLLM in-process, and
+continuous batching (8 concurrent streams vs the same 8 one after another).
+
+The same engine class and configuration run both sides, one after the other in one run (never both at once: they
+would share the cores): first in this process, then as a mesh started by `aimass up`. Each side runs the same
+greedy chats (so the same tokens) at concurrency 1 and 8; tokens/s is completion tokens over wall time, time to
+first token is measured by the caller (send → first non-empty text).
+
+    python -m benchmarks.llm [--prompts 16] [--max-tokens 64] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from aimass.runtime.config import LlmConfig
+from aimass.v1 import llm_pb2, llm_pb2_grpc
+from benchmarks.common import Mesh, command_line, machine, markdown_table, median, publish, utc_now
+from services.llm.engine import LlmEngine
+
+NAME = "llm"
+THROUGHPUT_GOAL = 0.90
+TTFT_GOAL_MS = 10.0
+BATCHING_GOAL = 3.0
+TOPICS = (
+    "the ocean",
+    "volcanoes",
+    "honey bees",
+    "the moon",
+    "bicycles",
+    "coffee",
+    "rainforests",
+    "chess",
+    "lighthouses",
+    "glaciers",
+    "trains",
+    "owls",
+    "deserts",
+    "violins",
+    "bread",
+    "comets",
+)
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Call:
+    tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True)
+class Run:
+    calls: list[Call]
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(c.tokens for c in self.calls) / self.wall_s
+
+    @property
+    def ttft_p50_ms(self) -> float:
+        return median(c.ttft_s for c in self.calls) * 1000
+
+
+async def run_at(concurrency: int, texts: Sequence[str], one: Callable[[str], Awaitable[Call]]) -> Run:
+    """Every text once, ``concurrency`` in flight at a time."""
+    queue = list(reversed(texts))
+    calls: list[Call] = []
+
+    async def worker() -> None:
+        while queue:
+            calls.append(await one(queue.pop()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Run(calls, time.perf_counter() - started)
+
+
+async def in_process(config: LlmConfig, texts: Sequence[str], max_tokens: int) -> dict[int, Run]:
+    engine = LlmEngine(config)
+    print("in-process: starting vLLM (tens of seconds)", flush=True)
+    await asyncio.to_thread(engine.load)
+
+    async def one(text: str) -> Call:
+        started = time.perf_counter()
+        ids = await engine.encode_chat([{"role": "user", "content": text}])
+        params = engine.sampling_params(temperature=0.0, max_tokens=max_tokens)
+        tokens, ttft = 0, 0.0
+        async for chunk in engine.stream(ids, params, request_id="bench", priority=0):
+            if chunk.new_tokens and not ttft:
+                ttft = time.perf_counter() - started
+            tokens += chunk.new_tokens
+        return Call(tokens, ttft)
+
+    try:
+        await run_at(1, texts[:2], one)  # warm-up
+        return {c: await run_at(c, texts, one) for c in (1, 8)}
+    finally:
+        engine.shutdown()
+
+
+async def served(mesh: Mesh, texts: Sequence[str], max_tokens: int) -> dict[int, Run]:
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+
+        async def one(text: str) -> Call:
+            started = time.perf_counter()
+            request = llm_pb2.ChatRequest(
+                messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=text)],
+                sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
+            )
+            tokens, ttft = 0, 0.0
+            async for response in stub.Chat(request, timeout=300):
+                if response.delta and not ttft:
+                    ttft = time.perf_counter() - started
+                if response.HasField("usage"):
+                    tokens = response.usage.completion_tokens
+            return Call(tokens, ttft)
+
+        await run_at(1, texts[:2], one)  # warm-up
+        return {c: await run_at(c, texts, one) for c in (1, 8)}
+
+
+def report(local: dict[int, Run], mesh: dict[int, Run], texts: int, max_tokens: int) -> str:
+    rows = []
+    for c in (1, 8):
+        rows.append(
+            (
+                f"c={c}",
+                f"{local[c].tokens_per_s:.1f}",
+                f"{mesh[c].tokens_per_s:.1f}",
+                f"{mesh[c].tokens_per_s / local[c].tokens_per_s:.2f}",
+                f"{local[c].ttft_p50_ms:.0f}",
+                f"{mesh[c].ttft_p50_ms:.0f}",
+                f"{mesh[c].ttft_p50_ms - local[c].ttft_p50_ms:+.1f}",
+            )
+        )
+    table = markdown_table(
+        (
+            "concurrency",
+            "in-process tok/s",
+            "via gateway tok/s",
+            "ratio",
+            "in-process TTFT p50 ms",
+            "via gateway TTFT p50 ms",
+            "added ms",
+        ),
+        rows,
+    )
+    ratio = mesh[8].tokens_per_s / local[8].tokens_per_s
+    added = mesh[1].ttft_p50_ms - local[1].ttft_p50_ms
+    batching_local = local[8].tokens_per_s / local[1].tokens_per_s
+    batching_mesh = mesh[8].tokens_per_s / mesh[1].tokens_per_s
+    return "\n".join(
+        [
+            "## LLM (vLLM AsyncLLM, SmolLM2-135M-Instruct)",
+            "",
+            f"`{command_line()}` on {machine()}, {utc_now()}. {texts} greedy chats of up to {max_tokens} tokens per"
+            " concurrency level, the same on both sides; in-process first, then the mesh (never both at once).",
+            "",
+            table,
+            "",
+            f"- Through the gateway vs in-process at c=8: **{ratio:.2f}** of the tokens/s"
+            f" (goal ≥ {THROUGHPUT_GOAL:.2f}: {'met' if ratio >= THROUGHPUT_GOAL else 'missed'});"
+            f" time to first token at c=1 **{added:+.1f} ms**"
+            f" (goal ≤ +{TTFT_GOAL_MS:.0f} ms: {'met' if added <= TTFT_GOAL_MS else 'missed'}).",
+            f"- Continuous batching, 8 concurrent streams vs the same 8 one after another: **{batching_mesh:.1f}x**"
+            f" tokens/s through the gateway, {batching_local:.1f}x in-process (goal ≥ {BATCHING_GOAL:.0f}x:"
+            f" {'met' if batching_mesh >= BATCHING_GOAL else 'missed'}).",
+        ]
+    )
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    texts = prompts(args.prompts)
+    config = LlmConfig()
+    local = await in_process(config, texts, args.max_tokens)
+    mesh = Mesh("llm", replicas={"llm": 1})
+    print("mesh: starting `aimass up` with one LLM replica", flush=True)
+    mesh.start()
+    try:
+        mesh.wait_ready(600)
+        remote = await served(mesh, texts, args.max_tokens)
+    finally:
+        mesh.stop()
+    publish(report(local, remote, len(texts), args.max_tokens), args.write, NAME)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--write", type=Path, default=None, help="update this markdown file's llm section")
+    asyncio.run(main_async(parser.parse_args()))
+
+
+# vLLM starts its engine in child processes that may import this module again; only the parent benchmarks.
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""aimass.v1.ModelService: the catalogue rules on their own, the gateway's merge over a live and a dead replica, and
+the whole mesh started by `aimass up` answering through the gateway and on a replica directly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, cast
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from aimass.client import error_info
+from aimass.local_mesh import LocalMesh, free_port
+from aimass.runtime.catalogue import ReplicaModelServicer, describe, merge, model_info, select
+from aimass.runtime.discovery import InMemoryRegistry, Instance
+from aimass.runtime.errors import InvalidArgument, NotFound
+from aimass.runtime.interceptors import ErrorMappingInterceptor
+from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
+from gateway.models import MeshModelServicer
+from gateway.replicas import ReplicaSet
+
+NLP = "aimass.v1.NlpService"
+VISION = "aimass.v1.VisionService"
+NLP_MODELS = {
+    "all-MiniLM-L6-v2": [f"{NLP}/Embed", f"{NLP}/Classify"],
+    "en_core_web_sm": [f"{NLP}/Entities"],
+    "vader": [f"{NLP}/Sentiment"],
+}
+VISION_MODELS = {
+    "efficientnet-lite0": [f"{VISION}/Classify"],
+    "mtcnn": [f"{VISION}/DetectFaces"],
+    "pp-ocr": [f"{VISION}/ReadText"],
+}
+
+
+def ref(name: str, version: str = "") -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(name=name, version=version)
+
+
+def held_by(info: models_pb2.ModelInfo, *replicas: models_pb2.ModelReplica) -> models_pb2.ModelInfo:
+    entry = models_pb2.ModelInfo()
+    entry.CopyFrom(info)
+    entry.replicas.extend(replicas)
+    return entry
+
+
+def replica(instance_id: str, version: str = "1") -> models_pb2.ModelReplica:
+    return models_pb2.ModelReplica(
+        instance_id=instance_id,
+        address=f"{instance_id}:1",
+        version=version,
+        state=common_pb2.SERVING_STATE_SERVING,
+        loaded=True,
+    )
+
+
+# -- the catalogue rules ------------------------------------------------------------------------------------------
+
+
+def test_model_info_expands_short_method_names() -> None:
+    info = model_info("m", description="d", modality=models_pb2.MODALITY_TEXT, service="NlpService", methods=["Embed"])
+    assert list(info.services) == [NLP] and list(info.methods) == [f"{NLP}/Embed"]
+    assert [v.version for v in info.versions] == ["1"] and info.default_version == "1" and info.is_default
+
+
+def test_merge_joins_two_replicas_entries_for_one_model() -> None:
+    text = models_pb2.MODALITY_TEXT
+    a = model_info("embed", description="d", modality=text, service=NLP, methods=["Embed"], is_default=False)
+    b = model_info("embed", description="d", modality=text, service=NLP, methods=["Embed", "Classify"], version="2")
+    b.versions.add(version="1", footprint_bytes=123, footprint_measured=True)
+    other = model_info("vader", description="v", modality=text, service=NLP, methods=["Sentiment"])
+    merged = merge([held_by(other, replica("r1")), held_by(a, replica("r1")), held_by(b, replica("r2", "2"))])
+    assert [m.name for m in merged] == ["embed", "vader"]
+    embed = merged[0]
+    assert [r.instance_id for r in embed.replicas] == ["r1", "r2"]
+    assert list(embed.services) == [NLP] and list(embed.methods) == [f"{NLP}/Embed", f"{NLP}/Classify"]
+    assert [v.version for v in embed.versions] == ["1", "2"]
+    assert embed.versions[0].footprint_measured and embed.versions[0].footprint_bytes == 123  # measured wins
+    assert embed.is_default  # one replica's default is enough
+    assert [
+        r.instance_id for r in describe(merged, common_pb2.ModelRef(name="embed", version="2"), where="x").replicas
+    ] == ["r2"]
+
+
+def test_select_filters_sorts_and_drops_replicas() -> None:
+    infos = [
+        held_by(
+            model_info("z", description="", modality=models_pb2.MODALITY_TEXT, service=NLP, methods=["Embed"]),
+            replica("r"),
+        ),
+        model_info("a", description="", modality=models_pb2.MODALITY_VISION, service=VISION, methods=["Classify"]),
+    ]
+    everything = select(infos, models_pb2.ListModelsRequest(), loaded=True)
+    assert [m.name for m in everything] == ["a", "z"] and not everything[1].replicas
+    assert [m.name for m in select(infos, models_pb2.ListModelsRequest(service=NLP), loaded=True)] == ["z"]
+    by_modality = models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_VISION)
+    assert [m.name for m in select(infos, by_modality, loaded=True)] == ["a"]
+    assert [m.name for m in select(infos, models_pb2.ListModelsRequest(model=ref("z")), loaded=True)] == ["z"]
+    assert select(infos, models_pb2.ListModelsRequest(loaded_only=True), loaded=False) == []
+
+
+def test_describe_explains_missing_name_unknown_model_and_version() -> None:
+    entries = [
+        model_info("vader", description="", modality=models_pb2.MODALITY_TEXT, service=NLP, methods=["Sentiment"])
+    ]
+    with pytest.raises(InvalidArgument, match=r"model\.name is required"):
+        describe(entries, common_pb2.ModelRef(), where="this replica")
+    with pytest.raises(NotFound, match="'nope' is not served by this replica; known models: vader"):
+        describe(entries, common_pb2.ModelRef(name="nope"), where="this replica")
+    with pytest.raises(NotFound, match="'vader' has no version '9'; versions: 1"):
+        describe(entries, common_pb2.ModelRef(name="vader", version="9"), where="this replica")
+
+
+# -- the gateway's fan-out over a live and a dead replica ---------------------------------------------------------
+
+
+class FakeContext:
+    def time_remaining(self) -> float | None:
+        return 5.0
+
+    def invocation_metadata(self) -> Sequence[tuple[str, str]]:
+        return ()
+
+
+class OneModelApp:
+    def model_infos(self) -> Sequence[models_pb2.ModelInfo]:
+        return (
+            model_info("vader", description="", modality=models_pb2.MODALITY_TEXT, service=NLP, methods=["Sentiment"]),
+        )
+
+
+@pytest.fixture
+async def live_and_dead() -> AsyncIterator[ReplicaSet]:
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    models_pb2_grpc.add_ModelServiceServicer_to_server(
+        ReplicaModelServicer(OneModelApp(), lambda: replica("live")), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    replicas = ReplicaSet(InMemoryRegistry(), close_grace_s=0)
+    replicas.apply(
+        [
+            Instance("live", "nlp", (NLP,), f"127.0.0.1:{port}"),
+            Instance("dead", "nlp", (NLP,), f"127.0.0.1:{free_port()}"),  # nothing listens there
+        ]
+    )
+    yield replicas
+    await replicas.close()
+    await server.stop(0)
+
+
+async def test_gateway_leaves_out_a_replica_that_does_not_answer(
+    live_and_dead: ReplicaSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    servicer = MeshModelServicer(live_and_dead, replica_timeout_s=2.0)
+    context = cast(Any, FakeContext())
+    listed = await servicer.ListModels(models_pb2.ListModelsRequest(), context)
+    assert [m.name for m in listed.models] == ["vader"]
+    assert "replica dead at 127.0.0.1" in caplog.text
+    described = await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("vader")), context)
+    assert [r.instance_id for r in described.model.replicas] == ["live"]
+    with pytest.raises(NotFound, match="'nope' is not served by any replica; known models: vader"):
+        await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("nope")), context)
+
+
+# -- the mesh, through the gateway --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def channel(mesh: LocalMesh) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(mesh.gateway) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def models(channel: grpc.Channel) -> models_pb2_grpc.ModelServiceStub:
+    return models_pb2_grpc.ModelServiceStub(channel)
+
+
+def rpc_error(call: Any, request: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=10)
+    return caught.value
+
+
+def test_list_models_names_every_model_of_the_mesh(models: models_pb2_grpc.ModelServiceStub) -> None:
+    listed = models.ListModels(models_pb2.ListModelsRequest(), timeout=10).models
+    assert [m.name for m in listed] == sorted(NLP_MODELS | VISION_MODELS)
+    by_name = {m.name: m for m in listed}
+    for name, methods in NLP_MODELS.items():
+        assert list(by_name[name].methods) == methods and list(by_name[name].services) == [NLP]
+        assert by_name[name].modality == models_pb2.MODALITY_TEXT
+    for name, methods in VISION_MODELS.items():
+        assert list(by_name[name].methods) == methods and list(by_name[name].services) == [VISION]
+        assert by_name[name].modality == models_pb2.MODALITY_VISION
+    assert all(m.description and m.default_version == "1" and m.is_default and not m.replicas for m in listed)
+
+
+def test_list_models_filters(models: models_pb2_grpc.ModelServiceStub) -> None:
+    by_service = models.ListModels(models_pb2.ListModelsRequest(service=VISION), timeout=10).models
+    assert [m.name for m in by_service] == sorted(VISION_MODELS)
+    by_modality = models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_TEXT), timeout=10)
+    assert [m.name for m in by_modality.models] == sorted(NLP_MODELS)
+    loaded = models.ListModels(models_pb2.ListModelsRequest(loaded_only=True, model=ref("vader")), timeout=10)
+    assert [m.name for m in loaded.models] == ["vader"]
+    assert not models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_LLM), timeout=10).models
+
+
+def test_describe_model_shows_the_replica_holding_it(mesh: LocalMesh, models: models_pb2_grpc.ModelServiceStub) -> None:
+    described = models.DescribeModel(models_pb2.DescribeModelRequest(model=ref("all-MiniLM-L6-v2")), timeout=10)
+    model = described.model
+    assert list(model.methods) == NLP_MODELS["all-MiniLM-L6-v2"]
+    assert [r.address for r in model.replicas] == mesh.nlp_addresses
+    held = model.replicas[0]
+    assert held.loaded and held.state == common_pb2.SERVING_STATE_SERVING
+    assert held.version == "1" and held.instance_id.startswith("nlp-") and held.node_id
+    vision = models.DescribeModel(models_pb2.DescribeModelRequest(model=ref("mtcnn", "1")), timeout=10)
+    assert [r.address for r in vision.model.replicas] == mesh.addresses("vision")
+
+
+def test_describe_model_errors_are_readable(models: models_pb2_grpc.ModelServiceStub) -> None:
+    err = rpc_error(models.DescribeModel, models_pb2.DescribeModelRequest(model=ref("gpt-9")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "model 'gpt-9' is not served by any replica; known models: all-MiniLM-L6-v2, efficientnet-lite0" in (
+        err.details() or ""
+    )
+    info = error_info(err)
+    assert info is not None and info.reason == "MODEL_NOT_FOUND"
+    err = rpc_error(models.DescribeModel, models_pb2.DescribeModelRequest(model=ref("vader", "7")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "'vader' has no version '7'" in (err.details() or "")
+    err = rpc_error(models.DescribeModel, models_pb2.DescribeModelRequest())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.name is required" in (err.details() or "")
+
+
+def test_load_and_unload_wait_for_the_scheduler(models: models_pb2_grpc.ModelServiceStub) -> None:
+    err = rpc_error(models.LoadModel, models_pb2.LoadModelRequest(model=ref("vader")))
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "arrives with the scheduler" in (err.details() or "")
+    err = rpc_error(models.UnloadModel, models_pb2.UnloadModelRequest(model=ref("vader")))
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def services_by_reflection(address: str) -> list[str]:
+    with grpc.insecure_channel(address) as opened:
+        return sorted(ProtoReflectionDescriptorDatabase(opened).get_services())
+
+
+def test_model_service_is_visible_by_reflection(mesh: LocalMesh) -> None:
+    assert "aimass.v1.ModelService" in services_by_reflection(mesh.gateway)
+    assert "aimass.v1.ModelService" in services_by_reflection(mesh.nlp_addresses[0])
+
+
+def test_a_replica_answers_for_its_own_models_only(mesh: LocalMesh) -> None:
+    with grpc.insecure_channel(mesh.addresses("vision")[0]) as opened:
+        stub = models_pb2_grpc.ModelServiceStub(opened)
+        listed = stub.ListModels(models_pb2.ListModelsRequest(), timeout=10)
+        assert [m.name for m in listed.models] == sorted(VISION_MODELS)
+        err = rpc_error(stub.DescribeModel, models_pb2.DescribeModelRequest(model=ref("vader")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "'vader' is not served by this replica; known models: efficientnet-lite0, mtcnn, pp-ocr" in (
+        err.details() or ""
+    )
