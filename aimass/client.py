@@ -9,13 +9,16 @@
 Both clients hold one long-lived channel. UNAVAILABLE (replica down or draining, connection refused) is retried by
 gRPC itself, through the channel's service config (``channel_options``), with exponential backoff; other codes reach
 the caller as ``grpc.RpcError`` unchanged (``error_info`` decodes the machine-readable detail the mesh attaches).
-Methods not wrapped here are on the raw generated stub, ``client.nlp``.
+Methods not wrapped here are on the raw generated stubs, ``client.nlp`` and ``client.llm``.
+
+    for piece in client.chat("What is the capital of France?", temperature=0):
+        print(piece.delta, end="")
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypedDict
 
@@ -23,7 +26,7 @@ import grpc
 import grpc.aio
 
 from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY
-from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -166,6 +169,53 @@ def classify_request(
     )
 
 
+CHAT_ROLES: Final = {
+    "system": llm_pb2.CHAT_ROLE_SYSTEM,
+    "user": llm_pb2.CHAT_ROLE_USER,
+    "assistant": llm_pb2.CHAT_ROLE_ASSISTANT,
+}
+PRIORITIES: Final = {
+    "low": common_pb2.PRIORITY_LOW,
+    "normal": common_pb2.PRIORITY_NORMAL,
+    "high": common_pb2.PRIORITY_HIGH,
+    "critical": common_pb2.PRIORITY_CRITICAL,
+}
+# A chat is one user message (str) or (role, content) pairs, roles "system", "user", "assistant".
+Chat = str | Sequence[tuple[str, str]]
+
+
+def chat_request(
+    messages: Chat,
+    *,
+    temperature: float | None = None,
+    max_tokens: int = 0,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    priority: str = "normal",
+    model: str = "",
+    request_id: str | None = None,
+) -> llm_pb2.ChatRequest:
+    pairs = [("user", messages)] if isinstance(messages, str) else list(messages)
+    chat: list[llm_pb2.ChatMessage] = []
+    for index, (role, content) in enumerate(pairs):
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{index}] has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        chat.append(llm_pb2.ChatMessage(role=CHAT_ROLES[role], content=content))
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority {priority!r} is not one of {', '.join(PRIORITIES)}")
+    sampling = llm_pb2.SamplingParams(max_tokens=max_tokens, stop=_text_list(stop, "stop"))
+    if temperature is not None:
+        sampling.temperature = temperature
+    if seed is not None:
+        sampling.seed = seed
+    return llm_pb2.ChatRequest(
+        meta=common_pb2.RequestMeta(request_id=request_id or "", priority=PRIORITIES[priority]),
+        model=common_pb2.ModelRef(name=model),
+        messages=chat,
+        sampling=sampling,
+    )
+
+
 def _vectors(response: nlp_pb2.EmbedResponse) -> list[list[float]]:
     return [list(embedding.values) for embedding in response.embeddings]
 
@@ -208,6 +258,7 @@ class Client(_ClientBase):
         super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
         self.channel = grpc.insecure_channel(target, options=self.channel_options)
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
+        self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -281,6 +332,37 @@ class Client(_ClientBase):
         )
         return self.nlp.Classify(request, **self._call(timeout_s, request_id))
 
+    def chat(
+        self,
+        messages: Chat,
+        *,
+        temperature: float | None = None,
+        max_tokens: int = 0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        priority: str = "normal",
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> Iterator[llm_pb2.ChatResponse]:
+        """Streams the reply: ``delta`` text pieces, the last with ``finish_reason`` and ``usage``. Stop iterating
+        (or let the deadline pass) and generation stops in the engine too."""
+        request = chat_request(
+            messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            priority=priority,
+            model=model,
+            request_id=request_id,
+        )
+        call = self.llm.Chat(request, **self._call(timeout_s, request_id))
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
 
 class AsyncClient(_ClientBase):
     """asyncio client (grpc.aio); the same methods as ``Client``, as coroutines. Create it inside the event loop."""
@@ -296,6 +378,7 @@ class AsyncClient(_ClientBase):
         super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
         self.channel = grpc.aio.insecure_channel(target, options=self.channel_options)
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
+        self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -369,3 +452,34 @@ class AsyncClient(_ClientBase):
             request_id=request_id,
         )
         return await self.nlp.Classify(request, **self._call(timeout_s, request_id))
+
+    async def chat(
+        self,
+        messages: Chat,
+        *,
+        temperature: float | None = None,
+        max_tokens: int = 0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        priority: str = "normal",
+        model: str = "",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[llm_pb2.ChatResponse]:
+        """See ``Client.chat``."""
+        request = chat_request(
+            messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            stop=stop,
+            seed=seed,
+            priority=priority,
+            model=model,
+            request_id=request_id,
+        )
+        call = self.llm.Chat(request, **self._call(timeout_s, request_id))
+        try:
+            async for response in call:
+                yield response
+        finally:
+            call.cancel()

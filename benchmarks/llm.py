@@ -1,12 +1,13 @@
 """LLM figures: the served path (client → gateway → LLM replica → vLLM) vs vLLM's AsyncLLM in-process, and
 continuous batching (8 concurrent streams vs the same 8 one after another).
 
-The same engine class and configuration run both sides, one after the other in one run (never both at once: they
-would share the cores): first in this process, then as a mesh started by `aimass up`. Each side runs the same
-greedy chats (so the same tokens) at concurrency 1 and 8; tokens/s is completion tokens over wall time, time to
-first token is measured by the caller (send → first non-empty text).
+The same engine class and configuration run both sides: one engine in this process, one in the LLM replica of a
+mesh started by `aimass up`. Both stay loaded, but only one works at a time: rounds alternate in-process and served
+at each concurrency (1, then 8), so machine noise hits both alike, and the median round counts. Each side runs the
+same greedy chats (so the same tokens); tokens/s is completion tokens over wall time, time to first token is
+measured by the caller (send → first non-empty text).
 
-    python -m benchmarks.llm [--prompts 16] [--max-tokens 64] [--write docs/benchmarks.md]
+    python -m benchmarks.llm [--prompts 16] [--max-tokens 64] [--rounds 3] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -87,11 +88,10 @@ async def run_at(concurrency: int, texts: Sequence[str], one: Callable[[str], Aw
     return Run(calls, time.perf_counter() - started)
 
 
-async def in_process(config: LlmConfig, texts: Sequence[str], max_tokens: int) -> dict[int, Run]:
-    engine = LlmEngine(config)
-    print("in-process: starting vLLM (tens of seconds)", flush=True)
-    await asyncio.to_thread(engine.load)
+Caller = Callable[[str], Awaitable[Call]]
 
+
+def in_process_caller(engine: LlmEngine, max_tokens: int) -> Caller:
     async def one(text: str) -> Call:
         started = time.perf_counter()
         ids = await engine.encode_chat([{"role": "user", "content": text}])
@@ -103,36 +103,51 @@ async def in_process(config: LlmConfig, texts: Sequence[str], max_tokens: int) -
             tokens += chunk.new_tokens
         return Call(tokens, ttft)
 
-    try:
+    return one
+
+
+def served_caller(stub: llm_pb2_grpc.LlmServiceAsyncStub, max_tokens: int) -> Caller:
+    async def one(text: str) -> Call:
+        started = time.perf_counter()
+        request = llm_pb2.ChatRequest(
+            messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=text)],
+            sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
+        )
+        tokens, ttft = 0, 0.0
+        async for response in stub.Chat(request, timeout=300):
+            if response.delta and not ttft:
+                ttft = time.perf_counter() - started
+            if response.HasField("usage"):
+                tokens = response.usage.completion_tokens
+        return Call(tokens, ttft)
+
+    return one
+
+
+async def alternate(
+    local: Caller, served: Caller, texts: Sequence[str], rounds: int
+) -> tuple[dict[int, Run], dict[int, Run]]:
+    """Median-throughput run per side and concurrency, over ``rounds`` alternating rounds."""
+    for one in (local, served):
         await run_at(1, texts[:2], one)  # warm-up
-        return {c: await run_at(c, texts, one) for c in (1, 8)}
-    finally:
-        engine.shutdown()
+    runs: dict[tuple[str, int], list[Run]] = {}
+    for round_index in range(rounds):
+        for concurrency in (1, 8):
+            for side, one in (("local", local), ("served", served)):
+                run = await run_at(concurrency, texts, one)
+                runs.setdefault((side, concurrency), []).append(run)
+                print(f"round {round_index + 1} {side} c={concurrency}: {run.tokens_per_s:.1f} tok/s", flush=True)
+
+    def middle(side: str, concurrency: int) -> Run:
+        ordered = sorted(runs[(side, concurrency)], key=lambda r: r.tokens_per_s)
+        return ordered[len(ordered) // 2]
+
+    return {c: middle("local", c) for c in (1, 8)}, {c: middle("served", c) for c in (1, 8)}
 
 
-async def served(mesh: Mesh, texts: Sequence[str], max_tokens: int) -> dict[int, Run]:
-    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
-        stub = llm_pb2_grpc.LlmServiceStub(channel)
-
-        async def one(text: str) -> Call:
-            started = time.perf_counter()
-            request = llm_pb2.ChatRequest(
-                messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=text)],
-                sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
-            )
-            tokens, ttft = 0, 0.0
-            async for response in stub.Chat(request, timeout=300):
-                if response.delta and not ttft:
-                    ttft = time.perf_counter() - started
-                if response.HasField("usage"):
-                    tokens = response.usage.completion_tokens
-            return Call(tokens, ttft)
-
-        await run_at(1, texts[:2], one)  # warm-up
-        return {c: await run_at(c, texts, one) for c in (1, 8)}
-
-
-def report(local: dict[int, Run], mesh: dict[int, Run], texts: int, max_tokens: int) -> str:
+def report(
+    local: dict[int, Run], mesh: dict[int, Run], texts: int, max_tokens: int, stream_interval: int, rounds: int
+) -> str:
     rows = []
     for c in (1, 8):
         rows.append(
@@ -167,7 +182,8 @@ def report(local: dict[int, Run], mesh: dict[int, Run], texts: int, max_tokens: 
             "## LLM (vLLM AsyncLLM, SmolLM2-135M-Instruct)",
             "",
             f"`{command_line()}` on {machine()}, {utc_now()}. {texts} greedy chats of up to {max_tokens} tokens per"
-            " concurrency level, the same on both sides; in-process first, then the mesh (never both at once).",
+            " concurrency level, the same on both sides; both engines loaded, used in turn; median of"
+            f" {rounds} alternating rounds; {stream_interval} token(s) per streamed message after the first.",
             "",
             table,
             "",
@@ -184,23 +200,31 @@ def report(local: dict[int, Run], mesh: dict[int, Run], texts: int, max_tokens: 
 
 async def main_async(args: argparse.Namespace) -> None:
     texts = prompts(args.prompts)
-    config = LlmConfig()
-    local = await in_process(config, texts, args.max_tokens)
-    mesh = Mesh("llm", replicas={"llm": 1})
-    print("mesh: starting `aimass up` with one LLM replica", flush=True)
+    engine = LlmEngine(LlmConfig(stream_interval=args.stream_interval))
+    mesh = Mesh("llm", replicas={"llm": 1}, env={"AIMASS_LLM__STREAM_INTERVAL": str(args.stream_interval)})
+    print("starting vLLM in-process, then `aimass up` with one LLM replica (tens of seconds each)", flush=True)
+    await asyncio.to_thread(engine.load)
     mesh.start()
     try:
         mesh.wait_ready(600)
-        remote = await served(mesh, texts, args.max_tokens)
+        async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
+            local, remote = await alternate(
+                in_process_caller(engine, args.max_tokens), served_caller(stub, args.max_tokens), texts, args.rounds
+            )
     finally:
         mesh.stop()
-    publish(report(local, remote, len(texts), args.max_tokens), args.write, NAME)
+        engine.shutdown()
+    text = report(local, remote, len(texts), args.max_tokens, args.stream_interval, args.rounds)
+    publish(text, args.write, NAME)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median counts")
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed message (both sides)")
     parser.add_argument("--write", type=Path, default=None, help="update this markdown file's llm section")
     asyncio.run(main_async(parser.parse_args()))
 

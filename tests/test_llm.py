@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import grpc
 import pytest
 
+from aimass.client import AsyncClient, Client
 from aimass.local_mesh import LocalMesh
 from aimass.runtime.config import default_llm_cache_dir
 from aimass.v1 import (
@@ -421,3 +422,18 @@ async def test_gateway_routes_each_model_to_its_replica(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await ask("gpt-17")
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_python_client_streams_a_chat(llm_mesh: LocalMesh) -> None:
+    with Client(llm_mesh.gateway, timeout_s=60) as client:
+        pieces = list(client.chat([("system", "Answer briefly."), ("user", CAPITAL)], temperature=0, max_tokens=20))
+        assert "Paris" in "".join(p.delta for p in pieces)
+        assert pieces[-1].usage.completion_tokens > 0
+        with pytest.raises(ValueError, match="role 'robot'"):
+            list(client.chat([("robot", "hi")]))
+
+
+async def test_async_client_streams_a_chat(llm_mesh: LocalMesh) -> None:
+    async with AsyncClient(llm_mesh.gateway, timeout_s=60) as client:
+        text = "".join([p.delta async for p in client.chat(CAPITAL, temperature=0, max_tokens=20, priority="high")])
+    assert "Paris" in text

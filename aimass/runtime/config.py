@@ -158,6 +158,9 @@ class LlmConfig(BaseModel):
     # CPU cores the engine's threads bind to, e.g. "0-3" (VLLM_CPU_OMP_THREADS_BIND); empty = every core this
     # process may use (vLLM's own default is core 0 only).
     cpu_threads_bind: str = ""
+    # Tokens per streamed message after the first (which always goes at once): 1 streams token by token; more cuts
+    # per-message work on every hop (engine output, replica, gateway, client) when many streams run.
+    stream_interval: PositiveInt = 1
     # max_tokens when a request leaves it 0; always capped at what the context leaves.
     default_max_tokens: PositiveInt = 512
     max_messages: PositiveInt = 256

@@ -138,6 +138,7 @@ class LlmEngine:
             # This CPU has no bfloat16 arithmetic; GPUs take the model's own dtype.
             dtype="float32" if on_cpu else "auto",
             max_num_seqs=self.config.max_num_seqs,
+            stream_interval=self.config.stream_interval,
             # vLLM's priority policy: lower values are scheduled first (see priority_value).
             scheduling_policy="priority",
             # On the CPU, compilation takes ~45 s more at start for ~7% more tokens/s: not worth it here.
