@@ -437,3 +437,25 @@ async def test_async_client_streams_a_chat(llm_mesh: LocalMesh) -> None:
     async with AsyncClient(llm_mesh.gateway, timeout_s=60) as client:
         text = "".join([p.delta async for p in client.chat(CAPITAL, temperature=0, max_tokens=20, priority="high")])
     assert "Paris" in text
+
+
+async def test_sigterm_lets_streams_in_flight_finish(
+    llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub
+) -> None:
+    """Last in this module: the replica drains and exits (the supervisor then starts a new one)."""
+    with grpc.insecure_channel(llm_mesh.gateway) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        instances = registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=5).instances
+    (pid,) = [i.pid for i in instances if i.kind == "llm" and MODEL in [m.name for m in i.models]]
+    request = chat_request(COUNTING, max_tokens=60)
+    request.model.name = MODEL
+    call = stub.Chat(request, timeout=120)
+    first = await call.read()
+    assert isinstance(first, llm_pb2.ChatResponse)
+    responses = [first]
+    os.kill(pid, signal.SIGTERM)
+    while (response := await call.read()) is not grpc.aio.EOF:
+        assert isinstance(response, llm_pb2.ChatResponse)
+        responses.append(response)
+    assert responses[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
+    assert responses[-1].usage.completion_tokens == 60
