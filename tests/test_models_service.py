@@ -235,7 +235,7 @@ def test_describe_model_errors_are_readable(models: models_pb2_grpc.ModelService
 
 def test_load_and_unload_wait_for_the_scheduler(models: models_pb2_grpc.ModelServiceStub) -> None:
     err = rpc_error(models.LoadModel, models_pb2.LoadModelRequest(model=ref("vader")))
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "arrives with the scheduler" in (err.details() or "")
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "arrives with the central scheduler" in (err.details() or "")
     err = rpc_error(models.UnloadModel, models_pb2.UnloadModelRequest(model=ref("vader")))
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
 

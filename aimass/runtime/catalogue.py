@@ -19,7 +19,7 @@ from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 Context = grpc.aio.ServicerContext[Any, Any]
 
 PLACEMENT_PENDING = (
-    "placement-driven {} arrives with the scheduler (issue 6); for now every model loads when its replica starts"
+    "placement-driven {} arrives with the central scheduler; for now every model loads when its replica starts"
 )
 
 
