@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 import grpc
@@ -18,6 +19,7 @@ from gateway.forwarder import Forwarder
 from gateway.models import MeshModelServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
+from gateway.view import LoadView, ViewWatcher
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,15 @@ class GatewayApp:
             close_grace_s=settings.gateway.server.drain_grace_s,
             on_change=self._on_change,
         )
+        self.view = LoadView()
+        self.view_watcher = (
+            ViewWatcher(settings.scheduler.address, self.view, subscriber_id=f"gateway-{os.getpid()}")
+            if settings.scheduler.address
+            else None
+        )
         self.forwarder = Forwarder(
             self.replicas,
-            make_router(settings.gateway.router),
+            make_router(settings.gateway.router, self.view),
             local_services=frozenset(self.service_names),
             retry_unavailable=settings.gateway.retry_unavailable,
         )
@@ -62,6 +70,8 @@ class GatewayApp:
     async def load(self) -> None:
         self.registry.start()
         self.replicas.start()
+        if self.view_watcher is not None:
+            self.view_watcher.start()
         self._on_change({})
 
     def _on_change(self, by_service: dict[str, list[Replica]]) -> None:
@@ -82,6 +92,8 @@ class GatewayApp:
 
     async def close(self) -> None:
         # The runner closes the registry itself (it is this process's Registry too).
+        if self.view_watcher is not None:
+            await self.view_watcher.close()
         await self.replicas.close()
 
 

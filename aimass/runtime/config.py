@@ -65,7 +65,9 @@ class RegistryConfig(BaseModel):
 
 class GatewayConfig(BaseModel):
     server: ServerConfig = ServerConfig(port=50051, max_inflight=4096)
-    router: Literal["round_robin"] = "round_robin"
+    # How a replica is chosen per request (gateway/router.py): "ours" scores replicas on the scheduler's view and
+    # falls back to "p2c" (power of two choices on queue length) while no fresh view is at hand.
+    router: Literal["round_robin", "p2c", "ours"] = "ours"
     # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining or gone): the
     # replica did not run it, so the retry cannot duplicate work.
     retry_unavailable: bool = True

@@ -1,0 +1,142 @@
+"""The scheduler's routing view, as the gateway's routers read it.
+
+The scheduler pushes its whole view (SchedulerService.WatchView) whenever it changes; ``ViewWatcher`` keeps the
+latest in a ``LoadView``. Routers read it per request from memory, so the scheduler is never on a request's path.
+When the scheduler goes away the last view stays (fail-static) but is marked stale, and routers that need fresh
+figures fall back to what the gateway sees itself (its own in-flight counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+import grpc
+
+from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.2
+RETRY_MAX_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaLoad:
+    """One replica's latest figures, summed over its models, with its device's readings."""
+
+    queue_depth: int = 0
+    in_flight: int = 0
+    # Requests the replica runs together (max batch size or LLM sequences); at least 1.
+    slots: int = 1
+    kv_cache_usage: float = 0.0
+    # Of the replica's device, 0..1.
+    utilization: float = 0.0
+    free_memory_fraction: float = 1.0
+    # Some model is loaded here (a replica whose models are loading or evicted is cold).
+    warm: bool = True
+
+
+def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
+    """instance_id → its load, joining each replica's models with the readings of the device they sit on."""
+    devices = {device.device_id: device.info for node in view.nodes for device in node.devices}
+    loads: dict[str, ReplicaLoad] = {}
+    for replica in view.replicas:
+        models = list(replica.models)
+        device = devices.get(models[0].device_id) if models else None
+        free = 1.0
+        if device is not None and device.memory_total_bytes > 0:
+            free = max(0.0, 1.0 - device.memory_used_bytes / device.memory_total_bytes)
+        loads[replica.instance_id] = ReplicaLoad(
+            queue_depth=sum(m.queue_depth + m.waiting_requests for m in models),
+            in_flight=sum(m.in_flight for m in models),
+            slots=max([1, *(m.max_batch_size for m in models)]),
+            kv_cache_usage=max([0.0, *(m.kv_cache_usage for m in models)]),
+            utilization=(device.utilization_percent / 100) if device is not None else 0.0,
+            free_memory_fraction=free,
+            warm=any(m.loaded for m in models) or not models,
+        )
+    return loads
+
+
+class LoadView:
+    def __init__(self) -> None:
+        self.version = 0
+        self.connected = False
+        self.received_monotonic = 0.0
+        self._loads: dict[str, ReplicaLoad] = {}
+
+    @property
+    def fresh(self) -> bool:
+        """A view has arrived and the scheduler is still streaming it."""
+        return self.connected and self.version > 0
+
+    def apply(self, view: scheduler_pb2.RoutingView) -> bool:
+        """Takes ``view`` unless it is older than the one held; True when taken."""
+        if view.version < self.version:
+            return False
+        self.version = view.version
+        self._loads = replica_loads(view)
+        self.received_monotonic = time.monotonic()
+        return True
+
+    def load_of(self, instance_id: str) -> ReplicaLoad | None:
+        return self._loads.get(instance_id)
+
+
+class ViewWatcher:
+    """Subscribes to the scheduler's view and keeps ``view`` current; reconnects with backoff."""
+
+    def __init__(
+        self, scheduler_address: str, view: LoadView, *, subscriber_id: str, min_interval_ms: int = 100
+    ) -> None:
+        self.scheduler_address = scheduler_address
+        self.view = view
+        self.subscriber_id = subscriber_id
+        self.min_interval_ms = min_interval_ms
+        self._task: asyncio.Task[None] | None = None
+        self._channel: grpc.aio.Channel | None = None
+
+    def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="view-watcher")
+
+    async def _run(self) -> None:
+        assert self._channel is not None
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        request = scheduler_pb2.WatchViewRequest(subscriber_id=self.subscriber_id, min_interval_ms=self.min_interval_ms)
+        delay = RETRY_MIN_S
+        warned = False
+        while True:
+            try:
+                async for response in stub.WatchView(request):
+                    if not self.view.connected:
+                        log.info("routing view from the scheduler at %s", self.scheduler_address)
+                    self.view.connected = True
+                    warned = False
+                    delay = RETRY_MIN_S
+                    self.view.apply(response.view)
+            except grpc.aio.AioRpcError as err:
+                if not warned:
+                    log.warning(
+                        "scheduler at %s unreachable (%s): routing on the last view (version %d) and the gateway's "
+                        "own counts until it is back",
+                        self.scheduler_address,
+                        err.code().name,
+                        self.view.version,
+                    )
+                    warned = True
+            self.view.connected = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._channel is not None:
+            await self._channel.close()

@@ -1,0 +1,1 @@
+"""The central GPU scheduler: device readings, node agents, placement, routing view and simulator."""

@@ -1,0 +1,201 @@
+"""The node agent: one process per machine that reads the machine's devices (NVML, the CPU profile or a simulated
+fleet) and reports them to the scheduler (SchedulerService.ReportNode) at the interval the scheduler asks for.
+
+A scheduler that is down only delays reports (logged once); the agent keeps trying and never exits over it.
+Run it as ``python -m scheduler.node_agent --scheduler HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from aimass.runtime.config import load_settings
+from aimass.runtime.load_report import MAX_INTERVAL_S, MIN_INTERVAL_S
+from aimass.runtime.logs import configure_logging
+from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
+from scheduler.devices import DeviceReader, NvmlUnavailable, make_reader
+
+log = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    """Reports ``reader``'s devices to the scheduler until stopped. The reader stays open: its creator closes it."""
+
+    def __init__(
+        self,
+        reader: DeviceReader,
+        scheduler_address: str,
+        node_id: str,
+        host: str = "127.0.0.1",
+        interval_s: float = 1.0,
+    ) -> None:
+        self.reader = reader
+        self.scheduler_address = scheduler_address
+        self.node_id = node_id
+        self.host = host
+        self.interval_s = interval_s
+        self.reports_sent = 0
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._unreachable = False
+        self._failing = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("node agent already started")
+        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
+        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="node-agent")
+
+    async def report(self) -> bool:
+        """Reads the devices and sends one report; whether the scheduler took it."""
+        assert self._stub is not None, "start() first"
+        # NVML calls block (tens of ms per GPU), so they stay off the event loop.
+        devices = await asyncio.to_thread(self.reader.read)
+        request = scheduler_pb2.ReportNodeRequest(
+            node_id=self.node_id,
+            host=self.host,
+            devices=devices,
+            source=self.reader.source,
+            observed_unix_ms=int(time.time() * 1000),
+        )
+        try:
+            response = await self._stub.ReportNode(request, timeout=max(self.interval_s, 1.0))
+        except grpc.aio.AioRpcError as err:
+            if not self._unreachable:
+                log.warning(
+                    "scheduler at %s unreachable (%s: %s); will keep trying",
+                    self.scheduler_address,
+                    err.code().name,
+                    err.details(),
+                )
+            self._unreachable = True
+            return False
+        if self._unreachable:
+            log.info("scheduler at %s reachable again", self.scheduler_address)
+        self._unreachable = False
+        self.reports_sent += 1
+        if response.report_interval_ms > 0:
+            # Bounded so a bad answer can neither flood the scheduler nor silence this node.
+            self.interval_s = min(max(response.report_interval_ms / 1000, MIN_INTERVAL_S), MAX_INTERVAL_S)
+        return True
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.report()
+                self._failing = False
+            except Exception:
+                # A reader failing each interval (a GPU fallen off the bus) would otherwise fill the log.
+                if not self._failing:
+                    log.exception("reading or reporting this node's devices failed; will keep trying")
+                self._failing = True
+            # The interval runs from report to report, so slow reads do not stretch it.
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser(default_scheduler: str, default_interval_s: float) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m scheduler.node_agent", description="Report this machine's devices to the aimass scheduler."
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="HOST:PORT",
+        default=default_scheduler,
+        help="scheduler address (default: AIMASS_SCHEDULER__ADDRESS)",
+    )
+    parser.add_argument("--node-id", default=socket.gethostname(), help="this node's id (default: the hostname)")
+    parser.add_argument("--host", default="127.0.0.1", help="address this node's replicas listen on")
+    parser.add_argument(
+        "--reader",
+        choices=["auto", "nvml", "cpu", "simulated"],
+        default="auto",
+        help="where readings come from; auto is NVML where a driver is present, else the CPU profile",
+    )
+    parser.add_argument("--simulated-file", type=Path, metavar="PATH", help="fleet file (TOML or JSON) for simulated")
+    parser.add_argument(
+        "--interval-s",
+        type=_positive_float,
+        default=default_interval_s,
+        help="first report interval; the scheduler's answers set the next ones",
+    )
+    return parser
+
+
+async def run_until_signalled(agent: NodeAgent) -> None:
+    """Reports until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    log.info(
+        "node %s reporting %s readings to %s",
+        agent.node_id,
+        scheduler_pb2.ReadingSource.Name(agent.reader.source),
+        agent.scheduler_address,
+    )
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()
+    log.info("node agent stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = load_settings()
+    parser = build_parser(settings.scheduler.address, settings.scheduler.report_interval_s)
+    args = parser.parse_args(argv)
+    if not args.scheduler:
+        parser.error("--scheduler HOST:PORT is required (or set AIMASS_SCHEDULER__ADDRESS)")
+    if args.reader == "simulated" and args.simulated_file is None:
+        parser.error("--reader simulated needs --simulated-file PATH")
+    configure_logging(settings.log_level, "node-agent")
+    try:
+        reader = make_reader(args.reader, args.node_id, args.simulated_file)
+    except (NvmlUnavailable, ValueError) as err:
+        raise SystemExit(f"node agent: {err}") from err
+    try:
+        agent = NodeAgent(reader, args.scheduler, args.node_id, args.host, args.interval_s)
+        asyncio.run(run_until_signalled(agent))
+    finally:
+        reader.close()
+
+
+if __name__ == "__main__":
+    main()

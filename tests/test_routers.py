@@ -1,0 +1,141 @@
+"""Each routing policy's choice on crafted views (no servers: a Replica needs only an instance and a channel)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from aimass.runtime.discovery import Instance
+from aimass.v1 import common_pb2, scheduler_pb2
+from gateway.replicas import Replica
+from gateway.router import PowerOfTwoRouter, RoundRobinRouter, ScoreRouter, make_router
+from gateway.view import LoadView, replica_loads
+
+SERVICE = "aimass.v1.NlpService"
+
+
+@pytest.fixture
+def replicas() -> Iterator[list[Replica]]:
+    made = [
+        Replica(
+            Instance(f"r{i}", "nlp", (SERVICE,), f"127.0.0.1:{6000 + i}"),
+            grpc.aio.insecure_channel(f"127.0.0.1:{6000 + i}"),
+        )
+        for i in range(3)
+    ]
+    yield made
+
+
+def model_load(**fields: object) -> scheduler_pb2.ModelLoad:
+    return scheduler_pb2.ModelLoad(
+        model=common_pb2.ModelRef(name="m"),
+        device_id=str(fields.pop("device_id", "n/gpu:0")),
+        loaded=True,
+        max_batch_size=8,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def view_of(
+    version: int, loads: dict[str, scheduler_pb2.ModelLoad], devices: dict[str, tuple[float, int, int]]
+) -> scheduler_pb2.RoutingView:
+    """``devices``: device id → (utilisation %, memory used, memory total)."""
+    return scheduler_pb2.RoutingView(
+        version=version,
+        replicas=[scheduler_pb2.ReplicaView(instance_id=iid, models=[load]) for iid, load in loads.items()],
+        nodes=[
+            scheduler_pb2.NodeView(
+                node_id="n",
+                devices=[
+                    scheduler_pb2.NodeDevice(
+                        device_id=did,
+                        info=common_pb2.DeviceInfo(
+                            utilization_percent=u, memory_used_bytes=used, memory_total_bytes=total
+                        ),
+                    )
+                    for did, (u, used, total) in devices.items()
+                ],
+            )
+        ],
+    )
+
+
+def fresh(view: scheduler_pb2.RoutingView) -> LoadView:
+    loads = LoadView()
+    loads.connected = True
+    assert loads.apply(view)
+    return loads
+
+
+def test_round_robin_takes_turns(replicas: list[Replica]) -> None:
+    router = RoundRobinRouter()
+    assert [router.choose(SERVICE, replicas).instance.instance_id for _ in range(6)] == ["r0", "r1", "r2"] * 2
+
+
+def test_p2c_prefers_the_shorter_queue_of_the_two_drawn(replicas: list[Replica]) -> None:
+    replicas[0].inflight, replicas[1].inflight, replicas[2].inflight = 0, 5, 9
+    router = PowerOfTwoRouter(rng=random.Random(7))
+    picks = Counter(router.choose(SERVICE, replicas).instance.instance_id for _ in range(300))
+    # r2 (the longest queue) can never win a pair; r0 wins every pair it is drawn in (2 of 3 pairs).
+    assert picks["r2"] == 0
+    assert picks["r0"] > picks["r1"] > 0
+
+
+def test_p2c_counts_the_queue_the_replica_reported(replicas: list[Replica]) -> None:
+    view = fresh(view_of(1, {"r0": model_load(queue_depth=20), "r1": model_load(), "r2": model_load()}, {}))
+    router = PowerOfTwoRouter(view, random.Random(1))
+    assert all(router.choose(SERVICE, replicas[:2]).instance.instance_id == "r1" for _ in range(20))
+
+
+def test_ours_weighs_queue_utilisation_kv_cache_memory_and_warmth(replicas: list[Replica]) -> None:
+    loads = {
+        "r0": model_load(device_id="n/gpu:0", queue_depth=4),  # queued work
+        "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1),  # idle, cool device
+        "r2": model_load(device_id="n/gpu:2"),  # idle but its device is saturated
+    }
+    devices = {"n/gpu:0": (10.0, 1, 10), "n/gpu:1": (10.0, 2, 10), "n/gpu:2": (100.0, 9, 10)}
+    router = ScoreRouter(fresh(view_of(3, loads, devices)), random.Random(0))
+    assert router.choose(SERVICE, replicas).instance.instance_id == "r1"
+    # The gateway's own in-flight count is live: piling requests on r1 moves the next one elsewhere.
+    replicas[1].inflight = 8
+    assert router.choose(SERVICE, replicas).instance.instance_id != "r1"
+
+
+def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
+    cold = model_load(device_id="n/gpu:1")
+    cold.loaded = False
+    loads = {"r0": model_load(device_id="n/gpu:0", queue_depth=6), "r1": cold}
+    router = ScoreRouter(fresh(view_of(1, loads, {})), random.Random(0))
+    assert router.choose(SERVICE, replicas[:2]).instance.instance_id == "r0"
+
+
+def test_ours_falls_back_to_p2c_without_a_fresh_view(replicas: list[Replica]) -> None:
+    view = fresh(view_of(2, {"r0": model_load(queue_depth=50), "r1": model_load()}, {}))
+    view.connected = False  # the scheduler went away: the last view stays but is not trusted for scoring
+    replicas[0].inflight, replicas[1].inflight = 0, 3
+    router = ScoreRouter(view, random.Random(0))
+    # p2c on gateway in-flight + last reported queue: r1 (3) beats r0 (0 + 50).
+    assert router.choose(SERVICE, replicas[:2]).instance.instance_id == "r1"
+    assert not view.fresh and view.version == 2
+
+
+def test_an_older_view_is_ignored() -> None:
+    view = fresh(view_of(5, {"r0": model_load(queue_depth=1)}, {}))
+    assert not view.apply(view_of(4, {"r0": model_load(queue_depth=9)}, {}))
+    load = view.load_of("r0")
+    assert load is not None and load.queue_depth == 1
+
+
+def test_replica_loads_join_models_with_their_device() -> None:
+    loads = replica_loads(view_of(1, {"r0": model_load(device_id="n/gpu:0", in_flight=3)}, {"n/gpu:0": (50.0, 3, 4)}))
+    assert loads["r0"].utilization == 0.5 and loads["r0"].free_memory_fraction == pytest.approx(0.25)
+    assert loads["r0"].in_flight == 3 and loads["r0"].slots == 8
+
+
+def test_unknown_router_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="ours, p2c, round_robin"):
+        make_router("fastest")
