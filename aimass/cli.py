@@ -39,8 +39,16 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     settings = load_settings()
     gateway_port = args.gateway_port or settings.gateway.server.port
     registry = f"{settings.gateway.server.host}:{gateway_port}"
-    common = {"AIMASS_REGISTRY__ADDRESS": registry}
-    specs = [ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)})]
+    scheduler_port = args.scheduler_port or settings.scheduler.server.port
+    scheduler = f"{settings.scheduler.server.host}:{scheduler_port}"
+    # Everyone finds the registry (in the gateway) and the scheduler; replicas report load, gateways watch the view.
+    common = {"AIMASS_REGISTRY__ADDRESS": registry, "AIMASS_SCHEDULER__ADDRESS": scheduler}
+    specs = [
+        ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)}),
+        ProcessSpec("scheduler", "scheduler", {**common, "AIMASS_SCHEDULER__SERVER__PORT": str(scheduler_port)}),
+        # One node agent per host: NVML readings where a GPU driver is present, the CPU profile otherwise.
+        ProcessSpec("node-agent", "scheduler.node_agent", common),
+    ]
     for kind, replicas in replica_counts(args).items():
         first_port = getattr(args, f"{kind}_port") or getattr(settings, kind).server.port
         for index in range(replicas):
@@ -79,7 +87,7 @@ async def wait_until_ready(registry_address: str, expected: dict[str, int], time
 
 def format_instances(instances: Sequence[Instance]) -> str:
     rows = [("KIND", "ADDRESS", "STATE", "PID", "SERVICES", "MODELS")]
-    for i in sorted(instances, key=lambda i: (i.kind != "gateway", i.kind, i.address)):
+    for i in sorted(instances, key=lambda i: (i.kind not in ("gateway", "scheduler"), i.kind, i.address)):
         services = ",".join(s.removeprefix("aimass.v1.") for s in i.services)
         rows.append((i.kind, i.address, i.state_name, str(i.pid), services, ",".join(i.models) or "-"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
@@ -120,7 +128,8 @@ async def up(args: argparse.Namespace) -> int:
     log.info("starting %s", ", ".join(spec.name for spec in specs))
     supervisor.start()
     try:
-        ready = asyncio.ensure_future(wait_until_ready(gateway, {"gateway": 1, **replica_counts(args)}, 600))
+        expected = {"gateway": 1, "scheduler": 1, **replica_counts(args)}
+        ready = asyncio.ensure_future(wait_until_ready(gateway, expected, 600))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -152,7 +161,7 @@ async def status(args: argparse.Namespace) -> int:
     print(format_instances(instances))
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        services = sorted({s for i in instances for s in i.services if i.kind != "gateway"})
+        services = sorted({s for i in instances for s in i.services if i.kind not in ("gateway", "scheduler")})
         print("\nHEALTH VIA GATEWAY")
         for service in services:
             state = "UNKNOWN"
@@ -168,6 +177,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     up_cmd = commands.add_parser("up", help="start gateway and services (supervised) and print where they listen")
     up_cmd.add_argument("--gateway-port", type=int, default=0, help="default: config gateway.server.port (50051)")
+    up_cmd.add_argument("--scheduler-port", type=int, default=0, help="default: config scheduler.server.port (50041)")
     settings = load_settings()
     for kind in SERVICE_MODULES:
         default_port = getattr(settings, kind).server.port

@@ -61,6 +61,7 @@ class LocalMesh:
     env: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     gateway_port: int = 0
+    scheduler_port: int = 0
     # First port of each kind; its replicas listen on consecutive ports.
     ports: dict[str, int] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -69,6 +70,10 @@ class LocalMesh:
         unknown = set(self.replicas) - set(SERVICE_MODULES)
         if unknown:
             raise ValueError(f"unknown service kinds {sorted(unknown)}; known: {sorted(SERVICE_MODULES)}")
+
+    @property
+    def scheduler(self) -> str:
+        return f"127.0.0.1:{self.scheduler_port}"
 
     @property
     def gateway(self) -> str:
@@ -98,10 +103,19 @@ class LocalMesh:
         self.gateway_port = free_port()
         while self.gateway_port in taken:
             self.gateway_port = free_port()
+        self.scheduler_port = free_port()
+        while self.scheduler_port in taken | {self.gateway_port}:
+            self.scheduler_port = free_port()
         env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, **self.env}
         with self.log_path.open("wb") as sink:
             self.process = subprocess.Popen(
-                [str(BIN / "aimass"), "up", f"--gateway-port={self.gateway_port}", *arguments],
+                [
+                    str(BIN / "aimass"),
+                    "up",
+                    f"--gateway-port={self.gateway_port}",
+                    f"--scheduler-port={self.scheduler_port}",
+                    *arguments,
+                ],
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -123,7 +137,11 @@ class LocalMesh:
     def _ready(self, registry: registry_pb2_grpc.RegistryServiceStub, health: health_pb2_grpc.HealthStub) -> bool:
         try:
             listed = registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=2).instances
-            serving = [i for i in listed if i.state == common_pb2.SERVING_STATE_SERVING and i.kind != "gateway"]
+            serving = [i for i in listed if i.state == common_pb2.SERVING_STATE_SERVING]
+            if not any(i.kind == "scheduler" for i in serving):
+                return False
+            # The gateway and the scheduler serve no models; the gateway forwards to the others.
+            serving = [i for i in serving if i.kind not in ("gateway", "scheduler")]
             if any(sum(1 for i in serving if i.kind == kind) < n for kind, n in self.replicas.items()):
                 return False
             services = {service for instance in serving for service in instance.services}

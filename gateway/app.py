@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_SERVICE = "aimass.v1.RegistryService"
 MODEL_SERVICE = "aimass.v1.ModelService"
+INTERNAL_SERVICES = frozenset({"aimass.v1.SchedulerService"})
 
 
 class GatewayApp:
@@ -51,6 +52,8 @@ class GatewayApp:
             self.replicas,
             make_router(settings.gateway.router, self.view),
             local_services=frozenset(self.service_names),
+            # The scheduler's contract is for mesh processes only.
+            internal_services=INTERNAL_SERVICES,
             retry_unavailable=settings.gateway.retry_unavailable,
         )
         self._health: health.aio.HealthServicer | None = None

@@ -50,12 +50,14 @@ class Forwarder(grpc.GenericRpcHandler):
         router: Router,
         *,
         local_services: frozenset[str],
+        internal_services: frozenset[str] = frozenset(),
         retry_unavailable: bool = True,
     ) -> None:
         self.replicas = replicas
         self.router = router
         self.retry_unavailable = retry_unavailable
-        self.forwarded_services = frozenset(contract.services()) - local_services
+        self.internal_services = internal_services
+        self.forwarded_services = frozenset(contract.services()) - local_services - internal_services
         self._handlers: dict[str, Handler] = {}
         # Methods whose (single) request names a model: the field number of its ModelRef.
         self._model_fields: dict[str, int] = {}
@@ -79,7 +81,11 @@ class Forwarder(grpc.GenericRpcHandler):
     def _unknown_method(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         service, _, name = method.lstrip("/").partition("/")
         descriptor = contract.services().get(service)
-        if descriptor is not None:
+        if service in self.internal_services:
+            message = (
+                f"{service} is internal to the mesh; the gateway serves {', '.join(sorted(self.forwarded_services))}"
+            )
+        elif descriptor is not None:
             message = f"{service} has no method {name!r}; it has {', '.join(m.name for m in descriptor.methods)}"
         else:
             message = f"unknown service {service!r}; the gateway serves {', '.join(sorted(self.forwarded_services))}"

@@ -52,7 +52,8 @@ class ReplicaSet:
         channel_options: Sequence[tuple[str, Any]] = (),
         close_grace_s: float = 30.0,
         on_change: Callable[[dict[str, list[Replica]]], Any] | None = None,
-        skip_kinds: frozenset[str] = frozenset({"gateway"}),
+        # Mesh processes that serve no models: their internal services are not forwarded.
+        skip_kinds: frozenset[str] = frozenset({"gateway", "scheduler"}),
     ) -> None:
         self.registry = registry
         self.channel_options = list(channel_options)

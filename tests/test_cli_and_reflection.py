@@ -12,12 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aimass.local_mesh import LocalMesh, free_port
 from tests.conftest import BIN
 
+# The public contract; SchedulerService is internal to the mesh, so the gateway neither forwards nor lists it.
 SERVICES = [
     "aimass.v1.LlmService",
     "aimass.v1.ModelService",
     "aimass.v1.NlpService",
     "aimass.v1.RegistryService",
-    "aimass.v1.SchedulerService",
     "aimass.v1.SpeechService",
     "aimass.v1.VisionService",
     "grpc.health.v1.Health",
@@ -114,3 +114,9 @@ def test_up_refuses_ports_already_in_use() -> None:
         )
     assert started.returncode == 1
     assert f"cannot start: gateway port {port} already in use" in started.stderr
+
+
+def test_the_schedulers_contract_is_not_served_through_the_gateway(mesh: LocalMesh) -> None:
+    called = grpcurl("-d", "{}", mesh.gateway, "aimass.v1.SchedulerService/GetPlacement")
+    assert called.returncode != 0
+    assert "internal to the mesh" in called.stderr or "does not expose" in called.stderr, called.stderr

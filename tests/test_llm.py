@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 import pytest
@@ -26,10 +26,10 @@ from aimass.v1 import (
     registry_pb2,
     registry_pb2_grpc,
     scheduler_pb2,
+    scheduler_pb2_grpc,
 )
 from services.llm.weights import PACKAGED_MODELS, model_folder
 from tests.conftest import start_mesh
-from tests.load_report_sink import LoadReportSink
 
 MODEL = "smollm2-135m-instruct"
 # Small enough to make the engine queue and a too-long prompt cheap to build.
@@ -44,24 +44,40 @@ GREEDY = llm_pb2.SamplingParams(temperature=0)
 
 
 @pytest.fixture(scope="module")
-def reports() -> Iterator[LoadReportSink]:
-    sink = LoadReportSink(report_interval_ms=100)
-    sink.start()
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture(scope="module")
-def llm_mesh(tmp_path_factory: pytest.TempPathFactory, reports: LoadReportSink) -> Iterator[LocalMesh]:
+def llm_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     env = {
         "AIMASS_LLM__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
         "AIMASS_LLM__MAX_WAITING": str(MAX_WAITING),
         "AIMASS_LLM__MAX_MODEL_LEN": str(CONTEXT),
-        "AIMASS_SCHEDULER__ADDRESS": reports.address,
+        # The scheduler asks for load reports every 100 ms, so its view follows the engine closely.
+        "AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1",
     }
     mesh = start_mesh(tmp_path_factory.mktemp("llm"), {"llm": 1}, env)
     yield mesh
     mesh.stop()
+
+
+async def scheduler_sees(
+    mesh: LocalMesh, test: Callable[[scheduler_pb2.ModelLoad], bool], timeout_s: float
+) -> tuple[scheduler_pb2.ModelLoad, scheduler_pb2.RoutingView]:
+    """The first load of the LLM in the scheduler's pushed view that passes ``test`` (the view as gateways see it)."""
+
+    async def watch() -> tuple[scheduler_pb2.ModelLoad, scheduler_pb2.RoutingView]:
+        async with grpc.aio.insecure_channel(mesh.scheduler) as channel:
+            scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            request = scheduler_pb2.WatchViewRequest(subscriber_id="test-llm", min_interval_ms=20)
+            async for response in scheduler.WatchView(request):
+                for replica in response.view.replicas:
+                    for load in replica.models:
+                        if load.model.name == MODEL and test(load):
+                            return load, response.view
+        raise AssertionError("the view stream ended")
+
+    return await asyncio.wait_for(watch(), timeout_s)
+
+
+def idle(load: scheduler_pb2.ModelLoad) -> bool:
+    return load.running_requests == 0 and load.waiting_requests == 0 and load.in_flight == 0
 
 
 @pytest.fixture
@@ -180,47 +196,29 @@ async def test_eight_concurrent_streams_complete_in_order(stub: llm_pb2_grpc.Llm
     assert text_of(together[0]) == alone
 
 
-def load_of(report: scheduler_pb2.ReportLoadRequest) -> scheduler_pb2.ModelLoad:
-    (load,) = report.models
-    return load
-
-
-async def test_cancel_mid_stream_frees_the_engine(
-    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
-) -> None:
+async def test_cancel_mid_stream_frees_the_engine(llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
     call = stub.Chat(chat_request(LONG_STORY, max_tokens=600), timeout=120)
     received = 0
     async for _ in call:
         received += 1
         if received == 5:
             break
-    busy = await asyncio.to_thread(reports.wait_for, lambda r: load_of(r).running_requests == 1, 10)
-    assert load_of(busy).kv_cache_usage > 0
+    busy, _ = await scheduler_sees(llm_mesh, lambda load: load.running_requests == 1, 10)
+    assert busy.kv_cache_usage > 0 and busy.in_flight == 1
     call.cancel()
-    cancelled_at = len(reports.reports)
     started = time.monotonic()
-    await asyncio.to_thread(
-        reports.wait_for,
-        lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0,
-        5,
-        after=cancelled_at,
-    )
-    # Reports come every 100 ms; the abort itself takes one engine step.
+    await scheduler_sees(llm_mesh, idle, 5)
+    # Reports come every 100 ms and views every 20 ms; the abort itself takes one engine step.
     assert time.monotonic() - started < 2.0
 
 
-async def test_deadline_expiry_aborts_generation(
-    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
-) -> None:
+async def test_deadline_expiry_aborts_generation(llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in stub.Chat(chat_request(LONG_STORY, max_tokens=600), timeout=1.5):
             pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    expired_at = len(reports.reports)
     started = time.monotonic()
-    await asyncio.to_thread(
-        reports.wait_for, lambda r: load_of(r).running_requests == 0 and load_of(r).in_flight == 0, 5, after=expired_at
-    )
+    await scheduler_sees(llm_mesh, idle, 5)
     assert time.monotonic() - started < 2.0
 
 
@@ -257,25 +255,32 @@ async def test_full_replica_answers_resource_exhausted(stub: llm_pb2_grpc.LlmSer
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
-async def test_tenant_work_reaches_the_load_reports(
-    stub: llm_pb2_grpc.LlmServiceAsyncStub, reports: LoadReportSink
-) -> None:
-    before = len(reports.reports)
+async def test_tenant_work_reaches_the_scheduler(llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
     responses = await collect(stub, chat_request(CAPITAL, max_tokens=5), metadata=(("x-aimass-tenant", "acme"),))
     usage = responses[-1].usage
 
-    def has_acme(report: scheduler_pb2.ReportLoadRequest) -> bool:
-        return any(t.tenant_id == "acme" for t in report.tenant_tokens)
+    def acme_of(view: scheduler_pb2.RoutingView) -> scheduler_pb2.TenantUsage | None:
+        return next((t for t in view.tenants if t.tenant_id == "acme"), None)
 
-    report = await asyncio.to_thread(reports.wait_for, has_acme, 5, after=before)
-    (acme,) = [t for t in report.tenant_tokens if t.tenant_id == "acme"]
+    async def acme_counted() -> tuple[scheduler_pb2.TenantUsage, scheduler_pb2.RoutingView]:
+        while True:
+            _, view = await scheduler_sees(llm_mesh, lambda load: True, 5)
+            acme = acme_of(view)
+            if acme is not None:
+                return acme, view
+            await asyncio.sleep(0.05)
+
+    acme, view = await asyncio.wait_for(acme_counted(), 10)
     assert (acme.requests, acme.prompt_tokens, acme.completion_tokens) == (
         1,
         usage.prompt_tokens,
         usage.completion_tokens,
     )
-    assert report.node_id and load_of(report).device_id.endswith("/cpu")
-    assert load_of(report).model.name == MODEL
+    # Fair-share counters (VTC): prompt tokens weigh 1, completion tokens 2, divided by the tenant's weight (1).
+    assert acme.virtual_tokens == pytest.approx(usage.prompt_tokens + 2 * usage.completion_tokens)
+    (replica,) = [r for r in view.replicas if any(m.model.name == MODEL for m in r.models)]
+    assert replica.address == llm_mesh.addresses("llm")[0]
+    assert replica.models[0].device_id == f"{replica.node_id}/cpu"
 
 
 @pytest.mark.parametrize(

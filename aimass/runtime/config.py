@@ -172,11 +172,17 @@ class LlmConfig(BaseModel):
 
 
 class SchedulerConfig(BaseModel):
-    """Where replicas send load reports (SchedulerService.ReportLoad); an empty address sends none."""
+    """The central scheduler: where it listens, and where everyone else finds it (empty address: no scheduler; replicas
+    send no load reports and gateways route on their own counts)."""
 
+    server: ServerConfig = ServerConfig(port=50041)
     address: str = ""
-    # First report interval; the scheduler's answers set the next ones.
+    # Node agents and replicas report this often (the scheduler's answers tell them); silent this many intervals,
+    # a node or a replica's load leaves the view.
     report_interval_s: PositiveFloat = 1.0
+    silent_intervals: PositiveInt = 3
+    # Fair share: tenant → weight (default 1); a tenant of weight 2 is due twice the service.
+    tenant_weights: dict[str, PositiveFloat] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,263 @@
+"""aimass.v1.SchedulerService: the mesh's routing view and placement table.
+
+Node agents report device readings, replicas report their load, the registry says which replicas exist and where
+they listen. The scheduler joins them into one ``RoutingView`` with a version that increases on every change, and
+pushes it to every gateway that watches (at most one view per subscriber interval: load reports arrive constantly).
+Placement decisions go through ``PlacementTable`` against the latest readings. Nothing here is on a request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from aimass.runtime.discovery import Instance
+from aimass.runtime.errors import InvalidArgument
+from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.placement import Device, PlacementTable
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+DEFAULT_VIEW_INTERVAL_MS = 100
+# Kinds in the registry that are not replicas (they serve no models).
+NOT_REPLICAS = frozenset({"gateway", "scheduler"})
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class FairShareWeights:
+    """VTC's cost of a token: output tokens cost more than prompt tokens (they take a decode step each)."""
+
+    prompt: float = 1.0
+    completion: float = 2.0
+
+
+class SchedulerState:
+    def __init__(
+        self,
+        *,
+        report_interval_s: float,
+        silent_intervals: int = 3,
+        tenant_weights: Mapping[str, float] | None = None,
+        token_weights: FairShareWeights = FairShareWeights(),
+    ) -> None:
+        self.report_interval_ms = max(1, int(report_interval_s * 1000))
+        self.silence_ms = silent_intervals * self.report_interval_ms
+        self.tenant_weights = dict(tenant_weights or {})
+        self.token_weights = token_weights
+        self.table = PlacementTable()
+        self.nodes: dict[str, scheduler_pb2.NodeView] = {}
+        self.loads: dict[str, scheduler_pb2.ReportLoadRequest] = {}
+        self.load_received_ms: dict[str, int] = {}
+        self.instances: dict[str, Instance] = {}
+        self.tenants: dict[str, scheduler_pb2.TenantUsage] = {}
+        self.version = 0
+        self._changed = asyncio.Condition()
+        self._view_cache: scheduler_pb2.RoutingView | None = None
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._view_cache = None
+
+    async def changed(self) -> None:
+        self._bump()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_newer(self, version: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.version > version)
+
+    # -- inputs --------------------------------------------------------------------------------------------------
+
+    def record_node(self, report: scheduler_pb2.ReportNodeRequest) -> None:
+        if not report.node_id:
+            raise InvalidArgument("node_id is empty; a node agent names its node", reason="NO_NODE_ID")
+        self.nodes[report.node_id] = scheduler_pb2.NodeView(
+            node_id=report.node_id,
+            host=report.host,
+            source=report.source,
+            devices=report.devices,
+            last_report_unix_ms=now_ms(),
+        )
+
+    def record_load(self, report: scheduler_pb2.ReportLoadRequest) -> None:
+        if not report.instance_id:
+            raise InvalidArgument("instance_id is empty; a replica reports as itself", reason="NO_INSTANCE_ID")
+        self.loads[report.instance_id] = report
+        self.load_received_ms[report.instance_id] = now_ms()
+        for work in report.tenant_tokens:
+            self._account(work)
+        for load in report.models:
+            if load.loaded and load.last_used_unix_ms:
+                self.table.touch(load.model, load.device_id, load.last_used_unix_ms, instance_id=report.instance_id)
+
+    def _account(self, work: scheduler_pb2.TenantTokens) -> None:
+        tenant = work.tenant_id or "anonymous"
+        usage = self.tenants.get(tenant)
+        if usage is None:
+            usage = self.tenants[tenant] = scheduler_pb2.TenantUsage(
+                tenant_id=tenant, weight=self.tenant_weights.get(tenant, 1.0)
+            )
+        usage.requests += work.requests
+        usage.prompt_tokens += work.prompt_tokens
+        usage.completion_tokens += work.completion_tokens
+        cost = work.prompt_tokens * self.token_weights.prompt + work.completion_tokens * self.token_weights.completion
+        usage.virtual_tokens += cost / usage.weight
+
+    def set_instances(self, instances: list[Instance]) -> None:
+        self.instances = {i.instance_id: i for i in instances if i.kind not in NOT_REPLICAS}
+
+    def expire(self, now: int | None = None) -> list[str]:
+        """Drops nodes and load reports silent for too long; returns what went, for the log."""
+        now = now_ms() if now is None else now
+        gone: list[str] = []
+        for node_id, node in list(self.nodes.items()):
+            if now - node.last_report_unix_ms > self.silence_ms:
+                del self.nodes[node_id]
+                evicted = self.table.drop_node(node_id)
+                gone.append(f"node {node_id} ({len(evicted)} placements dropped)")
+        for instance_id, received in list(self.load_received_ms.items()):
+            if now - received > self.silence_ms:
+                del self.load_received_ms[instance_id]
+                del self.loads[instance_id]
+                gone.append(f"load reports of {instance_id}")
+        return gone
+
+    # -- outputs -------------------------------------------------------------------------------------------------
+
+    def view(self) -> scheduler_pb2.RoutingView:
+        if self._view_cache is not None:
+            return self._view_cache
+        replicas = []
+        for instance_id, instance in sorted(self.instances.items()):
+            load = self.loads.get(instance_id)
+            replicas.append(
+                scheduler_pb2.ReplicaView(
+                    instance_id=instance_id,
+                    address=instance.address,
+                    node_id=load.node_id if load is not None else "",
+                    services=instance.services,
+                    state=load.state if load is not None else instance.state,
+                    models=load.models if load is not None else [],
+                    last_report_unix_ms=self.load_received_ms.get(instance_id, 0),
+                )
+            )
+        self._view_cache = scheduler_pb2.RoutingView(
+            version=self.version,
+            replicas=replicas,
+            nodes=[self.nodes[n] for n in sorted(self.nodes)],
+            tenants=[self.tenants[t] for t in sorted(self.tenants)],
+            generated_unix_ms=now_ms(),
+        )
+        return self._view_cache
+
+    def devices(self) -> list[Device]:
+        """Every reported device, with the replicas that can host models there (those on its node)."""
+        hosts: dict[str, list[str]] = collections.defaultdict(list)
+        for instance_id, load in sorted(self.loads.items()):
+            hosts[load.node_id].append(instance_id)
+        found = []
+        for node in self.nodes.values():
+            for device in node.devices:
+                found.append(
+                    Device(
+                        device_id=device.device_id,
+                        node_id=node.node_id,
+                        kind=device.info.kind,
+                        total_bytes=device.info.memory_total_bytes,
+                        used_bytes=device.info.memory_used_bytes,
+                        instance_ids=tuple(hosts.get(node.node_id, ())),
+                        index=device.info.index,
+                    )
+                )
+        return found
+
+    def is_busy(self, model: common_pb2.ModelRef, device_id: str) -> bool:
+        """Some replica has requests in flight for ``model`` on ``device_id`` (never evict it then)."""
+        return any(
+            load.in_flight > 0 or load.running_requests > 0 or load.waiting_requests > 0
+            for report in self.loads.values()
+            for load in report.models
+            if load.model.name == model.name and load.device_id == device_id
+        )
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, state: SchedulerState) -> None:
+        self.state = state
+
+    async def ReportNode(
+        self, request: scheduler_pb2.ReportNodeRequest, context: Context
+    ) -> scheduler_pb2.ReportNodeResponse:
+        self.state.record_node(request)
+        await self.state.changed()
+        return scheduler_pb2.ReportNodeResponse(report_interval_ms=self.state.report_interval_ms)
+
+    async def ReportLoad(
+        self, request: scheduler_pb2.ReportLoadRequest, context: Context
+    ) -> scheduler_pb2.ReportLoadResponse:
+        self.state.record_load(request)
+        await self.state.changed()
+        return scheduler_pb2.ReportLoadResponse(report_interval_ms=self.state.report_interval_ms)
+
+    async def WatchView(
+        self, request: scheduler_pb2.WatchViewRequest, context: Context
+    ) -> AsyncIterator[scheduler_pb2.WatchViewResponse]:
+        interval_s = (request.min_interval_ms or DEFAULT_VIEW_INTERVAL_MS) / 1000
+        log.info("%s watches the routing view", request.subscriber_id or "a subscriber")
+        sent = -1
+        while True:
+            if sent >= 0:
+                await self.state.wait_newer(sent)
+            view = self.state.view()
+            sent = view.version
+            yield scheduler_pb2.WatchViewResponse(view=view)
+            # Coalesce: changes during the pause go out together in the next view.
+            await asyncio.sleep(interval_s)
+
+    async def PlaceModel(
+        self, request: scheduler_pb2.PlaceModelRequest, context: Context
+    ) -> scheduler_pb2.PlaceModelResponse:
+        result = self.state.table.place(
+            request.model,
+            request.required_bytes,
+            self.state.devices(),
+            target=request.target if request.HasField("target") else None,
+            allow_eviction=request.allow_eviction,
+            is_busy=self.state.is_busy,
+            now_ms=now_ms(),
+            modality=request.modality,
+        )
+        await self.state.changed()
+        return result.to_proto()
+
+    async def EvictModel(
+        self, request: scheduler_pb2.EvictModelRequest, context: Context
+    ) -> scheduler_pb2.EvictModelResponse:
+        if not request.model.name:
+            raise InvalidArgument("model.name is required", reason="NO_MODEL")
+        evicted = self.state.table.evict(request.model, request.target if request.HasField("target") else None)
+        if evicted:
+            log.info("evicted %d placement(s) of %s: %s", len(evicted), request.model.name, request.reason or "-")
+            await self.state.changed()
+        return scheduler_pb2.EvictModelResponse(evicted=evicted, freed_bytes=sum(p.bytes for p in evicted))
+
+    async def GetPlacement(
+        self, request: scheduler_pb2.GetPlacementRequest, context: Context
+    ) -> scheduler_pb2.GetPlacementResponse:
+        model = request.model if request.model.name else None
+        return scheduler_pb2.GetPlacementResponse(
+            placements=self.state.table.placements(request.node_id, model), version=self.state.version
+        )

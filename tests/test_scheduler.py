@@ -1,0 +1,165 @@
+"""The real scheduler process of a mesh started by `aimass up`: the routing view it pushes (the host's own node agent,
+the mesh's replicas), and placement on a simulated GPU fleet reported by a second node agent process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from aimass.client import error_info
+from aimass.local_mesh import LocalMesh
+from aimass.v1 import common_pb2, models_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+GIB = 2**30
+SIM_NODE = "sim-node"
+SIM_REPLICA = "sim-replica"
+FLEET = """
+[[devices]]
+name = "L4-24GB"
+memory_gib = 24
+speed = 1.0
+
+[[devices]]
+name = "A100-40GB"
+memory_gib = 40
+speed = 2.5
+"""
+
+
+@pytest.fixture(scope="module")
+def simulated_node(mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    fleet = tmp_path_factory.mktemp("fleet") / "fleet.toml"
+    fleet.write_text(FLEET)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scheduler.node_agent",
+            f"--scheduler={mesh.scheduler}",
+            f"--node-id={SIM_NODE}",
+            "--reader=simulated",
+            f"--simulated-file={fleet}",
+        ]
+    )
+    yield
+    agent.send_signal(signal.SIGTERM)
+    agent.wait(timeout=30)
+
+
+@pytest.fixture
+async def stub(mesh: LocalMesh) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(mesh.scheduler) as channel:
+        yield scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+
+async def view_where(
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, test: Callable[[scheduler_pb2.RoutingView], bool]
+) -> scheduler_pb2.RoutingView:
+    """The first pushed view that passes ``test`` (views arrive on every change)."""
+    versions = []
+    async for response in stub.WatchView(scheduler_pb2.WatchViewRequest(subscriber_id="test"), timeout=20):
+        versions.append(response.view.version)
+        assert versions == sorted(versions), "views arrive in version order"
+        if test(response.view):
+            return response.view
+    raise AssertionError("the view stream ended")
+
+
+async def test_the_view_holds_the_hosts_cpu_profile_and_the_meshs_replicas(
+    mesh: LocalMesh, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+) -> None:
+    def complete(view: scheduler_pb2.RoutingView) -> bool:
+        cpu_nodes = [n for n in view.nodes if n.source == scheduler_pb2.READING_SOURCE_CPU_PROFILE]
+        return bool(cpu_nodes) and {r.address for r in view.replicas} >= {*mesh.addresses("nlp")}
+
+    view = await asyncio.wait_for(view_where(stub, complete), 20)
+    (node,) = [n for n in view.nodes if n.source == scheduler_pb2.READING_SOURCE_CPU_PROFILE]
+    (cpu,) = node.devices
+    assert cpu.device_id == f"{node.node_id}/cpu" and cpu.info.kind == common_pb2.DEVICE_KIND_CPU
+    assert 0 < cpu.info.memory_used_bytes < cpu.info.memory_total_bytes
+    nlp = [r for r in view.replicas if r.address in mesh.addresses("nlp")]
+    assert nlp and all("aimass.v1.NlpService" in r.services for r in nlp)
+    assert all(r.services != ["aimass.v1.SchedulerService"] for r in view.replicas)
+
+
+def gpu(index: int) -> str:
+    return f"{SIM_NODE}/gpu:{index}"
+
+
+async def place(
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, name: str, gib: int, *, allow_eviction: bool = False
+) -> scheduler_pb2.PlaceModelResponse:
+    # The simulated replica on the simulated node, as a replica would report itself.
+    await stub.ReportLoad(
+        scheduler_pb2.ReportLoadRequest(
+            instance_id=SIM_REPLICA, node_id=SIM_NODE, state=common_pb2.SERVING_STATE_SERVING
+        ),
+        timeout=5,
+    )
+    return await stub.PlaceModel(
+        scheduler_pb2.PlaceModelRequest(
+            model=common_pb2.ModelRef(name=name, version="1"),
+            required_bytes=gib * GIB,
+            target=models_pb2.PlacementTarget(node_id=SIM_NODE, device_kind=common_pb2.DEVICE_KIND_GPU),
+            allow_eviction=allow_eviction,
+        ),
+        timeout=5,
+    )
+
+
+async def test_placement_on_a_simulated_fleet(
+    simulated_node: None, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+) -> None:
+    await asyncio.wait_for(view_where(stub, lambda v: any(n.node_id == SIM_NODE for n in v.nodes)), 20)
+    # Best fit: the smaller GPU when the model fits there, the bigger one when it does not.
+    small = await place(stub, "embedder", 10)
+    assert small.placement.device_id == gpu(0) and small.placement.instance_id == SIM_REPLICA
+    large = await place(stub, "llm-13b", 28)
+    assert large.placement.device_id == gpu(1)
+    again = await place(stub, "embedder", 10)
+    assert again.already_placed and again.placement.device_id == gpu(0)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await place(stub, "llm-34b", 30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "needs 30" in (refused.value.details() or ""), refused.value.details()
+    info = error_info(refused.value)
+    assert info is not None and info.reason == "INSUFFICIENT_MEMORY"
+    assert info.metadata["required_bytes"] == str(30 * GIB) and info.metadata["device_id"] == gpu(0)
+
+    # With eviction allowed, the idle 28 GiB model makes room on the big GPU.
+    evicting = await place(stub, "llm-34b", 30, allow_eviction=True)
+    assert evicting.placement.device_id == gpu(1)
+    assert [p.model.name for p in evicting.evicted] == ["llm-13b"]
+
+    table = await stub.GetPlacement(scheduler_pb2.GetPlacementRequest(node_id=SIM_NODE), timeout=5)
+    assert [(p.device_id, p.model.name) for p in table.placements] == [(gpu(0), "embedder"), (gpu(1), "llm-34b")]
+    evicted = await stub.EvictModel(
+        scheduler_pb2.EvictModelRequest(model=common_pb2.ModelRef(name="embedder"), reason="test"), timeout=5
+    )
+    assert evicted.freed_bytes == 10 * GIB
+
+
+async def test_bad_reports_are_refused(stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.ReportNode(scheduler_pb2.ReportNodeRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node_id" in (raised.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "instance_id" in (raised.value.details() or "")
+
+
+def test_fleet_file_is_valid_toml(tmp_path: Path) -> None:
+    from scheduler.devices import SimulatedFleet
+
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET)
+    fleet = SimulatedFleet.from_file(path, SIM_NODE)
+    assert [d.device_id for d in fleet.read()] == [gpu(0), gpu(1), f"{SIM_NODE}/cpu"]
