@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -19,7 +19,7 @@ SERVICE = "aimass.v1.NlpService"
 
 
 @pytest.fixture
-def replicas() -> Iterator[list[Replica]]:
+async def replicas() -> AsyncIterator[list[Replica]]:
     made = [
         Replica(
             Instance(f"r{i}", "nlp", (SERVICE,), f"127.0.0.1:{6000 + i}"),
@@ -28,6 +28,8 @@ def replicas() -> Iterator[list[Replica]]:
         for i in range(3)
     ]
     yield made
+    for replica in made:
+        await replica.channel.close()
 
 
 def model_load(**fields: object) -> scheduler_pb2.ModelLoad:
@@ -71,12 +73,12 @@ def fresh(view: scheduler_pb2.RoutingView) -> LoadView:
     return loads
 
 
-def test_round_robin_takes_turns(replicas: list[Replica]) -> None:
+async def test_round_robin_takes_turns(replicas: list[Replica]) -> None:
     router = RoundRobinRouter()
     assert [router.choose(SERVICE, replicas).instance.instance_id for _ in range(6)] == ["r0", "r1", "r2"] * 2
 
 
-def test_p2c_prefers_the_shorter_queue_of_the_two_drawn(replicas: list[Replica]) -> None:
+async def test_p2c_prefers_the_shorter_queue_of_the_two_drawn(replicas: list[Replica]) -> None:
     replicas[0].inflight, replicas[1].inflight, replicas[2].inflight = 0, 5, 9
     router = PowerOfTwoRouter(rng=random.Random(7))
     picks = Counter(router.choose(SERVICE, replicas).instance.instance_id for _ in range(300))
@@ -85,13 +87,13 @@ def test_p2c_prefers_the_shorter_queue_of_the_two_drawn(replicas: list[Replica])
     assert picks["r0"] > picks["r1"] > 0
 
 
-def test_p2c_counts_the_queue_the_replica_reported(replicas: list[Replica]) -> None:
+async def test_p2c_counts_the_queue_the_replica_reported(replicas: list[Replica]) -> None:
     view = fresh(view_of(1, {"r0": model_load(queue_depth=20), "r1": model_load(), "r2": model_load()}, {}))
     router = PowerOfTwoRouter(view, random.Random(1))
     assert all(router.choose(SERVICE, replicas[:2]).instance.instance_id == "r1" for _ in range(20))
 
 
-def test_ours_weighs_queue_utilisation_kv_cache_memory_and_warmth(replicas: list[Replica]) -> None:
+async def test_ours_weighs_queue_utilisation_kv_cache_memory_and_warmth(replicas: list[Replica]) -> None:
     loads = {
         "r0": model_load(device_id="n/gpu:0", queue_depth=4),  # queued work
         "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1),  # idle, cool device
@@ -105,7 +107,7 @@ def test_ours_weighs_queue_utilisation_kv_cache_memory_and_warmth(replicas: list
     assert router.choose(SERVICE, replicas).instance.instance_id != "r1"
 
 
-def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
+async def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
     cold = model_load(device_id="n/gpu:1")
     cold.loaded = False
     loads = {"r0": model_load(device_id="n/gpu:0", queue_depth=6), "r1": cold}
@@ -113,7 +115,7 @@ def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
     assert router.choose(SERVICE, replicas[:2]).instance.instance_id == "r0"
 
 
-def test_ours_falls_back_to_p2c_without_a_fresh_view(replicas: list[Replica]) -> None:
+async def test_ours_falls_back_to_p2c_without_a_fresh_view(replicas: list[Replica]) -> None:
     view = fresh(view_of(2, {"r0": model_load(queue_depth=50), "r1": model_load()}, {}))
     view.connected = False  # the scheduler went away: the last view stays but is not trusted for scoring
     replicas[0].inflight, replicas[1].inflight = 0, 3
