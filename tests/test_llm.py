@@ -239,6 +239,22 @@ async def test_high_priority_overtakes_a_queue_of_low_priority(stub: llm_pb2_grp
     assert finished.index("high") <= MAX_NUM_SEQS + 1, finished
 
 
+async def test_a_heavy_tenant_does_not_starve_a_light_one(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    finished: list[str] = []
+
+    async def run(name: str, tenant: str) -> None:
+        await collect(stub, chat_request(COUNTING, max_tokens=40), metadata=(("x-aimass-tenant", tenant),))
+        finished.append(name)
+
+    # The heavy tenant fills the engine and its queue; the light tenant's one request arrives after all of them.
+    heavy = [asyncio.create_task(run(f"heavy{i}", "heavy")) for i in range(2 * MAX_NUM_SEQS + 2)]
+    await asyncio.sleep(0.5)
+    await run("light", "light")
+    await asyncio.gather(*heavy)
+    # First come, first served would finish it last; by fair share it takes the first free slot.
+    assert finished.index("light") <= MAX_NUM_SEQS + 1, finished
+
+
 async def test_full_replica_answers_resource_exhausted(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
     async def run() -> grpc.StatusCode:
         try:

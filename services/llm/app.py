@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health
@@ -25,10 +25,10 @@ class LlmApp:
     kind = "llm"
     service_names: tuple[str, ...] = (SERVICE,)
 
-    def __init__(self, config: LlmConfig) -> None:
+    def __init__(self, config: LlmConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
         self.config = config
         self.engine = LlmEngine(config)
-        self.servicer = LlmServicer(self.engine, config)
+        self.servicer = LlmServicer(self.engine, config, tenant_weights)
         self._reported_tokens = 0
         self._reported_completed = 0
 
@@ -109,7 +109,7 @@ class LlmApp:
 
 def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
     return ServerRunner(
-        LlmApp(settings.llm),
+        LlmApp(settings.llm, settings.scheduler.tenant_weights),
         settings.llm.server,
         registry=RemoteRegistry(settings.registry.address) if register else None,
         registry_config=settings.registry,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -21,10 +21,14 @@ from aimass.runtime.metadata import TENANT_KEY, metadata_value, request_id_of
 from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import LlmEngine
+from services.llm.fairness import VirtualTokenCounters
 from services.llm.sampling import chat_messages, check_prompt_chars, priority_value, sampling_kwargs
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
+
+# A priority class outranks any tenant's fair-share rank (ranks are weighted token counts, far below this).
+PRIORITY_CLASS_SPAN = 10**12
 
 FINISH_REASONS = {
     "length": llm_pb2.FINISH_REASON_LENGTH,
@@ -57,9 +61,10 @@ class ServiceCounters:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, engine: LlmEngine, config: LlmConfig) -> None:
+    def __init__(self, engine: LlmEngine, config: LlmConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.fairness = VirtualTokenCounters(tenant_weights)
         # Running in the engine plus waiting in its queue; beyond this, RESOURCE_EXHAUSTED.
         self.capacity = config.max_num_seqs + config.max_waiting
         self.counters = ServiceCounters()
@@ -134,9 +139,12 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 config=self.config,
             )
         )
-        priority = priority_value(request.meta.priority)
+        priority_class = priority_value(request.meta.priority)
         request_id = request.meta.request_id or request_id_of(context.invocation_metadata())
         tenant = metadata_value(context.invocation_metadata(), TENANT_KEY)
+        # Within a priority class, tenants take turns by the service they received (fairness.py).
+        rank, estimate = self.fairness.admit(tenant, len(prompt_ids), params.max_tokens or 0)
+        priority = priority_class * PRIORITY_CLASS_SPAN + rank
         completion_tokens = 0
         first_token_ms = 0.0
         first = True
@@ -161,6 +169,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 yield response_type(**fields)
         finally:
             # Cancelled calls count too: their tokens were computed for this tenant.
+            self.fairness.finish(tenant, estimate, len(prompt_ids), completion_tokens)
             work = self.counters.tenant_work[tenant]
             work.requests += 1
             work.prompt_tokens += len(prompt_ids)
