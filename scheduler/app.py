@@ -59,6 +59,10 @@ class SchedulerApp:
                 log.warning("silent for %d intervals, dropped: %s", self.config.silent_intervals, "; ".join(gone))
                 await self.state.changed()
 
+    async def end_streams(self) -> None:
+        # Gateways watching the view reconnect (to another scheduler, or to this one once restarted).
+        await self.state.close_watches()
+
     def model_names(self) -> tuple[str, ...]:
         return ()
 

@@ -63,6 +63,8 @@ class SchedulerState:
         self.instances: dict[str, Instance] = {}
         self.tenants: dict[str, scheduler_pb2.TenantUsage] = {}
         self.version = 0
+        # Set when the server drains: watch streams end so the drain does not wait for them.
+        self.closing = False
         self._changed = asyncio.Condition()
         self._view_cache: scheduler_pb2.RoutingView | None = None
 
@@ -75,9 +77,16 @@ class SchedulerState:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_newer(self, version: int) -> None:
+    async def wait_newer(self, version: int) -> bool:
+        """Waits for a view newer than ``version``; False when the scheduler is closing instead."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.version > version)
+            await self._changed.wait_for(lambda: self.version > version or self.closing)
+        return not self.closing
+
+    async def close_watches(self) -> None:
+        self.closing = True
+        async with self._changed:
+            self._changed.notify_all()
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
@@ -218,9 +227,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         interval_s = (request.min_interval_ms or DEFAULT_VIEW_INTERVAL_MS) / 1000
         log.info("%s watches the routing view", request.subscriber_id or "a subscriber")
         sent = -1
-        while True:
-            if sent >= 0:
-                await self.state.wait_newer(sent)
+        while not self.state.closing:
+            if sent >= 0 and not await self.state.wait_newer(sent):
+                return
             view = self.state.view()
             sent = view.version
             yield scheduler_pb2.WatchViewResponse(view=view)

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aimass.client import error_info
+from aimass.client import AsyncClient, error_info
 from aimass.local_mesh import LocalMesh
 from aimass.v1 import common_pb2, models_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -163,3 +163,23 @@ def test_fleet_file_is_valid_toml(tmp_path: Path) -> None:
     path.write_text(FLEET)
     fleet = SimulatedFleet.from_file(path, SIM_NODE)
     assert [d.device_id for d in fleet.read()] == [gpu(0), gpu(1), f"{SIM_NODE}/cpu"]
+
+
+async def test_every_replica_reports_its_load(
+    mesh: LocalMesh, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+) -> None:
+    async with AsyncClient(mesh.gateway) as client:
+        await asyncio.gather(*(client.sentiment([f"I like number {i}"]) for i in range(60)))
+
+    def nlp_served(view: scheduler_pb2.RoutingView) -> bool:
+        return any(
+            load.model.name == "vader" and load.requests_per_second > 0 and load.loaded
+            for replica in view.replicas
+            if replica.address in mesh.addresses("nlp")
+            for load in replica.models
+        )
+
+    view = await asyncio.wait_for(view_where(stub, nlp_served), 20)
+    (replica,) = [r for r in view.replicas if r.address in mesh.addresses("nlp")]
+    assert {m.model.name for m in replica.models} == {"all-MiniLM-L6-v2", "vader", "en_core_web_sm"}
+    assert all(m.device_id == f"{replica.node_id}/cpu" and m.queue_capacity > 0 for m in replica.models)

@@ -199,6 +199,9 @@ class AdmissionInterceptor(AroundInterceptor):
         super().__init__()
         self.max_inflight = max_inflight
         self.inflight = 0
+        # RPCs finished (any status) and when the last did: load reports turn these into rates and recency.
+        self.completed = 0
+        self.last_completed_unix_ms = 0
 
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
@@ -220,6 +223,8 @@ class AdmissionInterceptor(AroundInterceptor):
             yield
         finally:
             self.inflight -= 1
+            self.completed += 1
+            self.last_completed_unix_ms = int(time.time() * 1000)
             INFLIGHT.dec()
 
 

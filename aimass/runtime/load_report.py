@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import grpc
 
+from aimass.runtime.interceptors import AdmissionInterceptor
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,39 @@ class ReportsLoad(Protocol):
     def tenant_tokens(self) -> Sequence[scheduler_pb2.TenantTokens]:
         """Per-tenant work since the previous call (deltas)."""
         ...
+
+
+class AdmissionLoad:
+    """The load of an app that does not report its own: all its models share the process's admitted requests.
+
+    Coarser than an engine's own figures (no queue inside the engine, no batch occupancy), but it gives the
+    scheduler and the gateways' routers every replica's in-flight work and throughput.
+    """
+
+    def __init__(self, models: Sequence[str], admission: AdmissionInterceptor, *, device_id: str = "cpu") -> None:
+        self.models = tuple(models)
+        self.admission = admission
+        self.device_id = device_id
+        self._reported_completed = admission.completed
+
+    def model_loads(self, window_s: float) -> Sequence[scheduler_pb2.ModelLoad]:
+        completed = self.admission.completed - self._reported_completed
+        self._reported_completed = self.admission.completed
+        return tuple(
+            scheduler_pb2.ModelLoad(
+                model=common_pb2.ModelRef(name=name),
+                device_id=self.device_id,
+                loaded=True,
+                in_flight=self.admission.inflight,
+                queue_capacity=self.admission.max_inflight,
+                requests_per_second=completed / window_s,
+                last_used_unix_ms=self.admission.last_completed_unix_ms,
+            )
+            for name in self.models
+        )
+
+    def tenant_tokens(self) -> Sequence[scheduler_pb2.TenantTokens]:
+        return ()
 
 
 class LoadReporter:

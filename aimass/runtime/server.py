@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 import prometheus_client
@@ -26,7 +26,7 @@ from aimass.runtime.catalogue import ReplicaModelServicer
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig
 from aimass.runtime.discovery import Instance, Membership, Registry
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
-from aimass.runtime.load_report import LoadReporter, ReportsLoad
+from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 MODEL_SERVICE = "aimass.v1.ModelService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@runtime_checkable
+class EndsStreams(Protocol):
+    """An app serving streams that never end by themselves (watch RPCs): it ends them when the server drains, so
+    draining does not wait the whole grace period for them."""
+
+    async def end_streams(self) -> None: ...
 
 
 class ServiceApp(Protocol):
@@ -162,9 +170,13 @@ class ServerRunner:
         for name in ("", *self.app.service_names):
             await self.health.set(name, SERVING)
         self.state = common_pb2.SERVING_STATE_SERVING
-        if self.scheduler_config.address and isinstance(self.app, ReportsLoad):
+        if self.scheduler_config.address and self.app.kind not in ("gateway", "scheduler"):
+            # Apps with their own figures (the LLM engine) report those; the others, what admission sees.
+            source = (
+                self.app if isinstance(self.app, ReportsLoad) else AdmissionLoad(self.app.model_names(), self.admission)
+            )
             self.load_reporter = LoadReporter(
-                self.app,
+                source,
                 scheduler_address=self.scheduler_config.address,
                 instance_id=self.instance_id,
                 node_id=self.node_id,
@@ -206,6 +218,8 @@ class ServerRunner:
         if self.load_reporter is not None:
             await self.load_reporter.stop(common_pb2.SERVING_STATE_DRAINING)
         await asyncio.sleep(self.config.drain_delay_s)
+        if isinstance(self.app, EndsStreams):
+            await self.app.end_streams()
         await self.server.stop(self.config.drain_grace_s)
         await self.app.close()
         if self.registry is not None:

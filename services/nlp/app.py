@@ -75,6 +75,7 @@ def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine
         settings.nlp.server,
         registry=RemoteRegistry(settings.registry.address) if register else None,
         registry_config=settings.registry,
+        scheduler_config=settings.scheduler,
     )
 
 

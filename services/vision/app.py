@@ -85,6 +85,7 @@ def build_runner(
         config.server,
         registry=RemoteRegistry(settings.registry.address) if register else None,
         registry_config=settings.registry,
+        scheduler_config=settings.scheduler,
     )
 
 
