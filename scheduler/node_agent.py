@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
@@ -17,18 +16,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
 from aimass.runtime.config import load_settings
-from aimass.runtime.load_report import MAX_INTERVAL_S, MIN_INTERVAL_S
 from aimass.runtime.logs import configure_logging
+from aimass.runtime.reporting import PeriodicReporter
 from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
 from scheduler.devices import DeviceReader, NvmlUnavailable, make_reader
 
 log = logging.getLogger(__name__)
 
 
-class NodeAgent:
+class NodeAgent(PeriodicReporter):
     """Reports ``reader``'s devices to the scheduler until stopped. The reader stays open: its creator closes it."""
 
     def __init__(
@@ -39,32 +36,12 @@ class NodeAgent:
         host: str = "127.0.0.1",
         interval_s: float = 1.0,
     ) -> None:
+        super().__init__(scheduler_address, interval_s, what=f"node agent {node_id}")
         self.reader = reader
-        self.scheduler_address = scheduler_address
         self.node_id = node_id
         self.host = host
-        self.interval_s = interval_s
-        self.reports_sent = 0
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._unreachable = False
-        self._failing = False
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("node agent already started")
-        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
-        self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="node-agent")
-
-    async def report(self) -> bool:
-        """Reads the devices and sends one report; whether the scheduler took it."""
-        assert self._stub is not None, "start() first"
+    async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
         # NVML calls block (tens of ms per GPU), so they stay off the event loop.
         devices = await asyncio.to_thread(self.reader.read)
         request = scheduler_pb2.ReportNodeRequest(
@@ -74,52 +51,8 @@ class NodeAgent:
             source=self.reader.source,
             observed_unix_ms=int(time.time() * 1000),
         )
-        try:
-            response = await self._stub.ReportNode(request, timeout=max(self.interval_s, 1.0))
-        except grpc.aio.AioRpcError as err:
-            if not self._unreachable:
-                log.warning(
-                    "scheduler at %s unreachable (%s: %s); will keep trying",
-                    self.scheduler_address,
-                    err.code().name,
-                    err.details(),
-                )
-            self._unreachable = True
-            return False
-        if self._unreachable:
-            log.info("scheduler at %s reachable again", self.scheduler_address)
-        self._unreachable = False
-        self.reports_sent += 1
-        if response.report_interval_ms > 0:
-            # Bounded so a bad answer can neither flood the scheduler nor silence this node.
-            self.interval_s = min(max(response.report_interval_ms / 1000, MIN_INTERVAL_S), MAX_INTERVAL_S)
-        return True
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                await self.report()
-                self._failing = False
-            except Exception:
-                # A reader failing each interval (a GPU fallen off the bus) would otherwise fill the log.
-                if not self._failing:
-                    log.exception("reading or reporting this node's devices failed; will keep trying")
-                self._failing = True
-            # The interval runs from report to report, so slow reads do not stretch it.
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-            self._stub = None
+        response = await stub.ReportNode(request, timeout=timeout_s)
+        return response.report_interval_ms
 
 
 def _positive_float(text: str) -> float:

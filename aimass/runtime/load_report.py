@@ -6,23 +6,17 @@ delays reports (logged once), never requests.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-import grpc
-
 from aimass.runtime.interceptors import AdmissionInterceptor
+from aimass.runtime.reporting import PeriodicReporter
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-# Bounds on the interval a scheduler may ask for, so a bad answer cannot flood it or silence us.
-MIN_INTERVAL_S = 0.05
-MAX_INTERVAL_S = 60.0
 
 
 @runtime_checkable
@@ -71,7 +65,9 @@ class AdmissionLoad:
         return ()
 
 
-class LoadReporter:
+class LoadReporter(PeriodicReporter):
+    """Sends ``app``'s load as this replica's ReportLoad."""
+
     def __init__(
         self,
         app: ReportsLoad,
@@ -81,21 +77,12 @@ class LoadReporter:
         node_id: str,
         interval_s: float,
     ) -> None:
+        super().__init__(scheduler_address, interval_s, what="load reports")
         self.app = app
-        self.scheduler_address = scheduler_address
         self.instance_id = instance_id
         self.node_id = node_id
-        self.interval_s = interval_s
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_SERVING
-        self.reports_sent = 0
-        self._task: asyncio.Task[None] | None = None
-        self._channel: grpc.aio.Channel | None = None
         self._last_report = time.monotonic()
-        self._unreachable = False
-
-    def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="load-reporter")
 
     def build_report(self) -> scheduler_pb2.ReportLoadRequest:
         now = time.monotonic()
@@ -116,46 +103,15 @@ class LoadReporter:
             tenant_tokens=self.app.tenant_tokens(),
         )
 
-    async def send(self) -> None:
-        assert self._channel is not None
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
-        request = self.build_report()
-        try:
-            response = await stub.ReportLoad(request, timeout=max(self.interval_s, 1.0))
-        except grpc.aio.AioRpcError as err:
-            if not self._unreachable:
-                log.warning(
-                    "scheduler at %s unreachable (%s); still serving, will keep trying",
-                    self.scheduler_address,
-                    err.code().name,
-                )
-            self._unreachable = True
-            return
-        if self._unreachable:
-            log.info("scheduler at %s reachable again", self.scheduler_address)
-        self._unreachable = False
-        self.reports_sent += 1
-        if response.report_interval_ms > 0:
-            self.interval_s = min(max(response.report_interval_ms / 1000, MIN_INTERVAL_S), MAX_INTERVAL_S)
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.send()
-            except Exception:
-                log.exception("building or sending the load report failed; retrying")
-            await asyncio.sleep(self.interval_s)
+    async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
+        response = await stub.ReportLoad(self.build_report(), timeout=timeout_s)
+        return response.report_interval_ms
 
     async def stop(self, state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_DRAINING) -> None:
-        """Stop reporting after one last report saying ``state``, so the scheduler stops routing here at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._channel is not None:
+        """Stops reporting after one last report saying ``state``, so the scheduler stops routing here at once."""
+        await self._stop_loop()
+        if self._stub is not None:
             self.state = state
             with contextlib.suppress(Exception):
-                await self.send()
-            await self._channel.close()
-            self._channel = None
+                await self.report()
+        await self._close()

@@ -182,7 +182,7 @@ class ServerRunner:
                 node_id=self.node_id,
                 interval_s=self.scheduler_config.report_interval_s,
             )
-            self.load_reporter.start()
+            await self.load_reporter.start()
         if self.registry is not None:
             instance = Instance(
                 instance_id=self.instance_id,
