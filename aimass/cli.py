@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.runtime.config import load_settings
-from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, RemoteRegistry
 from aimass.runtime.logs import configure_logging
 from aimass.supervisor import ProcessSpec, Supervisor
 
@@ -87,7 +87,7 @@ async def wait_until_ready(registry_address: str, expected: dict[str, int], time
 
 def format_instances(instances: Sequence[Instance]) -> str:
     rows = [("KIND", "ADDRESS", "STATE", "PID", "SERVICES", "MODELS")]
-    for i in sorted(instances, key=lambda i: (i.kind not in ("gateway", "scheduler"), i.kind, i.address)):
+    for i in sorted(instances, key=lambda i: (i.kind not in CONTROL_PLANE_KINDS, i.kind, i.address)):
         services = ",".join(s.removeprefix("aimass.v1.") for s in i.services)
         rows.append((i.kind, i.address, i.state_name, str(i.pid), services, ",".join(i.models) or "-"))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
@@ -161,7 +161,7 @@ async def status(args: argparse.Namespace) -> int:
     print(format_instances(instances))
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        services = sorted({s for i in instances for s in i.services if i.kind not in ("gateway", "scheduler")})
+        services = sorted({s for i in instances for s in i.services if i.kind not in CONTROL_PLANE_KINDS})
         print("\nHEALTH VIA GATEWAY")
         for service in services:
             state = "UNKNOWN"

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.cli import SERVICE_MODULES
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -141,7 +142,7 @@ class LocalMesh:
             if not any(i.kind == "scheduler" for i in serving):
                 return False
             # The gateway and the scheduler serve no models; the gateway forwards to the others.
-            serving = [i for i in serving if i.kind not in ("gateway", "scheduler")]
+            serving = [i for i in serving if i.kind not in CONTROL_PLANE_KINDS]
             if any(sum(1 for i in serving if i.kind == kind) < n for kind, n in self.replicas.items()):
                 return False
             services = {service for instance in serving for service in instance.services}

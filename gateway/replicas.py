@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from aimass.runtime.discovery import Instance, Registry
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Registry
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class ReplicaSet:
         channel_options: Sequence[tuple[str, Any]] = (),
         close_grace_s: float = 30.0,
         on_change: Callable[[dict[str, list[Replica]]], Any] | None = None,
-        # Mesh processes that serve no models: their internal services are not forwarded.
-        skip_kinds: frozenset[str] = frozenset({"gateway", "scheduler"}),
+        skip_kinds: frozenset[str] = CONTROL_PLANE_KINDS,
     ) -> None:
         self.registry = registry
         self.channel_options = list(channel_options)

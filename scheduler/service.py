@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from aimass.runtime.discovery import Instance
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
 from aimass.runtime.errors import InvalidArgument
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.placement import Device, PlacementTable
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_VIEW_INTERVAL_MS = 100
-# Kinds in the registry that are not replicas (they serve no models).
-NOT_REPLICAS = frozenset({"gateway", "scheduler"})
 
 
 def now_ms() -> int:
@@ -126,7 +124,7 @@ class SchedulerState:
         usage.virtual_tokens += cost / usage.weight
 
     def set_instances(self, instances: list[Instance]) -> None:
-        self.instances = {i.instance_id: i for i in instances if i.kind not in NOT_REPLICAS}
+        self.instances = {i.instance_id: i for i in instances if i.kind not in CONTROL_PLANE_KINDS}
 
     def expire(self, now: int | None = None) -> list[str]:
         """Drops nodes and load reports silent for too long; returns what went, for the log."""

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime.catalogue import ReplicaModelServicer
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig
-from aimass.runtime.discovery import Instance, Membership, Registry
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Membership, Registry
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
 from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
@@ -95,7 +95,7 @@ class ServerRunner:
         self.reflection_extra = tuple(reflection_extra)
         self.echo_request_id = echo_request_id
         self.scheduler_config = scheduler_config or SchedulerConfig()
-        # One node per host until node agents name them (scheduler issue).
+        # The node agent names its node by the hostname too, so load reports and device readings join on it.
         self.node_id = node_id or socket.gethostname()
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_STARTING
         self.load_reporter: LoadReporter | None = None
@@ -142,7 +142,7 @@ class ServerRunner:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        if self.app.kind != "gateway":
+        if self.app.kind not in CONTROL_PLANE_KINDS:
             # Replicas describe their own models; the gateway's ModelService gathers them for the whole mesh.
             models_pb2_grpc.add_ModelServiceServicer_to_server(
                 ReplicaModelServicer(self.app, self.describe_replica), self.server
@@ -170,7 +170,7 @@ class ServerRunner:
         for name in ("", *self.app.service_names):
             await self.health.set(name, SERVING)
         self.state = common_pb2.SERVING_STATE_SERVING
-        if self.scheduler_config.address and self.app.kind not in ("gateway", "scheduler"):
+        if self.scheduler_config.address and self.app.kind not in CONTROL_PLANE_KINDS:
             # Apps with their own figures (the LLM engine) report those; the others, what admission sees.
             source = (
                 self.app if isinstance(self.app, ReportsLoad) else AdmissionLoad(self.app.model_names(), self.admission)

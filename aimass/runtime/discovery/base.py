@@ -8,6 +8,9 @@ from typing import Protocol
 
 from aimass.v1 import common_pb2, registry_pb2
 
+# Mesh processes that serve no models (the gateway, the scheduler): never routed to, never asked about models.
+CONTROL_PLANE_KINDS: frozenset[str] = frozenset({"gateway", "scheduler"})
+
 
 @dataclass(frozen=True)
 class Instance:
