@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python -m benchmarks.vision_batching
 	$(BIN)/python -m benchmarks.speech
 	$(BIN)/python -m benchmarks.llm
+	$(BIN)/python -m benchmarks.routing
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1
