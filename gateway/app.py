@@ -10,10 +10,9 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health
 
-from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.config import Settings
 from aimass.runtime.discovery import InMemoryRegistry, RegistryServicer
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, server_options
+from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
 from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc
 from gateway.forwarder import Forwarder
 from gateway.models import MeshModelServicer
@@ -114,11 +113,4 @@ def build_runner(settings: Settings) -> ServerRunner:
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "gateway")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("gateway", build_runner)

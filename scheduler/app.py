@@ -10,10 +10,9 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health
 
-from aimass.runtime.config import SchedulerConfig, Settings, load_settings
+from aimass.runtime.config import SchedulerConfig, Settings
 from aimass.runtime.discovery import RemoteRegistry
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, scheduler_pb2_grpc
 from scheduler.service import SchedulerServicer, SchedulerState
 
@@ -88,11 +87,4 @@ def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "scheduler")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("scheduler", build_runner)

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import grpc
@@ -23,10 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime.catalogue import ReplicaModelServicer
-from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig
+from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Membership, Registry
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
 from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad
+from aimass.runtime.logs import configure_logging
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -246,3 +247,15 @@ class ServerRunner:
         starting.result()
         await stopping
         await self.drain()
+
+
+def serve_process(kind: str, build_runner: Callable[[Settings], ServerRunner]) -> None:
+    """A process's ``main``: settings from file and env, logging, then serve until SIGTERM/SIGINT and drain."""
+    settings = load_settings()
+    configure_logging(settings.log_level, kind)
+
+    async def serve() -> None:
+        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
+        await build_runner(settings).run_until_signalled()
+
+    asyncio.run(serve())

@@ -9,10 +9,9 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
-from aimass.runtime.config import LlmConfig, Settings, load_settings
+from aimass.runtime.config import LlmConfig, Settings
 from aimass.runtime.discovery import RemoteRegistry
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import common_pb2, llm_pb2_grpc, models_pb2, scheduler_pb2
 from services.llm.engine import LlmEngine
 from services.llm.servicer import LlmServicer
@@ -118,11 +117,4 @@ def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "llm")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("llm", build_runner)

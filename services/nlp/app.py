@@ -9,10 +9,9 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
-from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.config import Settings
 from aimass.runtime.discovery import RemoteRegistry
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, nlp_pb2_grpc
 from services.nlp.engine import EMBED_MODEL, MODELS, NER_MODEL, SENTIMENT_MODEL, NlpEngine
 from services.nlp.servicer import NlpServicer
@@ -80,11 +79,4 @@ def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "nlp")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("nlp", build_runner)

@@ -10,10 +10,9 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
-from aimass.runtime.config import Settings, SpeechConfig, load_settings
+from aimass.runtime.config import Settings, SpeechConfig
 from aimass.runtime.discovery import RemoteRegistry
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine
 from services.speech.servicer import SpeechServicer
@@ -94,11 +93,4 @@ def build_runner(
 
 
 def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_level, "speech")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("speech", build_runner)

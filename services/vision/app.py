@@ -9,10 +9,9 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
-from aimass.runtime.config import Settings, VisionConfig, load_settings
+from aimass.runtime.config import Settings, VisionConfig
 from aimass.runtime.discovery import RemoteRegistry
-from aimass.runtime.logs import configure_logging
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, vision_pb2_grpc
 from services.vision.engine import (
     CLASSIFY_MODEL,
@@ -90,12 +89,4 @@ def build_runner(
 
 
 def main() -> None:
-    settings = load_settings()
-    config = settings.vision
-    configure_logging(settings.log_level, "vision")
-
-    async def serve() -> None:
-        # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings, config).run_until_signalled()
-
-    asyncio.run(serve())
+    serve_process("vision", lambda settings: build_runner(settings, settings.vision))
