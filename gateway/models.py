@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from aimass.runtime.catalogue import PLACEMENT_PENDING, describe, merge, require_model_name, select, unknown_model
-from aimass.runtime.errors import Unimplemented
+from aimass.runtime.catalogue import CatalogueServicer, describe, merge, require_model_name, select, unknown_model
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata
 from gateway.replicas import Replica, ReplicaSet
@@ -27,7 +26,7 @@ T = TypeVar("T")
 REPLICA_TIMEOUT_S = 2.0
 
 
-class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
+class MeshModelServicer(CatalogueServicer):
     def __init__(self, replicas: ReplicaSet, *, replica_timeout_s: float = REPLICA_TIMEOUT_S) -> None:
         self.replicas = replicas
         self.replica_timeout_s = replica_timeout_s
@@ -98,11 +97,3 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
             raise unknown_model(name, (entry.name for entry in known), where="any replica")
         merged = merge(answer.model for answer in answers)
         return models_pb2.DescribeModelResponse(model=describe(merged, request.model, where="any replica"))
-
-    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("loading"))
-
-    async def UnloadModel(
-        self, request: models_pb2.UnloadModelRequest, context: Context
-    ) -> models_pb2.UnloadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("unloading"))

@@ -153,7 +153,19 @@ def describe(
     return answer
 
 
-class ReplicaModelServicer(models_pb2_grpc.ModelServiceServicer):
+class CatalogueServicer(models_pb2_grpc.ModelServiceServicer):
+    """What a replica's and the gateway's ModelService share: load and unload wait for placement."""
+
+    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+        raise Unimplemented(PLACEMENT_PENDING.format("loading"))
+
+    async def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: Context
+    ) -> models_pb2.UnloadModelResponse:
+        raise Unimplemented(PLACEMENT_PENDING.format("unloading"))
+
+
+class ReplicaModelServicer(CatalogueServicer):
     """aimass.v1.ModelService on a replica: its own models, itself as their only replica."""
 
     def __init__(self, app: ServesModels, describe_replica: Callable[[], models_pb2.ModelReplica]) -> None:
@@ -179,11 +191,3 @@ class ReplicaModelServicer(models_pb2_grpc.ModelServiceServicer):
             held.version = info.default_version
             entries.append(entry)
         return models_pb2.DescribeModelResponse(model=describe(entries, request.model, where="this replica"))
-
-    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("loading"))
-
-    async def UnloadModel(
-        self, request: models_pb2.UnloadModelRequest, context: Context
-    ) -> models_pb2.UnloadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("unloading"))
