@@ -167,13 +167,13 @@ def run_model_alone(jpeg: bytes, batch: int, seconds: float, quiet: Callable[[],
     import numpy as np
 
     from aimass.runtime.config import VisionConfig
-    from services.vision.engine import RESIZE_SIZE, Tensor, VisionEngine, preprocess
+    from services.vision.engine import CLASSIFY_MODEL, RESIZE_SIZE, Tensor, VisionEngine, preprocess
     from services.vision.images import decode_all
 
     print("loading the classifier in-process ...", file=sys.stderr)
     config = VisionConfig()
     engine = VisionEngine(config)
-    engine.load_classifier()
+    engine.models.load(CLASSIFY_MODEL)
 
     def prepare() -> Tensor:
         return preprocess(decode_all([jpeg], config, min_side=RESIZE_SIZE)[0].image)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health
 from aimass.runtime.config import Settings
 from aimass.runtime.discovery import InMemoryRegistry, RegistryServicer
 from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
-from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc
+from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc, scheduler_pb2_grpc
 from gateway.forwarder import Forwarder
 from gateway.models import MeshModelServicer
 from gateway.replicas import Replica, ReplicaSet
@@ -55,6 +55,7 @@ class GatewayApp:
             internal_services=INTERNAL_SERVICES,
             retry_unavailable=settings.gateway.retry_unavailable,
         )
+        self._scheduler_channel: grpc.aio.Channel | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
 
@@ -65,7 +66,18 @@ class GatewayApp:
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.registry), server)
-        models_pb2_grpc.add_ModelServiceServicer_to_server(MeshModelServicer(self.replicas), server)
+        scheduler = None
+        if self.settings.scheduler.address:
+            self._scheduler_channel = grpc.aio.insecure_channel(self.settings.scheduler.address)
+            scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._scheduler_channel)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(
+            MeshModelServicer(
+                self.replicas,
+                scheduler=scheduler,
+                admin_tenants=frozenset(self.settings.gateway.admin_tenants),
+            ),
+            server,
+        )
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         server.add_generic_rpc_handlers((self.forwarder,))
 
@@ -96,6 +108,8 @@ class GatewayApp:
         # The runner closes the registry itself (it is this process's Registry too).
         if self.view_watcher is not None:
             await self.view_watcher.close()
+        if self._scheduler_channel is not None:
+            await self._scheduler_channel.close()
         await self.replicas.close()
 
 

@@ -1,7 +1,13 @@
-"""aimass.v1.ModelService for the whole mesh: asks every healthy replica about its models and merges the answers.
+"""aimass.v1.ModelService for the whole mesh: asks every healthy replica about its models and merges the answers,
+and loads and unloads models where the scheduler places them.
 
 The catalogue has no store of its own: replicas are the truth about what they hold, so a replica that joins or
 leaves shows up here at once. One slow or broken replica is skipped (with a warning), never fatal to the call.
+
+LoadModel: the scheduler chooses a device and replica (SchedulerService.PlaceModel: best fit on the latest
+readings, evicting least-recently-used idle models when short), the gateway unloads what it evicted and asks the
+chosen replica to load; the replica measures the footprint and its next load report marks the placement LOADED.
+UnloadModel asks every replica holding the model (narrowed by the target) and drops the placements.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from aimass.runtime.catalogue import CatalogueServicer, describe, merge, require_model_name, select, unknown_model
-from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
-from gateway.forwarder import Metadata, forwarded_metadata
+from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
+from aimass.runtime.errors import FailedPrecondition, PermissionDenied, Unavailable
+from aimass.runtime.metadata import TENANT_KEY, metadata_value
+from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from gateway.forwarder import Metadata, forwarded_metadata, relay_error
 from gateway.replicas import Replica, ReplicaSet
 
 log = logging.getLogger(__name__)
@@ -26,10 +34,19 @@ T = TypeVar("T")
 REPLICA_TIMEOUT_S = 2.0
 
 
-class MeshModelServicer(CatalogueServicer):
-    def __init__(self, replicas: ReplicaSet, *, replica_timeout_s: float = REPLICA_TIMEOUT_S) -> None:
+class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        *,
+        replica_timeout_s: float = REPLICA_TIMEOUT_S,
+        scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub | None = None,
+        admin_tenants: frozenset[str] = frozenset({"admin"}),
+    ) -> None:
         self.replicas = replicas
         self.replica_timeout_s = replica_timeout_s
+        self.scheduler = scheduler
+        self.admin_tenants = admin_tenants
 
     async def _ask_all(
         self,
@@ -97,3 +114,146 @@ class MeshModelServicer(CatalogueServicer):
             raise unknown_model(name, (entry.name for entry in known), where="any replica")
         merged = merge(answer.model for answer in answers)
         return models_pb2.DescribeModelResponse(model=describe(merged, request.model, where="any replica"))
+
+    # -- load and unload -----------------------------------------------------------------------------------------
+
+    def _admin(self, context: Context) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
+        """The scheduler to place with, once the caller may load and unload models."""
+        tenant = metadata_value(context.invocation_metadata(), TENANT_KEY)
+        if tenant not in self.admin_tenants:
+            raise PermissionDenied(
+                f"loading and unloading models is for admin tenants; tenant {tenant or '(none)'!r} is not one "
+                f"(gateway.admin_tenants)",
+                reason="NOT_ADMIN",
+            )
+        if self.scheduler is None:
+            raise FailedPrecondition(
+                "models are loaded and unloaded where the scheduler places them, and this gateway has no scheduler "
+                "(scheduler.address); `aimass up` starts one",
+                reason="NO_SCHEDULER",
+            )
+        return self.scheduler
+
+    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+        scheduler = self._admin(context)
+        described = await self.DescribeModel(
+            models_pb2.DescribeModelRequest(meta=request.meta, model=request.model), context
+        )
+        info = described.model
+        model = common_pb2.ModelRef(name=info.name, version=request.model.version or info.default_version)
+        footprint = next((v.footprint_bytes for v in info.versions if v.version == model.version), 0)
+        metadata = forwarded_metadata(context)
+        try:
+            placed = await scheduler.PlaceModel(
+                scheduler_pb2.PlaceModelRequest(
+                    model=model,
+                    # 0: the scheduler's footprint book (measured per device kind) decides.
+                    required_bytes=footprint,
+                    target=request.target,
+                    allow_eviction=True,
+                    modality=info.modality,
+                ),
+                timeout=context.time_remaining(),
+                metadata=metadata,
+            )
+        except grpc.aio.AioRpcError as err:
+            await relay_error(context, err)
+            raise AssertionError("unreachable") from err
+        placement = placed.placement
+        log.info(
+            "placing %s:%s on %s (%s)%s",
+            model.name,
+            model.version,
+            placement.device_id,
+            placement.instance_id,
+            f"; evicting {', '.join(p.model.name for p in placed.evicted)}" if placed.evicted else "",
+        )
+        for victim in placed.evicted:
+            await self._unload_from(victim.instance_id, victim.model, context, reason="evicted to make room")
+        replica = self.replicas.get(placement.instance_id)
+        try:
+            if replica is None:
+                raise Unavailable(
+                    f"the scheduler placed {model.name} on {placement.instance_id}, which this gateway does not see "
+                    "serving; retry in a moment"
+                )
+            loaded = await models_pb2_grpc.ModelServiceStub(replica.channel).LoadModel(
+                models_pb2.LoadModelRequest(
+                    meta=request.meta,
+                    model=model,
+                    target=models_pb2.PlacementTarget(instance_id=placement.instance_id),
+                ),
+                timeout=context.time_remaining(),
+                metadata=metadata,
+            )
+        except (grpc.aio.AioRpcError, Unavailable) as err:
+            # The reservation must not outlive a load that failed.
+            await scheduler.EvictModel(
+                scheduler_pb2.EvictModelRequest(
+                    model=model,
+                    target=models_pb2.PlacementTarget(instance_id=placement.instance_id),
+                    reason="load failed",
+                ),
+                timeout=self.replica_timeout_s,
+            )
+            if isinstance(err, grpc.aio.AioRpcError):
+                await relay_error(context, err)
+            raise
+        return models_pb2.LoadModelResponse(
+            replica=loaded.replica,
+            already_loaded=loaded.already_loaded,
+            evicted=[victim.model for victim in placed.evicted],
+        )
+
+    async def _unload_from(
+        self, instance_id: str, model: common_pb2.ModelRef, context: Context, *, reason: str
+    ) -> models_pb2.UnloadModelResponse | None:
+        replica = self.replicas.get(instance_id)
+        if replica is None:
+            return None
+        try:
+            return await models_pb2_grpc.ModelServiceStub(replica.channel).UnloadModel(
+                models_pb2.UnloadModelRequest(model=model, target=models_pb2.PlacementTarget(instance_id=instance_id)),
+                timeout=self.replica_timeout_s,
+                metadata=forwarded_metadata(context),
+            )
+        except grpc.aio.AioRpcError as err:
+            log.warning("unloading %s from %s (%s) failed: %s", model.name, instance_id, reason, err.details())
+            return None
+
+    async def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: Context
+    ) -> models_pb2.UnloadModelResponse:
+        scheduler = self._admin(context)
+        name = require_model_name(request.model)
+        target = request.target
+        holders = [
+            replica
+            for replica in self.replicas.all_healthy()
+            if name in replica.instance.models
+            and (not target.instance_id or replica.instance.instance_id == target.instance_id)
+        ]
+        metadata = forwarded_metadata(context)
+
+        async def unload(replica: Replica) -> models_pb2.UnloadModelResponse | grpc.aio.AioRpcError:
+            try:
+                return await models_pb2_grpc.ModelServiceStub(replica.channel).UnloadModel(
+                    request, timeout=context.time_remaining(), metadata=metadata
+                )
+            except grpc.aio.AioRpcError as err:
+                return err
+
+        answers = await asyncio.gather(*(unload(replica) for replica in holders))
+        unloaded = [
+            r for answer in answers if isinstance(answer, models_pb2.UnloadModelResponse) for r in answer.unloaded
+        ]
+        refused = [answer for answer in answers if isinstance(answer, grpc.aio.AioRpcError)]
+        if not unloaded and refused:
+            # Nothing was unloaded and a replica said why (a model loaded for the replica's life, a wrong node...).
+            await relay_error(context, refused[0])
+        await scheduler.EvictModel(
+            scheduler_pb2.EvictModelRequest(model=request.model, target=target, reason="unloaded by an admin"),
+            timeout=context.time_remaining(),
+            metadata=metadata,
+        )
+        return models_pb2.UnloadModelResponse(unloaded=unloaded, freed_bytes=sum(r.memory_bytes for r in unloaded))

@@ -75,6 +75,9 @@ class ReplicaSet:
         """Every serving replica once, whatever it serves (mesh-wide questions such as the model catalogue)."""
         return sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id)
 
+    def get(self, instance_id: str) -> Replica | None:
+        return self._by_instance.get(instance_id)
+
     async def _follow(self) -> None:
         async for view in self.registry.watch():
             self.apply(view)

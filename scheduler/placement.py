@@ -378,6 +378,56 @@ class PlacementTable:
         self.version += 1
         return [p.to_proto() for p in selected]
 
+    def observe_loaded(
+        self, model: ModelRef, device: Device, instance_id: str, bytes: int, now_ms: int, last_used_ms: int = 0
+    ) -> None:
+        """A replica reports ``model`` loaded on ``device`` taking ``bytes`` (measured): its placement becomes LOADED
+        with that footprint, and a model loaded without a placement (at the replica's start) is adopted, so it can
+        be evicted like any other."""
+        if bytes <= 0 or not model.name or not model.version:
+            return
+        key = (model.name, model.version, device.device_id, instance_id)
+        placed = self._placed.get(key)
+        if placed is None:
+            placed = _Placed(
+                name=model.name,
+                version=model.version,
+                node_id=device.node_id,
+                device_id=device.device_id,
+                instance_id=instance_id,
+                kind=device.kind,
+                index=device.index,
+                nbytes=bytes,
+                state=scheduler_pb2.PLACEMENT_STATE_LOADED,
+                placed_ms=now_ms,
+                last_used_ms=max(last_used_ms, now_ms),
+            )
+            self._placed[key] = placed
+            self.footprints.record(model, device.kind, bytes, measured=True)
+            self.version += 1
+            return
+        if placed.state != scheduler_pb2.PLACEMENT_STATE_LOADED or placed.nbytes != bytes:
+            placed.state = scheduler_pb2.PLACEMENT_STATE_LOADED
+            placed.nbytes = bytes
+            self.footprints.record(model, device.kind, bytes, measured=True)
+            self.version += 1
+        if last_used_ms > placed.last_used_ms:
+            placed.last_used_ms = last_used_ms
+            self.version += 1
+
+    def observe_unloaded(self, model: ModelRef, device_id: str, instance_id: str) -> list[scheduler_pb2.Placement]:
+        """A replica reports ``model`` not loaded: a LOADED placement of it there is gone (the replica unloaded it or
+        restarted). Placements still PENDING or LOADING stay: their load has not shown up yet."""
+        return self._remove(
+            p
+            for p in self._select(model, device_id, instance_id)
+            if p.state in (scheduler_pb2.PLACEMENT_STATE_LOADED, scheduler_pb2.PLACEMENT_STATE_EVICTING)
+        )
+
+    def drop_instance(self, instance_id: str) -> list[scheduler_pb2.Placement]:
+        """Forgets every placement of a replica that went away."""
+        return self._remove([p for p in self._placed.values() if p.instance_id == instance_id])
+
     def placements(self, node_id: str = "", model: ModelRef | None = None) -> list[scheduler_pb2.Placement]:
         """GetPlacement's answer: sorted by node_id, device_id, model name (then version, instance)."""
         chosen = [

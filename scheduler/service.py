@@ -106,9 +106,19 @@ class SchedulerState:
         self.load_received_ms[report.instance_id] = now_ms()
         for work in report.tenant_tokens:
             self._account(work)
+        devices = {device.device_id: device for device in self.devices()}
+        received = now_ms()
         for load in report.models:
-            if load.loaded and load.last_used_unix_ms:
-                self.table.touch(load.model, load.device_id, load.last_used_unix_ms, instance_id=report.instance_id)
+            device = devices.get(load.device_id)
+            if device is None:
+                # The node agent has not reported this device yet; the next report places it.
+                continue
+            if load.loaded:
+                self.table.observe_loaded(
+                    load.model, device, report.instance_id, load.memory_bytes, received, load.last_used_unix_ms
+                )
+            else:
+                self.table.observe_unloaded(load.model, load.device_id, report.instance_id)
 
     def _account(self, work: scheduler_pb2.TenantTokens) -> None:
         tenant = work.tenant_id or "anonymous"
@@ -139,7 +149,8 @@ class SchedulerState:
             if now - received > self.silence_ms:
                 del self.load_received_ms[instance_id]
                 del self.loads[instance_id]
-                gone.append(f"load reports of {instance_id}")
+                dropped = self.table.drop_instance(instance_id)
+                gone.append(f"load reports of {instance_id} ({len(dropped)} placements dropped)")
         return gone
 
     # -- outputs -------------------------------------------------------------------------------------------------
@@ -170,14 +181,23 @@ class SchedulerState:
         )
         return self._view_cache
 
-    def devices(self) -> list[Device]:
-        """Every reported device, with the replicas that can host models there (those on its node)."""
+    def devices(self, model: str = "") -> list[Device]:
+        """Every reported device, with the replicas that can host models there: those on its node, and with
+        ``model``, only replicas that serve it (they list it in their load reports) on this device (a replica's
+        models share one device) or, for a replica that has not said where its models sit, on any of the node's."""
         hosts: dict[str, list[str]] = collections.defaultdict(list)
         for instance_id, load in sorted(self.loads.items()):
-            hosts[load.node_id].append(instance_id)
+            served = [m for m in load.models if not model or m.model.name == model]
+            if model and not served:
+                continue
+            where = frozenset(m.device_id for m in load.models if m.device_id)
+            for device_id in where or {""}:
+                hosts[f"{load.node_id}|{device_id}"].append(instance_id)
         found = []
         for node in self.nodes.values():
             for device in node.devices:
+                on_device = hosts.get(f"{node.node_id}|{device.device_id}", [])
+                anywhere = hosts.get(f"{node.node_id}|", [])
                 found.append(
                     Device(
                         device_id=device.device_id,
@@ -185,7 +205,7 @@ class SchedulerState:
                         kind=device.info.kind,
                         total_bytes=device.info.memory_total_bytes,
                         used_bytes=device.info.memory_used_bytes,
-                        instance_ids=tuple(hosts.get(node.node_id, ())),
+                        instance_ids=tuple(sorted({*on_device, *anywhere})),
                         index=device.info.index,
                     )
                 )
@@ -240,7 +260,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         result = self.state.table.place(
             request.model,
             request.required_bytes,
-            self.state.devices(),
+            self.state.devices(request.model.name),
             target=request.target if request.HasField("target") else None,
             allow_eviction=request.allow_eviction,
             is_busy=self.state.is_busy,

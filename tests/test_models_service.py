@@ -233,11 +233,15 @@ def test_describe_model_errors_are_readable(models: models_pb2_grpc.ModelService
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.name is required" in (err.details() or "")
 
 
-def test_load_and_unload_wait_for_the_scheduler(models: models_pb2_grpc.ModelServiceStub) -> None:
-    err = rpc_error(models.LoadModel, models_pb2.LoadModelRequest(model=ref("vader")))
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "arrives with the central scheduler" in (err.details() or "")
-    err = rpc_error(models.UnloadModel, models_pb2.UnloadModelRequest(model=ref("vader")))
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_load_and_unload_are_for_admin_tenants(models: models_pb2_grpc.ModelServiceStub) -> None:
+    for tenant in ((), (("x-aimass-tenant", "acme"),)):
+        with pytest.raises(grpc.RpcError) as caught:
+            models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "loading and unloading models is for admin tenants" in (caught.value.details() or "")
+        with pytest.raises(grpc.RpcError) as caught:
+            models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def services_by_reflection(address: str) -> list[str]:

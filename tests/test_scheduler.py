@@ -99,7 +99,11 @@ async def place(
     # The simulated replica on the simulated node, as a replica would report itself.
     await stub.ReportLoad(
         scheduler_pb2.ReportLoadRequest(
-            instance_id=SIM_REPLICA, node_id=SIM_NODE, state=common_pb2.SERVING_STATE_SERVING
+            instance_id=SIM_REPLICA,
+            node_id=SIM_NODE,
+            state=common_pb2.SERVING_STATE_SERVING,
+            # It can host the model (not loaded yet) on any of its node's devices (no device named).
+            models=[scheduler_pb2.ModelLoad(model=common_pb2.ModelRef(name=name, version="1"))],
         ),
         timeout=5,
     )

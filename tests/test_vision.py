@@ -26,7 +26,7 @@ from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from gateway.app import build_runner as build_gateway
 from services.vision.app import VisionApp, build_runner
-from services.vision.engine import VisionEngine, preprocess, softmax
+from services.vision.engine import CLASSIFY_MODEL, VisionEngine, preprocess, softmax
 from services.vision.images import decode_image
 from services.vision.nms import nms
 
@@ -451,7 +451,7 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
 def test_torch_path_agrees_with_onnx(vision_engine: VisionEngine, onnx_cache: Path) -> None:
     """The torch path (kept for GPUs) and the exported ONNX model give the same probabilities."""
     torch_engine = VisionEngine(vision_config(onnx_cache, backend="torch"))
-    torch_engine.load_classifier()  # only the classifier: faces and OCR are shared code
+    torch_engine.models.load(CLASSIFY_MODEL)  # only the classifier: faces and OCR are shared code
     pixels = np.stack(
         [preprocess(Image.fromarray(skimage_data.coffee())), preprocess(Image.fromarray(skimage_data.chelsea()))]
     )
@@ -474,7 +474,7 @@ def test_a_broken_cached_export_is_replaced(tmp_path: Path) -> None:
     engine = VisionEngine(vision_config(tmp_path / "cache"))
     engine.onnx_path.parent.mkdir(parents=True)
     engine.onnx_path.write_bytes(b"half a file")
-    engine.load_classifier()
+    engine.models.load(CLASSIFY_MODEL)
     assert engine.onnx_path.stat().st_size > 1_000_000
     pixels = preprocess(Image.fromarray(skimage_data.coffee()))[None]
     assert int(engine.classify_logits(pixels)[0].argmax()) == ESPRESSO

@@ -7,21 +7,18 @@ both sides apply exactly the same rules.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
 from aimass.runtime.contract import PACKAGE
-from aimass.runtime.errors import InvalidArgument, NotFound, Unimplemented
+from aimass.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from aimass.runtime.models import ModelSet
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-PLACEMENT_PENDING = (
-    "placement-driven {} arrives with the central scheduler; for now every model loads when its replica starts"
-)
-
 
 class ServesModels(Protocol):
     """The part of a ServiceApp this module needs (importing ServiceApp from server.py would be circular)."""
@@ -153,41 +150,141 @@ def describe(
     return answer
 
 
-class CatalogueServicer(models_pb2_grpc.ModelServiceServicer):
-    """What a replica's and the gateway's ModelService share: load and unload wait for placement."""
+@runtime_checkable
+class LoadsModelsOnDemand(Protocol):
+    """An app whose engine loads and unloads its models one at a time (optional part of the app protocol); apps
+    without it load every model at start and keep them for the process's life."""
 
-    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("loading"))
-
-    async def UnloadModel(
-        self, request: models_pb2.UnloadModelRequest, context: Context
-    ) -> models_pb2.UnloadModelResponse:
-        raise Unimplemented(PLACEMENT_PENDING.format("unloading"))
+    @property
+    def model_set(self) -> ModelSet: ...
 
 
-class ReplicaModelServicer(CatalogueServicer):
-    """aimass.v1.ModelService on a replica: its own models, itself as their only replica."""
+def device_kind(device: str) -> common_pb2.DeviceKind.ValueType:
+    """"cuda[:i]" → GPU, anything else → CPU (torch's device names)."""
+    return common_pb2.DEVICE_KIND_GPU if device.startswith("cuda") else common_pb2.DEVICE_KIND_CPU
 
-    def __init__(self, app: ServesModels, describe_replica: Callable[[], models_pb2.ModelReplica]) -> None:
+
+def with_footprints(infos: Iterable[models_pb2.ModelInfo], models: ModelSet) -> list[models_pb2.ModelInfo]:
+    """Catalogue entries with the footprints measured at their last load here (estimates stay where none was)."""
+    entries = []
+    for info in infos:
+        entry = models_pb2.ModelInfo()
+        entry.CopyFrom(info)
+        measured = models.footprint_bytes(info.name) if info.name in models.names else 0
+        if measured:
+            for version in entry.versions:
+                version.footprint_bytes = measured
+                version.footprint_measured = True
+                version.footprint_device_kind = device_kind(models.device)
+        entries.append(entry)
+    return entries
+
+
+class ReplicaModelServicer(models_pb2_grpc.ModelServiceServicer):
+    """aimass.v1.ModelService on a replica: its own models, itself as their only replica.
+
+    Load and unload act on this process only (the gateway decides where, with the scheduler, and calls the chosen
+    replica); ``on_change`` tells the mesh (registry, scheduler) at once when the loaded set changed.
+    """
+
+    def __init__(
+        self,
+        app: ServesModels,
+        describe_replica: Callable[[], models_pb2.ModelReplica],
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.app = app
         self.describe_replica = describe_replica
+        self.on_change = on_change
+
+    @property
+    def _model_set(self) -> ModelSet | None:
+        return self.app.model_set if isinstance(self.app, LoadsModelsOnDemand) else None
+
+    def _infos(self) -> list[models_pb2.ModelInfo]:
+        models = self._model_set
+        return list(self.app.model_infos()) if models is None else with_footprints(self.app.model_infos(), models)
+
+    def _held(self, info: models_pb2.ModelInfo) -> models_pb2.ModelReplica:
+        """This replica's hold on one of its models."""
+        held = self.describe_replica()
+        held.version = info.default_version
+        models = self._model_set
+        if models is not None and info.name in models.names:
+            held.loaded = held.loaded and info.name in models.loaded
+            held.memory_bytes = models.footprint_bytes(info.name) if held.loaded else 0
+            held.device.kind = device_kind(models.device)
+        return held
 
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
-        loaded = self.describe_replica().loaded
-        return models_pb2.ListModelsResponse(models=select(self.app.model_infos(), request, loaded=loaded))
+        infos = self._infos()
+        if request.loaded_only:
+            infos = [info for info in infos if self._held(info).loaded]
+        return models_pb2.ListModelsResponse(models=select(infos, request, loaded=True))
 
     async def DescribeModel(
         self, request: models_pb2.DescribeModelRequest, context: Context
     ) -> models_pb2.DescribeModelResponse:
-        me = self.describe_replica()
         entries = []
-        for info in self.app.model_infos():
-            entry = models_pb2.ModelInfo()
-            entry.CopyFrom(info)
-            held = entry.replicas.add()
-            held.CopyFrom(me)
-            held.version = info.default_version
-            entries.append(entry)
+        for info in self._infos():
+            info.replicas.append(self._held(info))
+            entries.append(info)
         return models_pb2.DescribeModelResponse(model=describe(entries, request.model, where="this replica"))
+
+    def _resolve(self, model: common_pb2.ModelRef, target: models_pb2.PlacementTarget) -> tuple[ModelSet, str]:
+        """The model set and model name a load/unload request means here, or the error that says why not."""
+        name = require_model_name(model)
+        infos = {info.name: info for info in self.app.model_infos()}
+        info = infos.get(name)
+        if info is None:
+            raise unknown_model(name, infos, where="this replica")
+        if model.version and model.version not in {v.version for v in info.versions}:
+            raise NotFound(
+                f"model {name!r} has no version {model.version!r} here; versions: "
+                + ", ".join(v.version for v in info.versions),
+                reason="VERSION_NOT_FOUND",
+                metadata={"model": name, "version": model.version},
+            )
+        me = self.describe_replica()
+        if target.instance_id and target.instance_id != me.instance_id:
+            raise FailedPrecondition(
+                f"this replica is {me.instance_id}, not {target.instance_id}; ask the gateway to load or unload "
+                "anywhere in the mesh"
+            )
+        if target.node_id and target.node_id != me.node_id:
+            raise FailedPrecondition(f"this replica runs on node {me.node_id}, not {target.node_id}")
+        models = self._model_set
+        if models is None or name not in models.names:
+            raise FailedPrecondition(
+                f"this replica loads {name!r} when it starts and keeps it for its life; start or stop replicas "
+                "(aimass up --<kind>-replicas) to change where it runs",
+                reason="STATIC_MODEL",
+            )
+        if target.device_kind and target.device_kind != device_kind(models.device):
+            raise FailedPrecondition(f"this replica runs its models on {models.device}, not on the device asked for")
+        return models, name
+
+    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+        models, name = self._resolve(request.model, request.target)
+        # Loading blocks for seconds; a thread keeps the replica serving meanwhile.
+        loaded_now = await asyncio.to_thread(models.load, name)
+        if loaded_now and self.on_change is not None:
+            await self.on_change()
+        info = next(info for info in self.app.model_infos() if info.name == name)
+        return models_pb2.LoadModelResponse(replica=self._held(info), already_loaded=not loaded_now)
+
+    async def UnloadModel(
+        self, request: models_pb2.UnloadModelRequest, context: Context
+    ) -> models_pb2.UnloadModelResponse:
+        models, name = self._resolve(request.model, request.target)
+        info = next(info for info in self.app.model_infos() if info.name == name)
+        held = self._held(info)
+        if not await asyncio.to_thread(models.unload, name):
+            return models_pb2.UnloadModelResponse()
+        if self.on_change is not None:
+            await self.on_change()
+        # What it held (memory_bytes: what was freed), as it is now: not loaded.
+        held.loaded = False
+        return models_pb2.UnloadModelResponse(unloaded=[held], freed_bytes=held.memory_bytes)

@@ -71,6 +71,8 @@ class GatewayConfig(BaseModel):
     # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining or gone): the
     # replica did not run it, so the retry cannot duplicate work.
     retry_unavailable: bool = True
+    # Tenants (x-aimass-tenant) allowed to load and unload models through ModelService; others get PERMISSION_DENIED.
+    admin_tenants: tuple[str, ...] = ("admin",)
 
 
 class NlpConfig(BaseModel):

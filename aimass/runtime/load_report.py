@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from aimass.runtime.interceptors import AdmissionInterceptor
+from aimass.runtime.models import ModelSet
 from aimass.runtime.reporting import PeriodicReporter
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -32,34 +33,52 @@ class ReportsLoad(Protocol):
         ...
 
 
+def local_device_id(device: str) -> str:
+    """A torch device name as a load report names it: "cuda:1" → "gpu:1", "cuda" → "gpu:0", else "cpu"."""
+    if device.startswith("cuda"):
+        _, _, index = device.partition(":")
+        return f"gpu:{index or 0}"
+    return "cpu"
+
+
 class AdmissionLoad:
     """The load of an app that does not report its own: all its models share the process's admitted requests.
 
     Coarser than an engine's own figures (no queue inside the engine, no batch occupancy), but it gives the
-    scheduler and the gateways' routers every replica's in-flight work and throughput.
+    scheduler and the gateways' routers every replica's in-flight work and throughput. With the app's ``models``
+    (engines that load models one at a time) it says which are loaded, where, and their measured footprints.
     """
 
-    def __init__(self, models: Sequence[str], admission: AdmissionInterceptor, *, device_id: str = "cpu") -> None:
-        self.models = tuple(models)
+    def __init__(
+        self, served: Sequence[common_pb2.ModelRef], admission: AdmissionInterceptor, models: ModelSet | None = None
+    ) -> None:
+        self.served = tuple(served)
         self.admission = admission
-        self.device_id = device_id
+        self.models = models
+        self.device_id = local_device_id(models.device) if models is not None else "cpu"
         self._reported_completed = admission.completed
 
     def model_loads(self, window_s: float) -> Sequence[scheduler_pb2.ModelLoad]:
         completed = self.admission.completed - self._reported_completed
         self._reported_completed = self.admission.completed
-        return tuple(
-            scheduler_pb2.ModelLoad(
-                model=common_pb2.ModelRef(name=name),
-                device_id=self.device_id,
-                loaded=True,
-                in_flight=self.admission.inflight,
-                queue_capacity=self.admission.max_inflight,
-                requests_per_second=completed / window_s,
-                last_used_unix_ms=self.admission.last_completed_unix_ms,
+        loads = []
+        for ref in self.served:
+            name = ref.name
+            managed = self.models is not None and name in self.models.names
+            loaded = not managed or (self.models is not None and name in self.models.loaded)
+            loads.append(
+                scheduler_pb2.ModelLoad(
+                    model=ref,
+                    device_id=self.device_id,
+                    loaded=loaded,
+                    in_flight=self.admission.inflight if loaded else 0,
+                    queue_capacity=self.admission.max_inflight,
+                    requests_per_second=completed / window_s if loaded else 0.0,
+                    memory_bytes=self.models.footprint_bytes(name) if self.models is not None and loaded else 0,
+                    last_used_unix_ms=self.admission.last_completed_unix_ms,
+                )
             )
-            for name in self.models
-        )
+        return loads
 
     def tenant_tokens(self) -> Sequence[scheduler_pb2.TenantTokens]:
         return ()

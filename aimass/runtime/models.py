@@ -1,9 +1,20 @@
-"""Checks every servicer makes before work reaches an engine: its models are loaded, the requested model exists."""
+"""What every servicer checks before work reaches an engine, and the set of models an engine loads and unloads one
+at a time (ModelService.LoadModel/UnloadModel, placement by the scheduler)."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from aimass.runtime.errors import NotFound, Unavailable
+from aimass.runtime.footprint import measure
 from aimass.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 
 def require_loaded(loaded: bool, service: str, what: str = "its models") -> None:
@@ -24,3 +35,85 @@ def resolve_model(requested: common_pb2.ModelRef, served: str, where: str) -> co
             metadata={"model": requested.name, "available": served},
         )
     return common_pb2.ModelRef(name=served, version=requested.version or "1")
+
+
+class ModelSet:
+    """An engine's models by name, each loaded (with its footprint measured) and unloaded on its own.
+
+    ``loaders`` build each model (blocking, seconds). ``get`` is what engine methods call per batch: a batch keeps the
+    object it got, so unloading never pulls a model from under running work; requests that arrive after get
+    UNAVAILABLE, which the gateway answers by retrying on a replica that holds the model.
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[], Any]], *, device: str, service: str) -> None:
+        self.loaders = dict(loaders)
+        self.device = device
+        self.service = service
+        self._models: dict[str, Any] = {}
+        self._footprints: dict[str, int] = {}
+        # One load or unload at a time: two loads of one model would both measure each other's memory.
+        self._lock = threading.Lock()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.loaders)
+
+    @property
+    def loaded(self) -> frozenset[str]:
+        return frozenset(self._models)
+
+    def footprint_bytes(self, name: str) -> int:
+        """Measured at its last load; 0 when it never loaded here."""
+        return self._footprints.get(name, 0)
+
+    def _known(self, name: str) -> None:
+        if name not in self.loaders:
+            raise NotFound(
+                f"model {name!r} is not served by {self.service}; available: {', '.join(self.loaders)}",
+                reason="MODEL_NOT_FOUND",
+                metadata={"model": name, "available": ",".join(self.loaders)},
+            )
+
+    def get(self, name: str) -> Any:
+        model = self._models.get(name)
+        if model is None:
+            self._known(name)
+            raise Unavailable(
+                f"model {name!r} is not loaded on this {self.service} replica; another replica may hold it, or "
+                "load it here with ModelService.LoadModel"
+            )
+        return model
+
+    def load(self, name: str, progress: Callable[[str], None] = log.info) -> bool:
+        """Loads ``name`` unless it is loaded; True when it loaded now."""
+        self._known(name)
+        with self._lock:
+            if name in self._models:
+                return False
+            progress(f"loading {name} on {self.device}")
+            started = time.perf_counter()
+            model, footprint = measure(self.device, self.loaders[name])
+            self._models[name] = model
+            self._footprints[name] = footprint
+            progress(f"loaded {name} in {time.perf_counter() - started:.1f}s ({footprint / 2**20:.0f} MiB)")
+            return True
+
+    def load_all(self, progress: Callable[[str], None] = log.info) -> None:
+        for number, name in enumerate(self.loaders, start=1):
+            progress(f"model {number}/{len(self.loaders)}: {name}")
+            self.load(name, progress)
+
+    def unload(self, name: str) -> bool:
+        """Drops ``name``; True when it was loaded. Batches already running keep their reference and finish."""
+        self._known(name)
+        with self._lock:
+            if self._models.pop(name, None) is None:
+                return False
+            gc.collect()
+            if self.device.startswith("cuda"):
+                import torch
+
+                # Return the freed blocks to the device, so NVML (and the scheduler) see the memory come back.
+                torch.cuda.empty_cache()
+            log.info("unloaded %s from %s", name, self.device)
+            return True

@@ -22,12 +22,13 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aimass.runtime.catalogue import ReplicaModelServicer
+from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Membership, Registry
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
 from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad
 from aimass.runtime.logs import configure_logging
+from aimass.runtime.models import ModelSet
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,24 @@ class ServerRunner:
         )
 
     @property
+    def _model_set(self) -> ModelSet | None:
+        return self.app.model_set if isinstance(self.app, LoadsModelsOnDemand) else None
+
+    def _serving_models(self) -> tuple[str, ...]:
+        """The models requests can use here now (the registry's list, which gateways route by)."""
+        models = self._model_set
+        if models is None:
+            return self.app.model_names()
+        return tuple(name for name in self.app.model_names() if name not in models.names or name in models.loaded)
+
+    async def _models_changed(self) -> None:
+        """A model was loaded or unloaded: gateways route by the registry's list, the scheduler by load reports."""
+        if self.membership is not None:
+            await self.membership.set_models(self._serving_models())
+        if self.load_reporter is not None:
+            await self.load_reporter.report()
+
+    @property
     def server(self) -> grpc.aio.Server:
         if self._server is None:
             raise RuntimeError("the server exists once start() has run")
@@ -146,7 +165,7 @@ class ServerRunner:
         if self.app.kind not in CONTROL_PLANE_KINDS:
             # Replicas describe their own models; the gateway's ModelService gathers them for the whole mesh.
             models_pb2_grpc.add_ModelServiceServicer_to_server(
-                ReplicaModelServicer(self.app, self.describe_replica), self.server
+                ReplicaModelServicer(self.app, self.describe_replica, self._models_changed), self.server
             )
             names = (*names, MODEL_SERVICE)
         reflection.enable_server_reflection(names, self.server)
@@ -174,7 +193,13 @@ class ServerRunner:
         if self.scheduler_config.address and self.app.kind not in CONTROL_PLANE_KINDS:
             # Apps with their own figures (the LLM engine) report those; the others, what admission sees.
             source = (
-                self.app if isinstance(self.app, ReportsLoad) else AdmissionLoad(self.app.model_names(), self.admission)
+                self.app
+                if isinstance(self.app, ReportsLoad)
+                else AdmissionLoad(
+                    [common_pb2.ModelRef(name=i.name, version=i.default_version) for i in self.app.model_infos()],
+                    self.admission,
+                    self._model_set,
+                )
             )
             self.load_reporter = LoadReporter(
                 source,
@@ -190,7 +215,7 @@ class ServerRunner:
                 kind=self.app.kind,
                 services=self.app.service_names,
                 address=self.address,
-                models=self.app.model_names(),
+                models=self._serving_models(),
                 state=common_pb2.SERVING_STATE_SERVING,
                 pid=os.getpid(),
             )

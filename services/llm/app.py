@@ -11,6 +11,7 @@ from grpc_health.v1 import health
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import LlmConfig, Settings
 from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.load_report import local_device_id
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import common_pb2, llm_pb2_grpc, models_pb2, scheduler_pb2
 from services.llm.engine import LlmEngine
@@ -70,7 +71,7 @@ class LlmApp:
         return (
             scheduler_pb2.ModelLoad(
                 model=common_pb2.ModelRef(name=self.engine.model_name, version=self.engine.version),
-                device_id="cpu" if self.engine.device == "cpu" else "gpu:0",
+                device_id=local_device_id(self.engine.device),
                 loaded=self.engine.loaded,
                 queue_depth=engine_load.waiting,
                 queue_capacity=self.config.max_waiting,

