@@ -489,3 +489,43 @@ def test_version_increases_on_every_change_only() -> None:
     assert table.drop_node("a") == []
     assert not table.touch(ref("m"), "a/gpu:0", 9)
     assert table.version == seen[-1]
+
+
+# -- following what replicas report ---------------------------------------------------------------------------
+
+
+def test_a_model_loaded_at_start_is_adopted_and_can_be_evicted() -> None:
+    table = PlacementTable()
+    device = gpu("a", 0, 10, used=6)
+    table.observe_loaded(ref("warm"), device, "r1", 6 * GIB, now_ms=5, last_used_ms=3)
+    (adopted,) = table.placements()
+    assert adopted.state == LOADED and adopted.bytes == 6 * GIB and adopted.instance_id == "r1"
+    assert table.footprints.get(ref("warm"), GPU) == 6 * GIB and table.footprints.is_measured(ref("warm"), GPU)
+    # Only 4 GiB free: the adopted model is the LRU victim for an 8 GiB one.
+    result = table.place(ref("big"), 8 * GIB, [device], allow_eviction=True, is_busy=idle, now_ms=10, target=None)
+    assert [p.model.name for p in result.evicted] == ["warm"]
+
+
+def test_a_placement_becomes_loaded_with_the_measured_footprint() -> None:
+    table = PlacementTable()
+    device = gpu("a", 0, 10)
+    place(table, "m", 3, [device])
+    version = table.version
+    table.observe_loaded(ref("m"), device, "r1", 2 * GIB, now_ms=5)
+    (placed,) = table.placements()
+    assert placed.state == LOADED and placed.bytes == 2 * GIB and table.version > version
+    # The same report again changes nothing (no new view for the gateways).
+    version = table.version
+    table.observe_loaded(ref("m"), device, "r1", 2 * GIB, now_ms=6)
+    assert table.version == version
+
+
+def test_an_unloaded_model_leaves_the_table_but_a_pending_one_stays() -> None:
+    table = PlacementTable()
+    device = gpu("a", 0, 10)
+    table.observe_loaded(ref("old"), device, "r1", GIB, now_ms=1)
+    place(table, "new", 1, [device])
+    table.observe_unloaded(ref("old"), device.device_id, "r1")
+    table.observe_unloaded(ref("new"), device.device_id, "r1")
+    assert [(p.model.name, p.state) for p in table.placements()] == [("new", scheduler_pb2.PLACEMENT_STATE_PENDING)]
+    assert [p.model.name for p in table.drop_instance("r1")] == ["new"] and not table.placements()
