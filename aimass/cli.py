@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -31,6 +32,10 @@ SERVICE_MODULES = {
 }
 
 
+# Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent and replicas in order.
+DEFAULT_METRICS_PORT = 9400
+
+
 def replica_counts(args: argparse.Namespace) -> dict[str, int]:
     return {kind: getattr(args, f"{kind}_replicas") for kind in SERVICE_MODULES}
 
@@ -49,6 +54,11 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         # One node agent per host: NVML readings where a GPU driver is present, the CPU profile otherwise.
         ProcessSpec("node-agent", "scheduler.node_agent", common),
     ]
+    metrics_keys = {
+        "gateway": "AIMASS_GATEWAY__SERVER__METRICS_PORT",
+        "scheduler": "AIMASS_SCHEDULER__SERVER__METRICS_PORT",
+        "node-agent": "AIMASS_SCHEDULER__NODE_AGENT_METRICS_PORT",
+    }
     for kind, replicas in replica_counts(args).items():
         first_port = getattr(args, f"{kind}_port") or getattr(settings, kind).server.port
         for index in range(replicas):
@@ -56,7 +66,24 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
             port = first_port + index if first_port else 0
             env = {**common, f"AIMASS_{kind.upper()}__SERVER__PORT": str(port)}
             specs.append(ProcessSpec(f"{kind}-{index}", SERVICE_MODULES[kind], env))
-    return specs
+            metrics_keys[f"{kind}-{index}"] = f"AIMASS_{kind.upper()}__SERVER__METRICS_PORT"
+    # Every process serves Prometheus metrics on its own port: --metrics-port, then the next ones in order.
+    return [
+        dataclasses.replace(
+            spec,
+            env={**spec.env, metrics_keys[spec.name]: str(args.metrics_port + offset if args.metrics_port else 0)},
+        )
+        for offset, spec in enumerate(specs)
+    ]
+
+
+def metrics_endpoints(specs: Sequence[ProcessSpec]) -> list[str]:
+    return [
+        f"{spec.name} http://127.0.0.1:{value}/metrics"
+        for spec in specs
+        for key, value in spec.env.items()
+        if key.endswith("METRICS_PORT") and value != "0"
+    ]
 
 
 async def wait_until_ready(registry_address: str, expected: dict[str, int], timeout_s: float) -> list[Instance]:
@@ -99,7 +126,7 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
     taken = []
     for spec in specs:
         for key, value in spec.env.items():
-            if key.endswith("__SERVER__PORT") and value != "0":
+            if key.endswith(("__SERVER__PORT", "METRICS_PORT")) and value != "0":
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     try:
                         probe.bind(("127.0.0.1", int(value)))
@@ -136,6 +163,9 @@ async def up(args: argparse.Namespace) -> int:
             instances = ready.result()
             print(f"\naimass is up. Gateway (the one front door): {gateway}\n", flush=True)
             print(format_instances(instances), flush=True)
+            endpoints = metrics_endpoints(specs)
+            if endpoints:
+                print("\nPrometheus metrics: " + ", ".join(endpoints), flush=True)
             print(
                 f"\nTry: grpcurl -plaintext {gateway} list    |    aimass status    |    Ctrl-C stops all\n", flush=True
             )
@@ -178,6 +208,13 @@ def parser() -> argparse.ArgumentParser:
     up_cmd = commands.add_parser("up", help="start gateway and services (supervised) and print where they listen")
     up_cmd.add_argument("--gateway-port", type=int, default=0, help="default: config gateway.server.port (50051)")
     up_cmd.add_argument("--scheduler-port", type=int, default=0, help="default: config scheduler.server.port (50041)")
+    up_cmd.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"first Prometheus metrics port; each process takes the next (default {DEFAULT_METRICS_PORT}; 0 = off)",
+    )
+
     settings = load_settings()
     for kind in SERVICE_MODULES:
         default_port = getattr(settings, kind).server.port

@@ -65,6 +65,9 @@ class LocalMesh:
     scheduler_port: int = 0
     # First port of each kind; its replicas listen on consecutive ports.
     ports: dict[str, int] = field(default_factory=dict)
+    # Serve Prometheus metrics from every process (on free consecutive ports; see metrics_address).
+    metrics: bool = False
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +85,14 @@ class LocalMesh:
 
     def addresses(self, kind: str) -> list[str]:
         return [f"127.0.0.1:{self.ports[kind] + i}" for i in range(self.replicas.get(kind, 0))]
+
+    def metrics_address(self, process: str) -> str:
+        """host:port of a process's Prometheus endpoint: "gateway", "scheduler", "node-agent" or "<kind>-<index>"."""
+        if not self.metrics_port:
+            raise RuntimeError("this mesh serves no metrics (LocalMesh(metrics=True) turns them on)")
+        order = ["gateway", "scheduler", "node-agent"]
+        order += [f"{kind}-{i}" for kind in SERVICE_MODULES for i in range(self.replicas.get(kind, 0))]
+        return f"127.0.0.1:{self.metrics_port + order.index(process)}"
 
     @property
     def nlp_addresses(self) -> list[str]:
@@ -107,6 +118,14 @@ class LocalMesh:
         self.scheduler_port = free_port()
         while self.scheduler_port in taken | {self.gateway_port}:
             self.scheduler_port = free_port()
+        processes = 3 + sum(self.replicas.values())  # gateway, scheduler, node agent, then replicas
+        self.metrics_port = 0
+        while self.metrics and (
+            not self.metrics_port
+            or taken & set(range(self.metrics_port, self.metrics_port + processes))
+            or {self.gateway_port, self.scheduler_port} & set(range(self.metrics_port, self.metrics_port + processes))
+        ):
+            self.metrics_port = consecutive_free_ports(processes)
         env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, **self.env}
         with self.log_path.open("wb") as sink:
             self.process = subprocess.Popen(
@@ -115,6 +134,7 @@ class LocalMesh:
                     "up",
                     f"--gateway-port={self.gateway_port}",
                     f"--scheduler-port={self.scheduler_port}",
+                    f"--metrics-port={self.metrics_port}",
                     *arguments,
                 ],
                 stdout=sink,

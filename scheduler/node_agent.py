@@ -16,13 +16,37 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import prometheus_client
+
 from aimass.runtime.config import load_settings
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.reporting import PeriodicReporter
-from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
+from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.devices import DeviceReader, NvmlUnavailable, make_reader
 
 log = logging.getLogger(__name__)
+
+_DEVICE = ["node", "device", "kind"]
+DEVICE_MEMORY_USED = prometheus_client.Gauge("aimass_device_memory_used_bytes", "Memory in use on a device.", _DEVICE)
+DEVICE_MEMORY_TOTAL = prometheus_client.Gauge("aimass_device_memory_total_bytes", "A device's memory.", _DEVICE)
+DEVICE_UTILIZATION = prometheus_client.Gauge(
+    "aimass_device_utilization_ratio", "Busy fraction of the device (NVML utilisation; CPU load on the CPU).", _DEVICE
+)
+DEVICE_TEMPERATURE = prometheus_client.Gauge("aimass_device_temperature_celsius", "GPU temperature (NVML).", _DEVICE)
+DEVICE_POWER = prometheus_client.Gauge("aimass_device_power_watts", "GPU power draw (NVML).", _DEVICE)
+
+
+def export_readings(node_id: str, devices: Sequence[scheduler_pb2.NodeDevice]) -> None:
+    """The latest readings as Prometheus gauges (the scheduler gets them as reports; people see them here)."""
+    for device in devices:
+        labels = (node_id, device.device_id, common_pb2.DeviceKind.Name(device.info.kind).removeprefix("DEVICE_KIND_"))
+        info = device.info
+        DEVICE_MEMORY_USED.labels(*labels).set(info.memory_used_bytes)
+        DEVICE_MEMORY_TOTAL.labels(*labels).set(info.memory_total_bytes)
+        DEVICE_UTILIZATION.labels(*labels).set(info.utilization_percent / 100)
+        if info.kind == common_pb2.DEVICE_KIND_GPU:
+            DEVICE_TEMPERATURE.labels(*labels).set(info.temperature_celsius)
+            DEVICE_POWER.labels(*labels).set(info.power_watts)
 
 
 class NodeAgent(PeriodicReporter):
@@ -44,6 +68,7 @@ class NodeAgent(PeriodicReporter):
     async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
         # NVML calls block (tens of ms per GPU), so they stay off the event loop.
         devices = await asyncio.to_thread(self.reader.read)
+        export_readings(self.node_id, devices)
         request = scheduler_pb2.ReportNodeRequest(
             node_id=self.node_id,
             host=self.host,
@@ -62,7 +87,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser(default_scheduler: str, default_interval_s: float) -> argparse.ArgumentParser:
+def build_parser(
+    default_scheduler: str, default_interval_s: float, default_metrics_port: int = 0
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scheduler.node_agent", description="Report this machine's devices to the aimass scheduler."
     )
@@ -81,6 +108,13 @@ def build_parser(default_scheduler: str, default_interval_s: float) -> argparse.
         help="where readings come from; auto is NVML where a driver is present, else the CPU profile",
     )
     parser.add_argument("--simulated-file", type=Path, metavar="PATH", help="fleet file (TOML or JSON) for simulated")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=default_metrics_port,
+        help="serve Prometheus metrics (device readings) on this port; 0 = off "
+        "(default: AIMASS_SCHEDULER__NODE_AGENT_METRICS_PORT)",
+    )
     parser.add_argument(
         "--interval-s",
         type=_positive_float,
@@ -112,7 +146,9 @@ async def run_until_signalled(agent: NodeAgent) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings()
-    parser = build_parser(settings.scheduler.address, settings.scheduler.report_interval_s)
+    parser = build_parser(
+        settings.scheduler.address, settings.scheduler.report_interval_s, settings.scheduler.node_agent_metrics_port
+    )
     args = parser.parse_args(argv)
     if not args.scheduler:
         parser.error("--scheduler HOST:PORT is required (or set AIMASS_SCHEDULER__ADDRESS)")
@@ -123,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         reader = make_reader(args.reader, args.node_id, args.simulated_file)
     except (NvmlUnavailable, ValueError) as err:
         raise SystemExit(f"node agent: {err}") from err
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.host)
+        log.info("node agent metrics at http://%s:%d/metrics", args.host, args.metrics_port)
     try:
         agent = NodeAgent(reader, args.scheduler, args.node_id, args.host, args.interval_s)
         asyncio.run(run_until_signalled(agent))

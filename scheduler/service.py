@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import prometheus_client
 
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
-from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.errors import AimassError, InvalidArgument
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.placement import Device, PlacementTable
 
@@ -27,6 +28,19 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_VIEW_INTERVAL_MS = 100
+
+PLACEMENTS = prometheus_client.Counter(
+    "aimass_scheduler_placements_total",
+    "PlaceModel decisions by outcome (placed, already_placed, or the refusal's reason, e.g. insufficient_memory).",
+    ["outcome"],
+)
+EVICTIONS = prometheus_client.Counter(
+    "aimass_scheduler_evictions_total", "Placements removed, by why (lru to make room, admin, ...).", ["reason"]
+)
+REPORTS = prometheus_client.Counter("aimass_scheduler_reports_total", "Reports received, by kind.", ["kind"])
+VIEW_VERSION = prometheus_client.Gauge("aimass_scheduler_view_version", "Version of the routing view.")
+WATCHERS = prometheus_client.Gauge("aimass_scheduler_view_watchers", "Gateways watching the routing view.")
+VIEWS_SENT = prometheus_client.Counter("aimass_scheduler_views_sent_total", "Routing views pushed to watchers.")
 
 
 def now_ms() -> int:
@@ -229,6 +243,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ReportNodeRequest, context: Context
     ) -> scheduler_pb2.ReportNodeResponse:
         self.state.record_node(request)
+        REPORTS.labels("node").inc()
         await self.state.changed()
         return scheduler_pb2.ReportNodeResponse(report_interval_ms=self.state.report_interval_ms)
 
@@ -236,6 +251,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ReportLoadRequest, context: Context
     ) -> scheduler_pb2.ReportLoadResponse:
         self.state.record_load(request)
+        REPORTS.labels("load").inc()
         await self.state.changed()
         return scheduler_pb2.ReportLoadResponse(report_interval_ms=self.state.report_interval_ms)
 
@@ -245,28 +261,41 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         interval_s = (request.min_interval_ms or DEFAULT_VIEW_INTERVAL_MS) / 1000
         log.info("%s watches the routing view", request.subscriber_id or "a subscriber")
         sent = -1
-        while not self.state.closing:
-            if sent >= 0 and not await self.state.wait_newer(sent):
-                return
-            view = self.state.view()
-            sent = view.version
-            yield scheduler_pb2.WatchViewResponse(view=view)
-            # Coalesce: changes during the pause go out together in the next view.
-            await asyncio.sleep(interval_s)
+        WATCHERS.inc()
+        try:
+            while not self.state.closing:
+                if sent >= 0 and not await self.state.wait_newer(sent):
+                    return
+                view = self.state.view()
+                sent = view.version
+                VIEW_VERSION.set(sent)
+                yield scheduler_pb2.WatchViewResponse(view=view)
+                VIEWS_SENT.inc()
+                # Coalesce: changes during the pause go out together in the next view.
+                await asyncio.sleep(interval_s)
+        finally:
+            WATCHERS.dec()
 
     async def PlaceModel(
         self, request: scheduler_pb2.PlaceModelRequest, context: Context
     ) -> scheduler_pb2.PlaceModelResponse:
-        result = self.state.table.place(
-            request.model,
-            request.required_bytes,
-            self.state.devices(request.model.name),
-            target=request.target if request.HasField("target") else None,
-            allow_eviction=request.allow_eviction,
-            is_busy=self.state.is_busy,
-            now_ms=now_ms(),
-            modality=request.modality,
-        )
+        try:
+            result = self.state.table.place(
+                request.model,
+                request.required_bytes,
+                self.state.devices(request.model.name),
+                target=request.target if request.HasField("target") else None,
+                allow_eviction=request.allow_eviction,
+                is_busy=self.state.is_busy,
+                now_ms=now_ms(),
+                modality=request.modality,
+            )
+        except AimassError as err:
+            PLACEMENTS.labels(err.reason.lower()).inc()
+            raise
+        PLACEMENTS.labels("already_placed" if result.already_placed else "placed").inc()
+        if result.evicted:
+            EVICTIONS.labels("lru").inc(len(result.evicted))
         await self.state.changed()
         return result.to_proto()
 
@@ -277,6 +306,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise InvalidArgument("model.name is required", reason="NO_MODEL")
         evicted = self.state.table.evict(request.model, request.target if request.HasField("target") else None)
         if evicted:
+            EVICTIONS.labels(request.reason or "unspecified").inc(len(evicted))
             log.info("evicted %d placement(s) of %s: %s", len(evicted), request.model.name, request.reason or "-")
             await self.state.changed()
         return scheduler_pb2.EvictModelResponse(evicted=evicted, freed_bytes=sum(p.bytes for p in evicted))

@@ -17,10 +17,14 @@ MESH_START_TIMEOUT_S = 240.0
 
 
 def start_mesh(
-    log_dir: Path, replicas: Mapping[str, int] | None = None, extra_env: dict[str, str] | None = None
+    log_dir: Path,
+    replicas: Mapping[str, int] | None = None,
+    extra_env: dict[str, str] | None = None,
+    *,
+    metrics: bool = False,
 ) -> LocalMesh:
     """`aimass up` (the command users run) on free loopback ports, ready to serve; NLP only unless told."""
-    mesh = LocalMesh(log_dir / "mesh.log", replicas=replicas or {"nlp": 1}, env=extra_env or {})
+    mesh = LocalMesh(log_dir / "mesh.log", replicas=replicas or {"nlp": 1}, env=extra_env or {}, metrics=metrics)
     mesh.start()
     try:
         mesh.wait_ready(MESH_START_TIMEOUT_S)
@@ -33,7 +37,7 @@ def start_mesh(
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     # Every service whose models install here; the others answer UNAVAILABLE through the gateway.
-    started = start_mesh(tmp_path_factory.mktemp("mesh"), {"nlp": 1, "vision": 1})
+    started = start_mesh(tmp_path_factory.mktemp("mesh"), {"nlp": 1, "vision": 1}, metrics=True)
     yield started
     started.stop()
 

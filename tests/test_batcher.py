@@ -1,4 +1,4 @@
-"""DynamicBatcher: batch forming, units, errors, backpressure, cancellation, deadlines, shutdown.
+"""DynamicBatcher: batch forming, priorities, units, errors, backpressure, cancellation, deadlines, shutdown.
 
 Timing is controlled with a gate (threading.Event) that holds a batch inside execute: while it is held the
 single execution slot is busy, so later submits queue up deterministically and the test can inspect the queue.
@@ -17,8 +17,15 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from aimass.runtime.batcher import DynamicBatcher
-from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
+from aimass.runtime.batcher import DynamicBatcher, check_priority
+from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from aimass.v1 import common_pb2
+
+LOW = common_pb2.PRIORITY_LOW
+NORMAL = common_pb2.PRIORITY_NORMAL
+HIGH = common_pb2.PRIORITY_HIGH
+CRITICAL = common_pb2.PRIORITY_CRITICAL
+UNSPECIFIED = common_pb2.PRIORITY_UNSPECIFIED
 
 _names = itertools.count()
 
@@ -79,6 +86,15 @@ async def hold_slot(batcher: DynamicBatcher[Any, Any], engine: Engine) -> asynci
 async def queue_tasks(batcher: DynamicBatcher[Any, Any], requests: Sequence[Any]) -> list[asyncio.Task[Any]]:
     tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
     await asyncio.sleep(0)  # one loop turn: every task runs up to its await, i.e. is queued
+    return tasks
+
+
+async def queue_prioritised(
+    batcher: DynamicBatcher[Any, Any], requests: Sequence[tuple[Any, int]]
+) -> list[asyncio.Task[Any]]:
+    """Like queue_tasks, for (request, priority) pairs, queued in the order given."""
+    tasks = [asyncio.create_task(batcher.submit(r, priority=p)) for r, p in requests]
+    await asyncio.sleep(0)
     return tasks
 
 
@@ -377,3 +393,209 @@ async def test_batch_size_histogram_observes_units(make: Factory) -> None:
 def test_rejects_bad_config() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(Engine(), name="bad", max_batch_size=0)
+
+
+# -- priorities -------------------------------------------------------------------------------------------------
+
+
+async def test_contended_batches_take_higher_priorities_first(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=3, max_queue_delay_s=0.01)
+    blocker = await hold_slot(b, engine)
+    # Arrival order: three LOW, a NORMAL (the default), then HIGH, CRITICAL and an UNSPECIFIED (= NORMAL).
+    low = await queue_prioritised(b, [(1, LOW), (2, LOW), (3, LOW)])
+    normal = asyncio.create_task(b.submit(4))
+    rest = await queue_prioritised(b, [(5, HIGH), (6, CRITICAL), (7, UNSPECIFIED)])
+    assert b.queue_depth == 7
+
+    engine.gate.set()
+    assert await asyncio.gather(*low, normal, *rest) == [10, 20, 30, 40, 50, 60, 70]
+    await blocker
+    assert engine.batches == [[0], [6, 5, 4], [7, 1, 2], [3]]
+
+
+async def test_fifo_within_a_priority(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=0.01)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_prioritised(b, [(1, HIGH), (2, LOW), (3, HIGH), (4, LOW), (5, HIGH), (6, LOW)])
+
+    engine.gate.set()
+    await asyncio.gather(*tasks, blocker)
+    assert engine.batches == [[0], [1, 3], [5, 2], [4, 6]]
+
+
+async def test_request_that_does_not_fit_is_not_overtaken_by_a_lower_priority(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=4, max_queue_delay_s=0.01, size_of=len)
+    blocker = asyncio.create_task(b.submit(["x"]))
+    await engine.wait_entered()
+    tasks = await queue_prioritised(b, [(["a"] * 3, HIGH), (["b"] * 3, HIGH), (["c"], LOW)])
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [3, 3, 1]
+    await blocker
+    assert engine.batches[1:] == [[["a"] * 3], [["b"] * 3, ["c"]]]
+
+
+async def test_uncontended_requests_run_at_once_whatever_their_priority(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine, max_batch_size=8, max_queue_delay_s=0)
+    for request, priority in [(1, LOW), (2, CRITICAL), (3, NORMAL)]:
+        assert await b.submit(request, priority=priority) == request * 10
+    assert engine.batches == [[1], [2], [3]]
+
+
+async def test_a_later_higher_priority_arrival_does_not_postpone_the_batch(make: Factory) -> None:
+    # The batch closes max_queue_delay_s after the *oldest* waiting request, not after the most urgent one.
+    engine = Engine()
+    b = await make(engine, max_batch_size=32, max_queue_delay_s=1.0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    low = asyncio.create_task(b.submit(1, priority=LOW))
+    await asyncio.sleep(0.5)
+    high = asyncio.create_task(b.submit(2, priority=HIGH))
+    assert list(await asyncio.gather(low, high)) == [10, 20]
+    assert loop.time() - start < 1.4  # ~1.0; a clock restarted by the HIGH request would give >= 1.5
+    assert engine.batches == [[2, 1]]
+
+
+async def test_higher_priority_displaces_the_newest_lowest_priority_when_full(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, name="displace", max_batch_size=8, max_queue_size=3)
+    blocker = await hold_slot(b, engine)
+    low1, low2, normal3 = await queue_prioritised(b, [(1, LOW), (2, LOW), (3, NORMAL)])
+
+    high4 = asyncio.create_task(b.submit(4, priority=HIGH))
+    with pytest.raises(ResourceExhausted) as info:
+        await low2  # the newest LOW made room
+    err = info.value
+    assert err.reason == "QUEUE_FULL"
+    assert err.message == (
+        "displace queue is full (limit 3 items) and a HIGH-priority request took the place of this LOW-priority"
+        " one before it ran; retry later"
+    )
+    assert err.metadata["displaced_by"] == "HIGH" and "retry_after_ms" in err.metadata
+    assert b.queue_depth == 3 and b.stats.dropped_displaced == 1 and b.stats.rejected_full == 0
+
+    # Nothing below LOW to displace: the newcomer is refused. A NORMAL displaces the remaining LOW.
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        await b.submit(5, priority=LOW)
+    normal6 = asyncio.create_task(b.submit(6, priority=NORMAL))
+    with pytest.raises(ResourceExhausted, match="took the place of this LOW-priority one"):
+        await low1
+    # Equal priorities never displace each other.
+    with pytest.raises(ResourceExhausted, match=r"queue is full \(3 items waiting"):
+        await b.submit(7, priority=NORMAL)
+    s = b.stats
+    assert (s.dropped_displaced, s.rejected_full, b.queue_depth) == (2, 2, 3)
+    assert (
+        REGISTRY.get_sample_value("aimass_batcher_dropped_total", {"batcher": "displace", "reason": "displaced"}) == 2
+    )
+
+    engine.gate.set()
+    assert list(await asyncio.gather(high4, normal3, normal6)) == [40, 30, 60]
+    await blocker
+    assert engine.batches == [[0], [4, 3, 6]]
+
+
+async def test_displacement_takes_several_lowest_first_or_none_at_all(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8, max_queue_size=4, size_of=len)
+    blocker = asyncio.create_task(b.submit(["x"]))
+    await engine.wait_entered()
+    low_a, normal_b, low_c, normal_d = await queue_prioritised(
+        b, [(["a"], LOW), (["b"], NORMAL), (["c"], LOW), (["d"], NORMAL)]
+    )
+    # Three units for a CRITICAL request: both LOWs go (newest first), then the newest NORMAL.
+    critical = asyncio.create_task(b.submit(["e"] * 3, priority=CRITICAL))
+    for displaced in (low_c, low_a, normal_d):
+        with pytest.raises(ResourceExhausted, match="CRITICAL-priority request took the place"):
+            await displaced
+    assert b.queue_depth == 4 and b.stats.dropped_displaced == 3
+
+    # Making room for four HIGH units would need the CRITICAL request's place too: nothing is displaced.
+    with pytest.raises(ResourceExhausted, match="4 items waiting, limit 4; this request adds 4"):
+        await b.submit(["f"] * 4, priority=HIGH)
+    assert b.queue_depth == 4 and b.stats.dropped_displaced == 3 and not normal_b.done()
+
+    engine.gate.set()
+    assert list(await asyncio.gather(critical, normal_b)) == [3, 1]
+    await blocker
+    assert engine.batches[1:] == [[["e"] * 3, ["b"]]]
+
+
+async def test_cancelled_and_expired_high_priority_requests_are_skipped_and_free_their_units(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8, max_queue_size=5)
+    blocker = await hold_slot(b, engine)
+    loop = asyncio.get_running_loop()
+    low1, high2, high3, low4 = await queue_prioritised(b, [(1, LOW), (2, HIGH), (3, HIGH), (4, LOW)])
+    expiring = asyncio.create_task(b.submit(5, priority=CRITICAL, deadline=loop.time() + 0.05))
+    await asyncio.sleep(0)
+    assert b.queue_depth == 5
+
+    high3.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await high3
+    assert b.queue_depth == 4  # returned at once, not when the collector reaches the entry
+    with pytest.raises(DeadlineExceeded):
+        await expiring
+    assert b.queue_depth == 3
+    # The freed units take new requests right away, and the budget still holds.
+    late = await queue_prioritised(b, [(6, LOW), (7, LOW)])
+    assert b.queue_depth == 5
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        await b.submit(8, priority=LOW)
+
+    engine.gate.set()
+    assert await asyncio.gather(low1, high2, low4, *late) == [10, 20, 40, 60, 70]
+    await blocker
+    assert engine.batches == [[0], [2, 1, 4, 6, 7]]
+    s = b.stats
+    assert (s.dropped_cancelled, s.dropped_expired, s.rejected_full) == (1, 1, 1)
+    assert b.queue_depth == 0
+
+
+async def test_close_without_drain_fails_every_priority(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=8)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_prioritised(b, [(1, LOW), (2, CRITICAL), (3, NORMAL), (4, HIGH)])
+
+    closing = asyncio.create_task(b.close(drain=False))
+    for t in tasks:
+        with pytest.raises(Unavailable):
+            await t
+    assert b.stats.dropped_shutdown == 4 and b.queue_depth == 0
+    engine.gate.set()
+    await closing
+    assert await blocker == 0
+
+
+async def test_close_with_drain_runs_queued_work_in_priority_order(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=0.01)
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_prioritised(b, [(1, LOW), (2, NORMAL), (3, HIGH)])
+    closing = asyncio.create_task(b.close(drain=True))
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.wait_for(closing, timeout=2)
+    assert [t.result() for t in tasks] == [10, 20, 30]
+    await blocker
+    assert engine.batches == [[0], [3, 2], [1]]
+
+
+async def test_out_of_range_priority_is_invalid_argument(make: Factory) -> None:
+    engine = Engine()
+    b = await make(engine)
+    with pytest.raises(InvalidArgument) as info:
+        await b.submit(1, priority=7)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.reason == "BAD_PRIORITY"
+    assert info.value.message.startswith("meta.priority is 7, which is not a Priority value; send PRIORITY_LOW (1)")
+    assert engine.batches == [] and b.queue_depth == 0
+    with pytest.raises(InvalidArgument, match=r"meta\.priority is -1"):
+        check_priority(-1)
+    assert [check_priority(p) for p in (UNSPECIFIED, LOW, NORMAL, HIGH, CRITICAL)] == [0, 1, 2, 3, 4]

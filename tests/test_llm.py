@@ -30,6 +30,7 @@ from aimass.v1 import (
 )
 from services.llm.weights import PACKAGED_MODELS, model_folder
 from tests.conftest import start_mesh
+from tests.metrics import scrape, value
 
 MODEL = "smollm2-135m-instruct"
 # Small enough to make the engine queue and a too-long prompt cheap to build.
@@ -52,7 +53,7 @@ def llm_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         # The scheduler asks for load reports every 100 ms, so its view follows the engine closely.
         "AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1",
     }
-    mesh = start_mesh(tmp_path_factory.mktemp("llm"), {"llm": 1}, env)
+    mesh = start_mesh(tmp_path_factory.mktemp("llm"), {"llm": 1}, env, metrics=True)
     yield mesh
     mesh.stop()
 
@@ -297,6 +298,23 @@ async def test_tenant_work_reaches_the_scheduler(llm_mesh: LocalMesh, stub: llm_
     (replica,) = [r for r in view.replicas if any(m.model.name == MODEL for m in r.models)]
     assert replica.address == llm_mesh.addresses("llm")[0]
     assert replica.models[0].device_id == f"{replica.node_id}/cpu"
+
+
+async def test_llm_metrics_count_tokens_and_time_to_first_token(
+    llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub
+) -> None:
+    before = scrape(llm_mesh.metrics_address("llm-0"))
+    responses = await collect(stub, chat_request(CAPITAL, max_tokens=6))
+    usage = responses[-1].usage
+    after = scrape(llm_mesh.metrics_address("llm-0"))
+    grown = value(after, "aimass_llm_generated_tokens_total", model=MODEL) - value(
+        before, "aimass_llm_generated_tokens_total", model=MODEL
+    )
+    assert grown == usage.completion_tokens
+    ttft = "aimass_llm_time_to_first_token_seconds_count"
+    assert value(after, ttft, model=MODEL) == value(before, ttft, model=MODEL) + 1
+    assert value(after, "aimass_llm_prompt_tokens_total", model=MODEL) >= usage.prompt_tokens
+    assert ("aimass_llm_kv_cache_usage_ratio", frozenset()) in after
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,28 @@
 """Dynamic batching in front of an engine's batched ``execute(requests) -> responses`` (Triton style).
 
-Handlers ``await batcher.submit(request)``; one collector task forms FIFO batches of up to ``max_batch_size``
-units (a request's units come from ``size_of``, e.g. the number of texts in an Embed request) and hands each
-batch to ``execute`` in a worker thread, so the event loop keeps serving while the model runs.
+Handlers ``await batcher.submit(request, priority=request.meta.priority)``; one collector task forms batches of
+up to ``max_batch_size`` units (a request's units come from ``size_of``, e.g. the number of texts in an Embed
+request) and hands each batch to ``execute`` in a worker thread, so the event loop keeps serving while the model
+runs.
 
-A batch closes when it is full or ``max_queue_delay_s`` after its first request was queued, whichever is first.
-The collector takes a free execution slot *before* forming a batch: while every slot is busy, requests pile up
-and the next batch is as large as the queue allows, which is how throughput grows under load.
+A batch closes when it is full or ``max_queue_delay_s`` after the oldest waiting request was queued, whichever is
+first. The collector takes a free execution slot *before* forming a batch: while every slot is busy, requests pile
+up and the next batch is as large as the queue allows, which is how throughput grows under load.
 
-The queue is a deque with lazy removal: a cancelled or expired request is marked, its units are returned to the
-queue budget at once, and the collector skips the entry when it reaches it.
+Priorities (``RequestMeta.priority``): a batch takes the waiting requests in order CRITICAL, HIGH, NORMAL, LOW
+(UNSPECIFIED is NORMAL), first come first served within a priority, and closes at the first request that does
+not fit, so neither a smaller nor a lower-priority request overtakes it. This is strict priority, as in the LLM
+engine: under sustained higher-priority load lower priorities wait, bounded by their deadlines. Uncontended,
+every request is batched as soon as it arrives and the order makes no difference.
+
+A full queue refuses a request with RESOURCE_EXHAUSTED, unless it holds requests of a lower priority than the
+newcomer's: then the newest of the lowest priority queued are displaced (failed with RESOURCE_EXHAUSTED, as if
+they had been refused on arrival) until the newcomer fits, lowest priority first. If displacing every
+lower-priority request would not make room, nothing is displaced and the newcomer is refused. Equal priorities
+never displace each other, so with one priority in use this is the plain bounded queue.
+
+There is one deque per priority, with lazy removal: a cancelled or expired request is marked, its units are
+returned to the queue budget at once, and the collector skips the entry when it reaches it.
 """
 
 from __future__ import annotations
@@ -26,9 +39,10 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
+from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from aimass.v1 import common_pb2
 
-__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn"]
+__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn", "check_priority"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +62,39 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("aimass_batcher_queue_depth", "Units waiting in the batcher queue.", ["batcher"])
 DROPPED = Counter(
     "aimass_batcher_dropped_total",
-    "Requests that never reached execute, by reason (queue_full, cancelled, expired, shutdown).",
+    "Requests that never reached execute, by reason (queue_full, displaced, cancelled, expired, shutdown).",
     ["batcher", "reason"],
 )
 
-_DROP_REASONS = ("queue_full", "cancelled", "expired", "shutdown")
+_DROP_REASONS = ("queue_full", "displaced", "cancelled", "expired", "shutdown")
+
+# RequestMeta.priority → queue level, most urgent first.
+_LEVEL_OF: dict[int, int] = {
+    common_pb2.PRIORITY_CRITICAL: 0,
+    common_pb2.PRIORITY_HIGH: 1,
+    common_pb2.PRIORITY_NORMAL: 2,
+    common_pb2.PRIORITY_UNSPECIFIED: 2,
+    common_pb2.PRIORITY_LOW: 3,
+}
+_LEVEL_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW")
+
+
+def _bad_priority(priority: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"meta.priority is {priority}, which is not a Priority value; send PRIORITY_LOW (1), PRIORITY_NORMAL (2),"
+        " PRIORITY_HIGH (3), PRIORITY_CRITICAL (4) or leave it unset (NORMAL)",
+        reason="BAD_PRIORITY",
+    )
+
+
+def check_priority(priority: int) -> int:
+    """``priority`` when it is a ``RequestMeta.priority`` value, else INVALID_ARGUMENT saying which are.
+
+    Servicers call it before doing any work for a request; ``submit`` checks again for other callers.
+    """
+    if priority not in _LEVEL_OF:
+        raise _bad_priority(priority)
+    return priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +106,7 @@ class BatcherStats:
     executed_requests: int
     executed_batches: int
     rejected_full: int
+    dropped_displaced: int  # queued, then pushed out of a full queue by a higher-priority request
     dropped_cancelled: int  # cancelled while queued; cancelled while executing still counts as executed
     dropped_expired: int  # deadline passed before execution (including already passed at submit)
     dropped_shutdown: int  # failed by close(drain=False)
@@ -82,6 +125,7 @@ class _Item(Generic[Req, Resp]):
     future: asyncio.Future[Resp]
     enqueued_at: float
     deadline: float | None
+    level: int
     timer: asyncio.TimerHandle | None = None
     state: _State = _State.QUEUED
 
@@ -131,7 +175,9 @@ class DynamicBatcher(Generic[Req, Resp]):
             max_workers=max_concurrent_batches, thread_name_prefix=f"aimass-batcher-{name}"
         )
 
-        self._queue: deque[_Item[Req, Resp]] = deque()
+        # One FIFO per priority level, most urgent first, and the live units queued in each.
+        self._queues: tuple[deque[_Item[Req, Resp]], ...] = tuple(deque() for _ in _LEVEL_NAMES)
+        self._level_units = [0] * len(_LEVEL_NAMES)
         self._queued_units = 0
         self._in_flight_units = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,6 +220,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             executed_requests=self._executed_requests,
             executed_batches=self._executed_batches,
             rejected_full=self._rejected_full,
+            dropped_displaced=self._dropped["displaced"],
             dropped_cancelled=self._dropped["cancelled"],
             dropped_expired=self._dropped["expired"],
             dropped_shutdown=self._dropped["shutdown"],
@@ -189,12 +236,18 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._slots = asyncio.Semaphore(self._max_concurrent_batches)
         self._collector = self._loop.create_task(self._collect_loop(), name=f"aimass-batcher-{self.name}")
 
-    async def submit(self, request: Req, *, deadline: float | None = None) -> Resp:
+    async def submit(
+        self, request: Req, *, deadline: float | None = None, priority: int = common_pb2.PRIORITY_NORMAL
+    ) -> Resp:
         """Queue ``request`` and wait for its result.
 
-        ``deadline`` is absolute, in ``loop.time()``. Cancelling the awaiting task removes a queued request
-        (it never reaches execute) or discards the result of one already executing.
+        ``deadline`` is absolute, in ``loop.time()``. ``priority`` is a ``RequestMeta.priority`` value
+        (INVALID_ARGUMENT otherwise). Cancelling the awaiting task removes a queued request (it never reaches
+        execute) or discards the result of one already executing.
         """
+        level = _LEVEL_OF.get(priority)
+        if level is None:
+            raise _bad_priority(priority)
         if self._closing:
             raise Unavailable(f"{self.name} batcher is shutting down; retry on another replica", reason="DRAINING")
         loop = self._loop
@@ -210,7 +263,11 @@ class DynamicBatcher(Generic[Req, Resp]):
         # A zero-unit request still costs a batch slot; counting it as 1 keeps the fill logic finite.
         units = max(1, self._size_of(request))
         # An empty queue accepts any size, so a request larger than the queue limit is not refused forever.
-        if self._queued_units > 0 and self._queued_units + units > self._max_queue_size:
+        if (
+            self._queued_units > 0
+            and self._queued_units + units > self._max_queue_size
+            and not self._make_room(level, units)
+        ):
             self._rejected_full += 1
             self._m_dropped["queue_full"].inc()
             this = "" if units == 1 else f"; this request adds {units}"
@@ -225,11 +282,12 @@ class DynamicBatcher(Generic[Req, Resp]):
                 },
             )
 
-        item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline)
+        item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline, level)
         if deadline is not None:
             # Fail a request at its deadline even if no batch forms meanwhile (e.g. all slots busy).
             item.timer = loop.call_at(deadline, self._expire, item)
-        self._queue.append(item)
+        self._queues[level].append(item)
+        self._level_units[level] += units
         self._queued_units += units
         self._m_queue_depth.set(self._queued_units)
         self._notify()
@@ -248,17 +306,12 @@ class DynamicBatcher(Generic[Req, Resp]):
         """
         self._closing = True
         if not drain:
-            while self._queue:
-                item = self._queue.popleft()
-                if item.state is _State.QUEUED:
-                    self._drop(item, "shutdown")
-                    if not item.future.done():
-                        item.future.set_exception(
-                            Unavailable(
-                                f"{self.name} batcher is shutting down; request was not executed, retry elsewhere",
-                                reason="DRAINING",
-                            )
-                        )
+            self._fail_queued(
+                lambda: Unavailable(
+                    f"{self.name} batcher is shutting down; request was not executed, retry elsewhere",
+                    reason="DRAINING",
+                )
+            )
         self._notify()
         if self._collector is not None:
             await asyncio.shield(self._collector)
@@ -284,8 +337,54 @@ class DynamicBatcher(Generic[Req, Resp]):
         if item.timer is not None:
             item.timer.cancel()
         self._queued_units -= item.units
+        self._level_units[item.level] -= item.units
         self._m_queue_depth.set(self._queued_units)
         self._count_drop(reason)
+
+    def _fail_queued(self, error: Callable[[], Exception]) -> None:
+        """Fail every queued request with a fresh ``error()`` (shutdown)."""
+        for queue in self._queues:
+            while queue:
+                item = queue.popleft()
+                if item.state is _State.QUEUED:
+                    self._drop(item, "shutdown")
+                    if not item.future.done():
+                        item.future.set_exception(error())
+
+    def _make_room(self, level: int, units: int) -> bool:
+        """Displace the newest queued requests of the lowest priorities below ``level`` until ``units`` more fit.
+
+        Displaces nothing and returns False when even all lower-priority requests together would not make room.
+        """
+        lower = sum(self._level_units[level + 1 :])
+        if lower == 0 or self._queued_units - lower + units > self._max_queue_size:
+            return False
+        for victim_level in range(len(self._queues) - 1, level, -1):
+            queue = self._queues[victim_level]
+            while queue and self._queued_units + units > self._max_queue_size:
+                victim = queue.pop()  # newest first; dead entries on the way are discarded here instead of later
+                if victim.state is not _State.QUEUED:
+                    continue
+                if victim.future.done():  # cancelled; the submit() handler has not run yet
+                    self._drop(victim, "cancelled")
+                    continue
+                self._drop(victim, "displaced")
+                victim.future.set_exception(
+                    ResourceExhausted(
+                        f"{self.name} queue is full (limit {self._max_queue_size} items) and a "
+                        f"{_LEVEL_NAMES[level]}-priority request took the place of this {_LEVEL_NAMES[victim_level]}"
+                        "-priority one before it ran; retry later",
+                        reason="QUEUE_FULL",
+                        metadata={
+                            "batcher": self.name,
+                            "limit": str(self._max_queue_size),
+                            "displaced_by": _LEVEL_NAMES[level],
+                        },
+                    )
+                )
+            if self._queued_units + units <= self._max_queue_size:
+                break
+        return True
 
     def _expire(self, item: _Item[Req, Resp]) -> None:
         if item.state is not _State.QUEUED:
@@ -317,38 +416,59 @@ class DynamicBatcher(Generic[Req, Resp]):
             if timer is not None:
                 timer.cancel()
 
-    def _live_head(self) -> _Item[Req, Resp] | None:
-        while self._queue:
-            head = self._queue[0]
-            if head.state is _State.QUEUED and not head.future.done():
-                return head
-            self._queue.popleft()
-            if head.state is _State.QUEUED:  # future cancelled; submit()'s handler has not run yet
-                self._drop(head, "cancelled")
-        return None
+    def _oldest_waiting(self) -> float | None:
+        """When the longest-waiting live request was queued (None if none is), dropping dead heads on the way."""
+        oldest: float | None = None
+        for queue in self._queues:
+            while queue:
+                head = queue[0]
+                if head.state is _State.QUEUED and not head.future.done():
+                    # Each level is FIFO: its live head is its oldest request.
+                    if oldest is None or head.enqueued_at < oldest:
+                        oldest = head.enqueued_at
+                    break
+                queue.popleft()
+                if head.state is _State.QUEUED:  # future cancelled; submit()'s handler has not run yet
+                    self._drop(head, "cancelled")
+        return oldest
 
     def _take_batch(self) -> list[_Item[Req, Resp]]:
-        """Pop a FIFO batch of at most max_batch_size units (an oversized head request goes alone)."""
+        """Pop a batch of at most max_batch_size units, highest priority first and FIFO within a priority (an
+        oversized first request goes alone)."""
         assert self._loop is not None
         now = self._loop.time()
         batch: list[_Item[Req, Resp]] = []
         units = 0
-        while (item := self._live_head()) is not None:
-            if item.deadline is not None and item.deadline <= now:
-                self._queue.popleft()
-                self._expire(item)
-                continue
-            if batch and units + item.units > self._max_batch_size:
-                break  # strict FIFO: don't let smaller requests overtake the one that doesn't fit
-            self._queue.popleft()
-            item.state = _State.RUNNING
-            if item.timer is not None:
-                item.timer.cancel()
-            self._queued_units -= item.units
-            batch.append(item)
-            units += item.units
-            if units >= self._max_batch_size:
-                break
+        limit = self._max_batch_size
+        for level, queue in enumerate(self._queues):
+            while queue:
+                item = queue[0]
+                if item.state is not _State.QUEUED:
+                    queue.popleft()
+                    continue
+                if item.future.done():  # cancelled; submit()'s handler has not run yet
+                    queue.popleft()
+                    self._drop(item, "cancelled")
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    queue.popleft()
+                    self._expire(item)
+                    continue
+                if batch and units + item.units > limit:
+                    # Strict order: neither smaller nor lower-priority requests overtake the one that doesn't fit.
+                    self._m_queue_depth.set(self._queued_units)
+                    return batch
+                queue.popleft()
+                item.state = _State.RUNNING
+                if item.timer is not None:
+                    item.timer.cancel()
+                self._queued_units -= item.units
+                self._level_units[level] -= item.units
+                batch.append(item)
+                units += item.units
+                if units >= limit:
+                    self._m_queue_depth.set(self._queued_units)
+                    return batch
         self._m_queue_depth.set(self._queued_units)
         return batch
 
@@ -356,13 +476,13 @@ class DynamicBatcher(Generic[Req, Resp]):
         """Wait for a batch to fill or its delay to pass; None once closing and the queue is empty."""
         assert self._loop is not None
         while True:
-            head = self._live_head()
-            if head is None:
+            oldest = self._oldest_waiting()
+            if oldest is None:
                 if self._closing:
                     return None
                 await self._wait(None)
                 continue
-            fill_by = head.enqueued_at + self._max_queue_delay_s
+            fill_by = oldest + self._max_queue_delay_s
             while not self._closing and self._queued_units < self._max_batch_size and self._loop.time() < fill_by:
                 await self._wait(fill_by)
             batch = self._take_batch()
@@ -385,12 +505,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             # A bug here must not leave callers waiting forever.
             logger.exception("batcher %s: collector failed; failing queued requests", self.name)
             self._closing = True
-            while self._queue:
-                item = self._queue.popleft()
-                if item.state is _State.QUEUED:
-                    self._drop(item, "shutdown")
-                    if not item.future.done():
-                        item.future.set_exception(Unavailable(f"{self.name} batcher failed; retry elsewhere"))
+            self._fail_queued(lambda: Unavailable(f"{self.name} batcher failed; retry elsewhere"))
 
     async def _run_batch(self, batch: list[_Item[Req, Resp]]) -> None:
         assert self._loop is not None and self._slots is not None

@@ -20,6 +20,7 @@ from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+
 class ServesModels(Protocol):
     """The part of a ServiceApp this module needs (importing ServiceApp from server.py would be circular)."""
 
@@ -160,7 +161,7 @@ class LoadsModelsOnDemand(Protocol):
 
 
 def device_kind(device: str) -> common_pb2.DeviceKind.ValueType:
-    """"cuda[:i]" → GPU, anything else → CPU (torch's device names)."""
+    """GPU for "cuda[:i]", CPU for anything else (torch's device names)."""
     return common_pb2.DEVICE_KIND_GPU if device.startswith("cuda") else common_pb2.DEVICE_KIND_CPU
 
 

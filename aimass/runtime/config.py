@@ -185,6 +185,8 @@ class SchedulerConfig(BaseModel):
     silent_intervals: PositiveInt = 3
     # Fair share: tenant → weight (default 1); a tenant of weight 2 is due twice the service.
     tenant_weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+    # The node agent's Prometheus endpoint (device readings); 0 = off. Servers have theirs in server.metrics_port.
+    node_agent_metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
 class Settings(BaseSettings):

@@ -10,11 +10,24 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import prometheus_client
+
 from aimass.runtime.errors import NotFound, Unavailable
 from aimass.runtime.footprint import measure
 from aimass.v1 import common_pb2
 
 log = logging.getLogger(__name__)
+
+MODEL_LOAD_SECONDS = prometheus_client.Histogram(
+    "aimass_model_load_seconds",
+    "Time to load one model (weights in memory and warmed up).",
+    ["model"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+MODEL_LOADED = prometheus_client.Gauge("aimass_model_loaded", "1 while the model is loaded here.", ["model"])
+MODEL_FOOTPRINT = prometheus_client.Gauge(
+    "aimass_model_footprint_bytes", "Memory the model took when it last loaded (measured).", ["model", "device"]
+)
 
 
 def require_loaded(loaded: bool, service: str, what: str = "its models") -> None:
@@ -84,24 +97,28 @@ class ModelSet:
             )
         return model
 
-    def load(self, name: str, progress: Callable[[str], None] = log.info) -> bool:
-        """Loads ``name`` unless it is loaded; True when it loaded now."""
+    def load(self, name: str, progress: Callable[[str], None] = log.info, *, step: str = "") -> bool:
+        """Loads ``name`` unless it is loaded; True when it loaded now. ``step`` prefixes the progress line
+        ("model 1/3: ")."""
         self._known(name)
         with self._lock:
             if name in self._models:
                 return False
-            progress(f"loading {name} on {self.device}")
+            progress(f"loading {step}{name} on {self.device}")
             started = time.perf_counter()
             model, footprint = measure(self.device, self.loaders[name])
             self._models[name] = model
             self._footprints[name] = footprint
-            progress(f"loaded {name} in {time.perf_counter() - started:.1f}s ({footprint / 2**20:.0f} MiB)")
+            elapsed = time.perf_counter() - started
+            MODEL_LOAD_SECONDS.labels(name).observe(elapsed)
+            MODEL_LOADED.labels(name).set(1)
+            MODEL_FOOTPRINT.labels(name, self.device).set(footprint)
+            progress(f"loaded {name} in {elapsed:.1f}s ({footprint / 2**20:.0f} MiB)")
             return True
 
     def load_all(self, progress: Callable[[str], None] = log.info) -> None:
         for number, name in enumerate(self.loaders, start=1):
-            progress(f"model {number}/{len(self.loaders)}: {name}")
-            self.load(name, progress)
+            self.load(name, progress, step=f"model {number}/{len(self.loaders)}: ")
 
     def unload(self, name: str) -> bool:
         """Drops ``name``; True when it was loaded. Batches already running keep their reference and finish."""
@@ -109,6 +126,7 @@ class ModelSet:
         with self._lock:
             if self._models.pop(name, None) is None:
                 return False
+            MODEL_LOADED.labels(name).set(0)
             gc.collect()
             if self.device.startswith("cuda"):
                 import torch

@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import prometheus_client
+
 from aimass.runtime.config import LlmConfig
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
 
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+
+ENGINE_RUNNING = prometheus_client.Gauge("aimass_llm_running_requests", "Sequences the engine is decoding.")
+ENGINE_WAITING = prometheus_client.Gauge("aimass_llm_waiting_requests", "Requests the engine holds, not started.")
+KV_CACHE_USAGE = prometheus_client.Gauge("aimass_llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.")
 
 
 @dataclasses.dataclass
@@ -67,6 +73,9 @@ def _load_recorder_factory(load: EngineLoad) -> Any:
                 load.running = scheduler_stats.num_running_reqs
                 load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                 load.kv_cache_usage = scheduler_stats.kv_cache_usage
+                ENGINE_RUNNING.set(load.running)
+                ENGINE_WAITING.set(load.waiting)
+                KV_CACHE_USAGE.set(load.kv_cache_usage)
             if iteration_stats is not None:
                 load.generated_tokens += iteration_stats.num_generation_tokens
                 load.prompt_tokens += iteration_stats.num_prompt_tokens

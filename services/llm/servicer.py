@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+import prometheus_client
 
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -29,6 +30,18 @@ Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
 
 # A priority class outranks any tenant's fair-share rank (ranks are weighted token counts, far below this).
 PRIORITY_CLASS_SPAN = 10**12
+
+TIME_TO_FIRST_TOKEN = prometheus_client.Histogram(
+    "aimass_llm_time_to_first_token_seconds",
+    "From the request's arrival at the replica to its first generated token.",
+    ["model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+# Rates of these are tokens per second: rate(aimass_llm_generated_tokens_total[1m]).
+GENERATED_TOKENS = prometheus_client.Counter(
+    "aimass_llm_generated_tokens_total", "Completion tokens generated (cancelled requests included).", ["model"]
+)
+PROMPT_TOKENS = prometheus_client.Counter("aimass_llm_prompt_tokens_total", "Prompt tokens processed.", ["model"])
 
 FINISH_REASONS = {
     "length": llm_pb2.FINISH_REASON_LENGTH,
@@ -153,6 +166,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 completion_tokens += chunk.new_tokens
                 if chunk.new_tokens and not first_token_ms:
                     first_token_ms = (time.perf_counter() - received) * 1000
+                    TIME_TO_FIRST_TOKEN.labels(model.name).observe(first_token_ms / 1000)
                 fields: dict[str, Any] = {"delta": chunk.text}
                 if first:
                     fields["model"] = model
@@ -174,6 +188,8 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             work.requests += 1
             work.prompt_tokens += len(prompt_ids)
             work.completion_tokens += completion_tokens
+            GENERATED_TOKENS.labels(model.name).inc(completion_tokens)
+            PROMPT_TOKENS.labels(model.name).inc(len(prompt_ids))
 
 
 def _finish_reason(reason: str, stop_string: str | None) -> llm_pb2.FinishReason.ValueType:

@@ -1,7 +1,8 @@
 """aimass.v1.NlpService: validate, hand the work to the engine through batchers, shape the reply.
 
 Thin by design: limits and model names are checked here (INVALID_ARGUMENT / NOT_FOUND with what is allowed),
-the models live in ``engine``, and errors become statuses in the runtime's error interceptor.
+the models live in ``engine``, and errors become statuses in the runtime's error interceptor. ``meta.priority``
+orders the batchers' queues when the replica is contended (higher priorities are batched first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from aimass.runtime.batcher import DynamicBatcher
+from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import NlpConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.models import require_loaded, resolve_model
@@ -132,7 +133,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         require_loaded(self.engine.loaded, "NlpService")
         model = resolve_model(request.model, EMBED_MODEL, "NlpService.Embed")
         texts = self._check_texts(request.texts)
-        vectors = await self.embed_batcher.submit(EmbedJob(texts, request.normalize), deadline=deadline_of(context))
+        priority = check_priority(request.meta.priority)
+        vectors = await self.embed_batcher.submit(
+            EmbedJob(texts, request.normalize), deadline=deadline_of(context), priority=priority
+        )
         return nlp_pb2.EmbedResponse(
             model=model,
             embeddings=[nlp_pb2.Embedding(values=row.tolist()) for row in vectors],
@@ -143,6 +147,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         require_loaded(self.engine.loaded, "NlpService")
         model = resolve_model(request.model, SENTIMENT_MODEL, "NlpService.Sentiment")
         texts = self._check_texts(request.texts)
+        check_priority(request.meta.priority)  # not queued, so it has no effect here, but it must be valid
         if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS:
             results = self.engine.sentiment(texts)
         else:
@@ -161,7 +166,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         require_loaded(self.engine.loaded, "NlpService")
         model = resolve_model(request.model, NER_MODEL, "NlpService.Entities")
         texts = self._check_texts(request.texts)
-        documents = await self.ner_batcher.submit(texts, deadline=deadline_of(context))
+        priority = check_priority(request.meta.priority)
+        documents = await self.ner_batcher.submit(texts, deadline=deadline_of(context), priority=priority)
         return nlp_pb2.EntitiesResponse(
             model=model,
             documents=[
@@ -180,6 +186,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         model = resolve_model(request.model, EMBED_MODEL, "NlpService.Classify")
         texts = self._check_texts(request.texts)
         labels = self._check_labels(request)
+        priority = check_priority(request.meta.priority)
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS
         if template.count("{}") != 1:
             raise InvalidArgument(
@@ -188,8 +195,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             )
         deadline = deadline_of(context)
         text_vectors, label_vectors = await asyncio.gather(
-            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline),
-            self._label_vectors(labels, template, deadline),
+            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline, priority=priority),
+            self._label_vectors(labels, template, deadline, priority),
         )
         scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
         results = []
@@ -201,13 +208,13 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         return nlp_pb2.ClassifyResponse(model=model, results=results)
 
     async def _label_vectors(
-        self, labels: tuple[str, ...], template: str, deadline: float | None
+        self, labels: tuple[str, ...], template: str, deadline: float | None, priority: int
     ) -> npt.NDArray[np.float32]:
         """Embeddings of the label hypotheses; labels recur across requests, so they are cached."""
         missing = tuple(label for label in labels if (label, template) not in self._label_cache)
         if missing:
             hypotheses = tuple(template.format(label) for label in missing)
-            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), deadline=deadline)
+            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), deadline=deadline, priority=priority)
             for label, vector in zip(missing, vectors, strict=True):
                 if len(self._label_cache) >= LABEL_CACHE_SIZE:
                     self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order

@@ -40,6 +40,7 @@ class SpeechApp:
             await asyncio.to_thread(self.tts.load)
         if not self.asr.loaded:
             await asyncio.to_thread(self.asr.load)
+        await self.servicer.start()
 
     def model_names(self) -> tuple[str, ...]:
         return (WHISPER_MODEL, *self.tts.models)

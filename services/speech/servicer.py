@@ -1,7 +1,9 @@
 """aimass.v1.SpeechService: validate, hand the work to the engines, shape the replies.
 
 Whisper runs on one worker thread (CTranslate2 uses its own thread pool inside a call, so a second call at once
-would only compete for the same cores); synthesisers run as subprocesses awaited on the event loop.
+would only compete for the same cores), fed one recording or stream segment at a time by the runtime's batcher, so
+its queue is bounded and ordered by ``meta.priority`` when contended; synthesisers run as subprocesses awaited on
+the event loop.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import SpeechConfig
 from aimass.runtime.errors import InvalidArgument, NotFound
 from aimass.runtime.models import require_loaded, resolve_model
@@ -27,11 +31,17 @@ from services.speech.tts import TtsEngine
 Context = grpc.aio.ServicerContext[Any, Any]
 PCM16 = speech_pb2.AUDIO_ENCODING_PCM16
 WAV = speech_pb2.AUDIO_ENCODING_WAV
+# Recordings and stream segments waiting for Whisper; beyond this, RESOURCE_EXHAUSTED.
+ASR_QUEUE_LIMIT = 1024
 
 
-def monotonic_deadline(context: Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+@dataclass(frozen=True, slots=True)
+class AsrJob:
+    audio: Any
+    language: str | None
+    beam_size: int
+    cancel: threading.Event
+    deadline: float | None  # time.monotonic(), checked by Whisper between segments
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
@@ -40,9 +50,44 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         self.tts = tts
         self.config = config
         self.asr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-asr")
+        # One job per call, no waiting for company: the batcher is here for its priority queue, bound and deadlines.
+        self.asr_batcher: DynamicBatcher[AsrJob, Transcript] = DynamicBatcher(
+            self._run_asr,
+            name="asr",
+            max_batch_size=1,
+            max_queue_delay_s=0,
+            max_queue_size=ASR_QUEUE_LIMIT,
+            executor=self.asr_pool,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Start the ASR queue. Idempotent; the first transcription starts it when the app did not."""
+        if not self._started:
+            self._started = True
+            await self.asr_batcher.start()
 
     async def close(self) -> None:
+        self._started = True  # a closed batcher cannot start again; submit() answers UNAVAILABLE instead
+        await self.asr_batcher.close(drain=True)
         self.asr_pool.shutdown(wait=True)
+
+    def _run_asr(self, jobs: Sequence[AsrJob]) -> list[Transcript | Exception]:
+        results: list[Transcript | Exception] = []
+        for job in jobs:
+            try:
+                results.append(
+                    self.asr.transcribe(
+                        job.audio,
+                        language=job.language,
+                        beam_size=job.beam_size,
+                        cancel=job.cancel,
+                        deadline=job.deadline,
+                    )
+                )
+            except Exception as exc:  # fails this job only
+                results.append(exc)
+        return results
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
@@ -58,19 +103,18 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         return language or None
 
     async def _transcribe(
-        self, audio: Any, *, language: str | None, beam_size: int, deadline: float | None = None
+        self, audio: Any, *, language: str | None, beam_size: int, priority: int, context: Context | None = None
     ) -> Transcript:
-        """Whisper on the worker thread; if the caller is cancelled the thread stops at the next segment."""
+        """Whisper on the worker thread, after the queued jobs of higher or equal priority. A caller cancelled
+        while queued never runs; one cancelled while running stops the thread at the next segment. With
+        ``context``, the RPC's deadline bounds both the wait in the queue and the transcription."""
+        await self.start()
+        remaining = None if context is None else context.time_remaining()
         cancel = threading.Event()
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(
-            self.asr_pool,
-            lambda: self.asr.transcribe(
-                audio, language=language, beam_size=beam_size, cancel=cancel, deadline=deadline
-            ),
-        )
+        job = AsrJob(audio, language, beam_size, cancel, None if remaining is None else time.monotonic() + remaining)
+        queue_deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         try:
-            return await asyncio.shield(job)
+            return await self.asr_batcher.submit(job, deadline=queue_deadline, priority=priority)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -82,6 +126,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     ) -> speech_pb2.TranscribeResponse:
         model = self._check_asr(request.model, "Transcribe")
         language = self._check_language(request.language)
+        priority = check_priority(request.meta.priority)
         decoded = decode_audio(
             request.audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds
         )
@@ -89,7 +134,8 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             decoded.samples,
             language=language,
             beam_size=self.config.asr_beam_size,
-            deadline=monotonic_deadline(context),
+            priority=priority,
+            context=context,
         )
         return speech_pb2.TranscribeResponse(
             model=model,
@@ -123,6 +169,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         if first is None or first.WhichOneof("payload") != "config":
             raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
         model = self._check_asr(first.model, "StreamTranscribe")
+        priority = check_priority(first.meta.priority)
         config = first.config
         language = self._check_language(config.language)
         decoder = self._stream_decoder(config)
@@ -175,7 +222,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     partial_at = 0.0
                     if segmenter.is_silence(piece):
                         continue
-                    result = await self._transcribe(piece, language=language, beam_size=cfg.asr_beam_size)
+                    result = await self._transcribe(
+                        piece, language=language, beam_size=cfg.asr_beam_size, priority=priority
+                    )
                     if language is None and result.language:
                         # Detected once, on the first speech, then held so every segment is in one language.
                         language, probability = result.language, result.language_probability
@@ -194,7 +243,9 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                 if config.interim_results and pending - partial_at >= cfg.stream_partial_interval_s:
                     partial_at = pending
                     start = segmenter.offset_s
-                    result = await self._transcribe(segmenter.buffer.copy(), language=language, beam_size=1)
+                    result = await self._transcribe(
+                        segmenter.buffer.copy(), language=language, beam_size=1, priority=priority
+                    )
                     if result.text:
                         yield speech_pb2.StreamTranscribeResponse(
                             partial=speech_pb2.TranscriptSegment(
@@ -218,6 +269,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def Synthesize(
         self, request: speech_pb2.SynthesizeRequest, context: Context
     ) -> AsyncIterator[speech_pb2.SynthesizeResponse]:
+        check_priority(request.meta.priority)  # synthesis is not queued, so it has no effect here, but it must be valid
         text = request.text
         if not any(ch.isalnum() for ch in text):
             limit = self.config.max_text_chars
@@ -269,6 +321,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def ListVoices(
         self, request: speech_pb2.ListVoicesRequest, context: Context
     ) -> speech_pb2.ListVoicesResponse:
+        check_priority(request.meta.priority)
         if request.model.name and request.model.name not in self.tts.models:
             raise NotFound(
                 f"model {request.model.name!r} has no voices; available: {', '.join(self.tts.models)}",

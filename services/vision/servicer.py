@@ -2,6 +2,7 @@
 
 Thin by design: request limits and model names are checked here, images are decoded (with their own limits) in
 a worker pool, the models live in ``engine``, and errors become statuses in the runtime's error interceptor.
+``meta.priority`` orders the classifier's batch queue when the replica is contended (higher priorities first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from aimass.runtime.batcher import DynamicBatcher
+from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import VisionConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.models import require_loaded, resolve_model
@@ -104,10 +105,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             raise InvalidArgument(
                 f"top_k is {request.top_k}; send 1..{NUM_CLASSES} (0 means {DEFAULT_TOP_K})", reason="BAD_TOP_K"
             )
+        priority = check_priority(request.meta.priority)
         # The classifier sees 256 pixels on the short side: large JPEGs need not be decoded in full.
         decoded = await self._decode(request.images, min_side=RESIZE_SIZE)
         pixels = await self._in_pool(lambda: np.stack([preprocess(d.image) for d in decoded]))
-        labels = await self.classify_batcher.submit(ClassifyJob(pixels, top_k), deadline=deadline_of(context))
+        labels = await self.classify_batcher.submit(
+            ClassifyJob(pixels, top_k), deadline=deadline_of(context), priority=priority
+        )
         return vision_pb2.VisionServiceClassifyResponse(
             model=model,
             results=[
@@ -129,6 +133,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         require_loaded(self.engine.loaded, "VisionService")
         model = resolve_model(request.model, FACE_MODEL, "VisionService.DetectFaces")
         self._check_fraction("min_score", request.min_score)
+        check_priority(request.meta.priority)  # faces and OCR are not queued by priority, but it must be valid
         if request.max_faces < 0:
             raise InvalidArgument(f"max_faces is {request.max_faces}; send 0 (no limit) or more", reason="BAD_LIMIT")
         decoded = await self._decode(request.images)
@@ -162,6 +167,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         require_loaded(self.engine.loaded, "VisionService")
         model = resolve_model(request.model, OCR_MODEL, "VisionService.ReadText")
         self._check_fraction("min_confidence", request.min_confidence)
+        check_priority(request.meta.priority)
         unsupported = [lang for lang in request.languages if lang.lower() not in OCR_LANGUAGES]
         if unsupported:
             raise InvalidArgument(
