@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.runtime.config import load_settings
-from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, RemoteRegistry
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
 from aimass.runtime.logs import configure_logging
 from aimass.supervisor import ProcessSpec, Supervisor
 
@@ -88,14 +88,14 @@ def metrics_endpoints(specs: Sequence[ProcessSpec]) -> list[str]:
 
 async def wait_until_ready(registry_address: str, expected: dict[str, int], timeout_s: float) -> list[Instance]:
     """Poll the registry until every expected kind has its replicas SERVING, reporting progress."""
-    registry = RemoteRegistry(registry_address)
+    registry = make_registry(load_settings().registry, address=registry_address)
     deadline = time.monotonic() + timeout_s
     last_report = ""
     try:
         while True:
             try:
                 instances = await registry.list_instances()
-            except grpc.aio.AioRpcError:
+            except (grpc.aio.AioRpcError, ConnectionError):  # the gateway (or Consul) is not answering yet
                 instances = []
             serving = [i for i in instances if i.serving]
             counts = {kind: sum(1 for i in serving if i.kind == kind) for kind in expected}
@@ -179,12 +179,16 @@ async def up(args: argparse.Namespace) -> int:
 
 
 async def status(args: argparse.Namespace) -> int:
-    gateway = args.gateway or load_settings().registry.address
-    registry = RemoteRegistry(gateway)
+    settings = load_settings()
+    gateway = args.gateway or settings.registry.address
+    registry = make_registry(settings.registry, address=gateway)
     try:
         instances = await registry.list_instances()
     except grpc.aio.AioRpcError as err:
         print(f"cannot reach the gateway's registry at {gateway}: {err.code().name} {err.details()}", file=sys.stderr)
+        return 1
+    except ConnectionError as err:
+        print(f"cannot read the registry from Consul at {settings.registry.consul.address}: {err}", file=sys.stderr)
         return 1
     finally:
         await registry.close()
@@ -214,7 +218,6 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_METRICS_PORT,
         help=f"first Prometheus metrics port; each process takes the next (default {DEFAULT_METRICS_PORT}; 0 = off)",
     )
-
     settings = load_settings()
     for kind in SERVICE_MODULES:
         default_port = getattr(settings, kind).server.port

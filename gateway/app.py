@@ -1,4 +1,5 @@
-"""The gateway process: hosts the embedded registry, watches it, and forwards aimass.v1 calls to replicas."""
+"""The gateway process: hosts the embedded registry (or follows Consul), watches it, and forwards aimass.v1 calls
+to replicas."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.config import Settings
-from aimass.runtime.discovery import InMemoryRegistry, RegistryServicer
+from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
 from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
 from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc, scheduler_pb2_grpc
 from gateway.forwarder import Forwarder
@@ -34,7 +35,14 @@ class GatewayApp:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.registry = InMemoryRegistry()
+        # The embedded registry lives here; with Consul the gateway registers and watches like everyone else.
+        self.embedded: InMemoryRegistry | None = None
+        self.registry: Registry
+        if settings.registry.backend == "embedded":
+            self.registry = self.embedded = InMemoryRegistry()
+        else:
+            self.registry = make_registry(settings.registry)
+            self.service_names = (MODEL_SERVICE,)
         self.replicas = ReplicaSet(
             self.registry,
             channel_options=server_options(settings.gateway.server),
@@ -65,7 +73,8 @@ class GatewayApp:
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.registry), server)
+        if self.embedded is not None:
+            registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.embedded), server)
         scheduler = None
         if self.settings.scheduler.address:
             self._scheduler_channel = grpc.aio.insecure_channel(self.settings.scheduler.address)
@@ -82,7 +91,8 @@ class GatewayApp:
         server.add_generic_rpc_handlers((self.forwarder,))
 
     async def load(self) -> None:
-        self.registry.start()
+        if self.embedded is not None:
+            self.embedded.start()
         self.replicas.start()
         if self.view_watcher is not None:
             self.view_watcher.start()

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -53,14 +53,46 @@ class BatchingConfig(BaseModel):
     max_concurrent_batches: PositiveInt = 1
 
 
-class RegistryConfig(BaseModel):
-    """Service discovery. The embedded registry lives in the gateway process, so its address is the gateway's."""
+class ConsulConfig(BaseModel):
+    """The Consul backend (registry.backend = "consul"): every process talks to its local Consul agent."""
 
-    backend: Literal["embedded"] = "embedded"
+    # The agent's HTTP API (host:port).
+    address: str = "127.0.0.1:8500"
+    scheme: Literal["http", "https"] = "http"
+    # ACL token (X-Consul-Token); none when ACLs are off. CONSUL_HTTP_TOKEN in the environment overrides it.
+    token: SecretStr | None = None
+    # Empty: the agent's own datacenter.
+    datacenter: str = ""
+    # Each kind registers as the Consul service <prefix><kind>: aimass-nlp, aimass-gateway, ...
+    service_prefix: str = Field(default="aimass-", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    # The agent's gRPC health check of every process (grpc.health.v1, overall status).
+    check_interval_s: PositiveFloat = 5.0
+    check_timeout_s: PositiveFloat = 2.0
+    # Consul removes an instance whose gRPC check stayed critical this long (a crashed process); 0 = never.
+    # Consul's own minimum is one minute.
+    deregister_critical_after_s: float = Field(default=60.0, ge=0)
+    # Blocking queries return after a change or after this long (Consul allows up to 10 minutes).
+    wait_s: float = Field(default=30.0, gt=0, le=600)
+    # Every non-blocking call to the agent.
+    request_timeout_s: PositiveFloat = 5.0
+    # Scheduler leadership: a session lock on this key. The session expires this long after its holder stops
+    # renewing it (Consul allows 10 s to 24 h); the lock then stays free lock_delay_s more before a standby may take
+    # it (releases on a clean shutdown hand over at once).
+    leader_key: str = "aimass/scheduler/leader"
+    session_ttl_s: int = Field(default=15, ge=10, le=86400)
+    lock_delay_s: int = Field(default=5, ge=0, le=60)
+
+
+class RegistryConfig(BaseModel):
+    """Service discovery: the embedded registry (default), in the gateway process, so its address is the gateway's;
+    or Consul (see ``ConsulConfig``)."""
+
+    backend: Literal["embedded", "consul"] = "embedded"
     address: str = "127.0.0.1:50051"
     heartbeat_s: PositiveFloat = 1.0
-    # An instance that misses heartbeats this long is dropped from the view.
+    # An instance that misses heartbeats this long is dropped from the view (Consul: its TTL check goes critical).
     ttl_s: PositiveFloat = 5.0
+    consul: ConsulConfig = ConsulConfig()
 
 
 class GatewayConfig(BaseModel):

@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimass.runtime.errors import AimassError, InvalidArgument, ResourceExhausted
-from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY, new_request_id, request_id_of
+from aimass.runtime.metadata import ERROR_INFO_KEY, REPLICA_KEY, REQUEST_ID_KEY, new_request_id, request_id_of
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -229,25 +229,46 @@ class AdmissionInterceptor(AroundInterceptor):
 
 
 class TelemetryInterceptor(AroundInterceptor):
-    """Access log line and Prometheus metrics per RPC, with the status the client saw."""
+    """Access log line and Prometheus metrics per RPC, with the status the client saw.
 
-    def __init__(self, *, access_log_enabled: bool = True, echo_request_id: bool = True) -> None:
+    It also sets the trailers that say who answered: the request id and, on replicas, the replica's own name
+    (``x-aimass-replica``). They are set before the handler runs, so errors carry them too (aborts keep them).
+    """
+
+    def __init__(
+        self,
+        *,
+        access_log_enabled: bool = True,
+        echo_request_id: bool = True,
+        replica_id: Callable[[], str] | None = None,
+    ) -> None:
         super().__init__()
         self.access_log_enabled = access_log_enabled
         # Replicas answer with the request id (the caller's, or a new one) as a trailer, for support requests.
         self.echo_request_id = echo_request_id
+        # The replica's instance id, asked for at the first call (it includes the port, bound after this is built);
+        # None in processes that serve no models (gateway, scheduler): the gateway relays the replica's own.
+        self._replica_id = replica_id
+        self._replica_trailer: tuple[tuple[str, str], ...] | None = None
 
-    def _request_id(self, context: Context) -> str:
-        if not self.echo_request_id:
-            return ""
-        request_id = request_id_of(context.invocation_metadata()) or new_request_id()
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+    def _set_trailers(self, context: Context) -> str:
+        """Set this call's trailers; returns its request id ("" when not echoed)."""
+        trailers = self._replica_trailer
+        if trailers is None:
+            trailers = ((REPLICA_KEY, self._replica_id()),) if self._replica_id is not None else ()
+            self._replica_trailer = trailers
+        request_id = ""
+        if self.echo_request_id:
+            request_id = request_id_of(context.invocation_metadata()) or new_request_id()
+            trailers = ((REQUEST_ID_KEY, request_id), *trailers)
+        if trailers:
+            context.set_trailing_metadata(trailers)
         return request_id
 
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         started = time.perf_counter()
-        request_id = self._request_id(context)
+        request_id = self._set_trailers(context)
         logged = (
             self.access_log_enabled
             and access_log.isEnabledFor(logging.INFO)

@@ -13,6 +13,9 @@ REQUEST_ID_KEY: Final = "x-request-id"
 
 # The tenant a request is for, set by the gateway after authentication; replicas account work to it.
 TENANT_KEY: Final = "x-aimass-tenant"
+# Trailer naming the replica (its registry instance id) that answered, on success and error alike; the gateway
+# relays it untouched, so a caller sees which replica served a request that went through the gateway.
+REPLICA_KEY: Final = "x-aimass-replica"
 
 
 def metadata_value(metadata: Iterable[Any] | None, key: str) -> str:

@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import grpc
@@ -24,9 +24,16 @@ from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
-from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Membership, Registry
+from aimass.runtime.discovery import (
+    CONTROL_PLANE_KINDS,
+    DISCOVERY_HEALTH_SERVICE,
+    Instance,
+    Membership,
+    Registry,
+    ReportsReachability,
+)
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
-from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad
+from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad, local_device_id
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.models import ModelSet
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
@@ -44,6 +51,19 @@ class EndsStreams(Protocol):
     draining does not wait the whole grace period for them."""
 
     async def end_streams(self) -> None: ...
+
+
+@runtime_checkable
+class StandsBy(Protocol):
+    """An app that may stand by behind another instance of itself (a second scheduler behind the leader lock).
+
+    Once the server listens and the app has loaded, the runner calls ``stand_by``; the app then calls
+    ``set_active(True)`` when it becomes the active one (at once if nothing holds it back) and ``set_active(False)``
+    when it goes back to standing by. While standing by, its services' health is NOT_SERVING and the registry lists
+    it NOT_SERVING (routers and Consul DNS skip it); the process's own health ("") stays SERVING.
+    """
+
+    async def stand_by(self, identity: str, set_active: Callable[[bool], Awaitable[None]]) -> None: ...
 
 
 class ServiceApp(Protocol):
@@ -107,6 +127,10 @@ class ServerRunner:
         self.membership: Membership | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = False
+        # False while a StandsBy app stands by.
+        self._active = True
+        self._active_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
@@ -154,7 +178,12 @@ class ServerRunner:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
         self._server = grpc.aio.server(
             interceptors=[
-                TelemetryInterceptor(access_log_enabled=self.config.access_log, echo_request_id=self.echo_request_id),
+                TelemetryInterceptor(
+                    access_log_enabled=self.config.access_log,
+                    echo_request_id=self.echo_request_id,
+                    # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
+                    replica_id=None if self.app.kind in CONTROL_PLANE_KINDS else lambda: self.instance_id,
+                ),
                 self.admission,
                 ErrorMappingInterceptor(),
             ],
@@ -187,9 +216,12 @@ class ServerRunner:
         # collection walks them all (~250 ms pauses under load).
         gc.collect()
         gc.freeze()
-        for name in ("", *self.app.service_names):
-            await self.health.set(name, SERVING)
-        self.state = common_pb2.SERVING_STATE_SERVING
+        if isinstance(self.app, StandsBy):
+            # Active only once the app says so (which it may do before stand_by returns).
+            self._active = False
+            await self.app.stand_by(self.instance_id, self._set_active)
+        await self.health.set("", SERVING)
+        await self._apply_active()
         if self.scheduler_config.address and self.app.kind not in CONTROL_PLANE_KINDS:
             # Apps with their own figures (the LLM engine) report those; the others, what admission sees.
             source = (
@@ -210,13 +242,22 @@ class ServerRunner:
             )
             await self.load_reporter.start()
         if self.registry is not None:
+            if isinstance(self.registry, ReportsReachability):
+                # The process keeps serving on its last view while the registry is away; its health says so.
+                reachable = self.registry.reachable is not False
+                await self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if reachable else NOT_SERVING)
+                self.registry.on_reachability(self._registry_reachability)
+            labels = {"node": self.node_id}
+            if self._model_set is not None:
+                labels["device"] = local_device_id(self._model_set.device)
             instance = Instance(
                 instance_id=self.instance_id,
                 kind=self.app.kind,
                 services=self.app.service_names,
                 address=self.address,
                 models=self._serving_models(),
-                state=common_pb2.SERVING_STATE_SERVING,
+                state=self.state,
+                labels=labels,
                 pid=os.getpid(),
             )
             self.membership = Membership(
@@ -230,6 +271,32 @@ class ServerRunner:
             time.perf_counter() - started,
             ", ".join(self.app.model_names()) or "none",
         )
+
+    async def _set_active(self, active: bool) -> None:
+        """A StandsBy app became active (True) or went back to standing by (False)."""
+        if self._stopped or active == self._active:
+            return
+        self._active = active
+        log.info("%s is %s", self.app.kind, "active" if active else "standing by")
+        await self._apply_active()
+
+    async def _apply_active(self) -> None:
+        async with self._active_lock:
+            status = SERVING if self._active else NOT_SERVING
+            for name in self.app.service_names:
+                await self.health.set(name, status)
+            self.state = common_pb2.SERVING_STATE_SERVING if self._active else common_pb2.SERVING_STATE_NOT_SERVING
+            if self.membership is not None:
+                await self.membership.set_state(self.state)
+
+    def _registry_reachability(self, reachable: bool) -> None:
+        if self._stopped:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if reachable else NOT_SERVING)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
         """Stop taking work, finish what was accepted, then stop."""

@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import LlmConfig, Settings
-from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.discovery import make_registry
 from aimass.runtime.load_report import local_device_id
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import common_pb2, llm_pb2_grpc, models_pb2, scheduler_pb2
@@ -111,7 +111,7 @@ def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
     return ServerRunner(
         LlmApp(settings.llm, settings.scheduler.tenant_weights),
         settings.llm.server,
-        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,
         scheduler_config=settings.scheduler,
     )

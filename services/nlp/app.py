@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings
-from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.discovery import make_registry
 from aimass.runtime.models import ModelSet
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, nlp_pb2_grpc
@@ -77,7 +77,7 @@ def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine
     return ServerRunner(
         NlpApp(settings, engine),
         settings.nlp.server,
-        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,
         scheduler_config=settings.scheduler,
     )

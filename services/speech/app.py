@@ -11,7 +11,7 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, SpeechConfig
-from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.discovery import make_registry
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine
@@ -87,7 +87,7 @@ def build_runner(
     return ServerRunner(
         SpeechApp(config, asr, tts),
         config.server,
-        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,
         scheduler_config=settings.scheduler,
     )

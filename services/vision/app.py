@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, VisionConfig
-from aimass.runtime.discovery import RemoteRegistry
+from aimass.runtime.discovery import make_registry
 from aimass.runtime.models import ModelSet
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, vision_pb2_grpc
@@ -87,7 +87,7 @@ def build_runner(
     return ServerRunner(
         VisionApp(config, engine),
         config.server,
-        registry=RemoteRegistry(settings.registry.address) if register else None,
+        registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,
         scheduler_config=settings.scheduler,
     )

@@ -1,15 +1,39 @@
-"""Service discovery: the Registry interface, the embedded backend (default) and replica membership."""
+"""Service discovery: the Registry interface, the embedded backend (default), Consul, and replica membership."""
 
-from aimass.runtime.discovery.base import CONTROL_PLANE_KINDS, Instance, Registry
+from __future__ import annotations
+
+from aimass.runtime.config import RegistryConfig
+from aimass.runtime.discovery.base import (
+    CONTROL_PLANE_KINDS,
+    DISCOVERY_HEALTH_SERVICE,
+    Instance,
+    Registry,
+    ReportsReachability,
+)
 from aimass.runtime.discovery.embedded import InMemoryRegistry, RegistryServicer, RemoteRegistry
 from aimass.runtime.discovery.membership import Membership
 
+
+def make_registry(config: RegistryConfig, *, address: str = "") -> Registry:
+    """The registry client a process uses: Consul's agent with ``backend = "consul"``, otherwise the embedded
+    registry at ``address`` (default ``config.address``, the gateway)."""
+    if config.backend == "consul":
+        # Imported here: the embedded default never loads the Consul client (aiohttp).
+        from aimass.runtime.discovery.consul import ConsulRegistry
+
+        return ConsulRegistry(config.consul)
+    return RemoteRegistry(address or config.address)
+
+
 __all__ = [
     "CONTROL_PLANE_KINDS",
+    "DISCOVERY_HEALTH_SERVICE",
     "InMemoryRegistry",
     "Instance",
     "Membership",
     "Registry",
     "RegistryServicer",
     "RemoteRegistry",
+    "ReportsReachability",
+    "make_registry",
 ]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from aimass.v1 import common_pb2, registry_pb2
 
 # Mesh processes that serve no models (the gateway, the scheduler): never routed to, never asked about models.
 CONTROL_PLANE_KINDS: frozenset[str] = frozenset({"gateway", "scheduler"})
+
+# The gRPC health entry that says whether a process's registry backend answers (registries that can tell, i.e.
+# Consul): NOT_SERVING while the process serves on its last view of the mesh.
+DISCOVERY_HEALTH_SERVICE = "aimass.discovery"
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,15 @@ class Registry(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsReachability(Protocol):
+    """A registry that can tell when its backend stops answering and when it answers again."""
+
+    @property
+    def reachable(self) -> bool | None:
+        """False while its backend does not answer; None before the first call."""
+        ...
+
+    def on_reachability(self, listener: Callable[[bool], None]) -> None: ...
