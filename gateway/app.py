@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health
 
-from aimass.runtime.config import Settings
+from aimass.runtime.config import GatewayConfig, Settings
 from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
 from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
 from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc, scheduler_pb2_grpc
@@ -26,6 +26,20 @@ log = logging.getLogger(__name__)
 REGISTRY_SERVICE = "aimass.v1.RegistryService"
 MODEL_SERVICE = "aimass.v1.ModelService"
 INTERNAL_SERVICES = frozenset({"aimass.v1.SchedulerService"})
+
+
+def replica_channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """The gateway's channels to replicas: message limits as the server's, keepalive pings to notice a host that
+    vanished, and a short reconnect backoff so a replica that comes back is used again quickly."""
+    options = server_options(config.server)
+    if config.keepalive_s:
+        options += [
+            ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return [*options, ("grpc.min_reconnect_backoff_ms", 1000), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 class GatewayApp:
@@ -45,7 +59,7 @@ class GatewayApp:
             self.service_names = (MODEL_SERVICE,)
         self.replicas = ReplicaSet(
             self.registry,
-            channel_options=server_options(settings.gateway.server),
+            channel_options=replica_channel_options(settings.gateway),
             close_grace_s=settings.gateway.server.drain_grace_s,
             on_change=self._on_change,
         )
@@ -97,6 +111,12 @@ class GatewayApp:
         if self.view_watcher is not None:
             self.view_watcher.start()
         self._on_change({})
+
+    async def end_streams(self) -> None:
+        # Replicas and the scheduler watch the embedded registry for as long as the gateway lives; their streams
+        # end here so the drain finishes in-flight calls without waiting out its grace for them.
+        if self.embedded is not None:
+            await self.embedded.end_watches()
 
     def _on_change(self, by_service: dict[str, list[Replica]]) -> None:
         # Health per forwarded service: SERVING while at least one healthy replica serves it.

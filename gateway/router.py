@@ -27,6 +27,9 @@ UTILIZATION_WEIGHT = 0.5
 KV_CACHE_WEIGHT = 0.5
 MEMORY_WEIGHT = 0.25
 COLD_PENALTY = 4.0
+# A replica the view does not have yet (just joined) or any more (its reports stopped: stuck or gone) is a risk;
+# with no figures it costs one queued request more than its live count says.
+UNREPORTED_PENALTY = 1.0
 # ``ours`` scores every candidate up to this many; beyond, a random sample of this size (keeps a decision O(1)).
 SCORED_CANDIDATES = 16
 
@@ -70,10 +73,12 @@ class PowerOfTwoRouter:
 
 
 def score(replica: Replica, load: ReplicaLoad | None) -> float:
-    """Lower is better. The gateway's own in-flight count is live; the view's figures are as of the last report."""
+    """Lower is better. The gateway's own in-flight count is live and exact; the view's figures are as of the last
+    report (up to an interval old), so the queue behind the replica's admission comes from the view but the requests
+    in flight are this gateway's own count."""
     if load is None:
-        return QUEUE_WEIGHT * replica.inflight
-    waiting = max(replica.inflight, load.in_flight) + load.queue_depth
+        return QUEUE_WEIGHT * (replica.inflight + UNREPORTED_PENALTY)
+    waiting = replica.inflight + load.queue_depth
     return (
         QUEUE_WEIGHT * waiting / load.slots
         + UTILIZATION_WEIGHT * load.utilization
@@ -96,7 +101,8 @@ class ScoreRouter:
             return replicas[0]
         if not self.view.fresh:
             return self.fallback.choose(service, replicas)
-        candidates = replicas if len(replicas) <= SCORED_CANDIDATES else self.rng.sample(replicas, SCORED_CANDIDATES)
+        # Shuffled even when all are scored: ties (an idle mesh) then spread instead of all going to the first.
+        candidates = self.rng.sample(replicas, min(len(replicas), SCORED_CANDIDATES))
         load_of = self.view.load_of
         return min(candidates, key=lambda r: score(r, load_of(r.instance.instance_id)))
 

@@ -88,7 +88,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser(
-    default_scheduler: str, default_interval_s: float, default_metrics_port: int = 0
+    default_scheduler: str, default_interval_s: float, default_metrics_port: int = 0, default_node_id: str = ""
 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scheduler.node_agent", description="Report this machine's devices to the aimass scheduler."
@@ -99,7 +99,11 @@ def build_parser(
         default=default_scheduler,
         help="scheduler address (default: AIMASS_SCHEDULER__ADDRESS)",
     )
-    parser.add_argument("--node-id", default=socket.gethostname(), help="this node's id (default: the hostname)")
+    parser.add_argument(
+        "--node-id",
+        default=default_node_id or socket.gethostname(),
+        help="this node's id (default: AIMASS_SCHEDULER__NODE_ID, else the hostname)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address this node's replicas listen on")
     parser.add_argument(
         "--reader",
@@ -147,7 +151,10 @@ async def run_until_signalled(agent: NodeAgent) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = load_settings()
     parser = build_parser(
-        settings.scheduler.address, settings.scheduler.report_interval_s, settings.scheduler.node_agent_metrics_port
+        settings.scheduler.address,
+        settings.scheduler.report_interval_s,
+        settings.scheduler.node_agent_metrics_port,
+        settings.scheduler.node_id,
     )
     args = parser.parse_args(argv)
     if not args.scheduler:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from aimass.runtime.config import CONFIG_FILE_ENV, Settings
+from aimass.runtime.config import CONFIG_FILE_ENV, ServerConfig, Settings
+from aimass.runtime.server import advertised_host
 
 
 def test_defaults_run_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,3 +43,10 @@ def test_bad_values_are_refused_naming_the_field(monkeypatch: pytest.MonkeyPatch
         Settings()
     assert "nlp.embed_batching.max_batch_size" in str(caught.value)
     assert "greater than 0" in str(caught.value)
+
+
+def test_the_advertised_host_is_one_others_can_dial() -> None:
+    assert advertised_host(ServerConfig(host="10.0.0.5"), "10.0.0.1:50051") == "10.0.0.5"
+    assert advertised_host(ServerConfig(host="0.0.0.0", advertise_host="nlp-1.internal"), "x:1") == "nlp-1.internal"
+    # Bound to every interface: the address on the route to the registry (loopback here).
+    assert advertised_host(ServerConfig(host="0.0.0.0"), "127.0.0.1:50051") == "127.0.0.1"

@@ -115,6 +115,16 @@ async def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
     assert router.choose(SERVICE, replicas[:2]).instance.instance_id == "r0"
 
 
+async def test_ours_trusts_a_reporting_replica_over_one_missing_from_the_view(replicas: list[Replica]) -> None:
+    # r2 has no load report (just joined, or its reports stopped because it is stuck or gone).
+    loads = {"r0": model_load(device_id="n/gpu:0"), "r1": model_load(device_id="n/gpu:1")}
+    router = ScoreRouter(fresh(view_of(1, loads, {})), random.Random(0))
+    chosen = Counter(router.choose(SERVICE, replicas).instance.instance_id for _ in range(100))
+    assert chosen["r2"] == 0
+    # Equally idle replicas share the load instead of the first taking every request.
+    assert chosen["r0"] > 20 and chosen["r1"] > 20
+
+
 async def test_ours_falls_back_to_p2c_without_a_fresh_view(replicas: list[Replica]) -> None:
     view = fresh(view_of(2, {"r0": model_load(queue_depth=50), "r1": model_load()}, {}))
     view.connected = False  # the scheduler went away: the last view stays but is not trusted for scoring

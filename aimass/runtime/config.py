@@ -27,6 +27,9 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     # 0 picks a free port; the registry tells everyone which.
     port: int = Field(default=0, ge=0, le=65535)
+    # The host others dial, registered with the registry. Empty: ``host``, or when ``host`` is a wildcard
+    # (0.0.0.0, ::) this machine's address on the route to the registry.
+    advertise_host: str = ""
     # Requests in flight (executing or queued) beyond which new ones get RESOURCE_EXHAUSTED.
     max_inflight: PositiveInt = 512
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
@@ -103,6 +106,11 @@ class GatewayConfig(BaseModel):
     # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining or gone): the
     # replica did not run it, so the retry cannot duplicate work.
     retry_unavailable: bool = True
+    # Keepalive pings on idle replica channels: a replica whose host vanished (no RST, no FIN) is noticed within
+    # keepalive_s + keepalive_timeout_s, its calls fail UNAVAILABLE and unary ones are retried elsewhere, instead of
+    # hanging until their deadlines. 0 turns pings off.
+    keepalive_s: float = Field(default=2.0, ge=0)
+    keepalive_timeout_s: PositiveFloat = 2.0
     # Tenants (x-aimass-tenant) allowed to load and unload models through ModelService; others get PERMISSION_DENIED.
     admin_tenants: tuple[str, ...] = ("admin",)
 
@@ -217,6 +225,9 @@ class SchedulerConfig(BaseModel):
     silent_intervals: PositiveInt = 3
     # Fair share: tenant → weight (default 1); a tenant of weight 2 is due twice the service.
     tenant_weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+    # This host's name in the mesh: replicas' load reports and the node agent's readings join on it. Empty: the
+    # hostname (set it where containers on one host have different hostnames).
+    node_id: str = ""
     # The node agent's Prometheus endpoint (device readings); 0 = off. Servers have theirs in server.metrics_port.
     node_agent_metrics_port: int = Field(default=0, ge=0, le=65535)
 

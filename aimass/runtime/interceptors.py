@@ -8,6 +8,7 @@ client sees on failure is decided here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -202,6 +203,10 @@ class AdmissionInterceptor(AroundInterceptor):
         # RPCs finished (any status) and when the last did: load reports turn these into rates and recency.
         self.completed = 0
         self.last_completed_unix_ms = 0
+        # The same per method ("/aimass.v1.NlpService/Embed"), so load reports can say which model is busy.
+        self.inflight_by_method: collections.Counter[str] = collections.Counter()
+        self.completed_by_method: collections.Counter[str] = collections.Counter()
+        self.last_completed_unix_ms_by_method: dict[str, int] = {}
 
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
@@ -218,13 +223,16 @@ class AdmissionInterceptor(AroundInterceptor):
                 ),
             )
         self.inflight += 1
+        self.inflight_by_method[method] += 1
         INFLIGHT.inc()
         try:
             yield
         finally:
             self.inflight -= 1
+            self.inflight_by_method[method] -= 1
             self.completed += 1
-            self.last_completed_unix_ms = int(time.time() * 1000)
+            self.completed_by_method[method] += 1
+            self.last_completed_unix_ms = self.last_completed_unix_ms_by_method[method] = int(time.time() * 1000)
             INFLIGHT.dec()
 
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from aimass.runtime.interceptors import AdmissionInterceptor
 from aimass.runtime.models import ModelSet
 from aimass.runtime.reporting import PeriodicReporter
-from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from aimass.v1 import common_pb2, models_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def local_device_id(device: str) -> str:
 
 
 class AdmissionLoad:
-    """The load of an app that does not report its own: all its models share the process's admitted requests.
+    """The load of an app that does not report its own, from what admission sees per method: a model's in-flight
+    requests, rate and last use are those of the methods that serve it (ModelInfo.methods).
 
     Coarser than an engine's own figures (no queue inside the engine, no batch occupancy), but it gives the
     scheduler and the gateways' routers every replica's in-flight work and throughput. With the app's ``models``
@@ -50,32 +51,35 @@ class AdmissionLoad:
     """
 
     def __init__(
-        self, served: Sequence[common_pb2.ModelRef], admission: AdmissionInterceptor, models: ModelSet | None = None
+        self, served: Sequence[models_pb2.ModelInfo], admission: AdmissionInterceptor, models: ModelSet | None = None
     ) -> None:
         self.served = tuple(served)
         self.admission = admission
         self.models = models
         self.device_id = local_device_id(models.device) if models is not None else "cpu"
-        self._reported_completed = admission.completed
+        self._reported_completed: dict[str, int] = {}
 
     def model_loads(self, window_s: float) -> Sequence[scheduler_pb2.ModelLoad]:
-        completed = self.admission.completed - self._reported_completed
-        self._reported_completed = self.admission.completed
+        admission = self.admission
         loads = []
-        for ref in self.served:
-            name = ref.name
-            managed = self.models is not None and name in self.models.names
-            loaded = not managed or (self.models is not None and name in self.models.loaded)
+        for info in self.served:
+            methods = [f"/{method}" for method in info.methods]
+            completed = sum(admission.completed_by_method[m] for m in methods)
+            last_used = max([0, *(admission.last_completed_unix_ms_by_method.get(m, 0) for m in methods)])
+            rate = (completed - self._reported_completed.get(info.name, 0)) / window_s
+            self._reported_completed[info.name] = completed
+            managed = self.models is not None and info.name in self.models.names
+            loaded = not managed or (self.models is not None and info.name in self.models.loaded)
             loads.append(
                 scheduler_pb2.ModelLoad(
-                    model=ref,
+                    model=common_pb2.ModelRef(name=info.name, version=info.default_version),
                     device_id=self.device_id,
                     loaded=loaded,
-                    in_flight=self.admission.inflight if loaded else 0,
-                    queue_capacity=self.admission.max_inflight,
-                    requests_per_second=completed / window_s if loaded else 0.0,
-                    memory_bytes=self.models.footprint_bytes(name) if self.models is not None and loaded else 0,
-                    last_used_unix_ms=self.admission.last_completed_unix_ms,
+                    in_flight=sum(admission.inflight_by_method[m] for m in methods),
+                    queue_capacity=admission.max_inflight,
+                    requests_per_second=rate,
+                    memory_bytes=self.models.footprint_bytes(info.name) if self.models is not None and loaded else 0,
+                    last_used_unix_ms=last_used,
                 )
             )
         return loads

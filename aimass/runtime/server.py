@@ -94,7 +94,31 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Without this a second server silently shares the port (SO_REUSEPORT); we want "address in use".
         ("grpc.so_reuseport", 0),
+        # Gateways ping idle replica channels (gateway.keepalive_s) to notice a vanished host; accept the pings.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
+
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def advertised_host(config: ServerConfig, toward: str) -> str:
+    """The host others dial: ``advertise_host``, else ``host``, else (a wildcard bind) the local address on the route
+    to ``toward`` (host:port of the registry), else the hostname."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.host not in WILDCARD_HOSTS:
+        return config.host
+    host, _, port = toward.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            # A UDP "connect" only picks the route and source address; nothing is sent.
+            probe.connect((host.strip("[]"), int(port or 0)))
+            return str(probe.getsockname()[0])
+    except (OSError, ValueError):
+        return socket.gethostname()
 
 
 class ServerRunner:
@@ -118,7 +142,11 @@ class ServerRunner:
         self.echo_request_id = echo_request_id
         self.scheduler_config = scheduler_config or SchedulerConfig()
         # The node agent names its node by the hostname too, so load reports and device readings join on it.
-        self.node_id = node_id or socket.gethostname()
+        self.node_id = node_id or self.scheduler_config.node_id or socket.gethostname()
+        registry_address = (
+            registry_config.consul.address if registry_config.backend == "consul" else registry_config.address
+        )
+        self.advertised_host = advertised_host(config, registry_address)
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_STARTING
         self.load_reporter: LoadReporter | None = None
         self.health = health.aio.HealthServicer()
@@ -134,7 +162,8 @@ class ServerRunner:
 
     @property
     def address(self) -> str:
-        return f"{self.config.host}:{self.port}"
+        """Where others dial this server (registered with the registry)."""
+        return f"{self.advertised_host}:{self.port}"
 
     @property
     def instance_id(self) -> str:
@@ -227,11 +256,7 @@ class ServerRunner:
             source = (
                 self.app
                 if isinstance(self.app, ReportsLoad)
-                else AdmissionLoad(
-                    [common_pb2.ModelRef(name=i.name, version=i.default_version) for i in self.app.model_infos()],
-                    self.admission,
-                    self._model_set,
-                )
+                else AdmissionLoad(self.app.model_infos(), self.admission, self._model_set)
             )
             self.load_reporter = LoadReporter(
                 source,

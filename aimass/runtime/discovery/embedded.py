@@ -29,6 +29,8 @@ class InMemoryRegistry:
         self._version = 0
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
+        # Set when the hosting process drains: watches end, so the drain does not wait out its grace for them.
+        self._closing = False
 
     @property
     def version(self) -> int:
@@ -78,13 +80,21 @@ class InMemoryRegistry:
 
     async def watch(self) -> AsyncIterator[list[Instance]]:
         seen = -1
-        while True:
+        while not self._closing:
             async with self._changed:
                 if self._version == seen:
                     await self._changed.wait()
+                if self._closing:
+                    return
                 seen = self._version
                 view = list(self._instances.values())
             yield view
+
+    async def end_watches(self) -> None:
+        """Ends every watch (the registry's host is draining; watchers reconnect to wherever it comes back)."""
+        async with self._changed:
+            self._closing = True
+            self._changed.notify_all()
 
     async def _reap_expired(self) -> None:
         while True:
@@ -153,7 +163,8 @@ class RemoteRegistry:
     def __init__(self, address: str, *, call_timeout_s: float = 2.0) -> None:
         self.address = address
         self.call_timeout_s = call_timeout_s
-        self._channel = grpc.aio.insecure_channel(address)
+        # A restarted gateway is found again within a couple of heartbeats, not after gRPC's default backoff.
+        self._channel = grpc.aio.insecure_channel(address, options=[("grpc.max_reconnect_backoff_ms", 2000)])
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
 
     async def register(self, instance: Instance, ttl_s: float) -> None:
