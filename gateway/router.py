@@ -3,9 +3,18 @@
 - ``round_robin``: each replica in turn.
 - ``p2c``: power of two choices on queue length (the gateway's own in-flight count plus the queue the replica last
   reported), the classic way to avoid herding with little information.
-- ``ours``: a score from the scheduler's view — queue depth and in-flight work per batch slot, device utilisation,
-  KV-cache use, free memory and whether the replica's models are warm — plus the gateway's live in-flight count.
-  Without a fresh view (scheduler down or not configured) it falls back to ``p2c``.
+- ``ours``: least expected delay. A request goes where it expects to finish first:
+
+      (requests this gateway has in flight there + the queue the replica reported + 1) / its capacity
+
+  scaled up by KV-cache pressure (an LLM engine near a full cache queues and preempts), with a penalty for one
+  missing from the view (just joined, or its reports stopped); a cold replica (its model must load first) only
+  when every candidate is cold.
+  Capacity is learnt from the view: requests completed per second of device busy time (``LoadView.capacity``), so a
+  GPU three times faster takes three times the queue, and a replica made slow (throttled, a noisy neighbour) is
+  seen as slow. In-flight work is the gateway's own live count: the view is up to a report interval old, and
+  ranking on stale figures herds every request onto whichever replica looked idle. Without a fresh view (scheduler
+  down or not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it against the other two.
 
 A choice reads only memory: the view is pushed to the gateway, never fetched per request.
 """
@@ -15,20 +24,16 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.replicas import Replica
 from gateway.view import LoadView, ReplicaLoad
 
-# Weights of ``ours``: one queued request per batch slot costs as much as a fully busy device; a cold replica would
-# first have to load its model, which costs more than any queue.
-QUEUE_WEIGHT = 1.0
-UTILIZATION_WEIGHT = 0.5
-KV_CACHE_WEIGHT = 0.5
-MEMORY_WEIGHT = 0.25
-COLD_PENALTY = 4.0
-# A replica the view does not have yet (just joined) or any more (its reports stopped: stuck or gone) is a risk;
-# with no figures it costs one queued request more than its live count says.
+# ``ours``: a nearly full KV cache doubles the expected delay (vLLM queues new sequences and preempts running ones).
+KV_CACHE_WEIGHT = 1.0
+# A cold replica (its model must load first) is chosen only when every candidate is cold; a replica the view lacks
+# counts this many requests more than the gateway has in flight there.
+COLD_PENALTY_S = 1e6
 UNREPORTED_PENALTY = 1.0
 # ``ours`` scores every candidate up to this many; beyond, a random sample of this size (keeps a decision O(1)).
 SCORED_CANDIDATES = 16
@@ -37,6 +42,16 @@ SCORED_CANDIDATES = 16
 class Router(Protocol):
     def choose(self, service: str, replicas: Sequence[Replica]) -> Replica:
         """Pick one of ``replicas`` (never empty) for the next request to ``service``."""
+        ...
+
+
+Explanation = dict[str, str | bool | int | float]
+
+
+@runtime_checkable
+class ExplainsChoice(Protocol):
+    def explain(self, replica: Replica) -> Explanation:
+        """What ``replica`` looked like to this router (span attributes); asked only when a trace records it."""
         ...
 
 
@@ -51,6 +66,9 @@ class RoundRobinRouter:
         if counter is None:
             counter = self._counters[service] = itertools.count()
         return replicas[next(counter) % len(replicas)]
+
+    def explain(self, replica: Replica) -> Explanation:
+        return {}
 
 
 class PowerOfTwoRouter:
@@ -71,25 +89,20 @@ class PowerOfTwoRouter:
         a, b = replicas[first], replicas[second]
         return a if self.queue_length(a) <= self.queue_length(b) else b
 
+    def explain(self, replica: Replica) -> Explanation:
+        return {"aimass.route.queue_length": self.queue_length(replica), "aimass.route.view_version": self.view.version}
 
-def score(replica: Replica, load: ReplicaLoad | None) -> float:
-    """Lower is better. The gateway's own in-flight count is live and exact; the view's figures are as of the last
-    report (up to an interval old), so the queue behind the replica's admission comes from the view but the requests
-    in flight are this gateway's own count."""
+
+def expected_delay(replica: Replica, load: ReplicaLoad | None, capacity: float) -> float:
+    """Lower is better: roughly the seconds until a new request would finish there (see the module docstring)."""
     if load is None:
-        return QUEUE_WEIGHT * (replica.inflight + UNREPORTED_PENALTY)
-    waiting = replica.inflight + load.queue_depth
-    return (
-        QUEUE_WEIGHT * waiting / load.slots
-        + UTILIZATION_WEIGHT * load.utilization
-        + KV_CACHE_WEIGHT * load.kv_cache_usage
-        + MEMORY_WEIGHT * (1.0 - load.free_memory_fraction)
-        + (0.0 if load.warm else COLD_PENALTY)
-    )
+        return (replica.inflight + 1 + UNREPORTED_PENALTY) / capacity
+    delay = (replica.inflight + load.queue_depth + 1) / capacity * (1 + KV_CACHE_WEIGHT * load.kv_cache_usage)
+    return delay if load.warm else delay + COLD_PENALTY_S
 
 
 class ScoreRouter:
-    """``ours``: the lowest score among the candidates, on a fresh view; power of two choices otherwise."""
+    """``ours``: the least expected delay among the candidates, on a fresh view; power of two choices otherwise."""
 
     def __init__(self, view: LoadView | None = None, rng: random.Random | None = None) -> None:
         self.view = view or LoadView()
@@ -103,8 +116,26 @@ class ScoreRouter:
             return self.fallback.choose(service, replicas)
         # Shuffled even when all are scored: ties (an idle mesh) then spread instead of all going to the first.
         candidates = self.rng.sample(replicas, min(len(replicas), SCORED_CANDIDATES))
-        load_of = self.view.load_of
-        return min(candidates, key=lambda r: score(r, load_of(r.instance.instance_id)))
+        return min(candidates, key=self.expected_delay)
+
+    def expected_delay(self, replica: Replica) -> float:
+        instance_id = replica.instance.instance_id
+        return expected_delay(replica, self.view.load_of(instance_id), self.view.capacity(instance_id))
+
+    def explain(self, replica: Replica) -> Explanation:
+        if not self.view.fresh:
+            return {**self.fallback.explain(replica), "aimass.route.fallback": "p2c"}
+        load = self.view.load_of(replica.instance.instance_id)
+        facts: Explanation = {
+            "aimass.route.expected_delay": self.expected_delay(replica),
+            "aimass.route.capacity": self.view.capacity(replica.instance.instance_id),
+            "aimass.route.view_version": self.view.version,
+            "aimass.route.inflight": replica.inflight,
+        }
+        if load is not None:
+            facts["aimass.route.queue_depth"] = load.queue_depth
+            facts["aimass.route.utilization"] = load.utilization
+        return facts
 
 
 ROUTERS: dict[str, type[RoundRobinRouter] | type[PowerOfTwoRouter] | type[ScoreRouter]] = {

@@ -38,6 +38,8 @@ class ReplicaLoad:
     free_memory_fraction: float = 1.0
     # Some model is loaded here (a replica whose models are loading or evicted is cold).
     warm: bool = True
+    # Requests completed per second over the last report window, all models together.
+    requests_per_second: float = 0.0
 
 
 def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
@@ -58,16 +60,26 @@ def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
             utilization=(device.utilization_percent / 100) if device is not None else 0.0,
             free_memory_fraction=free,
             warm=any(m.loaded for m in models) or not models,
+            requests_per_second=sum(m.requests_per_second for m in models),
         )
     return loads
 
 
+# Capacity learning (see LoadView.capacity): below this device utilisation a window's completions say little about
+# how fast the replica could go; each new estimate weighs this much against the running one.
+MIN_UTILIZATION_FOR_CAPACITY = 0.2
+CAPACITY_SMOOTHING = 0.3
+
+
 class LoadView:
+    """The latest view's loads per replica, and each replica's learnt capacity."""
+
     def __init__(self) -> None:
         self.version = 0
         self.connected = False
         self.received_monotonic = 0.0
         self._loads: dict[str, ReplicaLoad] = {}
+        self._capacity: dict[str, float] = {}
 
     @property
     def fresh(self) -> bool:
@@ -81,10 +93,41 @@ class LoadView:
         self.version = view.version
         self._loads = replica_loads(view)
         self.received_monotonic = time.monotonic()
+        self._learn_capacity()
         return True
 
     def load_of(self, instance_id: str) -> ReplicaLoad | None:
         return self._loads.get(instance_id)
+
+    def _learn_capacity(self) -> None:
+        typical = self._typical_capacity()
+        for instance_id, load in self._loads.items():
+            known = self._capacity.get(instance_id)
+            if load.utilization >= MIN_UTILIZATION_FOR_CAPACITY and load.requests_per_second > 0:
+                measured = load.requests_per_second / load.utilization
+                self._capacity[instance_id] = (
+                    measured if known is None else known + CAPACITY_SMOOTHING * (measured - known)
+                )
+            elif known is not None and typical is not None:
+                # Too idle to measure: drift back towards the typical replica, or one measured slow once (it held the
+                # heavy models, say) would be avoided, stay idle and never be measured again.
+                self._capacity[instance_id] = known + CAPACITY_SMOOTHING * (typical - known)
+        for gone in self._capacity.keys() - self._loads.keys():
+            del self._capacity[gone]
+
+    def _typical_capacity(self) -> float | None:
+        known = sorted(self._capacity.values())
+        return known[len(known) // 2] if known else None
+
+    def capacity(self, instance_id: str) -> float:
+        """Requests the replica completes per second of its device's busy time, learnt from its reports (rate over
+        utilisation, smoothed): a device three times faster, or a replica with lighter requests, scores three times
+        the capacity. Replicas not measured yet count as the median one (1.0 before any is measured)."""
+        known = self._capacity.get(instance_id)
+        if known is not None:
+            return known
+        typical = self._typical_capacity()
+        return typical if typical is not None else 1.0
 
 
 class ViewWatcher:

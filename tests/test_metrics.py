@@ -36,7 +36,8 @@ def test_every_process_serves_metrics_that_move(mesh: LocalMesh) -> None:
     assert value(after["gateway"], "aimass_requests_total", code="PERMISSION_DENIED") >= 1
     # Batches and model loads (with measured footprints) on the replica.
     nlp = after["nlp-0"]
-    assert value(nlp, "aimass_batch_size_count", batcher="embed") > value(before["nlp-0"], "aimass_batch_size_count")
+    batches = "aimass_batch_size_count"
+    assert value(nlp, batches, batcher="embed") > value(before["nlp-0"], batches, batcher="embed")
     assert value(nlp, "aimass_model_load_seconds_count", model="all-MiniLM-L6-v2") >= 1
     assert value(nlp, "aimass_model_loaded", model="vader") == 1
     assert value(nlp, "aimass_model_footprint_bytes", model="all-MiniLM-L6-v2") > 2**20

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PACKAGES = ["aimass", "gateway", "services", "scheduler"]
+PACKAGES = ["aimass", "gateway", "services", "scheduler", "simulator"]
 UNSHIPPED = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache")
 
 

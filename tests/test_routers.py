@@ -93,18 +93,36 @@ async def test_p2c_counts_the_queue_the_replica_reported(replicas: list[Replica]
     assert all(router.choose(SERVICE, replicas[:2]).instance.instance_id == "r1" for _ in range(20))
 
 
-async def test_ours_weighs_queue_utilisation_kv_cache_memory_and_warmth(replicas: list[Replica]) -> None:
+async def test_ours_sends_work_where_it_expects_it_to_finish_first(replicas: list[Replica]) -> None:
     loads = {
-        "r0": model_load(device_id="n/gpu:0", queue_depth=4),  # queued work
-        "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1),  # idle, cool device
-        "r2": model_load(device_id="n/gpu:2"),  # idle but its device is saturated
+        # Each replica completed what it could in the last window: r0 and r1 100 requests per busy second, r2 a
+        # tenth of that (a slower device, or a throttled process).
+        "r0": model_load(device_id="n/gpu:0", queue_depth=4, requests_per_second=50),  # queued work
+        "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1, requests_per_second=50),  # idle
+        "r2": model_load(device_id="n/gpu:2", requests_per_second=10),  # idle but slow
     }
-    devices = {"n/gpu:0": (10.0, 1, 10), "n/gpu:1": (10.0, 2, 10), "n/gpu:2": (100.0, 9, 10)}
-    router = ScoreRouter(fresh(view_of(3, loads, devices)), random.Random(0))
+    devices = {"n/gpu:0": (50.0, 1, 10), "n/gpu:1": (50.0, 2, 10), "n/gpu:2": (100.0, 9, 10)}
+    view = fresh(view_of(3, loads, devices))
+    assert view.capacity("r0") == pytest.approx(100) and view.capacity("r2") == pytest.approx(10)
+    router = ScoreRouter(view, random.Random(0))
     assert router.choose(SERVICE, replicas).instance.instance_id == "r1"
-    # The gateway's own in-flight count is live: piling requests on r1 moves the next one elsewhere.
+    # The gateway's own in-flight count is live: piling requests on r1 moves the next one to r0, whose 4 queued
+    # requests clear sooner than r1's 8 now; r2 at a tenth of the speed stays last.
     replicas[1].inflight = 8
-    assert router.choose(SERVICE, replicas).instance.instance_id != "r1"
+    assert router.choose(SERVICE, replicas).instance.instance_id == "r0"
+
+
+def test_capacity_is_learnt_smoothly_and_drifts_back_when_idle() -> None:
+    view = LoadView()
+    view.connected = True
+    busy = {"r0": model_load(device_id="n/gpu:0", requests_per_second=30), "r1": model_load(device_id="n/gpu:1")}
+    devices = {"n/gpu:0": (30.0, 1, 10), "n/gpu:1": (0.0, 1, 10)}
+    view.apply(view_of(1, busy, devices))
+    # r1 is idle (too little utilisation to measure): it counts as the typical replica meanwhile.
+    assert view.capacity("r0") == pytest.approx(100) and view.capacity("r1") == pytest.approx(100)
+    slower = {"r0": model_load(device_id="n/gpu:0", requests_per_second=15), "r1": model_load(device_id="n/gpu:1")}
+    view.apply(view_of(2, slower, devices))
+    assert view.capacity("r0") == pytest.approx(100 + 0.3 * (50 - 100))
 
 
 async def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:

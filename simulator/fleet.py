@@ -1,0 +1,275 @@
+"""Simulated replicas on heterogeneous simulated GPUs, and the load reports they send.
+
+One replica process per GPU (each simulated node is a single-GPU host, so the scheduler's node → replica mapping
+is exact). A replica hosts the models placed on it; each model has its own bounded FIFO queue and dynamic batcher
+(up to ``max_batch_size`` requests, closed when full or ``max_queue_delay_s`` after its oldest request arrived, as
+aimass.runtime.batcher does). The GPU runs one batch at a time, taking the model whose oldest request has waited
+longest. A batch of n requests takes the calibration's time for n on the host divided by the GPU's speed. A model
+placed on demand loads for its measured (or derived) load time before its first batch.
+
+Memory lives in a ``scheduler.devices.SimulatedFleet`` per node (allocated at load, released at eviction), whose
+readings, with the busy fraction of the last report window as utilisation, are what the node agents report.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aimass.v1 import common_pb2, scheduler_pb2
+from scheduler.devices import SimulatedFleet, SimulatedGpu, gpu_device_id
+from simulator.calibration import ModelProfile
+from simulator.engine import Event, EventLoop
+from simulator.workload import Outcome, Request
+
+MODEL_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.004
+    queue_capacity: int = 2048
+
+
+@dataclass
+class ModelSlot:
+    """One model on one replica: its queue, batcher state and report-window counters."""
+
+    profile: ModelProfile
+    batching: BatchingSpec
+    pid: int
+    loaded: bool = False
+    queue: deque[Request] = field(default_factory=deque)
+    # Requests in ``queue`` still pending (timed-out ones stay in the deque until a batch skips them).
+    waiting: int = 0
+    running: int = 0
+    last_used_s: float = 0.0
+    window_completed: int = 0
+    window_batches: int = 0
+    window_units: int = 0
+
+    def head(self) -> Request | None:
+        while self.queue and self.queue[0].outcome is not Outcome.PENDING:
+            self.queue.popleft()
+        return self.queue[0] if self.queue else None
+
+
+@dataclass
+class Batch:
+    model: str
+    requests: list[Request]
+    started: float
+    seconds: float
+
+
+class SimReplica:
+    def __init__(
+        self,
+        instance_id: str,
+        node: SimulatedFleet,
+        loop: EventLoop,
+        done: Callable[[Request], None],
+        served: Mapping[str, BatchingSpec],
+    ) -> None:
+        self.instance_id = instance_id
+        # Every model this replica can serve (its catalogue), placed here or not: its reports list them all.
+        self.served = dict(served)
+        self.node = node
+        self.gpu: SimulatedGpu = node.devices[0]
+        self.device_id = gpu_device_id(node.node_id, 0)
+        self.loop = loop
+        self.done = done
+        self.models: dict[str, ModelSlot] = {}
+        self.batch: Batch | None = None
+        self._kick_event: Event | None = None
+        # Busy seconds: in total (clipped to the measured window) and, for the utilisation reading, of batches that
+        # finished since the last reading (counted from that reading on).
+        self.busy_s = 0.0
+        self.window_busy_s = 0.0
+        self._last_reading = 0.0
+        self._last_load_report = 0.0
+        self.measure_until = float("inf")
+        # Device seconds per tenant (each batch's time split evenly over its requests).
+        self.tenant_busy_s: dict[str, float] = {}
+        self.batches = 0
+
+    @property
+    def speed(self) -> float:
+        return self.gpu.speed
+
+    # -- models ----------------------------------------------------------------------------------------------
+
+    def add_model(self, profile: ModelProfile, batching: BatchingSpec, pid: int, *, loaded: bool) -> ModelSlot:
+        slot = ModelSlot(profile, batching, pid, loaded=loaded)
+        self.models[profile.name] = slot
+        self.node.allocate(0, profile.footprint_bytes, pid=pid, instance_id=self.instance_id)
+        return slot
+
+    def finish_loading(self, name: str) -> None:
+        slot = self.models.get(name)
+        if slot is not None:
+            slot.loaded = True
+            self.kick()
+
+    def remove_model(self, name: str) -> None:
+        slot = self.models.pop(name)
+        if slot.waiting or slot.running:
+            raise RuntimeError(f"{self.instance_id}: evicting {name} with work queued (placement saw it idle)")
+        self.node.release(0, slot.pid)
+
+    def busy_with(self, name: str) -> bool:
+        slot = self.models.get(name)
+        return slot is not None and (slot.waiting > 0 or slot.running > 0)
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> bool:
+        """Queues ``request``; False when its model's queue is full (RESOURCE_EXHAUSTED)."""
+        slot = self.models[request.model]
+        if slot.waiting >= slot.batching.queue_capacity:
+            return False
+        slot.queue.append(request)
+        slot.waiting += 1
+        self.kick()
+        return True
+
+    def cancel(self, request: Request) -> None:
+        """The gateway gave up on ``request`` (deadline): a queued one leaves the queue's budget at once."""
+        slot = self.models.get(request.model)
+        if slot is not None and request.extra.get("started") is None:
+            slot.waiting -= 1
+
+    def kick(self) -> None:
+        """Starts the next batch when the GPU is free and some model's batch is ready, or wakes up when one will be."""
+        if self.batch is not None:
+            return
+        now = self.loop.now
+        best: tuple[float, float, str] | None = None
+        for name, slot in self.models.items():
+            if not slot.loaded or slot.waiting == 0:
+                continue
+            head = slot.head()
+            if head is None:
+                continue
+            full = slot.waiting >= slot.batching.max_batch_size
+            ready_at = now if full else max(now, head.arrival + slot.batching.max_queue_delay_s)
+            key = (ready_at, head.arrival, name)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return
+        ready_at, _, name = best
+        if ready_at <= now:
+            if self._kick_event is not None:
+                self._kick_event.cancel()
+                self._kick_event = None
+            self._start(name)
+        elif self._kick_event is None or self._kick_event.time > ready_at:
+            if self._kick_event is not None:
+                self._kick_event.cancel()
+            self._kick_event = self.loop.at(ready_at, self._wake)
+
+    def _wake(self) -> None:
+        self._kick_event = None
+        self.kick()
+
+    def _start(self, name: str) -> None:
+        slot = self.models[name]
+        taken: list[Request] = []
+        while slot.queue and len(taken) < slot.batching.max_batch_size:
+            request = slot.queue.popleft()
+            if request.outcome is Outcome.PENDING:
+                taken.append(request)
+        now = self.loop.now
+        for request in taken:
+            request.extra["started"] = now
+        slot.waiting -= len(taken)
+        slot.running = len(taken)
+        seconds = slot.profile.seconds(len(taken), self.speed)
+        self.batch = Batch(name, taken, now, seconds)
+        self.loop.after(seconds, self._finish)
+
+    def _finish(self) -> None:
+        batch = self.batch
+        assert batch is not None
+        self.batch = None
+        now = self.loop.now
+        slot = self.models[batch.model]
+        slot.running = 0
+        slot.last_used_s = now
+        slot.window_batches += 1
+        slot.window_units += len(batch.requests)
+        slot.window_completed += len(batch.requests)
+        self.batches += 1
+        self.window_busy_s += now - max(batch.started, self._last_reading)
+        self.busy_s += max(0.0, min(now, self.measure_until) - min(batch.started, self.measure_until))
+        share = batch.seconds / len(batch.requests)
+        for request in batch.requests:
+            self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
+            request.service_s = share
+            if request.outcome is Outcome.PENDING:
+                request.outcome = Outcome.OK
+                request.finished = now
+                self.done(request)
+        self.kick()
+
+    # -- readings --------------------------------------------------------------------------------------------
+
+    def utilization_since_last(self) -> float:
+        """Busy fraction of the GPU since the previous reading (NVML's utilisation over its sample period); a running
+        batch counts up to now and the rest of it in the next reading."""
+        now = self.loop.now
+        busy = self.window_busy_s
+        if self.batch is not None:
+            busy += now - max(self.batch.started, self._last_reading)
+        window = now - self._last_reading
+        self.window_busy_s, self._last_reading = 0.0, now
+        return min(1.0, max(0.0, busy / window)) if window > 0 else 0.0
+
+    def model_loads(self) -> tuple[list[scheduler_pb2.ModelLoad], float]:
+        """Per-model figures as a replica reports them (ModelLoad's documented meaning), its whole catalogue: models
+        not placed here say loaded=false; and the window they cover, seconds. Window counters reset."""
+        now = self.loop.now
+        window_s, self._last_load_report = now - self._last_load_report, now
+        loads = []
+        for name in sorted(self.served.keys() - self.models.keys()):
+            loads.append(
+                scheduler_pb2.ModelLoad(
+                    model=common_pb2.ModelRef(name=name, version=MODEL_VERSION),
+                    device_id=self.device_id,
+                    loaded=False,
+                    queue_capacity=self.served[name].queue_capacity,
+                    max_batch_size=self.served[name].max_batch_size,
+                )
+            )
+        for name, slot in sorted(self.models.items()):
+            occupancy = (
+                slot.window_units / (slot.window_batches * slot.batching.max_batch_size) if slot.window_batches else 0.0
+            )
+            loads.append(
+                scheduler_pb2.ModelLoad(
+                    model=common_pb2.ModelRef(name=name, version=MODEL_VERSION),
+                    device_id=self.device_id,
+                    loaded=slot.loaded,
+                    queue_depth=slot.waiting,
+                    queue_capacity=slot.batching.queue_capacity,
+                    in_flight=slot.waiting + slot.running,
+                    batch_occupancy=occupancy,
+                    max_batch_size=slot.batching.max_batch_size,
+                    requests_per_second=slot.window_completed / window_s if window_s > 0 else 0.0,
+                    memory_bytes=slot.profile.footprint_bytes if slot.loaded else 0,
+                    last_used_unix_ms=round(slot.last_used_s * 1000) if slot.last_used_s else 0,
+                )
+            )
+            slot.window_completed = slot.window_batches = slot.window_units = 0
+        return loads, window_s
+
+
+def model_names(replica: SimReplica) -> tuple[str, ...]:
+    return tuple(sorted(replica.models))
+
+
+def total_units(replicas: Iterable[SimReplica]) -> int:
+    return sum(slot.waiting + slot.running for r in replicas for slot in r.models.values())
