@@ -92,6 +92,34 @@ class _Placed:
     # Budget pool: placements of the same modality share a per-device budget when the caller sets one.
     modality: ModalityValue = models_pb2.MODALITY_UNSPECIFIED
 
+    @classmethod
+    def on(
+        cls,
+        device: Device,
+        model: ModelRef,
+        instance_id: str,
+        nbytes: int,
+        state: PlacementStateValue,
+        *,
+        placed_ms: int,
+        last_used_ms: int,
+        modality: ModalityValue = models_pb2.MODALITY_UNSPECIFIED,
+    ) -> _Placed:
+        return cls(
+            name=model.name,
+            version=model.version,
+            node_id=device.node_id,
+            device_id=device.device_id,
+            instance_id=instance_id,
+            kind=device.kind,
+            index=device.index,
+            nbytes=nbytes,
+            state=state,
+            placed_ms=placed_ms,
+            last_used_ms=last_used_ms,
+            modality=modality,
+        )
+
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.name, self.version, self.device_id, self.instance_id)
@@ -233,16 +261,12 @@ class PlacementTable:
             del self._placed[victim.key]
         device = chosen.device
         instance_id = target.instance_id if target is not None and target.instance_id else device.instance_ids[0]
-        placed = _Placed(
-            name=model.name,
-            version=model.version,
-            node_id=device.node_id,
-            device_id=device.device_id,
-            instance_id=instance_id,
-            kind=device.kind,
-            index=device.index,
-            nbytes=chosen.required,
-            state=scheduler_pb2.PLACEMENT_STATE_PENDING,
+        placed = _Placed.on(
+            device,
+            model,
+            instance_id,
+            chosen.required,
+            scheduler_pb2.PLACEMENT_STATE_PENDING,
             placed_ms=now_ms,
             last_used_ms=now_ms,
             modality=modality,
@@ -389,16 +413,12 @@ class PlacementTable:
         key = (model.name, model.version, device.device_id, instance_id)
         placed = self._placed.get(key)
         if placed is None:
-            placed = _Placed(
-                name=model.name,
-                version=model.version,
-                node_id=device.node_id,
-                device_id=device.device_id,
-                instance_id=instance_id,
-                kind=device.kind,
-                index=device.index,
-                nbytes=bytes,
-                state=scheduler_pb2.PLACEMENT_STATE_LOADED,
+            placed = _Placed.on(
+                device,
+                model,
+                instance_id,
+                bytes,
+                scheduler_pb2.PLACEMENT_STATE_LOADED,
                 placed_ms=now_ms,
                 last_used_ms=max(last_used_ms, now_ms),
             )
