@@ -277,6 +277,13 @@ class _Run:
         self.issued += 1
         return True
 
+    def failed(self, err: grpc.aio.AioRpcError) -> None:
+        """Counts a call that ended with a status other than OK, keeping a few messages as samples."""
+        code = err.code().name
+        self.failures[code] += 1
+        if len(self.samples) < MAX_ERROR_SAMPLES:
+            self.samples[f"{code}: {err.details()}"] = None
+
     @property
     def completed(self) -> int:
         return len(self.latencies)
@@ -291,10 +298,7 @@ async def _worker(call: RawCall, payload: bytes, deadline_s: float, metadata: Me
             await call(payload, timeout=deadline_s, metadata=metadata)
         except grpc.aio.AioRpcError as err:
             latencies.append(clock() - started)
-            code = err.code().name
-            run.failures[code] += 1
-            if len(run.samples) < MAX_ERROR_SAMPLES:
-                run.samples[f"{code}: {err.details()}"] = None
+            run.failed(err)
         else:
             latencies.append(clock() - started)
             run.ok += 1
@@ -316,10 +320,7 @@ async def _stream_worker(
                 count += 1
         except grpc.aio.AioRpcError as err:
             latencies.append(clock() - started)
-            code = err.code().name
-            run.failures[code] += 1
-            if len(run.samples) < MAX_ERROR_SAMPLES:
-                run.samples[f"{code}: {err.details()}"] = None
+            run.failed(err)
         else:
             latencies.append(clock() - started)
             run.ok += 1
