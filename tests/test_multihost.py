@@ -358,7 +358,10 @@ def host_of(replica: str, ips: Mapping[str, str]) -> str:
     return replica or "(none)"
 
 
-def test_requests_cross_hosts_and_survive_a_replica_killed_mid_load(mesh: Mesh) -> None:
+@pytest.mark.parametrize("loss", ["killed", "cut off"])
+def test_requests_cross_hosts_and_survive_a_replica_lost_mid_load(mesh: Mesh, loss: str) -> None:
+    """``killed``: the replica's process dies (its host's kernel resets the connections at once). ``cut off``: its
+    host's cable is pulled (no RST, no FIN, the process runs on): the gateway's keepalive pings notice it."""
     began = time.monotonic()
     ips = {host: mesh.hosts[host].ip for host in REPLICA_HOSTS}
     out = mesh.log_dir / "client.json"
@@ -390,11 +393,15 @@ def test_requests_cross_hosts_and_survive_a_replica_killed_mid_load(mesh: Mesh) 
     time.sleep(KILL_AFTER_S)
     victim, survivor = REPLICA_HOSTS
     victim_pid = mesh.processes[f"nlp-{victim}"].pid
-    os.kill(victim_pid, signal.SIGSTOP)
-    frozen_at = time.monotonic()
-    time.sleep(FREEZE_S)
-    os.kill(victim_pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    if loss == "killed":
+        os.kill(victim_pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        time.sleep(FREEZE_S)
+        os.kill(victim_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+    else:
+        mesh.hosts.unplug(victim)
+        frozen_at = killed_at = time.monotonic()
     done = events.next_event(AFTER_KILL_MAX_S + 15, lambda: mesh.check_alive(except_=(f"nlp-{victim}",)))
     assert done["event"] == "done", done
     assert client.wait(timeout=10) == 0, mesh.log_tail("client")
