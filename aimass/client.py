@@ -13,6 +13,9 @@ Methods not wrapped here are on the raw generated stubs, ``client.nlp`` and ``cl
 
     for piece in client.chat("What is the capital of France?", temperature=0):
         print(piece.delta, end="")
+
+Traces: a call made while an OpenTelemetry span is current (the caller's own tracing) carries its W3C trace
+context (``traceparent``), so the mesh's spans join the caller's trace.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Final, Self, TypedDict
 
 import grpc
 import grpc.aio
+from opentelemetry import propagate
 
 from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
@@ -233,8 +237,13 @@ class _ClientBase:
         self._auth: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def _call(self, timeout_s: float | None, request_id: str | None) -> CallOptions:
-        """Deadline (the call's, else the client's) and metadata (api key, request id) for one call."""
+        """Deadline (the call's, else the client's) and metadata (api key, request id, the caller's current trace
+        context if any) for one call."""
         metadata = self._auth + (((REQUEST_ID_KEY, request_id),) if request_id else ())
+        trace_context: dict[str, str] = {}
+        propagate.inject(trace_context)
+        if trace_context:
+            metadata += tuple(trace_context.items())
         return CallOptions(timeout=self.timeout_s if timeout_s is None else timeout_s, metadata=metadata)
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health
 
+from aimass.runtime import tracing
 from aimass.runtime.config import GatewayConfig, Settings
 from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
 from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
@@ -76,6 +77,8 @@ class GatewayApp:
             # The scheduler's contract is for mesh processes only.
             internal_services=INTERNAL_SERVICES,
             retry_unavailable=settings.gateway.retry_unavailable,
+            router_name=settings.gateway.router,
+            tracer=tracing.tracer(),
         )
         self._scheduler_channel: grpc.aio.Channel | None = None
         self._health: health.aio.HealthServicer | None = None

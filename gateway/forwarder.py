@@ -3,27 +3,49 @@
 A generic handler answers every method of the contract with a handler of the method's own call kind (so unary
 calls take grpc's fast unary path), picks a replica through the Router, and passes the deadline, the caller's
 metadata and cancellation through. Errors from the replica reach the client unchanged, trailers included.
+
+Every routing decision is counted (``aimass_gateway_routed_total``), and so is every retry. With tracing on
+(aimass.runtime.tracing) the gateway's server span gets a "route" child (the router, the candidates, the chosen
+replica and the figures it was chosen on) and a CLIENT span per call to a replica; the caller's trace headers are
+replaced by that span's, so the replica's server span is its child and the trace stays connected.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
+from prometheus_client import Counter
 
-from aimass.runtime import contract
+from aimass.runtime import contract, tracing
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id, request_id_of
 from gateway.model_routing import model_field_number, requested_model
 from gateway.replicas import Replica, ReplicaSet
-from gateway.router import Router
+from gateway.router import ExplainsChoice, Router
 
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+ROUTED = Counter(
+    "aimass_gateway_routed_total",
+    "Routing decisions: the replica (registry instance id) chosen for a call, by service and router",
+    ["service", "router", "replica"],
+)
+RETRIES = Counter(
+    "aimass_gateway_retries_total",
+    "Unary calls sent again to another replica, by service and the status of the failed attempt",
+    ["service", "code"],
+)
+# The route span lists the candidates' instance ids up to this many (beyond, only their number).
+LISTED_CANDIDATES = 16
 
 # Transport headers that grpc sets per hop; everything else (api keys, tenant, traceparent, ...) passes through.
 HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"})
@@ -52,10 +74,18 @@ class Forwarder(grpc.GenericRpcHandler):
         local_services: frozenset[str],
         internal_services: frozenset[str] = frozenset(),
         retry_unavailable: bool = True,
+        router_name: str = "",
+        tracer: Tracer | None = None,
     ) -> None:
         self.replicas = replicas
         self.router = router
+        self.router_name = router_name or type(router).__name__
         self.retry_unavailable = retry_unavailable
+        # None: tracing is off and no span work is done.
+        self._tracer = tracer
+        self._trace_headers = tracing.trace_header_names() if tracer is not None else frozenset()
+        # (service, instance id) → its routed counter, bound once.
+        self._routed: dict[tuple[str, str], Counter] = {}
         self.internal_services = internal_services
         self.forwarded_services = frozenset(contract.services()) - local_services - internal_services
         self._handlers: dict[str, Handler] = {}
@@ -98,6 +128,7 @@ class Forwarder(grpc.GenericRpcHandler):
     def _pick(
         self, service: str, exclude: Replica | None = None, *, method: str = "", request: bytes = b""
     ) -> Replica | None:
+        started_ns = time.time_ns() if self._tracer is not None else 0
         candidates: Sequence[Replica] = self.replicas.healthy(service)
         if len(candidates) > 1 and method in self._model_fields and _models_differ(candidates):
             # Replicas hold different models (e.g. one LLM per process): only those holding the named one qualify.
@@ -107,9 +138,81 @@ class Forwarder(grpc.GenericRpcHandler):
             candidates = holding or candidates
         if exclude is not None and len(candidates) > 1:
             candidates = [r for r in candidates if r is not exclude]
-        if not candidates:
-            return None
-        return self.router.choose(service, candidates)
+        choice = self.router.choose(service, candidates) if candidates else None
+        if choice is not None:
+            routed = self._routed.get((service, choice.instance.instance_id))
+            if routed is None:
+                routed = ROUTED.labels(service, self.router_name, choice.instance.instance_id)
+                self._routed[(service, choice.instance.instance_id)] = routed
+            routed.inc()
+        if self._tracer is not None:
+            self._trace_route(self._tracer, started_ns, service, candidates, choice, exclude)
+        return choice
+
+    def _trace_route(
+        self,
+        tracer: Tracer,
+        started_ns: int,
+        service: str,
+        candidates: Sequence[Replica],
+        choice: Replica | None,
+        exclude: Replica | None,
+    ) -> None:
+        """The routing decision as a span under the gateway's server span: the scheduler's part in a request (its
+        pushed view, read by the router) and the router's choice."""
+        span = tracer.start_span(
+            tracing.ROUTE_SPAN,
+            start_time=started_ns,
+            attributes={
+                "aimass.service": service,
+                "aimass.router": self.router_name,
+                "aimass.route.candidates": len(candidates),
+                "aimass.route.retry": exclude is not None,
+            },
+        )
+        if span.is_recording():
+            if len(candidates) <= LISTED_CANDIDATES:
+                span.set_attribute("aimass.route.candidate_ids", [r.instance.instance_id for r in candidates])
+            if exclude is not None:
+                span.set_attribute("aimass.route.excluded", exclude.instance.instance_id)
+            if choice is None:
+                span.set_status(Status(StatusCode.ERROR, f"no healthy replica serves {service}"))
+            else:
+                span.set_attribute("aimass.replica", choice.instance.instance_id)
+                span.set_attribute("aimass.replica.address", choice.instance.address)
+                if isinstance(self.router, ExplainsChoice):
+                    span.set_attributes(self.router.explain(choice))
+        span.end()
+
+    def _call_span(
+        self, method: str, replica: Replica, attempt: int, metadata: Metadata
+    ) -> tuple[Span | None, Metadata]:
+        """With tracing on: a CLIENT span for one call to ``replica``, and ``metadata`` carrying its context."""
+        tracer = self._tracer
+        if tracer is None:
+            return None, metadata
+        service, _, name = method.lstrip("/").partition("/")
+        span = tracer.start_span(
+            method,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": name,
+                "server.address": replica.instance.address,
+                "aimass.replica": replica.instance.instance_id,
+                "aimass.attempt": attempt,
+            },
+        )
+        return span, tracing.with_trace_context(metadata, trace.set_span_in_context(span), self._trace_headers)
+
+    @staticmethod
+    def _end_call_span(span: Span | None, error: grpc.aio.AioRpcError | None) -> None:
+        if span is None:
+            return
+        if error is not None:
+            tracing.set_rpc_error(span, error.code(), error.details())
+        span.end()
 
     @staticmethod
     async def _no_replica(context: Context, service: str) -> None:
@@ -136,26 +239,35 @@ class Forwarder(grpc.GenericRpcHandler):
             metadata = forwarded_metadata(context)
             for attempt in (1, 2):
                 target = replica
-                call = target.unary_unary(method)(request, timeout=context.time_remaining(), metadata=metadata)
+                span, call_metadata = self._call_span(method, target, attempt, metadata)
+                call = target.unary_unary(method)(request, timeout=context.time_remaining(), metadata=call_metadata)
                 target.inflight += 1
+                error: grpc.aio.AioRpcError | None = None
                 try:
                     response: bytes = await call
                 except grpc.aio.AioRpcError as err:
-                    retry = self._pick(service, target, method=method, request=request) if attempt == 1 else None
+                    error = err
                     # UNAVAILABLE means the replica did not run the call (down or draining): safe to send elsewhere.
-                    if err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable and retry is not None:
+                    retry = (
+                        self._pick(service, target, method=method, request=request)
+                        if attempt == 1 and err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable
+                        else None
+                    )
+                    if retry is not None:
                         log.info(
                             "%s unavailable on %s; retrying on %s",
                             method,
                             target.instance.address,
                             retry.instance.address,
                         )
+                        RETRIES.labels(service, err.code().name).inc()
                         replica = retry
                         continue
                     await relay_error(context, err)
                     raise AssertionError("unreachable") from err
                 finally:
                     target.inflight -= 1
+                    self._end_call_span(span, error)
                 trailers = await call.trailing_metadata()
                 if trailers:
                     context.set_trailing_metadata(trailers)
@@ -170,18 +282,20 @@ class Forwarder(grpc.GenericRpcHandler):
             if replica is None:
                 await self._no_replica(context, service)
                 raise AssertionError("unreachable")
-            call = replica.stream_unary(method)(
-                requests, timeout=context.time_remaining(), metadata=forwarded_metadata(context)
-            )
+            span, metadata = self._call_span(method, replica, 1, forwarded_metadata(context))
+            call = replica.stream_unary(method)(requests, timeout=context.time_remaining(), metadata=metadata)
             replica.inflight += 1
+            error: grpc.aio.AioRpcError | None = None
             try:
                 response: bytes = await call
             except grpc.aio.AioRpcError as err:
+                error = err
                 await relay_error(context, err)
                 raise AssertionError("unreachable") from err
             finally:
                 replica.inflight -= 1
                 call.cancel()
+                self._end_call_span(span, error)
             trailers = await call.trailing_metadata()
             if trailers:
                 context.set_trailing_metadata(trailers)
@@ -196,13 +310,14 @@ class Forwarder(grpc.GenericRpcHandler):
                 await self._no_replica(context, service)
                 return
             timeout = context.time_remaining()
-            metadata = forwarded_metadata(context)
+            span, metadata = self._call_span(method, replica, 1, forwarded_metadata(context))
             call: Any
             if client_streaming:
                 call = replica.stream_stream(method)(request, timeout=timeout, metadata=metadata)
             else:
                 call = replica.unary_stream(method)(request, timeout=timeout, metadata=metadata)
             replica.inflight += 1
+            error: grpc.aio.AioRpcError | None = None
             try:
                 initial = await call.initial_metadata()
                 if initial:
@@ -213,11 +328,13 @@ class Forwarder(grpc.GenericRpcHandler):
                 if trailers:
                     context.set_trailing_metadata(trailers)
             except grpc.aio.AioRpcError as err:
+                error = err
                 await relay_error(context, err)
             finally:
                 replica.inflight -= 1
                 # The client went away or the deadline passed: stop the replica's work too.
                 call.cancel()
+                self._end_call_span(span, error)
 
         return forward
 

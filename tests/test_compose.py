@@ -55,8 +55,6 @@ DASHBOARD_MUST_SHOW = (
     "aimass_device_utilization_ratio",
     "aimass_scheduler_placements_total",
 )
-# Compose sets the OTLP exporter's settings (AIMASS_TELEMETRY__*) before the telemetry config section exists.
-PENDING_SECTION = "AIMASS_TELEMETRY__"
 METRIC_DEFINITION = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*(?:name\s*=\s*)?[\"'](aimass_\w+)[\"']")
 METRIC_REFERENCE = re.compile(r"\baimass_\w+")
 
@@ -194,8 +192,6 @@ def test_env_settings_are_real_config_keys_with_valid_values(
                 continue
             env = {k: v for k, v in services(config)[name]["environment"].items() if k.startswith("AIMASS_")}
             for key in env:
-                if key.startswith(PENDING_SECTION) and "telemetry" not in Settings.model_fields:
-                    continue  # the tracing settings land with issue 7 part 2; checked as soon as they exist
                 assert config_field_exists(key), f"{name}: {key} is no aimass config key"
             with monkeypatch.context() as patch:
                 for key in [k for k in os.environ if k.startswith("AIMASS_")]:

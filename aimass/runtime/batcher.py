@@ -23,6 +23,12 @@ never displace each other, so with one priority in use this is the plain bounded
 
 There is one deque per priority, with lazy removal: a cancelled or expired request is marked, its units are
 returned to the queue budget at once, and the collector skips the entry when it reaches it.
+
+With tracing on (aimass.runtime.tracing), a request submitted inside a sampled span gets three child spans of it:
+"queue wait" (submit until a batch took it, or until it was dropped, with the reason), "batch execution" (from
+then until its result was set; the batch's size is in its attributes) and inside that "model inference" (the
+``execute`` call in the worker thread). They are recorded with their real times once the batch has finished, on the
+event loop, so the worker thread and the queue do no tracing work.
 """
 
 from __future__ import annotations
@@ -32,13 +38,18 @@ import concurrent.futures
 import enum
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode, Tracer
 from prometheus_client import Counter, Gauge, Histogram
 
+from aimass.runtime import tracing
 from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from aimass.v1 import common_pb2
 
@@ -128,6 +139,9 @@ class _Item(Generic[Req, Resp]):
     level: int
     timer: asyncio.TimerHandle | None = None
     state: _State = _State.QUEUED
+    # The submitter's trace context and when it was queued (wall clock, ns), for requests in a sampled trace.
+    trace: otel_context.Context | None = None
+    queued_ns: int = 0
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -135,9 +149,19 @@ def _wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _call_execute(execute: ExecuteFn[Req, Resp], requests: list[Req]) -> list[Resp | Exception]:
+def _call_execute(execute: ExecuteFn[Req, Resp], requests: list[Req]) -> tuple[list[Resp | Exception], tuple[int, int]]:
+    """The results, and when execute ran (wall clock, ns: the "model inference" span of traced requests)."""
+    started = time.time_ns()
     # list() here so a lazily produced result sequence is also computed off the event loop.
-    return list(execute(requests))
+    results = list(execute(requests))
+    return results, (started, time.time_ns())
+
+
+def _failure_of(future: asyncio.Future[Any]) -> str | None:
+    if future.cancelled():
+        return "cancelled"
+    error = future.exception() if future.done() else None
+    return None if error is None else f"{type(error).__name__}: {error}"
 
 
 class DynamicBatcher(Generic[Req, Resp]):
@@ -186,6 +210,8 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Future[None] | None = None
         self._closing = False
+        # Set at start() when the process traces (aimass.runtime.tracing); None: no span work at all.
+        self._tracer: Tracer | None = None
 
         self._submitted = 0
         self._executed_items = 0
@@ -233,6 +259,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         if self._collector is not None:
             return
         self._loop = asyncio.get_running_loop()
+        self._tracer = tracing.tracer()
         self._slots = asyncio.Semaphore(self._max_concurrent_batches)
         self._collector = self._loop.create_task(self._collect_loop(), name=f"aimass-batcher-{self.name}")
 
@@ -283,6 +310,9 @@ class DynamicBatcher(Generic[Req, Resp]):
             )
 
         item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline, level)
+        if self._tracer is not None and trace.get_current_span().is_recording():
+            item.trace = otel_context.get_current()
+            item.queued_ns = time.time_ns()
         if deadline is not None:
             # Fail a request at its deadline even if no batch forms meanwhile (e.g. all slots busy).
             item.timer = loop.call_at(deadline, self._expire, item)
@@ -340,6 +370,8 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._level_units[item.level] -= item.units
         self._m_queue_depth.set(self._queued_units)
         self._count_drop(reason)
+        if item.trace is not None:
+            self._trace_dropped(item, reason)
 
     def _fail_queued(self, error: Callable[[], Exception]) -> None:
         """Fail every queued request with a fresh ``error()`` (shutdown)."""
@@ -512,10 +544,13 @@ class DynamicBatcher(Generic[Req, Resp]):
         units = sum(item.units for item in batch)
         self._in_flight_units += units
         self._m_batch_size.observe(units)
+        traced = [item for item in batch if item.trace is not None] if self._tracer is not None else []
+        taken_ns = time.time_ns() if traced else 0
+        inference: tuple[int, int] | None = None
         try:
             call = functools.partial(_call_execute, self._execute, [item.request for item in batch])
             try:
-                results = await self._loop.run_in_executor(self._executor, call)
+                results, inference = await self._loop.run_in_executor(self._executor, call)
             except Exception as exc:
                 for item in batch:
                     if not item.future.done():
@@ -541,8 +576,71 @@ class DynamicBatcher(Generic[Req, Resp]):
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(AimassError(f"{self.name}: batch aborted before results were set"))
+            if traced:
+                self._trace_batch(traced, len(batch), units, taken_ns, inference)
             self._in_flight_units -= units
             self._executed_items += units
             self._executed_requests += len(batch)
             self._executed_batches += 1
             self._slots.release()
+
+    # -- traces ---------------------------------------------------------------------------------------------------
+
+    def _trace_batch(
+        self,
+        items: list[_Item[Req, Resp]],
+        requests: int,
+        units: int,
+        taken_ns: int,
+        inference: tuple[int, int] | None,
+    ) -> None:
+        """Each traced request's queue wait, its share of the batch execution and the model inference inside it."""
+        assert self._tracer is not None
+        ended_ns = time.time_ns()
+        for item in items:
+            self._tracer.start_span(
+                tracing.QUEUE_SPAN,
+                context=item.trace,
+                start_time=item.queued_ns,
+                attributes={"aimass.batcher": self.name, "aimass.priority": _LEVEL_NAMES[item.level]},
+            ).end(end_time=taken_ns)
+            execution = self._tracer.start_span(
+                tracing.BATCH_SPAN,
+                context=item.trace,
+                start_time=taken_ns,
+                attributes={
+                    "aimass.batcher": self.name,
+                    "aimass.batch.requests": requests,
+                    "aimass.batch.units": units,
+                    "aimass.request.units": item.units,
+                },
+            )
+            failure = _failure_of(item.future)
+            if failure is not None:
+                execution.set_status(Status(StatusCode.ERROR, failure))
+            if inference is not None:
+                self._tracer.start_span(
+                    tracing.INFERENCE_SPAN,
+                    context=trace.set_span_in_context(execution, item.trace),
+                    start_time=inference[0],
+                    attributes={"aimass.batcher": self.name, "aimass.batch.units": units},
+                ).end(end_time=inference[1])
+            execution.end(end_time=ended_ns)
+
+    def _trace_dropped(self, item: _Item[Req, Resp], reason: str) -> None:
+        """The queue wait of a request that never ran, ended now, with why."""
+        assert self._tracer is not None
+        span = self._tracer.start_span(
+            tracing.QUEUE_SPAN,
+            context=item.trace,
+            start_time=item.queued_ns,
+            attributes={
+                "aimass.batcher": self.name,
+                "aimass.priority": _LEVEL_NAMES[item.level],
+                "aimass.dropped": reason,
+            },
+        )
+        if reason != "cancelled":
+            span.set_status(Status(StatusCode.ERROR, f"left the {self.name} queue unexecuted: {reason}"))
+        span.end()
+        item.trace = None

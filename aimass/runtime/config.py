@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -232,6 +232,40 @@ class SchedulerConfig(BaseModel):
     node_agent_metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
+class TelemetryConfig(BaseModel):
+    """Traces: OpenTelemetry spans from every process that serves requests, exported over OTLP/gRPC.
+
+    Off (no interceptor, no exporter, nothing per request) while ``otlp_endpoint`` is empty.
+    """
+
+    # The collector's OTLP gRPC receiver: "http://host:4317" or "host:4317" (plaintext), "https://host:4317" (TLS).
+    otlp_endpoint: str = ""
+    # Traces that start here (no sampled traceparent from the caller) are kept with this probability; a caller's
+    # decision (the traceparent's sampled flag) is followed either way, so one trace is never cut in half.
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    # Finished spans are sent in batches this often (or sooner when a batch fills).
+    export_interval_ms: PositiveInt = 1000
+    # Bound on one export, retries included, and on the flush when the process stops: a collector that is down or
+    # unreachable costs at most this, in a background thread, never a request.
+    export_timeout_s: PositiveFloat = 2.0
+    # Spans waiting for export beyond this are dropped (a collector that is down cannot grow memory).
+    max_queued_spans: PositiveInt = 4096
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        scheme, separator, rest = value.rpartition("://")
+        if separator and scheme not in ("http", "https"):
+            raise ValueError(f"otlp_endpoint {value!r}: use http://host:port, https://host:port or host:port")
+        host, colon, port = rest.rstrip("/").rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"otlp_endpoint {value!r} needs a host and a port, e.g. http://otel-collector:4317")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -243,6 +277,7 @@ class Settings(BaseSettings):
     speech: SpeechConfig = SpeechConfig()
     llm: LlmConfig = LlmConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @classmethod
     def settings_customise_sources(

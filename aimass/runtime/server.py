@@ -22,6 +22,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from aimass.runtime import tracing
 from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
 from aimass.runtime.discovery import (
@@ -205,19 +206,22 @@ class ServerRunner:
 
     async def start(self) -> None:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
-        self._server = grpc.aio.server(
-            interceptors=[
-                TelemetryInterceptor(
-                    access_log_enabled=self.config.access_log,
-                    echo_request_id=self.echo_request_id,
-                    # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
-                    replica_id=None if self.app.kind in CONTROL_PLANE_KINDS else lambda: self.instance_id,
-                ),
-                self.admission,
-                ErrorMappingInterceptor(),
-            ],
-            options=server_options(self.config),
-        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            TelemetryInterceptor(
+                access_log_enabled=self.config.access_log,
+                echo_request_id=self.echo_request_id,
+                # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
+                replica_id=None if self.app.kind in CONTROL_PLANE_KINDS else lambda: self.instance_id,
+            ),
+            self.admission,
+            ErrorMappingInterceptor(),
+        ]
+        traces = tracing.installed()
+        if traces is not None:
+            # Outermost: the server span covers the whole call, and admission refusals and mapped errors (which
+            # abort through the context it wraps) record their code on it.
+            interceptors.insert(0, traces.server_interceptor())
+        self._server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
         if self.app.kind not in CONTROL_PLANE_KINDS:
@@ -370,9 +374,16 @@ def serve_process(kind: str, build_runner: Callable[[Settings], ServerRunner]) -
     """A process's ``main``: settings from file and env, logging, then serve until SIGTERM/SIGINT and drain."""
     settings = load_settings()
     configure_logging(settings.log_level, kind)
+    # Before the runner is built: servers, batchers and the gateway see whether tracing is on as they start.
+    traces = tracing.setup_process(settings.telemetry, kind)
 
     async def serve() -> None:
         # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
         await build_runner(settings).run_until_signalled()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        if traces is not None:
+            # The last spans of the drain, within telemetry.export_timeout_s (a collector that is down costs that).
+            traces.shutdown()

@@ -3,6 +3,9 @@
 Thin by design: the limits live in sampling.py, generation in engine.py. A client that cancels, disconnects or
 runs out of deadline makes gRPC cancel this handler; the cancellation closes the engine stream, which aborts the
 request inside vLLM at once (its KV cache and batch slot are freed on the next step).
+
+With tracing on, each generation is a "model inference" span (GenAI semantic-convention attributes: model, token
+counts, finish reason) with a "first token" event; vLLM's own queue and batching happen inside it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any, TypeVar
 
 import grpc
 import prometheus_client
+from opentelemetry.trace import Span, Status, StatusCode
 
+from aimass.runtime import tracing
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 from aimass.runtime.metadata import TENANT_KEY, metadata_value, request_id_of
@@ -161,17 +166,22 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         completion_tokens = 0
         first_token_ms = 0.0
         first = True
+        span = _inference_span(response_type, model, len(prompt_ids), params.max_tokens or 0, request.meta.priority)
+        finish_reason = ""
         try:
             async for chunk in self.engine.stream(prompt_ids, params, request_id=request_id, priority=priority):
                 completion_tokens += chunk.new_tokens
                 if chunk.new_tokens and not first_token_ms:
                     first_token_ms = (time.perf_counter() - received) * 1000
                     TIME_TO_FIRST_TOKEN.labels(model.name).observe(first_token_ms / 1000)
+                    if span is not None:
+                        span.add_event("first token", {"aimass.llm.time_to_first_token_ms": first_token_ms})
                 fields: dict[str, Any] = {"delta": chunk.text}
                 if first:
                     fields["model"] = model
                     first = False
                 if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
                     fields["finish_reason"] = _finish_reason(chunk.finish_reason, chunk.stop_string)
                     fields["stop_sequence"] = chunk.stop_string or ""
                     fields["usage"] = llm_pb2.Usage(
@@ -181,7 +191,16 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                         total_time_ms=(time.perf_counter() - received) * 1000,
                     )
                 yield response_type(**fields)
+        except Exception as exc:
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
+            if span is not None:
+                span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
+                span.set_attribute("gen_ai.response.finish_reasons", [finish_reason or "cancelled"])
+                span.end()
             # Cancelled calls count too: their tokens were computed for this tenant.
             self.fairness.finish(tenant, estimate, len(prompt_ids), completion_tokens)
             work = self.counters.tenant_work[tenant]
@@ -190,6 +209,29 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
             work.completion_tokens += completion_tokens
             GENERATED_TOKENS.labels(model.name).inc(completion_tokens)
             PROMPT_TOKENS.labels(model.name).inc(len(prompt_ids))
+
+
+def _inference_span(
+    response_type: Callable[..., Any],
+    model: common_pb2.ModelRef,
+    prompt_tokens: int,
+    max_tokens: int,
+    priority: common_pb2.Priority.ValueType,
+) -> Span | None:
+    """The generation's span (a child of the request's server span), or None when tracing is off."""
+    tracer = tracing.tracer()
+    if tracer is None:
+        return None
+    return tracer.start_span(
+        tracing.INFERENCE_SPAN,
+        attributes={
+            "gen_ai.operation.name": "chat" if response_type is llm_pb2.ChatResponse else "text_completion",
+            "gen_ai.request.model": model.name,
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.usage.input_tokens": prompt_tokens,
+            "aimass.priority": common_pb2.Priority.Name(priority),
+        },
+    )
 
 
 def _finish_reason(reason: str, stop_string: str | None) -> llm_pb2.FinishReason.ValueType:
