@@ -247,7 +247,8 @@ class Forwarder(grpc.GenericRpcHandler):
                     response: bytes = await call
                 except grpc.aio.AioRpcError as err:
                     error = err
-                    # UNAVAILABLE means the replica did not run the call (down or draining): safe to send elsewhere.
+                    # UNAVAILABLE: the replica is down, draining, cut off or without the model. It may have started
+                    # the call before dying, but inference has no side effects, so running it again is safe.
                     retry = (
                         self._pick(service, target, method=method, request=request)
                         if attempt == 1 and err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable

@@ -103,8 +103,9 @@ class GatewayConfig(BaseModel):
     # How a replica is chosen per request (gateway/router.py): "ours" scores replicas on the scheduler's view and
     # falls back to "p2c" (power of two choices on queue length) while no fresh view is at hand.
     router: Literal["round_robin", "p2c", "ours"] = "ours"
-    # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining or gone): the
-    # replica did not run it, so the retry cannot duplicate work.
+    # Retry a unary call once on another replica when the first answers UNAVAILABLE (draining, gone, cut off, or
+    # without the model). A replica that died mid-call may have run part of it; inference has no side effects, so
+    # running it again is safe (a method with side effects would need to opt out).
     retry_unavailable: bool = True
     # Keepalive pings on idle replica channels: a replica whose host vanished (no RST, no FIN) is noticed within
     # keepalive_s + keepalive_timeout_s, its calls fail UNAVAILABLE and unary ones are retried elsewhere, instead of
