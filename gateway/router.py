@@ -5,16 +5,18 @@
   reported), the classic way to avoid herding with little information.
 - ``ours``: least expected delay. A request goes where it expects to finish first:
 
-      (requests this gateway has in flight there + the queue the replica reported + 1) / its capacity
+      (requests this gateway has in flight there + 1) / the replica's capacity
 
   scaled up by KV-cache pressure (an LLM engine near a full cache queues and preempts), with a penalty for one
   missing from the view (just joined, or its reports stopped); a cold replica (its model must load first) only
-  when every candidate is cold.
-  Capacity is learnt from the view: requests completed per second of device busy time (``LoadView.capacity``), so a
-  GPU three times faster takes three times the queue, and a replica made slow (throttled, a noisy neighbour) is
-  seen as slow. In-flight work is the gateway's own live count: the view is up to a report interval old, and
-  ranking on stale figures herds every request onto whichever replica looked idle. Without a fresh view (scheduler
-  down or not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it against the other two.
+  when every candidate is cold. Capacity (``LoadView.capacity``) is learnt from the view: requests completed per
+  second of device busy time, and on GPUs the device's peak compute from NVML times what the fleet completes per
+  unit of compute, never more than the replica itself has shown (a throttled or overloaded replica stays slow). So
+  a GPU three times faster takes three times the work. The replica's reported queue is not added: it holds this
+  gateway's own requests (already counted, live) and is up to a report interval old; ranking on it herds requests
+  onto whichever replica looked idle. Other gateways' work shows in the capacity the replica achieves. Without a
+  fresh view (scheduler down or not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it
+  against the other two on a heterogeneous fleet.
 
 A choice reads only memory: the view is pushed to the gateway, never fetched per request.
 """
@@ -97,7 +99,7 @@ def expected_delay(replica: Replica, load: ReplicaLoad | None, capacity: float) 
     """Lower is better: roughly the seconds until a new request would finish there (see the module docstring)."""
     if load is None:
         return (replica.inflight + 1 + UNREPORTED_PENALTY) / capacity
-    delay = (replica.inflight + load.queue_depth + 1) / capacity * (1 + KV_CACHE_WEIGHT * load.kv_cache_usage)
+    delay = (replica.inflight + 1) / capacity * (1 + KV_CACHE_WEIGHT * load.kv_cache_usage)
     return delay if load.warm else delay + COLD_PENALTY_S
 
 

@@ -40,6 +40,8 @@ class ReplicaLoad:
     warm: bool = True
     # Requests completed per second over the last report window, all models together.
     requests_per_second: float = 0.0
+    # The device's peak compute (DeviceInfo.compute_tflops); 0 when unknown.
+    compute: float = 0.0
 
 
 def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
@@ -61,6 +63,7 @@ def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
             free_memory_fraction=free,
             warm=any(m.loaded for m in models) or not models,
             requests_per_second=sum(m.requests_per_second for m in models),
+            compute=device.compute_tflops if device is not None else 0.0,
         )
     return loads
 
@@ -121,13 +124,28 @@ class LoadView:
 
     def capacity(self, instance_id: str) -> float:
         """Requests the replica completes per second of its device's busy time, learnt from its reports (rate over
-        utilisation, smoothed): a device three times faster, or a replica with lighter requests, scores three times
-        the capacity. Replicas not measured yet count as the median one (1.0 before any is measured)."""
+        utilisation, smoothed). On a device whose peak compute is known (NVML), the device's compute times what the
+        fleet completes per unit of compute (the median), capped by what the replica has shown itself: a faster GPU
+        is trusted to be faster before it has been busy, and a throttled one is still seen as slow. Replicas not
+        measured yet count as the median one (1.0 before any is measured)."""
         known = self._capacity.get(instance_id)
+        load = self._loads.get(instance_id)
+        per_compute = self._capacity_per_compute() if load is not None and load.compute > 0 else None
+        if load is not None and per_compute is not None:
+            expected = load.compute * per_compute
+            return expected if known is None else min(expected, known)
         if known is not None:
             return known
         typical = self._typical_capacity()
         return typical if typical is not None else 1.0
+
+    def _capacity_per_compute(self) -> float | None:
+        ratios = sorted(
+            self._capacity[i] / load.compute
+            for i, load in self._loads.items()
+            if load.compute > 0 and i in self._capacity
+        )
+        return ratios[len(ratios) // 2] if ratios else None
 
 
 class ViewWatcher:

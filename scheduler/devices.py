@@ -123,6 +123,17 @@ def _unless_unsupported(read: Callable[[], Any]) -> float:
         return 0.0
 
 
+def _peak_tflops(handle: Any) -> float:
+    """Peak FP32 TFLOPS: CUDA cores x max SM clock (MHz) x 2 (a fused multiply-add per core per cycle); 0 where the
+    driver does not say (older drivers have no core count)."""
+    try:
+        cores = float(pynvml.nvmlDeviceGetNumGpuCores(handle))
+        clock_mhz = float(pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
+    except pynvml.NVMLError:  # not supported, or a driver without the call (FunctionNotFound)
+        return 0.0
+    return cores * clock_mhz * 2 / 1e6
+
+
 def _process_name(pid: int) -> str:
     # NVML reports host pids; inside a container without the host's pid namespace they are not ours to read.
     try:
@@ -172,6 +183,7 @@ class NvmlReader:
                 ),
                 # NVML answers milliwatts.
                 power_watts=_unless_unsupported(lambda: pynvml.nvmlDeviceGetPowerUsage(handle)) / 1000,
+                compute_tflops=_peak_tflops(handle),
             ),
             processes=[
                 scheduler_pb2.ProcessMemory(
@@ -341,6 +353,7 @@ class SimulatedFleet:
                         memory_total_bytes=gpu.memory_bytes,
                         memory_used_bytes=self._used_bytes(index),
                         utilization_percent=self._utilization[index],
+                        compute_tflops=gpu.speed,
                     ),
                     processes=[
                         scheduler_pb2.ProcessMemory(

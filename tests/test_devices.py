@@ -114,6 +114,8 @@ def test_simulated_fleet_from_toml(fleet: SimulatedFleet) -> None:
     assert (a100.info.kind, a100.info.index, a100.info.name) == (common_pb2.DEVICE_KIND_GPU, 0, "A100-40GB")
     assert (t4.info.kind, t4.info.index, t4.info.name) == (common_pb2.DEVICE_KIND_GPU, 1, "T4")
     assert a100.info.memory_total_bytes == 40 * GIB
+    # Routers compare devices by compute before they have measured them; a simulated fleet reports its speeds.
+    assert (a100.info.compute_tflops, t4.info.compute_tflops, cpu.info.compute_tflops) == pytest.approx((1.0, 0.4, 0))
     assert t4.info.memory_total_bytes == int(15.5 * GIB)
     assert a100.info.memory_used_bytes == t4.info.memory_used_bytes == 0
     assert a100.info.uuid != t4.info.uuid

@@ -97,19 +97,38 @@ async def test_ours_sends_work_where_it_expects_it_to_finish_first(replicas: lis
     loads = {
         # Each replica completed what it could in the last window: r0 and r1 100 requests per busy second, r2 a
         # tenth of that (a slower device, or a throttled process).
-        "r0": model_load(device_id="n/gpu:0", queue_depth=4, requests_per_second=50),  # queued work
-        "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1, requests_per_second=50),  # idle
-        "r2": model_load(device_id="n/gpu:2", requests_per_second=10),  # idle but slow
+        "r0": model_load(device_id="n/gpu:0", requests_per_second=50),
+        "r1": model_load(device_id="n/gpu:1", kv_cache_usage=0.1, requests_per_second=50),
+        "r2": model_load(device_id="n/gpu:2", requests_per_second=10),
     }
     devices = {"n/gpu:0": (50.0, 1, 10), "n/gpu:1": (50.0, 2, 10), "n/gpu:2": (100.0, 9, 10)}
     view = fresh(view_of(3, loads, devices))
     assert view.capacity("r0") == pytest.approx(100) and view.capacity("r2") == pytest.approx(10)
     router = ScoreRouter(view, random.Random(0))
+    replicas[0].inflight = 4  # this gateway's requests under way there
     assert router.choose(SERVICE, replicas).instance.instance_id == "r1"
-    # The gateway's own in-flight count is live: piling requests on r1 moves the next one to r0, whose 4 queued
-    # requests clear sooner than r1's 8 now; r2 at a tenth of the speed stays last.
+    # Piling requests on r1 moves the next one to r0, whose 4 clear sooner than r1's 8 now; r2 at a tenth of the
+    # speed stays last.
     replicas[1].inflight = 8
     assert router.choose(SERVICE, replicas).instance.instance_id == "r0"
+
+
+def test_a_gpu_is_trusted_by_its_compute_until_it_shows_less() -> None:
+    loads = {
+        "r0": model_load(device_id="n/gpu:0", requests_per_second=30),  # 30 TFLOPS but throttled: 60 per busy s
+        "r1": model_load(device_id="n/gpu:1", requests_per_second=50),  # 10 TFLOPS, 100 per busy second
+        "r2": model_load(device_id="n/gpu:2"),  # 30 TFLOPS, idle so far
+    }
+    devices = {"n/gpu:0": (50.0, 1, 10), "n/gpu:1": (50.0, 1, 10), "n/gpu:2": (0.0, 1, 10)}
+    view = view_of(1, loads, devices)
+    for device, tflops in zip(view.nodes[0].devices, (30.0, 10.0, 30.0), strict=True):
+        device.info.compute_tflops = tflops
+    loads_view = fresh(view)
+    # The fleet completes 10 requests per busy second per TFLOPS (the median): r2 is expected to do 300.
+    assert loads_view.capacity("r2") == pytest.approx(300)
+    assert loads_view.capacity("r1") == pytest.approx(100)
+    # r0's compute promises 300, but it has shown 60: it stays at what it showed.
+    assert loads_view.capacity("r0") == pytest.approx(60)
 
 
 def test_capacity_is_learnt_smoothly_and_drifts_back_when_idle() -> None:
