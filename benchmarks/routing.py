@@ -48,10 +48,15 @@ def fleet_view(count: int, rng: random.Random) -> scheduler_pb2.RoutingView:
             in_flight=rng.randrange(0, 16),
             max_batch_size=16,
             kv_cache_usage=rng.random(),
+            requests_per_second=rng.uniform(1, 100),
         )
         replicas.append(scheduler_pb2.ReplicaView(instance_id=f"r{i}", services=[SERVICE], models=[load]))
         info = common_pb2.DeviceInfo(
-            utilization_percent=rng.uniform(0, 100), memory_used_bytes=rng.randrange(1, 80), memory_total_bytes=80
+            utilization_percent=rng.uniform(0, 100),
+            memory_used_bytes=rng.randrange(1, 80),
+            memory_total_bytes=80,
+            # A mixed fleet (T4, L4, A100, H100 FP32 peaks), so capacity takes its compute path.
+            compute_tflops=rng.choice((8.1, 30.3, 19.5, 67.0)),
         )
         devices.append(scheduler_pb2.NodeDevice(device_id=device_id, info=info))
     return scheduler_pb2.RoutingView(

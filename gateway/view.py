@@ -83,6 +83,8 @@ class LoadView:
         self.received_monotonic = 0.0
         self._loads: dict[str, ReplicaLoad] = {}
         self._capacity: dict[str, float] = {}
+        # What the fleet completes per unit of device compute (median), as of the latest view; None: unknown.
+        self._per_compute: float | None = None
 
     @property
     def fresh(self) -> bool:
@@ -117,6 +119,8 @@ class LoadView:
                 self._capacity[instance_id] = known + CAPACITY_SMOOTHING * (typical - known)
         for gone in self._capacity.keys() - self._loads.keys():
             del self._capacity[gone]
+        # Once per view, not per decision: routers read it for every candidate.
+        self._per_compute = self._capacity_per_compute()
 
     def _typical_capacity(self) -> float | None:
         known = sorted(self._capacity.values())
@@ -130,9 +134,8 @@ class LoadView:
         measured yet count as the median one (1.0 before any is measured)."""
         known = self._capacity.get(instance_id)
         load = self._loads.get(instance_id)
-        per_compute = self._capacity_per_compute() if load is not None and load.compute > 0 else None
-        if load is not None and per_compute is not None:
-            expected = load.compute * per_compute
+        if load is not None and load.compute > 0 and self._per_compute is not None:
+            expected = load.compute * self._per_compute
             return expected if known is None else min(expected, known)
         if known is not None:
             return known
