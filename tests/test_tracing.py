@@ -458,11 +458,13 @@ def test_sample_ratio_zero_sends_nothing_unless_the_caller_sampled(tmp_path: Pat
                     timeout=30,
                     metadata=(("traceparent", f"00-{sampled_trace}-4444444444444444-01"),),
                 )
-            spans = collector.wait_for(
-                lambda got: any(s.name == tracing.INFERENCE_SPAN for s in trace_of(got, sampled_trace)), timeout_s=15
+            # Each process exports on its own interval: wait until both have sent their part of the trace.
+            collector.wait_for(
+                lambda got: {s.service for s in trace_of(got, sampled_trace)} == {"aimass-gateway", "aimass-nlp"}
+                and any(s.name == tracing.INFERENCE_SPAN for s in trace_of(got, sampled_trace)),
+                timeout_s=15,
             )
             time.sleep(3 * EXPORT_INTERVAL_MS / 1000)
             assert {s.trace_id for s in collector.spans()} == {sampled_trace}, "unsampled requests were exported"
-            assert {s.service for s in spans} == {"aimass-gateway", "aimass-nlp"}
         finally:
             mesh.stop()
