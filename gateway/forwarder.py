@@ -23,6 +23,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter
 
 from aimass.runtime import contract, tracing
+from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id, request_id_of
 from gateway.model_routing import model_field_number, requested_model
@@ -89,13 +90,17 @@ class Forwarder(grpc.GenericRpcHandler):
         self.internal_services = internal_services
         self.forwarded_services = frozenset(contract.services()) - local_services - internal_services
         self._handlers: dict[str, Handler] = {}
-        # Methods whose (single) request names a model: the field number of its ModelRef.
+        # Methods whose (single) request names a model: the field number of its ModelRef, and the registry label
+        # naming each replica's default model for requests that name none.
         self._model_fields: dict[str, int] = {}
+        self._default_labels: dict[str, str] = {}
         for service_descriptor in contract.services().values():
             for method_descriptor in service_descriptor.methods:
                 number = model_field_number(method_descriptor.input_type)
                 if number is not None and not method_descriptor.client_streaming:
-                    self._model_fields[f"/{service_descriptor.full_name}/{method_descriptor.name}"] = number
+                    path = f"/{service_descriptor.full_name}/{method_descriptor.name}"
+                    self._model_fields[path] = number
+                    self._default_labels[path] = default_model_label(path)
         for method, kind in contract.methods().items():
             service = method.split("/")[1]
             if service in self.forwarded_services:
@@ -131,10 +136,14 @@ class Forwarder(grpc.GenericRpcHandler):
         started_ns = time.time_ns() if self._tracer is not None else 0
         candidates: Sequence[Replica] = self.replicas.healthy(service)
         if len(candidates) > 1 and method in self._model_fields and _models_differ(candidates):
-            # Replicas hold different models (e.g. one LLM per process): only those holding the named one qualify.
+            # Replicas hold different models (e.g. one LLM per process, or a model unloaded from one): only those
+            # holding the named one qualify; with none named, those holding their own default for the method.
             # A model none holds goes to any replica, which answers NOT_FOUND listing what it serves.
             model = requested_model(request, self._model_fields[method])
-            holding = [r for r in candidates if model in r.instance.models] if model else []
+            default_label = self._default_labels[method]
+            holding = [
+                r for r in candidates if (model or r.instance.labels.get(default_label, "")) in r.instance.models
+            ]
             candidates = holding or candidates
         if exclude is not None and len(candidates) > 1:
             candidates = [r for r in candidates if r is not exclude]

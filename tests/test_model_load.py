@@ -17,6 +17,7 @@ from tests.conftest import start_mesh
 
 ADMIN = (("x-aimass-tenant", "admin"),)
 MIB = 2**20
+ENTITIES = "/aimass.v1.NlpService/Entities"
 # Load reports every 100 ms: placements follow a load or unload within a few reports.
 REPORT_ENV = {"AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1"}
 
@@ -91,6 +92,7 @@ def test_footprints_are_measured_when_models_load(
 
 
 def test_unload_and_load_again_through_placement(
+    two_nlp: LocalMesh,
     models: models_pb2_grpc.ModelServiceStub,
     scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
     channel: grpc.Channel,
@@ -107,10 +109,16 @@ def test_unload_and_load_again_through_placement(
         held = {r.instance_id: r.loaded for r in describe(models, "en_core_web_sm").replicas}
         assert held == {first: False, second: True}
         placements_until(scheduler, "en_core_web_sm", lambda found: [p.instance_id for p in found] == [second])
-        # Requests keep working: the gateway sends them to the replica that still holds the model.
-        for _ in range(6):
-            answer = nlp.Entities(nlp_pb2.EntitiesRequest(texts=["Ada Lovelace lived in London."]), timeout=30)
+        # Requests keep working: the gateway sends them to the replica that still holds the model, those that name
+        # no model included (it is their default), straight there rather than by a retry.
+        retries_before = two_nlp.log_text().count(f"{ENTITIES} unavailable on")
+        for named in ("", "en_core_web_sm") * 3:
+            answer, call = nlp.Entities.with_call(
+                nlp_pb2.EntitiesRequest(texts=["Ada Lovelace lived in London."], model=ref(named)), timeout=30
+            )
             assert {e.label for e in answer.documents[0].entities} >= {"PERSON", "GPE"}
+            assert dict(call.trailing_metadata() or ())["x-aimass-replica"] == second
+        assert two_nlp.log_text().count(f"{ENTITIES} unavailable on") == retries_before
         # Unloading again changes nothing.
         again = models.UnloadModel(
             models_pb2.UnloadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30, metadata=ADMIN

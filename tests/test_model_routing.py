@@ -1,10 +1,14 @@
-"""The gateway reads the requested model from raw request bytes without deserialising the request."""
+"""The gateway reads the requested model from raw request bytes without deserialising the request, and knows each
+replica's default model (for requests that name none) from its registry labels."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from aimass.v1 import common_pb2, llm_pb2, nlp_pb2, vision_pb2
+from aimass.runtime.catalogue import default_model_label, default_model_labels, model_info
+from aimass.v1 import common_pb2, llm_pb2, models_pb2, nlp_pb2, vision_pb2
 from gateway.model_routing import model_field_number, requested_model
 
 
@@ -38,3 +42,31 @@ def test_absent_or_unreadable_means_no_model(data: bytes) -> None:
 
 def test_messages_without_a_model_field() -> None:
     assert model_field_number(common_pb2.RequestMeta.DESCRIPTOR) is None
+
+
+def test_default_models_are_named_by_registry_labels_consul_accepts() -> None:
+    def info(name: str, methods: tuple[str, ...], *, is_default: bool) -> models_pb2.ModelInfo:
+        return model_info(
+            name,
+            description="",
+            modality=models_pb2.MODALITY_SPEECH,
+            service="SpeechService",
+            methods=methods,
+            is_default=is_default,
+        )
+
+    labels = default_model_labels(
+        [
+            info("piper-amy", ("Synthesize", "ListVoices"), is_default=False),
+            info("piper-lessac", ("Synthesize", "ListVoices"), is_default=True),
+            info("whisper-base", ("Transcribe",), is_default=True),
+        ]
+    )
+    assert labels == {
+        "default-model-SpeechService-Synthesize": "piper-lessac",
+        "default-model-SpeechService-ListVoices": "piper-lessac",
+        "default-model-SpeechService-Transcribe": "whisper-base",
+    }
+    # The gateway finds the same label from the method path it forwards.
+    assert default_model_label("/aimass.v1.SpeechService/Transcribe") in labels
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", f"label-{key}") for key in labels)

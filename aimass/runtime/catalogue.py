@@ -55,6 +55,24 @@ def model_info(
     )
 
 
+def default_model_label(method: str) -> str:
+    """The registry label naming a replica's default model for ``method`` ("aimass.v1.NlpService/Embed", with or
+    without the leading slash). Letters, digits and dashes only, so it is also a valid Consul meta key."""
+    service, _, name = method.lstrip("/").partition("/")
+    return f"default-model-{service.rsplit('.', 1)[-1]}-{name}"
+
+
+def default_model_labels(infos: Iterable[models_pb2.ModelInfo]) -> dict[str, str]:
+    """Label → model for every method a default model of ``infos`` serves: the model a request naming none gets.
+    A replica registers them so gateways can route such requests to replicas that still hold their default."""
+    labels: dict[str, str] = {}
+    for info in infos:
+        if info.is_default:
+            for method in info.methods:
+                labels.setdefault(default_model_label(method), info.name)
+    return labels
+
+
 def select(
     infos: Iterable[models_pb2.ModelInfo], request: models_pb2.ListModelsRequest, *, loaded: bool
 ) -> list[models_pb2.ModelInfo]:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime import tracing
-from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer
+from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer, default_model_labels
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
 from aimass.runtime.discovery import (
     CONTROL_PLANE_KINDS,
@@ -276,7 +276,7 @@ class ServerRunner:
                 reachable = self.registry.reachable is not False
                 await self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if reachable else NOT_SERVING)
                 self.registry.on_reachability(self._registry_reachability)
-            labels = {"node": self.node_id}
+            labels = {"node": self.node_id, **default_model_labels(self.app.model_infos())}
             if self._model_set is not None:
                 labels["device"] = local_device_id(self._model_set.device)
             instance = Instance(
