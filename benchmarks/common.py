@@ -269,3 +269,59 @@ async def measure_load(spec: LoadSpec, pids: Mapping[str, int], metrics_port: in
     if before is not None and after is not None and after[1] > before[1]:
         avg_batch = (after[0] - before[0]) / (after[1] - before[1])
     return MeasuredLoad(result, meter.used, meter.others_pct, avg_batch)
+
+
+@dataclass(frozen=True)
+class MeteredRun:
+    """One load run with each named process's CPU per call (warm-up calls counted on both sides of the division)."""
+
+    result: LoadResult
+    # Process name → CPU milliseconds per call.
+    cpu_ms: dict[str, float]
+    # CPU used meanwhile by processes outside the benchmark, in % of one CPU.
+    others_pct: float
+    # Calls made, warm-up included.
+    calls: int
+
+
+async def run_metered(spec: LoadSpec, pids: Mapping[str, int], label: str) -> MeteredRun:
+    """Run ``spec`` while metering each process's CPU; one progress line on stderr, starting with ``label``."""
+    with CpuMeter(pids) as meter:
+        result = await run_load(spec)
+    calls = result.requests + spec.warmup
+    cpu_ms = {name: seconds * 1000 / calls for name, seconds in meter.used.items()}
+    print(
+        f"  {label} {result.rps:8,.0f} RPS  p50 {result.latency.p50_ms:6.2f} ms  p99 {result.latency.p99_ms:7.2f} ms"
+        f"  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU",
+        file=sys.stderr,
+    )
+    return MeteredRun(result, cpu_ms, meter.others_pct, calls)
+
+
+@dataclass(frozen=True)
+class SideMedians:
+    """Medians per side ("direct"/"gateway", "off"/"10%", ...) of runs that alternated between the sides."""
+
+    rps: dict[str, float]
+    p50_ms: dict[str, float]
+    p99_ms: dict[str, float]
+    # Side → process → CPU milliseconds per call.
+    cpu_ms: dict[str, dict[str, float]]
+
+    @classmethod
+    def of(cls, runs: Mapping[str, Sequence[MeteredRun]], processes: Sequence[str]) -> SideMedians:
+        return cls(
+            rps={side: median(r.result.rps for r in got) for side, got in runs.items()},
+            p50_ms={side: median(r.result.latency.p50_ms for r in got) for side, got in runs.items()},
+            p99_ms={side: median(r.result.latency.p99_ms for r in got) for side, got in runs.items()},
+            cpu_ms={
+                side: {p: median(r.cpu_ms.get(p, 0.0) for r in got) for p in processes} for side, got in runs.items()
+            },
+        )
+
+    def cpu_rows(self, label: str, processes: Sequence[str]) -> list[tuple[str, ...]]:
+        """Rows of a CPU-per-call table: label, side, each process's ms, their total."""
+        return [
+            (label, side, *(f"{cpu[p]:.3f}" for p in processes), f"{sum(cpu.values()):.3f}")
+            for side, cpu in self.cpu_ms.items()
+        ]

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
-    CpuMeter,
     Mesh,
+    MeteredRun,
+    SideMedians,
     command_line,
     machine,
     markdown_table,
-    median,
     publish,
+    run_metered,
     utc_now,
     wait_quiet,
 )
-from loadtest.generator import LoadResult, LoadSpec, run_load
+from loadtest.generator import LoadSpec, run_load
 
 NAME = "gateway_overhead"
 METHOD = "aimass.v1.NlpService/Sentiment"
@@ -46,27 +47,21 @@ class Sample:
     side: str
     concurrency: int
     round: int
-    result: LoadResult
-    # Process → CPU milliseconds per request (warm-up included in both numerator and denominator).
-    cpu_ms: dict[str, float]
-    # CPU used meanwhile by processes outside this benchmark, in % of one CPU.
-    others_pct: float
+    run: MeteredRun
 
 
 @dataclass(frozen=True)
 class Summary:
     concurrency: int
-    rps: dict[str, float]
-    p50_ms: dict[str, float]
-    cpu_ms: dict[str, dict[str, float]]
+    medians: SideMedians
 
     @property
     def ratio(self) -> float:
-        return self.rps["gateway"] / self.rps["direct"]
+        return self.medians.rps["gateway"] / self.medians.rps["direct"]
 
     @property
     def added_p50_ms(self) -> float:
-        return self.p50_ms["gateway"] - self.p50_ms["direct"]
+        return self.medians.p50_ms["gateway"] - self.medians.p50_ms["direct"]
 
 
 def warmup_for(concurrency: int) -> int:
@@ -84,16 +79,8 @@ async def measure(mesh: Mesh, pids: dict[str, int], side: str, concurrency: int,
         deadline_s=10.0,
         progress=False,
     )
-    with CpuMeter(pids) as meter:
-        result = await run_load(spec)
-    calls = result.requests + spec.warmup
-    cpu_ms = {name: seconds * 1000 / calls for name, seconds in meter.used.items()}
-    print(
-        f"  round {rnd + 1} c={concurrency:<3} {side:<8} {result.rps:8,.0f} RPS  p50 {result.latency.p50_ms:6.2f} ms"
-        f"  p99 {result.latency.p99_ms:7.2f} ms  non-OK {result.errors}  others {meter.others_pct:.0f}% CPU",
-        file=sys.stderr,
-    )
-    return Sample(side, concurrency, rnd, result, cpu_ms, meter.others_pct)
+    run = await run_metered(spec, pids, f"round {rnd + 1} c={concurrency:<3} {side:<8}")
+    return Sample(side, concurrency, rnd, run)
 
 
 async def run_all(mesh: Mesh, rounds: int, duration: float) -> list[Sample]:
@@ -110,32 +97,27 @@ async def run_all(mesh: Mesh, rounds: int, duration: float) -> list[Sample]:
 
 
 def summarise(samples: Sequence[Sample]) -> list[Summary]:
-    summaries = []
-    for concurrency in CONCURRENCIES:
-        by_side = {side: [s for s in samples if s.concurrency == concurrency and s.side == side] for side in SIDES}
-        summaries.append(
-            Summary(
-                concurrency=concurrency,
-                rps={side: median(s.result.rps for s in got) for side, got in by_side.items()},
-                p50_ms={side: median(s.result.latency.p50_ms for s in got) for side, got in by_side.items()},
-                cpu_ms={
-                    side: {p: median(s.cpu_ms.get(p, 0.0) for s in got) for p in PROCESSES}
-                    for side, got in by_side.items()
-                },
-            )
+    return [
+        Summary(
+            concurrency,
+            SideMedians.of(
+                {side: [s.run for s in samples if s.concurrency == concurrency and s.side == side] for side in SIDES},
+                PROCESSES,
+            ),
         )
-    return summaries
+        for concurrency in CONCURRENCIES
+    ]
 
 
 def headline_table(summaries: Sequence[Summary]) -> str:
     rows = [
         (
             f"c={s.concurrency}",
-            f"{s.rps['direct']:,.0f}",
-            f"{s.rps['gateway']:,.0f}",
+            f"{s.medians.rps['direct']:,.0f}",
+            f"{s.medians.rps['gateway']:,.0f}",
             f"{s.ratio:.2f}",
-            f"{s.p50_ms['direct']:.2f}",
-            f"{s.p50_ms['gateway']:.2f}",
+            f"{s.medians.p50_ms['direct']:.2f}",
+            f"{s.medians.p50_ms['gateway']:.2f}",
             f"{s.added_p50_ms:+.2f}",
         )
         for s in summaries
@@ -153,18 +135,7 @@ def headline_table(summaries: Sequence[Summary]) -> str:
 
 
 def cpu_table(summaries: Sequence[Summary]) -> str:
-    rows = []
-    for s in summaries:
-        for side in SIDES:
-            cpu = s.cpu_ms[side]
-            rows.append(
-                (
-                    f"c={s.concurrency}",
-                    side,
-                    *(f"{cpu[p]:.3f}" for p in PROCESSES),
-                    f"{sum(cpu.values()):.3f}",
-                )
-            )
+    rows = [row for s in summaries for row in s.medians.cpu_rows(f"c={s.concurrency}", PROCESSES)]
     return markdown_table(("concurrency", "path", *(f"{p} CPU ms/req" for p in PROCESSES), "total"), rows)
 
 
@@ -174,15 +145,15 @@ def raw_table(samples: Sequence[Sample]) -> str:
             str(s.round + 1),
             f"c={s.concurrency}",
             s.side,
-            str(s.result.requests),
-            f"{s.result.elapsed_s:.2f}",
-            f"{s.result.rps:,.1f}",
-            f"{s.result.latency.p50_ms:.3f}",
-            f"{s.result.latency.p95_ms:.3f}",
-            f"{s.result.latency.p99_ms:.3f}",
-            f"{s.result.latency.max_ms:.3f}",
-            str(s.result.errors),
-            f"{s.others_pct:.0f}",
+            str(s.run.result.requests),
+            f"{s.run.result.elapsed_s:.2f}",
+            f"{s.run.result.rps:,.1f}",
+            f"{s.run.result.latency.p50_ms:.3f}",
+            f"{s.run.result.latency.p95_ms:.3f}",
+            f"{s.run.result.latency.p99_ms:.3f}",
+            f"{s.run.result.latency.max_ms:.3f}",
+            str(s.run.result.errors),
+            f"{s.run.others_pct:.0f}",
         )
         for s in samples
     ]
@@ -221,7 +192,7 @@ def goal_lines(summaries: Sequence[Summary]) -> list[str]:
 
 
 def throughput_note(s: Summary) -> str:
-    direct, gateway = s.cpu_ms["direct"], s.cpu_ms["gateway"]
+    direct, gateway = s.medians.cpu_ms["direct"], s.medians.cpu_ms["gateway"]
     direct_total, gateway_total = sum(direct.values()), sum(gateway.values())
     # CPU-bound on shared cores, RPS scales with 1 / (CPU per request over all processes).
     budget = direct_total / RATIO_GOAL - (gateway_total - gateway["gateway"])
@@ -230,7 +201,7 @@ def throughput_note(s: Summary) -> str:
         f" {direct_total:.2f} ms direct vs {gateway_total:.2f} ms through the gateway, of which the gateway process"
         f" takes {gateway['gateway']:.2f} ms (replica {gateway['replica']:.2f}, client {gateway['client']:.2f})."
         f" With both sides CPU-bound the ratio would be about {direct_total / gateway_total:.2f} (direct used"
-        f" {s.rps['direct'] * direct_total / 1000:.1f} cores here); {RATIO_GOAL:.2f} would need the gateway at"
+        f" {s.medians.rps['direct'] * direct_total / 1000:.1f} cores here); {RATIO_GOAL:.2f} would need the gateway at"
         f" ≤ {max(budget, 0.0):.2f} ms CPU per request. Its cost is a grpc.aio server call plus a grpc.aio client"
         " call in Python per request (raw bytes or not): that dominates."
     )
@@ -239,7 +210,8 @@ def throughput_note(s: Summary) -> str:
 def latency_note(s: Summary) -> str:
     return (
         f"The gateway hop is a second grpc.aio server + client round trip in Python: it spends "
-        f"{s.cpu_ms['gateway']['gateway']:.2f} ms CPU per request at c=1, and that work is on the critical path."
+        f"{s.medians.cpu_ms['gateway']['gateway']:.2f} ms CPU per request at c=1, and that work is on the critical"
+        " path."
     )
 
 

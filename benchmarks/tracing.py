@@ -27,17 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
-    CpuMeter,
     Mesh,
+    MeteredRun,
+    SideMedians,
     command_line,
     machine,
     markdown_table,
-    median,
     publish,
+    run_metered,
     utc_now,
     wait_quiet,
 )
-from loadtest.generator import LoadResult, LoadSpec, run_load
+from loadtest.generator import LoadSpec, run_load
 
 NAME = "tracing"
 # Side → sample ratio (None: tracing off).
@@ -71,10 +72,7 @@ class Sample:
     scenario: Scenario
     side: str
     round: int
-    result: LoadResult
-    cpu_ms: dict[str, float]  # process → CPU ms per request
-    others_pct: float
-    calls: int  # warm-up included
+    run: MeteredRun
 
 
 class Collector:
@@ -112,17 +110,8 @@ async def measure(mesh: Mesh, pids: dict[str, int], scenario: Scenario, side: st
         deadline_s=10.0,
         progress=False,
     )
-    with CpuMeter(pids) as meter:
-        result = await run_load(spec)
-    calls = result.requests + spec.warmup
-    cpu_ms = {name: seconds * 1000 / calls for name, seconds in meter.used.items()}
-    print(
-        f"  round {rnd + 1} {scenario.label:<16} tracing {side:<4} {result.rps:8,.0f} RPS"
-        f"  p50 {result.latency.p50_ms:6.2f} ms  p99 {result.latency.p99_ms:7.2f} ms  non-OK {result.errors}"
-        f"  others {meter.others_pct:.0f}% CPU",
-        file=sys.stderr,
-    )
-    return Sample(scenario, side, rnd, result, cpu_ms, meter.others_pct, calls)
+    run = await run_metered(spec, pids, f"round {rnd + 1} {scenario.label:<16} tracing {side:<4}")
+    return Sample(scenario, side, rnd, run)
 
 
 async def run_all(
@@ -149,7 +138,7 @@ async def run_all(
             # Rotate which side goes first, so none always runs right after another.
             for side in order[rnd % len(order) :] + order[: rnd % len(order)]:
                 sample = await measure(meshes[side], pids[side], scenario, side, rnd, duration)
-                calls[side] += sample.calls
+                calls[side] += sample.run.calls
                 samples.append(sample)
     return samples, calls
 
@@ -157,33 +146,25 @@ async def run_all(
 @dataclass(frozen=True)
 class Summary:
     scenario: Scenario
-    rps: dict[str, float]
-    p50_ms: dict[str, float]
-    p99_ms: dict[str, float]
-    cpu_ms: dict[str, dict[str, float]]
+    medians: SideMedians
 
     @staticmethod
     def ratio(figure: dict[str, float], side: str = "100%") -> float:
+        """Traced / off, for one of ``medians``' figures."""
         return figure[side] / figure["off"]
 
 
 def summarise(samples: Sequence[Sample]) -> list[Summary]:
-    summaries = []
-    for scenario in SCENARIOS:
-        by_side = {side: [s for s in samples if s.scenario == scenario and s.side == side] for side in SIDES}
-        summaries.append(
-            Summary(
-                scenario=scenario,
-                rps={side: median(s.result.rps for s in got) for side, got in by_side.items()},
-                p50_ms={side: median(s.result.latency.p50_ms for s in got) for side, got in by_side.items()},
-                p99_ms={side: median(s.result.latency.p99_ms for s in got) for side, got in by_side.items()},
-                cpu_ms={
-                    side: {p: median(s.cpu_ms.get(p, 0.0) for s in got) for p in PROCESSES}
-                    for side, got in by_side.items()
-                },
-            )
+    return [
+        Summary(
+            scenario,
+            SideMedians.of(
+                {side: [s.run for s in samples if s.scenario == scenario and s.side == side] for side in SIDES},
+                PROCESSES,
+            ),
         )
-    return summaries
+        for scenario in SCENARIOS
+    ]
 
 
 def headline_table(summaries: Sequence[Summary]) -> str:
@@ -194,12 +175,12 @@ def headline_table(summaries: Sequence[Summary]) -> str:
                 (
                     s.scenario.label,
                     side,
-                    f"{s.rps['off']:,.0f} → {s.rps[side]:,.0f}",
-                    f"**{s.ratio(s.rps, side):.2f}**",
-                    f"{s.p50_ms['off']:.2f} → {s.p50_ms[side]:.2f}",
-                    f"{s.ratio(s.p50_ms, side):.2f}",
-                    f"{s.p99_ms['off']:.2f} → {s.p99_ms[side]:.2f}",
-                    f"{s.ratio(s.p99_ms, side):.2f}",
+                    f"{s.medians.rps['off']:,.0f} → {s.medians.rps[side]:,.0f}",
+                    f"**{s.ratio(s.medians.rps, side):.2f}**",
+                    f"{s.medians.p50_ms['off']:.2f} → {s.medians.p50_ms[side]:.2f}",
+                    f"{s.ratio(s.medians.p50_ms, side):.2f}",
+                    f"{s.medians.p99_ms['off']:.2f} → {s.medians.p99_ms[side]:.2f}",
+                    f"{s.ratio(s.medians.p99_ms, side):.2f}",
                 )
             )
     header = (
@@ -216,11 +197,7 @@ def headline_table(summaries: Sequence[Summary]) -> str:
 
 
 def cpu_table(summaries: Sequence[Summary]) -> str:
-    rows = []
-    for s in summaries:
-        for side in SIDES:
-            cpu = s.cpu_ms[side]
-            rows.append((s.scenario.label, side, *(f"{cpu[p]:.3f}" for p in PROCESSES), f"{sum(cpu.values()):.3f}"))
+    rows = [row for s in summaries for row in s.medians.cpu_rows(s.scenario.label, PROCESSES)]
     return markdown_table(("scenario", "tracing", *(f"{p} CPU ms/req" for p in PROCESSES), "total"), rows)
 
 
@@ -230,12 +207,12 @@ def raw_table(samples: Sequence[Sample]) -> str:
             str(s.round + 1),
             s.scenario.label,
             s.side,
-            str(s.result.requests),
-            f"{s.result.rps:,.1f}",
-            f"{s.result.latency.p50_ms:.3f}",
-            f"{s.result.latency.p99_ms:.3f}",
-            str(s.result.errors),
-            f"{s.others_pct:.0f}",
+            str(s.run.result.requests),
+            f"{s.run.result.rps:,.1f}",
+            f"{s.run.result.latency.p50_ms:.3f}",
+            f"{s.run.result.latency.p99_ms:.3f}",
+            str(s.run.result.errors),
+            f"{s.run.others_pct:.0f}",
         )
         for s in samples
     ]
@@ -255,8 +232,9 @@ def report(
     busy: list[str],
 ) -> str:
     summaries = summarise(samples)
-    worst = min(summaries, key=lambda s: s.ratio(s.rps))
-    sampled = min(summaries, key=lambda s: s.ratio(s.rps, "10%"))
+    worst = min(summaries, key=lambda s: s.ratio(s.medians.rps))
+    sampled = min(summaries, key=lambda s: s.ratio(s.medians.rps, "10%"))
+    worst_ratio, sampled_ratio = worst.ratio(worst.medians.rps), sampled.ratio(sampled.medians.rps, "10%")
     parts = [
         "## Tracing cost",
         "",
@@ -274,8 +252,8 @@ def report(
         "",
         headline_table(summaries),
         "",
-        f"- Every request traced: worst throughput ratio **{worst.ratio(worst.rps):.2f}** ({worst.scenario.label});"
-        f" 10% sampled: worst **{sampled.ratio(sampled.rps, '10%'):.2f}** ({sampled.scenario.label}).",
+        f"- Every request traced: worst throughput ratio **{worst_ratio:.2f}** ({worst.scenario.label});"
+        f" 10% sampled: worst **{sampled_ratio:.2f}** ({sampled.scenario.label}).",
         "- Spans received per call served (warm-ups and settling included; 4 to 7 per traced call expected, fewer"
         " would mean spans dropped from a full export queue): "
         + ", ".join(f"{side} {spans[side] / max(calls[side], 1):.2f} ({spans[side]:,} spans)" for side in TRACED)
