@@ -94,6 +94,10 @@ class SchedulerApp:
             report_interval_s=config.report_interval_s,
             silent_intervals=config.silent_intervals,
             tenant_weights=config.tenant_weights,
+            model_budgets={
+                models_pb2.Modality.Value(f"MODALITY_{name.upper()}"): int(size)
+                for name, size in config.model_budgets.items()
+            },
         )
         # The registry this scheduler follows (the runner may register with the same one).
         self.registry = registry or make_registry(registry_config)

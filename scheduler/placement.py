@@ -141,6 +141,7 @@ class _Placed:
             state=self.state,
             placed_unix_ms=self.placed_ms,
             last_used_unix_ms=self.last_used_ms,
+            modality=self.modality,
         )
 
 
@@ -403,11 +404,18 @@ class PlacementTable:
         return [p.to_proto() for p in selected]
 
     def observe_loaded(
-        self, model: ModelRef, device: Device, instance_id: str, bytes: int, now_ms: int, last_used_ms: int = 0
+        self,
+        model: ModelRef,
+        device: Device,
+        instance_id: str,
+        bytes: int,
+        now_ms: int,
+        last_used_ms: int = 0,
+        modality: ModalityValue = models_pb2.MODALITY_UNSPECIFIED,
     ) -> None:
         """A replica reports ``model`` loaded on ``device`` taking ``bytes`` (measured): its placement becomes LOADED
-        with that footprint, and a model loaded without a placement (at the replica's start) is adopted, so it can
-        be evicted like any other."""
+        with that footprint, and a model loaded without a placement (at the replica's start) is adopted, in its
+        ``modality``'s budget pool, so it can be evicted like any other."""
         if bytes <= 0 or not model.name or not model.version:
             return
         key = (model.name, model.version, device.device_id, instance_id)
@@ -421,6 +429,7 @@ class PlacementTable:
                 scheduler_pb2.PLACEMENT_STATE_LOADED,
                 placed_ms=now_ms,
                 last_used_ms=max(last_used_ms, now_ms),
+                modality=modality,
             )
             self._placed[key] = placed
             self.footprints.record(model, device.kind, bytes, measured=True)
@@ -433,6 +442,9 @@ class PlacementTable:
             self.version += 1
         if last_used_ms > placed.last_used_ms:
             placed.last_used_ms = last_used_ms
+            self.version += 1
+        if modality and not placed.modality:
+            placed.modality = modality
             self.version += 1
 
     def observe_unloaded(self, model: ModelRef, device_id: str, instance_id: str) -> list[scheduler_pb2.Placement]:

@@ -22,7 +22,7 @@ import prometheus_client
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
 from aimass.runtime.errors import AimassError, InvalidArgument
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.placement import Device, PlacementTable
+from scheduler.placement import Device, ModalityValue, PlacementTable
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,11 @@ class SchedulerState:
         silent_intervals: int = 3,
         tenant_weights: Mapping[str, float] | None = None,
         token_weights: FairShareWeights = FairShareWeights(),
+        model_budgets: Mapping[ModalityValue, int] | None = None,
     ) -> None:
         self.report_interval_ms = max(1, int(report_interval_s * 1000))
+        # Modality → the most bytes its placements may take together on one device (scheduler.model_budgets).
+        self.model_budgets = dict(model_budgets or {})
         self.silence_ms = silent_intervals * self.report_interval_ms
         self.tenant_weights = dict(tenant_weights or {})
         self.token_weights = token_weights
@@ -129,7 +132,13 @@ class SchedulerState:
                 continue
             if load.loaded:
                 self.table.observe_loaded(
-                    load.model, device, report.instance_id, load.memory_bytes, received, load.last_used_unix_ms
+                    load.model,
+                    device,
+                    report.instance_id,
+                    load.memory_bytes,
+                    received,
+                    load.last_used_unix_ms,
+                    load.modality,
                 )
             else:
                 self.table.observe_unloaded(load.model, load.device_id, report.instance_id)
@@ -288,6 +297,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 allow_eviction=request.allow_eviction,
                 is_busy=self.state.is_busy,
                 now_ms=now_ms(),
+                budget_bytes=self.state.model_budgets.get(request.modality),
                 modality=request.modality,
             )
         except AimassError as err:

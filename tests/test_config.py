@@ -50,3 +50,18 @@ def test_the_advertised_host_is_one_others_can_dial() -> None:
     assert advertised_host(ServerConfig(host="0.0.0.0", advertise_host="nlp-1.internal"), "x:1") == "nlp-1.internal"
     # Bound to every interface: the address on the route to the registry (loopback here).
     assert advertised_host(ServerConfig(host="0.0.0.0"), "127.0.0.1:50051") == "127.0.0.1"
+
+
+def test_model_budgets_take_sizes_per_modality(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    monkeypatch.setenv("AIMASS_SCHEDULER__MODEL_BUDGETS__TEXT", "2GiB")
+    monkeypatch.setenv("AIMASS_SCHEDULER__MODEL_BUDGETS__LLM", "60000000000")
+    assert Settings().scheduler.model_budgets == {"text": 2 * 2**30, "llm": 60_000_000_000}
+    monkeypatch.setenv("AIMASS_SCHEDULER__MODEL_BUDGETS__AUDIO", "1GiB")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "scheduler.model_budgets.audio" in str(caught.value)
+    monkeypatch.delenv("AIMASS_SCHEDULER__MODEL_BUDGETS__AUDIO")
+    monkeypatch.setenv("AIMASS_SCHEDULER__MODEL_BUDGETS__TEXT", "0")
+    with pytest.raises(ValidationError, match="greater than 0"):
+        Settings()

@@ -15,47 +15,35 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from aimass.local_mesh import free_port
 from aimass.runtime.config import RegistryConfig, ServerConfig
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.runtime.errors import FailedPrecondition
 from aimass.runtime.metadata import ERROR_INFO_KEY, REPLICA_KEY, REQUEST_ID_KEY, metadata_value
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import (
-    common_pb2,
     llm_pb2,
     llm_pb2_grpc,
     models_pb2,
     nlp_pb2,
     nlp_pb2_grpc,
-    registry_pb2,
-    registry_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
 )
+from tests.live_mesh import LiveMesh
 
 pytestmark = pytest.mark.slow
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-NLP_SERVICE = "aimass.v1.NlpService"
-START_TIMEOUT_S = 180.0
-GATEWAY_START_TIMEOUT_S = 30.0
 # The load: closed-loop clients, each request with its own deadline.
 REQUESTS = 200
 CONCURRENCY = 8
@@ -69,161 +57,6 @@ PERIOD_S = 0.2
 # requests pile up on it until its queue is as long as the fast one's.
 OURS_MIN_FAST_SHARE = 0.70
 ROUND_ROBIN_FAST_SHARE = (0.35, 0.65)
-
-
-class LiveMesh:
-    """Gateway (with the embedded registry), scheduler and two NLP replicas, each its own process, on loopback.
-
-    Every process finds the registry at the gateway's fixed port, so the gateway can be restarted (with another
-    router) and the others register with it again.
-    """
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.gateway_port = free_port()
-        self.scheduler_port = free_port()
-        while self.scheduler_port == self.gateway_port:
-            self.scheduler_port = free_port()
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.router = ""
-        self._gateway_log_from = 0
-
-    @property
-    def gateway(self) -> str:
-        return f"127.0.0.1:{self.gateway_port}"
-
-    @property
-    def scheduler(self) -> str:
-        return f"127.0.0.1:{self.scheduler_port}"
-
-    def env(self, extra: Mapping[str, str]) -> dict[str, str]:
-        return {
-            **os.environ,
-            "AIMASS_LOG_LEVEL": "INFO",
-            "AIMASS_REGISTRY__ADDRESS": self.gateway,
-            # Re-register quickly after a gateway restart.
-            "AIMASS_REGISTRY__HEARTBEAT_S": "0.2",
-            "AIMASS_SCHEDULER__ADDRESS": self.scheduler,
-            # A fresh view: replicas report load ten times a second.
-            "AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1",
-            **extra,
-        }
-
-    def spawn(self, name: str, module: str, extra: Mapping[str, str]) -> None:
-        with (self.log_dir / f"{name}.log").open("ab") as sink:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", module], env=self.env(extra), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
-            )
-
-    def log_text(self, name: str) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def name_of(self, instance: Instance) -> str:
-        return next(name for name, process in self.processes.items() if process.pid == instance.pid)
-
-    def start(self) -> None:
-        # The scheduler first, so the gateway's view watcher finds it at once.
-        self.spawn("scheduler", "scheduler", {"AIMASS_SCHEDULER__SERVER__PORT": str(self.scheduler_port)})
-        for index in range(2):
-            # One torch thread each: two replicas share a 2-core machine as they would share a node.
-            self.spawn(
-                f"nlp-{index}",
-                "services.nlp",
-                {"AIMASS_NLP__SERVER__PORT": "0", "AIMASS_NLP__DEVICE": "cpu", "AIMASS_NLP__TORCH_THREADS": "1"},
-            )
-        self.start_gateway("ours", START_TIMEOUT_S)
-
-    def start_gateway(self, router: str, timeout_s: float = GATEWAY_START_TIMEOUT_S) -> None:
-        # Readiness reads only what this gateway logs (a restarted one appends to the same file).
-        self._gateway_log_from = len(self.log_text("gateway"))
-        self.spawn(
-            "gateway",
-            "gateway",
-            {
-                "AIMASS_GATEWAY__SERVER__PORT": str(self.gateway_port),
-                "AIMASS_GATEWAY__ROUTER": router,
-                "AIMASS_GATEWAY__SERVER__DRAIN_DELAY_S": "0",
-                # The scheduler's registry watch never ends by itself: without a short grace a restart waits 30 s.
-                "AIMASS_GATEWAY__SERVER__DRAIN_GRACE_S": "1",
-            },
-        )
-        self.router = router
-        self.wait_ready(timeout_s)
-
-    def use_router(self, router: str) -> None:
-        """Restart the gateway with ``router`` unless it runs with it already."""
-        if router != self.router:
-            self.stop_process("gateway")
-            self.start_gateway(router)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Until both replicas are registered and serving through the gateway, and the gateway holds a view in which
-        the scheduler has load reports from both (so ``ours`` scores on it rather than falling back)."""
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.gateway) as gateway, grpc.insecure_channel(self.scheduler) as scheduler:
-            while not self._ready(gateway, scheduler):
-                for name, process in self.processes.items():
-                    if process.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log_text(name)[-3000:]}")
-                if time.monotonic() > deadline:
-                    tails = "\n".join(f"--- {name}\n{self.log_text(name)[-1500:]}" for name in self.processes)
-                    raise TimeoutError(f"mesh not ready in {timeout_s:.0f}s:\n{tails}")
-                time.sleep(0.2)
-
-    def _ready(self, gateway: grpc.Channel, scheduler: grpc.Channel) -> bool:
-        try:
-            listed = registry_pb2_grpc.RegistryServiceStub(gateway).ListInstances(
-                registry_pb2.ListInstancesRequest(), timeout=2
-            )
-            nlp = {
-                i.instance_id
-                for i in listed.instances
-                if i.kind == "nlp" and i.state == common_pb2.SERVING_STATE_SERVING
-            }
-            if len(nlp) < 2 or not any(i.kind == "scheduler" for i in listed.instances):
-                return False
-            status = health_pb2_grpc.HealthStub(gateway).Check(
-                health_pb2.HealthCheckRequest(service=NLP_SERVICE), timeout=2
-            )
-            if status.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-            views = scheduler_pb2_grpc.SchedulerServiceStub(scheduler).WatchView(
-                scheduler_pb2.WatchViewRequest(subscriber_id="test-live-routing"), timeout=2
-            )
-            view = next(iter(views)).view
-            views.cancel()
-            reported = {r.instance_id for r in view.replicas if any(m.loaded for m in r.models)}
-        except grpc.RpcError:
-            return False
-        return (
-            nlp <= reported and "routing view from the scheduler" in self.log_text("gateway")[self._gateway_log_from :]
-        )
-
-    def nlp_instances(self) -> list[Instance]:
-        with grpc.insecure_channel(self.gateway) as channel:
-            listed = registry_pb2_grpc.RegistryServiceStub(channel).ListInstances(
-                registry_pb2.ListInstancesRequest(), timeout=5
-            )
-        instances = [Instance.from_proto(i) for i in listed.instances]
-        return sorted((i for i in instances if i.kind == "nlp" and i.serving), key=lambda i: i.instance_id)
-
-    def stop_process(self, name: str, timeout_s: float = 30.0) -> None:
-        process = self.processes.pop(name)
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)  # a stopped process would not act on SIGTERM
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-
-    def stop(self) -> None:
-        # Replicas drain first, the gateway (their registry) last.
-        for name in [n for n in self.processes if n != "gateway"] + [n for n in self.processes if n == "gateway"]:
-            self.stop_process(name)
 
 
 @pytest.fixture(scope="module")

@@ -414,6 +414,29 @@ def test_llm_engines_stay_inside_their_memory_budget() -> None:
     assert names_on(table, "a/gpu:0") == ["embedder", "llm-b"]
 
 
+def test_models_adopted_from_load_reports_count_in_their_modality_budget() -> None:
+    table = PlacementTable()
+    device = cpu("a", 64)
+    text = models_pb2.MODALITY_TEXT
+    # Loaded at the replica's start, reported with their modality; the older use is the least recent.
+    table.observe_loaded(ref("embedder"), device, "r1", 3 * GIB, now_ms=10, last_used_ms=20, modality=text)
+    table.observe_loaded(ref("tagger"), device, "r1", 2 * GIB, now_ms=10, last_used_ms=5, modality=text)
+    assert {p.model.name: p.modality for p in table.placements()} == {"embedder": text, "tagger": text}
+    result = table.place(
+        ref("sentiment"),
+        2 * GIB,
+        [device],
+        allow_eviction=True,
+        is_busy=idle,
+        now_ms=30,
+        budget_bytes=6 * GIB,
+        modality=text,
+    )
+    # 3 + 2 + 2 > 6 though memory is plenty: the least recently used text model makes room.
+    assert [p.model.name for p in result.evicted] == ["tagger"]
+    assert result.placement.modality == text
+
+
 # ------------------------------------------------------------------------------------ evict, nodes, version
 
 

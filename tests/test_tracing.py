@@ -460,8 +460,10 @@ def test_sample_ratio_zero_sends_nothing_unless_the_caller_sampled(tmp_path: Pat
                 )
             # Each process exports on its own interval: wait until both have sent their part of the trace.
             collector.wait_for(
-                lambda got: {s.service for s in trace_of(got, sampled_trace)} == {"aimass-gateway", "aimass-nlp"}
-                and any(s.name == tracing.INFERENCE_SPAN for s in trace_of(got, sampled_trace)),
+                lambda got: (
+                    {s.service for s in trace_of(got, sampled_trace)} == {"aimass-gateway", "aimass-nlp"}
+                    and any(s.name == tracing.INFERENCE_SPAN for s in trace_of(got, sampled_trace))
+                ),
                 timeout_s=15,
             )
             time.sleep(3 * EXPORT_INTERVAL_MS / 1000)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import BaseModel, ByteSize, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -231,6 +231,12 @@ class SchedulerConfig(BaseModel):
     node_id: str = ""
     # The node agent's Prometheus endpoint (device readings); 0 = off. Servers have theirs in server.metrics_port.
     node_agent_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # The most memory the models of one modality may take together on any one device, e.g. llm = "60GiB" (the LLM
+    # engines' share of a GPU) or text = "2GiB" (AIMASS_SCHEDULER__MODEL_BUDGETS__TEXT=2GiB). Loading past it evicts
+    # the least-recently-used idle models of that modality there. Unset: only the device's free memory limits it.
+    model_budgets: dict[Literal["text", "vision", "speech", "llm"], Annotated[ByteSize, Field(gt=0)]] = Field(
+        default_factory=dict
+    )
 
 
 class TelemetryConfig(BaseModel):

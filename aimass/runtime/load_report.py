@@ -80,6 +80,7 @@ class AdmissionLoad:
                     requests_per_second=rate,
                     memory_bytes=self.models.footprint_bytes(info.name) if self.models is not None and loaded else 0,
                     last_used_unix_ms=last_used,
+                    modality=info.modality,
                 )
             )
         return loads

@@ -85,6 +85,7 @@ class LlmApp:
                 requests_per_second=completed / window_s,
                 memory_bytes=self._footprint_bytes(),
                 last_used_unix_ms=counters.last_used_unix_ms,
+                modality=models_pb2.MODALITY_LLM,
             ),
         )
 
