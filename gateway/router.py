@@ -9,10 +9,11 @@
 
   scaled up by KV-cache pressure (an LLM engine near a full cache queues and preempts), with a penalty for one
   missing from the view (just joined, or its reports stopped); a cold replica (its model must load first) only
-  when every candidate is cold. Capacity (``LoadView.capacity``) is learnt from the view: requests completed per
-  second of device busy time, and on GPUs the device's peak compute from NVML times what the fleet completes per
-  unit of compute, never more than the replica itself has shown (a throttled or overloaded replica stays slow). So
-  a GPU three times faster takes three times the work. The replica's reported queue is not added: it holds this
+  when every candidate is cold, and then the one whose device has the most free memory. Capacity
+  (``LoadView.capacity``) is learnt from the view: requests completed per second of device busy time, and on GPUs
+  the device's peak compute from NVML times what the fleet completes per unit of compute, never more than the
+  replica itself has shown (a throttled or overloaded replica stays slow). So a GPU three times faster takes three
+  times the work. The replica's reported queue is not added: it holds this
   gateway's own requests (already counted, live) and is up to a report interval old; ranking on it herds requests
   onto whichever replica looked idle. Other gateways' work shows in the capacity the replica achieves. Without a
   fresh view (scheduler down or not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it
@@ -100,7 +101,9 @@ def expected_delay(replica: Replica, load: ReplicaLoad | None, capacity: float) 
     if load is None:
         return (replica.inflight + 1 + UNREPORTED_PENALTY) / capacity
     delay = (replica.inflight + 1) / capacity * (1 + KV_CACHE_WEIGHT * load.kv_cache_usage)
-    return delay if load.warm else delay + COLD_PENALTY_S
+    # Among cold replicas (only when all are cold) the one with the most free device memory: its model loads there
+    # without evicting others first.
+    return delay if load.warm else delay + COLD_PENALTY_S * (2.0 - load.free_memory_fraction)
 
 
 class ScoreRouter:

@@ -298,6 +298,7 @@ async def test_tenant_work_reaches_the_scheduler(llm_mesh: LocalMesh, stub: llm_
     (replica,) = [r for r in view.replicas if any(m.model.name == MODEL for m in r.models)]
     assert replica.address == llm_mesh.addresses("llm")[0]
     assert replica.models[0].device_id == f"{replica.node_id}/cpu"
+    assert replica.models[0].modality == models_pb2.MODALITY_LLM  # its memory budget (scheduler.model_budgets)
 
 
 async def test_llm_metrics_count_tokens_and_time_to_first_token(
@@ -405,6 +406,12 @@ async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Ch
         models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name=MODEL)), timeout=10
     )
     assert len(described.model.replicas) == 1 and described.model.replicas[0].loaded
+    # The registry entry names its device and its default model (gateways route requests naming none by it).
+    listed_instances = await registry_pb2_grpc.RegistryServiceStub(channel).ListInstances(
+        registry_pb2.ListInstancesRequest(), timeout=10
+    )
+    (llm,) = [i for i in listed_instances.instances if i.kind == "llm" and any(m.name == MODEL for m in i.models)]
+    assert llm.labels["device"] == "cpu" and llm.labels["default-model-LlmService-Chat"] == MODEL
 
 
 TWIN = "smollm2-twin"

@@ -152,6 +152,16 @@ async def test_ours_avoids_a_cold_replica(replicas: list[Replica]) -> None:
     assert router.choose(SERVICE, replicas[:2]).instance.instance_id == "r0"
 
 
+async def test_ours_among_cold_replicas_prefers_the_most_free_memory(replicas: list[Replica]) -> None:
+    loads = {f"r{i}": model_load(device_id=f"n/gpu:{i}") for i in range(3)}
+    for load in loads.values():
+        load.loaded = False
+    # r1's device is the emptiest: its model loads there without evicting others first.
+    devices = {"n/gpu:0": (0.0, 70, 80), "n/gpu:1": (0.0, 10, 80), "n/gpu:2": (0.0, 40, 80)}
+    router = ScoreRouter(fresh(view_of(1, loads, devices)), random.Random(0))
+    assert {router.choose(SERVICE, replicas).instance.instance_id for _ in range(10)} == {"r1"}
+
+
 async def test_ours_trusts_a_reporting_replica_over_one_missing_from_the_view(replicas: list[Replica]) -> None:
     # r2 has no load report (just joined, or its reports stopped because it is stuck or gone).
     loads = {"r0": model_load(device_id="n/gpu:0"), "r1": model_load(device_id="n/gpu:1")}

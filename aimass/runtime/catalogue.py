@@ -178,6 +178,15 @@ class LoadsModelsOnDemand(Protocol):
     def model_set(self) -> ModelSet: ...
 
 
+@runtime_checkable
+class RunsOnOneDevice(Protocol):
+    """An app whose engine keeps its models on one device it names (torch's names: "cpu", "cuda"), without a
+    ModelSet (the LLM engine); optional, for the registry's ``device`` label."""
+
+    @property
+    def device(self) -> str: ...
+
+
 def device_kind(device: str) -> common_pb2.DeviceKind.ValueType:
     """GPU for "cuda[:i]", CPU for anything else (torch's device names)."""
     return common_pb2.DEVICE_KIND_GPU if device.startswith("cuda") else common_pb2.DEVICE_KIND_CPU

@@ -23,7 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime import tracing
-from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer, default_model_labels
+from aimass.runtime.catalogue import (
+    LoadsModelsOnDemand,
+    ReplicaModelServicer,
+    RunsOnOneDevice,
+    default_model_labels,
+)
 from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
 from aimass.runtime.discovery import (
     CONTROL_PLANE_KINDS,
@@ -279,6 +284,8 @@ class ServerRunner:
             labels = {"node": self.node_id, **default_model_labels(self.app.model_infos())}
             if self._model_set is not None:
                 labels["device"] = local_device_id(self._model_set.device)
+            elif isinstance(self.app, RunsOnOneDevice):
+                labels["device"] = local_device_id(self.app.device)
             instance = Instance(
                 instance_id=self.instance_id,
                 kind=self.app.kind,

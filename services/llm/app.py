@@ -42,6 +42,10 @@ class LlmApp:
     def model_names(self) -> tuple[str, ...]:
         return (self.engine.model_name,)
 
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
     def _footprint_bytes(self) -> int:
         # Estimated until the scheduler measures it: weights plus the KV cache reserved for them.
         kv_bytes = int(self.config.cpu_kv_cache_gib * 2**30) if self.engine.device == "cpu" else 0
