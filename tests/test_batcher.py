@@ -89,13 +89,19 @@ async def queue_tasks(batcher: DynamicBatcher[Any, Any], requests: Sequence[Any]
     return tasks
 
 
+async def queue_with(
+    batcher: DynamicBatcher[Any, Any], argument: str, requests: Sequence[tuple[Any, Any]]
+) -> list[asyncio.Task[Any]]:
+    """Like queue_tasks, for (request, value of submit's ``argument``) pairs, queued in the order given."""
+    tasks = [asyncio.create_task(batcher.submit(r, **{argument: value})) for r, value in requests]
+    await asyncio.sleep(0)
+    return tasks
+
+
 async def queue_prioritised(
     batcher: DynamicBatcher[Any, Any], requests: Sequence[tuple[Any, int]]
 ) -> list[asyncio.Task[Any]]:
-    """Like queue_tasks, for (request, priority) pairs, queued in the order given."""
-    tasks = [asyncio.create_task(batcher.submit(r, priority=p)) for r, p in requests]
-    await asyncio.sleep(0)
-    return tasks
+    return await queue_with(batcher, "priority", requests)
 
 
 async def test_concurrent_submits_form_fifo_batches(make: Factory) -> None:
@@ -599,3 +605,63 @@ async def test_out_of_range_priority_is_invalid_argument(make: Factory) -> None:
     with pytest.raises(InvalidArgument, match=r"meta\.priority is -1"):
         check_priority(-1)
     assert [check_priority(p) for p in (UNSPECIFIED, LOW, NORMAL, HIGH, CRITICAL)] == [0, 1, 2, 3, 4]
+
+
+# -- tenants: fair share within a priority ------------------------------------------------------------------------
+
+
+async def test_tenants_take_turns_by_the_service_they_received(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=0.01)
+    blocker = await hold_slot(b, engine)
+    # The heavy tenant queued six before the light one's two arrived.
+    tasks = await queue_with(b, "tenant", [*((r, "heavy") for r in range(1, 7)), (7, "light"), (8, "light")])
+
+    engine.gate.set()
+    assert await asyncio.gather(*tasks) == [r * 10 for r in range(1, 9)]
+    await blocker
+    # First come, first served would run the light tenant's last: [[1, 2], [3, 4], [5, 6], [7, 8]].
+    assert engine.batches[1:] == [[1, 7], [2, 8], [3, 4], [5, 6]]
+
+
+async def test_tenant_weights_scale_the_share(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=3, max_queue_delay_s=0.01, tenant_weights={"gold": 2.0})
+    blocker = await hold_slot(b, engine)
+    tasks = await queue_with(b, "tenant", [*((r, "gold") for r in range(1, 7)), *((r, "basic") for r in range(11, 17))])
+
+    engine.gate.set()
+    await asyncio.gather(*tasks, blocker)
+    # While both wait, gold is served twice for every basic request.
+    assert engine.batches[1:] == [[1, 11, 2], [3, 12, 4], [5, 13, 6], [14, 15, 16]]
+
+
+async def test_a_full_queue_makes_room_for_a_tenant_holding_less_of_it(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, name="fair-full", max_batch_size=8, max_queue_size=4)
+    blocker = await hold_slot(b, engine)
+    heavy = await queue_with(b, "tenant", [(r, "heavy") for r in range(1, 5)])
+    assert b.queue_depth == 4
+
+    # The queue is full of the heavy tenant's requests: its newest gives way to the light tenant's first.
+    light = await queue_with(b, "tenant", [(5, "light")])
+    with pytest.raises(ResourceExhausted) as info:
+        await heavy[3]
+    assert info.value.reason == "QUEUE_FULL" and info.value.metadata["displaced_by"] == "fair_share"
+    assert "another tenant's request took the place of this one before it ran" in info.value.message
+    # The heavy tenant still holds the most: its next request is refused; the light tenant's second gets a place.
+    with pytest.raises(ResourceExhausted, match=r"queue is full \(4 items waiting"):
+        await b.submit(6, tenant="heavy")
+    light += await queue_with(b, "tenant", [(7, "light")])
+    with pytest.raises(ResourceExhausted, match="fair share"):
+        await heavy[2]
+    # Even shares now (two each): nobody gives way.
+    with pytest.raises(ResourceExhausted, match=r"queue is full \(4 items waiting"):
+        await b.submit(8, tenant="light")
+    s = b.stats
+    assert (s.dropped_displaced, s.rejected_full, b.queue_depth) == (2, 2, 4)
+
+    engine.gate.set()
+    assert await asyncio.gather(*heavy[:2], *light) == [10, 20, 50, 70]
+    await blocker
+    assert engine.batches[1:] == [[1, 5, 2, 7]]

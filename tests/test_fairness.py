@@ -34,4 +34,4 @@ def test_cancelled_requests_are_charged_for_what_they_computed() -> None:
     vtc = VirtualTokenCounters()
     _, estimate = vtc.admit("t", 10, 100)
     vtc.finish("t", estimate, 10, 3)
-    assert vtc.received["t"] == 16 and vtc.pending["t"] == 0 and not vtc.in_flight
+    assert vtc.service.served("t") == 16 and vtc.pending["t"] == 0 and not vtc.in_flight

@@ -1,5 +1,6 @@
-"""Request priorities on a real NLP replica in-process: contended, a HIGH request overtakes the LOW ones waiting
-in the batcher's queue; a priority outside the enum is INVALID_ARGUMENT."""
+"""Request priorities and tenant fair share on a real NLP replica in-process: contended, a HIGH request overtakes
+the LOW ones waiting in the batcher's queue, and a light tenant's request overtakes a heavy tenant's backlog; a
+priority outside the enum is INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import BatchingConfig, NlpConfig, ServerConfig, Settings
+from aimass.runtime.metadata import TENANT_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import NlpApp, build_runner
@@ -46,6 +48,17 @@ def embed_batcher(runner: ServerRunner) -> DynamicBatcher[Any, Any]:
     return runner.app.servicer.embed_batcher
 
 
+async def backlog_queued(batcher: DynamicBatcher[Any, Any], submitted_before: int, finished: list[str]) -> int:
+    """Once the backlog's LOW_REQUESTS calls have all reached the batcher: how many wait (most must)."""
+    for _ in range(int(CALL_TIMEOUT_S / POLL_S)):
+        if batcher.stats.submitted - submitted_before >= LOW_REQUESTS:
+            break
+        await asyncio.sleep(POLL_S)
+    queued = batcher.queue_depth
+    assert queued >= LOW_REQUESTS // 2, f"the replica was never contended (finished: {finished})"
+    return queued
+
+
 def embed_request(text: str, priority: common_pb2.Priority.ValueType) -> nlp_pb2.EmbedRequest:
     return nlp_pb2.EmbedRequest(meta=common_pb2.RequestMeta(priority=priority), texts=[text])
 
@@ -67,12 +80,7 @@ async def test_high_priority_overtakes_queued_low_priority_requests(
     submitted_before = batcher.stats.submitted
     lows = [asyncio.create_task(call(f"low-{i}", common_pb2.PRIORITY_LOW)) for i in range(LOW_REQUESTS)]
     # Every LOW request has reached the batcher: one is executing, most of the others wait behind it.
-    for _ in range(int(CALL_TIMEOUT_S / POLL_S)):
-        if batcher.stats.submitted - submitted_before >= LOW_REQUESTS:
-            break
-        await asyncio.sleep(POLL_S)
-    queued_when_sent = batcher.queue_depth
-    assert queued_when_sent >= LOW_REQUESTS // 2, f"the replica was never contended (finished: {finished})"
+    queued_when_sent = await backlog_queued(batcher, submitted_before, finished)
 
     high = await call("high", common_pb2.PRIORITY_HIGH)
     assert high.dimensions == 384
@@ -83,6 +91,33 @@ async def test_high_priority_overtakes_queued_low_priority_requests(
     # Only what was already executing (and at most one more batch taken meanwhile) finishes before it.
     assert finished.index("high") < 3, (finished, queued_when_sent)
     assert batcher.queue_depth == 0 and batcher.stats.dropped_displaced == 0
+
+
+async def test_a_light_tenant_is_not_starved_by_a_heavy_one(
+    contended: tuple[ServerRunner, nlp_pb2_grpc.NlpServiceAsyncStub],
+) -> None:
+    runner, stub = contended
+    batcher = embed_batcher(runner)
+    finished: list[str] = []
+
+    async def call(label: str, tenant: str) -> nlp_pb2.EmbedResponse:
+        reply = await stub.Embed(
+            embed_request(f"request {label} about serving models", common_pb2.PRIORITY_NORMAL),
+            timeout=CALL_TIMEOUT_S,
+            metadata=((TENANT_KEY, tenant),),
+        )
+        finished.append(label)
+        return reply
+
+    submitted_before = batcher.stats.submitted
+    heavy = [asyncio.create_task(call(f"heavy-{i}", "heavy")) for i in range(LOW_REQUESTS)]
+    queued_when_sent = await backlog_queued(batcher, submitted_before, finished)
+
+    # Same priority, sent after the whole backlog: first come, first served would finish it last.
+    light = await call("light", "light")
+    assert light.dimensions == 384
+    await asyncio.gather(*heavy)
+    assert finished.index("light") < 3, (finished, queued_when_sent)
 
 
 async def test_priority_outside_the_enum_is_invalid_argument(

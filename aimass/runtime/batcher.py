@@ -15,13 +15,23 @@ not fit, so neither a smaller nor a lower-priority request overtakes it. This is
 engine: under sustained higher-priority load lower priorities wait, bounded by their deadlines. Uncontended,
 every request is batched as soon as it arrives and the order makes no difference.
 
+Tenants (``x-aimass-tenant``) share a priority fairly, after virtual token counters (VTC, Sheng et al., OSDI 2024;
+the LLM engine does the same with tokens): each tenant waits in its own FIFO, and the next request taken is the
+head of the tenant that has received the least service, in units taken into batches divided by its weight
+(``scheduler.tenant_weights``). A tenant that starts waiting is lifted to the least counter among the tenants
+already waiting, so idling banks no credit; counters restart whenever the queue empties. A flood from one tenant
+therefore delays its own later requests, not another tenant's next one. With one tenant (or none named) this is
+first come, first served.
+
 A full queue refuses a request with RESOURCE_EXHAUSTED, unless it holds requests of a lower priority than the
 newcomer's: then the newest of the lowest priority queued are displaced (failed with RESOURCE_EXHAUSTED, as if
 they had been refused on arrival) until the newcomer fits, lowest priority first. If displacing every
-lower-priority request would not make room, nothing is displaced and the newcomer is refused. Equal priorities
-never displace each other, so with one priority in use this is the plain bounded queue.
+lower-priority request would not make room, nothing is displaced. Failing that, within the newcomer's priority a
+tenant holding more queued units than the newcomer's tenant would gives up its newest requests (longest queue
+drop, as in fair queueing), so a flood cannot keep a light tenant out of a full queue either; otherwise the
+newcomer is refused. With one priority and one tenant in use this is the plain bounded queue.
 
-There is one deque per priority, with lazy removal: a cancelled or expired request is marked, its units are
+Each priority holds a deque per tenant, with lazy removal: a cancelled or expired request is marked, its units are
 returned to the queue budget at once, and the collector skips the entry when it reaches it.
 
 With tracing on (aimass.runtime.tracing), a request submitted inside a sampled span gets three child spans of it:
@@ -34,13 +44,14 @@ event loop, so the worker thread and the queue do no tracing work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +62,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from aimass.runtime import tracing
 from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from aimass.runtime.fair_share import FairShare
 from aimass.v1 import common_pb2
 
 __all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn", "check_priority"]
@@ -137,6 +149,7 @@ class _Item(Generic[Req, Resp]):
     enqueued_at: float
     deadline: float | None
     level: int
+    tenant: str
     timer: asyncio.TimerHandle | None = None
     state: _State = _State.QUEUED
     # The submitter's trace context and when it was queued (wall clock, ns), for requests in a sampled trace.
@@ -178,6 +191,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         size_of: Callable[[Req], int] = lambda r: 1,
         max_concurrent_batches: int = 1,
         executor: concurrent.futures.Executor | None = None,
+        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -199,9 +213,13 @@ class DynamicBatcher(Generic[Req, Resp]):
             max_workers=max_concurrent_batches, thread_name_prefix=f"aimass-batcher-{name}"
         )
 
-        # One FIFO per priority level, most urgent first, and the live units queued in each.
-        self._queues: tuple[deque[_Item[Req, Resp]], ...] = tuple(deque() for _ in _LEVEL_NAMES)
+        # Per priority level, most urgent first: a FIFO per tenant, and the live units queued by each tenant.
+        self._queues: tuple[dict[str, deque[_Item[Req, Resp]]], ...] = tuple({} for _ in _LEVEL_NAMES)
+        self._tenant_units: tuple[collections.Counter[str], ...] = tuple(collections.Counter() for _ in _LEVEL_NAMES)
         self._level_units = [0] * len(_LEVEL_NAMES)
+        # Live units queued per tenant over all levels (the tenants waiting), and the service each has received.
+        self._waiting = collections.Counter[str]()
+        self._fair_share = FairShare(tenant_weights)
         self._queued_units = 0
         self._in_flight_units = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,13 +282,19 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._collector = self._loop.create_task(self._collect_loop(), name=f"aimass-batcher-{self.name}")
 
     async def submit(
-        self, request: Req, *, deadline: float | None = None, priority: int = common_pb2.PRIORITY_NORMAL
+        self,
+        request: Req,
+        *,
+        deadline: float | None = None,
+        priority: int = common_pb2.PRIORITY_NORMAL,
+        tenant: str = "",
     ) -> Resp:
         """Queue ``request`` and wait for its result.
 
         ``deadline`` is absolute, in ``loop.time()``. ``priority`` is a ``RequestMeta.priority`` value
-        (INVALID_ARGUMENT otherwise). Cancelling the awaiting task removes a queued request (it never reaches
-        execute) or discards the result of one already executing.
+        (INVALID_ARGUMENT otherwise). ``tenant`` shares the queue fairly with other tenants ("": anonymous, one
+        tenant like any other). Cancelling the awaiting task removes a queued request (it never reaches execute) or
+        discards the result of one already executing.
         """
         level = _LEVEL_OF.get(priority)
         if level is None:
@@ -294,6 +318,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             self._queued_units > 0
             and self._queued_units + units > self._max_queue_size
             and not self._make_room(level, units)
+            and not self._make_room_for_tenant(level, tenant, units)
         ):
             self._rejected_full += 1
             self._m_dropped["queue_full"].inc()
@@ -309,16 +334,17 @@ class DynamicBatcher(Generic[Req, Resp]):
                 },
             )
 
-        item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline, level)
+        item: _Item[Req, Resp] = _Item(request, units, loop.create_future(), now, deadline, level, tenant)
         if self._tracer is not None and trace.get_current_span().is_recording():
             item.trace = otel_context.get_current()
             item.queued_ns = time.time_ns()
         if deadline is not None:
             # Fail a request at its deadline even if no batch forms meanwhile (e.g. all slots busy).
             item.timer = loop.call_at(deadline, self._expire, item)
-        self._queues[level].append(item)
-        self._level_units[level] += units
-        self._queued_units += units
+        if not self._waiting[tenant]:
+            self._fair_share.lift(tenant, self._waiting)
+        self._queues[level].setdefault(tenant, deque()).append(item)
+        self._count_queued(item, +1)
         self._m_queue_depth.set(self._queued_units)
         self._notify()
         try:
@@ -366,25 +392,65 @@ class DynamicBatcher(Generic[Req, Resp]):
         item.state = _State.DROPPED
         if item.timer is not None:
             item.timer.cancel()
-        self._queued_units -= item.units
-        self._level_units[item.level] -= item.units
+        self._count_queued(item, -1)
         self._m_queue_depth.set(self._queued_units)
         self._count_drop(reason)
         if item.trace is not None:
             self._trace_dropped(item, reason)
 
+    def _count_queued(self, item: _Item[Req, Resp], sign: int) -> None:
+        """Adds (+1) or removes (-1) ``item``'s units in the queue's budgets; the fair-share counters restart when
+        nothing is left waiting."""
+        units = sign * item.units
+        self._queued_units += units
+        self._level_units[item.level] += units
+        self._tenant_units[item.level][item.tenant] += units
+        self._waiting[item.tenant] += units
+        if sign < 0:
+            if not self._tenant_units[item.level][item.tenant]:
+                del self._tenant_units[item.level][item.tenant]
+            if not self._waiting[item.tenant]:
+                del self._waiting[item.tenant]
+                if not self._waiting:
+                    self._fair_share.reset()
+
     def _fail_queued(self, error: Callable[[], Exception]) -> None:
         """Fail every queued request with a fresh ``error()`` (shutdown)."""
-        for queue in self._queues:
-            while queue:
-                item = queue.popleft()
-                if item.state is _State.QUEUED:
-                    self._drop(item, "shutdown")
-                    if not item.future.done():
-                        item.future.set_exception(error())
+        for fifos in self._queues:
+            for queue in fifos.values():
+                while queue:
+                    item = queue.popleft()
+                    if item.state is _State.QUEUED:
+                        self._drop(item, "shutdown")
+                        if not item.future.done():
+                            item.future.set_exception(error())
+            fifos.clear()
+
+    def _displace(self, victim: _Item[Req, Resp], why: str, **metadata: str) -> None:
+        self._drop(victim, "displaced")
+        victim.future.set_exception(
+            ResourceExhausted(
+                f"{self.name} queue is full (limit {self._max_queue_size} items) and {why}; retry later",
+                reason="QUEUE_FULL",
+                metadata={"batcher": self.name, "limit": str(self._max_queue_size), **metadata},
+            )
+        )
+
+    def _pop_newest_live(self, queue: deque[_Item[Req, Resp]]) -> _Item[Req, Resp] | None:
+        """The newest queued request of ``queue`` (None when none is left), discarding dead entries on the way."""
+        while queue:
+            victim = queue.pop()
+            if victim.state is not _State.QUEUED:
+                continue
+            if victim.future.done():  # cancelled; the submit() handler has not run yet
+                self._drop(victim, "cancelled")
+                continue
+            return victim
+        return None
 
     def _make_room(self, level: int, units: int) -> bool:
-        """Displace the newest queued requests of the lowest priorities below ``level`` until ``units`` more fit.
+        """Displace the newest queued requests of the lowest priorities below ``level`` until ``units`` more fit,
+        the most-queued tenant's first within a priority.
 
         Displaces nothing and returns False when even all lower-priority requests together would not make room.
         """
@@ -392,31 +458,44 @@ class DynamicBatcher(Generic[Req, Resp]):
         if lower == 0 or self._queued_units - lower + units > self._max_queue_size:
             return False
         for victim_level in range(len(self._queues) - 1, level, -1):
-            queue = self._queues[victim_level]
-            while queue and self._queued_units + units > self._max_queue_size:
-                victim = queue.pop()  # newest first; dead entries on the way are discarded here instead of later
-                if victim.state is not _State.QUEUED:
-                    continue
-                if victim.future.done():  # cancelled; the submit() handler has not run yet
-                    self._drop(victim, "cancelled")
-                    continue
-                self._drop(victim, "displaced")
-                victim.future.set_exception(
-                    ResourceExhausted(
-                        f"{self.name} queue is full (limit {self._max_queue_size} items) and a "
-                        f"{_LEVEL_NAMES[level]}-priority request took the place of this {_LEVEL_NAMES[victim_level]}"
-                        "-priority one before it ran; retry later",
-                        reason="QUEUE_FULL",
-                        metadata={
-                            "batcher": self.name,
-                            "limit": str(self._max_queue_size),
-                            "displaced_by": _LEVEL_NAMES[level],
-                        },
-                    )
+            fifos, held = self._queues[victim_level], self._tenant_units[victim_level]
+            while held and self._queued_units + units > self._max_queue_size:
+                victim = self._pop_newest_live(fifos[held.most_common(1)[0][0]])
+                if victim is None:  # the units say a request is there; never loop on a miscount
+                    break
+                self._displace(
+                    victim,
+                    f"a {_LEVEL_NAMES[level]}-priority request took the place of this "
+                    f"{_LEVEL_NAMES[victim_level]}-priority one before it ran",
+                    displaced_by=_LEVEL_NAMES[level],
                 )
             if self._queued_units + units <= self._max_queue_size:
                 break
         return True
+
+    def _make_room_for_tenant(self, level: int, tenant: str, units: int) -> bool:
+        """Within ``level``, displace the newest requests of the tenants holding more queued units than ``tenant``
+        would with ``units`` more, most-queued first, until they fit (longest queue drop).
+
+        Displaces nothing and returns False when that would not make room.
+        """
+        held = self._tenant_units[level]
+        mine = held[tenant] + units
+        excess = sum(queued - mine for other, queued in held.items() if other != tenant and queued > mine)
+        if self._queued_units + units - excess > self._max_queue_size:
+            return False
+        while self._queued_units + units > self._max_queue_size:
+            heaviest = max((other for other in held if other != tenant), key=held.__getitem__)
+            victim = self._pop_newest_live(self._queues[level][heaviest])
+            if victim is None:  # the units say a request is there; never loop on a miscount
+                break
+            self._displace(
+                victim,
+                "another tenant's request took the place of this one before it ran (fair share: this tenant held"
+                " more of the queue)",
+                displaced_by="fair_share",
+            )
+        return self._queued_units + units <= self._max_queue_size
 
     def _expire(self, item: _Item[Req, Resp]) -> None:
         if item.state is not _State.QUEUED:
@@ -451,51 +530,60 @@ class DynamicBatcher(Generic[Req, Resp]):
     def _oldest_waiting(self) -> float | None:
         """When the longest-waiting live request was queued (None if none is), dropping dead heads on the way."""
         oldest: float | None = None
-        for queue in self._queues:
-            while queue:
-                head = queue[0]
-                if head.state is _State.QUEUED and not head.future.done():
-                    # Each level is FIFO: its live head is its oldest request.
-                    if oldest is None or head.enqueued_at < oldest:
-                        oldest = head.enqueued_at
-                    break
-                queue.popleft()
-                if head.state is _State.QUEUED:  # future cancelled; submit()'s handler has not run yet
-                    self._drop(head, "cancelled")
+        for fifos in self._queues:
+            for tenant in list(fifos):
+                head = self._live_head(fifos, tenant)
+                # Each tenant's queue is FIFO: its live head is its oldest request.
+                if head is not None and (oldest is None or head.enqueued_at < oldest):
+                    oldest = head.enqueued_at
         return oldest
 
+    def _live_head(self, fifos: dict[str, deque[_Item[Req, Resp]]], tenant: str) -> _Item[Req, Resp] | None:
+        """``tenant``'s oldest queued request at a level, discarding dead entries (and an emptied FIFO) on the way."""
+        queue = fifos[tenant]
+        while queue:
+            head = queue[0]
+            if head.state is _State.QUEUED and not head.future.done():
+                return head
+            queue.popleft()
+            if head.state is _State.QUEUED:  # future cancelled; submit()'s handler has not run yet
+                self._drop(head, "cancelled")
+        del fifos[tenant]
+        return None
+
+    def _next_of_level(self, level: int) -> _Item[Req, Resp] | None:
+        """The request a batch takes next at ``level``: the head of the least-served tenant (the longest-waiting
+        head among equals)."""
+        fifos = self._queues[level]
+        heads = [head for tenant in list(fifos) if (head := self._live_head(fifos, tenant)) is not None]
+        if not heads:
+            return None
+        return min(heads, key=lambda head: (self._fair_share.served(head.tenant), head.enqueued_at))
+
     def _take_batch(self) -> list[_Item[Req, Resp]]:
-        """Pop a batch of at most max_batch_size units, highest priority first and FIFO within a priority (an
-        oversized first request goes alone)."""
+        """Pop a batch of at most max_batch_size units, highest priority first and the least-served tenant's oldest
+        request next within a priority (an oversized first request goes alone)."""
         assert self._loop is not None
         now = self._loop.time()
         batch: list[_Item[Req, Resp]] = []
         units = 0
         limit = self._max_batch_size
-        for level, queue in enumerate(self._queues):
-            while queue:
-                item = queue[0]
-                if item.state is not _State.QUEUED:
-                    queue.popleft()
-                    continue
-                if item.future.done():  # cancelled; submit()'s handler has not run yet
-                    queue.popleft()
-                    self._drop(item, "cancelled")
-                    continue
+        for level, fifos in enumerate(self._queues):
+            while (item := self._next_of_level(level)) is not None:
                 if item.deadline is not None and item.deadline <= now:
-                    queue.popleft()
+                    fifos[item.tenant].popleft()
                     self._expire(item)
                     continue
                 if batch and units + item.units > limit:
                     # Strict order: neither smaller nor lower-priority requests overtake the one that doesn't fit.
                     self._m_queue_depth.set(self._queued_units)
                     return batch
-                queue.popleft()
+                fifos[item.tenant].popleft()
                 item.state = _State.RUNNING
                 if item.timer is not None:
                     item.timer.cancel()
-                self._queued_units -= item.units
-                self._level_units[level] -= item.units
+                self._fair_share.charge(item.tenant, item.units)
+                self._count_queued(item, -1)
                 batch.append(item)
                 units += item.units
                 if units >= limit:

@@ -26,6 +26,11 @@ def metadata_value(metadata: Iterable[Any] | None, key: str) -> str:
     return ""
 
 
+def tenant_of(metadata: Iterable[Any] | None) -> str:
+    """The tenant a request is for, or "" when none is named (anonymous)."""
+    return metadata_value(metadata, TENANT_KEY)
+
+
 def request_id_of(metadata: Iterable[Any] | None) -> str:
     """The caller's request id, or "" when it sent none."""
     return metadata_value(metadata, REQUEST_ID_KEY)

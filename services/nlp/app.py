@@ -25,7 +25,7 @@ class NlpApp:
     def __init__(self, settings: Settings, engine: NlpEngine | None = None) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
-        self.servicer = NlpServicer(self.engine, settings.nlp)
+        self.servicer = NlpServicer(self.engine, settings.nlp, settings.scheduler.tenant_weights)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         nlp_pb2_grpc.add_NlpServiceServicer_to_server(self.servicer, server)

@@ -8,7 +8,7 @@ orders the batchers' queues when the replica is contended (higher priorities are
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy.typing as npt
 from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import NlpConfig
 from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.metadata import tenant_of
 from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import (
@@ -46,7 +47,7 @@ def deadline_of(context: Context) -> float | None:
 
 
 class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
-    def __init__(self, engine: NlpEngine, config: NlpConfig) -> None:
+    def __init__(self, engine: NlpEngine, config: NlpConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
         self.engine = engine
         self.config = config
         batching = config.embed_batching
@@ -58,6 +59,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.texts),
             max_concurrent_batches=batching.max_concurrent_batches,
+            tenant_weights=tenant_weights,
         )
         self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher(
             engine.entities_batch,
@@ -66,6 +68,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_delay_s=batching.max_queue_delay_ms / 1000,
             max_queue_size=batching.max_queue_size,
             size_of=len,
+            tenant_weights=tenant_weights,
         )
         # Sentiment is cheap and lock-free: long inputs go to a small pool, off the event loop, with no batching delay.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlp-cpu")
@@ -135,7 +138,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         texts = self._check_texts(request.texts)
         priority = check_priority(request.meta.priority)
         vectors = await self.embed_batcher.submit(
-            EmbedJob(texts, request.normalize), deadline=deadline_of(context), priority=priority
+            EmbedJob(texts, request.normalize),
+            deadline=deadline_of(context),
+            priority=priority,
+            tenant=tenant_of(context.invocation_metadata()),
         )
         return nlp_pb2.EmbedResponse(
             model=model,
@@ -167,7 +173,9 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         model = resolve_model(request.model, NER_MODEL, "NlpService.Entities")
         texts = self._check_texts(request.texts)
         priority = check_priority(request.meta.priority)
-        documents = await self.ner_batcher.submit(texts, deadline=deadline_of(context), priority=priority)
+        documents = await self.ner_batcher.submit(
+            texts, deadline=deadline_of(context), priority=priority, tenant=tenant_of(context.invocation_metadata())
+        )
         return nlp_pb2.EntitiesResponse(
             model=model,
             documents=[
@@ -193,10 +201,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
                 f"hypothesis_template must contain '{{}}' exactly once, e.g. {DEFAULT_HYPOTHESIS!r}",
                 reason="BAD_TEMPLATE",
             )
-        deadline = deadline_of(context)
+        deadline, tenant = deadline_of(context), tenant_of(context.invocation_metadata())
         text_vectors, label_vectors = await asyncio.gather(
-            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline, priority=priority),
-            self._label_vectors(labels, template, deadline, priority),
+            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline, priority=priority, tenant=tenant),
+            self._label_vectors(labels, template, deadline, priority, tenant),
         )
         scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
         results = []
@@ -208,13 +216,15 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         return nlp_pb2.ClassifyResponse(model=model, results=results)
 
     async def _label_vectors(
-        self, labels: tuple[str, ...], template: str, deadline: float | None, priority: int
+        self, labels: tuple[str, ...], template: str, deadline: float | None, priority: int, tenant: str
     ) -> npt.NDArray[np.float32]:
         """Embeddings of the label hypotheses; labels recur across requests, so they are cached."""
         missing = tuple(label for label in labels if (label, template) not in self._label_cache)
         if missing:
             hypotheses = tuple(template.format(label) for label in missing)
-            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), deadline=deadline, priority=priority)
+            vectors = await self.embed_batcher.submit(
+                EmbedJob(hypotheses, True), deadline=deadline, priority=priority, tenant=tenant
+            )
             for label, vector in zip(missing, vectors, strict=True):
                 if len(self._label_cache) >= LABEL_CACHE_SIZE:
                     self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order

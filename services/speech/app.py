@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health
@@ -23,13 +23,19 @@ class SpeechApp:
     kind = "speech"
     service_names: tuple[str, ...] = ("aimass.v1.SpeechService",)
 
-    def __init__(self, config: SpeechConfig, asr: AsrEngine | None = None, tts: TtsEngine | None = None) -> None:
+    def __init__(
+        self,
+        config: SpeechConfig,
+        asr: AsrEngine | None = None,
+        tts: TtsEngine | None = None,
+        tenant_weights: Mapping[str, float] | None = None,
+    ) -> None:
         # Engines may be shared (tests build several servers over one set of loaded models).
         self.asr = asr or AsrEngine(
             device=config.device, threads=config.asr_threads, cache_dir=config.whisper_cache_dir
         )
         self.tts = tts or TtsEngine()
-        self.servicer = SpeechServicer(self.asr, self.tts, config)
+        self.servicer = SpeechServicer(self.asr, self.tts, config, tenant_weights)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         speech_pb2_grpc.add_SpeechServiceServicer_to_server(self.servicer, server)
@@ -85,7 +91,7 @@ def build_runner(
 ) -> ServerRunner:
     config = config or settings.speech
     return ServerRunner(
-        SpeechApp(config, asr, tts),
+        SpeechApp(config, asr, tts, settings.scheduler.tenant_weights),
         config.server,
         registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,

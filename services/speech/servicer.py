@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,7 @@ import grpc
 from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import SpeechConfig
 from aimass.runtime.errors import InvalidArgument, NotFound
+from aimass.runtime.metadata import tenant_of
 from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine, Transcript
@@ -45,12 +46,15 @@ class AsrJob:
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
-    def __init__(self, asr: AsrEngine, tts: TtsEngine, config: SpeechConfig) -> None:
+    def __init__(
+        self, asr: AsrEngine, tts: TtsEngine, config: SpeechConfig, tenant_weights: Mapping[str, float] | None = None
+    ) -> None:
         self.asr = asr
         self.tts = tts
         self.config = config
         self.asr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-asr")
-        # One job per call, no waiting for company: the batcher is here for its priority queue, bound and deadlines.
+        # One job per call, no waiting for company: the batcher is here for its priority and fair-share queue, its
+        # bound and deadlines.
         self.asr_batcher: DynamicBatcher[AsrJob, Transcript] = DynamicBatcher(
             self._run_asr,
             name="asr",
@@ -58,6 +62,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             max_queue_delay_s=0,
             max_queue_size=ASR_QUEUE_LIMIT,
             executor=self.asr_pool,
+            tenant_weights=tenant_weights,
         )
         self._started = False
 
@@ -103,7 +108,14 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         return language or None
 
     async def _transcribe(
-        self, audio: Any, *, language: str | None, beam_size: int, priority: int, context: Context | None = None
+        self,
+        audio: Any,
+        *,
+        language: str | None,
+        beam_size: int,
+        priority: int,
+        tenant: str = "",
+        context: Context | None = None,
     ) -> Transcript:
         """Whisper on the worker thread, after the queued jobs of higher or equal priority. A caller cancelled
         while queued never runs; one cancelled while running stops the thread at the next segment. With
@@ -114,7 +126,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         job = AsrJob(audio, language, beam_size, cancel, None if remaining is None else time.monotonic() + remaining)
         queue_deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
         try:
-            return await self.asr_batcher.submit(job, deadline=queue_deadline, priority=priority)
+            return await self.asr_batcher.submit(job, deadline=queue_deadline, priority=priority, tenant=tenant)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -135,6 +147,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             language=language,
             beam_size=self.config.asr_beam_size,
             priority=priority,
+            tenant=tenant_of(context.invocation_metadata()),
             context=context,
         )
         return speech_pb2.TranscribeResponse(
@@ -170,6 +183,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
         model = self._check_asr(first.model, "StreamTranscribe")
         priority = check_priority(first.meta.priority)
+        tenant = tenant_of(context.invocation_metadata())
         config = first.config
         language = self._check_language(config.language)
         decoder = self._stream_decoder(config)
@@ -223,7 +237,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     if segmenter.is_silence(piece):
                         continue
                     result = await self._transcribe(
-                        piece, language=language, beam_size=cfg.asr_beam_size, priority=priority
+                        piece, language=language, beam_size=cfg.asr_beam_size, priority=priority, tenant=tenant
                     )
                     if language is None and result.language:
                         # Detected once, on the first speech, then held so every segment is in one language.
@@ -244,7 +258,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     partial_at = pending
                     start = segmenter.offset_s
                     result = await self._transcribe(
-                        segmenter.buffer.copy(), language=language, beam_size=1, priority=priority
+                        segmenter.buffer.copy(), language=language, beam_size=1, priority=priority, tenant=tenant
                     )
                     if result.text:
                         yield speech_pb2.StreamTranscribeResponse(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health
@@ -30,10 +30,15 @@ class VisionApp:
     kind = "vision"
     service_names: tuple[str, ...] = ("aimass.v1.VisionService",)
 
-    def __init__(self, config: VisionConfig, engine: VisionEngine | None = None) -> None:
+    def __init__(
+        self,
+        config: VisionConfig,
+        engine: VisionEngine | None = None,
+        tenant_weights: Mapping[str, float] | None = None,
+    ) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or VisionEngine(config)
-        self.servicer = VisionServicer(self.engine, config)
+        self.servicer = VisionServicer(self.engine, config, tenant_weights)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         vision_pb2_grpc.add_VisionServiceServicer_to_server(self.servicer, server)
@@ -85,7 +90,7 @@ def build_runner(
     settings: Settings, config: VisionConfig, *, register: bool = True, engine: VisionEngine | None = None
 ) -> ServerRunner:
     return ServerRunner(
-        VisionApp(config, engine),
+        VisionApp(config, engine, settings.scheduler.tenant_weights),
         config.server,
         registry=make_registry(settings.registry) if register else None,
         registry_config=settings.registry,

@@ -8,7 +8,7 @@ a worker pool, the models live in ``engine``, and errors become statuses in the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from PIL import Image
 from aimass.runtime.batcher import DynamicBatcher, check_priority
 from aimass.runtime.config import VisionConfig
 from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.metadata import tenant_of
 from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import vision_pb2, vision_pb2_grpc
 from services.vision.engine import (
@@ -50,7 +51,9 @@ def _box(x: float, y: float, width: float, height: float) -> vision_pb2.Bounding
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(self, engine: VisionEngine, config: VisionConfig) -> None:
+    def __init__(
+        self, engine: VisionEngine, config: VisionConfig, tenant_weights: Mapping[str, float] | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
         batching = config.classify_batching
@@ -62,6 +65,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.pixels),
             max_concurrent_batches=batching.max_concurrent_batches,
+            tenant_weights=tenant_weights,
         )
         # Pillow's own bomb guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) must not be
         # stricter than the configured limit, which the decoder checks from the header first.
@@ -110,7 +114,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         decoded = await self._decode(request.images, min_side=RESIZE_SIZE)
         pixels = await self._in_pool(lambda: np.stack([preprocess(d.image) for d in decoded]))
         labels = await self.classify_batcher.submit(
-            ClassifyJob(pixels, top_k), deadline=deadline_of(context), priority=priority
+            ClassifyJob(pixels, top_k),
+            deadline=deadline_of(context),
+            priority=priority,
+            tenant=tenant_of(context.invocation_metadata()),
         )
         return vision_pb2.VisionServiceClassifyResponse(
             model=model,
