@@ -15,11 +15,14 @@ import pytest
 
 from aimass.client import AsyncClient, error_info
 from aimass.local_mesh import LocalMesh
-from aimass.v1 import common_pb2, models_pb2, scheduler_pb2, scheduler_pb2_grpc
+from aimass.runtime.metadata import TENANT_KEY
+from aimass.v1 import common_pb2, models_pb2, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 GIB = 2**30
 SIM_NODE = "sim-node"
 SIM_REPLICA = "sim-replica"
+# A tenant no other test uses on the shared mesh, so its count is this test's own.
+ACCOUNTED = "tenant-accounting-test"
 FLEET = """
 [[devices]]
 name = "L4-24GB"
@@ -174,6 +177,13 @@ async def test_every_replica_reports_its_load(
 ) -> None:
     async with AsyncClient(mesh.gateway) as client:
         await asyncio.gather(*(client.sentiment([f"I like number {i}"]) for i in range(60)))
+    # A tenant's requests (every modality's replicas account them, not only the LLM's tokens).
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        nlp = nlp_pb2_grpc.NlpServiceStub(channel)
+        for i in range(3):
+            await nlp.Sentiment(
+                nlp_pb2.SentimentRequest(texts=[f"tenant call {i}"]), timeout=10, metadata=((TENANT_KEY, ACCOUNTED),)
+            )
 
     def nlp_served(view: scheduler_pb2.RoutingView) -> bool:
         return any(
@@ -187,3 +197,9 @@ async def test_every_replica_reports_its_load(
     (replica,) = [r for r in view.replicas if r.address in mesh.addresses("nlp")]
     assert {m.model.name for m in replica.models} == {"all-MiniLM-L6-v2", "vader", "en_core_web_sm"}
     assert all(m.device_id == f"{replica.node_id}/cpu" and m.queue_capacity > 0 for m in replica.models)
+    assert all(m.modality == models_pb2.MODALITY_TEXT for m in replica.models)
+    counted = await asyncio.wait_for(
+        view_where(stub, lambda v: any(t.tenant_id == ACCOUNTED and t.requests >= 3 for t in v.tenants)), 20
+    )
+    (usage,) = [t for t in counted.tenants if t.tenant_id == ACCOUNTED]
+    assert usage.requests == 3 and usage.prompt_tokens == usage.completion_tokens == 0

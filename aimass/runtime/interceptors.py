@@ -19,7 +19,14 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimass.runtime.errors import AimassError, InvalidArgument, ResourceExhausted
-from aimass.runtime.metadata import ERROR_INFO_KEY, REPLICA_KEY, REQUEST_ID_KEY, new_request_id, request_id_of
+from aimass.runtime.metadata import (
+    ERROR_INFO_KEY,
+    REPLICA_KEY,
+    REQUEST_ID_KEY,
+    new_request_id,
+    request_id_of,
+    tenant_of,
+)
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -207,6 +214,14 @@ class AdmissionInterceptor(AroundInterceptor):
         self.inflight_by_method: collections.Counter[str] = collections.Counter()
         self.completed_by_method: collections.Counter[str] = collections.Counter()
         self.last_completed_unix_ms_by_method: dict[str, int] = {}
+        # (method, tenant) → RPCs finished since a load report last took them: the scheduler accounts each tenant's
+        # work (taken every report, so it stays as small as the tenants of one report window).
+        self._completed_by_method_tenant: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def take_completed_by_method_tenant(self) -> collections.Counter[tuple[str, str]]:
+        """RPCs finished per (method, tenant) since the previous call."""
+        taken, self._completed_by_method_tenant = self._completed_by_method_tenant, collections.Counter()
+        return taken
 
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
@@ -232,6 +247,7 @@ class AdmissionInterceptor(AroundInterceptor):
             self.inflight_by_method[method] -= 1
             self.completed += 1
             self.completed_by_method[method] += 1
+            self._completed_by_method_tenant[(method, tenant_of(context.invocation_metadata()))] += 1
             self.last_completed_unix_ms = self.last_completed_unix_ms_by_method[method] = int(time.time() * 1000)
             INFLIGHT.dec()
 

@@ -6,6 +6,7 @@ delays reports (logged once), never requests.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -86,7 +87,13 @@ class AdmissionLoad:
         return loads
 
     def tenant_tokens(self) -> Sequence[scheduler_pb2.TenantTokens]:
-        return ()
+        """Requests each tenant had served by this replica's models since the previous report (no tokens here)."""
+        methods = {f"/{method}" for info in self.served for method in info.methods}
+        by_tenant: collections.Counter[str] = collections.Counter()
+        for (method, tenant), completed in self.admission.take_completed_by_method_tenant().items():
+            if method in methods:
+                by_tenant[tenant] += completed
+        return [scheduler_pb2.TenantTokens(tenant_id=tenant, requests=n) for tenant, n in sorted(by_tenant.items())]
 
 
 class LoadReporter(PeriodicReporter):
