@@ -10,8 +10,9 @@ first. The collector takes a free execution slot *before* forming a batch: while
 up and the next batch is as large as the queue allows, which is how throughput grows under load.
 
 Priorities (``RequestMeta.priority``): a batch takes the waiting requests in order CRITICAL, HIGH, NORMAL, LOW
-(UNSPECIFIED is NORMAL), first come first served within a priority, and closes at the first request that does
-not fit, so neither a smaller nor a lower-priority request overtakes it. This is strict priority, as in the LLM
+(UNSPECIFIED is NORMAL), in tenants' fair-share order within a priority (below; first come first served for one
+tenant), and closes at the first request that does not fit, so neither a smaller nor a lower-priority request
+overtakes it. This is strict priority, as in the LLM
 engine: under sustained higher-priority load lower priorities wait, bounded by their deadlines. Uncontended,
 every request is batched as soon as it arrives and the order makes no difference.
 
