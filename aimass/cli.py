@@ -128,6 +128,9 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
         for key, value in spec.env.items():
             if key.endswith(("__SERVER__PORT", "METRICS_PORT")) and value != "0":
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    # As the servers bind: connections of a mesh just stopped (TIME_WAIT) do not hold the port, a
+                    # listener does.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         probe.bind(("127.0.0.1", int(value)))
                     except OSError:

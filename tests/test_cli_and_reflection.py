@@ -9,7 +9,9 @@ import subprocess
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.cli import busy_ports
 from aimass.local_mesh import LocalMesh, free_port
+from aimass.supervisor import ProcessSpec
 from tests.conftest import BIN
 
 # The public contract; SchedulerService is internal to the mesh, so the gateway neither forwards nor lists it.
@@ -99,6 +101,10 @@ def test_up_printed_where_everything_listens(mesh: LocalMesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load
+    # Requests are access-logged; the reports every process sends the scheduler each second are only metered (an
+    # idle mesh would otherwise print several lines a second).
+    assert "aimass.access: /aimass.v1." in log
+    assert "SchedulerService/ReportLoad" not in log and "SchedulerService/ReportNode" not in log
 
 
 def test_up_refuses_ports_already_in_use() -> None:
@@ -114,6 +120,25 @@ def test_up_refuses_ports_already_in_use() -> None:
         )
     assert started.returncode == 1
     assert f"cannot start: gateway port {port} already in use" in started.stderr
+
+
+def test_a_port_a_stopped_mesh_left_in_time_wait_is_free_again() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC servers listen
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+    accepted.close()  # the server's end closes first, so it waits in TIME_WAIT on the port, as after `aimass up`
+    client.close()
+    gateway = ProcessSpec("gateway", "gateway", {"AIMASS_GATEWAY__SERVER__PORT": str(port)})
+    assert busy_ports([gateway]) == []
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        assert busy_ports([gateway]) == [f"gateway port {port}"]
 
 
 def test_the_schedulers_contract_is_not_served_through_the_gateway(mesh: LocalMesh) -> None:

@@ -44,8 +44,13 @@ REJECTED = Counter("aimass_admission_rejected_total", "RPCs refused because the 
 
 # Health and reflection must answer even when the server is saturated or draining.
 UNMETERED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-# Registry heartbeats and polls are counted in metrics but would drown the access log.
-UNLOGGED_PREFIXES = ("/aimass.v1.RegistryService/",)
+# Registry heartbeats and polls, and the reports every process sends the scheduler each interval, are counted in
+# metrics but would drown the access log (several lines a second from an idle mesh).
+UNLOGGED_PREFIXES = (
+    "/aimass.v1.RegistryService/",
+    "/aimass.v1.SchedulerService/ReportLoad",
+    "/aimass.v1.SchedulerService/ReportNode",
+)
 
 # Bounds the per-interceptor handler cache: unknown method names (which clients choose) must not grow it forever.
 MAX_CACHED_METHODS = 1024
