@@ -138,7 +138,8 @@ class Forwarder(grpc.GenericRpcHandler):
         if len(candidates) > 1 and method in self._model_fields and _models_differ(candidates):
             # Replicas hold different models (e.g. one LLM per process, or a model unloaded from one): only those
             # holding the named one qualify; with none named, those holding their own default for the method.
-            # A model none holds goes to any replica, which answers NOT_FOUND listing what it serves.
+            # A model none holds goes to any replica, which answers NOT_FOUND listing what it serves (or UNAVAILABLE
+            # for one of its models it has not loaded: LoadModel loads it).
             model = requested_model(request, self._model_fields[method])
             default_label = self._default_labels[method]
             holding = [

@@ -13,11 +13,11 @@
   (``LoadView.capacity``) is learnt from the view: requests completed per second of device busy time, and on GPUs
   the device's peak compute from NVML times what the fleet completes per unit of compute, never more than the
   replica itself has shown (a throttled or overloaded replica stays slow). So a GPU three times faster takes three
-  times the work. The replica's reported queue is not added: it holds this
-  gateway's own requests (already counted, live) and is up to a report interval old; ranking on it herds requests
-  onto whichever replica looked idle. Other gateways' work shows in the capacity the replica achieves. Without a
-  fresh view (scheduler down or not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it
-  against the other two on a heterogeneous fleet.
+  times the work. The replica's reported queue is not added: it holds this gateway's own requests (already
+  counted, live) and is up to a report interval old; ranking on it herds requests onto whichever replica looked
+  idle. Other gateways' work shows in the capacity the replica achieves. Without a fresh view (scheduler down or
+  not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it against the other two on a
+  heterogeneous fleet.
 
 A choice reads only memory: the view is pushed to the gateway, never fetched per request.
 """
