@@ -620,8 +620,9 @@ async def test_tenants_take_turns_by_the_service_they_received(make: Factory) ->
     engine.gate.set()
     assert await asyncio.gather(*tasks) == [r * 10 for r in range(1, 9)]
     await blocker
-    # First come, first served would run the light tenant's last: [[1, 2], [3, 4], [5, 6], [7, 8]].
-    assert engine.batches[1:] == [[1, 7], [2, 8], [3, 4], [5, 6]]
+    # First come, first served would run the light tenant's last: [[1, 2], [3, 4], [5, 6], [7, 8]]. At equal
+    # service the tenant with less waiting goes first.
+    assert engine.batches[1:] == [[7, 1], [8, 2], [3, 4], [5, 6]]
 
 
 async def test_tenant_weights_scale_the_share(make: Factory) -> None:

@@ -19,10 +19,10 @@ every request is batched as soon as it arrives and the order makes no difference
 Tenants (``x-aimass-tenant``) share a priority fairly, after virtual token counters (VTC, Sheng et al., OSDI 2024;
 the LLM engine does the same with tokens): each tenant waits in its own FIFO, and the next request taken is the
 head of the tenant that has received the least service, in units taken into batches divided by its weight
-(``scheduler.tenant_weights``). A tenant that starts waiting is lifted to the least counter among the tenants
-already waiting, so idling banks no credit; counters restart whenever the queue empties. A flood from one tenant
-therefore delays its own later requests, not another tenant's next one. With one tenant (or none named) this is
-first come, first served.
+(``scheduler.tenant_weights``; among equals, the tenant with less waiting). A tenant that starts waiting is lifted
+to the least counter among the tenants already waiting, so idling banks no credit; counters restart whenever the
+queue empties. A flood from one tenant therefore delays its own later requests, not another tenant's next one.
+With one tenant (or none named) this is first come, first served.
 
 A full queue refuses a request with RESOURCE_EXHAUSTED, unless it holds requests of a lower priority than the
 newcomer's: then the newest of the lowest priority queued are displaced (failed with RESOURCE_EXHAUSTED, as if
@@ -553,13 +553,16 @@ class DynamicBatcher(Generic[Req, Resp]):
         return None
 
     def _next_of_level(self, level: int) -> _Item[Req, Resp] | None:
-        """The request a batch takes next at ``level``: the head of the least-served tenant (the longest-waiting
-        head among equals)."""
+        """The request a batch takes next at ``level``: the head of the least-served tenant; among equals, the tenant
+        with less waiting (a newcomer lifted to a flooding tenant's counter goes first), then the oldest head."""
         fifos = self._queues[level]
         heads = [head for tenant in list(fifos) if (head := self._live_head(fifos, tenant)) is not None]
         if not heads:
             return None
-        return min(heads, key=lambda head: (self._fair_share.served(head.tenant), head.enqueued_at))
+        return min(
+            heads,
+            key=lambda head: (self._fair_share.served(head.tenant), self._waiting[head.tenant], head.enqueued_at),
+        )
 
     def _take_batch(self) -> list[_Item[Req, Resp]]:
         """Pop a batch of at most max_batch_size units, highest priority first and the least-served tenant's oldest
