@@ -217,7 +217,6 @@ class DynamicBatcher(Generic[Req, Resp]):
         # Per priority level, most urgent first: a FIFO per tenant, and the live units queued by each tenant.
         self._queues: tuple[dict[str, deque[_Item[Req, Resp]]], ...] = tuple({} for _ in _LEVEL_NAMES)
         self._tenant_units: tuple[collections.Counter[str], ...] = tuple(collections.Counter() for _ in _LEVEL_NAMES)
-        self._level_units = [0] * len(_LEVEL_NAMES)
         # Live units queued per tenant over all levels (the tenants waiting), and the service each has received.
         self._waiting = collections.Counter[str]()
         self._fair_share = FairShare(tenant_weights)
@@ -404,7 +403,6 @@ class DynamicBatcher(Generic[Req, Resp]):
         nothing is left waiting."""
         units = sign * item.units
         self._queued_units += units
-        self._level_units[item.level] += units
         self._tenant_units[item.level][item.tenant] += units
         self._waiting[item.tenant] += units
         if sign < 0:
@@ -455,7 +453,7 @@ class DynamicBatcher(Generic[Req, Resp]):
 
         Displaces nothing and returns False when even all lower-priority requests together would not make room.
         """
-        lower = sum(self._level_units[level + 1 :])
+        lower = sum(held.total() for held in self._tenant_units[level + 1 :])
         if lower == 0 or self._queued_units - lower + units > self._max_queue_size:
             return False
         for victim_level in range(len(self._queues) - 1, level, -1):
