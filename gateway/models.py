@@ -21,7 +21,7 @@ import grpc
 
 from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
 from aimass.runtime.errors import FailedPrecondition, PermissionDenied, Unavailable
-from aimass.runtime.metadata import TENANT_KEY, metadata_value
+from aimass.runtime.metadata import tenant_of
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata, relay_error
 from gateway.replicas import Replica, ReplicaSet
@@ -119,7 +119,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     def _admin(self, context: Context) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
         """The scheduler to place with, once the caller may load and unload models."""
-        tenant = metadata_value(context.invocation_metadata(), TENANT_KEY)
+        tenant = tenant_of(context.invocation_metadata())
         if tenant not in self.admin_tenants:
             raise PermissionDenied(
                 f"loading and unloading models is for admin tenants; tenant {tenant or '(none)'!r} is not one "

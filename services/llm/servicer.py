@@ -23,7 +23,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from aimass.runtime import tracing
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
-from aimass.runtime.metadata import TENANT_KEY, metadata_value, request_id_of
+from aimass.runtime.metadata import request_id_of, tenant_of
 from aimass.runtime.models import require_loaded, resolve_model
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import LlmEngine
@@ -159,7 +159,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         )
         priority_class = priority_value(request.meta.priority)
         request_id = request.meta.request_id or request_id_of(context.invocation_metadata())
-        tenant = metadata_value(context.invocation_metadata(), TENANT_KEY)
+        tenant = tenant_of(context.invocation_metadata())
         # Within a priority class, tenants take turns by the service they received (fairness.py).
         rank, estimate = self.fairness.admit(tenant, len(prompt_ids), params.max_tokens or 0)
         priority = priority_class * PRIORITY_CLASS_SPAN + rank
