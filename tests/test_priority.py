@@ -63,6 +63,24 @@ def embed_request(text: str, priority: common_pb2.Priority.ValueType) -> nlp_pb2
     return nlp_pb2.EmbedRequest(meta=common_pb2.RequestMeta(priority=priority), texts=[text])
 
 
+async def embed_in_order(
+    stub: nlp_pb2_grpc.NlpServiceAsyncStub,
+    finished: list[str],
+    label: str,
+    *,
+    priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_NORMAL,
+    tenant: str = "",
+) -> nlp_pb2.EmbedResponse:
+    """One Embed call; ``label`` joins ``finished`` when it is answered, so a test sees the order of completion."""
+    reply = await stub.Embed(
+        embed_request(f"request {label} about serving models", priority),
+        timeout=CALL_TIMEOUT_S,
+        metadata=((TENANT_KEY, tenant),) if tenant else (),
+    )
+    finished.append(label)
+    return reply
+
+
 async def test_high_priority_overtakes_queued_low_priority_requests(
     contended: tuple[ServerRunner, nlp_pb2_grpc.NlpServiceAsyncStub],
 ) -> None:
@@ -70,19 +88,15 @@ async def test_high_priority_overtakes_queued_low_priority_requests(
     batcher = embed_batcher(runner)
     finished: list[str] = []
 
-    async def call(label: str, priority: common_pb2.Priority.ValueType) -> nlp_pb2.EmbedResponse:
-        reply = await stub.Embed(
-            embed_request(f"request {label} about serving models", priority), timeout=CALL_TIMEOUT_S
-        )
-        finished.append(label)
-        return reply
-
     submitted_before = batcher.stats.submitted
-    lows = [asyncio.create_task(call(f"low-{i}", common_pb2.PRIORITY_LOW)) for i in range(LOW_REQUESTS)]
+    lows = [
+        asyncio.create_task(embed_in_order(stub, finished, f"low-{i}", priority=common_pb2.PRIORITY_LOW))
+        for i in range(LOW_REQUESTS)
+    ]
     # Every LOW request has reached the batcher: one is executing, most of the others wait behind it.
     queued_when_sent = await backlog_queued(batcher, submitted_before, finished)
 
-    high = await call("high", common_pb2.PRIORITY_HIGH)
+    high = await embed_in_order(stub, finished, "high", priority=common_pb2.PRIORITY_HIGH)
     assert high.dimensions == 384
     replies = await asyncio.gather(*lows)
 
@@ -100,21 +114,14 @@ async def test_a_light_tenant_is_not_starved_by_a_heavy_one(
     batcher = embed_batcher(runner)
     finished: list[str] = []
 
-    async def call(label: str, tenant: str) -> nlp_pb2.EmbedResponse:
-        reply = await stub.Embed(
-            embed_request(f"request {label} about serving models", common_pb2.PRIORITY_NORMAL),
-            timeout=CALL_TIMEOUT_S,
-            metadata=((TENANT_KEY, tenant),),
-        )
-        finished.append(label)
-        return reply
-
     submitted_before = batcher.stats.submitted
-    heavy = [asyncio.create_task(call(f"heavy-{i}", "heavy")) for i in range(LOW_REQUESTS)]
+    heavy = [
+        asyncio.create_task(embed_in_order(stub, finished, f"heavy-{i}", tenant="heavy")) for i in range(LOW_REQUESTS)
+    ]
     queued_when_sent = await backlog_queued(batcher, submitted_before, finished)
 
     # Same priority, sent after the whole backlog: first come, first served would finish it last.
-    light = await call("light", "light")
+    light = await embed_in_order(stub, finished, "light", tenant="light")
     assert light.dimensions == 384
     await asyncio.gather(*heavy)
     assert finished.index("light") < 3, (finished, queued_when_sent)
