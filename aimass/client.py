@@ -1,15 +1,21 @@
-"""A small typed client for the aimass mesh (the gateway, or any replica), sync and async.
+"""A small typed client for the aimass mesh (its gateway), sync and async.
 
-    with Client("127.0.0.1:50051", api_key="my-key") as client:
+    with Client("127.0.0.1:50051") as client:   # the API key: api_key=, else $AIMASS_API_KEY, else the admin key file
         vectors = client.embeddings(["a cat", "a kitten"], normalize=True)
     async with AsyncClient("127.0.0.1:50051") as client:
         reply = await client.classify(["Book me a flight to Rome"], ["travel", "cooking"])
     print(reply.results[0].scores[0].label)  # "travel"
 
-Both clients hold one long-lived channel. UNAVAILABLE (replica down or draining, connection refused) is retried by
-gRPC itself, through the channel's service config (``channel_options``), with exponential backoff; other codes reach
-the caller as ``grpc.RpcError`` unchanged (``error_info`` decodes the machine-readable detail the mesh attaches).
-Methods not wrapped here are on the raw generated stubs, ``client.nlp`` and ``client.llm``.
+Both clients hold one long-lived channel. UNAVAILABLE (replica down or draining, connection refused) and
+RESOURCE_EXHAUSTED (a full queue, a tenant's quota) are retried by gRPC itself, through the channel's service config
+(``channel_options``): after the delay the mesh asks for (``grpc-retry-pushback-ms``), else with exponential backoff;
+a wait too long to retry on its own (a daily quota) and other codes reach the caller as ``grpc.RpcError``
+(``error_info`` decodes the machine-readable detail the mesh attaches: reason, quota, retry_after_ms). Methods not
+wrapped here are on the raw generated stubs: ``client.nlp``, ``client.llm``, ``client.admin``.
+
+The API key: ``api_key=``, else the ``AIMASS_API_KEY`` environment variable, else the admin key file `aimass up`
+wrote (``auth.admin_key_file``, readable by its owner only). A gateway with TLS on its front door: pass
+``tls=True`` (the system's roots) or ``root_certificates=`` (PEM bytes of a private CA).
 
     for piece in client.chat("What is the capital of France?", temperature=0):
         print(piece.delta, end="")
@@ -21,16 +27,17 @@ context (``traceparent``), so the mesh's spans join the caller's trace.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Final, Self, TypedDict
+from typing import Any, Final, NamedTuple, Self, TypedDict
 
 import grpc
 import grpc.aio
 from opentelemetry import propagate
 
 from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY
-from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
+from aimass.v1 import admin_pb2_grpc, common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -39,13 +46,18 @@ __all__ = [
     "Client",
     "channel_options",
     "error_info",
+    "keyed_aio_channel",
+    "keyed_channel",
+    "resolve_api_key",
     "service_config",
 ]
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
+API_KEY_ENV: Final = "AIMASS_API_KEY"
 # The public aimass.v1 services the retry policy covers (control-plane services are for mesh processes only).
 RETRIED_SERVICES: Final = tuple(
-    f"aimass.v1.{name}" for name in ("NlpService", "LlmService", "VisionService", "SpeechService", "ModelService")
+    f"aimass.v1.{name}"
+    for name in ("NlpService", "LlmService", "VisionService", "SpeechService", "ModelService", "AdminService")
 )
 # gRPC caps a retry policy's maxAttempts at 5 (silently); we refuse more instead of pretending.
 MAX_ATTEMPTS_LIMIT: Final = 5
@@ -65,7 +77,8 @@ class CallOptions(TypedDict):
 
 
 def service_config(max_attempts: int) -> dict[str, Any]:
-    """The gRPC service config: retry UNAVAILABLE on every public aimass.v1 service, up to ``max_attempts`` tries.
+    """The gRPC service config: retry UNAVAILABLE and RESOURCE_EXHAUSTED (after the server's pushback) on every public
+    aimass.v1 service, up to ``max_attempts`` tries.
 
     ``max_attempts=1`` means no retries (the policy is left out: gRPC requires at least 2 attempts in one).
     """
@@ -78,7 +91,7 @@ def service_config(max_attempts: int) -> dict[str, Any]:
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         }
     return {"methodConfig": [method_config]}
 
@@ -86,6 +99,27 @@ def service_config(max_attempts: int) -> dict[str, Any]:
 def channel_options(max_attempts: int) -> ChannelOptions:
     """Channel arguments that install ``service_config(max_attempts)`` and turn retries on."""
     return (("grpc.service_config", json.dumps(service_config(max_attempts))), ("grpc.enable_retries", 1))
+
+
+def resolve_api_key(api_key: str | None = None) -> str | None:
+    """``api_key``, else ``$AIMASS_API_KEY``, else the admin key file of this host's mesh when it is readable."""
+    if api_key:
+        return api_key
+    from_env = os.environ.get(API_KEY_ENV, "").strip()
+    if from_env:
+        return from_env
+    from aimass.runtime.config import load_settings  # only when needed: settings read files and the environment
+
+    try:
+        return load_settings().admin_key_file.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 def error_info(error: grpc.RpcError) -> common_pb2.ErrorInfo | None:
@@ -227,16 +261,27 @@ def _vectors(response: nlp_pb2.EmbedResponse) -> list[list[float]]:
 class _ClientBase:
     """Settings and per-call options common to both clients."""
 
-    def __init__(self, target: str, *, api_key: str | None, timeout_s: float | None, max_attempts: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None,
+        timeout_s: float | None,
+        max_attempts: int,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"timeout_s is {timeout_s}; use a positive number of seconds, or None for no deadline")
         self.target = target
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.channel_options = channel_options(max_attempts)
+        self.channel_credentials = _credentials(tls, root_certificates)
+        api_key = resolve_api_key(api_key)
         self._auth: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
-    def _call(self, timeout_s: float | None, request_id: str | None) -> CallOptions:
+    def call_options(self, timeout_s: float | None = None, request_id: str | None = None) -> CallOptions:
         """Deadline (the call's, else the client's) and metadata (api key, request id, the caller's current trace
         context if any) for one call."""
         metadata = self._auth + (((REQUEST_ID_KEY, request_id),) if request_id else ())
@@ -263,11 +308,25 @@ class Client(_ClientBase):
         api_key: str | None = None,
         timeout_s: float | None = 30.0,
         max_attempts: int = 4,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
-        super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
-        self.channel = grpc.insecure_channel(target, options=self.channel_options)
+        super().__init__(
+            target,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            tls=tls,
+            root_certificates=root_certificates,
+        )
+        self.channel = (
+            grpc.insecure_channel(target, options=self.channel_options)
+            if self.channel_credentials is None
+            else grpc.secure_channel(target, self.channel_credentials, options=self.channel_options)
+        )
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
         self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -291,7 +350,7 @@ class Client(_ClientBase):
     ) -> nlp_pb2.EmbedResponse:
         """Sentence embeddings, one per text in order (default model: 384 dimensions)."""
         request = embed_request(texts, normalize=normalize, model=model, request_id=request_id)
-        return self.nlp.Embed(request, **self._call(timeout_s, request_id))
+        return self.nlp.Embed(request, **self.call_options(timeout_s, request_id))
 
     def embeddings(
         self,
@@ -310,14 +369,14 @@ class Client(_ClientBase):
     ) -> nlp_pb2.SentimentResponse:
         """Polarity of each text: label "positive" / "negative" / "neutral" and a compound score in -1..1."""
         request = sentiment_request(texts, model=model, request_id=request_id)
-        return self.nlp.Sentiment(request, **self._call(timeout_s, request_id))
+        return self.nlp.Sentiment(request, **self.call_options(timeout_s, request_id))
 
     def entities(
         self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
     ) -> nlp_pb2.EntitiesResponse:
         """Named entities (PERSON, GPE, ORG, ...) with character offsets, one document per text."""
         request = entities_request(texts, model=model, request_id=request_id)
-        return self.nlp.Entities(request, **self._call(timeout_s, request_id))
+        return self.nlp.Entities(request, **self.call_options(timeout_s, request_id))
 
     def classify(
         self,
@@ -339,7 +398,7 @@ class Client(_ClientBase):
             model=model,
             request_id=request_id,
         )
-        return self.nlp.Classify(request, **self._call(timeout_s, request_id))
+        return self.nlp.Classify(request, **self.call_options(timeout_s, request_id))
 
     def chat(
         self,
@@ -366,7 +425,7 @@ class Client(_ClientBase):
             model=model,
             request_id=request_id,
         )
-        call = self.llm.Chat(request, **self._call(timeout_s, request_id))
+        call = self.llm.Chat(request, **self.call_options(timeout_s, request_id))
         try:
             yield from call
         finally:
@@ -383,11 +442,25 @@ class AsyncClient(_ClientBase):
         api_key: str | None = None,
         timeout_s: float | None = 30.0,
         max_attempts: int = 4,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
-        super().__init__(target, api_key=api_key, timeout_s=timeout_s, max_attempts=max_attempts)
-        self.channel = grpc.aio.insecure_channel(target, options=self.channel_options)
+        super().__init__(
+            target,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            tls=tls,
+            root_certificates=root_certificates,
+        )
+        self.channel = (
+            grpc.aio.insecure_channel(target, options=self.channel_options)
+            if self.channel_credentials is None
+            else grpc.aio.secure_channel(target, self.channel_credentials, options=self.channel_options)
+        )
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
         self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -411,7 +484,7 @@ class AsyncClient(_ClientBase):
     ) -> nlp_pb2.EmbedResponse:
         """See ``Client.embed``."""
         request = embed_request(texts, normalize=normalize, model=model, request_id=request_id)
-        return await self.nlp.Embed(request, **self._call(timeout_s, request_id))
+        return await self.nlp.Embed(request, **self.call_options(timeout_s, request_id))
 
     async def embeddings(
         self,
@@ -431,14 +504,14 @@ class AsyncClient(_ClientBase):
     ) -> nlp_pb2.SentimentResponse:
         """See ``Client.sentiment``."""
         request = sentiment_request(texts, model=model, request_id=request_id)
-        return await self.nlp.Sentiment(request, **self._call(timeout_s, request_id))
+        return await self.nlp.Sentiment(request, **self.call_options(timeout_s, request_id))
 
     async def entities(
         self, texts: Sequence[str], *, model: str = "", timeout_s: float | None = None, request_id: str | None = None
     ) -> nlp_pb2.EntitiesResponse:
         """See ``Client.entities``."""
         request = entities_request(texts, model=model, request_id=request_id)
-        return await self.nlp.Entities(request, **self._call(timeout_s, request_id))
+        return await self.nlp.Entities(request, **self.call_options(timeout_s, request_id))
 
     async def classify(
         self,
@@ -460,7 +533,7 @@ class AsyncClient(_ClientBase):
             model=model,
             request_id=request_id,
         )
-        return await self.nlp.Classify(request, **self._call(timeout_s, request_id))
+        return await self.nlp.Classify(request, **self.call_options(timeout_s, request_id))
 
     async def chat(
         self,
@@ -486,9 +559,132 @@ class AsyncClient(_ClientBase):
             model=model,
             request_id=request_id,
         )
-        call = self.llm.Chat(request, **self._call(timeout_s, request_id))
+        call = self.llm.Chat(request, **self.call_options(timeout_s, request_id))
         try:
             async for response in call:
                 yield response
         finally:
             call.cancel()
+
+
+# -- channels that carry the API key on every call (for the raw generated stubs) ---------------------------------
+
+
+class _KeyedDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def _with_key(metadata: Any, auth: Metadata) -> list[tuple[str, str | bytes]]:
+    return [*(tuple(metadata) if metadata else ()), *auth]
+
+
+class _KeyInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <key>`` to every call of a blocking channel."""
+
+    def __init__(self, auth: Metadata) -> None:
+        self.auth = auth
+
+    def _details(self, details: Any) -> _KeyedDetails:
+        return _KeyedDetails(
+            details.method,
+            details.timeout,
+            _with_key(details.metadata, self.auth),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _AioKeyInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <key>`` to every call of an asyncio channel."""
+
+    def __init__(self, auth: Metadata) -> None:
+        self.auth = auth
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*_with_key(details.metadata, self.auth)),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def _auth_metadata(api_key: str | None) -> Metadata:
+    key = resolve_api_key(api_key)
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def keyed_channel(
+    target: str = DEFAULT_TARGET,
+    api_key: str | None = None,
+    *,
+    root_certificates: bytes | None = None,
+    tls: bool = False,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A blocking channel to the gateway whose every call carries the API key (resolved as ``Client`` does), for
+    the generated stubs: ``NlpServiceStub(keyed_channel()).Sentiment(...)``."""
+    credentials = _credentials(tls, root_certificates)
+    channel = (
+        grpc.insecure_channel(target, options=list(options))
+        if credentials is None
+        else grpc.secure_channel(target, credentials, options=list(options))
+    )
+    return grpc.intercept_channel(channel, _KeyInterceptor(_auth_metadata(api_key)))
+
+
+def keyed_aio_channel(
+    target: str = DEFAULT_TARGET,
+    api_key: str | None = None,
+    *,
+    root_certificates: bytes | None = None,
+    tls: bool = False,
+    options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    """``keyed_channel`` for asyncio (create it inside the event loop)."""
+    credentials = _credentials(tls, root_certificates)
+    interceptors = [_AioKeyInterceptor(_auth_metadata(api_key))]
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)

@@ -1,11 +1,12 @@
 """A whole mesh on this machine: `aimass up` in a subprocess, on free loopback ports, with a clean stop.
 
-For tests, benchmarks and scripts that need the real thing exactly as users start it::
+For tests, benchmarks and scripts that need the real thing exactly as users start it, secured as users get it
+(API keys at the gateway, mTLS inside), with its own state directory (store, admin key, CA) next to its log::
 
     mesh = LocalMesh(log_path=Path("/tmp/mesh.log"), replicas={"nlp": 2, "vision": 1})
     mesh.start()
     mesh.wait_ready()
-    ...  # call mesh.gateway
+    ...  # NlpServiceStub(mesh.channel()) calls the gateway with the admin key; mesh.api_key is the key itself
     mesh.stop()
 """
 
@@ -24,8 +25,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.bootstrap import operator_credentials
 from aimass.cli import SERVICE_MODULES
+from aimass.client import keyed_aio_channel, keyed_channel
+from aimass.runtime.config import AuthConfig, MeshTlsConfig, Settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_sync_channel
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -68,12 +73,46 @@ class LocalMesh:
     # Serve Prometheus metrics from every process (on free consecutive ports; see metrics_address).
     metrics: bool = False
     metrics_port: int = 0
+    # The mesh's state (store, admin key, CA and certificates); default: "state" next to the log.
+    state_dir: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.replicas) - set(SERVICE_MODULES)
         if unknown:
             raise ValueError(f"unknown service kinds {sorted(unknown)}; known: {sorted(SERVICE_MODULES)}")
+        if self.state_dir is None:
+            self.state_dir = self.log_path.parent / "state"
+
+    def settings(self) -> Settings:
+        """The settings the mesh's processes run with, as far as tools talking to it need them."""
+        assert self.state_dir is not None
+        return Settings(
+            state_dir=self.state_dir,
+            mesh=MeshTlsConfig(tls=self.env.get("AIMASS_MESH__TLS", "on")),  # type: ignore[arg-type]
+            auth=AuthConfig(mode=self.env.get("AIMASS_AUTH__MODE", "on")),  # type: ignore[arg-type]
+        )
+
+    @property
+    def api_key(self) -> str:
+        """The admin key `aimass up` made for this mesh ("" with auth off)."""
+        path = self.settings().admin_key_file
+        return path.read_text().strip() if path.exists() else ""
+
+    def operator_credentials(self) -> MeshCredentials | None:
+        """An operator certificate for calls inside the mesh (registry, scheduler); None with mesh TLS off."""
+        return operator_credentials(self.settings())
+
+    def channel(self, api_key: str | None = None) -> grpc.Channel:
+        """A blocking channel to the gateway whose calls carry ``api_key`` (default: the admin key)."""
+        return keyed_channel(self.gateway, api_key or self.api_key or None)
+
+    def aio_channel(self, api_key: str | None = None) -> grpc.aio.Channel:
+        return keyed_aio_channel(self.gateway, api_key or self.api_key or None)
+
+    def scheduler_channel(self) -> grpc.Channel:
+        """A blocking channel to the scheduler (and its registry) as an operator."""
+        return mesh_sync_channel(self.scheduler, self.operator_credentials(), server_role=ROLE_SCHEDULER)
 
     @property
     def scheduler(self) -> str:
@@ -126,7 +165,7 @@ class LocalMesh:
             or {self.gateway_port, self.scheduler_port} & set(range(self.metrics_port, self.metrics_port + processes))
         ):
             self.metrics_port = consecutive_free_ports(processes)
-        env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, **self.env}
+        env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, "AIMASS_STATE_DIR": str(self.state_dir), **self.env}
         with self.log_path.open("wb") as sink:
             self.process = subprocess.Popen(
                 [
@@ -148,9 +187,13 @@ class LocalMesh:
         Fails early, with the log's tail, if `aimass up` died.
         """
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.gateway) as channel:
-            registry = registry_pb2_grpc.RegistryServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
+        # `aimass up` makes the certificates first; the operator's is usable once it has.
+        while self.settings().mesh.tls == "on" and not (self.settings().pki_dir / "operator.crt").exists():
+            self._check_alive(deadline, "the mesh's certificates")
+            time.sleep(0.2)
+        with self.scheduler_channel() as control, grpc.insecure_channel(self.gateway) as front:
+            registry = registry_pb2_grpc.RegistryServiceStub(control)
+            health = health_pb2_grpc.HealthStub(front)
             while not self._ready(registry, health):
                 self._check_alive(deadline, "every replica to register and serve")
                 time.sleep(0.2)
@@ -159,7 +202,7 @@ class LocalMesh:
         try:
             listed = registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=2).instances
             serving = [i for i in listed if i.state == common_pb2.SERVING_STATE_SERVING]
-            if not any(i.kind == "scheduler" for i in serving):
+            if not any(i.kind == "scheduler" for i in serving) or not any(i.kind == "gateway" for i in serving):
                 return False
             # The gateway and the scheduler serve no models; the gateway forwards to the others.
             serving = [i for i in serving if i.kind not in CONTROL_PLANE_KINDS]
@@ -172,7 +215,7 @@ class LocalMesh:
                 for service in services
             )
         except grpc.RpcError:
-            return False  # the gateway is still starting
+            return False  # the scheduler or the gateway is still starting
 
     def _check_alive(self, deadline: float, waiting_for: str) -> None:
         assert self.process is not None, "start() first"

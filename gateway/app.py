@@ -1,5 +1,6 @@
-"""The gateway process: hosts the embedded registry (or follows Consul), watches it, and forwards aimass.v1 calls
-to replicas."""
+"""The gateway process, the mesh's front door: verifies every caller's API key, applies its tenant's scopes and
+quotas, and forwards aimass.v1 calls to replicas over mesh mTLS; serves the mesh-wide ModelService and the
+AdminService (keys, tenants, audit) over the shared store."""
 
 from __future__ import annotations
 
@@ -7,15 +8,22 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime import tracing
 from aimass.runtime.config import GatewayConfig, Settings
-from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
-from aimass.runtime.server import NOT_SERVING, SERVING, ServerRunner, serve_process, server_options
-from aimass.v1 import models_pb2, models_pb2_grpc, registry_pb2_grpc, scheduler_pb2_grpc
+from aimass.runtime.discovery import make_registry
+from aimass.runtime.identity import ROLE_GATEWAY, ROLE_SCHEDULER, mesh_channel, process_credentials
+from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, message_options, serve_process
+from aimass.store.sql import SqlStore
+from aimass.tenancy.audit import AuditLog
+from aimass.tenancy.quotas import TenantQuotas
+from aimass.v1 import admin_pb2_grpc, models_pb2, models_pb2_grpc, scheduler_pb2_grpc
+from gateway.admin import AdminServicer
+from gateway.auth import ApiKeyInterceptor, KeyVerifier
 from gateway.forwarder import Forwarder
 from gateway.models import MeshModelServicer
 from gateway.replicas import Replica, ReplicaSet
@@ -24,15 +32,16 @@ from gateway.view import LoadView, ViewWatcher
 
 log = logging.getLogger(__name__)
 
-REGISTRY_SERVICE = "aimass.v1.RegistryService"
 MODEL_SERVICE = "aimass.v1.ModelService"
-INTERNAL_SERVICES = frozenset({"aimass.v1.SchedulerService"})
+ADMIN_SERVICE = "aimass.v1.AdminService"
+# The control plane's contracts are for mesh processes, on the scheduler's mTLS port: never forwarded.
+INTERNAL_SERVICES = frozenset({"aimass.v1.SchedulerService", "aimass.v1.RegistryService"})
 
 
 def replica_channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
     """The gateway's channels to replicas: message limits as the server's, keepalive pings to notice a host that
     vanished, and a short reconnect backoff so a replica that comes back is used again quickly."""
-    options = server_options(config.server)
+    options: list[tuple[str, int]] = message_options(config.server)
     if config.keepalive_s:
         options += [
             ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
@@ -43,30 +52,39 @@ def replica_channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
     return [*options, ("grpc.min_reconnect_backoff_ms", 1000), ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
+def front_door_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+    """TLS on the public port when gateway.tls_cert/tls_key are set (no client certificates: callers prove who they
+    are with API keys)."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+
+
 class GatewayApp:
     kind = "gateway"
     # Served here, not forwarded: replicas serve ModelService too, but only for their own models.
-    service_names: tuple[str, ...] = (REGISTRY_SERVICE, MODEL_SERVICE)
+    service_names: tuple[str, ...] = (MODEL_SERVICE, ADMIN_SERVICE)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # The embedded registry lives here; with Consul the gateway registers and watches like everyone else.
-        self.embedded: InMemoryRegistry | None = None
-        self.registry: Registry
-        if settings.registry.backend == "embedded":
-            self.registry = self.embedded = InMemoryRegistry()
-        else:
-            self.registry = make_registry(settings.registry)
-            self.service_names = (MODEL_SERVICE,)
+        self.credentials = process_credentials(settings, ROLE_GATEWAY)
+        # The registry is the scheduler's (or Consul): the gateway registers there and follows it.
+        self.registry = make_registry(settings.registry, credentials=self.credentials)
         self.replicas = ReplicaSet(
             self.registry,
+            credentials=self.credentials,
             channel_options=replica_channel_options(settings.gateway),
             close_grace_s=settings.gateway.server.drain_grace_s,
             on_change=self._on_change,
         )
         self.view = LoadView()
         self.view_watcher = (
-            ViewWatcher(settings.scheduler.address, self.view, subscriber_id=f"gateway-{os.getpid()}")
+            ViewWatcher(
+                settings.scheduler.address,
+                self.view,
+                subscriber_id=f"gateway-{os.getpid()}",
+                credentials=self.credentials,
+            )
             if settings.scheduler.address
             else None
         )
@@ -74,11 +92,22 @@ class GatewayApp:
             self.replicas,
             make_router(settings.gateway.router, self.view),
             local_services=frozenset(self.service_names),
-            # The scheduler's contract is for mesh processes only.
             internal_services=INTERNAL_SERVICES,
             retry_unavailable=settings.gateway.retry_unavailable,
             router_name=settings.gateway.router,
             tracer=tracing.tracer(),
+        )
+        # Keys, tenants and the audit log live in the store every gateway shares (opened in load()).
+        self.store = SqlStore(settings.store_url, busy_timeout_s=settings.store.busy_timeout_s)
+        self.audit = AuditLog(self.store, coalesce_s=settings.auth.audit_coalesce_s)
+        self.verifier = KeyVerifier(self.store, settings.auth, settings.tenants) if settings.auth.mode == "on" else None
+        self.quotas = TenantQuotas(
+            gateways=lambda: self.replicas.gateways,
+            max_tracked=settings.tenants.max_tracked,
+            idle_expiry_s=settings.tenants.idle_expiry_s,
+        )
+        self.auth = ApiKeyInterceptor(
+            self.verifier, self.quotas, self.audit, usage=self.view.tenant_usage, tenants=settings.tenants
         )
         self._scheduler_channel: grpc.aio.Channel | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -88,38 +117,41 @@ class GatewayApp:
     def forwarded_services(self) -> tuple[str, ...]:
         return tuple(sorted(self.forwarder.forwarded_services))
 
+    @property
+    def listener(self) -> Listener:
+        """The public port: API keys on every call (auth.mode "on"), TLS when configured."""
+        return Listener(front_door_credentials(self.settings.gateway), (self.auth,))
+
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
-        if self.embedded is not None:
-            registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.embedded), server)
         scheduler = None
         if self.settings.scheduler.address:
-            self._scheduler_channel = grpc.aio.insecure_channel(self.settings.scheduler.address)
+            self._scheduler_channel = mesh_channel(
+                self.settings.scheduler.address, self.credentials, server_role=ROLE_SCHEDULER
+            )
             scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._scheduler_channel)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
-            MeshModelServicer(
-                self.replicas,
-                scheduler=scheduler,
-                admin_tenants=frozenset(self.settings.gateway.admin_tenants),
-            ),
-            server,
+            MeshModelServicer(self.replicas, scheduler=scheduler, audit=self.audit), server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store, self.verifier, self.audit), server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         server.add_generic_rpc_handlers((self.forwarder,))
 
     async def load(self) -> None:
-        if self.embedded is not None:
-            self.embedded.start()
+        if self.verifier is None:
+            log.warning(
+                'AUTH IS OFF (auth.mode = "off"): the gateway takes calls with no API key and trusts the tenant a '
+                "caller names in x-aimass-tenant. For throwaway development only."
+            )
+        # Creates or upgrades the schema (safe when several processes start at once).
+        await asyncio.to_thread(self.store.migrate)
+        if self.verifier is not None:
+            await self.verifier.start()
+        self.audit.start()
         self.replicas.start()
         if self.view_watcher is not None:
             self.view_watcher.start()
         self._on_change({})
-
-    async def end_streams(self) -> None:
-        # Replicas and the scheduler watch the embedded registry for as long as the gateway lives; their streams
-        # end here so the drain finishes in-flight calls without waiting out its grace for them.
-        if self.embedded is not None:
-            await self.embedded.end_watches()
 
     def _on_change(self, by_service: dict[str, list[Replica]]) -> None:
         # Health per forwarded service: SERVING while at least one healthy replica serves it.
@@ -144,6 +176,10 @@ class GatewayApp:
         if self._scheduler_channel is not None:
             await self._scheduler_channel.close()
         await self.replicas.close()
+        if self.verifier is not None:
+            await self.verifier.close()
+        await self.audit.close()
+        await asyncio.to_thread(self.store.close)
 
 
 def build_runner(settings: Settings) -> ServerRunner:
@@ -153,6 +189,7 @@ def build_runner(settings: Settings) -> ServerRunner:
         settings.gateway.server,
         registry=app.registry,
         registry_config=settings.registry,
+        listener=app.listener,
         reflection_extra=app.forwarded_services,
         # Replicas echo the request id; the gateway only fills one in (see forwarder) and relays their trailers.
         echo_request_id=False,

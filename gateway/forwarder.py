@@ -25,7 +25,8 @@ from prometheus_client import Counter
 from aimass.runtime import contract, tracing
 from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.interceptors import Handler
-from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id, request_id_of
+from aimass.runtime.metadata import INTERNAL_PREFIX, REQUEST_ID_KEY, TENANT_KEY, new_request_id, request_id_of
+from aimass.runtime.scope import current_scope
 from gateway.model_routing import model_field_number, requested_model
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import ExplainsChoice, Router
@@ -48,22 +49,38 @@ RETRIES = Counter(
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
 
-# Transport headers that grpc sets per hop; everything else (api keys, tenant, traceparent, ...) passes through.
-HOP_BY_HOP = frozenset({"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"})
+# Transport headers that grpc sets per hop, and the caller's credentials (verified here, never passed on); everything
+# else the caller sent (traceparent, x-request-id, its own labels) passes through, except the mesh's own x-aimass-*
+# headers, which the gateway writes from the call's verified scope.
+HOP_BY_HOP = frozenset(
+    {"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
+    | {"authorization", "x-api-key"}
+)
 
 
 def forwarded_metadata(context: Context) -> Metadata:
-    """The caller's metadata minus per-hop headers, with a request id filled in when the caller sent none."""
+    """The caller's metadata minus per-hop headers, credentials and x-aimass-* headers, plus the call's verified
+    scope (tenant, weight, priority cap, key id) and a request id when the caller sent none."""
     incoming = context.invocation_metadata() or ()
-    kept: Metadata = tuple((key, value) for key, value in incoming if not key.startswith(":") and key not in HOP_BY_HOP)
+    kept: Metadata = tuple(
+        (key, value)
+        for key, value in incoming
+        if not key.startswith(":") and key not in HOP_BY_HOP and not key.startswith(INTERNAL_PREFIX)
+    )
+    scope = current_scope().metadata()
     if request_id_of(incoming):
-        return kept
-    return (*kept, (REQUEST_ID_KEY, new_request_id()))
+        return (*kept, *scope)
+    return (*kept, *scope, (REQUEST_ID_KEY, new_request_id()))
+
+
+def with_tenant(trailers: Metadata) -> Metadata:
+    """A replica's trailers plus the tenant the call was served for (the key's, whatever the caller claimed)."""
+    return (*trailers, (TENANT_KEY, current_scope().tenant))
 
 
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
     trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
-    await context.abort(err.code(), err.details() or "", trailing_metadata=trailers)
+    await context.abort(err.code(), err.details() or "", trailing_metadata=with_tenant(trailers))
 
 
 class Forwarder(grpc.GenericRpcHandler):
@@ -279,9 +296,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 finally:
                     target.inflight -= 1
                     self._end_call_span(span, error)
-                trailers = await call.trailing_metadata()
-                if trailers:
-                    context.set_trailing_metadata(trailers)
+                context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
                 return response
             raise AssertionError("unreachable")
 
@@ -307,9 +322,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 replica.inflight -= 1
                 call.cancel()
                 self._end_call_span(span, error)
-            trailers = await call.trailing_metadata()
-            if trailers:
-                context.set_trailing_metadata(trailers)
+            context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
             return response
 
         return forward
@@ -335,9 +348,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     await context.send_initial_metadata(initial)
                 async for response in call:
                     yield response
-                trailers = await call.trailing_metadata()
-                if trailers:
-                    context.set_trailing_metadata(trailers)
+                context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
             except grpc.aio.AioRpcError as err:
                 error = err
                 await relay_error(context, err)

@@ -13,15 +13,18 @@ UnloadModel asks every replica holding the model (narrowed by the target) and dr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
-from aimass.runtime.errors import FailedPrecondition, PermissionDenied, Unavailable
-from aimass.runtime.metadata import tenant_of
+from aimass.runtime.errors import AimassError, FailedPrecondition, Unavailable
+from aimass.runtime.scope import current_scope
+from aimass.store.records import AuditEvent
+from aimass.tenancy.audit import AuditLog, now_ms
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata, relay_error
 from gateway.replicas import Replica, ReplicaSet
@@ -41,12 +44,12 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
         *,
         replica_timeout_s: float = REPLICA_TIMEOUT_S,
         scheduler: scheduler_pb2_grpc.SchedulerServiceAsyncStub | None = None,
-        admin_tenants: frozenset[str] = frozenset({"admin"}),
+        audit: AuditLog | None = None,
     ) -> None:
         self.replicas = replicas
         self.replica_timeout_s = replica_timeout_s
         self.scheduler = scheduler
-        self.admin_tenants = admin_tenants
+        self.audit = audit
 
     async def _ask_all(
         self,
@@ -117,15 +120,8 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
 
     # -- load and unload -----------------------------------------------------------------------------------------
 
-    def _admin(self, context: Context) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
-        """The scheduler to place with, once the caller may load and unload models."""
-        tenant = tenant_of(context.invocation_metadata())
-        if tenant not in self.admin_tenants:
-            raise PermissionDenied(
-                f"loading and unloading models is for admin tenants; tenant {tenant or '(none)'!r} is not one "
-                f"(gateway.admin_tenants)",
-                reason="NOT_ADMIN",
-            )
+    def _scheduler(self) -> scheduler_pb2_grpc.SchedulerServiceAsyncStub:
+        """The scheduler to place with (the front door already checked the key's models:admin scope)."""
         if self.scheduler is None:
             raise FailedPrecondition(
                 "models are loaded and unloaded where the scheduler places them, and this gateway has no scheduler "
@@ -134,8 +130,42 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
             )
         return self.scheduler
 
+    @contextlib.asynccontextmanager
+    async def _audited(self, action: str, model: common_pb2.ModelRef, context: Context) -> AsyncIterator[None]:
+        """Audits one load or unload with its outcome: "ok", or the status it failed with."""
+        outcome, detail = "ok", ""
+        try:
+            yield
+        except AimassError as err:
+            outcome, detail = err.code.name, err.message
+            raise
+        except grpc.aio.AbortError:
+            code = context.code()
+            outcome = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+            detail = context.details() or ""
+            raise
+        finally:
+            if self.audit is not None:
+                scope = current_scope()
+                self.audit.record(
+                    AuditEvent(
+                        at_unix_ms=now_ms(),
+                        action=action,
+                        outcome=outcome,
+                        tenant_id=scope.tenant,
+                        key_id=scope.key_id,
+                        target=f"{model.name}:{model.version}" if model.version else model.name,
+                        detail=detail,
+                        peer=context.peer(),
+                    )
+                )
+
     async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
-        scheduler = self._admin(context)
+        async with self._audited("models.load", request.model, context):
+            return await self._load(request, context)
+
+    async def _load(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+        scheduler = self._scheduler()
         described = await self.DescribeModel(
             models_pb2.DescribeModelRequest(meta=request.meta, model=request.model), context
         )
@@ -224,7 +254,11 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.UnloadModelResponse:
-        scheduler = self._admin(context)
+        async with self._audited("models.unload", request.model, context):
+            return await self._unload(request, context)
+
+    async def _unload(self, request: models_pb2.UnloadModelRequest, context: Context) -> models_pb2.UnloadModelResponse:
+        scheduler = self._scheduler()
         name = require_model_name(request.model)
         target = request.target
         holders = [

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, Registry
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, mesh_channel
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,15 @@ class ReplicaSet:
         self,
         registry: Registry,
         *,
+        credentials: MeshCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
         close_grace_s: float = 30.0,
         on_change: Callable[[dict[str, list[Replica]]], Any] | None = None,
         skip_kinds: frozenset[str] = CONTROL_PLANE_KINDS,
     ) -> None:
         self.registry = registry
+        # Replicas are dialled with mesh mTLS, each expected to hold its kind's certificate.
+        self.credentials = credentials
         self.channel_options = list(channel_options)
         self.close_grace_s = close_grace_s
         self.on_change = on_change
@@ -64,6 +68,8 @@ class ReplicaSet:
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self.first_view = asyncio.Event()
+        # Gateways serving now (this one included once it has registered): tenants' quotas are shared among them.
+        self.gateways = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._follow(), name="replica-set")
@@ -84,6 +90,7 @@ class ReplicaSet:
             self.first_view.set()
 
     def apply(self, view: list[Instance]) -> None:
+        self.gateways = sum(1 for i in view if i.serving and i.kind == ROLE_GATEWAY)
         serving = {i.instance_id: i for i in view if i.serving and i.kind not in self.skip_kinds}
         for gone in set(self._by_instance) - set(serving):
             replica = self._by_instance.pop(gone)
@@ -96,7 +103,9 @@ class ReplicaSet:
             current = self._by_instance.get(iid)
             if current is None:
                 log.info("replica %s joined at %s serving %s", iid, instance.address, ", ".join(instance.services))
-                channel = grpc.aio.insecure_channel(instance.address, options=self.channel_options)
+                channel = mesh_channel(
+                    instance.address, self.credentials, server_role=instance.kind, options=self.channel_options
+                )
                 self._by_instance[iid] = Replica(instance, channel)
             else:
                 current.instance = instance

@@ -16,6 +16,7 @@ import time
 
 import grpc
 
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
 from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ class LoadView:
         self.connected = False
         self.received_monotonic = 0.0
         self._loads: dict[str, ReplicaLoad] = {}
+        # Tenant → its usage as the scheduler accounts it (LLM tokens for the token quotas).
+        self._tenants: dict[str, scheduler_pb2.TenantUsage] = {}
         self._capacity: dict[str, float] = {}
         # What the fleet completes per unit of device compute (median), as of the latest view; None: unknown.
         self._per_compute: float | None = None
@@ -97,12 +100,16 @@ class LoadView:
             return False
         self.version = view.version
         self._loads = replica_loads(view)
+        self._tenants = {usage.tenant_id: usage for usage in view.tenants}
         self.received_monotonic = time.monotonic()
         self._learn_capacity()
         return True
 
     def load_of(self, instance_id: str) -> ReplicaLoad | None:
         return self._loads.get(instance_id)
+
+    def tenant_usage(self, tenant: str) -> scheduler_pb2.TenantUsage | None:
+        return self._tenants.get(tenant)
 
     def _learn_capacity(self) -> None:
         typical = self._typical_capacity()
@@ -155,9 +162,16 @@ class ViewWatcher:
     """Subscribes to the scheduler's view and keeps ``view`` current; reconnects with backoff."""
 
     def __init__(
-        self, scheduler_address: str, view: LoadView, *, subscriber_id: str, min_interval_ms: int = 100
+        self,
+        scheduler_address: str,
+        view: LoadView,
+        *,
+        subscriber_id: str,
+        credentials: MeshCredentials | None,
+        min_interval_ms: int = 100,
     ) -> None:
         self.scheduler_address = scheduler_address
+        self.credentials = credentials
         self.view = view
         self.subscriber_id = subscriber_id
         self.min_interval_ms = min_interval_ms
@@ -165,7 +179,7 @@ class ViewWatcher:
         self._channel: grpc.aio.Channel | None = None
 
     def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
+        self._channel = mesh_channel(self.scheduler_address, self.credentials, server_role=ROLE_SCHEDULER)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="view-watcher")
 
     async def _run(self) -> None:

@@ -1,4 +1,9 @@
-"""The scheduler process: serves aimass.v1.SchedulerService, follows the registry, expires silent reporters.
+"""The scheduler process, the mesh's control plane: serves aimass.v1.SchedulerService and, with the embedded
+registry (the default), aimass.v1.RegistryService; follows the registry; expires silent reporters.
+
+Both services sit behind mesh mTLS (``SCHEDULER_POLICY``): replicas and gateways register themselves, replicas report
+their load and node agents their devices (each only for its own identity), gateways watch the view and place
+models, operators read. The registry is never on the public port.
 
 With the Consul registry several schedulers may run: the one holding the Consul leader lock is active, the others
 stand by (SchedulerService health NOT_SERVING, listed NOT_SERVING, every call answered UNAVAILABLE) and take over
@@ -17,11 +22,20 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc_health.v1 import health
 
-from aimass.runtime.config import RegistryConfig, SchedulerConfig, Settings
-from aimass.runtime.discovery import Registry, make_registry
+from aimass.runtime.config import Settings
+from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
 from aimass.runtime.errors import Unavailable
-from aimass.runtime.server import ServerRunner, serve_process
-from aimass.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc
+from aimass.runtime.identity import (
+    ANY_REPLICA,
+    ROLE_GATEWAY,
+    ROLE_NODE_AGENT,
+    ROLE_OPERATOR,
+    MeshPolicy,
+    process_credentials,
+)
+from aimass.runtime.server import ServerRunner, mesh_listener, serve_process
+from aimass.store.sql import SqlStore
+from aimass.v1 import models_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.service import Context, SchedulerServicer, SchedulerState
 
 if TYPE_CHECKING:
@@ -29,13 +43,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REGISTRY_SERVICE = "aimass.v1.RegistryService"
+SCHEDULER_SERVICE = "aimass.v1.SchedulerService"
+# Who may call what on the scheduler's port. Instances and nodes are also bound to the identity that first spoke
+# for them (RegistryServicer, SchedulerServicer).
+SCHEDULER_POLICY = MeshPolicy(
+    {
+        f"/{REGISTRY_SERVICE}/Register": (ROLE_GATEWAY, ANY_REPLICA),
+        f"/{REGISTRY_SERVICE}/Heartbeat": (ROLE_GATEWAY, ANY_REPLICA),
+        f"/{REGISTRY_SERVICE}/Deregister": (ROLE_GATEWAY, ANY_REPLICA),
+        f"/{REGISTRY_SERVICE}/ListInstances": (ROLE_GATEWAY, ROLE_OPERATOR),
+        f"/{REGISTRY_SERVICE}/WatchInstances": (ROLE_GATEWAY, ROLE_OPERATOR),
+        f"/{SCHEDULER_SERVICE}/ReportLoad": (ANY_REPLICA,),
+        f"/{SCHEDULER_SERVICE}/ReportNode": (ROLE_NODE_AGENT,),
+        f"/{SCHEDULER_SERVICE}/WatchView": (ROLE_GATEWAY, ROLE_OPERATOR),
+        f"/{SCHEDULER_SERVICE}/PlaceModel": (ROLE_GATEWAY,),
+        f"/{SCHEDULER_SERVICE}/EvictModel": (ROLE_GATEWAY,),
+        f"/{SCHEDULER_SERVICE}/GetPlacement": (ROLE_GATEWAY, ROLE_OPERATOR),
+    }
+)
+
 
 class StandbySchedulerServicer(SchedulerServicer):
     """SchedulerService that answers UNAVAILABLE (safe to retry on the active scheduler) while ``standby()`` gives a
     reason, i.e. while this scheduler stands by."""
 
-    def __init__(self, state: SchedulerState, standby: Callable[[], str]) -> None:
-        super().__init__(state)
+    def __init__(
+        self, state: SchedulerState, standby: Callable[[], str], *, registry: InMemoryRegistry | None = None
+    ) -> None:
+        super().__init__(state, registry=registry)
         self.standby = standby
 
     def _check_active(self) -> None:
@@ -83,24 +119,36 @@ class StandbySchedulerServicer(SchedulerServicer):
 
 class SchedulerApp:
     kind = "scheduler"
-    service_names: tuple[str, ...] = ("aimass.v1.SchedulerService",)
 
-    def __init__(
-        self, config: SchedulerConfig, registry_config: RegistryConfig, *, registry: Registry | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+        config, registry_config = settings.scheduler, settings.registry
         self.config = config
         self.registry_config = registry_config
         self.state = SchedulerState(
             report_interval_s=config.report_interval_s,
             silent_intervals=config.silent_intervals,
-            tenant_weights=config.tenant_weights,
+            tenant_weights=settings.tenants.weights,
+            max_tenants=settings.tenants.max_tracked,
+            tenant_idle_expiry_s=settings.tenants.idle_expiry_s,
             model_budgets={
                 models_pb2.Modality.Value(f"MODALITY_{name.upper()}"): int(size)
                 for name, size in config.model_budgets.items()
             },
         )
-        # The registry this scheduler follows (the runner may register with the same one).
-        self.registry = registry or make_registry(registry_config)
+        self.credentials = process_credentials(settings, self.kind)
+        # The embedded registry lives here (the control plane); with Consul the scheduler follows Consul.
+        self.embedded: InMemoryRegistry | None = None
+        self.registry: Registry
+        if registry is not None:
+            self.registry = registry
+        elif registry_config.backend == "embedded":
+            # Watchers wait two heartbeats after a (re)start: running processes have registered again by then.
+            self.registry = self.embedded = InMemoryRegistry(settle_s=2 * registry_config.heartbeat_s)
+        else:
+            self.registry = make_registry(registry_config, credentials=self.credentials)
+        self.service_names: tuple[str, ...] = (
+            (SCHEDULER_SERVICE, REGISTRY_SERVICE) if self.embedded is not None else (SCHEDULER_SERVICE,)
+        )
         # Several schedulers against one Consul: the lock decides which one is active.
         self.leader: ConsulLeader | None = None
         if registry_config.backend == "consul":
@@ -112,6 +160,9 @@ class SchedulerApp:
             client = self.registry.client if isinstance(self.registry, ConsulRegistry) else None
             self.leader = ConsulLeader(registry_config.consul, client=client)
         self.active = self.leader is None
+        # Today's LLM tokens per tenant outlive the process (daily quotas): kept in the store every gateway reads.
+        self.store = SqlStore(settings.store_url, busy_timeout_s=settings.store.busy_timeout_s)
+        self.usage_save_s = max(config.report_interval_s, 1.0)
         self._tasks: list[asyncio.Task[None]] = []
         self._set_active: Callable[[bool], Awaitable[None]] | None = None
 
@@ -123,15 +174,41 @@ class SchedulerApp:
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            StandbySchedulerServicer(self.state, self.standby_reason), server
+            StandbySchedulerServicer(self.state, self.standby_reason, registry=self.embedded), server
         )
+        if self.embedded is not None:
+            registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.embedded), server)
 
     async def load(self) -> None:
+        if self.embedded is not None:
+            self.embedded.start()
+        await asyncio.to_thread(self.store.migrate)
+        await self._load_usage()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._follow_registry(self.registry), name="scheduler-registry"),
             loop.create_task(self._expire(), name="scheduler-expiry"),
+            loop.create_task(self._save_usage_periodically(), name="scheduler-usage"),
         ]
+
+    async def _load_usage(self) -> None:
+        day = self.state.llm_usage.day
+        self.state.llm_usage.load_day(day, await asyncio.to_thread(self.store.llm_usage, day))
+
+    async def _save_usage(self) -> None:
+        """Adds the tokens counted since the last save to the store (kept for the next try if it fails)."""
+        for day, tokens in self.state.llm_usage.take_unsaved():
+            try:
+                await asyncio.to_thread(self.store.add_llm_usage, day, tokens)
+            except Exception as err:  # the store is away: keep counting in memory, try again next time
+                self.state.llm_usage.give_back(day, tokens)
+                log.warning("saving LLM token usage to the store failed (%s); will retry", err)
+
+    async def _save_usage_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.usage_save_s)
+            if self.active:
+                await self._save_usage()
 
     async def stand_by(self, identity: str, set_active: Callable[[bool], Awaitable[None]]) -> None:
         """Active at once without a lock; with one, from the moment it is held (the runner follows)."""
@@ -145,6 +222,8 @@ class SchedulerApp:
         self.active = leading
         if leading:
             self.state.closing = False
+            # The previous leader saved what it counted: start from the store's totals.
+            await self._load_usage()
         else:
             # Gateways watching this scheduler's view reconnect (and find the active one).
             await self.state.close_watches()
@@ -168,8 +247,10 @@ class SchedulerApp:
         # Draining: hand the lock over first, so a standby takes over while this one finishes.
         if self.leader is not None:
             await self.leader.resign()
-        # Gateways watching the view reconnect (to another scheduler, or to this one once restarted).
+        # Gateways watching the view and the registry reconnect (to another scheduler, or to this one restarted).
         await self.state.close_watches()
+        if self.embedded is not None:
+            await self.embedded.end_watches()
 
     def model_names(self) -> tuple[str, ...]:
         return ()
@@ -185,16 +266,21 @@ class SchedulerApp:
         if self.leader is not None:
             await self.leader.resign()
         await self.registry.close()
+        if self.active:
+            await self._save_usage()
+        await asyncio.to_thread(self.store.close)
 
 
 def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
-    app = SchedulerApp(settings.scheduler, settings.registry)
+    app = SchedulerApp(settings)
     return ServerRunner(
         app,
         settings.scheduler.server,
-        # One registry client for following and for registering (closing it twice is harmless).
+        # It registers with the registry it hosts or follows (closing that twice is harmless).
         registry=app.registry if register else None,
         registry_config=settings.registry,
+        listener=mesh_listener(app.credentials, SCHEDULER_POLICY),
+        node_id=settings.scheduler.node_id,
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import prometheus_client
 
 from aimass.runtime.config import load_settings
+from aimass.runtime.identity import ROLE_NODE_AGENT, MeshCredentials, process_credentials
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.reporting import PeriodicReporter
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -59,8 +60,10 @@ class NodeAgent(PeriodicReporter):
         node_id: str,
         host: str = "127.0.0.1",
         interval_s: float = 1.0,
+        *,
+        credentials: MeshCredentials | None,
     ) -> None:
-        super().__init__(scheduler_address, interval_s, what=f"node agent {node_id}")
+        super().__init__(scheduler_address, interval_s, what=f"node agent {node_id}", credentials=credentials)
         self.reader = reader
         self.node_id = node_id
         self.host = host
@@ -170,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prometheus_client.start_http_server(args.metrics_port, addr=args.host)
         log.info("node agent metrics at http://%s:%d/metrics", args.host, args.metrics_port)
     try:
-        agent = NodeAgent(reader, args.scheduler, args.node_id, args.host, args.interval_s)
+        credentials = process_credentials(settings, ROLE_NODE_AGENT)
+        agent = NodeAgent(reader, args.scheduler, args.node_id, args.host, args.interval_s, credentials=credentials)
         asyncio.run(run_until_signalled(agent))
     finally:
         reader.close()

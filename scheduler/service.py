@@ -13,14 +13,16 @@ import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import prometheus_client
 
-from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
-from aimass.runtime.errors import AimassError, InvalidArgument
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, InMemoryRegistry, Instance
+from aimass.runtime.errors import AimassError, InvalidArgument, PermissionDenied
+from aimass.runtime.identity import MeshIdentity, peer_identity
+from aimass.tenancy.fair_share import TOKEN_WEIGHTS, TokenWeights
+from aimass.tenancy.quotas import TokenUsage
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.placement import Device, ModalityValue, PlacementTable
 
@@ -47,14 +49,6 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-@dataclass(frozen=True)
-class FairShareWeights:
-    """VTC's cost of a token: output tokens cost more than prompt tokens (they take a decode step each)."""
-
-    prompt: float = 1.0
-    completion: float = 2.0
-
-
 class SchedulerState:
     def __init__(
         self,
@@ -62,8 +56,10 @@ class SchedulerState:
         report_interval_s: float,
         silent_intervals: int = 3,
         tenant_weights: Mapping[str, float] | None = None,
-        token_weights: FairShareWeights = FairShareWeights(),
+        token_weights: TokenWeights = TOKEN_WEIGHTS,
         model_budgets: Mapping[ModalityValue, int] | None = None,
+        max_tenants: int = 10_000,
+        tenant_idle_expiry_s: float = 600.0,
     ) -> None:
         self.report_interval_ms = max(1, int(report_interval_s * 1000))
         # Modality → the most bytes its placements may take together on one device (scheduler.model_budgets).
@@ -76,7 +72,18 @@ class SchedulerState:
         self.loads: dict[str, scheduler_pb2.ReportLoadRequest] = {}
         self.load_received_ms: dict[str, int] = {}
         self.instances: dict[str, Instance] = {}
+        # Tenant → its usage in the view; bounded (max_tenants, least recently reported first) and expired when idle,
+        # so made-up tenant names cannot grow the view. Insertion order is recency order (moved to the end on use).
         self.tenants: dict[str, scheduler_pb2.TenantUsage] = {}
+        self.tenant_seen_ms: dict[str, int] = {}
+        # LLM tokens per tenant, trailing minute and today (UTC): the gateways' token quotas read them in the view.
+        self.llm_usage = TokenUsage(max_tracked=max_tenants)
+        self.max_tenants = max_tenants
+        self.tenant_idle_ms = int(tenant_idle_expiry_s * 1000)
+        # Instance id / node id → the mesh identity that first reported as it (with mesh TLS on): nobody reports
+        # for another's id. Let go when the reports expire.
+        self.instance_reporters: dict[str, str] = {}
+        self.node_reporters: dict[str, str] = {}
         self.version = 0
         # Set when the server drains: watch streams end so the drain does not wait for them.
         self.closing = False
@@ -145,14 +152,19 @@ class SchedulerState:
 
     def _account(self, work: scheduler_pb2.TenantTokens) -> None:
         tenant = work.tenant_id or "anonymous"
-        usage = self.tenants.get(tenant)
+        usage = self.tenants.pop(tenant, None)
         if usage is None:
-            usage = self.tenants[tenant] = scheduler_pb2.TenantUsage(
-                tenant_id=tenant, weight=self.tenant_weights.get(tenant, 1.0)
-            )
+            usage = scheduler_pb2.TenantUsage(tenant_id=tenant, weight=self.tenant_weights.get(tenant, 1.0))
+            while len(self.tenants) >= self.max_tenants:
+                oldest = next(iter(self.tenants))
+                del self.tenants[oldest]
+                del self.tenant_seen_ms[oldest]
+        self.tenants[tenant] = usage
+        self.tenant_seen_ms[tenant] = now_ms()
         usage.requests += work.requests
         usage.prompt_tokens += work.prompt_tokens
         usage.completion_tokens += work.completion_tokens
+        self.llm_usage.add(tenant, work.prompt_tokens + work.completion_tokens)
         cost = work.prompt_tokens * self.token_weights.prompt + work.completion_tokens * self.token_weights.completion
         usage.virtual_tokens += cost / usage.weight
 
@@ -174,7 +186,33 @@ class SchedulerState:
                 del self.loads[instance_id]
                 dropped = self.table.drop_instance(instance_id)
                 gone.append(f"load reports of {instance_id} ({len(dropped)} placements dropped)")
+        for bindings, live in ((self.instance_reporters, self.loads), (self.node_reporters, self.nodes)):
+            for reporter in bindings.keys() - live.keys():
+                del bindings[reporter]
+        self.llm_usage.forget_idle()
+        idle = [tenant for tenant, seen in self.tenant_seen_ms.items() if now - seen > self.tenant_idle_ms]
+        for tenant in idle:
+            del self.tenants[tenant]
+            del self.tenant_seen_ms[tenant]
+        if idle:
+            gone.append(f"{len(idle)} tenants idle for {self.tenant_idle_ms // 1000} s")
         return gone
+
+    @staticmethod
+    def check_reporter(
+        caller: MeshIdentity | None, bindings: dict[str, str], reporter_id: str, owner: str | None = None
+    ) -> None:
+        """With mesh TLS, a report for ``reporter_id`` comes from the identity that speaks for it: ``owner`` when
+        the registry knows it, else whoever reported as it first (remembered in ``bindings``)."""
+        if caller is None:
+            return
+        bound = owner or bindings.setdefault(reporter_id, caller.name)
+        if bound != caller.name:
+            raise PermissionDenied(
+                f"{caller} may not report for {reporter_id!r}: it belongs to mesh identity {bound!r}",
+                reason="NOT_OWNER",
+            )
+        bindings[reporter_id] = bound
 
     # -- outputs -------------------------------------------------------------------------------------------------
 
@@ -195,11 +233,17 @@ class SchedulerState:
                     last_report_unix_ms=self.load_received_ms.get(instance_id, 0),
                 )
             )
+        tenants = []
+        for tenant in sorted(self.tenants):
+            usage = self.tenants[tenant]
+            usage.llm_tokens_last_minute, usage.minute_window_frees_unix_ms = self.llm_usage.last_minute(tenant)
+            usage.llm_tokens_today = self.llm_usage.today(tenant)
+            tenants.append(usage)
         self._view_cache = scheduler_pb2.RoutingView(
             version=self.version,
             replicas=replicas,
             nodes=[self.nodes[n] for n in sorted(self.nodes)],
-            tenants=[self.tenants[t] for t in sorted(self.tenants)],
+            tenants=tenants,
             generated_unix_ms=now_ms(),
         )
         return self._view_cache
@@ -245,12 +289,15 @@ class SchedulerState:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, state: SchedulerState) -> None:
+    def __init__(self, state: SchedulerState, *, registry: InMemoryRegistry | None = None) -> None:
         self.state = state
+        # The embedded registry, when hosted here: it knows which identity registered each instance.
+        self.registry = registry
 
     async def ReportNode(
         self, request: scheduler_pb2.ReportNodeRequest, context: Context
     ) -> scheduler_pb2.ReportNodeResponse:
+        self.state.check_reporter(peer_identity(context), self.state.node_reporters, request.node_id)
         self.state.record_node(request)
         REPORTS.labels("node").inc()
         await self.state.changed()
@@ -259,6 +306,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ReportLoad(
         self, request: scheduler_pb2.ReportLoadRequest, context: Context
     ) -> scheduler_pb2.ReportLoadResponse:
+        owner = self.registry.owner(request.instance_id) if self.registry is not None else None
+        self.state.check_reporter(peer_identity(context), self.state.instance_reporters, request.instance_id, owner)
         self.state.record_load(request)
         REPORTS.labels("load").inc()
         await self.state.changed()

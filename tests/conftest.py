@@ -1,4 +1,9 @@
-"""Shared fixtures: a real mesh started by `aimass up` on loopback ports the tests pick, and real NLP engines."""
+"""Shared fixtures: a real mesh started by `aimass up` on loopback ports the tests pick, and real NLP engines.
+
+Before anything reads settings, the session gets its own state directory (CA, certificates for every role, a store
+with an admin key: tests/security.py), as `aimass up` makes for a user: every server the suite builds in-process is
+secured exactly as in production.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from aimass.local_mesh import LocalMesh
-from services.nlp.engine import NlpEngine
+from tests.security import prepare_session_state
+
+prepare_session_state()
+
+from aimass.local_mesh import LocalMesh  # noqa: E402  (after the session's state directory is set)
+from services.nlp.engine import NlpEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

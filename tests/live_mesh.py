@@ -1,6 +1,8 @@
 """A mesh of real processes on loopback, started one by one (not by `aimass up`), so a test can restart any of
-them with other settings: the gateway (embedded registry) at a fixed port, the scheduler, optionally a node agent,
-and NLP replicas loading their real models."""
+them with other settings: the scheduler (with the embedded registry) at a fixed port, the gateway at another,
+optionally a node agent, and NLP replicas loading their real models. Secured as `aimass up` secures a mesh: each
+process runs with its own certificate (mesh mTLS), and the gateway wants the admin key (``mesh.api_key``,
+``mesh.channel()``)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
+from aimass.client import keyed_aio_channel, keyed_channel
 from aimass.local_mesh import free_port
+from aimass.runtime.config import Settings
 from aimass.runtime.discovery import Instance
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_sync_channel
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +51,10 @@ class LiveMesh:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.router = ""
         self._gateway_log_from = 0
+        self.state_dir = log_dir / "state"
+        self.settings = Settings(state_dir=self.state_dir)
+        self.api_key = ""
+        self.credentials: MeshCredentials | None = None
 
     @property
     def gateway(self) -> str:
@@ -54,11 +64,23 @@ class LiveMesh:
     def scheduler(self) -> str:
         return f"127.0.0.1:{self.scheduler_port}"
 
+    def channel(self) -> grpc.Channel:
+        """The gateway, with the admin key on every call."""
+        return keyed_channel(self.gateway, self.api_key)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        return keyed_aio_channel(self.gateway, self.api_key)
+
+    def scheduler_channel(self) -> grpc.Channel:
+        """The scheduler (and the registry it hosts), as an operator."""
+        return mesh_sync_channel(self.scheduler, self.credentials, server_role=ROLE_SCHEDULER)
+
     def env(self, extra: Mapping[str, str]) -> dict[str, str]:
         return {
             **os.environ,
             "AIMASS_LOG_LEVEL": "INFO",
-            "AIMASS_REGISTRY__ADDRESS": self.gateway,
+            "AIMASS_STATE_DIR": str(self.state_dir),
+            "AIMASS_REGISTRY__ADDRESS": self.scheduler,
             # Re-register quickly after a gateway restart.
             "AIMASS_REGISTRY__HEARTBEAT_S": "0.2",
             "AIMASS_SCHEDULER__ADDRESS": self.scheduler,
@@ -68,9 +90,12 @@ class LiveMesh:
         }
 
     def spawn(self, name: str, module: str, extra: Mapping[str, str]) -> None:
+        """Starts ``module`` as process ``name``, with its own mesh certificate (its role: the name up to "-N")."""
+        ensure_certificates(self.settings, {name: name if name == "node-agent" else name.split("-")[0]})
+        env = {**self.env(extra), "AIMASS_MESH__IDENTITY": name}
         with (self.log_dir / f"{name}.log").open("ab") as sink:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", module], env=self.env(extra), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
+                [sys.executable, "-m", module], env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT
             )
 
     def log_text(self, name: str) -> str:
@@ -81,7 +106,12 @@ class LiveMesh:
         return next(name for name, process in self.processes.items() if process.pid == instance.pid)
 
     def start(self) -> None:
-        # The scheduler first, so the gateway's view watcher finds it at once.
+        key_file, _ = prepare_store(self.settings)
+        assert key_file is not None
+        self.api_key = key_file.read_text().strip()
+        ensure_certificates(self.settings, {})
+        self.credentials = operator_credentials(self.settings)
+        # The scheduler first: it hosts the registry, and the gateway's view watcher finds it at once.
         self.start_scheduler({})
         if self.node_agent:
             self.spawn("node-agent", "scheduler.node_agent", {})
@@ -124,7 +154,7 @@ class LiveMesh:
         """Until every replica is registered and serving through the gateway, and the gateway holds a view in which
         the scheduler has load reports from all (so ``ours`` scores on it rather than falling back)."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.gateway) as gateway, grpc.insecure_channel(self.scheduler) as scheduler:
+        with grpc.insecure_channel(self.gateway) as gateway, self.scheduler_channel() as scheduler:
             while not self._ready(gateway, scheduler):
                 for name, process in self.processes.items():
                     if process.poll() is not None:
@@ -136,7 +166,7 @@ class LiveMesh:
 
     def _ready(self, gateway: grpc.Channel, scheduler: grpc.Channel) -> bool:
         try:
-            listed = registry_pb2_grpc.RegistryServiceStub(gateway).ListInstances(
+            listed = registry_pb2_grpc.RegistryServiceStub(scheduler).ListInstances(
                 registry_pb2.ListInstancesRequest(), timeout=2
             )
             nlp = {
@@ -144,7 +174,8 @@ class LiveMesh:
                 for i in listed.instances
                 if i.kind == "nlp" and i.state == common_pb2.SERVING_STATE_SERVING
             }
-            if len(nlp) < self.replicas or not any(i.kind == "scheduler" for i in listed.instances):
+            kinds = {i.kind for i in listed.instances if i.state == common_pb2.SERVING_STATE_SERVING}
+            if len(nlp) < self.replicas or not {"scheduler", "gateway"} <= kinds:
                 return False
             status = health_pb2_grpc.HealthStub(gateway).Check(
                 health_pb2.HealthCheckRequest(service=NLP_SERVICE), timeout=2
@@ -164,7 +195,7 @@ class LiveMesh:
         )
 
     def nlp_instances(self) -> list[Instance]:
-        with grpc.insecure_channel(self.gateway) as channel:
+        with self.scheduler_channel() as channel:
             listed = registry_pb2_grpc.RegistryServiceStub(channel).ListInstances(
                 registry_pb2.ListInstancesRequest(), timeout=5
             )
@@ -184,6 +215,7 @@ class LiveMesh:
                 process.wait(timeout=10)
 
     def stop(self) -> None:
-        # Replicas drain first, the gateway (their registry) last.
-        for name in [n for n in self.processes if n != "gateway"] + [n for n in self.processes if n == "gateway"]:
+        # Replicas drain first, then the gateway, the scheduler (their registry) last.
+        last = ("gateway", "scheduler")
+        for name in [n for n in self.processes if n not in last] + [n for n in last if n in self.processes]:
             self.stop_process(name)

@@ -17,8 +17,9 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from aimass.runtime.batcher import DynamicBatcher, check_priority
+from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from aimass.runtime.scope import priority_rank
 from aimass.v1 import common_pb2
 
 LOW = common_pb2.PRIORITY_LOW
@@ -603,8 +604,8 @@ async def test_out_of_range_priority_is_invalid_argument(make: Factory) -> None:
     assert info.value.message.startswith("meta.priority is 7, which is not a Priority value; send PRIORITY_LOW (1)")
     assert engine.batches == [] and b.queue_depth == 0
     with pytest.raises(InvalidArgument, match=r"meta\.priority is -1"):
-        check_priority(-1)
-    assert [check_priority(p) for p in (UNSPECIFIED, LOW, NORMAL, HIGH, CRITICAL)] == [0, 1, 2, 3, 4]
+        priority_rank(-1)
+    assert [priority_rank(p) for p in (UNSPECIFIED, LOW, NORMAL, HIGH, CRITICAL)] == [2, 3, 2, 1, 0]
 
 
 # -- tenants: fair share within a priority ------------------------------------------------------------------------
@@ -627,9 +628,12 @@ async def test_tenants_take_turns_by_the_service_they_received(make: Factory) ->
 
 async def test_tenant_weights_scale_the_share(make: Factory) -> None:
     engine = Engine(hold_first=True)
-    b = await make(engine, max_batch_size=3, max_queue_delay_s=0.01, tenant_weights={"gold": 2.0})
+    b = await make(engine, max_batch_size=3, max_queue_delay_s=0.01)
     blocker = await hold_slot(b, engine)
-    tasks = await queue_with(b, "tenant", [*((r, "gold") for r in range(1, 7)), *((r, "basic") for r in range(11, 17))])
+    # Each request carries its tenant's weight, as the gateway's request scope does.
+    tasks = [asyncio.create_task(b.submit(r, tenant="gold", weight=2.0)) for r in range(1, 7)]
+    tasks += [asyncio.create_task(b.submit(r, tenant="basic")) for r in range(11, 17)]
+    await asyncio.sleep(0)
 
     engine.gate.set()
     await asyncio.gather(*tasks, blocker)

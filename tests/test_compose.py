@@ -2,7 +2,12 @@
 merges, interpolates and validates each file set, and the tests read its normalised output. Around it: every
 aimass service has a health check and starts in order, its env settings are real config keys, Prometheus scrapes
 every metrics port, the Grafana dashboard asks only for metrics the code defines, the collector takes OTLP, and
-the containers' health probe answers right against a real gRPC health server."""
+the containers' health probe answers right against a real gRPC health server, plaintext and mTLS.
+
+Secure by default, and kept so: nothing starts without the secrets (database password, Consul token, Grafana
+password) and no file holds a default for one; every aimass process waits for the init service and mounts only its
+own certificate, read-only; Consul denies by default and checks the processes with its mesh certificate; the init
+script (run here for real) issues every certificate compose asks for and keeps the CA key to itself."""
 
 from __future__ import annotations
 
@@ -28,21 +33,48 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
+from aimass import pki
 from aimass.runtime.config import CONFIG_FILE_ENV, Settings
+from aimass.runtime.identity import MeshCredentials
 from scheduler.node_agent import build_parser
-from tests.conftest import ROOT
+from tests.conftest import BIN, ROOT
 
 COMPOSE = ROOT / "compose"
 BASE = COMPOSE / "docker-compose.yml"
 GPU = COMPOSE / "docker-compose.gpu.yml"
 WORKER = COMPOSE / "docker-compose.worker.yml"
 PROBE = COMPOSE / "healthcheck.py"
+MESH_INIT = COMPOSE / "mesh-init.sh"
+CONSUL_CONFIG = COMPOSE / "consul" / "aimass.hcl"
 
 REPLICAS = ("nlp", "vision", "speech", "llm")
 CONTROL_PLANE = ("gateway", "scheduler")
 AIMASS_SERVICES = (*CONTROL_PLANE, "node-agent", *REPLICAS)
+INIT = "init"
 GRPC_PORTS = {"gateway": 50051, "scheduler": 50041, "nlp": 50061, "vision": 50071, "speech": 50081, "llm": 50091}
-WORKER_ENV = {"AIMASS_HEAD": "10.0.0.1", "AIMASS_HOST_IP": "10.0.0.2"}
+# The servers only a mesh certificate may reach (the gateway's public port takes API keys, its health is open).
+INTERNAL_SERVERS = ("scheduler", *REPLICAS)
+# What an operator must export; distinct values, so each one's way into the resolved config can be traced.
+SECRETS = {
+    "AIMASS_DB_PASSWORD": "db0secret0a1b2c3",
+    "AIMASS_CONSUL_TOKEN": "6f0f2e0c-5a44-4d0e-9b52-1f1d2a9e7c11",
+    "GRAFANA_ADMIN_PASSWORD": "grafana0secret0d4e5f6",
+}
+WORKER_NAME = "worker2"
+WORKER_ENV = {
+    "AIMASS_HEAD": "10.0.0.1",
+    "AIMASS_HOST_IP": "10.0.0.2",
+    "AIMASS_WORKER_NAME": WORKER_NAME,
+    "AIMASS_PKI_DIR": "/etc/aimass/pki",
+    "AIMASS_CONSUL_TOKEN": SECRETS["AIMASS_CONSUL_TOKEN"],
+}
+PKI_TARGET = "/etc/aimass/pki"
+# Variables whose values are secrets: none may have a default, anywhere in compose/.
+SECRET_VARIABLE = re.compile(r"PASSWORD|TOKEN|SECRET|(?:^|_)KEY$")
+# Environment entries that carry a secret (the store's URL holds the database password, Consul's local config its
+# token).
+SECRET_SETTING = re.compile(r"PASSWORD|TOKEN|SECRET|(?:^|_)KEY$|STORE__URL$|LOCAL_CONFIG$")
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
 # Metrics the dashboard must show (issue 7): requests, latency, queues, batches, LLM tokens and TTFT, NVML, scheduler.
 DASHBOARD_MUST_SHOW = (
     "aimass_requests_total",
@@ -89,12 +121,12 @@ def load_config(*files: Path, env: Mapping[str, str] | None = None) -> Config:
 
 @pytest.fixture(scope="module")
 def base() -> Config:
-    return load_config(BASE)
+    return load_config(BASE, env=SECRETS)
 
 
 @pytest.fixture(scope="module")
 def gpu() -> Config:
-    return load_config(BASE, GPU, env={"AIMASS_TARGET": "gpu"})
+    return load_config(BASE, GPU, env={**SECRETS, "AIMASS_TARGET": "gpu"})
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +139,31 @@ def services(config: Config) -> dict[str, Any]:
     return found
 
 
-def healthcheck_target(service: Mapping[str, Any]) -> str:
+def healthcheck_args(service: Mapping[str, Any]) -> list[str]:
     test = service["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "/opt/aimass/healthcheck.py"], test
-    target: str = test[3]
+    args: list[str] = test[3:]
+    return args
+
+
+def healthcheck_target(service: Mapping[str, Any]) -> str:
+    (target,) = [arg for arg in healthcheck_args(service) if not arg.startswith("--")]
     return target
+
+
+def healthcheck_role(service: Mapping[str, Any]) -> str | None:
+    """The server role the probe checks over mTLS (--role), None for a plaintext probe."""
+    roles = [arg.removeprefix("--role=") for arg in healthcheck_args(service) if arg.startswith("--role=")]
+    assert len(roles) <= 1, roles
+    return roles[0] if roles else None
+
+
+def pki_mounts(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in service.get("volumes", []) if m["target"] in (PKI_TARGET, "/consul/tls")]
+
+
+def without(env: Mapping[str, str], name: str) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key != name}
 
 
 def metrics_port(name: str, service: Mapping[str, Any]) -> int:
@@ -124,7 +176,7 @@ def metrics_port(name: str, service: Mapping[str, Any]) -> int:
 def test_every_aimass_service_has_a_health_check_restart_policy_and_the_one_image(base: Config) -> None:
     found = services(base)
     assert set(AIMASS_SERVICES) <= set(found), sorted(found)
-    assert {"consul", "otel-collector", "jaeger", "prometheus", "grafana"} <= set(found)
+    assert {INIT, "postgres", "consul", "otel-collector", "jaeger", "prometheus", "grafana"} <= set(found)
     for name in AIMASS_SERVICES:
         service = found[name]
         assert not service["healthcheck"].get("disable"), name
@@ -132,12 +184,19 @@ def test_every_aimass_service_has_a_health_check_restart_policy_and_the_one_imag
         assert service["restart"] == "unless-stopped", name
         assert service["image"] == "aimass:cpu", name
         assert service["init"] is True, name  # SIGTERM reaches the process (it drains); vLLM's children reaped
+    # The init service runs the same image (the one built), once: restarting it would loop.
+    assert found[INIT]["image"] == "aimass:cpu"
+    assert found[INIT]["restart"] == "no"
     # One build, from the Dockerfile at the root; the other services run the image it makes.
     built = {name: s["build"] for name, s in found.items() if "build" in s}
     assert list(built) == ["gateway"], built
     assert Path(built["gateway"]["context"]) == ROOT
     assert (ROOT / built["gateway"]["dockerfile"]).is_file()
     assert built["gateway"]["args"] == {"TARGET": "cpu"}
+
+
+def conditions(service: Mapping[str, Any], condition: str) -> set[str]:
+    return {dep for dep, how in service.get("depends_on", {}).items() if how["condition"] == condition}
 
 
 def test_start_order_waits_for_health(base: Config) -> None:
@@ -147,16 +206,28 @@ def test_start_order_waits_for_health(base: Config) -> None:
             assert dependency in found, (name, dependency)
             if how["condition"] == "service_healthy":
                 assert "test" in found[dependency].get("healthcheck", {}), f"{name} waits on {dependency}'s check"
-    healthy = {
-        name: {dep for dep, how in service.get("depends_on", {}).items() if how["condition"] == "service_healthy"}
-        for name, service in found.items()
-    }
-    assert healthy["gateway"] == {"consul"}
-    assert healthy["scheduler"] == {"consul", "gateway"}
+    healthy = {name: conditions(service, "service_healthy") for name, service in found.items()}
+    # postgres → init → consul → scheduler (the embedded registry's home) → gateway → node agent and replicas.
+    assert healthy[INIT] == {"postgres"}
+    assert healthy["consul"] == set()
+    assert healthy["scheduler"] == {"consul", "postgres"}
+    assert healthy["gateway"] == {"consul", "postgres", "scheduler"}
     assert healthy["node-agent"] == {"scheduler"}
     for replica in REPLICAS:
         assert healthy[replica] == {"consul", "gateway", "scheduler"}, replica
     assert healthy["grafana"] == {"prometheus"}
+    assert not found["postgres"].get("depends_on")
+
+
+def test_every_aimass_process_and_consul_wait_for_the_init_service(base: Config) -> None:
+    """No process starts before its certificate exists (nor the gateway and scheduler before the store's schema)."""
+    found = services(base)
+    for name in (*AIMASS_SERVICES, "consul"):
+        assert conditions(found[name], "service_completed_successfully") == {INIT}, name
+    # The other services need nothing of it, and nothing waits for init any other way.
+    for name, service in found.items():
+        if name not in (*AIMASS_SERVICES, "consul"):
+            assert INIT not in service.get("depends_on", {}), name
 
 
 def test_servers_listen_on_names_the_others_reach_and_probe_themselves_there(base: Config) -> None:
@@ -168,8 +239,11 @@ def test_servers_listen_on_names_the_others_reach_and_probe_themselves_there(bas
         assert env[prefix + "HOST"] == name
         assert env[prefix + "PORT"] == str(port)
         assert healthcheck_target(found[name]) == f"{name}:{port}"
-        assert env["AIMASS_REGISTRY__ADDRESS"] == "gateway:50051"
-        assert env["AIMASS_SCHEDULER__ADDRESS"] == "scheduler:50041"
+    for name in (*AIMASS_SERVICES, INIT):
+        env = found[name]["environment"]
+        # The embedded registry lives in the scheduler, behind mesh mTLS: never the gateway's public port.
+        assert env["AIMASS_REGISTRY__ADDRESS"] == "scheduler:50041", name
+        assert env["AIMASS_SCHEDULER__ADDRESS"] == "scheduler:50041", name
     # Replicas and the node agent name the same node (the scheduler joins load reports and readings on it).
     node_agent = found["node-agent"]
     assert "--node-id=node-1" in node_agent["command"]
@@ -182,12 +256,25 @@ def test_servers_listen_on_names_the_others_reach_and_probe_themselves_there(bas
     assert "model-cache" in base["volumes"]
 
 
+def test_internal_health_checks_speak_mtls_as_the_container_itself(base: Config, worker: Config) -> None:
+    """A plaintext probe of an mTLS listener fails for ever (the service would never turn healthy): internal
+    servers are probed with --role, the container's own certificate checking the server's; the gateway's public
+    port (health open, no key) and the node agent's metrics endpoint stay plaintext."""
+    for config in (base, worker):
+        found = services(config)
+        for name in INTERNAL_SERVERS:
+            if name in found:
+                assert healthcheck_role(found[name]) == name, name
+        assert healthcheck_role(found["node-agent"]) is None
+    assert healthcheck_role(services(base)["gateway"]) is None
+
+
 def test_env_settings_are_real_config_keys_with_valid_values(
     base: Config, worker: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings ignore unknown keys, so a misspelt one would silently do nothing: walk each to its field."""
     for config in (base, worker):
-        for name in AIMASS_SERVICES:
+        for name in (*AIMASS_SERVICES, INIT):
             if name not in services(config):
                 continue
             env = {k: v for k, v in services(config)[name]["environment"].items() if k.startswith("AIMASS_")}
@@ -225,11 +312,12 @@ def test_node_agent_command_is_one_it_accepts(base: Config, worker: Config) -> N
 
 
 def test_gpu_override_reserves_gpus_and_needs_the_cuda_image(gpu: Config) -> None:
-    refused = run_config(BASE, GPU)
+    refused = run_config(BASE, GPU, env=SECRETS)
     assert refused.returncode != 0 and "AIMASS_TARGET" in refused.stderr, refused.stderr
     found = services(gpu)
     assert found["gateway"]["build"]["args"] == {"TARGET": "gpu"}
-    for name in AIMASS_SERVICES:
+    # init too: the CPU image is not built when the CUDA one is.
+    for name in (*AIMASS_SERVICES, INIT):
         assert found[name]["image"] == "aimass:gpu", name
     for name in (*REPLICAS, "node-agent"):
         (device,) = found[name]["deploy"]["resources"]["reservations"]["devices"]
@@ -238,11 +326,20 @@ def test_gpu_override_reserves_gpus_and_needs_the_cuda_image(gpu: Config) -> Non
         assert device["count"] == (-1 if name == "node-agent" else 1), name
     for name in CONTROL_PLANE:
         assert "deploy" not in found[name] or not found[name]["deploy"].get("resources"), name
+    # The override changes images and devices only: certificates, secrets and start order are the base file's.
+    base = load_config(BASE, env=SECRETS)
+    for name in (*AIMASS_SERVICES, INIT):
+        assert found[name]["environment"] == services(base)[name]["environment"], name
+        assert found[name].get("volumes") == services(base)[name].get("volumes"), name
+        assert found[name].get("depends_on") == services(base)[name].get("depends_on"), name
 
 
 def test_worker_host_runs_agent_and_replicas_against_the_head(worker: Config) -> None:
-    refused = run_config(WORKER)
-    assert refused.returncode != 0 and "AIMASS_HEAD" in refused.stderr + refused.stdout, refused.stderr
+    # Each variable the worker needs is required, and its absence named.
+    for name in WORKER_ENV:
+        refused = run_config(WORKER, env=without(WORKER_ENV, name))
+        assert refused.returncode != 0 and name in refused.stderr, (name, refused.stderr)
+        assert f"set {name}" in refused.stderr, refused.stderr  # says what to do, not just what is missing
     found = services(worker)
     assert set(found) == {"node-agent", *REPLICAS}
     head, host = WORKER_ENV["AIMASS_HEAD"], WORKER_ENV["AIMASS_HOST_IP"]
@@ -250,8 +347,21 @@ def test_worker_host_runs_agent_and_replicas_against_the_head(worker: Config) ->
         assert service["network_mode"] == "host", name
         env = service["environment"]
         assert env["AIMASS_SCHEDULER__ADDRESS"] == f"{head}:50041"
+        # The embedded registry is the head's scheduler (mTLS), not its gateway's public port.
+        assert env["AIMASS_REGISTRY__ADDRESS"] == f"{head}:50041"
         assert env["AIMASS_REGISTRY__CONSUL__ADDRESS"] == f"{head}:8500"
+        assert env["AIMASS_REGISTRY__CONSUL__TOKEN"] == SECRETS["AIMASS_CONSUL_TOKEN"]
         assert env["AIMASS_TELEMETRY__OTLP_ENDPOINT"] == f"http://{head}:4317"
+        # Its certificate, issued on the head as <role>-<worker> and copied to AIMASS_PKI_DIR, mounted read-only.
+        assert env["AIMASS_MESH__IDENTITY"] == f"{name}-{WORKER_NAME}", name
+        pki.check_name("identity", env["AIMASS_MESH__IDENTITY"])
+        assert env["AIMASS_MESH__PKI_DIR"] == PKI_TARGET
+        assert "AIMASS_MESH__TLS" not in env, name
+        (mount,) = pki_mounts(service)
+        assert mount["type"] == "bind" and mount["source"] == WORKER_ENV["AIMASS_PKI_DIR"], mount
+        assert mount["read_only"] is True, name
+        # A mistyped folder is an error, not an empty folder Docker makes.
+        assert not mount.get("bind", {}).get("create_host_path"), name
         if name in REPLICAS:
             assert env[f"AIMASS_{name.upper()}__SERVER__HOST"] == host
             assert healthcheck_target(service) == f"{host}:{GRPC_PORTS[name]}"
@@ -267,6 +377,238 @@ def test_bind_mounted_files_exist(base: Config) -> None:
         for mount in service.get("volumes", []):
             if mount["type"] == "bind":
                 assert Path(mount["source"]).exists(), f"{name}: {mount['source']}"
+
+
+# Secure by default: required secrets, no defaults, each process its own certificate, the store, Consul's ACLs.
+
+
+def compose_text_files() -> list[Path]:
+    """Every file of compose/ that could hold a setting (the dashboard JSON holds queries only)."""
+    patterns = ("*.yml", "*.yaml", "*.hcl", "*.sh", "*.example")
+    return sorted({path for pattern in patterns for path in COMPOSE.rglob(pattern)})
+
+
+def test_compose_refuses_to_start_without_each_secret_and_says_which() -> None:
+    for name in SECRETS:
+        refused = run_config(BASE, env=without(SECRETS, name))
+        assert refused.returncode != 0, f"compose starts without {name}"
+        # Names it, and says what to set it to (compose-go prints the file's message).
+        assert name in refused.stderr and f"set {name} to" in refused.stderr, refused.stderr
+    nothing = run_config(BASE)
+    assert nothing.returncode != 0 and any(name in nothing.stderr for name in SECRETS), nothing.stderr
+    gpu = run_config(BASE, GPU, env={**without(SECRETS, "AIMASS_CONSUL_TOKEN"), "AIMASS_TARGET": "gpu"})
+    assert gpu.returncode != 0 and "AIMASS_CONSUL_TOKEN" in gpu.stderr, gpu.stderr
+    assert run_config(BASE, env=SECRETS).returncode == 0
+
+
+def test_no_secret_has_a_default_or_a_value_of_its_own(base: Config, worker: Config) -> None:
+    # The files: a secret variable is required (${VAR:?message}), never ${VAR:-default}, ${VAR-default} or bare.
+    for path in compose_text_files():
+        for name, rest in INTERPOLATION.findall(path.read_text()):
+            if SECRET_VARIABLE.search(name):
+                where = f"{path.relative_to(ROOT)}: ${{{name}{rest}}}"
+                assert rest.startswith(":?") and rest[2:].strip(), f"{where} must be required, with a message"
+    # The resolved configs: every secret setting comes from the secrets exported, none is written in a file, and
+    # none is on a command line (which any user of the host can read).
+    for config in (base, worker):
+        for name, service in services(config).items():
+            for key, value in (service.get("environment") or {}).items():
+                if SECRET_SETTING.search(key):
+                    assert any(secret in str(value) for secret in SECRETS.values()), f"{name}: {key}={value!r}"
+            argv = json.dumps([service.get("command"), service.get("entrypoint"), service.get("healthcheck")])
+            assert not any(secret in argv for secret in SECRETS.values()), f"{name}: a secret on a command line"
+            # Nobody turns the mesh's security off.
+            env = service.get("environment") or {}
+            assert env.get("AIMASS_MESH__TLS", "on") == "on" and env.get("AIMASS_AUTH__MODE", "on") == "on", name
+    found = services(base)
+    assert found["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert found["postgres"]["environment"]["POSTGRES_PASSWORD"] == SECRETS["AIMASS_DB_PASSWORD"]
+
+
+def test_the_store_is_postgresql_and_only_the_gateway_scheduler_and_init_reach_it(base: Config) -> None:
+    found = services(base)
+    postgres = found["postgres"]
+    assert postgres["image"] == "postgres:15"
+    env = postgres["environment"]
+    url = (
+        f"postgresql+psycopg://{env['POSTGRES_USER']}:{SECRETS['AIMASS_DB_PASSWORD']}@postgres:5432/"
+        f"{env['POSTGRES_DB']}"
+    )
+    for name in (*CONTROL_PLANE, INIT):
+        assert found[name]["environment"]["AIMASS_STORE__URL"] == url, name
+        assert found[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
+    # Node agents and replicas never use the store: they get no database password.
+    for name in ("node-agent", *REPLICAS):
+        assert "AIMASS_STORE__URL" not in found[name]["environment"], name
+    # Ready over TCP (not the first start's socket-only server), data in a named volume, no port on the host.
+    test = postgres["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"] and "--host=127.0.0.1" in test, test
+    assert {m["target"]: m["source"] for m in postgres["volumes"]}["/var/lib/postgresql/data"] == "postgres-data"
+    assert "postgres-data" in base["volumes"]
+    assert not postgres.get("ports")
+
+
+def test_every_aimass_process_mounts_only_its_own_certificate_read_only(base: Config) -> None:
+    found = services(base)
+    init = found[INIT]
+    issued = set(init["environment"]["MESH_IDENTITIES"].split())
+    for name in AIMASS_SERVICES:
+        env = found[name]["environment"]
+        # On the head host a process's name is its role (what aimass.cli's `aimass up` does too).
+        assert env["AIMASS_MESH__IDENTITY"] == name
+        assert env["AIMASS_MESH__PKI_DIR"] == PKI_TARGET
+        (mount,) = pki_mounts(found[name])
+        assert mount["type"] == "volume" and mount["source"] == "mesh-pki", mount
+        assert mount["read_only"] is True, name
+        # Its own folder only: a replica broken into holds no gateway's or scheduler's key.
+        assert mount["volume"]["subpath"] == name
+        assert name in issued, f"init issues no certificate for {name}"
+    (consul_mount,) = pki_mounts(found["consul"])
+    assert consul_mount["source"] == "mesh-pki" and consul_mount["read_only"] is True
+    assert consul_mount["volume"]["subpath"] == "consul" and "consul" in issued
+    # Tools on the head (`docker compose run --rm init aimass status`) use the operator certificate.
+    assert init["environment"]["AIMASS_MESH__IDENTITY"] == "operator" and "operator" in issued
+    # Only init writes the certificates, and only init has the state volume (the CA key and the admin key).
+    for name, service in found.items():
+        for mount in service.get("volumes", []):
+            if mount["source"] == "mesh-pki" and name != INIT:
+                assert mount["read_only"] is True and mount["volume"].get("subpath"), name
+            if mount["source"] == "aimass-state":
+                assert name == INIT, f"{name} mounts the volume of the CA key"
+    mounts = {m["target"]: m for m in init["volumes"]}
+    init_env = init["environment"]
+    assert mounts[init_env["MESH_PKI_OUT"]]["source"] == "mesh-pki"
+    assert mounts[init_env["AIMASS_STATE_DIR"]]["source"] == "aimass-state"
+    assert Path(init_env["AIMASS_MESH__PKI_DIR"]).is_relative_to(init_env["AIMASS_STATE_DIR"])
+    # Root owns fresh volumes, so init runs as root and its script hands the files to the image's user.
+    assert init["user"] == "root"
+    assert init["command"] == ["sh", "/opt/aimass/mesh-init.sh"]
+    assert Path(mounts["/opt/aimass/mesh-init.sh"]["source"]) == MESH_INIT
+    assert mounts["/opt/aimass/mesh-init.sh"]["read_only"] is True
+    assert {"aimass-state", "mesh-pki"} <= set(base["volumes"])
+
+
+def read_hcl(path: Path) -> dict[str, Any]:
+    """The HCL compose/consul/ uses: blocks, and one ``key = value`` (a JSON string, bool or number) a line."""
+    root: dict[str, Any] = {}
+    stack = [root]
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.endswith("{"):
+            block: dict[str, Any] = {}
+            stack[-1][line.removesuffix("{").strip()] = block
+            stack.append(block)
+        elif line == "}":
+            stack.pop()
+        else:
+            key, equals, value = line.partition("=")
+            assert equals, f"{path}:{number}: {raw!r}"
+            stack[-1][key.strip()] = json.loads(value.strip())
+    assert len(stack) == 1, f"{path}: a block is not closed"
+    return root
+
+
+def image_uid() -> int:
+    """The uid of the image's user, which every aimass container runs as."""
+    found = re.search(r"useradd\b[^\n]*--uid (\d+)[^\n]*\baimass$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert found is not None, "the Dockerfile makes no aimass user with a fixed uid"
+    return int(found.group(1))
+
+
+def test_consul_denies_by_default_and_checks_processes_with_its_mesh_certificate(base: Config) -> None:
+    found = services(base)
+    consul = found["consul"]
+    mounts = {m["target"]: m for m in consul["volumes"]}
+    assert Path(mounts["/consul/config/aimass.hcl"]["source"]) == CONSUL_CONFIG
+    config = read_hcl(CONSUL_CONFIG)
+    assert config["acl"]["enabled"] is True
+    assert config["acl"]["default_policy"] == "deny"
+    assert "tokens" not in config["acl"], "tokens come from the environment, never from a file"
+    # The processes' gRPC checks (GRPCUseTLS, aimass.runtime.discovery.consul) present the agent's certificate.
+    assert config["enable_agent_tls_for_checks"] is True
+    tls = config["tls"]["defaults"]
+    folder = mounts["/consul/tls"]["target"]
+    assert (tls["ca_file"], tls["cert_file"], tls["key_file"]) == (
+        f"{folder}/ca.crt",
+        f"{folder}/consul.crt",
+        f"{folder}/consul.key",
+    )
+    # The HTTP API the processes call stays reachable to them (the token guards it).
+    assert tls["verify_incoming"] is False
+    token = SECRETS["AIMASS_CONSUL_TOKEN"]
+    env = consul["environment"]
+    assert json.loads(env["CONSUL_LOCAL_CONFIG"]) == {"acl": {"tokens": {"initial_management": token, "agent": token}}}
+    # Its health check's CLI call needs the token as much as anyone's.
+    assert env["CONSUL_HTTP_TOKEN"] == token
+    assert consul["healthcheck"]["test"][:2] == ["CMD", "consul"]
+    # The agent runs as the image's user, the owner of its key (0600).
+    assert env["CONSUL_UID"] == env["CONSUL_GID"] == str(image_uid())
+    for name in (*AIMASS_SERVICES, INIT):
+        assert found[name]["environment"]["AIMASS_REGISTRY__CONSUL__TOKEN"] == token, name
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def run_mesh_init(env: Mapping[str, str], home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # This environment's `aimass` first on PATH, as the image's is.
+    clean_env = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(home), **env}
+    return subprocess.run(
+        ["sh", str(MESH_INIT), *args], capture_output=True, text=True, timeout=300, env=clean_env, cwd=home
+    )
+
+
+def test_mesh_init_issues_every_certificate_compose_mounts_and_keeps_the_ca_key(base: Config, tmp_path: Path) -> None:
+    """The init service's script, run for real (SQLite in place of PostgreSQL, the caller as the files' owner)."""
+    init_env = services(base)[INIT]["environment"]
+    state, out = tmp_path / "state", tmp_path / "pki"
+    env = {
+        "AIMASS_STATE_DIR": str(state),
+        "AIMASS_MESH__PKI_DIR": str(state / "pki"),
+        "AIMASS_MESH__IDENTITY": init_env["AIMASS_MESH__IDENTITY"],
+        "AIMASS_STORE__URL": f"sqlite:///{state / 'aimass.db'}",
+        "MESH_PKI_OUT": str(out),
+        "MESH_IDENTITIES": init_env["MESH_IDENTITIES"],
+        "MESH_PKI_OWNER": f"{os.getuid()}:{os.getgid()}",
+    }
+    ran = run_mesh_init(env, tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    identities = init_env["MESH_IDENTITIES"].split()
+    assert sorted(path.name for path in out.iterdir()) == sorted(identities)
+    for name in identities:
+        folder = out / name
+        assert sorted(path.name for path in folder.iterdir()) == sorted(["ca.crt", f"{name}.crt", f"{name}.key"])
+        assert (mode(folder), mode(folder / f"{name}.key"), mode(folder / f"{name}.crt")) == (0o700, 0o600, 0o644)
+        # What the process itself loads (mesh.pki_dir = its folder), naming the role compose gives it.
+        identity = MeshCredentials.load(folder, name).identity
+        assert (identity.role, identity.name) == (name, name)
+    # The CA key stays in the state volume; the admin key is there, owner-only.
+    assert not list(out.rglob("ca.key"))
+    assert (state / "pki" / "ca.key").is_file()
+    admin_key = state / "admin.key"
+    assert mode(admin_key) == 0o600 and admin_key.read_text().strip()
+
+    # Every `docker compose up` runs it again: the CA, the certificates and the admin key are kept.
+    kept = {path: path.read_bytes() for path in [*out.rglob("*.crt"), *out.rglob("*.key"), admin_key]}
+    again = run_mesh_init(env, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert {path: path.read_bytes() for path in kept} == kept
+
+    # Another host's certificates (docker-compose.worker.yml): <role>-<name>, the CA certificate, no CA key.
+    dest = tmp_path / "worker"
+    worker = run_mesh_init(env, tmp_path, "worker", WORKER_NAME, str(dest))
+    assert worker.returncode == 0, worker.stderr
+    names = [f"{role}-{WORKER_NAME}" for role in ("node-agent", *REPLICAS)]
+    expected = ["ca.crt", *(f"{name}.{ext}" for name in names for ext in ("crt", "key"))]
+    assert sorted(path.name for path in dest.iterdir()) == sorted(expected)
+    for role, name in zip(("node-agent", *REPLICAS), names, strict=True):
+        identity = MeshCredentials.load(dest, name).identity
+        assert (identity.role, identity.name) == (role, name)
+        assert mode(dest / f"{name}.key") == 0o600
+    assert (dest / "ca.crt").read_bytes() == (out / "gateway" / "ca.crt").read_bytes()
 
 
 def test_prometheus_scrapes_every_metrics_port(base: Config, worker: Config) -> None:
@@ -346,6 +688,9 @@ def test_dockerfile_ships_the_probe_and_builds_what_compose_asks() -> None:
     assert "COPY compose/healthcheck.py /opt/aimass/healthcheck.py" in dockerfile
     assert "ARG TARGET=cpu" in dockerfile and "USER aimass" in dockerfile
     assert "python -m services.llm.weights" in dockerfile
+    # The store's PostgreSQL driver (psycopg), which compose's AIMASS_STORE__URL names.
+    (extras,) = re.findall(r"'\.\[([a-z,]+)\]'", dockerfile)
+    assert "postgres" in extras.split(","), extras
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and "!compose/healthcheck.py" in ignored
 
@@ -410,3 +755,76 @@ def test_health_probe_follows_the_serving_state(capsys: pytest.CaptureFixture[st
         assert main([f"{url}/metrics"]) == 0
         assert main([f"{url}/elsewhere"]) == 1 and "404" in capsys.readouterr().err
         assert main(["a", "b", "c"]) == 2
+
+
+@contextlib.contextmanager
+def mesh_health_server(
+    pki_dir: Path, name: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+) -> Iterator[str]:
+    """A gRPC health server behind mesh mTLS (client certificate required), as every internal listener is."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    servicer.set("", status)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", MeshCredentials.load(pki_dir, name).server_credentials())
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_health_probe_speaks_mtls_as_the_container_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--role: the container's own certificate (mesh.pki_dir, mesh.identity) and the server's role checked; plaintext,
+    the wrong role, a missing certificate or another mesh's all fail, with one line."""
+    mesh, other = tmp_path / "mesh", tmp_path / "other"
+    for folder in (mesh, other):
+        pki.init_ca(folder)
+        pki.issue(folder, role="nlp", name="nlp")
+    pki.issue(mesh, role="vision", name="vision")
+    for key in [k for k in os.environ if k.startswith("AIMASS_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    monkeypatch.setenv("AIMASS_MESH__PKI_DIR", str(mesh))
+    monkeypatch.setenv("AIMASS_MESH__IDENTITY", "nlp")
+    main = load_probe().main
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    with (
+        mesh_health_server(mesh, "nlp", SERVING) as nlp,
+        mesh_health_server(mesh, "nlp", NOT_SERVING) as draining,
+        health_server(SERVING) as plaintext,
+    ):
+        # As the containers run it.
+        ran = subprocess.run(
+            [sys.executable, str(PROBE), "--role=nlp", nlp], capture_output=True, text=True, timeout=30, env=os.environ
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert main(["--role", "nlp", nlp]) == 0
+        assert main(["--role=nlp", draining]) == 1 and "NOT_SERVING" in capsys.readouterr().err
+        # The server must hold the role asked for: an nlp certificate is no scheduler's.
+        assert main(["--role=scheduler", nlp]) == 1 and "UNAVAILABLE" in capsys.readouterr().err
+        # Plaintext gets nowhere on an mTLS listener.
+        assert main([nlp]) == 1 and "UNAVAILABLE" in capsys.readouterr().err
+        # Health answers any mesh certificate: the probe's identity need not be the server's.
+        monkeypatch.setenv("AIMASS_MESH__IDENTITY", "vision")
+        assert main(["--role=nlp", nlp]) == 0
+        # No certificate: a clear line naming the file, not a traceback.
+        monkeypatch.setenv("AIMASS_MESH__IDENTITY", "ghost")
+        assert main(["--role=nlp", nlp]) == 1 and "ghost.crt" in capsys.readouterr().err
+        # Another mesh's CA: the handshake fails.
+        monkeypatch.setenv("AIMASS_MESH__PKI_DIR", str(other))
+        monkeypatch.setenv("AIMASS_MESH__IDENTITY", "nlp")
+        assert main(["--role=nlp", nlp]) == 1 and "UNAVAILABLE" in capsys.readouterr().err
+        # Mesh TLS off (throwaway development): plaintext, like the processes.
+        monkeypatch.setenv("AIMASS_MESH__TLS", "off")
+        assert main(["--role=nlp", plaintext]) == 0
+        # With no arguments (the Dockerfile's HEALTHCHECK), target and role come from the environment.
+        monkeypatch.delenv("AIMASS_MESH__TLS")
+        monkeypatch.setenv("AIMASS_MESH__PKI_DIR", str(mesh))
+        monkeypatch.setenv("AIMASS_HEALTHCHECK_TARGET", nlp)
+        monkeypatch.setenv("AIMASS_HEALTHCHECK_ROLE", "nlp")
+        assert main([]) == 0
+    for bad in (["--role"], ["--role="], ["--role=nlp", "http://127.0.0.1:1/metrics"], ["--bogus", "a:1"]):
+        assert main(bad) == 2, bad

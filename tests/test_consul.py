@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import grpc
@@ -31,6 +30,7 @@ from aimass.runtime.discovery.leader import ConsulLeader
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.app import SchedulerApp
 from scheduler.app import build_runner as build_scheduler
+from tests.eventually import eventually
 from tests.fake_consul import FakeConsul
 
 NLP = "aimass.v1.NlpService"
@@ -80,20 +80,6 @@ async def registry(fake: FakeConsul) -> AsyncIterator[ConsulRegistry]:
 
 async def next_view(watch: AsyncIterator[list[Instance]], timeout_s: float = 5.0) -> list[Instance]:
     return await asyncio.wait_for(anext(watch), timeout_s)
-
-
-async def eventually(what: str, condition: Callable[[], object], timeout_s: float = 10.0) -> None:
-    """Until ``condition()`` (or what it returns, awaited) is true; TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
 
 
 async def equals(value: Awaitable[object], expected: object) -> bool:

@@ -1,9 +1,9 @@
 """Dynamic batching in front of an engine's batched ``execute(requests) -> responses`` (Triton style).
 
-Handlers ``await batcher.submit(request, priority=request.meta.priority)``; one collector task forms batches of
-up to ``max_batch_size`` units (a request's units come from ``size_of``, e.g. the number of texts in an Embed
-request) and hands each batch to ``execute`` in a worker thread, so the event loop keeps serving while the model
-runs.
+Handlers ``await batcher.submit(request, **scope.queue_terms(request.meta.priority))`` (aimass.runtime.scope: the
+call's priority capped for its tenant, its deadline, tenant and weight); one collector task forms batches of up to
+``max_batch_size`` units (a request's units come from ``size_of``, e.g. the number of texts in an Embed request) and
+hands each batch to ``execute`` in a worker thread, so the event loop keeps serving while the model runs.
 
 A batch closes when it is full or ``max_queue_delay_s`` after the oldest waiting request was queued, whichever is
 first. The collector takes a free execution slot *before* forming a batch: while every slot is busy, requests pile
@@ -16,13 +16,13 @@ overtakes it. This is strict priority, as in the LLM
 engine: under sustained higher-priority load lower priorities wait, bounded by their deadlines. Uncontended,
 every request is batched as soon as it arrives and the order makes no difference.
 
-Tenants (``x-aimass-tenant``) share a priority fairly, after virtual token counters (VTC, Sheng et al., OSDI 2024;
-the LLM engine does the same with tokens): each tenant waits in its own FIFO, and the next request taken is the
-head of the tenant that has received the least service, in units taken into batches divided by its weight
-(``scheduler.tenant_weights``; among equals, the tenant with less waiting). A tenant that starts waiting is lifted
-to the least counter among the tenants already waiting, so idling banks no credit; counters restart whenever the
-queue empties. A flood from one tenant therefore delays its own later requests, not another tenant's next one.
-With one tenant (or none named) this is first come, first served.
+Tenants (the request scope's, from the caller's API key) share a priority fairly, after virtual token counters
+(VTC, Sheng et al., OSDI 2024; the LLM engine does the same with tokens): each tenant waits in its own FIFO, and the
+next request taken is the head of the tenant that has received the least service, in units taken into batches
+divided by its weight (the tenant's, from the store or ``tenants.weights``; among equals, the tenant with less
+waiting). A tenant that starts waiting is lifted to the least counter among the tenants already waiting, so idling
+banks no credit; counters restart whenever the queue empties. A flood from one tenant therefore delays its own later
+requests, not another tenant's next one. With one tenant (or none named) this is first come, first served.
 
 A full queue refuses a request with RESOURCE_EXHAUSTED, unless it holds requests of a lower priority than the
 newcomer's: then the newest of the lowest priority queued are displaced (failed with RESOURCE_EXHAUSTED, as if
@@ -52,7 +52,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -62,11 +62,12 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimass.runtime import tracing
-from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from aimass.runtime.fair_share import FairShare
+from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
+from aimass.runtime.scope import RANK_NAMES, priority_rank
+from aimass.tenancy.fair_share import FairShare
 from aimass.v1 import common_pb2
 
-__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn", "check_priority"]
+__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,34 +92,6 @@ DROPPED = Counter(
 )
 
 _DROP_REASONS = ("queue_full", "displaced", "cancelled", "expired", "shutdown")
-
-# RequestMeta.priority → queue level, most urgent first.
-_LEVEL_OF: dict[int, int] = {
-    common_pb2.PRIORITY_CRITICAL: 0,
-    common_pb2.PRIORITY_HIGH: 1,
-    common_pb2.PRIORITY_NORMAL: 2,
-    common_pb2.PRIORITY_UNSPECIFIED: 2,
-    common_pb2.PRIORITY_LOW: 3,
-}
-_LEVEL_NAMES = ("CRITICAL", "HIGH", "NORMAL", "LOW")
-
-
-def _bad_priority(priority: int) -> InvalidArgument:
-    return InvalidArgument(
-        f"meta.priority is {priority}, which is not a Priority value; send PRIORITY_LOW (1), PRIORITY_NORMAL (2),"
-        " PRIORITY_HIGH (3), PRIORITY_CRITICAL (4) or leave it unset (NORMAL)",
-        reason="BAD_PRIORITY",
-    )
-
-
-def check_priority(priority: int) -> int:
-    """``priority`` when it is a ``RequestMeta.priority`` value, else INVALID_ARGUMENT saying which are.
-
-    Servicers call it before doing any work for a request; ``submit`` checks again for other callers.
-    """
-    if priority not in _LEVEL_OF:
-        raise _bad_priority(priority)
-    return priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +165,6 @@ class DynamicBatcher(Generic[Req, Resp]):
         size_of: Callable[[Req], int] = lambda r: 1,
         max_concurrent_batches: int = 1,
         executor: concurrent.futures.Executor | None = None,
-        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -215,11 +187,11 @@ class DynamicBatcher(Generic[Req, Resp]):
         )
 
         # Per priority level, most urgent first: a FIFO per tenant, and the live units queued by each tenant.
-        self._queues: tuple[dict[str, deque[_Item[Req, Resp]]], ...] = tuple({} for _ in _LEVEL_NAMES)
-        self._tenant_units: tuple[collections.Counter[str], ...] = tuple(collections.Counter() for _ in _LEVEL_NAMES)
+        self._queues: tuple[dict[str, deque[_Item[Req, Resp]]], ...] = tuple({} for _ in RANK_NAMES)
+        self._tenant_units: tuple[collections.Counter[str], ...] = tuple(collections.Counter() for _ in RANK_NAMES)
         # Live units queued per tenant over all levels (the tenants waiting), and the service each has received.
         self._waiting = collections.Counter[str]()
-        self._fair_share = FairShare(tenant_weights)
+        self._fair_share = FairShare()
         self._queued_units = 0
         self._in_flight_units = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -288,6 +260,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         deadline: float | None = None,
         priority: int = common_pb2.PRIORITY_NORMAL,
         tenant: str = "",
+        weight: float = 1.0,
     ) -> Resp:
         """Queue ``request`` and wait for its result.
 
@@ -296,9 +269,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         tenant like any other). Cancelling the awaiting task removes a queued request (it never reaches execute) or
         discards the result of one already executing.
         """
-        level = _LEVEL_OF.get(priority)
-        if level is None:
-            raise _bad_priority(priority)
+        level = priority_rank(priority)
         if self._closing:
             raise Unavailable(f"{self.name} batcher is shutting down; retry on another replica", reason="DRAINING")
         loop = self._loop
@@ -341,6 +312,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         if deadline is not None:
             # Fail a request at its deadline even if no batch forms meanwhile (e.g. all slots busy).
             item.timer = loop.call_at(deadline, self._expire, item)
+        self._fair_share.see(tenant, weight)
         if not self._waiting[tenant]:
             self._fair_share.lift(tenant, self._waiting)
         self._queues[level].setdefault(tenant, deque()).append(item)
@@ -464,9 +436,9 @@ class DynamicBatcher(Generic[Req, Resp]):
                     break
                 self._displace(
                     victim,
-                    f"a {_LEVEL_NAMES[level]}-priority request took the place of this "
-                    f"{_LEVEL_NAMES[victim_level]}-priority one before it ran",
-                    displaced_by=_LEVEL_NAMES[level],
+                    f"a {RANK_NAMES[level]}-priority request took the place of this "
+                    f"{RANK_NAMES[victim_level]}-priority one before it ran",
+                    displaced_by=RANK_NAMES[level],
                 )
             if self._queued_units + units <= self._max_queue_size:
                 break
@@ -692,7 +664,7 @@ class DynamicBatcher(Generic[Req, Resp]):
                 tracing.QUEUE_SPAN,
                 context=item.trace,
                 start_time=item.queued_ns,
-                attributes={"aimass.batcher": self.name, "aimass.priority": _LEVEL_NAMES[item.level]},
+                attributes={"aimass.batcher": self.name, "aimass.priority": RANK_NAMES[item.level]},
             ).end(end_time=taken_ns)
             execution = self._tracer.start_span(
                 tracing.BATCH_SPAN,
@@ -726,7 +698,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             start_time=item.queued_ns,
             attributes={
                 "aimass.batcher": self.name,
-                "aimass.priority": _LEVEL_NAMES[item.level],
+                "aimass.priority": RANK_NAMES[item.level],
                 "aimass.dropped": reason,
             },
         )

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ByteSize, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import BaseModel, ByteSize, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,12 @@ from pydantic_settings import (
 )
 
 CONFIG_FILE_ENV = "AIMASS_CONFIG"
+
+
+def default_state_dir() -> Path:
+    """Where `aimass up` keeps the mesh's state: the store, the admin key, the CA and certificates."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "aimass"
 
 
 class ServerConfig(BaseModel):
@@ -41,6 +47,18 @@ class ServerConfig(BaseModel):
     access_log: bool = True
     # Prometheus text endpoint on this port (0 = off).
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # HTTP/2 hygiene. Streams one connection may have open at once (more wait in the client's transport): inside
+    # the mesh a gateway multiplexes all its calls to a replica over one connection, so this is generous there.
+    max_concurrent_streams: PositiveInt = 1024
+    # A peer pinging more often than this (with no calls under way) gets a strike; past max_ping_strikes the
+    # connection is closed (GOAWAY, ENHANCE_YOUR_CALM). Gateways ping replicas every gateway.keepalive_s.
+    min_ping_interval_s: PositiveFloat = 1.0
+    max_ping_strikes: int = Field(default=2, ge=0)
+    # Connections idle this long are closed, and any connection is asked to go after max_connection_age_s (its
+    # calls get max_connection_age_grace_s to finish); clients reconnect by themselves. 0 = never.
+    max_connection_idle_s: float = Field(default=0, ge=0)
+    max_connection_age_s: float = Field(default=0, ge=0)
+    max_connection_age_grace_s: float = Field(default=300, ge=0)
 
     @property
     def address(self) -> str:
@@ -87,11 +105,11 @@ class ConsulConfig(BaseModel):
 
 
 class RegistryConfig(BaseModel):
-    """Service discovery: the embedded registry (default), in the gateway process, so its address is the gateway's;
-    or Consul (see ``ConsulConfig``)."""
+    """Service discovery: the embedded registry (default), in the scheduler process (the control plane, behind mesh
+    mTLS: never on the public port), so its address is the scheduler's; or Consul (see ``ConsulConfig``)."""
 
     backend: Literal["embedded", "consul"] = "embedded"
-    address: str = "127.0.0.1:50051"
+    address: str = "127.0.0.1:50041"
     heartbeat_s: PositiveFloat = 1.0
     # An instance that misses heartbeats this long is dropped from the view (Consul: its TTL check goes critical).
     ttl_s: PositiveFloat = 5.0
@@ -99,7 +117,20 @@ class RegistryConfig(BaseModel):
 
 
 class GatewayConfig(BaseModel):
-    server: ServerConfig = ServerConfig(port=50051, max_inflight=4096)
+    # The front door: fewer streams per client connection, slow pings only, idle connections closed after 5
+    # minutes and every connection recycled after 30 (long LLM streams get 5 more to finish).
+    server: ServerConfig = ServerConfig(
+        port=50051,
+        max_inflight=4096,
+        max_concurrent_streams=256,
+        min_ping_interval_s=10.0,
+        max_connection_idle_s=300,
+        max_connection_age_s=1800,
+    )
+    # TLS on the front door (PEM files; both or neither). Clients then dial with the certificate's CA (or a public
+    # one). Without them the front door is plaintext, as on a laptop or behind a TLS-terminating load balancer.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     # How a replica is chosen per request (gateway/router.py): "ours" scores replicas on the scheduler's view and
     # falls back to "p2c" (power of two choices on queue length) while no fresh view is at hand.
     router: Literal["round_robin", "p2c", "ours"] = "ours"
@@ -112,8 +143,12 @@ class GatewayConfig(BaseModel):
     # hanging until their deadlines. 0 turns pings off.
     keepalive_s: float = Field(default=2.0, ge=0)
     keepalive_timeout_s: PositiveFloat = 2.0
-    # Tenants (x-aimass-tenant) allowed to load and unload models through ModelService; others get PERMISSION_DENIED.
-    admin_tenants: tuple[str, ...] = ("admin",)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> GatewayConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("gateway.tls_cert and gateway.tls_key go together: set both (front door TLS) or neither")
+        return self
 
 
 class NlpConfig(BaseModel):
@@ -224,8 +259,6 @@ class SchedulerConfig(BaseModel):
     # a node or a replica's load leaves the view.
     report_interval_s: PositiveFloat = 1.0
     silent_intervals: PositiveInt = 3
-    # Fair share: tenant → weight (default 1); a tenant of weight 2 is due twice the service.
-    tenant_weights: dict[str, PositiveFloat] = Field(default_factory=dict)
     # This host's name in the mesh: replicas' load reports and the node agent's readings join on it. Empty: the
     # hostname (set it where containers on one host have different hostnames).
     node_id: str = ""
@@ -237,6 +270,63 @@ class SchedulerConfig(BaseModel):
     model_budgets: dict[Literal["text", "vision", "speech", "llm"], Annotated[ByteSize, Field(gt=0)]] = Field(
         default_factory=dict
     )
+
+
+class StoreConfig(BaseModel):
+    """The store of tenants, API keys, the audit log and LLM token usage (aimass.store), shared by every gateway
+    and the scheduler. SQLite embedded by default; PostgreSQL for several hosts."""
+
+    # A SQLAlchemy URL, e.g. "postgresql+psycopg://aimass:PASSWORD@db:5432/aimass". Empty: the SQLite file
+    # aimass.db in state_dir.
+    url: SecretStr = SecretStr("")
+    # Seconds a connection waits for another process's write (SQLite's busy timeout; PostgreSQL's lock wait).
+    busy_timeout_s: PositiveFloat = 10.0
+
+
+class AuthConfig(BaseModel):
+    """API keys at the front door (the gateway): every public call carries one (``authorization: Bearer <key>``)."""
+
+    # "off" accepts anonymous calls and trusts the x-aimass-tenant header a caller writes: throwaway development only
+    # (every process logs it loudly at start).
+    mode: Literal["on", "off"] = "on"
+    # The admin key `aimass up` creates once (owner-only file). Empty: state_dir/admin.key.
+    admin_key_file: Path | None = None
+    # A key the gateway has verified is checked against the store again this often, with its tenant's limits: a
+    # revocation, an expiry or a limit change takes effect on every gateway within about this long.
+    refresh_s: PositiveFloat = 1.0
+    # Verified keys (and unknown ones, remembered briefly so a flood of made-up keys does not reach the store)
+    # kept in memory per gateway.
+    max_cached_keys: PositiveInt = 100_000
+    # Refused credentials are audited; the same refusal (peer, reason) is written once per this many seconds, with
+    # a count, so a flood of bad keys cannot flood the store.
+    audit_coalesce_s: PositiveFloat = 10.0
+
+
+class MeshTlsConfig(BaseModel):
+    """mTLS between mesh processes: every internal listener (replicas, scheduler and registry, node agents) asks for
+    a certificate from the mesh's private CA and checks the caller's role; every internal call presents one."""
+
+    # "off": plaintext inside the mesh, anyone who reaches a port may call it; throwaway development only.
+    tls: Literal["on", "off"] = "on"
+    # This process's certificate: <pki_dir>/<identity>.crt and .key (`aimass up` issues them; `aimass certs issue`
+    # for processes started by hand). Empty identity: the process's kind.
+    identity: str = ""
+    # Empty: state_dir/pki.
+    pki_dir: Path | None = None
+
+
+class TenantsConfig(BaseModel):
+    """Tenants: fair-share weights and the limits of tenants that have none of their own in the store."""
+
+    # Fair share: tenant → weight (default 1); a tenant of weight 2 is due twice the service. A weight set with
+    # `aimass tenants set NAME --weight W` (the store) takes precedence.
+    weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+    # The highest priority a tenant's requests get unless the store says otherwise (higher asks are lowered to it).
+    default_max_priority: Literal["LOW", "NORMAL", "HIGH", "CRITICAL"] = "HIGH"
+    # Per-tenant state in every process (quota buckets, fair-share counters, the scheduler's usage) is bounded:
+    # past this many tenants the least recently seen are let go, and tenants idle this long are forgotten.
+    max_tracked: PositiveInt = 10_000
+    idle_expiry_s: PositiveFloat = 600.0
 
 
 class TelemetryConfig(BaseModel):
@@ -277,6 +367,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The mesh's state on this host (store, admin key, CA and certificates); AIMASS_STATE_DIR.
+    state_dir: Path = Field(default_factory=default_state_dir)
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    mesh: MeshTlsConfig = MeshTlsConfig()
+    tenants: TenantsConfig = TenantsConfig()
     registry: RegistryConfig = RegistryConfig()
     gateway: GatewayConfig = GatewayConfig()
     nlp: NlpConfig = NlpConfig()
@@ -285,6 +381,18 @@ class Settings(BaseSettings):
     llm: LlmConfig = LlmConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url.get_secret_value() or f"sqlite:///{self.state_dir / 'aimass.db'}"
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.auth.admin_key_file or self.state_dir / "admin.key"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.mesh.pki_dir or self.state_dir / "pki"
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,9 @@ class AimassError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason: str = "INTERNAL"
+    # gRPC's retry pushback (grpc-retry-pushback-ms): clients with a retry policy wait this long before trying
+    # again, or do not retry at all when it is negative. None: no pushback.
+    pushback_ms: int | None = None
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -46,7 +49,8 @@ class PermissionDenied(AimassError):
 
 
 class ResourceExhausted(AimassError):
-    """Queue or quota full. ``retry_after_ms`` becomes pushback metadata so clients back off."""
+    """Queue or quota full. ``retry_after_ms`` goes in the ErrorInfo and, unless ``pushback_ms`` says otherwise
+    (-1: a wait too long for an automatic retry), in gRPC's pushback so clients back off."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
@@ -58,9 +62,11 @@ class ResourceExhausted(AimassError):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         retry_after_ms: int = 100,
+        pushback_ms: int | None = None,
     ) -> None:
         super().__init__(message, reason=reason, metadata={**(metadata or {}), "retry_after_ms": str(retry_after_ms)})
         self.retry_after_ms = retry_after_ms
+        self.pushback_ms = retry_after_ms if pushback_ms is None else pushback_ms
 
 
 class DeadlineExceeded(AimassError):

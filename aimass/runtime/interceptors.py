@@ -25,8 +25,8 @@ from aimass.runtime.metadata import (
     REQUEST_ID_KEY,
     new_request_id,
     request_id_of,
-    tenant_of,
 )
+from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -54,6 +54,10 @@ UNLOGGED_PREFIXES = (
 
 # Bounds the per-interceptor handler cache: unknown method names (which clients choose) must not grow it forever.
 MAX_CACHED_METHODS = 1024
+# Bounds the per-tenant counts a replica keeps between load reports (none are taken without a scheduler): past it,
+# further tenants are counted together as OTHER_TENANTS.
+MAX_TENANT_COUNTS = 10_000
+OTHER_TENANTS = "(other tenants)"
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
@@ -192,10 +196,9 @@ async def abort_with(context: Context, method: str, exc: Exception) -> None:
     if isinstance(exc, AimassError):
         info = common_pb2.ErrorInfo(reason=exc.reason, metadata=exc.metadata)
         trailers: list[tuple[str, str | bytes]] = [(ERROR_INFO_KEY, info.SerializeToString())]
-        retry_after = exc.metadata.get("retry_after_ms")
-        if retry_after is not None:
-            # gRPC's standard pushback header: clients with retry policies wait this long.
-            trailers.append(("grpc-retry-pushback-ms", retry_after))
+        if exc.pushback_ms is not None:
+            # gRPC's standard pushback header: clients with retry policies wait this long (negative: no retry).
+            trailers.append(("grpc-retry-pushback-ms", str(exc.pushback_ms)))
         # Keep trailers already set (e.g. x-request-id) next to the error's own.
         await context.abort(exc.code, exc.message, trailing_metadata=(*(context.trailing_metadata() or ()), *trailers))
     log.exception("unexpected error in %s", method, exc_info=exc)
@@ -252,7 +255,13 @@ class AdmissionInterceptor(AroundInterceptor):
             self.inflight_by_method[method] -= 1
             self.completed += 1
             self.completed_by_method[method] += 1
-            self._completed_by_method_tenant[(method, tenant_of(context.invocation_metadata()))] += 1
+            key = (method, current_scope().tenant)
+            if (
+                key not in self._completed_by_method_tenant
+                and len(self._completed_by_method_tenant) >= MAX_TENANT_COUNTS
+            ):
+                key = (method, OTHER_TENANTS)
+            self._completed_by_method_tenant[key] += 1
             self.last_completed_unix_ms = self.last_completed_unix_ms_by_method[method] = int(time.time() * 1000)
             INFLIGHT.dec()
 
@@ -331,3 +340,13 @@ class TelemetryInterceptor(AroundInterceptor):
         if isinstance(code, grpc.StatusCode):
             return str(code.name)
         return "UNKNOWN" if exc is not None else "OK"
+
+
+class ScopeInterceptor(AroundInterceptor):
+    """On replicas: every call runs inside the request scope its gateway sent (tenant, weight, priority cap, request
+    id) and its deadline (aimass.runtime.scope)."""
+
+    @contextlib.asynccontextmanager
+    async def around(self, method: str, context: Context) -> AsyncIterator[None]:
+        with entered(RequestScope.from_metadata(context.invocation_metadata(), deadline=deadline_of(context))):
+            yield

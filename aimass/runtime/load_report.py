@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+from aimass.runtime.identity import MeshCredentials
 from aimass.runtime.interceptors import AdmissionInterceptor
 from aimass.runtime.models import ModelSet
 from aimass.runtime.reporting import PeriodicReporter
@@ -104,11 +105,12 @@ class LoadReporter(PeriodicReporter):
         app: ReportsLoad,
         *,
         scheduler_address: str,
+        credentials: MeshCredentials | None,
         instance_id: str,
         node_id: str,
         interval_s: float,
     ) -> None:
-        super().__init__(scheduler_address, interval_s, what="load reports")
+        super().__init__(scheduler_address, interval_s, what="load reports", credentials=credentials)
         self.app = app
         self.instance_id = instance_id
         self.node_id = node_id

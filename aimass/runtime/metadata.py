@@ -11,8 +11,15 @@ ERROR_INFO_KEY: Final = "aimass-error-bin"
 # Correlates a request across gateway and replica logs; replicas echo it back as a trailer.
 REQUEST_ID_KEY: Final = "x-request-id"
 
-# The tenant a request is for, set by the gateway after authentication; replicas account work to it.
+# Metadata under this prefix is the mesh's own: the gateway drops whatever a caller sent under it and writes the
+# request scope it verified (aimass.runtime.scope); replicas trust it because only gateways may call them.
+INTERNAL_PREFIX: Final = "x-aimass-"
+# The tenant a request is for (the caller's API key's), its fair-share weight, the most urgent priority it may use,
+# and the key's public id.
 TENANT_KEY: Final = "x-aimass-tenant"
+TENANT_WEIGHT_KEY: Final = "x-aimass-tenant-weight"
+MAX_PRIORITY_KEY: Final = "x-aimass-max-priority"
+KEY_ID_KEY: Final = "x-aimass-key-id"
 # Trailer naming the replica (its registry instance id) that answered, on success and error alike; the gateway
 # relays it untouched, so a caller sees which replica served a request that went through the gateway.
 REPLICA_KEY: Final = "x-aimass-replica"
@@ -24,6 +31,17 @@ def metadata_value(metadata: Iterable[Any] | None, key: str) -> str:
         if entry_key == key:
             return str(value)
     return ""
+
+
+def metadata_values(metadata: Iterable[Any] | None, keys: Iterable[str]) -> dict[str, str]:
+    """Several entries' values in one pass ("" for those absent; the first value of a repeated key)."""
+    found = dict.fromkeys(keys, "")
+    missing = set(found)
+    for entry_key, value in metadata or ():
+        if entry_key in missing:
+            found[entry_key] = str(value)
+            missing.discard(entry_key)
+    return found
 
 
 def tenant_of(metadata: Iterable[Any] | None) -> str:

@@ -30,6 +30,15 @@ MODEL_FOOTPRINT = prometheus_client.Gauge(
 )
 
 
+def serving_model(
+    requested: common_pb2.ModelRef, served: str, where: str, *, loaded: bool, what: str = "its models"
+) -> common_pb2.ModelRef:
+    """What a handler checks first: UNAVAILABLE while the replica still loads ``what``, NOT_FOUND for a model the
+    method does not serve, else the model it will use. ``where`` is "Service.Method", as messages name it."""
+    require_loaded(loaded, where.partition(".")[0], what)
+    return resolve_model(requested, served, where)
+
+
 def require_loaded(loaded: bool, service: str, what: str = "its models") -> None:
     """UNAVAILABLE (safe to retry elsewhere) while a replica is still loading."""
     if not loaded:

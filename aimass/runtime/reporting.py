@@ -13,6 +13,7 @@ import logging
 
 import grpc
 
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
 from aimass.v1 import scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,11 @@ MAX_INTERVAL_S = 60.0
 
 
 class PeriodicReporter(abc.ABC):
-    def __init__(self, scheduler_address: str, interval_s: float, *, what: str) -> None:
+    def __init__(
+        self, scheduler_address: str, interval_s: float, *, what: str, credentials: MeshCredentials | None
+    ) -> None:
         self.scheduler_address = scheduler_address
+        self.credentials = credentials
         self.interval_s = interval_s
         self.what = what
         self.reports_sent = 0
@@ -45,7 +49,7 @@ class PeriodicReporter(abc.ABC):
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError(f"{self.what} already started")
-        self._channel = grpc.aio.insecure_channel(self.scheduler_address)
+        self._channel = mesh_channel(self.scheduler_address, self.credentials, server_role=ROLE_SCHEDULER)
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.what)
 

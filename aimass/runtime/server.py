@@ -3,6 +3,10 @@
 ``ServerRunner`` turns a ``ServiceApp`` (servicers + engines) into a running grpc.aio server with health,
 reflection, interceptors and registry membership, and drains it on SIGTERM: health NOT_SERVING and deregister,
 a short delay so routers notice, then queued and in-flight work finishes before the server stops.
+
+What differs between processes is composed, not switched on their kind: a ``Listener`` says how the port is
+secured (mesh mTLS with a role policy inside the mesh, the API-key front door on the gateway) and a process that
+serves models adds a ``ReplicaRole`` (aimass.runtime.replica); control-plane processes have none.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import grpc
@@ -23,30 +28,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime import tracing
-from aimass.runtime.catalogue import (
-    LoadsModelsOnDemand,
-    ReplicaModelServicer,
-    RunsOnOneDevice,
-    default_model_labels,
-)
-from aimass.runtime.config import RegistryConfig, SchedulerConfig, ServerConfig, Settings, load_settings
-from aimass.runtime.discovery import (
-    CONTROL_PLANE_KINDS,
-    DISCOVERY_HEALTH_SERVICE,
-    Instance,
-    Membership,
-    Registry,
-    ReportsReachability,
-)
+from aimass.runtime.config import RegistryConfig, ServerConfig, Settings, load_settings
+from aimass.runtime.discovery import DISCOVERY_HEALTH_SERVICE, Instance, Membership, Registry, ReportsReachability
+from aimass.runtime.identity import MeshCredentials, MeshPolicy, MeshPolicyInterceptor
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
-from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad, local_device_id
 from aimass.runtime.logs import configure_logging
-from aimass.runtime.models import ModelSet
-from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
+from aimass.runtime.replica import ReplicaRole
+from aimass.v1 import common_pb2, models_pb2
 
 log = logging.getLogger(__name__)
 
-MODEL_SERVICE = "aimass.v1.ModelService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -95,16 +86,51 @@ class ServiceApp(Protocol):
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+    """gRPC server arguments: message limits and HTTP/2 hygiene (streams per connection, ping enforcement,
+    connection idle and age limits), all from ``config``."""
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # Without this a second server silently shares the port (SO_REUSEPORT); we want "address in use".
         ("grpc.so_reuseport", 0),
-        # Gateways ping idle replica channels (gateway.keepalive_s) to notice a vanished host; accept the pings.
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        # Keepalive pings are accepted (gateways ping idle replica channels to notice a vanished host), but a peer
+        # pinging more often than min_ping_interval_s gets a strike, and past max_ping_strikes a GOAWAY
+        # (ENHANCE_YOUR_CALM): a ping flood costs its sender the connection, not the server its CPU.
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", config.max_ping_strikes),
     ]
+    if config.max_connection_idle_s:
+        options.append(("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)))
+    if config.max_connection_age_s:
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)))
+    return options
+
+
+def message_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments for calls to a server of ``config``: the same message limits."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+
+@dataclass(frozen=True)
+class Listener:
+    """How a server's port is secured: its credentials (None: plaintext) and the interceptors that decide who may
+    call what (the mesh role policy, or the gateway's API keys)."""
+
+    credentials: grpc.ServerCredentials | None = None
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+
+
+def mesh_listener(credentials: MeshCredentials | None, policy: MeshPolicy) -> Listener:
+    """An internal listener: a client certificate from the mesh's CA, and ``policy`` on the caller's role."""
+    if credentials is None:
+        return Listener()
+    return Listener(credentials.server_credentials(), (MeshPolicyInterceptor(policy),))
 
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -135,26 +161,26 @@ class ServerRunner:
         *,
         registry: Registry | None,
         registry_config: RegistryConfig,
+        listener: Listener = Listener(),
+        replica: ReplicaRole | None = None,
         reflection_extra: Sequence[str] = (),
         echo_request_id: bool = True,
-        scheduler_config: SchedulerConfig | None = None,
         node_id: str = "",
     ) -> None:
         self.app = app
         self.config = config
         self.registry = registry
         self.registry_config = registry_config
+        self.listener = listener
+        self.replica = replica
         self.reflection_extra = tuple(reflection_extra)
         self.echo_request_id = echo_request_id
-        self.scheduler_config = scheduler_config or SchedulerConfig()
-        # The node agent names its node by the hostname too, so load reports and device readings join on it.
-        self.node_id = node_id or self.scheduler_config.node_id or socket.gethostname()
+        self.node_id = node_id or socket.gethostname()
         registry_address = (
             registry_config.consul.address if registry_config.backend == "consul" else registry_config.address
         )
         self.advertised_host = advertised_host(config, registry_address)
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_STARTING
-        self.load_reporter: LoadReporter | None = None
         self.health = health.aio.HealthServicer()
         self.admission = AdmissionInterceptor(config.max_inflight)
         self.port = 0
@@ -175,74 +201,55 @@ class ServerRunner:
     def instance_id(self) -> str:
         return f"{self.app.kind}-{self.address}-{os.getpid()}"
 
-    def describe_replica(self) -> models_pb2.ModelReplica:
-        """This process as a holder of its models (ModelService answers)."""
-        return models_pb2.ModelReplica(
-            instance_id=self.instance_id,
-            address=self.address,
-            node_id=self.node_id,
-            state=self.state,
-            loaded=self.state == common_pb2.SERVING_STATE_SERVING,
-        )
-
-    @property
-    def _model_set(self) -> ModelSet | None:
-        return self.app.model_set if isinstance(self.app, LoadsModelsOnDemand) else None
-
-    def _serving_models(self) -> tuple[str, ...]:
-        """The models requests can use here now (the registry's list, which gateways route by)."""
-        models = self._model_set
-        if models is None:
-            return self.app.model_names()
-        return tuple(name for name in self.app.model_names() if name not in models.names or name in models.loaded)
-
-    async def _models_changed(self) -> None:
-        """A model was loaded or unloaded: gateways route by the registry's list, the scheduler by load reports."""
-        if self.membership is not None:
-            await self.membership.set_models(self._serving_models())
-        if self.load_reporter is not None:
-            await self.load_reporter.report()
-
     @property
     def server(self) -> grpc.aio.Server:
         if self._server is None:
             raise RuntimeError("the server exists once start() has run")
         return self._server
 
-    async def start(self) -> None:
-        # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """Outermost first: trace, meter and log every call; decide who may make it (listener); the replica's
+        request scope; admission; then errors become statuses next to the handler."""
+        replica = self.replica
         interceptors: list[grpc.aio.ServerInterceptor] = [
             TelemetryInterceptor(
                 access_log_enabled=self.config.access_log,
                 echo_request_id=self.echo_request_id,
                 # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
-                replica_id=None if self.app.kind in CONTROL_PLANE_KINDS else lambda: self.instance_id,
+                replica_id=None if replica is None else lambda: self.instance_id,
             ),
+            *self.listener.interceptors,
+            *(replica.interceptors() if replica is not None else ()),
             self.admission,
             ErrorMappingInterceptor(),
         ]
         traces = tracing.installed()
         if traces is not None:
-            # Outermost: the server span covers the whole call, and admission refusals and mapped errors (which
-            # abort through the context it wraps) record their code on it.
+            # Outermost: the server span covers the whole call, and refusals and mapped errors (which abort through
+            # the context it wraps) record their code on it.
             interceptors.insert(0, traces.server_interceptor())
-        self._server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
+        return interceptors
+
+    def _listen(self) -> int:
+        try:
+            if self.listener.credentials is None:
+                return self.server.add_insecure_port(self.config.address)
+            return self.server.add_secure_port(self.config.address, self.listener.credentials)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self.app.kind}: cannot listen on {self.config.address}: {err}") from err
+
+    async def start(self) -> None:
+        # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
+        self._server = grpc.aio.server(interceptors=self._interceptors(), options=server_options(self.config))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        if self.app.kind not in CONTROL_PLANE_KINDS:
-            # Replicas describe their own models; the gateway's ModelService gathers them for the whole mesh.
-            models_pb2_grpc.add_ModelServiceServicer_to_server(
-                ReplicaModelServicer(self.app, self.describe_replica, self._models_changed), self.server
-            )
-            names = (*names, MODEL_SERVICE)
+        if self.replica is not None:
+            names = (*names, *self.replica.add_to_server(self, self.server))
         reflection.enable_server_reflection(names, self.server)
         self.app.add_to_server(self.server, self.health)
         for name in ("", *self.app.service_names):
             await self.health.set(name, NOT_SERVING)
-        try:
-            self.port = self.server.add_insecure_port(self.config.address)
-        except RuntimeError as err:
-            raise RuntimeError(f"{self.app.kind}: cannot listen on {self.config.address}: {err}") from err
+        self.port = self._listen()
         await self.server.start()
         if self.config.metrics_port:
             prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
@@ -260,46 +267,10 @@ class ServerRunner:
             await self.app.stand_by(self.instance_id, self._set_active)
         await self.health.set("", SERVING)
         await self._apply_active()
-        if self.scheduler_config.address and self.app.kind not in CONTROL_PLANE_KINDS:
-            # Apps with their own figures (the LLM engine) report those; the others, what admission sees.
-            source = (
-                self.app
-                if isinstance(self.app, ReportsLoad)
-                else AdmissionLoad(self.app.model_infos(), self.admission, self._model_set)
-            )
-            self.load_reporter = LoadReporter(
-                source,
-                scheduler_address=self.scheduler_config.address,
-                instance_id=self.instance_id,
-                node_id=self.node_id,
-                interval_s=self.scheduler_config.report_interval_s,
-            )
-            await self.load_reporter.start()
+        if self.replica is not None:
+            await self.replica.serve(self)
         if self.registry is not None:
-            if isinstance(self.registry, ReportsReachability):
-                # The process keeps serving on its last view while the registry is away; its health says so.
-                reachable = self.registry.reachable is not False
-                await self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if reachable else NOT_SERVING)
-                self.registry.on_reachability(self._registry_reachability)
-            labels = {"node": self.node_id, **default_model_labels(self.app.model_infos())}
-            if self._model_set is not None:
-                labels["device"] = local_device_id(self._model_set.device)
-            elif isinstance(self.app, RunsOnOneDevice):
-                labels["device"] = local_device_id(self.app.device)
-            instance = Instance(
-                instance_id=self.instance_id,
-                kind=self.app.kind,
-                services=self.app.service_names,
-                address=self.address,
-                models=self._serving_models(),
-                state=self.state,
-                labels=labels,
-                pid=os.getpid(),
-            )
-            self.membership = Membership(
-                self.registry, instance, heartbeat_s=self.registry_config.heartbeat_s, ttl_s=self.registry_config.ttl_s
-            )
-            self.membership.start()
+            await self._join(self.registry)
         log.info(
             "%s ready on %s in %.1fs (models: %s)",
             self.app.kind,
@@ -307,6 +278,28 @@ class ServerRunner:
             time.perf_counter() - started,
             ", ".join(self.app.model_names()) or "none",
         )
+
+    async def _join(self, registry: Registry) -> None:
+        """Registers this process (kept registered by heartbeats) with its models and labels."""
+        if isinstance(registry, ReportsReachability):
+            # The process keeps serving on its last view while the registry is away; its health says so.
+            await self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if registry.reachable is not False else NOT_SERVING)
+            registry.on_reachability(self._registry_reachability)
+        replica = self.replica
+        instance = Instance(
+            instance_id=self.instance_id,
+            kind=self.app.kind,
+            services=self.app.service_names,
+            address=self.address,
+            models=replica.serving_models() if replica is not None else self.app.model_names(),
+            state=self.state,
+            labels=replica.labels() if replica is not None else {"node": self.node_id},
+            pid=os.getpid(),
+        )
+        self.membership = Membership(
+            registry, instance, heartbeat_s=self.registry_config.heartbeat_s, ttl_s=self.registry_config.ttl_s
+        )
+        self.membership.start()
 
     async def _set_active(self, active: bool) -> None:
         """A StandsBy app became active (True) or went back to standing by (False)."""
@@ -344,8 +337,8 @@ class ServerRunner:
         self.state = common_pb2.SERVING_STATE_DRAINING
         if self.membership is not None:
             await self.membership.leave()
-        if self.load_reporter is not None:
-            await self.load_reporter.stop(common_pb2.SERVING_STATE_DRAINING)
+        if self.replica is not None:
+            await self.replica.drain()
         await asyncio.sleep(self.config.drain_delay_s)
         if isinstance(self.app, EndsStreams):
             await self.app.end_streams()
@@ -386,7 +379,12 @@ def serve_process(kind: str, build_runner: Callable[[Settings], ServerRunner]) -
 
     async def serve() -> None:
         # Built inside the running loop: grpc.aio servers and channels belong to the loop that creates them.
-        await build_runner(settings).run_until_signalled()
+        try:
+            runner = build_runner(settings)
+        except FileNotFoundError as err:  # no certificate (mesh TLS on): say how to get one, no traceback
+            log.error("%s cannot start: %s", kind, err)
+            raise SystemExit(2) from err
+        await runner.run_until_signalled()
 
     try:
         asyncio.run(serve())

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import LlmConfig, Settings
-from aimass.runtime.discovery import make_registry
 from aimass.runtime.load_report import local_device_id
+from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import common_pb2, llm_pb2_grpc, models_pb2, scheduler_pb2
 from services.llm.engine import LlmEngine
@@ -25,10 +25,10 @@ class LlmApp:
     kind = "llm"
     service_names: tuple[str, ...] = (SERVICE,)
 
-    def __init__(self, config: LlmConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, config: LlmConfig) -> None:
         self.config = config
         self.engine = LlmEngine(config)
-        self.servicer = LlmServicer(self.engine, config, tenant_weights)
+        self.servicer = LlmServicer(self.engine, config)
         self._reported_tokens = 0
         self._reported_completed = 0
 
@@ -113,13 +113,7 @@ class LlmApp:
 
 
 def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
-    return ServerRunner(
-        LlmApp(settings.llm, settings.scheduler.tenant_weights),
-        settings.llm.server,
-        registry=make_registry(settings.registry) if register else None,
-        registry_config=settings.registry,
-        scheduler_config=settings.scheduler,
-    )
+    return replica_runner(LlmApp(settings.llm), settings, settings.llm.server, register=register)
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ class LlmEngine:
             dtype="float32" if on_cpu else "auto",
             max_num_seqs=self.config.max_num_seqs,
             stream_interval=self.config.stream_interval,
-            # vLLM's priority policy: lower values are scheduled first (see priority_value).
+            # vLLM's priority policy: lower values are scheduled first (the servicer's rank: aimass.runtime.scope).
             scheduling_policy="priority",
             # On the CPU, compilation takes ~45 s more at start for ~7% more tokens/s: not worth it here.
             enforce_eager=on_cpu,

@@ -8,28 +8,13 @@ from typing import Any
 
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument
-from aimass.v1 import common_pb2, llm_pb2
+from aimass.v1 import llm_pb2
 
 ROLE_NAMES = {
     llm_pb2.CHAT_ROLE_SYSTEM: "system",
     llm_pb2.CHAT_ROLE_USER: "user",
     llm_pb2.CHAT_ROLE_ASSISTANT: "assistant",
 }
-
-# vLLM's priority policy schedules lower values first.
-PRIORITY_VALUES: dict[int, int] = {
-    common_pb2.PRIORITY_CRITICAL: -2,
-    common_pb2.PRIORITY_HIGH: -1,
-    common_pb2.PRIORITY_UNSPECIFIED: 0,
-    common_pb2.PRIORITY_NORMAL: 0,
-    common_pb2.PRIORITY_LOW: 1,
-}
-
-
-def priority_value(priority: int) -> int:
-    if priority not in PRIORITY_VALUES:
-        raise InvalidArgument(f"meta.priority {priority} is not a Priority value (0..4)", reason="BAD_PRIORITY")
-    return PRIORITY_VALUES[priority]
 
 
 def chat_messages(messages: Sequence[llm_pb2.ChatMessage], config: LlmConfig) -> list[dict[str, str]]:

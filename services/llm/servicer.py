@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,12 +23,13 @@ from opentelemetry.trace import Span, Status, StatusCode
 from aimass.runtime import tracing
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
-from aimass.runtime.metadata import request_id_of, tenant_of
-from aimass.runtime.models import require_loaded, resolve_model
+from aimass.runtime.interceptors import MAX_TENANT_COUNTS, OTHER_TENANTS
+from aimass.runtime.models import serving_model
+from aimass.runtime.scope import current_scope
+from aimass.tenancy.fair_share import VirtualTokenCounters
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import LlmEngine
-from services.llm.fairness import VirtualTokenCounters
-from services.llm.sampling import chat_messages, check_prompt_chars, priority_value, sampling_kwargs
+from services.llm.sampling import chat_messages, check_prompt_chars, sampling_kwargs
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
@@ -73,23 +74,34 @@ class ServiceCounters:
         default_factory=lambda: collections.defaultdict(TenantWork)
     )
 
+    def work_of(self, tenant: str) -> TenantWork:
+        """``tenant``'s work since the last report; past MAX_TENANT_COUNTS tenants, counted together (bounded)."""
+        if tenant not in self.tenant_work and len(self.tenant_work) >= MAX_TENANT_COUNTS:
+            tenant = OTHER_TENANTS
+        return self.tenant_work[tenant]
+
     def take_tenant_work(self) -> dict[str, TenantWork]:
         work, self.tenant_work = self.tenant_work, collections.defaultdict(TenantWork)
         return dict(work)
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, engine: LlmEngine, config: LlmConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, engine: LlmEngine, config: LlmConfig) -> None:
         self.engine = engine
         self.config = config
-        self.fairness = VirtualTokenCounters(tenant_weights)
+        self.fairness = VirtualTokenCounters()
         # Running in the engine plus waiting in its queue; beyond this, RESOURCE_EXHAUSTED.
         self.capacity = config.max_num_seqs + config.max_waiting
         self.counters = ServiceCounters()
 
     def _model(self, requested: common_pb2.ModelRef, method: str) -> common_pb2.ModelRef:
-        require_loaded(self.engine.loaded, "LlmService", self.engine.model_name)
-        resolve_model(requested, self.engine.model_name, f"LlmService.{method}")
+        serving_model(
+            requested,
+            self.engine.model_name,
+            f"LlmService.{method}",
+            loaded=self.engine.loaded,
+            what=self.engine.model_name,
+        )
         if requested.version and requested.version != self.engine.version:
             raise NotFound(
                 f"model {self.engine.model_name!r} has no version {requested.version!r}; "
@@ -157,12 +169,13 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 config=self.config,
             )
         )
-        priority_class = priority_value(request.meta.priority)
-        request_id = request.meta.request_id or request_id_of(context.invocation_metadata())
-        tenant = tenant_of(context.invocation_metadata())
-        # Within a priority class, tenants take turns by the service they received (fairness.py).
-        rank, estimate = self.fairness.admit(tenant, len(prompt_ids), params.max_tokens or 0)
-        priority = priority_class * PRIORITY_CLASS_SPAN + rank
+        scope = current_scope()
+        request_id = request.meta.request_id or scope.request_id
+        tenant = scope.tenant
+        # vLLM runs lower numbers first: the priority class (capped for the tenant) first, then within it tenants
+        # take turns by the service they received (aimass.tenancy.fair_share).
+        rank, estimate = self.fairness.admit(tenant, scope.weight, len(prompt_ids), params.max_tokens or 0)
+        priority = scope.rank(request.meta.priority) * PRIORITY_CLASS_SPAN + rank
         completion_tokens = 0
         first_token_ms = 0.0
         first = True
@@ -203,7 +216,7 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
                 span.end()
             # Cancelled calls count too: their tokens were computed for this tenant.
             self.fairness.finish(tenant, estimate, len(prompt_ids), completion_tokens)
-            work = self.counters.tenant_work[tenant]
+            work = self.counters.work_of(tenant)
             work.requests += 1
             work.prompt_tokens += len(prompt_ids)
             work.completion_tokens += completion_tokens

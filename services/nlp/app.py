@@ -10,8 +10,8 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings
-from aimass.runtime.discovery import make_registry
 from aimass.runtime.models import ModelSet
+from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, nlp_pb2_grpc
 from services.nlp.engine import EMBED_MODEL, MODELS, NER_MODEL, SENTIMENT_MODEL, NlpEngine
@@ -25,7 +25,7 @@ class NlpApp:
     def __init__(self, settings: Settings, engine: NlpEngine | None = None) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
-        self.servicer = NlpServicer(self.engine, settings.nlp, settings.scheduler.tenant_weights)
+        self.servicer = NlpServicer(self.engine, settings.nlp)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         nlp_pb2_grpc.add_NlpServiceServicer_to_server(self.servicer, server)
@@ -74,13 +74,7 @@ class NlpApp:
 
 
 def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine | None = None) -> ServerRunner:
-    return ServerRunner(
-        NlpApp(settings, engine),
-        settings.nlp.server,
-        registry=make_registry(settings.registry) if register else None,
-        registry_config=settings.registry,
-        scheduler_config=settings.scheduler,
-    )
+    return replica_runner(NlpApp(settings, engine), settings, settings.nlp.server, register=register)
 
 
 def main() -> None:

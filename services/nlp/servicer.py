@@ -8,7 +8,7 @@ orders the batchers' queues when the replica is contended (higher priorities are
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from aimass.runtime.batcher import DynamicBatcher, check_priority
+from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import NlpConfig
 from aimass.runtime.errors import InvalidArgument
-from aimass.runtime.metadata import tenant_of
-from aimass.runtime.models import require_loaded, resolve_model
-from aimass.v1 import nlp_pb2, nlp_pb2_grpc
+from aimass.runtime.models import serving_model
+from aimass.runtime.scope import QueueTerms, current_scope, priority_rank
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import (
     EMBED_MODEL,
     NER_MODEL,
@@ -40,14 +40,8 @@ LABEL_CACHE_SIZE = 4096
 INLINE_SENTIMENT_CHARS = 2_000
 
 
-def deadline_of(context: Context) -> float | None:
-    """The RPC's deadline on the event loop's clock, for queues that drop work nobody will wait for."""
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
-
-
 class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
-    def __init__(self, engine: NlpEngine, config: NlpConfig, tenant_weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, engine: NlpEngine, config: NlpConfig) -> None:
         self.engine = engine
         self.config = config
         batching = config.embed_batching
@@ -59,7 +53,6 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.texts),
             max_concurrent_batches=batching.max_concurrent_batches,
-            tenant_weights=tenant_weights,
         )
         self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher(
             engine.entities_batch,
@@ -68,7 +61,6 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_delay_s=batching.max_queue_delay_ms / 1000,
             max_queue_size=batching.max_queue_size,
             size_of=len,
-            tenant_weights=tenant_weights,
         )
         # Sentiment is cheap and lock-free: long inputs go to a small pool, off the event loop, with no batching delay.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlp-cpu")
@@ -84,6 +76,9 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         self.cpu_pool.shutdown(wait=True)
 
     # -- validation ---------------------------------------------------------------------------------------------
+
+    def _model(self, requested: common_pb2.ModelRef, served: str, where: str) -> common_pb2.ModelRef:
+        return serving_model(requested, served, where, loaded=self.engine.loaded)
 
     def _check_texts(self, texts: Sequence[str], field: str = "texts") -> tuple[str, ...]:
         limit = self.config.max_text_chars
@@ -133,16 +128,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
     # -- methods ------------------------------------------------------------------------------------------------
 
     async def Embed(self, request: nlp_pb2.EmbedRequest, context: Context) -> nlp_pb2.EmbedResponse:
-        require_loaded(self.engine.loaded, "NlpService")
-        model = resolve_model(request.model, EMBED_MODEL, "NlpService.Embed")
+        model = self._model(request.model, EMBED_MODEL, "NlpService.Embed")
         texts = self._check_texts(request.texts)
-        priority = check_priority(request.meta.priority)
-        vectors = await self.embed_batcher.submit(
-            EmbedJob(texts, request.normalize),
-            deadline=deadline_of(context),
-            priority=priority,
-            tenant=tenant_of(context.invocation_metadata()),
-        )
+        terms = current_scope().queue_terms(request.meta.priority)
+        vectors = await self.embed_batcher.submit(EmbedJob(texts, request.normalize), **terms)
         return nlp_pb2.EmbedResponse(
             model=model,
             embeddings=[nlp_pb2.Embedding(values=row.tolist()) for row in vectors],
@@ -150,10 +139,9 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Sentiment(self, request: nlp_pb2.SentimentRequest, context: Context) -> nlp_pb2.SentimentResponse:
-        require_loaded(self.engine.loaded, "NlpService")
-        model = resolve_model(request.model, SENTIMENT_MODEL, "NlpService.Sentiment")
+        model = self._model(request.model, SENTIMENT_MODEL, "NlpService.Sentiment")
         texts = self._check_texts(request.texts)
-        check_priority(request.meta.priority)  # not queued, so it has no effect here, but it must be valid
+        priority_rank(request.meta.priority)  # not queued, so it has no effect here, but it must be valid
         if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS:
             results = self.engine.sentiment(texts)
         else:
@@ -169,13 +157,9 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Entities(self, request: nlp_pb2.EntitiesRequest, context: Context) -> nlp_pb2.EntitiesResponse:
-        require_loaded(self.engine.loaded, "NlpService")
-        model = resolve_model(request.model, NER_MODEL, "NlpService.Entities")
+        model = self._model(request.model, NER_MODEL, "NlpService.Entities")
         texts = self._check_texts(request.texts)
-        priority = check_priority(request.meta.priority)
-        documents = await self.ner_batcher.submit(
-            texts, deadline=deadline_of(context), priority=priority, tenant=tenant_of(context.invocation_metadata())
-        )
+        documents = await self.ner_batcher.submit(texts, **current_scope().queue_terms(request.meta.priority))
         return nlp_pb2.EntitiesResponse(
             model=model,
             documents=[
@@ -190,21 +174,18 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         )
 
     async def Classify(self, request: nlp_pb2.ClassifyRequest, context: Context) -> nlp_pb2.ClassifyResponse:
-        require_loaded(self.engine.loaded, "NlpService")
-        model = resolve_model(request.model, EMBED_MODEL, "NlpService.Classify")
+        model = self._model(request.model, EMBED_MODEL, "NlpService.Classify")
         texts = self._check_texts(request.texts)
         labels = self._check_labels(request)
-        priority = check_priority(request.meta.priority)
+        terms = current_scope().queue_terms(request.meta.priority)
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS
         if template.count("{}") != 1:
             raise InvalidArgument(
                 f"hypothesis_template must contain '{{}}' exactly once, e.g. {DEFAULT_HYPOTHESIS!r}",
                 reason="BAD_TEMPLATE",
             )
-        deadline, tenant = deadline_of(context), tenant_of(context.invocation_metadata())
         text_vectors, label_vectors = await asyncio.gather(
-            self.embed_batcher.submit(EmbedJob(texts, True), deadline=deadline, priority=priority, tenant=tenant),
-            self._label_vectors(labels, template, deadline, priority, tenant),
+            self.embed_batcher.submit(EmbedJob(texts, True), **terms), self._label_vectors(labels, template, terms)
         )
         scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
         results = []
@@ -216,15 +197,13 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         return nlp_pb2.ClassifyResponse(model=model, results=results)
 
     async def _label_vectors(
-        self, labels: tuple[str, ...], template: str, deadline: float | None, priority: int, tenant: str
+        self, labels: tuple[str, ...], template: str, terms: QueueTerms
     ) -> npt.NDArray[np.float32]:
         """Embeddings of the label hypotheses; labels recur across requests, so they are cached."""
         missing = tuple(label for label in labels if (label, template) not in self._label_cache)
         if missing:
             hypotheses = tuple(template.format(label) for label in missing)
-            vectors = await self.embed_batcher.submit(
-                EmbedJob(hypotheses, True), deadline=deadline, priority=priority, tenant=tenant
-            )
+            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), **terms)
             for label, vector in zip(missing, vectors, strict=True):
                 if len(self._label_cache) >= LABEL_CACHE_SIZE:
                     self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, SpeechConfig
-from aimass.runtime.discovery import make_registry
+from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine
@@ -28,14 +28,13 @@ class SpeechApp:
         config: SpeechConfig,
         asr: AsrEngine | None = None,
         tts: TtsEngine | None = None,
-        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         # Engines may be shared (tests build several servers over one set of loaded models).
         self.asr = asr or AsrEngine(
             device=config.device, threads=config.asr_threads, cache_dir=config.whisper_cache_dir
         )
         self.tts = tts or TtsEngine()
-        self.servicer = SpeechServicer(self.asr, self.tts, config, tenant_weights)
+        self.servicer = SpeechServicer(self.asr, self.tts, config)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         speech_pb2_grpc.add_SpeechServiceServicer_to_server(self.servicer, server)
@@ -90,13 +89,7 @@ def build_runner(
     tts: TtsEngine | None = None,
 ) -> ServerRunner:
     config = config or settings.speech
-    return ServerRunner(
-        SpeechApp(config, asr, tts, settings.scheduler.tenant_weights),
-        config.server,
-        registry=make_registry(settings.registry) if register else None,
-        registry_config=settings.registry,
-        scheduler_config=settings.scheduler,
-    )
+    return replica_runner(SpeechApp(config, asr, tts), settings, config.server, register=register)
 
 
 def main() -> None:

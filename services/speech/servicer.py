@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from aimass.runtime.batcher import DynamicBatcher, check_priority
+from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import SpeechConfig
 from aimass.runtime.errors import InvalidArgument, NotFound
-from aimass.runtime.metadata import tenant_of
-from aimass.runtime.models import require_loaded, resolve_model
+from aimass.runtime.models import serving_model
+from aimass.runtime.scope import QueueTerms, current_scope, priority_rank
 from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine, Transcript
 from services.speech.audio import StreamDecoder, check_rate, decode_audio, streaming_wav_header
@@ -46,9 +45,7 @@ class AsrJob:
 
 
 class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
-    def __init__(
-        self, asr: AsrEngine, tts: TtsEngine, config: SpeechConfig, tenant_weights: Mapping[str, float] | None = None
-    ) -> None:
+    def __init__(self, asr: AsrEngine, tts: TtsEngine, config: SpeechConfig) -> None:
         self.asr = asr
         self.tts = tts
         self.config = config
@@ -62,7 +59,6 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             max_queue_delay_s=0,
             max_queue_size=ASR_QUEUE_LIMIT,
             executor=self.asr_pool,
-            tenant_weights=tenant_weights,
         )
         self._started = False
 
@@ -97,8 +93,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _check_asr(self, model: common_pb2.ModelRef, method: str) -> common_pb2.ModelRef:
-        require_loaded(self.asr.loaded, "SpeechService", "Whisper")
-        return resolve_model(model, WHISPER_MODEL, f"SpeechService.{method}")
+        return serving_model(model, WHISPER_MODEL, f"SpeechService.{method}", loaded=self.asr.loaded, what="Whisper")
 
     @staticmethod
     def _check_language(language: str) -> str | None:
@@ -107,26 +102,15 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             raise InvalidArgument(f"language {language!r} is not an ISO 639-1 code such as 'en'", reason="BAD_LANGUAGE")
         return language or None
 
-    async def _transcribe(
-        self,
-        audio: Any,
-        *,
-        language: str | None,
-        beam_size: int,
-        priority: int,
-        tenant: str = "",
-        context: Context | None = None,
-    ) -> Transcript:
+    async def _transcribe(self, audio: Any, *, language: str | None, beam_size: int, terms: QueueTerms) -> Transcript:
         """Whisper on the worker thread, after the queued jobs of higher or equal priority. A caller cancelled
-        while queued never runs; one cancelled while running stops the thread at the next segment. With
-        ``context``, the RPC's deadline bounds both the wait in the queue and the transcription."""
+        while queued never runs; one cancelled while running stops the thread at the next segment. The call's
+        deadline bounds both the wait in the queue and the transcription (the loop's clock is time.monotonic)."""
         await self.start()
-        remaining = None if context is None else context.time_remaining()
         cancel = threading.Event()
-        job = AsrJob(audio, language, beam_size, cancel, None if remaining is None else time.monotonic() + remaining)
-        queue_deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        job = AsrJob(audio, language, beam_size, cancel, terms["deadline"])
         try:
-            return await self.asr_batcher.submit(job, deadline=queue_deadline, priority=priority, tenant=tenant)
+            return await self.asr_batcher.submit(job, **terms)
         except asyncio.CancelledError:
             cancel.set()
             raise
@@ -138,7 +122,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     ) -> speech_pb2.TranscribeResponse:
         model = self._check_asr(request.model, "Transcribe")
         language = self._check_language(request.language)
-        priority = check_priority(request.meta.priority)
+        terms = current_scope().queue_terms(request.meta.priority)
         decoded = decode_audio(
             request.audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds
         )
@@ -146,9 +130,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             decoded.samples,
             language=language,
             beam_size=self.config.asr_beam_size,
-            priority=priority,
-            tenant=tenant_of(context.invocation_metadata()),
-            context=context,
+            terms=terms,
         )
         return speech_pb2.TranscribeResponse(
             model=model,
@@ -182,8 +164,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         if first is None or first.WhichOneof("payload") != "config":
             raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
         model = self._check_asr(first.model, "StreamTranscribe")
-        priority = check_priority(first.meta.priority)
-        tenant = tenant_of(context.invocation_metadata())
+        terms = current_scope().queue_terms(first.meta.priority)
         config = first.config
         language = self._check_language(config.language)
         decoder = self._stream_decoder(config)
@@ -236,9 +217,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     partial_at = 0.0
                     if segmenter.is_silence(piece):
                         continue
-                    result = await self._transcribe(
-                        piece, language=language, beam_size=cfg.asr_beam_size, priority=priority, tenant=tenant
-                    )
+                    result = await self._transcribe(piece, language=language, beam_size=cfg.asr_beam_size, terms=terms)
                     if language is None and result.language:
                         # Detected once, on the first speech, then held so every segment is in one language.
                         language, probability = result.language, result.language_probability
@@ -258,7 +237,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     partial_at = pending
                     start = segmenter.offset_s
                     result = await self._transcribe(
-                        segmenter.buffer.copy(), language=language, beam_size=1, priority=priority, tenant=tenant
+                        segmenter.buffer.copy(), language=language, beam_size=1, terms=terms
                     )
                     if result.text:
                         yield speech_pb2.StreamTranscribeResponse(
@@ -283,7 +262,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def Synthesize(
         self, request: speech_pb2.SynthesizeRequest, context: Context
     ) -> AsyncIterator[speech_pb2.SynthesizeResponse]:
-        check_priority(request.meta.priority)  # synthesis is not queued, so it has no effect here, but it must be valid
+        priority_rank(request.meta.priority)  # synthesis is not queued, so it has no effect here, but it must be valid
         text = request.text
         if not any(ch.isalnum() for ch in text):
             limit = self.config.max_text_chars
@@ -335,7 +314,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def ListVoices(
         self, request: speech_pb2.ListVoicesRequest, context: Context
     ) -> speech_pb2.ListVoicesResponse:
-        check_priority(request.meta.priority)
+        priority_rank(request.meta.priority)
         if request.model.name and request.model.name not in self.tts.models:
             raise NotFound(
                 f"model {request.model.name!r} has no voices; available: {', '.join(self.tts.models)}",

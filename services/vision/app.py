@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, VisionConfig
-from aimass.runtime.discovery import make_registry
 from aimass.runtime.models import ModelSet
+from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import models_pb2, vision_pb2_grpc
 from services.vision.engine import (
@@ -34,11 +34,10 @@ class VisionApp:
         self,
         config: VisionConfig,
         engine: VisionEngine | None = None,
-        tenant_weights: Mapping[str, float] | None = None,
     ) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or VisionEngine(config)
-        self.servicer = VisionServicer(self.engine, config, tenant_weights)
+        self.servicer = VisionServicer(self.engine, config)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         vision_pb2_grpc.add_VisionServiceServicer_to_server(self.servicer, server)
@@ -89,13 +88,7 @@ class VisionApp:
 def build_runner(
     settings: Settings, config: VisionConfig, *, register: bool = True, engine: VisionEngine | None = None
 ) -> ServerRunner:
-    return ServerRunner(
-        VisionApp(config, engine, settings.scheduler.tenant_weights),
-        config.server,
-        registry=make_registry(settings.registry) if register else None,
-        registry_config=settings.registry,
-        scheduler_config=settings.scheduler,
-    )
+    return replica_runner(VisionApp(config, engine), settings, config.server, register=register)
 
 
 def main() -> None:

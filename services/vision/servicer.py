@@ -8,7 +8,7 @@ a worker pool, the models live in ``engine``, and errors become statuses in the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -16,12 +16,12 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from aimass.runtime.batcher import DynamicBatcher, check_priority
+from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import VisionConfig
 from aimass.runtime.errors import InvalidArgument
-from aimass.runtime.metadata import tenant_of
-from aimass.runtime.models import require_loaded, resolve_model
-from aimass.v1 import vision_pb2, vision_pb2_grpc
+from aimass.runtime.models import serving_model
+from aimass.runtime.scope import current_scope, priority_rank
+from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from services.vision.engine import (
     CLASSIFY_MODEL,
     FACE_MODEL,
@@ -41,19 +41,12 @@ DEFAULT_TOP_K = 5
 T = TypeVar("T")
 
 
-def deadline_of(context: Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
-
-
 def _box(x: float, y: float, width: float, height: float) -> vision_pb2.BoundingBox:
     return vision_pb2.BoundingBox(x=x, y=y, width=width, height=height)
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(
-        self, engine: VisionEngine, config: VisionConfig, tenant_weights: Mapping[str, float] | None = None
-    ) -> None:
+    def __init__(self, engine: VisionEngine, config: VisionConfig) -> None:
         self.engine = engine
         self.config = config
         batching = config.classify_batching
@@ -65,7 +58,6 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.pixels),
             max_concurrent_batches=batching.max_concurrent_batches,
-            tenant_weights=tenant_weights,
         )
         # Pillow's own bomb guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) must not be
         # stricter than the configured limit, which the decoder checks from the header first.
@@ -86,6 +78,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # -- validation ---------------------------------------------------------------------------------------------
 
+    def _model(self, requested: common_pb2.ModelRef, served: str, where: str) -> common_pb2.ModelRef:
+        return serving_model(requested, served, where, loaded=self.engine.loaded)
+
     async def _decode(self, images: Sequence[vision_pb2.Image], min_side: int | None = None) -> list[DecodedImage]:
         # The count is checked before any decoding work is queued.
         check_count(len(images), self.config)
@@ -102,23 +97,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def Classify(
         self, request: vision_pb2.VisionServiceClassifyRequest, context: Context
     ) -> vision_pb2.VisionServiceClassifyResponse:
-        require_loaded(self.engine.loaded, "VisionService")
-        model = resolve_model(request.model, CLASSIFY_MODEL, "VisionService.Classify")
+        model = self._model(request.model, CLASSIFY_MODEL, "VisionService.Classify")
         top_k = request.top_k or DEFAULT_TOP_K
         if not 1 <= top_k <= NUM_CLASSES:
             raise InvalidArgument(
                 f"top_k is {request.top_k}; send 1..{NUM_CLASSES} (0 means {DEFAULT_TOP_K})", reason="BAD_TOP_K"
             )
-        priority = check_priority(request.meta.priority)
+        terms = current_scope().queue_terms(request.meta.priority)
         # The classifier sees 256 pixels on the short side: large JPEGs need not be decoded in full.
         decoded = await self._decode(request.images, min_side=RESIZE_SIZE)
         pixels = await self._in_pool(lambda: np.stack([preprocess(d.image) for d in decoded]))
-        labels = await self.classify_batcher.submit(
-            ClassifyJob(pixels, top_k),
-            deadline=deadline_of(context),
-            priority=priority,
-            tenant=tenant_of(context.invocation_metadata()),
-        )
+        labels = await self.classify_batcher.submit(ClassifyJob(pixels, top_k), **terms)
         return vision_pb2.VisionServiceClassifyResponse(
             model=model,
             results=[
@@ -137,10 +126,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def DetectFaces(
         self, request: vision_pb2.DetectFacesRequest, context: Context
     ) -> vision_pb2.DetectFacesResponse:
-        require_loaded(self.engine.loaded, "VisionService")
-        model = resolve_model(request.model, FACE_MODEL, "VisionService.DetectFaces")
+        model = self._model(request.model, FACE_MODEL, "VisionService.DetectFaces")
         self._check_fraction("min_score", request.min_score)
-        check_priority(request.meta.priority)  # faces and OCR are not queued by priority, but it must be valid
+        priority_rank(request.meta.priority)  # faces and OCR are not queued by priority, but it must be valid
         if request.max_faces < 0:
             raise InvalidArgument(f"max_faces is {request.max_faces}; send 0 (no limit) or more", reason="BAD_LIMIT")
         decoded = await self._decode(request.images)
@@ -171,10 +159,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         return vision_pb2.DetectFacesResponse(model=model, results=results)
 
     async def ReadText(self, request: vision_pb2.ReadTextRequest, context: Context) -> vision_pb2.ReadTextResponse:
-        require_loaded(self.engine.loaded, "VisionService")
-        model = resolve_model(request.model, OCR_MODEL, "VisionService.ReadText")
+        model = self._model(request.model, OCR_MODEL, "VisionService.ReadText")
         self._check_fraction("min_confidence", request.min_confidence)
-        check_priority(request.meta.priority)
+        priority_rank(request.meta.priority)
         unsupported = [lang for lang in request.languages if lang.lower() not in OCR_LANGUAGES]
         if unsupported:
             raise InvalidArgument(

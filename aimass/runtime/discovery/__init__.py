@@ -12,17 +12,19 @@ from aimass.runtime.discovery.base import (
 )
 from aimass.runtime.discovery.embedded import InMemoryRegistry, RegistryServicer, RemoteRegistry
 from aimass.runtime.discovery.membership import Membership
+from aimass.runtime.identity import MeshCredentials
 
 
-def make_registry(config: RegistryConfig, *, address: str = "") -> Registry:
+def make_registry(config: RegistryConfig, *, credentials: MeshCredentials | None, address: str = "") -> Registry:
     """The registry client a process uses: Consul's agent with ``backend = "consul"``, otherwise the embedded
-    registry at ``address`` (default ``config.address``, the gateway)."""
+    registry at ``address`` (default ``config.address``, the scheduler), dialled with this process's mesh
+    ``credentials``."""
     if config.backend == "consul":
         # Imported here: the embedded default never loads the Consul client (aiohttp).
         from aimass.runtime.discovery.consul import ConsulRegistry
 
-        return ConsulRegistry(config.consul)
-    return RemoteRegistry(address or config.address)
+        return ConsulRegistry(config.consul, grpc_tls=credentials is not None)
+    return RemoteRegistry(address or config.address, credentials)
 
 
 __all__ = [

@@ -33,8 +33,10 @@ import consul
 import consul.aio
 from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, ClientError, ConsulException, NotFound
 
+from aimass import pki
 from aimass.runtime.config import ConsulConfig
 from aimass.runtime.discovery.base import Instance
+from aimass.runtime.identity import ROLE_GATEWAY
 from aimass.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -286,9 +288,12 @@ class ConsulRegistry:
     """The ``Registry`` protocol on Consul: register/heartbeat/deregister through the local agent, reads and
     watches through the health and catalog endpoints."""
 
-    def __init__(self, config: ConsulConfig, *, client: ConsulClient | None = None) -> None:
+    def __init__(self, config: ConsulConfig, *, client: ConsulClient | None = None, grpc_tls: bool = False) -> None:
         self.config = config
         self.client = client or ConsulClient(config)
+        # The processes listen with mesh mTLS: the agent's gRPC check speaks TLS, presents the agent's own
+        # certificate (its tls.defaults, from the mesh CA) and checks the process holds its kind's.
+        self.grpc_tls = grpc_tls
 
     @property
     def reachable(self) -> bool | None:
@@ -325,6 +330,10 @@ class ConsulRegistry:
             # state they report, e.g. a standby's NOT_SERVING, travels in the TTL check).
             "Status": "passing",
         }
+        if self.grpc_tls and instance.kind != ROLE_GATEWAY:
+            # (A gateway's port is the public front door, with API keys rather than mesh certificates.)
+            grpc_check["GRPCUseTLS"] = True
+            grpc_check["TLSServerName"] = pki.server_name(instance.kind)
         if self.config.deregister_critical_after_s > 0:
             # On the gRPC check, not the TTL one: a process that stopped answering is removed, while one that only
             # reports itself not serving (a standby scheduler) stays listed.

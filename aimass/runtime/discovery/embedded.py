@@ -1,7 +1,9 @@
-"""The embedded registry: an in-memory store with TTLs, served over gRPC by the gateway process.
+"""The embedded registry: an in-memory store with TTLs, served over gRPC by the scheduler process.
 
-``InMemoryRegistry`` is the store (the gateway uses it directly), ``RegistryServicer`` exposes it as
-``aimass.v1.RegistryService``, and ``RemoteRegistry`` is the client every other process uses.
+``InMemoryRegistry`` is the store (the scheduler uses it directly), ``RegistryServicer`` exposes it as
+``aimass.v1.RegistryService`` on the scheduler's mesh-mTLS port, and ``RemoteRegistry`` is the client every other
+process uses. With mesh TLS on, an instance belongs to the certificate that registered it: only that identity may
+heartbeat, drain or deregister it, and a certificate registers instances of its own role (kind) only.
 """
 
 from __future__ import annotations
@@ -16,16 +18,26 @@ from typing import Any
 import grpc
 
 from aimass.runtime.discovery.base import Instance
+from aimass.runtime.errors import InvalidArgument, NotFound, PermissionDenied
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, MeshIdentity, mesh_channel, peer_identity
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 
 class InMemoryRegistry:
-    def __init__(self) -> None:
+    """``settle_s``: watchers get their first view only this long after the registry started, so after a restart
+    of its host the processes still running have registered again (within a heartbeat) before gateways see the
+    view, instead of seeing an empty mesh for a moment."""
+
+    def __init__(self, *, settle_s: float = 0.0) -> None:
+        self.settle_s = settle_s
+        self._started_at = time.monotonic()
         self._instances: dict[str, Instance] = {}
         self._expires_at: dict[str, float] = {}
         self._ttl: dict[str, float] = {}
+        # instance id → the mesh identity (certificate name) that registered it.
+        self._owners: dict[str, str] = {}
         self._version = 0
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
@@ -37,6 +49,7 @@ class InMemoryRegistry:
         return self._version
 
     def start(self) -> None:
+        self._started_at = time.monotonic()
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_expired(), name="registry-reaper")
 
@@ -70,15 +83,25 @@ class InMemoryRegistry:
             log.info("deregistered %s", instance_id)
             await self._publish()
 
+    def owner(self, instance_id: str) -> str | None:
+        """The identity that registered ``instance_id`` (None: unknown, or registered with mesh TLS off)."""
+        return self._owners.get(instance_id)
+
+    def claim(self, instance_id: str, owner: str) -> bool:
+        """Binds ``instance_id`` to ``owner`` unless another identity holds it; True when ``owner`` holds it now."""
+        return self._owners.setdefault(instance_id, owner) == owner
+
     def _drop(self, instance_id: str) -> bool:
         self._expires_at.pop(instance_id, None)
         self._ttl.pop(instance_id, None)
+        self._owners.pop(instance_id, None)
         return self._instances.pop(instance_id, None) is not None
 
     async def list_instances(self, service: str = "") -> list[Instance]:
         return [i for i in self._instances.values() if not service or service in i.services]
 
     async def watch(self) -> AsyncIterator[list[Instance]]:
+        await asyncio.sleep(self._started_at + self.settle_s - time.monotonic())
         seen = -1
         while not self._closing:
             async with self._changed:
@@ -113,43 +136,62 @@ class InMemoryRegistry:
             self._reaper = None
 
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, store: InMemoryRegistry) -> None:
         self.store = store
 
-    async def Register(
-        self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> registry_pb2.RegisterResponse:
+    def _check_owner(self, caller: MeshIdentity | None, instance_id: str) -> None:
+        """With mesh TLS, only the identity that registered an instance may speak for it."""
+        owner = self.store.owner(instance_id)
+        if caller is not None and owner is not None and owner != caller.name:
+            raise PermissionDenied(
+                f"instance {instance_id!r} belongs to mesh identity {owner!r}, not {caller.name!r}",
+                reason="NOT_OWNER",
+            )
+
+    async def Register(self, request: registry_pb2.RegisterRequest, context: Context) -> registry_pb2.RegisterResponse:
         instance = request.instance
         if not instance.instance_id or not instance.address or not instance.services:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "instance_id, address and at least one service are required"
-            )
+            raise InvalidArgument("instance_id, address and at least one service are required", reason="BAD_INSTANCE")
+        caller = peer_identity(context)
+        if caller is not None:
+            if instance.kind != caller.role:
+                raise PermissionDenied(
+                    f"a {caller.role} certificate registers {caller.role} instances only, not {instance.kind!r}",
+                    reason="WRONG_KIND",
+                )
+            if not self.store.claim(instance.instance_id, caller.name):
+                self._check_owner(caller, instance.instance_id)
         ttl = request.ttl_seconds if request.ttl_seconds > 0 else 5.0
         await self.store.register(Instance.from_proto(instance), ttl)
         return registry_pb2.RegisterResponse()
 
     async def Heartbeat(
-        self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: registry_pb2.HeartbeatRequest, context: Context
     ) -> registry_pb2.HeartbeatResponse:
+        self._check_owner(peer_identity(context), request.instance_id)
         if not await self.store.heartbeat(request.instance_id, request.state):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"instance {request.instance_id!r} is not registered")
+            raise NotFound(f"instance {request.instance_id!r} is not registered", reason="NOT_REGISTERED")
         return registry_pb2.HeartbeatResponse()
 
     async def Deregister(
-        self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: registry_pb2.DeregisterRequest, context: Context
     ) -> registry_pb2.DeregisterResponse:
+        self._check_owner(peer_identity(context), request.instance_id)
         await self.store.deregister(request.instance_id)
         return registry_pb2.DeregisterResponse()
 
     async def ListInstances(
-        self, request: registry_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: registry_pb2.ListInstancesRequest, context: Context
     ) -> registry_pb2.ListInstancesResponse:
         found = await self.store.list_instances(request.service)
         return registry_pb2.ListInstancesResponse(instances=[i.to_proto() for i in found])
 
     async def WatchInstances(
-        self, request: registry_pb2.WatchInstancesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: registry_pb2.WatchInstancesRequest, context: Context
     ) -> AsyncIterator[registry_pb2.WatchInstancesResponse]:
         async for view in self.store.watch():
             yield registry_pb2.WatchInstancesResponse(
@@ -158,13 +200,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 class RemoteRegistry:
-    """Client of an embedded registry hosted by another process (normally the gateway)."""
+    """Client of the embedded registry, hosted by the scheduler (mesh mTLS with ``credentials``)."""
 
-    def __init__(self, address: str, *, call_timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, credentials: MeshCredentials | None, *, call_timeout_s: float = 2.0) -> None:
         self.address = address
         self.call_timeout_s = call_timeout_s
-        # A restarted gateway is found again within a couple of heartbeats, not after gRPC's default backoff.
-        self._channel = grpc.aio.insecure_channel(address, options=[("grpc.max_reconnect_backoff_ms", 2000)])
+        # A restarted scheduler is found again within a couple of heartbeats, not after gRPC's default backoff.
+        self._channel = mesh_channel(
+            address, credentials, server_role=ROLE_SCHEDULER, options=[("grpc.max_reconnect_backoff_ms", 2000)]
+        )
         self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
 
     async def register(self, instance: Instance, ttl_s: float) -> None:

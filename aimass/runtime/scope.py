@@ -1,0 +1,189 @@
+"""The request scope: who a call is for and on what terms, built once per call and read by every handler.
+
+The gateway builds it from the caller's verified API key (gateway/auth.py) and hands it to replicas as metadata
+(``x-aimass-tenant``, ``x-aimass-tenant-weight``, ``x-aimass-max-priority``, ``x-aimass-key-id``) that only the
+gateway may send: replicas accept calls from gateways alone (mesh mTLS, aimass.runtime.identity) and drop nothing a
+caller wrote, because callers never reach them. On a replica, ``ScopeInterceptor`` (aimass.runtime.interceptors)
+reads that metadata and the
+call's deadline into a context variable; handlers, batchers and engines call ``current_scope()`` instead of
+re-reading metadata by hand.
+
+Priorities live here too, in one table: ``RequestMeta.priority`` → rank, 0 the most urgent. Batchers keep a queue
+per rank; the LLM engine (vLLM, lower first) takes the rank as its priority class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypedDict
+
+import grpc
+
+from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.metadata import (
+    KEY_ID_KEY,
+    MAX_PRIORITY_KEY,
+    REQUEST_ID_KEY,
+    TENANT_KEY,
+    TENANT_WEIGHT_KEY,
+    metadata_values,
+)
+from aimass.v1 import common_pb2
+
+# RequestMeta.priority → rank, most urgent first. Unset is NORMAL.
+PRIORITY_RANK: Final[dict[int, int]] = {
+    common_pb2.PRIORITY_CRITICAL: 0,
+    common_pb2.PRIORITY_HIGH: 1,
+    common_pb2.PRIORITY_NORMAL: 2,
+    common_pb2.PRIORITY_UNSPECIFIED: 2,
+    common_pb2.PRIORITY_LOW: 3,
+}
+RANK_NAMES: Final = ("CRITICAL", "HIGH", "NORMAL", "LOW")
+# Rank → the Priority value it stands for (unset reads as NORMAL).
+PRIORITY_OF_RANK: Final = (
+    common_pb2.PRIORITY_CRITICAL,
+    common_pb2.PRIORITY_HIGH,
+    common_pb2.PRIORITY_NORMAL,
+    common_pb2.PRIORITY_LOW,
+)
+
+
+def priority_rank(priority: int) -> int:
+    """The rank of a ``RequestMeta.priority`` value, INVALID_ARGUMENT (saying which exist) for anything else."""
+    rank = PRIORITY_RANK.get(priority)
+    if rank is None:
+        raise InvalidArgument(
+            f"meta.priority is {priority}, which is not a Priority value; send PRIORITY_LOW (1), PRIORITY_NORMAL (2),"
+            " PRIORITY_HIGH (3), PRIORITY_CRITICAL (4) or leave it unset (NORMAL)",
+            reason="BAD_PRIORITY",
+        )
+    return rank
+
+
+def priority_named(name: str) -> int:
+    """ "HIGH" (or "PRIORITY_HIGH", any case) → ``PRIORITY_HIGH``; ValueError listing the names otherwise."""
+    key = name.strip().upper().removeprefix("PRIORITY_")
+    if key not in RANK_NAMES:
+        raise ValueError(f"priority {name!r} is not one of {', '.join(reversed(RANK_NAMES))}")
+    return PRIORITY_OF_RANK[RANK_NAMES.index(key)]
+
+
+def priority_name(priority: int) -> str:
+    """``PRIORITY_HIGH`` → "HIGH" (unset reads NORMAL)."""
+    return RANK_NAMES[priority_rank(priority)]
+
+
+class QueueTerms(TypedDict):
+    """How a call waits in a replica's queues (DynamicBatcher.submit's keywords)."""
+
+    priority: int
+    deadline: float | None
+    tenant: str
+    weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestScope:
+    """One call's terms. The defaults are a call nobody vouched for: anonymous, weight 1, any priority."""
+
+    tenant: str = ""
+    # Fair-share weight of the tenant (a tenant of weight 2 is due twice the service).
+    weight: float = 1.0
+    # The most urgent priority the tenant may use; higher asks are lowered to it.
+    max_priority: int = common_pb2.PRIORITY_CRITICAL
+    # The API key the call came with (its public id, never the key), and what it may do; gateway side only.
+    key_id: str = ""
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    request_id: str = ""
+    # Absolute, on the event loop's clock; None: no deadline.
+    deadline: float | None = None
+
+    def rank(self, priority: int) -> int:
+        """The rank this call runs at: ``priority`` checked, then lowered to the tenant's ``max_priority``."""
+        return max(priority_rank(priority), priority_rank(self.max_priority))
+
+    def priority(self, priority: int) -> int:
+        """``priority`` checked and capped, as a ``Priority`` value."""
+        return PRIORITY_OF_RANK[self.rank(priority)]
+
+    def queue_terms(self, priority: int) -> QueueTerms:
+        """This call's terms in a queue, asking for ``priority`` (checked and capped)."""
+        return QueueTerms(
+            priority=self.priority(priority), deadline=self.deadline, tenant=self.tenant, weight=self.weight
+        )
+
+    def remaining_s(self) -> float | None:
+        """Seconds to the deadline (never below 0), None without one."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The scope as the metadata a gateway sends replicas (read back by ``from_metadata``)."""
+        entries = [(TENANT_KEY, self.tenant), (TENANT_WEIGHT_KEY, repr(self.weight))]
+        entries.append((MAX_PRIORITY_KEY, str(self.max_priority)))
+        if self.key_id:
+            entries.append((KEY_ID_KEY, self.key_id))
+        return tuple(entries)
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[Any] | None, *, deadline: float | None) -> RequestScope:
+        """What a replica knows of a call: the gateway's metadata (values out of range read as the defaults)."""
+        found = metadata_values(metadata, (TENANT_KEY, TENANT_WEIGHT_KEY, MAX_PRIORITY_KEY, KEY_ID_KEY, REQUEST_ID_KEY))
+        return cls(
+            tenant=found[TENANT_KEY],
+            weight=_weight(found[TENANT_WEIGHT_KEY]),
+            max_priority=_max_priority(found[MAX_PRIORITY_KEY]),
+            key_id=found[KEY_ID_KEY],
+            request_id=found[REQUEST_ID_KEY],
+            deadline=deadline,
+        )
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        return 1.0
+    return value if math.isfinite(value) and value > 0 else 1.0
+
+
+def _max_priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        return common_pb2.PRIORITY_CRITICAL
+    return (
+        value if value in PRIORITY_RANK and value != common_pb2.PRIORITY_UNSPECIFIED else common_pb2.PRIORITY_CRITICAL
+    )
+
+
+# Outside any call (and on a replica called without a gateway's metadata): nobody in particular.
+ANONYMOUS: Final = RequestScope()
+_CURRENT: contextvars.ContextVar[RequestScope] = contextvars.ContextVar("aimass_request_scope", default=ANONYMOUS)
+
+
+def current_scope() -> RequestScope:
+    """The scope of the call being handled (a default, anonymous one outside any call)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def entered(scope: RequestScope) -> Any:
+    """Makes ``scope`` the current one for the code inside (the call's handler)."""
+    token = _CURRENT.set(scope)
+    try:
+        yield scope
+    finally:
+        _CURRENT.reset(token)
+
+
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The call's deadline on the event loop's clock."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining

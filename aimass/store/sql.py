@@ -1,0 +1,515 @@
+"""The store over SQLAlchemy Core: SQLite embedded (one file every local process shares) or PostgreSQL (shared by
+gateways and schedulers on several hosts).
+
+Synchronous by design: every method is one short transaction, and async callers run it with ``asyncio.to_thread``.
+
+SQLite notes. Several processes (gateways, the scheduler, the CLI) open the same file at once, so every connection
+runs in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits for another instead of
+failing). pysqlite's own transaction handling is switched off: it would run a method's SELECTs outside its
+transaction and begin only at the first write. Each transaction begins explicitly instead, a writing one with
+``BEGIN IMMEDIATE``: it takes the write lock up front, so it waits its turn under the busy timeout rather than failing
+later when a read snapshot cannot be upgraded to a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import functools
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Column,
+    Engine,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, RowMapping, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from aimass.store import migrations, schema
+from aimass.store.records import MAX_PRIORITY_VALUE, TENANT_LIMIT_FIELDS, AuditEvent, KeyRecord, TenantRecord
+from aimass.tenancy.keys import check_scopes, check_tenant_id, new_key
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR: Final = Path(migrations.__file__).resolve().parent
+# Any fixed number: every aimass process takes this PostgreSQL advisory lock around its migration.
+_PG_MIGRATION_LOCK: Final = 0x61696D617373  # "aimass"
+# Values per IN list or multi-row INSERT: far below SQLite's (32766) and PostgreSQL's (65535) bound parameters.
+_CHUNK: Final = 1000
+_DAY: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Execution option that makes a SQLite transaction begin IMMEDIATE (see the module docstring).
+_WRITE: Final = "aimass_write"
+# Alembic's `context` and `op` are module-level proxies: one migration at a time per process, whatever the store.
+_ALEMBIC_LOCK: Final = threading.Lock()
+
+# Alembic's bookkeeping table, read directly: MigrationContext would log its set-up at INFO on every check.
+_version_table = Table(schema.VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory(str(MIGRATIONS_DIR))
+
+
+def _alembic_config(connection: Connection) -> Config:
+    config = Config()
+    # No alembic.ini: the script location is this package's directory ('%' escaped for configparser).
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _revision(conn: Connection) -> str | None:
+    if not inspect(conn).has_table(schema.VERSION_TABLE):
+        return None
+    heads = sorted(conn.execute(select(_version_table.c.version_num)).scalars())
+    return ",".join(heads) or None
+
+
+def _sqlite_file(url: URL) -> Path:
+    """The database file of a SQLite URL, created owner-only (it holds key hashes) in an owner-only directory."""
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        raise ValueError("an in-memory SQLite store is not supported: every aimass process must share one file")
+    path = Path(database)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # SQLite would create it world-readable (umask permitting); its -wal and -shm files copy this file's mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    return path
+
+
+def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
+    busy_ms = max(1, int(busy_timeout_s * 1000))
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        assert isinstance(dbapi_connection, sqlite3.Connection)
+        dbapi_connection.isolation_level = None  # we begin transactions ourselves (below)
+        cursor = dbapi_connection.cursor()
+        try:
+            # The busy timeout first: switching a fresh file to WAL may wait for another process doing the same.
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                log.warning("SQLite store %s is not in WAL mode (%s): processes will block each other", url, mode)
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: URL, busy_timeout_s: float) -> Engine:
+    if url.drivername == "postgresql":
+        # SQLAlchemy's default driver is psycopg2; aimass ships psycopg 3 (the "postgres" extra).
+        url = url.set(drivername="postgresql+psycopg")
+    connect_args: dict[str, Any] = {}
+    if "options" not in url.query:
+        # How long a statement waits for another transaction's lock: the PostgreSQL side of busy_timeout_s.
+        connect_args["options"] = f"-c lock_timeout={max(1, int(busy_timeout_s * 1000))}"
+    # pre_ping: a pooled connection the server (or a failover) closed is replaced instead of failing a call.
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+
+def _check_limits(limits: Mapping[str, float | int]) -> dict[str, float | int]:
+    checked: dict[str, float | int] = {}
+    for field, value in limits.items():
+        kind = TENANT_LIMIT_FIELDS.get(field)
+        if kind is None:
+            raise ValueError(f"unknown tenant limit {field!r}; known: {', '.join(TENANT_LIMIT_FIELDS)}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{field} must be a number, not {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{field} is {value}; send 0 (unlimited, or the configured default) or more")
+        if kind is int:
+            if value != int(value):
+                raise ValueError(f"{field} is {value}; it must be a whole number")
+            value = int(value)
+        else:
+            value = float(value)
+        if field == "max_priority" and value > MAX_PRIORITY_VALUE:
+            raise ValueError(
+                f"max_priority is {value}; send 0 (the configured default) or a priority from 1 (LOW) to 4 (CRITICAL)"
+            )
+        checked[field] = value
+    return checked
+
+
+def _check_day(day: str) -> str:
+    try:
+        if _DAY.match(day) and datetime.date.fromisoformat(day):
+            return day
+    except ValueError:
+        pass
+    raise ValueError(f"day {day[:40]!r} is not a date written YYYY-MM-DD")
+
+
+def _tenant(row: RowMapping) -> TenantRecord:
+    return TenantRecord(
+        tenant_id=row["tenant_id"],
+        requests_per_second=float(row["requests_per_second"]),
+        max_concurrent=int(row["max_concurrent"]),
+        llm_tokens_per_minute=int(row["llm_tokens_per_minute"]),
+        llm_tokens_per_day=int(row["llm_tokens_per_day"]),
+        max_priority=int(row["max_priority"]),
+        weight=float(row["weight"]),
+        created_unix_ms=int(row["created_unix_ms"]),
+        updated_unix_ms=int(row["updated_unix_ms"]),
+    )
+
+
+def _key(row: RowMapping) -> KeyRecord:
+    return KeyRecord(
+        key_id=row["key_id"],
+        tenant_id=row["tenant_id"],
+        scopes=frozenset(scope for scope in row["scopes"].split(",") if scope),
+        name=row["name"],
+        created_unix_ms=int(row["created_unix_ms"]),
+        expires_unix_ms=int(row["expires_unix_ms"]),
+        revoked_unix_ms=int(row["revoked_unix_ms"]),
+        created_by=row["created_by"],
+    )
+
+
+def _event(row: RowMapping) -> AuditEvent:
+    return AuditEvent(
+        at_unix_ms=int(row["at_unix_ms"]),
+        action=row["action"],
+        outcome=row["outcome"],
+        tenant_id=row["tenant_id"],
+        key_id=row["key_id"],
+        target=row["target"],
+        detail=row["detail"],
+        peer=row["peer"],
+        count=int(row["count"]),
+        id=int(row["id"]),
+    )
+
+
+class SqlStore:
+    """Tenants, API keys, the audit log and LLM token usage, in SQLite or PostgreSQL (see the module docstring)."""
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 10.0) -> None:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        self._sqlite_path: Path | None = None
+        if backend == "sqlite":
+            self._sqlite_path = _sqlite_file(parsed)
+            self._engine = _sqlite_engine(parsed, busy_timeout_s)
+        elif backend == "postgresql":
+            self._engine = _postgres_engine(parsed, busy_timeout_s)
+        else:
+            raise ValueError(
+                f"store URL scheme {parsed.drivername!r} is not supported: use sqlite:///PATH or "
+                "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+            )
+        self._postgres = backend == "postgresql"
+
+    @classmethod
+    def open(cls, url: str, *, busy_timeout_s: float = 10.0, migrate: bool = True) -> SqlStore:
+        store = cls(url, busy_timeout_s=busy_timeout_s)
+        if migrate:
+            try:
+                store.migrate()
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                yield conn
+
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT that can say ON CONFLICT (both dialects spell it the same)."""
+        return postgresql.insert(table) if self._postgres else sqlite.insert(table)
+
+    # -- schema
+
+    def migrate(self) -> None:
+        """Upgrades the schema to the newest revision; a no-op when it is there. Safe to run from several processes
+        at once: they take turns (a file lock beside a SQLite file, an advisory lock in PostgreSQL)."""
+        if self.schema_revision() == _scripts().get_current_head():
+            return
+        with self._migration_lock(), self._write() as conn:
+            if self._postgres:
+                # Wait however long another process's migration takes (lock_timeout would give up after the busy
+                # timeout); the lock goes with this transaction.
+                conn.execute(text("SET LOCAL lock_timeout = 0"))
+                conn.execute(select(func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+            before = _revision(conn)
+            known = {script.revision for script in _scripts().walk_revisions()}
+            if before is not None and any(head not in known for head in before.split(",")):
+                raise RuntimeError(
+                    f"the store's schema is at revision {before}, which this aimass does not know (newest: "
+                    f"{_scripts().get_current_head()}): a newer aimass migrated it; upgrade this one"
+                )
+            with _ALEMBIC_LOCK:
+                command.upgrade(_alembic_config(conn), "head")
+            after = _revision(conn)
+        if after != before:
+            log.info("store schema upgraded to %s (was %s)", after, before or "empty")
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        if self._sqlite_path is None:
+            yield  # PostgreSQL: the advisory lock in migrate()
+            return
+        lock_path = self._sqlite_path.with_name(self._sqlite_path.name + ".migrate.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # Held until closed, and released by the kernel if this process dies mid-migration.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def schema_revision(self) -> str | None:
+        """The schema's Alembic revision; None before the first migration."""
+        with self._read() as conn:
+            return _revision(conn)
+
+    # -- tenants
+
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(schema.tenants).where(schema.tenants.c.tenant_id == tenant_id)).mappings().first()
+        return None if row is None else _tenant(row)
+
+    def list_tenants(self) -> list[TenantRecord]:
+        with self._read() as conn:
+            rows = conn.execute(select(schema.tenants).order_by(schema.tenants.c.tenant_id)).mappings().all()
+        return [_tenant(row) for row in rows]
+
+    def set_tenant(self, tenant_id: str, **limits: float | int) -> TenantRecord:
+        """Creates the tenant when absent and sets the given limits (``TENANT_LIMIT_FIELDS``), leaving the others."""
+        check_tenant_id(tenant_id)
+        changes = _check_limits(limits)
+        now = now_ms()
+        where = schema.tenants.c.tenant_id == tenant_id
+        with self._write() as conn:
+            self._ensure_tenant(conn, tenant_id, now)
+            conn.execute(update(schema.tenants).where(where).values(**changes, updated_unix_ms=now))
+            row = conn.execute(select(schema.tenants).where(where)).mappings().one()
+        return _tenant(row)
+
+    def ensure_tenant(self, tenant_id: str) -> TenantRecord:
+        """The tenant, created with default limits when absent."""
+        check_tenant_id(tenant_id)
+        with self._write() as conn:
+            self._ensure_tenant(conn, tenant_id, now_ms())
+            row = conn.execute(select(schema.tenants).where(schema.tenants.c.tenant_id == tenant_id)).mappings().one()
+        return _tenant(row)
+
+    def _ensure_tenant(self, conn: Connection, tenant_id: str, now: int) -> None:
+        # ON CONFLICT DO NOTHING: two processes creating the same tenant at once both succeed.
+        defaults = dataclasses.asdict(TenantRecord(tenant_id, created_unix_ms=now, updated_unix_ms=now))
+        conn.execute(
+            self._insert(schema.tenants).values(**defaults).on_conflict_do_nothing(index_elements=["tenant_id"])
+        )
+
+    # -- keys
+
+    def create_key(
+        self,
+        tenant_id: str,
+        scopes: Iterable[str],
+        *,
+        name: str = "",
+        expires_unix_ms: int = 0,
+        created_by: str = "",
+    ) -> tuple[KeyRecord, str]:
+        """A new key for ``tenant_id`` (created when absent): its record, and the key itself, which exists only in
+        this return value (the store keeps its hash)."""
+        check_tenant_id(tenant_id)
+        wanted = check_scopes(scopes)
+        if expires_unix_ms < 0:
+            raise ValueError(f"expires_unix_ms is {expires_unix_ms}; send 0 (never) or a time")
+        if len(created_by) > schema.KEY_ID_LENGTH:
+            raise ValueError(f"created_by {created_by[:40]!r} is not a key id")
+        made = new_key()
+        now = now_ms()
+        record = KeyRecord(
+            key_id=made.key_id,
+            tenant_id=tenant_id,
+            scopes=wanted,
+            name=name,
+            created_unix_ms=now,
+            expires_unix_ms=expires_unix_ms,
+            created_by=created_by,
+        )
+        with self._write() as conn:
+            self._ensure_tenant(conn, tenant_id, now)
+            conn.execute(
+                insert(schema.api_keys).values(
+                    key_id=record.key_id,
+                    tenant_id=tenant_id,
+                    key_hash=made.key_hash,
+                    scopes=",".join(sorted(wanted)),
+                    name=name,
+                    created_unix_ms=now,
+                    expires_unix_ms=expires_unix_ms,
+                    revoked_unix_ms=0,
+                    created_by=created_by,
+                )
+            )
+        return record, made.key
+
+    def keys_by_hash(self, key_hashes: Collection[str]) -> dict[str, KeyRecord]:
+        """hash → record for the hashes the store knows (unknown ones are absent); one query per 1000 hashes."""
+        wanted = sorted(set(key_hashes))
+        found: dict[str, KeyRecord] = {}
+        if not wanted:
+            return found
+        column = schema.api_keys.c.key_hash
+        with self._read() as conn:
+            for start in range(0, len(wanted), _CHUNK):
+                query = select(schema.api_keys).where(column.in_(wanted[start : start + _CHUNK]))
+                for row in conn.execute(query).mappings():
+                    found[row["key_hash"]] = _key(row)
+        return found
+
+    def get_key(self, key_id: str) -> KeyRecord | None:
+        with self._read() as conn:
+            row = conn.execute(select(schema.api_keys).where(schema.api_keys.c.key_id == key_id)).mappings().first()
+        return None if row is None else _key(row)
+
+    def list_keys(self, tenant_id: str | None = None) -> list[KeyRecord]:
+        """The keys of ``tenant_id`` (None: every tenant's), oldest first, revoked and expired ones included."""
+        table = schema.api_keys
+        query = select(table).order_by(table.c.created_unix_ms, table.c.key_id)
+        if tenant_id is not None:
+            query = query.where(table.c.tenant_id == tenant_id)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_key(row) for row in rows]
+
+    def revoke_key(self, key_id: str, *, tenant_id: str | None = None) -> KeyRecord | None:
+        """Revokes the key and returns it; None when there is no such key, or (``tenant_id`` given) it belongs to
+        another tenant. A key revoked before keeps its first revocation time."""
+        table = schema.api_keys
+        where = [table.c.key_id == key_id]
+        if tenant_id is not None:
+            where.append(table.c.tenant_id == tenant_id)
+        with self._write() as conn:
+            conn.execute(update(table).where(*where, table.c.revoked_unix_ms == 0).values(revoked_unix_ms=now_ms()))
+            row = conn.execute(select(table).where(*where)).mappings().first()
+        return None if row is None else _key(row)
+
+    # -- audit
+
+    def add_audit(self, events: Sequence[AuditEvent]) -> None:
+        """Writes ``events`` in one transaction; their ``id`` is ignored (the database numbers them)."""
+        if not events:
+            return
+        rows = [{field: value for field, value in dataclasses.asdict(e).items() if field != "id"} for e in events]
+        with self._write() as conn:
+            for start in range(0, len(rows), _CHUNK):
+                conn.execute(insert(schema.audit_events), rows[start : start + _CHUNK])
+
+    def list_audit(
+        self,
+        *,
+        since_unix_ms: int = 0,
+        tenant_id: str | None = None,
+        action_prefix: str = "",
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        """Events at or after ``since_unix_ms``, newest first, of ``tenant_id`` (None: every tenant's) whose action
+        starts with ``action_prefix``, at most ``limit``."""
+        if limit < 1:
+            raise ValueError(f"limit is {limit}; it must be 1 or more")
+        table = schema.audit_events
+        query = select(table).where(table.c.at_unix_ms >= since_unix_ms)
+        if tenant_id is not None:
+            query = query.where(table.c.tenant_id == tenant_id)
+        if action_prefix:
+            # Not LIKE: SQLite's is case-insensitive and both treat '_' and '%' specially.
+            query = query.where(func.substr(table.c.action, 1, len(action_prefix)) == action_prefix)
+        query = query.order_by(table.c.at_unix_ms.desc(), table.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [_event(row) for row in rows]
+
+    def prune_audit(self, before_unix_ms: int) -> int:
+        """Deletes the events before ``before_unix_ms``; returns how many."""
+        with self._write() as conn:
+            deleted = conn.execute(delete(schema.audit_events).where(schema.audit_events.c.at_unix_ms < before_unix_ms))
+        return int(deleted.rowcount)
+
+    # -- LLM token usage
+
+    def add_llm_usage(self, day: str, tokens_by_tenant: Mapping[str, int]) -> None:
+        """Adds each tenant's tokens to its total for ``day`` (UTC, YYYY-MM-DD)."""
+        _check_day(day)
+        for tenant_id, tokens in tokens_by_tenant.items():
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise ValueError(f"tokens for tenant {tenant_id[:70]!r} are {tokens!r}; send a whole number, 0 or more")
+        # Sorted: concurrent writers lock PostgreSQL rows in the same order, so they cannot deadlock.
+        rows = [{"tenant_id": t, "day": day, "tokens": n} for t, n in sorted(tokens_by_tenant.items()) if n]
+        if not rows:
+            return
+        table = schema.llm_usage
+        with self._write() as conn:
+            for start in range(0, len(rows), _CHUNK):
+                stmt = self._insert(table).values(rows[start : start + _CHUNK])
+                added = table.c.tokens + stmt.excluded.tokens
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[table.c.tenant_id, table.c.day], set_={"tokens": added}
+                )
+                conn.execute(stmt)
+
+    def llm_usage(self, day: str) -> dict[str, int]:
+        """tenant → tokens used on ``day`` (UTC, YYYY-MM-DD)."""
+        _check_day(day)
+        table = schema.llm_usage
+        with self._read() as conn:
+            rows = conn.execute(select(table.c.tenant_id, table.c.tokens).where(table.c.day == day)).all()
+        return {tenant_id: int(tokens) for tenant_id, tokens in rows}
