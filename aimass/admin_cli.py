@@ -113,6 +113,12 @@ def add_commands(commands: Any) -> None:
         if name == "issue":
             sub.add_argument("--role", required=True, help="gateway, scheduler, node-agent, operator or a replica kind")
             sub.add_argument("--name", required=True, help="the process's identity, e.g. nlp-worker2")
+            sub.add_argument(
+                "--host",
+                action="append",
+                default=[],
+                help="an address or DNS name to add (repeatable), for tools that cannot be told the role name",
+            )
             sub.add_argument("--days", type=int, default=pki.CERT_DAYS)
             sub.add_argument("--force", action="store_true", help="issue anew even if the current one is good")
 
@@ -241,7 +247,7 @@ def _certs(args: argparse.Namespace) -> str:
     if args.certs_command == "init":
         files = pki.init_ca(pki_dir)
         return f"mesh CA: {files.cert} (its key {files.key}, owner-only: keep it on this host)"
-    files = pki.issue(pki_dir, role=args.role, name=args.name, days=args.days, force=args.force)
+    files = pki.issue(pki_dir, role=args.role, name=args.name, hosts=args.host, days=args.days, force=args.force)
     return (
         f"{files.cert} and {files.key} (owner-only) for {pki.spiffe_id(args.role, args.name)}; run the process with "
         f"AIMASS_MESH__IDENTITY={args.name} and these files plus {pki.ca_files(pki_dir).cert} in its "

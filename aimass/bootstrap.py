@@ -26,13 +26,18 @@ ADMIN_TENANT = "admin"
 ADMIN_KEY_NAME = "admin (aimass up)"
 
 
+# Local processes' certificates also name the loopback address, so tools that cannot be told which name to expect
+# (k6) can dial a replica on this host directly, with a gateway certificate.
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+
+
 def ensure_certificates(settings: Settings, identities: Mapping[str, str]) -> None:
     """The CA and a current certificate for each name → role in ``identities`` (nothing with mesh TLS off)."""
     if settings.mesh.tls == "off":
         return
     pki.init_ca(settings.pki_dir)
     for name, role in identities.items():
-        pki.issue(settings.pki_dir, role=role, name=name)
+        pki.issue(settings.pki_dir, role=role, name=name, hosts=LOCAL_HOSTS)
 
 
 def operator_credentials(settings: Settings) -> MeshCredentials | None:

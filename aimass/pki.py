@@ -18,8 +18,10 @@ month is left, when the CA changed, or when the role differs.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -178,28 +180,48 @@ def identity_of(cert: x509.Certificate) -> tuple[str, str] | None:
     return None
 
 
-def _current(files: CertFiles, ca: x509.Certificate, role: str, name: str) -> bool:
-    """The certificate in ``files`` is usable as it is: same CA, same identity, not close to expiry."""
+def _current(files: CertFiles, ca: x509.Certificate, role: str, name: str, hosts: Sequence[str]) -> bool:
+    """The certificate in ``files`` is usable as it is: same CA, same identity and hosts, not close to expiry."""
     if not (files.cert.exists() and files.key.exists()):
         return False
     try:
         cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
     except ValueError:
         return False
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return (
         cert.issuer == ca.subject
         and identity_of(cert) == (role, name)
+        and set(sans) == set(_subject_names(role, name, hosts))
         and cert.not_valid_after_utc - _now() > RENEW_BEFORE
     )
 
 
-def issue(pki_dir: Path, *, role: str, name: str, days: int = CERT_DAYS, force: bool = False) -> CertFiles:
-    """A certificate for ``name`` in ``role``, signed by the CA in ``pki_dir``; kept when still current."""
+def _subject_names(role: str, name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [
+        x509.DNSName(server_name(role)),
+        x509.UniformResourceIdentifier(spiffe_id(role, name)),
+    ]
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def issue(
+    pki_dir: Path, *, role: str, name: str, hosts: Sequence[str] = (), days: int = CERT_DAYS, force: bool = False
+) -> CertFiles:
+    """A certificate for ``name`` in ``role``, signed by the CA in ``pki_dir``; kept when still current.
+
+    ``hosts`` (addresses or DNS names) are added as subject names, for tools that cannot be told which name to
+    expect (k6 dialling a replica at 127.0.0.1, say); mesh processes verify the role's name whatever they dial."""
     check_name("role", role)
     check_name("name", name)
     ca, ca_key = _load_ca(pki_dir)
     files = cert_files(pki_dir, name)
-    if not force and _current(files, ca, role, name):
+    if not force and _current(files, ca, role, name, hosts):
         return files
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -220,9 +242,7 @@ def issue(pki_dir: Path, *, role: str, name: str, days: int = CERT_DAYS, force: 
         .not_valid_after(min(now + datetime.timedelta(days=days), ca.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(server_name(role)), x509.UniformResourceIdentifier(spiffe_id(role, name))]
-            ),
+            x509.SubjectAlternativeName(_subject_names(role, name, hosts)),
             critical=False,
         )
         .add_extension(
@@ -239,7 +259,7 @@ def issue(pki_dir: Path, *, role: str, name: str, days: int = CERT_DAYS, force: 
     return files
 
 
-def ensure(pki_dir: Path, *, role: str, name: str) -> CertFiles:
+def ensure(pki_dir: Path, *, role: str, name: str, hosts: Sequence[str] = ()) -> CertFiles:
     """The CA (created once) and a current certificate for ``name`` in ``role``."""
     init_ca(pki_dir)
-    return issue(pki_dir, role=role, name=name)
+    return issue(pki_dir, role=role, name=name, hosts=hosts)

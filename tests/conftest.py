@@ -15,7 +15,7 @@ import pytest
 
 from tests.security import prepare_session_state
 
-prepare_session_state()
+SESSION_STATE = prepare_session_state()
 
 from aimass.local_mesh import LocalMesh  # noqa: E402  (after the session's state directory is set)
 from services.nlp.engine import NlpEngine  # noqa: E402
@@ -33,7 +33,14 @@ def start_mesh(
     metrics: bool = False,
 ) -> LocalMesh:
     """`aimass up` (the command users run) on free loopback ports, ready to serve; NLP only unless told."""
-    mesh = LocalMesh(log_dir / "mesh.log", replicas=replicas or {"nlp": 1}, env=extra_env or {}, metrics=metrics)
+    # The session's state directory: its admin key, tenants' keys and certificates work on this mesh too.
+    mesh = LocalMesh(
+        log_dir / "mesh.log",
+        replicas=replicas or {"nlp": 1},
+        env=extra_env or {},
+        metrics=metrics,
+        state_dir=SESSION_STATE,
+    )
     mesh.start()
     try:
         mesh.wait_ready(MESH_START_TIMEOUT_S)

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
 from aimass.local_mesh import free_port
 from aimass.runtime.config import (
@@ -27,6 +28,7 @@ from aimass.runtime.config import (
     SchedulerConfig,
     ServerConfig,
     Settings,
+    StoreConfig,
 )
 from aimass.runtime.server import ServerRunner
 from gateway.app import GatewayApp
@@ -41,7 +43,9 @@ NLP_SERVICE = "aimass.v1.NlpService"
 READY_TIMEOUT_S = 20.0
 
 
-def mesh_settings(scheduler_port: int, *, auth: AuthConfig | None = None, **overrides: Any) -> Settings:
+def mesh_settings(
+    scheduler_port: int, *, auth: AuthConfig | None = None, store_url: str = "", **overrides: Any
+) -> Settings:
     """Settings every process of the mesh shares: the scheduler's address (registry included), quick heartbeats
     and reports, quiet access logs."""
     scheduler = f"127.0.0.1:{scheduler_port}"
@@ -53,6 +57,8 @@ def mesh_settings(scheduler_port: int, *, auth: AuthConfig | None = None, **over
         ),
         gateway=GatewayConfig(server=quick.model_copy(update={"max_connection_idle_s": 0})),
         auth=auth or AuthConfig(refresh_s=0.2),
+        # Empty: the session's SQLite store (tests/security.py).
+        store=StoreConfig(url=SecretStr(store_url)),
         **overrides,
     )
 
@@ -134,9 +140,10 @@ async def in_process_mesh(
     gateways: int = 1,
     nlp: NlpConfig | None = None,
     auth: AuthConfig | None = None,
+    store_url: str = "",
 ) -> AsyncIterator[InProcessMesh]:
     """An async generator fixture body: the mesh started, then stopped."""
-    mesh = InProcessMesh(mesh_settings(free_port(), auth=auth), engine)
+    mesh = InProcessMesh(mesh_settings(free_port(), auth=auth, store_url=store_url), engine)
     try:
         await mesh.start(replicas=replicas, gateways=gateways, nlp=nlp)
         yield mesh

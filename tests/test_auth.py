@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,10 +18,13 @@ import pytest
 
 from aimass.client import AsyncClient, error_info
 from aimass.runtime.metadata import TENANT_KEY
+from aimass.store.sql import SqlStore
+from aimass.tenancy import keys
 from aimass.v1 import admin_pb2, admin_pb2_grpc, common_pb2, models_pb2, models_pb2_grpc, nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import NlpEngine
 from tests.eventually import eventually
 from tests.inprocess_mesh import ONE_AT_A_TIME, InProcessMesh, in_process_mesh
+from tests.postgres import postgres_binaries, postgres_server
 from tests.security import admin_key, settings
 
 BIN = os.path.dirname(sys.executable)
@@ -191,6 +195,48 @@ async def test_a_revocation_and_a_limit_change_reach_every_gateway_within_second
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     print(f"revocation reached the other gateway in {took:.2f} s")
+
+
+@pytest.fixture
+async def postgres_mesh(nlp_engine: NlpEngine, tmp_path: Path) -> AsyncIterator[tuple[InProcessMesh, str]]:
+    """Two gateways over a store on a real PostgreSQL server started here, and an operator key of that store."""
+    if postgres_binaries() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed here; `make test` installs them")
+    with postgres_server(tmp_path) as url:
+        store = SqlStore.open(url)
+        _, operator = store.create_key("admin", keys.ADMIN_SCOPES, name="test operator")
+        store.close()
+        async for mesh in in_process_mesh(nlp_engine, gateways=2, store_url=url):
+            yield mesh, operator
+
+
+async def test_gateways_sharing_a_postgresql_store_see_each_others_keys(
+    postgres_mesh: tuple[InProcessMesh, str],
+) -> None:
+    """The store for several gateways on several hosts: a key made on one works on the other, a revocation and a
+    limit change made on one apply on the other."""
+    mesh, operator = postgres_mesh
+    async with mesh.channel(operator) as first:
+        admin = admin_pb2_grpc.AdminServiceStub(first)
+        made = await admin.CreateKey(admin_pb2.CreateKeyRequest(tenant_id="pg", scopes=["infer"]), timeout=5)
+        await admin.SetTenant(admin_pb2.SetTenantRequest(tenant_id="pg", max_concurrent=5), timeout=5)
+    await sentiment(mesh.gateways[1].address, made.secret)
+    verifier = mesh.gateway_app(1).verifier
+    assert verifier is not None
+    await eventually("the limit on the second gateway", lambda: verifier.limits_of("pg").max_concurrent == 5)
+    async with mesh.channel(operator, index=1) as other:
+        await admin_pb2_grpc.AdminServiceStub(other).RevokeKey(
+            admin_pb2.RevokeKeyRequest(key_id=made.key.key_id), timeout=5
+        )
+
+    async def refused_by_the_first() -> bool:
+        try:
+            await sentiment(mesh.gateway, made.secret)
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    await eventually("the revocation on the first gateway", refused_by_the_first)
 
 
 # -- priorities are capped per tenant ------------------------------------------------------------------------------

@@ -16,8 +16,20 @@ def test_defaults_run_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.gateway.server.address == "127.0.0.1:50051"
     assert settings.nlp.server.address == "127.0.0.1:50061"
-    assert settings.registry.address == "127.0.0.1:50051"
+    # The embedded registry lives in the scheduler, behind mesh mTLS.
+    assert settings.registry.address == "127.0.0.1:50041" == settings.scheduler.server.address
     assert settings.nlp.embed_batching.max_batch_size == 64
+    # Secure by default.
+    assert settings.auth.mode == "on" and settings.mesh.tls == "on"
+    assert settings.admin_key_file == settings.state_dir / "admin.key"
+    assert settings.store_url == f"sqlite:///{settings.state_dir / 'aimass.db'}"
+
+
+def test_front_door_tls_needs_both_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    monkeypatch.setenv("AIMASS_GATEWAY__TLS_CERT", "/etc/aimass/gateway.crt")
+    with pytest.raises(ValidationError, match="tls_cert and gateway.tls_key go together"):
+        Settings()
 
 
 def test_file_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,10 +14,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 import grpc
 import pytest
 
-from aimass.client import AsyncClient, Client
+from aimass.client import AsyncClient, Client, error_info
 from aimass.local_mesh import LocalMesh
 from aimass.runtime.config import default_llm_cache_dir
 from aimass.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     common_pb2,
     llm_pb2,
     llm_pb2_grpc,
@@ -483,6 +485,52 @@ async def test_async_client_streams_a_chat(llm_mesh: LocalMesh) -> None:
     async with AsyncClient(llm_mesh.gateway, timeout_s=60) as client:
         text = "".join([p.delta async for p in client.chat(CAPITAL, temperature=0, max_tokens=20, priority="high")])
     assert "Paris" in text
+
+
+async def llm_tenant(mesh: LocalMesh, tenant: str, **limits: int) -> llm_pb2_grpc.LlmServiceAsyncStub:
+    """A tenant with ``limits`` and a stub calling the gateway with a key of its own."""
+    async with mesh.aio_channel() as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(channel)
+        await admin.SetTenant(admin_pb2.SetTenantRequest(tenant_id=tenant, **limits), timeout=10)
+        key = (await admin.CreateKey(admin_pb2.CreateKeyRequest(tenant_id=tenant, scopes=["infer"]), timeout=10)).secret
+    return llm_pb2_grpc.LlmServiceStub(mesh.aio_channel(key))
+
+
+async def test_llm_token_quotas_count_what_was_generated(llm_mesh: LocalMesh) -> None:
+    """Per minute and per day, mesh-wide from the replicas' own counts: past the limit the tenant's next LLM call is
+    refused (QUOTA_EXCEEDED, which quota, when it frees) while other tenants go on."""
+    limit = 150
+    minute = await llm_tenant(llm_mesh, "token-minute", llm_tokens_per_minute=limit)
+    used, refused = 0, None
+    for _ in range(10):
+        try:
+            responses = await collect(minute, chat_request(COUNTING, max_tokens=30))
+        except grpc.aio.AioRpcError as err:
+            refused = err
+            break
+        used += responses[-1].usage.prompt_tokens + responses[-1].usage.completion_tokens
+        # The replica reports every 100 ms here; the view reaches the gateway within another 100.
+        await asyncio.sleep(0.5)
+    assert refused is not None, f"never refused after {used} tokens"
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(refused)
+    assert info is not None and info.reason == "QUOTA_EXCEEDED"
+    assert info.metadata["quota"] == "llm_tokens_per_minute" and info.metadata["limit"] == str(limit)
+    assert 0 < int(info.metadata["retry_after_ms"]) <= 61_000
+    # Counted from what was generated: refused once over the limit, and not before reaching it.
+    assert limit <= used < limit + 80, used
+    # The day's quota counts the same tokens; another tenant is not affected by either.
+    day = await llm_tenant(llm_mesh, "token-day", llm_tokens_per_day=40)
+    await collect(day, chat_request(COUNTING, max_tokens=30))
+    await asyncio.sleep(0.5)
+    with pytest.raises(grpc.aio.AioRpcError) as over_day:
+        await collect(day, chat_request(COUNTING, max_tokens=30))
+    day_info = error_info(over_day.value)
+    assert day_info is not None and day_info.metadata["quota"] == "llm_tokens_per_day"
+    # Hours to wait: said in the error, and no automatic retry asked for.
+    assert dict(over_day.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "-1"
+    other = await llm_tenant(llm_mesh, "token-free")
+    assert (await collect(other, chat_request(CAPITAL, max_tokens=8)))[-1].usage.completion_tokens > 0
 
 
 async def test_sigterm_lets_streams_in_flight_finish(

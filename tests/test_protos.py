@@ -13,8 +13,9 @@ from google.protobuf.descriptor import FileDescriptor
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "protos" / "aimass" / "v1"
 PROTO_NAMES = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
-# Internal control-plane services: mesh processes only, no per-request metadata.
-EXEMPT_FROM_META = {"RegistryService", "SchedulerService"}
+# Internal control-plane services (mesh processes only), and the administration of tenants and keys: no model, no
+# per-request metadata.
+EXEMPT_FROM_META = {"RegistryService", "SchedulerService", "AdminService"}
 
 
 def _descriptor(name: str) -> FileDescriptor:
