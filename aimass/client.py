@@ -617,13 +617,9 @@ class _KeyInterceptor(
         return continuation(self._details(details), requests)
 
 
-class _AioKeyInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <key>`` to every call of an asyncio channel."""
+class _AioKeyed:
+    """Adds ``authorization: Bearer <key>`` to the calls of an asyncio channel (one subclass per call kind: grpc.aio
+    files an interceptor under the first kind it implements only)."""
 
     def __init__(self, auth: Metadata) -> None:
         self.auth = auth
@@ -637,15 +633,23 @@ class _AioKeyInterceptor(
             details.wait_for_ready,
         )
 
+
+class _AioKeyedUnaryUnary(_AioKeyed, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioKeyedUnaryStream(_AioKeyed, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioKeyedStreamUnary(_AioKeyed, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _AioKeyedStreamStream(_AioKeyed, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
@@ -684,7 +688,10 @@ def keyed_aio_channel(
 ) -> grpc.aio.Channel:
     """``keyed_channel`` for asyncio (create it inside the event loop)."""
     credentials = _credentials(tls, root_certificates)
-    interceptors = [_AioKeyInterceptor(_auth_metadata(api_key))]
+    auth = _auth_metadata(api_key)
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        kind(auth) for kind in (_AioKeyedUnaryUnary, _AioKeyedUnaryStream, _AioKeyedStreamUnary, _AioKeyedStreamStream)
+    ]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)

@@ -23,7 +23,7 @@ from aimass.client import keyed_aio_channel, keyed_channel
 from aimass.local_mesh import free_port
 from aimass.runtime.config import Settings
 from aimass.runtime.discovery import Instance
-from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_sync_channel
+from aimass.runtime.identity import ROLE_GATEWAY, ROLE_SCHEDULER, MeshCredentials, mesh_channel, mesh_sync_channel
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +75,10 @@ class LiveMesh:
         """The scheduler (and the registry it hosts), as an operator."""
         return mesh_sync_channel(self.scheduler, self.credentials, server_role=ROLE_SCHEDULER)
 
+    def as_gateway(self, address: str, kind: str) -> grpc.aio.Channel:
+        """A replica of ``kind`` at ``address``, called as a gateway calls it (the only role a replica serves)."""
+        return mesh_channel(address, MeshCredentials.load(self.settings.pki_dir, ROLE_GATEWAY), server_role=kind)
+
     def env(self, extra: Mapping[str, str]) -> dict[str, str]:
         return {
             **os.environ,
@@ -109,7 +113,7 @@ class LiveMesh:
         key_file, _ = prepare_store(self.settings)
         assert key_file is not None
         self.api_key = key_file.read_text().strip()
-        ensure_certificates(self.settings, {})
+        ensure_certificates(self.settings, {ROLE_GATEWAY: ROLE_GATEWAY})
         self.credentials = operator_credentials(self.settings)
         # The scheduler first: it hosts the registry, and the gateway's view watcher finds it at once.
         self.start_scheduler({})

@@ -26,10 +26,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from aimass.bootstrap import ensure_certificates
 from aimass.runtime.config import RegistryConfig, ServerConfig
-from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.runtime.discovery import Instance
 from aimass.runtime.errors import FailedPrecondition
 from aimass.runtime.metadata import ERROR_INFO_KEY, REPLICA_KEY, REQUEST_ID_KEY, metadata_value
+from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import (
     llm_pb2,
@@ -97,7 +99,7 @@ async def test_direct_and_gateway_answers_name_the_replica_that_served_them(live
     by_id = {i.instance_id: i for i in instances}
 
     for instance in instances:
-        async with grpc.aio.insecure_channel(instance.address) as channel:
+        async with live_mesh.as_gateway(instance.address, "nlp") as channel:
             stub = nlp_pb2_grpc.NlpServiceStub(channel)
             call = stub.Embed(nlp_pb2.EmbedRequest(texts=["which replica answers?"]), timeout=DEADLINE_S)
             await call
@@ -109,7 +111,7 @@ async def test_direct_and_gateway_answers_name_the_replica_that_served_them(live
             assert replica_of(trailers) == instance.instance_id
             assert metadata_value(trailers, ERROR_INFO_KEY)  # the error's own trailers are still there
 
-    async with grpc.aio.insecure_channel(live_mesh.gateway) as channel:
+    async with live_mesh.aio_channel() as channel:
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
         for index in range(6):
             request_id = f"which-{uuid.uuid4().hex[:8]}"
@@ -172,15 +174,17 @@ class ProbeApp:
 
 @pytest.fixture
 async def probe_replica(live_mesh: LiveMesh) -> AsyncIterator[ServerRunner]:
-    runner = ServerRunner(
-        ProbeApp(),
-        ServerConfig(port=0, drain_delay_s=0, drain_grace_s=2, access_log=False),
-        registry=RemoteRegistry(live_mesh.gateway),
-        registry_config=RegistryConfig(address=live_mesh.gateway, heartbeat_s=0.2),
+    # A replica of its own kind: its own certificate, registered in the mesh's registry (the scheduler's).
+    ensure_certificates(live_mesh.settings, {"probe": "probe"})
+    settings = live_mesh.settings.model_copy(
+        update={"registry": RegistryConfig(address=live_mesh.scheduler, heartbeat_s=0.2)}
+    )
+    runner = replica_runner(
+        ProbeApp(), settings, ServerConfig(port=0, drain_delay_s=0, drain_grace_s=2, access_log=False)
     )
     await runner.start()
     try:
-        async with grpc.aio.insecure_channel(live_mesh.gateway) as channel:
+        async with grpc.aio.insecure_channel(live_mesh.gateway) as channel:  # health needs no key
             checker = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 10
             while (
@@ -196,8 +200,9 @@ async def probe_replica(live_mesh: LiveMesh) -> AsyncIterator[ServerRunner]:
 async def test_streams_and_stream_errors_carry_the_replica_through_the_gateway(
     live_mesh: LiveMesh, probe_replica: ServerRunner
 ) -> None:
-    for address in (probe_replica.address, live_mesh.gateway):
-        async with grpc.aio.insecure_channel(address) as channel:
+    direct = live_mesh.as_gateway(probe_replica.address, "probe")
+    for address, channel in ((probe_replica.address, direct), (live_mesh.gateway, live_mesh.aio_channel())):
+        async with channel:
             stub = llm_pb2_grpc.LlmServiceStub(channel)
             call = stub.Generate(llm_pb2.GenerateRequest(prompt="one two three"), timeout=DEADLINE_S)
             assert [reply.delta async for reply in call] == ["one", "two", "three", ""]
@@ -253,12 +258,12 @@ class DutyCycle:
                 os.kill(self.pid, signal.SIGCONT)
 
 
-async def send_load(gateway: str) -> tuple[Counter[str], Counter[str], float]:
+async def send_load(mesh: LiveMesh) -> tuple[Counter[str], Counter[str], float]:
     """REQUESTS Embed calls from CONCURRENCY clients: (replica → requests served, status → count, seconds)."""
     served: Counter[str] = Counter()
     codes: Counter[str] = Counter()
     started = time.perf_counter()
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with mesh.aio_channel() as channel:
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
         pending = iter(range(REQUESTS))
 
@@ -278,10 +283,10 @@ async def send_load(gateway: str) -> tuple[Counter[str], Counter[str], float]:
     return served, codes, time.perf_counter() - started
 
 
-async def warm_up(instances: Sequence[Instance]) -> None:
+async def warm_up(mesh: LiveMesh, instances: Sequence[Instance]) -> None:
     """A few calls straight to each replica, so neither starts the measurement cold."""
     for instance in instances:
-        async with grpc.aio.insecure_channel(instance.address) as channel:
+        async with mesh.as_gateway(instance.address, "nlp") as channel:
             stub = nlp_pb2_grpc.NlpServiceStub(channel)
             await asyncio.gather(
                 *(stub.Embed(nlp_pb2.EmbedRequest(texts=[f"warm up {i}"]), timeout=DEADLINE_S) for i in range(8))
@@ -295,9 +300,9 @@ async def measure(mesh: LiveMesh, router: str) -> float:
     assert len(instances) == 2
     # The slow one is the first by instance id, which ``ours`` picks on ties: it must earn the fast one's share.
     slow, fast = instances
-    await warm_up(instances)
+    await warm_up(mesh, instances)
     with DutyCycle(slow.pid, stopped_s=STOPPED_S, period_s=PERIOD_S) as cycle:
-        served, codes, elapsed = await send_load(mesh.gateway)
+        served, codes, elapsed = await send_load(mesh)
     share = served[fast.instance_id] / REQUESTS
     log.info(
         "router %s: fast replica served %d/%d (%.0f%%), slow %d; %d stop cycles; %.1fs",

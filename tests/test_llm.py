@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 import grpc
 import pytest
 
+from aimass.bootstrap import ensure_certificates
 from aimass.client import AsyncClient, Client, error_info
 from aimass.local_mesh import LocalMesh
 from aimass.runtime.config import default_llm_cache_dir
+from aimass.runtime.identity import mesh_channel
 from aimass.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -33,6 +35,7 @@ from aimass.v1 import (
 from services.llm.weights import PACKAGED_MODELS, model_folder
 from tests.conftest import start_mesh
 from tests.metrics import scrape, value
+from tests.security import credentials, key_for
 
 MODEL = "smollm2-135m-instruct"
 # Small enough to make the engine queue and a too-long prompt cheap to build.
@@ -66,7 +69,8 @@ async def scheduler_sees(
     """The first load of the LLM in the scheduler's pushed view that passes ``test`` (the view as gateways see it)."""
 
     async def watch() -> tuple[scheduler_pb2.ModelLoad, scheduler_pb2.RoutingView]:
-        async with grpc.aio.insecure_channel(mesh.scheduler) as channel:
+        # As an operator (the view is the mesh's own, behind mTLS).
+        async with mesh_channel(mesh.scheduler, credentials("operator"), server_role="scheduler") as channel:
             scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
             request = scheduler_pb2.WatchViewRequest(subscriber_id="test-llm", min_interval_ms=20)
             async for response in scheduler.WatchView(request):
@@ -85,7 +89,7 @@ def idle(load: scheduler_pb2.ModelLoad) -> bool:
 
 @pytest.fixture
 async def channel(llm_mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(llm_mesh.gateway) as ch:
+    async with llm_mesh.aio_channel() as ch:
         yield ch
 
 
@@ -245,8 +249,12 @@ async def test_high_priority_overtakes_a_queue_of_low_priority(stub: llm_pb2_grp
 async def test_a_heavy_tenant_does_not_starve_a_light_one(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
     finished: list[str] = []
 
+    # Each tenant calls with a key of its own: the tenant comes from the key.
+    keys = {tenant: key_for(tenant) for tenant in ("heavy", "light")}
+
     async def run(name: str, tenant: str) -> None:
-        await collect(stub, chat_request(COUNTING, max_tokens=40), metadata=(("x-aimass-tenant", tenant),))
+        auth = (("authorization", f"Bearer {keys[tenant]}"),)
+        await collect(stub, chat_request(COUNTING, max_tokens=40), metadata=auth)
         finished.append(name)
 
     # The heavy tenant fills the engine and its queue; the light tenant's one request arrives after all of them.
@@ -275,7 +283,8 @@ async def test_full_replica_answers_resource_exhausted(stub: llm_pb2_grpc.LlmSer
 
 
 async def test_tenant_work_reaches_the_scheduler(llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
-    responses = await collect(stub, chat_request(CAPITAL, max_tokens=5), metadata=(("x-aimass-tenant", "acme"),))
+    acme_key = (("authorization", f"Bearer {key_for('acme')}"),)
+    responses = await collect(stub, chat_request(CAPITAL, max_tokens=5), metadata=acme_key)
     usage = responses[-1].usage
 
     def acme_of(view: scheduler_pb2.RoutingView) -> scheduler_pb2.TenantUsage | None:
@@ -398,7 +407,7 @@ async def test_bad_generate_and_count_requests(stub: llm_pb2_grpc.LlmServiceAsyn
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in (raised.value.details() or "")
 
 
-async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Channel) -> None:
+async def test_model_service_lists_the_llm_with_its_context(llm_mesh: LocalMesh, channel: grpc.aio.Channel) -> None:
     models = models_pb2_grpc.ModelServiceStub(channel)
     listed = await models.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_LLM), timeout=10)
     (info,) = [m for m in listed.models if m.name == MODEL]
@@ -409,9 +418,10 @@ async def test_model_service_lists_the_llm_with_its_context(channel: grpc.aio.Ch
     )
     assert len(described.model.replicas) == 1 and described.model.replicas[0].loaded
     # The registry entry names its device and its default model (gateways route requests naming none by it).
-    listed_instances = await registry_pb2_grpc.RegistryServiceStub(channel).ListInstances(
-        registry_pb2.ListInstancesRequest(), timeout=10
-    )
+    async with mesh_channel(llm_mesh.scheduler, credentials("operator"), server_role="scheduler") as control:
+        listed_instances = await registry_pb2_grpc.RegistryServiceStub(control).ListInstances(
+            registry_pb2.ListInstancesRequest(), timeout=10
+        )
     (llm,) = [i for i in listed_instances.instances if i.kind == "llm" and any(m.name == MODEL for m in i.models)]
     assert llm.labels["device"] == "cpu" and llm.labels["default-model-LlmService-Chat"] == MODEL
 
@@ -423,9 +433,14 @@ TWIN = "smollm2-twin"
 def twin_replica(llm_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A second LLM process serving the same weights under another model name, as one would add a model."""
     folder = model_folder(PACKAGED_MODELS[MODEL], default_llm_cache_dir())
+    # A process started by hand: its own certificate, and the registry the scheduler hosts.
+    ensure_certificates(llm_mesh.settings(), {"llm-twin": "llm"})
     env = {
         **os.environ,
-        "AIMASS_REGISTRY__ADDRESS": llm_mesh.gateway,
+        "AIMASS_STATE_DIR": str(llm_mesh.state_dir),
+        "AIMASS_MESH__IDENTITY": "llm-twin",
+        "AIMASS_REGISTRY__ADDRESS": llm_mesh.scheduler,
+        "AIMASS_SCHEDULER__ADDRESS": llm_mesh.scheduler,
         "AIMASS_LLM__SERVER__PORT": "0",
         "AIMASS_LLM__MODEL": TWIN,
         "AIMASS_LLM__MODEL_PATH": str(folder),
@@ -436,7 +451,7 @@ def twin_replica(llm_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) 
     process = subprocess.Popen([sys.executable, "-m", "services.llm"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        with grpc.insecure_channel(llm_mesh.gateway) as channel:
+        with llm_mesh.scheduler_channel() as channel:
             registry = registry_pb2_grpc.RegistryServiceStub(channel)
             while not any(
                 TWIN in [m.name for m in i.models] and i.state == common_pb2.SERVING_STATE_SERVING
@@ -537,7 +552,7 @@ async def test_sigterm_lets_streams_in_flight_finish(
     llm_mesh: LocalMesh, stub: llm_pb2_grpc.LlmServiceAsyncStub
 ) -> None:
     """Last in this module: the replica drains and exits (the supervisor then starts a new one)."""
-    with grpc.insecure_channel(llm_mesh.gateway) as channel:
+    with llm_mesh.scheduler_channel() as channel:
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
         instances = registry.ListInstances(registry_pb2.ListInstancesRequest(), timeout=5).instances
     (pid,) = [i.pid for i in instances if i.kind == "llm" and MODEL in [m.name for m in i.models]]

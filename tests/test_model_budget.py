@@ -19,7 +19,6 @@ from tests.live_mesh import LiveMesh
 
 pytestmark = pytest.mark.slow
 
-ADMIN = (("x-aimass-tenant", "admin"),)
 MINILM, SPACY, VADER = "all-MiniLM-L6-v2", "en_core_web_sm", "vader"
 LOADED = scheduler_pb2.PLACEMENT_STATE_LOADED
 
@@ -67,7 +66,8 @@ def loaded(placements: dict[str, scheduler_pb2.Placement]) -> set[str]:
 
 
 def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh: LiveMesh) -> None:
-    with grpc.insecure_channel(mesh.gateway) as gateway, grpc.insecure_channel(mesh.scheduler) as channel:
+    # The gateway with the admin key (models:admin), the scheduler as an operator.
+    with mesh.channel() as gateway, mesh.scheduler_channel() as channel:
         models = models_pb2_grpc.ModelServiceStub(gateway)
         nlp = nlp_pb2_grpc.NlpServiceStub(gateway)
         scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
@@ -76,7 +76,7 @@ def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh:
         adopted = placements_until(scheduler, lambda found: loaded(found) >= {MINILM, SPACY, VADER})
         assert all(adopted[name].modality == models_pb2.MODALITY_TEXT for name in (MINILM, SPACY, VADER))
         size = {name: adopted[name].bytes for name in (MINILM, SPACY, VADER)}
-        models.UnloadModel(models_pb2.UnloadModelRequest(model=ref(VADER)), timeout=30, metadata=ADMIN)
+        models.UnloadModel(models_pb2.UnloadModelRequest(model=ref(VADER)), timeout=30)
 
         # MiniLM and VADER fit in the budget; the three together do not.
         budget = size[MINILM] + size[VADER] + size[SPACY] // 2
@@ -97,7 +97,7 @@ def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh:
             ),
         )
 
-        answer = models.LoadModel(models_pb2.LoadModelRequest(model=ref(VADER)), timeout=60, metadata=ADMIN)
+        answer = models.LoadModel(models_pb2.LoadModelRequest(model=ref(VADER)), timeout=60)
         assert [m.name for m in answer.evicted] == [SPACY]
         assert answer.replica.loaded and not answer.already_loaded
 
@@ -115,5 +115,5 @@ def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh:
 
         # Loading spaCy back evicts the least recently used again: MiniLM, as VADER has been used since.
         placements_until(scheduler, lambda found: found[VADER].last_used_unix_ms > found[MINILM].last_used_unix_ms)
-        again = models.LoadModel(models_pb2.LoadModelRequest(model=ref(SPACY)), timeout=60, metadata=ADMIN)
+        again = models.LoadModel(models_pb2.LoadModelRequest(model=ref(SPACY)), timeout=60)
         assert [m.name for m in again.evicted] == [MINILM]

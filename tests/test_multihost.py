@@ -3,12 +3,16 @@
 Five hosts on one private switch (tests/netns.py), each its own network stack, hostname and port space; they share
 only the file system:
 
-- ``gw``: the gateway (hosting the registry) and the scheduler, the control plane of a real deployment;
+- ``gw``: the gateway and the scheduler (hosting the registry), the control plane of a real deployment;
 - ``host-a`` and ``host-b``: a node agent and one NLP replica each, listening on (and so registering) the host's own
   address, with the registry and the scheduler found at ``gw``'s address;
 - ``client``: the load, sent to the gateway across the switch by this module run as a script (``python -m
   tests.test_multihost``), which reports each request's status, timing and the replica that served it
   (``x-aimass-replica``, relayed by the gateway) and writes them as JSON.
+
+Secured as a real deployment is: every process has its own certificate from the mesh's CA (mTLS between hosts, each
+process verifying the other's role, whatever address it dialled) and the client calls the gateway with the admin key
+and reads the registry and the view with the operator's certificate.
 
 The scheduler and the node agents run so the control plane crosses hosts as it does between machines: node agents
 and replicas report to the scheduler at ``gw``, and its routing view (checked here) joins each replica to the node it
@@ -47,6 +51,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass.bootstrap import ensure_certificates, prepare_store
+from aimass.client import keyed_aio_channel
+from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.identity import ROLE_OPERATOR, ROLE_SCHEDULER, MeshCredentials, mesh_channel
 from aimass.runtime.metadata import REPLICA_KEY, REQUEST_ID_KEY, metadata_value
 from aimass.v1 import (
     common_pb2,
@@ -109,11 +117,13 @@ async def serving_nlp(registry: registry_pb2_grpc.RegistryServiceAsyncStub) -> l
     return [i for i in listed.instances if i.kind == "nlp" and i.state == common_pb2.SERVING_STATE_SERVING]
 
 
-async def wait_ready(channel: grpc.aio.Channel, replicas: int, timeout_s: float) -> list[registry_pb2.ServiceInstance]:
-    """Until the registry lists ``replicas`` serving NLP replicas and the scheduler, and the gateway's health says
-    NlpService SERVING."""
-    registry = registry_pb2_grpc.RegistryServiceStub(channel)
-    health = health_pb2_grpc.HealthStub(channel)
+async def wait_ready(
+    control: grpc.aio.Channel, gateway: grpc.aio.Channel, replicas: int, timeout_s: float
+) -> list[registry_pb2.ServiceInstance]:
+    """Until the registry (the scheduler's) lists ``replicas`` serving NLP replicas and the scheduler, and the
+    gateway's health says NlpService SERVING."""
+    registry = registry_pb2_grpc.RegistryServiceStub(control)
+    health = health_pb2_grpc.HealthStub(gateway)
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -129,17 +139,16 @@ async def wait_ready(channel: grpc.aio.Channel, replicas: int, timeout_s: float)
         await asyncio.sleep(0.2)
 
 
-async def scheduler_view(scheduler: str, replicas: int, timeout_s: float) -> scheduler_pb2.RoutingView:
+async def scheduler_view(control: grpc.aio.Channel, replicas: int, timeout_s: float) -> scheduler_pb2.RoutingView:
     """The scheduler's first routing view with ``replicas`` replicas reporting load and their nodes reporting."""
-    async with grpc.aio.insecure_channel(scheduler) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        request = scheduler_pb2.WatchViewRequest(subscriber_id="multihost-test")
-        async for response in stub.WatchView(request, timeout=timeout_s):
-            view = response.view
-            nodes = {node.node_id for node in view.nodes}
-            reporting = [r for r in view.replicas if r.models and r.node_id in nodes]
-            if len(reporting) >= replicas:
-                return view
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(control)
+    request = scheduler_pb2.WatchViewRequest(subscriber_id="multihost-test")
+    async for response in stub.WatchView(request, timeout=timeout_s):
+        view = response.view
+        nodes = {node.node_id for node in view.nodes}
+        reporting = [r for r in view.replicas if r.models and r.node_id in nodes]
+        if len(reporting) >= replicas:
+            return view
     raise TimeoutError(f"the scheduler's view never held {replicas} replicas on reporting nodes")
 
 
@@ -190,11 +199,20 @@ class Load:
 
 
 async def client_main(gateway: str, scheduler: str) -> dict[str, Any]:
-    """Waits for the mesh, sends the load, and returns the records (events on stdout tell the test where it is)."""
+    """Waits for the mesh, sends the load, and returns the records (events on stdout tell the test where it is).
+
+    It is an operator on this mesh (AIMASS_STATE_DIR): the admin key for the gateway, the operator certificate for
+    the registry and the view, which the scheduler serves behind mTLS."""
+    settings = load_settings()
+    operator = MeshCredentials.load(settings.pki_dir, ROLE_OPERATOR)
+    key = settings.admin_key_file.read_text().strip()
     # No retries in this client (not even gRPC's transparent ones): every OK is the gateway's doing.
-    async with grpc.aio.insecure_channel(gateway, options=[("grpc.enable_retries", 0)]) as channel:
-        nlp = await wait_ready(channel, len(REPLICA_HOSTS), READY_TIMEOUT_S)
-        view = await scheduler_view(scheduler, len(REPLICA_HOSTS), READY_TIMEOUT_S)
+    async with (
+        keyed_aio_channel(gateway, key, options=[("grpc.enable_retries", 0)]) as channel,
+        mesh_channel(scheduler, operator, server_role=ROLE_SCHEDULER) as control,
+    ):
+        nlp = await wait_ready(control, channel, len(REPLICA_HOSTS), READY_TIMEOUT_S)
+        view = await scheduler_view(control, len(REPLICA_HOSTS), READY_TIMEOUT_S)
         emit(
             "ready",
             replicas=[{"instance_id": i.instance_id, "address": i.address, "pid": i.pid} for i in nlp],
@@ -205,7 +223,7 @@ async def client_main(gateway: str, scheduler: str) -> dict[str, Any]:
         await load.run(lambda: load.sent < WARM_REQUESTS)
         emit("warm-done", requests=len(load.records))
         # Now the test kills a replica; the load goes on until the registry has dropped it, then a little longer.
-        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        registry = registry_pb2_grpc.RegistryServiceStub(control)
         gone_at: float | None = None
         sent_when_gone = 0
         stop_at = time.monotonic() + AFTER_KILL_MAX_S
@@ -298,38 +316,61 @@ class Mesh:
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
     netns.require_netns()
+    # The mesh's state, as `aimass init` and `aimass certs issue` make it on the head host: a CA, a certificate per
+    # process (hosts share this machine's disk, so each finds its own), the store and the admin key.
+    state = tmp_path / "state"
+    settings = Settings(state_dir=state)
+    identities = {"gateway": "gateway", "scheduler": "scheduler", "operator": "operator"}
+    for host in REPLICA_HOSTS:
+        identities |= {f"node-agent-{host}": "node-agent", f"nlp-{host}": "nlp"}
+    ensure_certificates(settings, identities)
+    prepare_store(settings)
     with netns.hosts(HOSTS) as hosts:
         gw = hosts["gw"].ip
         common = {
             "AIMASS_LOG_LEVEL": "INFO",
-            "AIMASS_REGISTRY__ADDRESS": f"{gw}:{GATEWAY_PORT}",
+            "AIMASS_STATE_DIR": str(state),
+            # The embedded registry lives in the scheduler.
+            "AIMASS_REGISTRY__ADDRESS": f"{gw}:{SCHEDULER_PORT}",
             "AIMASS_REGISTRY__HEARTBEAT_S": str(HEARTBEAT_S),
             "AIMASS_REGISTRY__TTL_S": str(TTL_S),
             "AIMASS_SCHEDULER__ADDRESS": f"{gw}:{SCHEDULER_PORT}",
         }
         started = Mesh(hosts, tmp_path, {})
+        # The scheduler first (it hosts the registry), then the gateway; each process as its own mesh identity.
+        started.start(
+            "scheduler",
+            "gw",
+            ["-m", "scheduler"],
+            {
+                **common,
+                "AIMASS_MESH__IDENTITY": "scheduler",
+                "AIMASS_SCHEDULER__SERVER__HOST": gw,
+                "AIMASS_SCHEDULER__SERVER__PORT": str(SCHEDULER_PORT),
+            },
+        )
         started.start(
             "gateway",
             "gw",
             ["-m", "gateway"],
             {
                 **common,
+                "AIMASS_MESH__IDENTITY": "gateway",
                 "AIMASS_GATEWAY__SERVER__HOST": gw,
                 "AIMASS_GATEWAY__SERVER__PORT": str(GATEWAY_PORT),
                 # Round robin: see the module's docstring.
                 "AIMASS_GATEWAY__ROUTER": "round_robin",
             },
         )
-        started.start(
-            "scheduler",
-            "gw",
-            ["-m", "scheduler"],
-            {**common, "AIMASS_SCHEDULER__SERVER__HOST": gw, "AIMASS_SCHEDULER__SERVER__PORT": str(SCHEDULER_PORT)},
-        )
         for host in REPLICA_HOSTS:
             ip = hosts[host].ip
             # The node id defaults to the hostname (the host's name here), as replicas' node ids do.
-            started.start(f"node-agent-{host}", host, ["-m", "scheduler.node_agent", "--host", ip], common)
+            started.start(
+                f"node-agent-{host}",
+                host,
+                ["-m", "scheduler.node_agent", "--host", ip],
+                {**common, "AIMASS_MESH__IDENTITY": f"node-agent-{host}"},
+            )
             # Listening on the host's own address is what makes the registered address routable from the gateway.
             started.start(
                 f"nlp-{host}",
@@ -337,6 +378,7 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
                 ["-m", "services.nlp"],
                 {
                     **common,
+                    "AIMASS_MESH__IDENTITY": f"nlp-{host}",
                     "AIMASS_NLP__SERVER__HOST": ip,
                     "AIMASS_NLP__SERVER__PORT": str(NLP_PORT),
                     "AIMASS_NLP__DEVICE": "cpu",
@@ -368,7 +410,9 @@ def test_requests_cross_hosts_and_survive_a_replica_lost_mid_load(mesh: Mesh, lo
     gw = mesh.hosts["gw"].ip
     argv = ["-m", "tests.test_multihost", "--out", str(out)]
     argv += ["--gateway", f"{gw}:{GATEWAY_PORT}", "--scheduler", f"{gw}:{SCHEDULER_PORT}"]
-    client = mesh.start("client", "client", argv, {}, stdout=subprocess.PIPE)
+    client = mesh.start(
+        "client", "client", argv, {"AIMASS_STATE_DIR": str(mesh.log_dir / "state")}, stdout=subprocess.PIPE
+    )
     assert client.stdout is not None
     events = Lines(client.stdout)
 
