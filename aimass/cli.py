@@ -189,7 +189,9 @@ async def up(args: argparse.Namespace) -> int:
     gateway_env = specs[0].env
     gateway = f"127.0.0.1:{gateway_env['AIMASS_GATEWAY__SERVER__PORT']}"
     registry = specs[1].env["AIMASS_REGISTRY__ADDRESS"]
-    supervisor = Supervisor(specs)
+    # The scheduler (with the registry) starts first and stops last: everyone registers with it and deregisters
+    # from it as they drain.
+    supervisor = Supervisor(sorted(specs, key=lambda spec: spec.name != ROLE_SCHEDULER))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -219,7 +221,7 @@ async def up(args: argparse.Namespace) -> int:
             ready.cancel()
         await stopped
     finally:
-        log.info("stopping: services drain first, then the gateway")
+        log.info("stopping: services drain first, then the gateway, then the scheduler")
         await supervisor.stop()
     return 0
 
