@@ -30,7 +30,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Self, TypedDict
+from typing import Any, Final, NamedTuple, Self, TypedDict, Unpack
 
 import grpc
 import grpc.aio
@@ -64,6 +64,17 @@ MAX_ATTEMPTS_LIMIT: Final = 5
 
 Metadata = tuple[tuple[str, str], ...]
 ChannelOptions = tuple[tuple[str, str | int], ...]
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword arguments of ``Client`` and ``AsyncClient``: the API key (default: $AIMASS_API_KEY, else the admin key
+    file), the default deadline per call (None: none), tries per call (1-5), TLS to the gateway."""
+
+    api_key: str | None
+    timeout_s: float | None
+    max_attempts: int
+    tls: bool
+    root_certificates: bytes | None
 
 
 class CallOptions(TypedDict):
@@ -120,6 +131,25 @@ def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCred
     if not tls and root_certificates is None:
         return None
     return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+def _sync_channel(
+    target: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, credentials, options=list(options))
+
+
+def _aio_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, Any]],
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)
 
 
 def error_info(error: grpc.RpcError) -> common_pb2.ErrorInfo | None:
@@ -265,9 +295,9 @@ class _ClientBase:
         self,
         target: str,
         *,
-        api_key: str | None,
-        timeout_s: float | None,
-        max_attempts: int,
+        api_key: str | None = None,
+        timeout_s: float | None = 30.0,
+        max_attempts: int = 4,
         tls: bool = False,
         root_certificates: bytes | None = None,
     ) -> None:
@@ -301,29 +331,9 @@ class Client(_ClientBase):
     Errors are ``grpc.RpcError`` with the mesh's status code and message (e.g. INVALID_ARGUMENT, NOT_FOUND).
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        api_key: str | None = None,
-        timeout_s: float | None = 30.0,
-        max_attempts: int = 4,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            max_attempts=max_attempts,
-            tls=tls,
-            root_certificates=root_certificates,
-        )
-        self.channel = (
-            grpc.insecure_channel(target, options=self.channel_options)
-            if self.channel_credentials is None
-            else grpc.secure_channel(target, self.channel_credentials, options=self.channel_options)
-        )
+    def __init__(self, target: str = DEFAULT_TARGET, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(target, **options)
+        self.channel = _sync_channel(target, self.channel_credentials, self.channel_options)
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
         self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
@@ -435,29 +445,9 @@ class Client(_ClientBase):
 class AsyncClient(_ClientBase):
     """asyncio client (grpc.aio); the same methods as ``Client``, as coroutines. Create it inside the event loop."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        api_key: str | None = None,
-        timeout_s: float | None = 30.0,
-        max_attempts: int = 4,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            api_key=api_key,
-            timeout_s=timeout_s,
-            max_attempts=max_attempts,
-            tls=tls,
-            root_certificates=root_certificates,
-        )
-        self.channel = (
-            grpc.aio.insecure_channel(target, options=self.channel_options)
-            if self.channel_credentials is None
-            else grpc.aio.secure_channel(target, self.channel_credentials, options=self.channel_options)
-        )
+    def __init__(self, target: str = DEFAULT_TARGET, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(target, **options)
+        self.channel = _aio_channel(target, self.channel_credentials, self.channel_options)
         self.nlp = nlp_pb2_grpc.NlpServiceStub(self.channel)
         self.llm = llm_pb2_grpc.LlmServiceStub(self.channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(self.channel)
@@ -669,12 +659,7 @@ def keyed_channel(
 ) -> grpc.Channel:
     """A blocking channel to the gateway whose every call carries the API key (resolved as ``Client`` does), for
     the generated stubs: ``NlpServiceStub(keyed_channel()).Sentiment(...)``."""
-    credentials = _credentials(tls, root_certificates)
-    channel = (
-        grpc.insecure_channel(target, options=list(options))
-        if credentials is None
-        else grpc.secure_channel(target, credentials, options=list(options))
-    )
+    channel = _sync_channel(target, _credentials(tls, root_certificates), options)
     return grpc.intercept_channel(channel, _KeyInterceptor(_auth_metadata(api_key)))
 
 
@@ -687,11 +672,8 @@ def keyed_aio_channel(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """``keyed_channel`` for asyncio (create it inside the event loop)."""
-    credentials = _credentials(tls, root_certificates)
     auth = _auth_metadata(api_key)
     interceptors: list[grpc.aio.ClientInterceptor] = [
         kind(auth) for kind in (_AioKeyedUnaryUnary, _AioKeyedUnaryStream, _AioKeyedStreamUnary, _AioKeyedStreamStream)
     ]
-    if credentials is None:
-        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
-    return grpc.aio.secure_channel(target, credentials, options=list(options), interceptors=interceptors)
+    return _aio_channel(target, _credentials(tls, root_certificates), options, interceptors)
