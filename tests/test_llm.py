@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -502,7 +503,7 @@ async def test_async_client_streams_a_chat(llm_mesh: LocalMesh) -> None:
     assert "Paris" in text
 
 
-async def llm_tenant(mesh: LocalMesh, tenant: str, **limits: int) -> llm_pb2_grpc.LlmServiceAsyncStub:
+async def llm_tenant(mesh: LocalMesh, tenant: str, **limits: Any) -> llm_pb2_grpc.LlmServiceAsyncStub:
     """A tenant with ``limits`` and a stub calling the gateway with a key of its own."""
     async with mesh.aio_channel() as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)

@@ -33,10 +33,10 @@ async def tenant_key(mesh: InProcessMesh, tenant: str, **limits: Any) -> str:
         await admin.SetTenant(admin_pb2.SetTenantRequest(tenant_id=tenant, **limits), timeout=5)
         created = await admin.CreateKey(admin_pb2.CreateKeyRequest(tenant_id=tenant, scopes=["infer"]), timeout=5)
     # Every gateway applies the limits from its next refresh of the store.
-    for index in range(len(mesh.gateways)):
-        verifier = mesh.gateway_app(index).verifier
-        assert verifier is not None
-        await eventually(f"gateway {index} knows {tenant}", lambda v=verifier: v.tenant(tenant) is not None)
+    verifiers = [mesh.gateway_app(index).verifier for index in range(len(mesh.gateways))]
+    await eventually(
+        f"every gateway knows {tenant}", lambda: all(v is not None and v.tenant(tenant) for v in verifiers)
+    )
     return created.secret
 
 
