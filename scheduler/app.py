@@ -124,6 +124,7 @@ class SchedulerApp:
         config, registry_config = settings.scheduler, settings.registry
         self.config = config
         self.registry_config = registry_config
+        self.configured_weights = dict(settings.tenants.weights)
         self.state = SchedulerState(
             report_interval_s=config.report_interval_s,
             silent_intervals=config.silent_intervals,
@@ -209,6 +210,20 @@ class SchedulerApp:
             await asyncio.sleep(self.usage_save_s)
             if self.active:
                 await self._save_usage()
+                await self._read_weights()
+
+    async def _read_weights(self) -> None:
+        """Tenants' fair-share weights as the store has them (`aimass tenants set NAME --weight W`), over the
+        configured ones: the view's counters divide by them, as the replicas do with the weights gateways send."""
+        try:
+            tenants = await asyncio.to_thread(self.store.list_tenants)
+        except Exception as err:  # the store is away: keep the weights known
+            log.debug("reading tenants' weights failed: %s", err)
+            return
+        self.state.tenant_weights = {
+            **self.configured_weights,
+            **{tenant.tenant_id: tenant.weight for tenant in tenants if tenant.weight},
+        }
 
     async def stand_by(self, identity: str, set_active: Callable[[bool], Awaitable[None]]) -> None:
         """Active at once without a lock; with one, from the moment it is held (the runner follows)."""

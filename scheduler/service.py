@@ -161,6 +161,8 @@ class SchedulerState:
                 del self.tenant_seen_ms[oldest]
         self.tenants[tenant] = usage
         self.tenant_seen_ms[tenant] = now_ms()
+        # Its weight as it is now (the store's may have changed): later service counts at the new weight.
+        usage.weight = self.tenant_weights.get(tenant, 1.0)
         usage.requests += work.requests
         usage.prompt_tokens += work.prompt_tokens
         usage.completion_tokens += work.completion_tokens
