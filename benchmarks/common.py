@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +37,12 @@ class Mesh(LocalMesh):
         handle, log = tempfile.mkstemp(prefix=f"aimass-bench-{name}-", suffix=".log")
         os.close(handle)
         super().__init__(
-            log_path=Path(log), replicas=dict(replicas or {"nlp": 1}), env=dict(env or {}), log_level="WARNING"
+            log_path=Path(log),
+            replicas=dict(replicas or {"nlp": 1}),
+            env=dict(env or {}),
+            log_level="WARNING",
+            # Its own state (CA, store, admin key), as a user's mesh has; removed with the mesh.
+            state_dir=Path(tempfile.mkdtemp(prefix=f"aimass-bench-{name}-state-")),
         )
         self.name = name
 
@@ -48,6 +54,8 @@ class Mesh(LocalMesh):
     def stop(self) -> int:
         code = super().stop()
         self.log_path.unlink(missing_ok=True)
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         return code
 
     def pids(self) -> dict[str, int]:
