@@ -101,6 +101,7 @@ def jobs_label(jobs: int, texts_per_job: int) -> str:
 
 async def serve_load(
     label: str,
+    mesh: Mesh,
     target: str,
     pids: dict[str, int],
     rnd: int,
@@ -118,6 +119,7 @@ async def serve_load(
         warmup=concurrency * 2,
         deadline_s=30.0,
         progress=False,
+        **mesh.access(target),
     )
     measured = await measure_load(spec, pids, metrics_port, "embed")
     result, avg_batch = measured.result, measured.avg_batch
@@ -142,11 +144,21 @@ async def run_served(
     k = texts_per_request
     samples: list[Served] = []
     for rnd in range(rounds):
-        samples.append(await serve_load(BATCHED_GATEWAY, batched.gateway, batched_pids, rnd, duration, metrics_port))
-        samples.append(await serve_load(UNBATCHED_GATEWAY, unbatched.gateway, unbatched_pids, rnd, duration, None))
-        samples.append(await serve_load(BATCHED_DIRECT, batched.replica, batched_pids, rnd, duration, metrics_port))
-        samples.append(await serve_load(MULTI_GATEWAY, batched.gateway, batched_pids, rnd, duration, metrics_port, k))
-        samples.append(await serve_load(MULTI_DIRECT, batched.replica, batched_pids, rnd, duration, metrics_port, k))
+        samples.append(
+            await serve_load(BATCHED_GATEWAY, batched, batched.gateway, batched_pids, rnd, duration, metrics_port)
+        )
+        samples.append(
+            await serve_load(UNBATCHED_GATEWAY, unbatched, unbatched.gateway, unbatched_pids, rnd, duration, None)
+        )
+        samples.append(
+            await serve_load(BATCHED_DIRECT, batched, batched.replica, batched_pids, rnd, duration, metrics_port)
+        )
+        samples.append(
+            await serve_load(MULTI_GATEWAY, batched, batched.gateway, batched_pids, rnd, duration, metrics_port, k)
+        )
+        samples.append(
+            await serve_load(MULTI_DIRECT, batched, batched.replica, batched_pids, rnd, duration, metrics_port, k)
+        )
     return samples
 
 

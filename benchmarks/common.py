@@ -17,14 +17,26 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 
 from aimass.cli import SERVICE_MODULES
 from aimass.local_mesh import LocalMesh
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials
+from aimass.store.sql import SqlStore
+from aimass.tenancy.keys import SCOPE_INFER
 from loadtest.generator import LoadResult, LoadSpec, run_load
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Access(TypedDict):
+    """LoadSpec keywords that reach one process of a secured mesh."""
+
+    api_key: str | None
+    mesh_credentials: MeshCredentials | None
+    server_role: str
 
 
 class Mesh(LocalMesh):
@@ -50,6 +62,24 @@ class Mesh(LocalMesh):
     def replica(self) -> str:
         """The address of the (first) replica of the mesh's first service kind."""
         return self.addresses(next(iter(self.replicas)))[0]
+
+    def access(self, target: str) -> Access:
+        """How a load generator calls ``target`` on this mesh: the gateway with the mesh's admin key, a replica
+        directly as a gateway does (mesh mTLS, expecting the replica's kind), which is the only way it answers."""
+        if target == self.gateway:
+            return Access(api_key=self.api_key, mesh_credentials=None, server_role="")
+        kind = next(kind for kind in self.replicas if target in self.addresses(kind))
+        settings = self.settings()
+        credentials = MeshCredentials.load(settings.pki_dir, ROLE_GATEWAY) if settings.mesh.tls == "on" else None
+        return Access(api_key="", mesh_credentials=credentials, server_role=kind)
+
+    def key_for(self, tenant: str) -> str:
+        """A new key of ``tenant`` (scope infer) in the mesh's store."""
+        store = SqlStore.open(self.settings().store_url)
+        try:
+            return store.create_key(tenant, [SCOPE_INFER], name="benchmark")[1]
+        finally:
+            store.close()
 
     def stop(self) -> int:
         code = super().stop()

@@ -2,9 +2,9 @@
 
 Starts its own mesh (`aimass up` with one NLP replica), then runs two loads at once through the gateway for each
 measurement: the heavy tenant sends Embed requests of 8 texts from 32 concurrent callers (several batches queue
-up), the light tenant one text from one caller. Side ``fair``: the two send different ``x-aimass-tenant`` headers,
-so the replica's batcher shares the queue between them (aimass/runtime/fair_share.py). Side ``fifo``: the light
-caller sends the heavy tenant's header, so both are one tenant and the queue is first come, first served (what a
+up), the light tenant one text from one caller. Side ``fair``: the two call with keys of different tenants,
+so the replica's batcher shares the queue between them (aimass/tenancy/fair_share.py). Side ``fifo``: the light
+caller uses a key of the heavy tenant, so both are one tenant and the queue is first come, first served (what a
 batcher without tenants does). The sides alternate, rounds rotate which goes first, and the report gives medians
 per side and the ratios.
 
@@ -39,16 +39,17 @@ class Sample:
     light: LoadResult
 
 
-async def measure(gateway: str, side: str, rnd: int, duration: float) -> Sample:
+async def measure(mesh: Mesh, keys: dict[str, str], side: str, rnd: int, duration: float) -> Sample:
     def spec(request: dict[str, list[str]], concurrency: int, tenant: str) -> LoadSpec:
         return LoadSpec(
-            target=gateway,
+            target=mesh.gateway,
             method=METHOD,
             request=request,
             concurrency=concurrency,
             duration_s=duration,
             deadline_s=30.0,
-            metadata=(("x-aimass-tenant", tenant),),
+            # The tenant is the key's: each calls with a key of its own.
+            api_key=keys[tenant],
             progress=False,
         )
 
@@ -65,13 +66,18 @@ async def measure(gateway: str, side: str, rnd: int, duration: float) -> Sample:
     return Sample(side, rnd, heavy, light)
 
 
-async def run_all(gateway: str, rounds: int, duration: float) -> list[Sample]:
+async def run_all(mesh: Mesh, rounds: int, duration: float) -> list[Sample]:
+    keys = {tenant: mesh.key_for(tenant) for tenant in ("heavy", "light")}
     # Settle: first connections and lazy initialisation are not measured.
-    await run_load(LoadSpec(gateway, METHOD, HEAVY_REQUEST, concurrency=8, duration_s=1.5, progress=False))
+    await run_load(
+        LoadSpec(
+            mesh.gateway, METHOD, HEAVY_REQUEST, concurrency=8, duration_s=1.5, progress=False, api_key=keys["heavy"]
+        )
+    )
     samples = []
     for rnd in range(rounds):
         for side in SIDES[rnd % 2 :] + SIDES[: rnd % 2]:
-            samples.append(await measure(gateway, side, rnd, duration))
+            samples.append(await measure(mesh, keys, side, rnd, duration))
     return samples
 
 
@@ -151,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh.wait_ready()
         assert mesh.process is not None
         busy = wait_quiet(args.wait_quiet, exclude=[mesh.process.pid, *mesh.pids().values()])
-        samples = asyncio.run(run_all(mesh.gateway, args.rounds, args.duration))
+        samples = asyncio.run(run_all(mesh, args.rounds, args.duration))
     finally:
         mesh.stop()
     publish(

@@ -69,8 +69,9 @@ def warmup_for(concurrency: int) -> int:
 
 
 async def measure(mesh: Mesh, pids: dict[str, int], side: str, concurrency: int, rnd: int, duration: float) -> Sample:
+    target = mesh.replica if side == "direct" else mesh.gateway
     spec = LoadSpec(
-        target=mesh.replica if side == "direct" else mesh.gateway,
+        target=target,
         method=METHOD,
         request=REQUEST,
         concurrency=concurrency,
@@ -78,6 +79,7 @@ async def measure(mesh: Mesh, pids: dict[str, int], side: str, concurrency: int,
         warmup=warmup_for(concurrency),
         deadline_s=10.0,
         progress=False,
+        **mesh.access(target),
     )
     run = await run_metered(spec, pids, f"round {rnd + 1} c={concurrency:<3} {side:<8}")
     return Sample(side, concurrency, rnd, run)
@@ -87,7 +89,9 @@ async def run_all(mesh: Mesh, rounds: int, duration: float) -> list[Sample]:
     pids = {"client": os.getpid(), **mesh.pids()}
     # Settle first: the first seconds after start-up (lazy initialisation, first connections) are not measured.
     for target in (mesh.replica, mesh.gateway):
-        await run_load(LoadSpec(target, METHOD, REQUEST, concurrency=8, duration_s=1.5, progress=False))
+        await run_load(
+            LoadSpec(target, METHOD, REQUEST, concurrency=8, duration_s=1.5, progress=False, **mesh.access(target))
+        )
     samples: list[Sample] = []
     for concurrency in CONCURRENCIES:
         for rnd in range(rounds):

@@ -19,8 +19,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from aimass.runtime.config import LlmConfig
 from aimass.v1 import llm_pb2, llm_pb2_grpc
 from benchmarks.common import Mesh, command_line, machine, markdown_table, median, publish, utc_now
@@ -207,7 +205,7 @@ async def main_async(args: argparse.Namespace) -> None:
     mesh.start()
     try:
         mesh.wait_ready(600)
-        async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        async with mesh.aio_channel() as channel:
             stub = llm_pb2_grpc.LlmServiceStub(channel)
             local, remote = await alternate(
                 in_process_caller(engine, args.max_tokens), served_caller(stub, args.max_tokens), texts, args.rounds

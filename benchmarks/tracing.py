@@ -109,6 +109,7 @@ async def measure(mesh: Mesh, pids: dict[str, int], scenario: Scenario, side: st
         warmup=max(50, scenario.concurrency * 5),
         deadline_s=10.0,
         progress=False,
+        **mesh.access(mesh.gateway),
     )
     run = await run_metered(spec, pids, f"round {rnd + 1} {scenario.label:<16} tracing {side:<4}")
     return Sample(scenario, side, rnd, run)
@@ -129,7 +130,15 @@ async def run_all(
     calls = dict.fromkeys(meshes, 0)
     for side, mesh in meshes.items():  # settle: first connections, lazy initialisation
         for scenario in SCENARIOS:
-            settle = LoadSpec(mesh.gateway, scenario.method, dict(scenario.request), 8, duration_s=1.0, progress=False)
+            settle = LoadSpec(
+                mesh.gateway,
+                scenario.method,
+                dict(scenario.request),
+                8,
+                duration_s=1.0,
+                progress=False,
+                **mesh.access(mesh.gateway),
+            )
             calls[side] += (await run_load(settle)).requests
     samples: list[Sample] = []
     order = list(meshes)

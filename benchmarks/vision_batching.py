@@ -95,6 +95,7 @@ class ModelAlone:
 
 async def serve_load(
     label: str,
+    mesh: Mesh,
     target: str,
     request: dict[str, object],
     pids: dict[str, int],
@@ -111,6 +112,7 @@ async def serve_load(
         warmup=CONCURRENCY * 2,
         deadline_s=30.0,
         progress=False,
+        **mesh.access(target),
     )
     measured = await measure_load(spec, pids, port, "classify")
     result, avg_batch = measured.result, measured.avg_batch
@@ -142,9 +144,11 @@ async def run_served(
     samples: list[Served] = []
     for rnd in range(rounds):
         quiet()
-        samples.append(await serve_load(BATCHED, batched.gateway, request, batched_pids, rnd, duration, port))
+        samples.append(await serve_load(BATCHED, batched, batched.gateway, request, batched_pids, rnd, duration, port))
         quiet()
-        samples.append(await serve_load(UNBATCHED, unbatched.gateway, request, unbatched_pids, rnd, duration, None))
+        samples.append(
+            await serve_load(UNBATCHED, unbatched, unbatched.gateway, request, unbatched_pids, rnd, duration, None)
+        )
     return samples
 
 
