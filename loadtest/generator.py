@@ -12,6 +12,11 @@ Client-streaming methods are out of scope: their load depends on how the client 
 ``concurrency`` workers share ``channels`` channels (worker ``i`` uses channel ``i % channels``); each channel has its
 own subchannel pool, so N channels are N TCP connections. A run stops after ``total`` requests or ``duration_s``
 seconds, whichever comes first, and never later than ``max_duration_s``.
+
+The mesh is secured: calls through the gateway carry an API key (``authorization: Bearer <key>``; ``api_key``, else
+found as aimass.client finds it: ``$AIMASS_API_KEY``, else the admin key file of this host's mesh). A run straight to
+a replica (to compare with the gateway) speaks mesh mTLS as a gateway does: ``mesh_credentials`` (a gateway
+certificate of the mesh's CA, ``gateway_credentials``) and ``server_role``, the replica's kind; it sends no key.
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import MethodDescriptor
 
+from aimass.cli import SERVICE_MODULES
+from aimass.client import resolve_api_key
 from aimass.runtime import contract
+from aimass.runtime.config import load_settings
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, mesh_channel
 
 __all__ = [
     "LatencySummary",
@@ -39,6 +49,8 @@ __all__ = [
     "LoadSpec",
     "build_request",
     "find_method",
+    "gateway_credentials",
+    "kind_of",
     "method_names",
     "percentile",
     "run_load",
@@ -85,6 +97,29 @@ def find_method(method: str) -> MethodDescriptor:
     return descriptor
 
 
+def kind_of(method: str) -> str:
+    """The service kind (aimass.cli.SERVICE_MODULES) whose replicas serve ``method``: ``aimass.v1.NlpService/Embed``
+    → ``nlp``; ValueError for a service no single kind serves (ModelService: every replica)."""
+    service = normalise_method(method).partition("/")[0]
+    kind = service.removeprefix("aimass.v1.").removesuffix("Service").lower()
+    if kind not in SERVICE_MODULES:
+        raise ValueError(
+            f"{service} is not served by one kind of replica; name the kind ({', '.join(SERVICE_MODULES)})"
+        )
+    return kind
+
+
+def gateway_credentials(pki_dir: Path | None = None, identity: str = ROLE_GATEWAY) -> MeshCredentials | None:
+    """Credentials to call replicas directly, as a gateway (the only role they serve): ``<identity>.crt/.key`` and
+    the CA in ``pki_dir`` (default: this host's mesh's, ``mesh.pki_dir``, or None when its mesh TLS is off)."""
+    if pki_dir is not None:
+        return MeshCredentials.load(pki_dir, identity)
+    settings = load_settings()
+    if settings.mesh.tls == "off":
+        return None
+    return MeshCredentials.load(settings.pki_dir, identity)
+
+
 def build_request(method: str, request: str | Mapping[str, Any] | None = None) -> bytes:
     """Parse ``request`` (JSON text or a dict, proto3 JSON mapping) into the method's input type; return its bytes."""
     descriptor = find_method(method)
@@ -121,6 +156,13 @@ class LoadSpec:
     deadline_s: float = 10.0
     channels: int = 1
     metadata: Metadata = ()
+    # The gateway's API key: None finds it as aimass.client does ($AIMASS_API_KEY, else the admin key file of this
+    # host's mesh); "" sends none. Not sent on direct runs (``mesh_credentials``): replicas trust the gateway.
+    api_key: str | None = None
+    # A direct run, straight to a replica: mesh mTLS with these credentials (a gateway's certificate), expecting the
+    # server to hold ``server_role`` (the replica's kind). None: plaintext, as to a gateway's front door.
+    mesh_credentials: MeshCredentials | None = None
+    server_role: str = ""
     connect_timeout_s: float = 10.0
     # A line per second on stderr while measuring (short runs print none).
     progress: bool = True
@@ -147,12 +189,31 @@ class LoadSpec:
             problems.append(f"deadline_s must be > 0, got {self.deadline_s}")
         if self.connect_timeout_s <= 0:
             problems.append(f"connect_timeout_s must be > 0, got {self.connect_timeout_s}")
+        if self.mesh_credentials is not None and not self.server_role:
+            problems.append("mesh_credentials need server_role: the role (kind) the replica's certificate holds")
         if problems:
             raise ValueError("; ".join(problems))
 
     @property
     def time_limit_s(self) -> float:
         return self.duration_s if self.duration_s is not None else self.max_duration_s
+
+    def call_metadata(self) -> Metadata:
+        """``metadata``, with the API key unless this is a direct run, the key is "" or the metadata has one."""
+        if self.mesh_credentials is not None or any(key in _KEY_HEADERS for key, _ in self.metadata):
+            return self.metadata
+        key = resolve_api_key(self.api_key) if self.api_key != "" else None
+        return (*self.metadata, ("authorization", f"Bearer {key}")) if key else self.metadata
+
+    def open_channel(self, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A channel to ``target``: mesh mTLS for a direct run, else plaintext."""
+        if self.mesh_credentials is not None:
+            return mesh_channel(self.target, self.mesh_credentials, server_role=self.server_role, options=options)
+        return grpc.aio.insecure_channel(self.target, options=list(options))
+
+
+# Headers that carry an API key (gateway/auth.py): one given in ``metadata`` is sent as it is.
+_KEY_HEADERS = frozenset({"authorization", "x-api-key"})
 
 
 @dataclass(frozen=True)
@@ -363,7 +424,7 @@ def _worker_loops(
     channels: Sequence[grpc.aio.Channel], method: str, payload: bytes, spec: LoadSpec, *, streaming: bool
 ) -> list[WorkerLoop]:
     """``spec.concurrency`` workers; worker ``i`` uses channel ``i % len(channels)``."""
-    metadata = spec.metadata or None
+    metadata = spec.call_metadata() or None
     per_channel: list[WorkerLoop] = []
     for channel in channels:
         # No serialiser and no deserialiser: bytes go out as given and replies stay bytes.
@@ -383,7 +444,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     streaming = find_method(method).server_streaming
     # A local subchannel pool per channel: N channels are N connections, not N handles on one shared connection.
     options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(spec.channels)]
+    channels = [spec.open_channel(options) for _ in range(spec.channels)]
     try:
         try:
             await asyncio.wait_for(

@@ -13,6 +13,11 @@ ratio is the cost of the extra hop: the gateway's routing and raw-bytes forwardi
     python -m loadtest.report --scenarios chat --rounds 5 --round-seconds 10
     python -m loadtest.report --gateway 127.0.0.1:50051 --direct nlp=127.0.0.1:50061 --no-write
 
+The mesh is secured, and each side calls as its real callers do: the gateway side with an API key (the started
+mesh's admin key; for a running mesh ``--api-key``, else ``$AIMASS_API_KEY``, else the admin key file of this host's
+mesh), the direct side with mesh mTLS as a gateway (the mesh's gateway certificate: the started mesh's, else from
+``--pki-dir``, default this host's mesh's).
+
 Writes its section of docs/loadtest.md (the rest of the file is kept) and docs/loadtest.png, prints the section on
 stdout and progress on stderr. Exit status 0 when the run completed (failed calls are part of the report), 1 when
 the mesh could not start or a target was unreachable, 2 for bad arguments.
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aimass.cli import SERVICE_MODULES
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials
 from benchmarks.common import (
     CLOCK_TICKS,
     Mesh,
@@ -45,7 +51,7 @@ from benchmarks.common import (
     utc_now,
     wait_quiet,
 )
-from loadtest.generator import LoadResult, LoadSpec, run_load
+from loadtest.generator import LoadResult, LoadSpec, gateway_credentials, run_load
 from loadtest.scenarios import SCENARIOS, Scenario, by_name, request_json
 
 __all__ = [
@@ -76,10 +82,15 @@ Written by `python -m loadtest.report` (`make loadtest`), which replaces only it
 
 @dataclass(frozen=True)
 class Targets:
-    """Where each side of a scenario sends its calls: the gateway, or a replica of the scenario's kind."""
+    """Where each side of a scenario sends its calls, and how it gets in: the gateway with an API key, or a replica
+    of the scenario's kind with mesh mTLS, as a gateway."""
 
     gateway: str
     direct: Mapping[str, str]
+    # The gateway's API key: None finds it as aimass.client does (loadtest.generator.LoadSpec.api_key).
+    api_key: str | None = None
+    # A gateway certificate of the mesh's CA for the direct side; None with mesh TLS off (plaintext).
+    credentials: MeshCredentials | None = None
 
     def address(self, side: str, kind: str) -> str:
         return self.gateway if side == "gateway" else self.direct[kind]
@@ -234,10 +245,16 @@ class NoiseMeter:
 
 
 def spec_for(
-    scenario: Scenario, target: str, request: Mapping[str, object], seconds: float, total: int | None
+    scenario: Scenario,
+    targets: Targets,
+    side: str,
+    request: Mapping[str, object],
+    seconds: float,
+    total: int | None,
 ) -> LoadSpec:
+    direct = side == "direct"
     return LoadSpec(
-        target=target,
+        target=targets.address(side, scenario.kind),
         method=scenario.method,
         request=request,
         concurrency=scenario.concurrency,
@@ -245,6 +262,10 @@ def spec_for(
         duration_s=seconds if total is None else None,
         deadline_s=scenario.deadline_s,
         metadata=tuple(scenario.metadata.items()),
+        # The gateway side carries the key; the direct side gets in with the mesh certificate (and sends no key).
+        api_key="" if direct else targets.api_key,
+        mesh_credentials=targets.credentials if direct else None,
+        server_role=scenario.kind if direct else "",
         progress=False,
     )
 
@@ -280,12 +301,12 @@ async def measure(
         seconds = round_s or scenario.duration_s
         label = f"{scenario.name} ({number}/{len(scenarios)}, c={scenario.concurrency})"
         for side in SIDES:
-            await run_load(spec_for(scenario, targets.address(side, scenario.kind), request, seconds, scenario.warmup))
+            await run_load(spec_for(scenario, targets, side, request, seconds, scenario.warmup))
         done: list[Round] = []
         for index in range(rounds):
             order = SIDES if index % 2 == 0 else tuple(reversed(SIDES))
             for side in order:
-                spec = spec_for(scenario, targets.address(side, scenario.kind), request, seconds, None)
+                spec = spec_for(scenario, targets, side, request, seconds, None)
                 with NoiseMeter(own) as meter:
                     result = await run_load(spec)
                 others = meter.others_pct if mesh_pid is not None else None
@@ -546,6 +567,18 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--direct", type=parse_direct, action="append", default=[], help="KIND=host:port of a replica; repeatable"
     )
+    cli.add_argument(
+        "--api-key",
+        default=None,
+        help="with --gateway: its API key (default: $AIMASS_API_KEY, else the admin key file of this host's mesh)",
+    )
+    cli.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=None,
+        help="with --gateway: the mesh's CA and gateway certificate, for the direct side (default: this host's"
+        " mesh's, mesh.pki_dir)",
+    )
     return cli
 
 
@@ -574,7 +607,11 @@ async def run_mesh_and_measure(
     """Start the mesh (unless one is given), measure every scenario, stop the mesh."""
     mesh: Mesh | None = None
     if args.gateway:
-        targets = Targets(args.gateway, dict(args.direct))
+        try:
+            credentials = gateway_credentials(args.pki_dir)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConnectionError(f"cannot call the replicas directly: {err}") from err
+        targets = Targets(args.gateway, dict(args.direct), args.api_key, credentials)
         mesh_pid: int | None = None
     else:
         log(f"starting aimass up with one replica each of {', '.join(kinds)} (models load: up to a few minutes)")
@@ -583,11 +620,14 @@ async def run_mesh_and_measure(
         mesh.start()
         try:
             await asyncio.to_thread(mesh.wait_ready)
+            # The mesh's own state directory holds its admin key and its gateway's certificate.
+            settings = mesh.settings()
+            credentials = None if settings.mesh.tls == "off" else MeshCredentials.load(settings.pki_dir, ROLE_GATEWAY)
         except BaseException:
             mesh.stop()
             raise
         log(f"mesh ready in {time.perf_counter() - started:.0f} s: gateway {mesh.gateway}")
-        targets = Targets(mesh.gateway, {kind: mesh.addresses(kind)[0] for kind in kinds})
+        targets = Targets(mesh.gateway, {kind: mesh.addresses(kind)[0] for kind in kinds}, mesh.api_key, credentials)
         assert mesh.process is not None
         mesh_pid = mesh.process.pid
     try:

@@ -7,6 +7,13 @@ Examples::
     python -m loadtest.run aimass.v1.NlpService/Embed -d @request.json -c 32 -n 5000 --warmup 200 --json
     python -m loadtest.run --scenario vision-classify            # a scenario of loadtest/scenarios.py as it is
     python -m loadtest.run --scenario chat -c 8 -z 20s           # ... with its concurrency and duration changed
+    python -m loadtest.run --scenario embed --api-key "$KEY"     # a tenant's key (`aimass keys create ...`)
+    python -m loadtest.run --scenario embed -t 127.0.0.1:50061 --direct   # straight to an NLP replica (mTLS)
+
+Through the gateway every call carries an API key: ``--api-key``, else ``$AIMASS_API_KEY``, else the admin key file
+of this host's mesh (as aimass.client finds it). ``--direct`` calls a replica (of the kind that serves the method, or
+``--kind``) inside the mesh, as a gateway does: mesh mTLS with the gateway certificate of ``--pki-dir`` (default: this
+host's mesh's, where `aimass up` keeps it), no key.
 
 Exit status: 0 when every call ended OK, 1 when some did not or the target was unreachable, 2 for bad arguments.
 """
@@ -20,7 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtest.generator import LoadSpec, method_names, result_json, run_load
+from aimass.runtime.identity import ROLE_GATEWAY
+from loadtest.generator import LoadSpec, gateway_credentials, kind_of, method_names, result_json, run_load
 from loadtest.scenarios import SCENARIOS, by_name, request_json
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -76,6 +84,30 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--deadline", type=parse_duration, default=None, help="per-call deadline (default 10s)")
     cli.add_argument("--channels", type=int, default=1, help="channels (connections) shared by workers (default 1)")
     cli.add_argument("--metadata", "-H", type=parse_metadata, action="append", default=[], help="key:value, repeatable")
+    cli.add_argument(
+        "--api-key",
+        default=None,
+        help="the gateway's API key (default: $AIMASS_API_KEY, else the admin key file of this host's mesh)",
+    )
+    cli.add_argument(
+        "--direct",
+        action="store_true",
+        help="the target is a replica: call it inside the mesh with mTLS, as a gateway does (no API key)",
+    )
+    cli.add_argument(
+        "--kind", default=None, help="with --direct: the replica's kind (default: the one serving the method)"
+    )
+    cli.add_argument(
+        "--pki-dir",
+        type=Path,
+        default=None,
+        help="with --direct: the mesh's CA and certificates (default: this host's mesh's, mesh.pki_dir)",
+    )
+    cli.add_argument(
+        "--identity",
+        default=ROLE_GATEWAY,
+        help="with --direct: the certificate to present, <pki-dir>/<identity>.crt (default: gateway)",
+    )
     cli.add_argument("--max-duration", type=parse_duration, default=600.0, help="hard stop for -n runs (default 600s)")
     cli.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
     cli.add_argument("--quiet", "-q", action="store_true", help="no progress lines on stderr")
@@ -114,6 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline = 10.0 if args.deadline is None else args.deadline
             metadata = tuple(args.metadata)
         total = args.total if args.total is not None or duration is not None else 200
+        server_role = ""
+        credentials = None
+        if args.direct:
+            # The replica's certificate names its kind; the handshake checks it.
+            server_role = args.kind or (scenario.kind if args.scenario else kind_of(method))
+            credentials = gateway_credentials(args.pki_dir, args.identity)
         spec = LoadSpec(
             target=args.target,
             method=method,
@@ -125,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             deadline_s=deadline,
             channels=args.channels,
             metadata=metadata,
+            api_key=args.api_key,
+            mesh_credentials=credentials,
+            server_role=server_role,
             progress=not args.quiet,
             max_duration_s=args.max_duration,
         )

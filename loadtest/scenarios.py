@@ -8,10 +8,26 @@ kept in the repository.
 
     python -m loadtest.scenarios list        # the scenarios
     python -m loadtest.scenarios ghz         # rewrite loadtest/ghz/*.json from the scenarios, and their payloads
-    python -m loadtest.scenarios payloads    # only the payload files the media scenarios' ghz configs read
+    python -m loadtest.scenarios payloads    # only the payload and metadata files the ghz configs read
+    python -m loadtest.scenarios payloads --api-key "$KEY"   # ... with a tenant's key rather than the default
 
 ghz configs of media scenarios read their request from ``loadtest/ghz/payloads/<name>.json`` (``data-file``,
 relative to the repository root, where ghz is run); ``payloads`` writes those files (git ignores them).
+
+The gateway wants an API key on every call: each ghz config reads its metadata, ``authorization: Bearer <key>``,
+from ``loadtest/ghz/payloads/metadata.json`` (``metadata-file``), which ``payloads`` writes, readable by its owner
+only, with the key found as aimass.client finds it (``--api-key``, else ``$AIMASS_API_KEY``, else the admin key file
+of this host's mesh)::
+
+    python -m loadtest.scenarios payloads && ghz --config loadtest/ghz/embed.json
+    # or at the command line (-M '' drops the config's metadata-file, which ghz would read instead of -m)
+    ghz --config loadtest/ghz/embed.json -M '' -m '{"authorization": "Bearer '"$KEY"'"}'
+
+Straight to a replica (gateway vs direct), ghz speaks mesh mTLS as a gateway does: the mesh's CA and a gateway
+certificate (`aimass up` keeps them in its state directory's ``pki``; local processes' certificates name 127.0.0.1)::
+
+    PKI=~/.local/state/aimass/pki; TLS="--insecure=false --cacert $PKI/ca.crt --cert $PKI/gateway.crt"
+    ghz --config loadtest/ghz/embed.json $TLS --key $PKI/gateway.key 127.0.0.1:50061
 """
 
 from __future__ import annotations
@@ -21,6 +37,7 @@ import base64
 import functools
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from aimass.cli import SERVICE_MODULES
+from aimass.client import resolve_api_key
 from loadtest.generator import build_request, find_method, normalise_method
 
 __all__ = [
@@ -41,6 +59,7 @@ __all__ = [
     "Scenario",
     "by_name",
     "ghz_config",
+    "metadata_path",
     "request_json",
     "write_ghz",
     "write_payloads",
@@ -273,9 +292,17 @@ def payload_path(scenario: Scenario) -> str:
     return f"{PAYLOAD_DIR.relative_to(ROOT).as_posix()}/{scenario.name}.json"
 
 
+def metadata_path(scenario: Scenario) -> str:
+    """Where the scenario's ghz config reads its metadata (the API key, and the scenario's own metadata if it has
+    any: ghz reads a metadata-file instead of, not besides, a config's metadata), relative to the repository root."""
+    name = f"{scenario.name}.metadata.json" if scenario.metadata else "metadata.json"
+    return f"{PAYLOAD_DIR.relative_to(ROOT).as_posix()}/{name}"
+
+
 def ghz_config(scenario: Scenario, host: str = DEFAULT_HOST) -> dict[str, Any]:
     """The scenario as a ghz config (https://ghz.sh/docs/options): reflection, plaintext, the same request,
-    concurrency, duration and deadline. ``tags`` carry what ghz reports alongside and what k6's runner reads."""
+    concurrency, duration and deadline, and the metadata with the API key the gateway asks for (``metadata-file``,
+    written by ``write_payloads``). ``tags`` carry what ghz reports alongside and what k6's runner reads."""
     config: dict[str, Any] = {
         "name": f"aimass {scenario.name}",
         "call": scenario.full_method.replace("/", "."),
@@ -286,8 +313,7 @@ def ghz_config(scenario: Scenario, host: str = DEFAULT_HOST) -> dict[str, Any]:
         config["data-file"] = payload_path(scenario)
     else:
         config["data"] = dict(scenario.request)
-    if scenario.metadata:
-        config["metadata"] = dict(scenario.metadata)
+    config["metadata-file"] = metadata_path(scenario)
     config.update(
         {
             "concurrency": scenario.concurrency,
@@ -321,8 +347,19 @@ def write_ghz(folder: Path = GHZ_DIR) -> list[Path]:
     return written
 
 
-def write_payloads(folder: Path = PAYLOAD_DIR) -> list[Path]:
-    """Write the request of every media scenario as ``<name>.json`` into ``folder``; returns the files written."""
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by its owner only (it holds an API key)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as sink:
+        sink.write(text)
+    tmp.replace(path)
+
+
+def write_payloads(folder: Path = PAYLOAD_DIR, api_key: str | None = None) -> list[Path]:
+    """Write into ``folder`` the request of every media scenario (``<name>.json``) and the metadata the ghz configs
+    read (``metadata.json``, and ``<name>.metadata.json`` for a scenario with metadata of its own): the API key
+    (``api_key``, else found as aimass.client finds it; none when there is none). Returns the files written."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for scenario in SCENARIOS:
@@ -330,12 +367,23 @@ def write_payloads(folder: Path = PAYLOAD_DIR) -> list[Path]:
             path = folder / f"{scenario.name}.json"
             path.write_text(json.dumps(request_json(scenario)) + "\n")
             written.append(path)
+    key = resolve_api_key(api_key)
+    auth = {"authorization": f"Bearer {key}"} if key else {}
+    for name, metadata in {Path(metadata_path(s)).name: dict(s.metadata) for s in SCENARIOS}.items():
+        path = folder / name
+        _write_private(path, json.dumps({**metadata, **auth}) + "\n")
+        written.append(path)
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli = argparse.ArgumentParser(prog="python -m loadtest.scenarios", description=__doc__.split("\n\n")[0])
     cli.add_argument("command", choices=["list", "ghz", "payloads"], nargs="?", default="list")
+    cli.add_argument(
+        "--api-key",
+        default=None,
+        help="the key the ghz configs send (default: $AIMASS_API_KEY, else the admin key file of this host's mesh)",
+    )
     args = cli.parse_args(argv)
     if args.command == "list":
         for s in SCENARIOS:
@@ -343,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{s.name:16} {s.full_method:36} {rpc:6} c={s.concurrency:<3} {s.duration_s:g}s  {s.description}")
         return 0
     written = write_ghz() if args.command == "ghz" else []
-    written += write_payloads()
+    written += write_payloads(api_key=args.api_key)
     for path in written:
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", file=sys.stderr)
     return 0

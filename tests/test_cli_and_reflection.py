@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass.cli import busy_ports
+from aimass.cli import SERVICE_MODULES, busy_ports
 from aimass.local_mesh import LocalMesh, free_port
+from aimass.pki import ca_files, cert_files
 from aimass.supervisor import ProcessSpec
 from tests.conftest import BIN
 
-# The public contract; SchedulerService is internal to the mesh, so the gateway neither forwards nor lists it.
+# The public contract; SchedulerService and RegistryService (the scheduler's) are internal to the mesh, so the
+# gateway neither forwards nor lists them.
 SERVICES = [
+    "aimass.v1.AdminService",
     "aimass.v1.LlmService",
     "aimass.v1.ModelService",
     "aimass.v1.NlpService",
-    "aimass.v1.RegistryService",
     "aimass.v1.SpeechService",
     "aimass.v1.VisionService",
     "grpc.health.v1.Health",
@@ -27,8 +30,21 @@ SERVICES = [
 ]
 
 
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "grpcurl"), "-plaintext", *args], capture_output=True, text=True, timeout=60)
+def grpcurl(*args: str, tls: Sequence[str] = ("-plaintext",)) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "grpcurl"), *tls, *args], capture_output=True, text=True, timeout=60)
+
+
+def with_key(mesh: LocalMesh) -> tuple[str, str]:
+    """grpcurl's flag for the header every call to the gateway carries (the session's admin key)."""
+    return ("-H", f"authorization: Bearer {mesh.api_key}")
+
+
+def as_gateway(mesh: LocalMesh) -> tuple[str, ...]:
+    """grpcurl's flags to call inside the mesh as a gateway does: the mesh's CA and a gateway certificate (local
+    processes' certificates name 127.0.0.1 too, so the address is the name grpcurl checks)."""
+    pki_dir = mesh.settings().pki_dir
+    gateway = cert_files(pki_dir, "gateway")
+    return ("-cacert", str(ca_files(pki_dir).cert), "-cert", str(gateway.cert), "-key", str(gateway.key))
 
 
 def test_grpcurl_lists_every_service_through_the_gateway(mesh: LocalMesh) -> None:
@@ -41,13 +57,18 @@ def test_grpcurl_describes_and_calls_without_proto_files(mesh: LocalMesh) -> Non
     described = grpcurl(mesh.gateway, "describe", "aimass.v1.NlpService")
     assert described.returncode == 0, described.stderr
     assert "rpc Embed ( .aimass.v1.EmbedRequest ) returns ( .aimass.v1.EmbedResponse );" in described.stdout
-    called = grpcurl("-d", '{"texts": ["I love this"]}', mesh.gateway, "aimass.v1.NlpService/Sentiment")
+    called = grpcurl(
+        *with_key(mesh), "-d", '{"texts": ["I love this"]}', mesh.gateway, "aimass.v1.NlpService/Sentiment"
+    )
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["results"][0]["label"] == "positive"
 
 
 def test_grpcurl_reaches_a_replica_directly_too(mesh: LocalMesh) -> None:
-    listed = grpcurl(mesh.nlp_addresses[0], "list")
+    # Inside the mesh only with a certificate from its CA: plaintext does not get through the handshake.
+    refused = grpcurl(mesh.nlp_addresses[0], "list")
+    assert refused.returncode != 0
+    listed = grpcurl(mesh.nlp_addresses[0], "list", tls=as_gateway(mesh))
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == [
         "aimass.v1.ModelService",  # its own models (the gateway's answers for the whole mesh)
@@ -71,8 +92,12 @@ def test_gateway_health_per_service(mesh: LocalMesh) -> None:
 
 
 def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None:
+    # The registry is the scheduler's; `aimass status` reads it with the operator certificate of the state directory.
     shown = subprocess.run(
-        [str(BIN / "aimass"), "status", "--gateway", mesh.gateway], capture_output=True, text=True, timeout=60
+        [str(BIN / "aimass"), "status", "--registry", mesh.scheduler, "--gateway", mesh.gateway],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
@@ -86,20 +111,22 @@ def test_aimass_status_lists_replicas_models_and_health(mesh: LocalMesh) -> None
     assert "aimass.v1.VisionService  SERVING" in shown.stdout
 
 
-def test_aimass_status_explains_an_unreachable_gateway() -> None:
+def test_aimass_status_explains_an_unreachable_registry() -> None:
+    registry = f"127.0.0.1:{free_port()}"
     shown = subprocess.run(
-        [str(BIN / "aimass"), "status", "--gateway", f"127.0.0.1:{free_port()}"],
+        [str(BIN / "aimass"), "status", "--registry", registry, "--gateway", f"127.0.0.1:{free_port()}"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert shown.returncode == 1
-    assert "cannot reach the gateway's registry" in shown.stderr
+    assert f"cannot reach the registry at {registry}: UNAVAILABLE" in shown.stderr
 
 
 def test_up_printed_where_everything_listens(mesh: LocalMesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
+    assert f"readable only by you): {mesh.settings().admin_key_file}" in log  # where the admin key is
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load
     # Requests are access-logged; the reports every process sends the scheduler each second are only metered (an
     # idle mesh would otherwise print several lines a second).
@@ -112,8 +139,11 @@ def test_up_refuses_ports_already_in_use() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
+        # Free ports for everything else (whatever else runs on this machine may hold the defaults).
+        others = [f"--{kind}-port={free_port()}" for kind in SERVICE_MODULES]
+        others += [f"--scheduler-port={free_port()}", "--metrics-port=0"]
         started = subprocess.run(
-            [str(BIN / "aimass"), "up", f"--gateway-port={port}", f"--nlp-port={free_port()}"],
+            [str(BIN / "aimass"), "up", f"--gateway-port={port}", *others],
             capture_output=True,
             text=True,
             timeout=60,
@@ -142,6 +172,8 @@ def test_a_port_a_stopped_mesh_left_in_time_wait_is_free_again() -> None:
 
 
 def test_the_schedulers_contract_is_not_served_through_the_gateway(mesh: LocalMesh) -> None:
-    called = grpcurl("-d", "{}", mesh.gateway, "aimass.v1.SchedulerService/GetPlacement")
-    assert called.returncode != 0
-    assert "internal to the mesh" in called.stderr or "does not expose" in called.stderr, called.stderr
+    # Not even to the admin key: the scheduler and its registry serve mesh certificates only.
+    for method in ("aimass.v1.SchedulerService/GetPlacement", "aimass.v1.RegistryService/ListInstances"):
+        called = grpcurl(*with_key(mesh), "-d", "{}", mesh.gateway, method)
+        assert called.returncode != 0
+        assert "internal to the mesh" in called.stderr or "does not expose" in called.stderr, called.stderr

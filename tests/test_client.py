@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ import pytest
 from aimass.client import RETRIED_SERVICES, AsyncClient, Client, channel_options, error_info
 from aimass.local_mesh import LocalMesh, free_port
 from aimass.v1 import nlp_pb2
+from tests.security import admin_key, key_for
 
 SIMILAR = ("A man is playing a guitar.", "Someone is strumming a guitar.")
 UNRELATED = "The central bank raised interest rates again this quarter."
@@ -81,8 +83,27 @@ def test_classify_top_label(client: Client) -> None:
 
 
 def test_api_key_and_request_id_pass_through_the_mesh(mesh: LocalMesh) -> None:
-    with Client(mesh.gateway, api_key="test-key") as keyed:
+    # A tenant's own key (not the admin key the other tests find by themselves): the gateway serves the call as
+    # that tenant and says so in a trailer, next to the request id the client sent.
+    with Client(mesh.gateway, api_key=key_for("client-test")) as keyed:
         assert keyed.sentiment(["fine"], request_id="req-ok").results[0].label
+        _, call = keyed.nlp.Sentiment.with_call(
+            nlp_pb2.SentimentRequest(texts=["fine"]), **keyed.call_options(request_id="req-trailers")
+        )
+    trailers = dict(call.trailing_metadata() or ())
+    assert trailers["x-aimass-tenant"] == "client-test"
+    assert trailers["x-request-id"] == "req-trailers"
+
+
+def test_a_key_the_mesh_does_not_know_is_unauthenticated(mesh: LocalMesh) -> None:
+    with Client(mesh.gateway, api_key="test-key") as keyed, pytest.raises(grpc.RpcError) as caught:
+        keyed.sentiment(["fine"])
+    err = caught.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "the API key is not in the form aimass_<key id>_<secret>" in (err.details() or "")
+    info = error_info(err)
+    assert info is not None and info.reason == "KEY_MALFORMED"
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -199,7 +220,7 @@ def test_channel_options_carry_retry_policy(max_attempts: int) -> None:
         "initialBackoff": "0.1s",
         "maxBackoff": "2s",
         "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
 
 
@@ -265,6 +286,15 @@ def test_unavailable_is_retried_up_to_max_attempts(
     assert state.calls == min(max_attempts, failures + 1)
 
 
+def test_resource_exhausted_is_retried(flaky_server: tuple[str, FlakyNlp]) -> None:
+    # A full queue or a tenant's quota: worth another try after a pause, like UNAVAILABLE.
+    address, state = flaky_server
+    state.failures, state.code = 2, grpc.StatusCode.RESOURCE_EXHAUSTED
+    with Client(address, max_attempts=3, timeout_s=10) as c:
+        assert c.embeddings(["x"]) == [[1.0, 0.0]]
+    assert state.calls == 3
+
+
 def test_other_codes_are_not_retried(flaky_server: tuple[str, FlakyNlp]) -> None:
     address, state = flaky_server
     state.failures, state.code = 1, grpc.StatusCode.INVALID_ARGUMENT
@@ -281,14 +311,26 @@ async def test_async_client_retries_unavailable(flaky_server: tuple[str, FlakyNl
     assert state.calls == 3
 
 
-def test_metadata_sent(flaky_server: tuple[str, FlakyNlp]) -> None:
+def test_metadata_sent(flaky_server: tuple[str, FlakyNlp], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     address, state = flaky_server
     with Client(address, api_key="sk-test") as keyed:
         keyed.embed(["x"], request_id="req-123")
+    # No api_key: $AIMASS_API_KEY, else the admin key file of this host's mesh (the test session's).
+    monkeypatch.setenv("AIMASS_API_KEY", "sk-from-env")
+    with Client(address) as from_env:
+        from_env.embed(["x"])
+    monkeypatch.delenv("AIMASS_API_KEY")
+    with Client(address) as from_file:
+        from_file.embed(["x"])
+    session_key = admin_key()
+    # No key anywhere (a state directory without an admin key): the calls carry none.
+    monkeypatch.setenv("AIMASS_STATE_DIR", str(tmp_path))
     with Client(address) as anonymous:
         anonymous.embed(["x"])
     assert state.metadata[0]["authorization"] == "Bearer sk-test"
     assert state.metadata[0]["x-request-id"] == "req-123"
     assert state.requests[0].meta.request_id == "req-123"
-    assert "authorization" not in state.metadata[1]
-    assert "x-request-id" not in state.metadata[1]
+    assert state.metadata[1]["authorization"] == "Bearer sk-from-env"
+    assert state.metadata[2]["authorization"] == f"Bearer {session_key}"
+    assert "authorization" not in state.metadata[3]
+    assert "x-request-id" not in state.metadata[3]

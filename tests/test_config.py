@@ -28,7 +28,7 @@ def test_defaults_run_on_a_laptop(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_front_door_tls_needs_both_files(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
     monkeypatch.setenv("AIMASS_GATEWAY__TLS_CERT", "/etc/aimass/gateway.crt")
-    with pytest.raises(ValidationError, match="tls_cert and gateway.tls_key go together"):
+    with pytest.raises(ValidationError, match=r"tls_cert and gateway\.tls_key go together"):
         Settings()
 
 

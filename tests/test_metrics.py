@@ -11,6 +11,7 @@ from aimass.client import Client
 from aimass.local_mesh import LocalMesh
 from aimass.v1 import models_pb2, models_pb2_grpc
 from tests.metrics import scrape, value
+from tests.security import key_for
 
 SENTIMENT = "/aimass.v1.NlpService/Sentiment"
 
@@ -21,7 +22,10 @@ def test_every_process_serves_metrics_that_move(mesh: LocalMesh) -> None:
         for _ in range(5):
             client.sentiment(["I love this"])
         client.embed(["served", "batched"])
+    # Two calls the front door refuses: one without a key, one with a key whose scopes do not cover loading models.
     with grpc.insecure_channel(mesh.gateway) as channel, contextlib.suppress(grpc.RpcError):
+        models_pb2_grpc.ModelServiceStub(channel).LoadModel(models_pb2.LoadModelRequest(), timeout=5)
+    with mesh.channel(key_for("metrics")) as channel, contextlib.suppress(grpc.RpcError):
         models_pb2_grpc.ModelServiceStub(channel).LoadModel(models_pb2.LoadModelRequest(), timeout=5)
     time.sleep(1.5)  # a load report or two reaches the scheduler
     after = {name: scrape(mesh.metrics_address(name)) for name in ("gateway", "nlp-0", "scheduler")}
@@ -34,6 +38,9 @@ def test_every_process_serves_metrics_that_move(mesh: LocalMesh) -> None:
         assert grown >= 5, process
         assert value(after[process], "aimass_request_duration_seconds_count", method=SENTIMENT) >= 5
     assert value(after["gateway"], "aimass_requests_total", code="PERMISSION_DENIED") >= 1
+    for reason in ("NO_KEY", "MISSING_SCOPE"):
+        refused = "aimass_gateway_auth_refused_total"
+        assert value(after["gateway"], refused, reason=reason) > value(before["gateway"], refused, reason=reason)
     # Batches and model loads (with measured footprints) on the replica.
     nlp = after["nlp-0"]
     batches = "aimass_batch_size_count"

@@ -15,7 +15,6 @@ from aimass.local_mesh import LocalMesh
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.conftest import start_mesh
 
-ADMIN = (("x-aimass-tenant", "admin"),)
 MIB = 2**20
 ENTITIES = "/aimass.v1.NlpService/Entities"
 # Load reports every 100 ms: placements follow a load or unload within a few reports.
@@ -31,7 +30,8 @@ def two_nlp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 @pytest.fixture(scope="module")
 def channel(two_nlp: LocalMesh) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(two_nlp.gateway) as opened:
+    # The session's admin key: its models:admin scope lets it load and unload models.
+    with two_nlp.channel() as opened:
         yield opened
 
 
@@ -42,7 +42,8 @@ def models(channel: grpc.Channel) -> models_pb2_grpc.ModelServiceStub:
 
 @pytest.fixture(scope="module")
 def scheduler(two_nlp: LocalMesh) -> Iterator[scheduler_pb2_grpc.SchedulerServiceStub]:
-    with grpc.insecure_channel(two_nlp.scheduler) as opened:
+    # The scheduler serves mesh certificates only; an operator's may read placements.
+    with two_nlp.scheduler_channel() as opened:
         yield scheduler_pb2_grpc.SchedulerServiceStub(opened)
 
 
@@ -102,7 +103,7 @@ def test_unload_and_load_again_through_placement(
     on_first = models_pb2.PlacementTarget(instance_id=first)
     try:
         unloaded = models.UnloadModel(
-            models_pb2.UnloadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30, metadata=ADMIN
+            models_pb2.UnloadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30
         )
         assert [r.instance_id for r in unloaded.unloaded] == [first]
         assert unloaded.freed_bytes > 0 and not unloaded.unloaded[0].loaded
@@ -121,13 +122,11 @@ def test_unload_and_load_again_through_placement(
         assert two_nlp.log_text().count(f"{ENTITIES} unavailable on") == retries_before
         # Unloading again changes nothing.
         again = models.UnloadModel(
-            models_pb2.UnloadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30, metadata=ADMIN
+            models_pb2.UnloadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30
         )
         assert not again.unloaded
 
-        loaded = models.LoadModel(
-            models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=60, metadata=ADMIN
-        )
+        loaded = models.LoadModel(models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=60)
         assert loaded.replica.instance_id == first and loaded.replica.loaded and not loaded.already_loaded
         assert loaded.replica.version == "1" and loaded.replica.memory_bytes > 0
         found = placements_until(
@@ -141,22 +140,18 @@ def test_unload_and_load_again_through_placement(
         assert next(p for p in found if p.instance_id == first).bytes == loaded.replica.memory_bytes
         # Loading where it is already loaded is a no-op; without a target the scheduler keeps the model where it is.
         again_loaded = models.LoadModel(
-            models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30, metadata=ADMIN
+            models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=30
         )
         assert again_loaded.already_loaded
-        anywhere = models.LoadModel(
-            models_pb2.LoadModelRequest(model=ref("en_core_web_sm")), timeout=30, metadata=ADMIN
-        )
+        anywhere = models.LoadModel(models_pb2.LoadModelRequest(model=ref("en_core_web_sm")), timeout=30)
         assert anywhere.already_loaded and not anywhere.evicted
     finally:
-        models.LoadModel(
-            models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=60, metadata=ADMIN
-        )
+        models.LoadModel(models_pb2.LoadModelRequest(model=ref("en_core_web_sm"), target=on_first), timeout=60)
 
 
 def rpc_error(call: Callable[..., object], request: object, **kwargs: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
-        call(request, timeout=30, metadata=ADMIN, **kwargs)
+        call(request, timeout=30, **kwargs)
     return caught.value
 
 
@@ -185,12 +180,12 @@ def test_a_model_loaded_nowhere_is_placed_with_its_measured_footprint(
 ) -> None:
     measured = describe(models, "vader").versions[0].footprint_bytes
     try:
-        everywhere = models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader")), timeout=30, metadata=ADMIN)
+        everywhere = models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader")), timeout=30)
         assert len(everywhere.unloaded) == 2
         placements_until(scheduler, "vader", lambda found: not found)
         listed = models.ListModels(models_pb2.ListModelsRequest(loaded_only=True), timeout=10)
         assert "vader" not in [m.name for m in listed.models]
-        loaded = models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader")), timeout=60, metadata=ADMIN)
+        loaded = models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader")), timeout=60)
         assert not loaded.already_loaded and loaded.replica.loaded
         (placement,) = placements_until(scheduler, "vader", lambda found: len(found) == 1)
         assert placement.instance_id == loaded.replica.instance_id and placement.bytes > 0
@@ -202,7 +197,6 @@ def test_a_model_loaded_nowhere_is_placed_with_its_measured_footprint(
                     model=ref("vader"), target=models_pb2.PlacementTarget(instance_id=replica.instance_id)
                 ),
                 timeout=60,
-                metadata=ADMIN,
             )
 
 

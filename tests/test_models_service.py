@@ -19,6 +19,7 @@ from aimass.runtime.interceptors import ErrorMappingInterceptor
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
 from gateway.models import MeshModelServicer
 from gateway.replicas import ReplicaSet
+from tests.security import as_gateway_sync, credentials, key_for
 
 NLP = "aimass.v1.NlpService"
 VISION = "aimass.v1.VisionService"
@@ -136,9 +137,10 @@ async def live_and_dead() -> AsyncIterator[ReplicaSet]:
     models_pb2_grpc.add_ModelServiceServicer_to_server(
         ReplicaModelServicer(OneModelApp(), lambda: replica("live")), server
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    # As in a mesh: the replica holds its kind's certificate, the gateway dials with its own.
+    port = server.add_secure_port("127.0.0.1:0", credentials("nlp").server_credentials())
     await server.start()
-    replicas = ReplicaSet(InMemoryRegistry(), close_grace_s=0)
+    replicas = ReplicaSet(InMemoryRegistry(), credentials=credentials("gateway"), close_grace_s=0)
     replicas.apply(
         [
             Instance("live", "nlp", (NLP,), f"127.0.0.1:{port}"),
@@ -169,7 +171,8 @@ async def test_gateway_leaves_out_a_replica_that_does_not_answer(
 
 @pytest.fixture(scope="module")
 def channel(mesh: LocalMesh) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(mesh.gateway) as opened:
+    # The session's admin key: it may read the catalogue (and load and unload models).
+    with mesh.channel() as opened:
         yield opened
 
 
@@ -233,29 +236,40 @@ def test_describe_model_errors_are_readable(models: models_pb2_grpc.ModelService
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.name is required" in (err.details() or "")
 
 
-def test_load_and_unload_are_for_admin_tenants(models: models_pb2_grpc.ModelServiceStub) -> None:
-    for tenant in ((), (("x-aimass-tenant", "acme"),)):
-        with pytest.raises(grpc.RpcError) as caught:
-            models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "loading and unloading models is for admin tenants" in (caught.value.details() or "")
-        with pytest.raises(grpc.RpcError) as caught:
-            models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+def test_load_and_unload_are_for_admin_keys(mesh: LocalMesh) -> None:
+    # A key with the infer scope only, naming itself admin or not (the gateway ignores a tenant the caller names).
+    with mesh.channel(key_for("acme")) as opened:
+        models = models_pb2_grpc.ModelServiceStub(opened)
+        assert models.ListModels(models_pb2.ListModelsRequest(), timeout=10).models  # reading is for every key
+        for tenant in ((), (("x-aimass-tenant", "admin"),)):
+            with pytest.raises(grpc.RpcError) as caught:
+                models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "(tenant 'acme', scopes infer) may not call /aimass.v1.ModelService/LoadModel: it needs one of " in (
+                caught.value.details() or ""
+            )
+            assert "models:admin" in (caught.value.details() or "")
+            info = error_info(caught.value)
+            assert info is not None and info.reason == "MISSING_SCOPE"
+            with pytest.raises(grpc.RpcError) as caught:
+                models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader")), timeout=10, metadata=tenant)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "may not call /aimass.v1.ModelService/UnloadModel" in (caught.value.details() or "")
 
 
-def services_by_reflection(address: str) -> list[str]:
-    with grpc.insecure_channel(address) as opened:
-        return sorted(ProtoReflectionDescriptorDatabase(opened).get_services())
+def services_by_reflection(channel: grpc.Channel) -> list[str]:
+    with channel:
+        return sorted(ProtoReflectionDescriptorDatabase(channel).get_services())
 
 
 def test_model_service_is_visible_by_reflection(mesh: LocalMesh) -> None:
-    assert "aimass.v1.ModelService" in services_by_reflection(mesh.gateway)
-    assert "aimass.v1.ModelService" in services_by_reflection(mesh.nlp_addresses[0])
+    # Reflection on the gateway needs no key; a replica answers mesh certificates only (here a gateway's).
+    assert "aimass.v1.ModelService" in services_by_reflection(grpc.insecure_channel(mesh.gateway))
+    assert "aimass.v1.ModelService" in services_by_reflection(as_gateway_sync(mesh.nlp_addresses[0], "nlp"))
 
 
 def test_a_replica_answers_for_its_own_models_only(mesh: LocalMesh) -> None:
-    with grpc.insecure_channel(mesh.addresses("vision")[0]) as opened:
+    with as_gateway_sync(mesh.addresses("vision")[0], "vision") as opened:
         stub = models_pb2_grpc.ModelServiceStub(opened)
         listed = stub.ListModels(models_pb2.ListModelsRequest(), timeout=10)
         assert [m.name for m in listed.models] == sorted(VISION_MODELS)

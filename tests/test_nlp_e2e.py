@@ -17,7 +17,8 @@ from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 
 @pytest.fixture(scope="module")
 def channel(mesh: LocalMesh) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(mesh.gateway) as opened:
+    # Every call carries the session's admin key, as any caller of the gateway must.
+    with mesh.channel() as opened:
         yield opened
 
 

@@ -23,7 +23,8 @@ def speech_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]
 
 @pytest.fixture
 async def stub(speech_mesh: LocalMesh) -> AsyncIterator[speech_pb2_grpc.SpeechServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(speech_mesh.gateway) as channel:
+    # The session's admin key on every call, as the gateway asks of any caller.
+    async with speech_mesh.aio_channel() as channel:
         yield speech_pb2_grpc.SpeechServiceStub(channel)
 
 

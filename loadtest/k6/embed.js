@@ -1,17 +1,38 @@
 // k6 scenario: aimass.v1.NlpService/Embed through the gateway, one short sentence per request.
 // Uses server reflection (the gateway serves it), so no .proto files are needed.
 //
-//   k6 run -e TARGET=127.0.0.1:50051 loadtest/k6/embed.js
-//   k6 run --vus 4 --iterations 40 -e TARGET=127.0.0.1:50051 loadtest/k6/embed.js
+//   k6 run -e TARGET=127.0.0.1:50051 -e API_KEY="$(cat ~/.local/state/aimass/admin.key)" loadtest/k6/embed.js
+//   k6 run --vus 4 --iterations 40 -e TARGET=127.0.0.1:50051 -e API_KEY="$AIMASS_API_KEY" loadtest/k6/embed.js
+//
+// The gateway wants an API key on every call: API_KEY (an admin key, or a tenant's from `aimass keys create`).
+// Straight to an NLP replica instead (gateway vs direct), as a gateway calls it: mesh mTLS with the mesh's CA and a
+// gateway certificate (`aimass up` keeps them in its state directory's pki/; local processes' certificates name
+// 127.0.0.1, the name k6 checks, as it cannot be told another), and no key:
+//
+//   PKI=~/.local/state/aimass/pki
+//   k6 run -e TARGET=127.0.0.1:50061 -e CACERT="$PKI/ca.crt" -e CERT="$PKI/gateway.crt" \
+//       -e CERT_KEY="$PKI/gateway.key" loadtest/k6/embed.js
 //
 // Bounded: at most ITERATIONS calls (default 200) and MAX_DURATION (default 60s), whichever comes first;
 // --vus/--iterations/--duration on the command line override both. A failed status check fails the run.
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
 
+// This script lives in loadtest/k6/; k6 resolves open()'s relative paths from the script's folder.
+const ROOT = '../../';
+
+function resolve(path) {
+  return path.startsWith('/') ? path : ROOT + path;
+}
+
 const TARGET = __ENV.TARGET || '127.0.0.1:50051';
 const TEXT = __ENV.TEXT || 'The quick brown fox jumps over the lazy dog.';
 const DEADLINE = __ENV.DEADLINE || '10s';
+// Mesh mTLS (a direct run) when a certificate is given; plaintext (the gateway's front door) otherwise.
+const TLS = __ENV.CERT
+  ? { cacerts: [open(resolve(__ENV.CACERT))], cert: open(resolve(__ENV.CERT)), key: open(resolve(__ENV.CERT_KEY)) }
+  : null;
+const METADATA = __ENV.API_KEY ? { authorization: `Bearer ${__ENV.API_KEY}` } : {};
 
 export const options = {
   vus: Number(__ENV.VUS || 4),
@@ -23,22 +44,34 @@ export const options = {
 };
 
 const client = new grpc.Client();
+let reported = false;
 
 export default function () {
   if (__ITER === 0) {
     // One connection per VU, reused for all its iterations.
-    client.connect(TARGET, { plaintext: true, reflect: true, timeout: '10s' });
+    const params = { reflect: true, timeout: '10s' };
+    if (TLS) {
+      params.tls = TLS;
+    } else {
+      params.plaintext = true;
+    }
+    client.connect(TARGET, params);
   }
   const response = client.invoke(
     'aimass.v1.NlpService/Embed',
     { texts: [TEXT], normalize: true },
-    { timeout: DEADLINE },
+    { timeout: DEADLINE, metadata: METADATA },
   );
   check(response, {
     'status is OK': (r) => r && r.status === grpc.StatusOK,
     'one 384-d embedding': (r) =>
       r && r.message && r.message.embeddings.length === 1 && r.message.embeddings[0].values.length === 384,
   });
+  if (response && response.status !== grpc.StatusOK && !reported) {
+    // Once per VU: why calls fail (a missing or unknown key says how to get one).
+    reported = true;
+    console.error(`Embed at ${TARGET}: ${response.status} ${response.error && response.error.message}`);
+  }
 }
 
 export function teardown() {

@@ -11,6 +11,18 @@
 // Unary methods go through client.invoke; server-streaming ones (tags.rpc == "server-streaming": synthesize, chat)
 // through grpc.Stream, read to the end. Every call must end OK: a failed status check fails the run.
 // Overrides: TARGET (host:port), VUS, DURATION, DEADLINE, DATA_FILE; --vus/--iterations/--duration too.
+//
+// The gateway wants an API key on every call: API_KEY, else the one in the config's metadata-file
+// (loadtest/ghz/payloads/metadata.json, written by `python -m loadtest.scenarios payloads`):
+//
+//   k6 run -e CONFIG=loadtest/ghz/sentiment.json -e API_KEY="$AIMASS_API_KEY" loadtest/k6/scenario.js
+//
+// Straight to a replica instead (gateway vs direct), as a gateway calls it: mesh mTLS with the mesh's CA and a
+// gateway certificate (`aimass up` keeps them in its state directory's pki/; local processes' certificates name
+// 127.0.0.1, the name k6 checks, as it cannot be told another), and no key:
+//
+//   k6 run -e CONFIG=loadtest/ghz/embed.json -e TARGET=127.0.0.1:50061 \
+//       -e CACERT="$PKI/ca.crt" -e CERT="$PKI/gateway.crt" -e CERT_KEY="$PKI/gateway.key" loadtest/k6/scenario.js
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
 
@@ -32,7 +44,27 @@ const METHOD = config.call.replace(/\.([^.]+)$/, '/$1');
 const TARGET = __ENV.TARGET || config.host;
 const DEADLINE = __ENV.DEADLINE || config.timeout || '10s';
 const STREAMING = (config.tags || {}).rpc === 'server-streaming';
-const METADATA = config.metadata || {};
+// Mesh mTLS (a direct run) when a certificate is given; plaintext (the gateway's front door) otherwise.
+const TLS = __ENV.CERT
+  ? { cacerts: [open(resolve(__ENV.CACERT))], cert: open(resolve(__ENV.CERT)), key: open(resolve(__ENV.CERT_KEY)) }
+  : null;
+
+function configMetadata() {
+  const own = config.metadata || {};
+  if (!config['metadata-file']) {
+    return own;
+  }
+  try {
+    return Object.assign({}, own, JSON.parse(open(resolve(config['metadata-file']))));
+  } catch (err) {
+    return own; // not written yet: API_KEY, or no key at all (the gateway then says how to get one)
+  }
+}
+
+// A direct run sends no key: replicas take the gateway's word for who is calling.
+const METADATA = TLS
+  ? config.metadata || {}
+  : Object.assign(configMetadata(), __ENV.API_KEY ? { authorization: `Bearer ${__ENV.API_KEY}` } : {});
 
 export const options = {
   vus: Number(__ENV.VUS || config.concurrency || 1),
@@ -43,12 +75,18 @@ export const options = {
 };
 
 const client = new grpc.Client();
+let reported = false;
 
 function unary() {
   const response = client.invoke(METHOD, REQUEST, { timeout: DEADLINE, metadata: METADATA });
   check(response, {
     'status is OK': (r) => r && r.status === grpc.StatusOK,
   });
+  if (response && response.status !== grpc.StatusOK && !reported) {
+    // Once per VU: why calls fail (a missing or unknown key says how to get one).
+    reported = true;
+    console.error(`${METHOD} at ${TARGET}: ${response.status} ${response.error && response.error.message}`);
+  }
 }
 
 function serverStream() {
@@ -72,7 +110,13 @@ export default function () {
   try {
     if (__ITER === 0) {
       // One connection per VU, reused for all its iterations.
-      client.connect(TARGET, { plaintext: true, reflect: true, timeout: '10s' });
+      const params = { reflect: true, timeout: '10s' };
+      if (TLS) {
+        params.tls = TLS;
+      } else {
+        params.plaintext = true;
+      }
+      client.connect(TARGET, params);
     }
     if (STREAMING) {
       serverStream();
