@@ -10,8 +10,9 @@ the forwarder tells replicas the scope instead.
 Keys are checked in memory: a key seen once is kept (``auth.max_cached_keys``) and checked against the store again
 every ``auth.refresh_s`` in one query for all of them, with the tenants' limits, so a revocation, an expiry or a
 limit change reaches every gateway within about that long while requests never wait on the store. A key the store
-does not know is remembered as unknown for as long; a peer that keeps presenting bad keys (``FAILURES_PER_PEER``
-in ``FAILURE_WINDOW_S``) is refused without looking them up until its window passes. Refusals are audited
+does not know is remembered as unknown for as long; a host that keeps presenting bad keys (``FAILURES_PER_PEER``
+in ``FAILURE_WINDOW_S``) gets no more new keys looked up until its window passes (keys it already proved keep
+working). Refusals are audited
 (coalesced, aimass.tenancy.audit).
 """
 
@@ -149,27 +150,28 @@ class KeyVerifier:
 
     # -- keys --------------------------------------------------------------------------------------------------
 
-    async def verify(self, key: str, peer: str) -> KeyRecord:
-        """The usable key record for ``key``, or Unauthenticated saying why not."""
-        host = peer_host(peer)
-        self._check_peer(host)
+    async def verify(self, key: str, peer: Callable[[], str]) -> KeyRecord:
+        """The usable key record for ``key``, or Unauthenticated saying why not. ``peer`` gives the caller's address,
+        asked for only when it matters: a key to look up in the store, or a refusal."""
         if keys.key_id_of(key) is None:
-            self._failed(host)
+            self._failed(peer)
             raise Unauthenticated(
                 "the API key is not in the form aimass_<key id>_<secret>; " + HOW_TO_GET_A_KEY, reason="KEY_MALFORMED"
             )
         key_hash = keys.hash_key(key)
         record = self._keys.get(key_hash)
         if record is None:
+            # Only lookups are held back from a host that keeps failing: keys it already proved keep working.
+            self._check_peer(peer)
             record = await self._lookup(key_hash)
         else:
             self._keys.move_to_end(key_hash)
         if record is None:
-            self._failed(host)
+            self._failed(peer)
             raise Unauthenticated("the API key is not known to this mesh; " + HOW_TO_GET_A_KEY, reason="KEY_UNKNOWN")
         state = record.state(now_ms())
         if state != "active":
-            self._failed(host)
+            self._failed(peer)
             raise Unauthenticated(
                 f"the API key {record.key_id} is {state}; ask for a new one ({HOW_TO_GET_A_KEY})",
                 reason=f"KEY_{state.upper()}",
@@ -221,7 +223,10 @@ class KeyVerifier:
             if record.key_id == key_id:
                 del self._keys[key_hash]
 
-    def _check_peer(self, host: str) -> None:
+    def _check_peer(self, peer: Callable[[], str]) -> None:
+        if not self._failures:
+            return
+        host = peer_host(peer())
         entry = self._failures.get(host)
         if entry is None:
             return
@@ -230,12 +235,13 @@ class KeyVerifier:
             del self._failures[host]
         elif count >= FAILURES_PER_PEER:
             raise Unauthenticated(
-                f"{count} calls from {host} presented bad API keys in the last {FAILURE_WINDOW_S:g} s; no more keys "
-                f"are checked for it until that window passes",
+                f"{count} calls from {host} presented bad API keys in the last {FAILURE_WINDOW_S:g} s; no more new "
+                f"keys are looked up for it until that window passes",
                 reason="TOO_MANY_FAILURES",
             )
 
-    def _failed(self, host: str) -> None:
+    def _failed(self, peer: Callable[[], str]) -> None:
+        host = peer_host(peer())
         now = time.monotonic()
         started, count = self._failures.pop(host, (now, 0))
         if now - started > FAILURE_WINDOW_S:
@@ -301,13 +307,12 @@ class ApiKeyInterceptor(AroundInterceptor):
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         try:
-            scope = await self._scope(method, context)
+            scope, limits = await self._scope(method, context)
         except AimassError as err:
             AUTH_REFUSED.labels(err.reason).inc()
             self._audit_refusal(method, context, err)
             await abort_with(context, method, err)
             raise AssertionError("unreachable") from err
-        limits = self.verifier.limits_of(scope.tenant) if self.verifier is not None else None
         lease = None
         if limits is not None:
             try:
@@ -324,23 +329,25 @@ class ApiKeyInterceptor(AroundInterceptor):
             if lease is not None:
                 lease.release()
 
-    async def _scope(self, method: str, context: Context) -> RequestScope:
+    async def _scope(self, method: str, context: Context) -> tuple[RequestScope, Limits | None]:
+        """The call's scope from its key, and its tenant's limits (None with auth off: no quotas)."""
         metadata = context.invocation_metadata()
         found = metadata_values(metadata, ("x-request-id",))
         deadline = deadline_of(context)
         if self.verifier is None:
             # auth.mode = "off": anyone, as whichever tenant they say (throwaway development only).
             tenant = tenant_of(metadata)
-            return RequestScope(
+            scope = RequestScope(
                 tenant=tenant,
                 weight=self.tenants.weights.get(tenant, 1.0),
                 request_id=found["x-request-id"],
                 deadline=deadline,
             )
+            return scope, None
         key = presented_key(metadata)
         if not key:
             raise Unauthenticated(f"{method} needs an API key: {HOW_TO_GET_A_KEY}", reason="NO_KEY")
-        record = await self.verifier.verify(key, context.peer())
+        record = await self.verifier.verify(key, context.peer)
         needed = required_scopes(method)
         if needed and not needed & record.scopes:
             raise PermissionDenied(
@@ -350,7 +357,7 @@ class ApiKeyInterceptor(AroundInterceptor):
                 metadata={"key_id": record.key_id, "tenant": record.tenant_id, "needed": ",".join(sorted(needed))},
             )
         limits = self.verifier.limits_of(record.tenant_id)
-        return RequestScope(
+        scope = RequestScope(
             tenant=record.tenant_id,
             weight=limits.weight,
             max_priority=limits.max_priority,
@@ -359,6 +366,7 @@ class ApiKeyInterceptor(AroundInterceptor):
             request_id=found["x-request-id"],
             deadline=deadline,
         )
+        return scope, limits
 
     def _audit_refusal(self, method: str, context: Context, err: AimassError) -> None:
         if self.audit is None:
