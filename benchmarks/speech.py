@@ -1,22 +1,34 @@
 """Speech figures: Whisper's real-time factor in-process vs over gRPC, and Synthesize's time to first audio chunk.
 
-ASR: a ~40 s flite recording of a known text is transcribed by the engine in-process and through a SpeechService
-(in-process server on loopback by default, or ``--target`` e.g. the gateway of a running mesh), interleaved, and
-the median real-time factors (processing seconds / audio seconds) compared. TTS: a 300-word text through
-Synthesize, time to the first audio chunk vs to the end marker.
+ASR: a ~40 s flite recording of a known text is transcribed by the engine in-process and through a SpeechService,
+interleaved, and the median real-time factors (processing seconds / audio seconds) compared. TTS: a 300-word text
+through Synthesize, time to the first audio chunk vs to the end marker.
 
-    python -m benchmarks.speech [--rounds 3] [--target 127.0.0.1:50051]
+The SpeechService called: by default a replica in-process on loopback, with certificates of a throwaway CA made for
+the run; ``--replica`` a speech replica of a running mesh, called directly as its gateway calls it (mesh mTLS with
+the gateway certificate from the settings' pki directory, state_dir/pki); ``--target`` the gateway of a running mesh
+(its API key: $AIMASS_API_KEY, else the admin key file `aimass up` wrote).
+
+    python -m benchmarks.speech [--rounds 3] [--target 127.0.0.1:50051 | --replica 127.0.0.1:50071]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import shutil
+import tempfile
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
+from aimass.bootstrap import ensure_certificates
+from aimass.client import keyed_aio_channel
 from aimass.runtime.config import ServerConfig, Settings, SpeechConfig
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, mesh_channel
 from aimass.v1 import speech_pb2, speech_pb2_grpc
 from benchmarks.common import machine, markdown_table, median
 from services.speech.app import build_runner
@@ -31,6 +43,9 @@ PARAGRAPH = (
 )
 TTFC_GOAL = 0.30
 RTF_GOAL = 0.90
+SPEECH = "speech"
+# Whole recordings travel in one message.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
 
 
 def three_hundred_words() -> str:
@@ -50,18 +65,43 @@ async def synthesize(stub: speech_pb2_grpc.SpeechServiceAsyncStub, text: str) ->
     return bytes(data), first, time.perf_counter() - started
 
 
-async def run(rounds: int, target: str | None) -> None:
+def as_gateway(settings: Settings, address: str) -> grpc.aio.Channel:
+    """A channel to the speech replica at ``address`` as a gateway calls it: mesh mTLS with the gateway certificate
+    of ``settings``' pki directory, expecting the replica's (plaintext with mesh TLS off)."""
+    credentials = None if settings.mesh.tls == "off" else MeshCredentials.load(settings.pki_dir, ROLE_GATEWAY)
+    return mesh_channel(address, credentials, server_role=SPEECH, options=CHANNEL_OPTIONS)
+
+
+@contextlib.asynccontextmanager
+async def speech_channel(asr: AsrEngine, target: str | None, replica: str | None) -> AsyncIterator[grpc.aio.Channel]:
+    """The channel the figures are measured through (see the module's docstring)."""
+    if target is not None:
+        async with keyed_aio_channel(target, options=CHANNEL_OPTIONS) as channel:
+            yield channel
+        return
+    if replica is not None:
+        async with as_gateway(Settings(), replica) as channel:
+            yield channel
+        return
+    # In-process: a mesh of its own (CA, the replica's and the gateway's certificates), removed afterwards.
+    state_dir = Path(tempfile.mkdtemp(prefix="aimass-bench-speech-"))
+    settings = Settings(state_dir=state_dir)
+    ensure_certificates(settings, {SPEECH: SPEECH, ROLE_GATEWAY: ROLE_GATEWAY})
+    runner = build_runner(settings, config=SpeechConfig(server=ServerConfig(port=0)), register=False, asr=asr)
+    try:
+        await runner.start()
+        async with as_gateway(settings, runner.address) as channel:
+            yield channel
+    finally:
+        await runner.drain()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def run(rounds: int, target: str | None, replica: str | None) -> None:
     asr = AsrEngine(device="auto")
     asr.load()
-    runner = None
-    if target is None:
-        config = SpeechConfig(server=ServerConfig(port=0))
-        runner = build_runner(Settings(), config=config, register=False, asr=asr)
-        await runner.start()
-        target = runner.address
-    channel = grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    stub = speech_pb2_grpc.SpeechServiceStub(channel)
-    try:
+    async with speech_channel(asr, target, replica) as channel:
+        stub = speech_pb2_grpc.SpeechServiceStub(channel)
         wav, _, _ = await synthesize(stub, PARAGRAPH + " " + PARAGRAPH + " " + PARAGRAPH + " " + PARAGRAPH)
         audio = decode_audio(wav, max_bytes=len(wav), max_seconds=3600)
         seconds = audio.duration_s
@@ -81,13 +121,10 @@ async def run(rounds: int, target: str | None) -> None:
             _, first, total = await synthesize(stub, text)
             firsts.append(first)
             totals.append(total)
-    finally:
-        await channel.close()
-        if runner is not None:
-            await runner.drain()
     rtf_local, rtf_remote = median(local), median(remote)
     first, total = median(firsts), median(totals)
-    print(f"machine: {machine()}; Whisper base on {asr.device}; target {target}; {rounds} rounds (medians)")
+    called = f"gateway {target}" if target else f"replica {replica}" if replica else "in-process replica"
+    print(f"machine: {machine()}; Whisper base on {asr.device}; through the {called}; {rounds} rounds (medians)")
     print(
         markdown_table(
             ("figure", "value", "goal"),
@@ -107,9 +144,11 @@ async def run(rounds: int, target: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--target", help="a SpeechService (or gateway) address; default: an in-process server")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--target", help="a running mesh's gateway address (default: an in-process replica)")
+    where.add_argument("--replica", help="a running mesh's speech replica, called directly as its gateway calls it")
     args = parser.parse_args()
-    asyncio.run(run(args.rounds, args.target))
+    asyncio.run(run(args.rounds, args.target, args.replica))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ names case-insensitive, snake_case aliases): py-consul sends lowercase keys. TTL
 interval, sessions expire after their TTL and release their locks, which then stay free of other sessions for the
 session's lock delay.
 
+gRPC checks with ``GRPCUseTLS`` dial TLS, verifying the server as ``TLSServerName`` (``TLSSkipVerify`` is refused), and
+present the agent's own certificate when it has one (``FakeConsul(tls=AgentTls(...))``: a real agent's
+``tls.defaults`` with ``enable_agent_tls_for_checks``); without one they trust only the system's roots and present
+nothing, as a real agent configured without TLS would.
+
 For fault tests: ``stop()``/``start()`` take the agent away and back on the same port (connections in flight are
 cut), and ``inject(path_prefix, body)`` makes matching requests answer a given body until ``clear_faults()``.
 """
@@ -69,6 +74,15 @@ class HTTPError(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class AgentTls:
+    """The agent's TLS for its checks: the CA it trusts and its own certificate and key (PEM)."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+
 @dataclass
 class Check:
     check_id: str
@@ -81,6 +95,8 @@ class Check:
     ttl_s: float = 0.0
     ttl_deadline: float = 0.0
     grpc_target: str = ""
+    grpc_use_tls: bool = False
+    tls_server_name: str = ""
     interval_s: float = 10.0
     timeout_s: float = 10.0
     next_run: float = 0.0
@@ -201,9 +217,12 @@ class Request:
 
 
 class FakeConsul:
-    def __init__(self, *, token: str = "", grpc_checks: bool = True, tick_s: float = 0.05) -> None:
+    def __init__(
+        self, *, token: str = "", grpc_checks: bool = True, tick_s: float = 0.05, tls: AgentTls | None = None
+    ) -> None:
         self.token = token
         self.grpc_checks = grpc_checks
+        self.tls = tls
         self.tick_s = tick_s
         self.port = 0
         self.requests: list[Request] = []
@@ -400,7 +419,7 @@ class FakeConsul:
                     if session.ttl_s and now > session.deadline:
                         self._invalidate(session.session_id)
             for check in due:
-                status, output = _grpc_health(check.grpc_target, check.timeout_s)
+                status, output = _grpc_health(check, self.tls)
                 with self._cond:
                     if self.checks.get(check.check_id) is check:
                         self._set_check(check, status, output)
@@ -525,6 +544,8 @@ class FakeConsul:
                     deregister_after_s=deregister,
                 )
             if d.get("grpc"):
+                if _flag(d, "tlsskipverify"):
+                    raise HTTPError(400, "TLSSkipVerify is not faked here: a check verifying nothing proves nothing")
                 if not d.get("interval"):
                     raise HTTPError(400, "Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or GRPC checks")
                 return Check(
@@ -535,6 +556,8 @@ class FakeConsul:
                     "grpc",
                     status=status,
                     grpc_target=str(d["grpc"]),
+                    grpc_use_tls=_flag(d, "grpcusetls"),
+                    tls_server_name=str(d.get("tlsservername") or ""),
                     interval_s=parse_duration(d["interval"]),
                     timeout_s=parse_duration(d["timeout"]) if d.get("timeout") else 10.0,
                     next_run=time.monotonic(),
@@ -684,13 +707,36 @@ def _serf_health() -> dict[str, Any]:
     }
 
 
-def _grpc_health(target: str, timeout_s: float) -> tuple[str, str]:
-    """Consul's GRPC check: ``host:port[/service]`` answers SERVING → passing; anything else → critical."""
-    address, _, service = target.partition("/")
+def _flag(definition: dict[str, Any], key: str) -> bool:
+    value = definition.get(key, False)
+    if not isinstance(value, bool):
+        raise HTTPError(400, f"Request decode failed: {key} must be a boolean, got {value!r}")
+    return value
+
+
+def _check_channel(check: Check, tls: AgentTls | None) -> grpc.Channel:
+    """The channel Consul's GRPC check dials: plaintext, or TLS as the check's fields and the agent's TLS say."""
+    address = check.grpc_target.partition("/")[0]
+    if not check.grpc_use_tls:
+        return grpc.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca if tls else None,
+        private_key=tls.key if tls else None,
+        certificate_chain=tls.cert if tls else None,
+    )
+    options = [("grpc.ssl_target_name_override", check.tls_server_name)] if check.tls_server_name else []
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _grpc_health(check: Check, tls: AgentTls | None) -> tuple[str, str]:
+    """Consul's GRPC check: ``host:port[/service]`` answers SERVING → passing; anything else (a failed TLS handshake
+    included) → critical."""
+    target = check.grpc_target
+    service = target.partition("/")[2]
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _check_channel(check, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+                health_pb2.HealthCheckRequest(service=service), timeout=check.timeout_s
             )
     except grpc.RpcError as err:
         return "critical", f"gRPC health check failed: {err.code().name}"

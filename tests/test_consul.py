@@ -1,12 +1,15 @@
 """The Consul registry backend and scheduler leadership, against a fake Consul agent on loopback (tests/fake_consul.py).
 
 The real ConsulRegistry / ConsulLeader code talks HTTP to the fake through py-consul; the end-to-end test runs a
-gateway and an NLP replica as processes configured with ``AIMASS_REGISTRY__BACKEND=consul``.
+gateway and an NLP replica as processes configured with ``AIMASS_REGISTRY__BACKEND=consul``. With mesh TLS on (the
+default) the agent's gRPC checks speak TLS to every process but the gateway, presenting the agent's own certificate
+from the mesh CA (role consul), as compose/consul/aimass.hcl configures a real agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,16 +25,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from aimass import pki
 from aimass.local_mesh import free_port
 from aimass.runtime.config import ConsulConfig, RegistryConfig, SchedulerConfig, ServerConfig, Settings
 from aimass.runtime.discovery import DISCOVERY_HEALTH_SERVICE, Instance, Membership, make_registry
 from aimass.runtime.discovery.consul import ConsulRefused, ConsulRegistry, MalformedConsulAnswer
 from aimass.runtime.discovery.leader import ConsulLeader
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, MeshPolicy, mesh_channel
+from aimass.runtime.server import mesh_listener
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.app import SchedulerApp
 from scheduler.app import build_runner as build_scheduler
 from tests.eventually import eventually
-from tests.fake_consul import FakeConsul
+from tests.fake_consul import AgentTls, FakeConsul
+from tests.security import credentials, keyed, settings
 
 NLP = "aimass.v1.NlpService"
 SERVING = common_pb2.SERVING_STATE_SERVING
@@ -63,6 +70,13 @@ def instance(name: str, kind: str = "nlp", state: common_pb2.ServingState.ValueT
         labels={"device": "cpu", "node": "n1"},
         pid=4242,
     )
+
+
+def agent_tls() -> AgentTls:
+    """The Consul agent's certificate for its checks: role consul, from the session's mesh CA."""
+    pki.issue(settings().pki_dir, role="consul", name="consul")
+    agent = MeshCredentials.load(settings().pki_dir, "consul")
+    return AgentTls(ca=agent.ca, cert=agent.cert, key=agent.key)
 
 
 @pytest.fixture
@@ -145,24 +159,62 @@ async def test_membership_registers_again_after_the_agent_forgot_it(fake: FakeCo
     assert "nlp-a" not in fake.services  # leave() deregisters
 
 
+async def test_with_mesh_tls_the_grpc_check_speaks_tls_to_all_but_the_gateway(fake: FakeConsul) -> None:
+    registry = ConsulRegistry(consul_config(fake), grpc_tls=True)
+    try:
+        await registry.register(instance("nlp-a"), ttl_s=5)
+        await registry.register(instance("sched-b", kind="scheduler"), ttl_s=5)
+        await registry.register(instance("gateway-c", kind="gateway"), ttl_s=5)
+    finally:
+        await registry.close()
+    # A replica's (and the scheduler's) check dials TLS and verifies the process holds its kind's certificate.
+    replica_check = fake.checks["nlp-a:grpc"]
+    assert (replica_check.grpc_use_tls, replica_check.tls_server_name) == (True, "nlp.aimass.internal")
+    scheduler_check = fake.checks["sched-b:grpc"]
+    assert (scheduler_check.grpc_use_tls, scheduler_check.tls_server_name) == (True, "scheduler.aimass.internal")
+    # The gateway's port is the public front door (API keys, no mesh certificate): a plain check.
+    gateway_check = fake.checks["gateway-c:grpc"]
+    assert (gateway_check.grpc_use_tls, gateway_check.tls_server_name) == (False, "")
+
+
+@contextlib.asynccontextmanager
+async def mesh_health_server(
+    servicer: health.aio.HealthServicer, roles: tuple[str, ...]
+) -> AsyncIterator[dict[str, str]]:
+    """One health service behind mesh listeners (mTLS, certificate of each of ``roles``): role → its address."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    addresses = {}
+    for role in roles:
+        # Health answers any certificate of the mesh's CA; the policy names nobody for anything else.
+        listener = mesh_listener(credentials(role), MeshPolicy({}))
+        assert listener.credentials is not None
+        addresses[role] = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', listener.credentials)}"
+    await server.start()
+    try:
+        yield addresses
+    finally:
+        await server.stop(0)
+
+
 async def test_grpc_check_follows_the_process_health_and_removes_dead_ones() -> None:
-    with FakeConsul(grpc_checks=True) as agent:
-        checked = ConsulRegistry(consul_config(agent, deregister_critical_after_s=1))
+    with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
+        checked = ConsulRegistry(consul_config(agent, deregister_critical_after_s=1), grpc_tls=True)
         servicer = health.aio.HealthServicer()
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
+        async with mesh_health_server(servicer, ("nlp", "scheduler")) as address:
             await servicer.set("", SERVING_STATUS)
-            await checked.register(Instance("nlp-a", "nlp", (NLP,), f"127.0.0.1:{port}", pid=1), ttl_s=30)
+            await checked.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
             # A process that answers health but reports itself not serving (a standby scheduler).
-            standby = Instance("sched-b", "scheduler", ("aimass.v1.SchedulerService",), f"127.0.0.1:{port}", pid=1)
+            standby = Instance("sched-b", "scheduler", ("aimass.v1.SchedulerService",), address["scheduler"], pid=1)
             await checked.register(dataclasses.replace(standby, state=common_pb2.SERVING_STATE_NOT_SERVING), 30)
 
             async def states() -> dict[str, str]:
                 return {i.instance_id: i.state_name for i in await checked.list_instances()}
 
+            await eventually(
+                "both gRPC checks pass over TLS",
+                lambda: all(agent.checks[f"{i}:grpc"].output.endswith("success") for i in ("nlp-a", "sched-b")),
+            )
             await servicer.set("", NOT_SERVING_STATUS)
             await eventually(
                 "gRPC check critical", lambda: equals(states(), {"nlp-a": "NOT_SERVING", "sched-b": "NOT_SERVING"}), 5
@@ -174,13 +226,45 @@ async def test_grpc_check_follows_the_process_health_and_removes_dead_ones() -> 
             )
             await asyncio.sleep(1.5)  # longer than deregister_critical_after_s: the standby stays listed
             assert await states() == {"nlp-a": "SERVING", "sched-b": "NOT_SERVING"}
-        finally:
-            await server.stop(0)
         try:
             # The process is gone: its gRPC checks go critical and Consul removes both instances.
             await eventually("dead instances removed", lambda: equals(states(), {}), 10)
         finally:
             await checked.close()
+
+
+async def test_a_tls_check_fails_against_the_wrong_certificate_or_without_the_agents() -> None:
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", SERVING_STATUS)
+    async with mesh_health_server(servicer, ("nlp",)) as address:
+        # A "vision" registration at a process holding an nlp certificate fails its check (the agent verifies the
+        # kind's name), and so does every check of an agent without TLS for its checks: neither is listed serving.
+        with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
+            registry = ConsulRegistry(consul_config(agent), grpc_tls=True)
+            try:
+                await registry.register(
+                    Instance("vision-x", "vision", ("aimass.v1.VisionService",), address["nlp"]), 30
+                )
+                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
+                checks = (agent.checks["vision-x:grpc"], agent.checks["nlp-a:grpc"])
+                await eventually("both checked", lambda: all(check.output for check in checks))
+                # The same server passes as the kind whose certificate it holds: only the name was wrong.
+                assert checks[1].status == "passing" and checks[1].output.endswith("success")
+                assert checks[0].status == "critical"
+                assert "gRPC health check failed: UNAVAILABLE" in agent.checks["vision-x:grpc"].output
+                listed = {i.instance_id: i.state_name for i in await registry.list_instances()}
+                assert listed == {"vision-x": "NOT_SERVING", "nlp-a": "SERVING"}
+            finally:
+                await registry.close()
+        with FakeConsul(grpc_checks=True) as bare:
+            registry = ConsulRegistry(consul_config(bare), grpc_tls=True)
+            try:
+                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
+                await eventually("checked once", lambda: bare.checks["nlp-a:grpc"].output != "")
+                assert bare.checks["nlp-a:grpc"].status == "critical"
+                assert [i.state_name for i in await registry.list_instances()] == ["NOT_SERVING"]
+            finally:
+                await registry.close()
 
 
 async def test_watch_delivers_changes_through_blocking_queries(fake: FakeConsul, registry: ConsulRegistry) -> None:
@@ -294,8 +378,13 @@ async def test_acl_token_is_sent_and_a_refusal_is_reported(caplog: pytest.LogCap
 
 
 def test_the_factory_picks_the_backend() -> None:
-    assert type(make_registry(RegistryConfig())).__name__ == "RemoteRegistry"
-    assert isinstance(make_registry(RegistryConfig(backend="consul")), ConsulRegistry)
+    assert type(make_registry(RegistryConfig(), credentials=credentials("nlp"))).__name__ == "RemoteRegistry"
+    consul_registry = make_registry(RegistryConfig(backend="consul"), credentials=credentials("nlp"))
+    assert isinstance(consul_registry, ConsulRegistry)
+    # With mesh TLS (credentials), the agent's gRPC checks must speak TLS; mesh TLS off (None), plaintext.
+    assert consul_registry.grpc_tls
+    plaintext = make_registry(RegistryConfig(backend="consul"), credentials=None)
+    assert isinstance(plaintext, ConsulRegistry) and not plaintext.grpc_tls
 
 
 # -- leadership ----------------------------------------------------------------------------------------------------
@@ -397,7 +486,8 @@ async def test_standby_scheduler_is_not_serving_until_the_leader_drains(fake: Fa
         assert isinstance(app, SchedulerApp) and app.leader is not None
         leader = app.leader
         await eventually("the standby knows the leader", lambda: leader.holder == active.instance_id)
-        async with grpc.aio.insecure_channel(standby.address) as channel:
+        # As a node agent (the only role that reports nodes), over mesh mTLS.
+        async with mesh_channel(standby.address, credentials("node-agent"), server_role=ROLE_SCHEDULER) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="aimass.v1.SchedulerService"), timeout=2
             )
@@ -461,7 +551,9 @@ class Processes:
 async def test_gateway_and_nlp_replica_meet_through_consul(tmp_path: Path) -> None:
     gateway_port, nlp_port = free_port(), free_port()
     gateway = f"127.0.0.1:{gateway_port}"
-    with FakeConsul(grpc_checks=True) as agent:
+    # The agent checks the replica over mesh TLS with its own certificate, as a real one set up for the mesh does.
+    with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
+        # The session's state directory (inherited through AIMASS_STATE_DIR): certificates and the store.
         env = {
             **os.environ,
             "AIMASS_REGISTRY__BACKEND": "consul",
@@ -476,7 +568,8 @@ async def test_gateway_and_nlp_replica_meet_through_consul(tmp_path: Path) -> No
         try:
             processes.start("gateway", "gateway", {"AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)})
             nlp = processes.start("nlp", "services.nlp", {"AIMASS_NLP__SERVER__PORT": str(nlp_port)})
-            async with grpc.aio.insecure_channel(gateway) as channel:
+            # Health needs no key; the calls carry the session's admin key.
+            async with keyed(gateway) as channel:
                 health_stub = health_pb2_grpc.HealthStub(channel)
 
                 async def gateway_health(service: str) -> int:
@@ -494,7 +587,9 @@ async def test_gateway_and_nlp_replica_meet_through_consul(tmp_path: Path) -> No
                     120,
                 )
                 nlp_id = next(s.service_id for s in agent.services.values() if s.name == "aimass-nlp")
-                assert agent.checks[f"{nlp_id}:grpc"].status == "passing"  # the agent's gRPC check reached it
+                nlp_check = agent.checks[f"{nlp_id}:grpc"]
+                assert nlp_check.status == "passing"  # the agent's gRPC check reached it, over mesh TLS
+                assert (nlp_check.grpc_use_tls, nlp_check.tls_server_name) == (True, "nlp.aimass.internal")
                 assert "device=cpu" in agent.services[nlp_id].tags
                 assert any(s.name == "aimass-gateway" for s in agent.services.values())
                 stub = nlp_pb2_grpc.NlpServiceStub(channel)

@@ -1,5 +1,5 @@
-"""Device readers (CPU profile, NVML absent here, simulated fleet) and the node agent reporting them to a real
-SchedulerService on loopback."""
+"""Device readers (CPU profile, NVML absent here, simulated fleet) and the node agent reporting them to a
+SchedulerService on loopback, behind the scheduler's mesh listener (mTLS and its role policy), as in a mesh."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ import grpc
 import psutil
 import pytest
 
+from aimass.runtime.identity import MeshIdentity, peer_identity
+from aimass.runtime.server import mesh_listener
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from scheduler.app import SCHEDULER_POLICY
 from scheduler.devices import (
     GIB,
     CpuProfileReader,
@@ -32,6 +35,7 @@ from scheduler.devices import (
     make_reader,
 )
 from scheduler.node_agent import NodeAgent
+from tests.security import STATE_DIR_ENV, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,15 +221,17 @@ def test_missing_fleet_file_and_simulated_without_file(tmp_path: Path) -> None:
 
 
 class ReportNodeSink(scheduler_pb2_grpc.SchedulerServiceServicer):
-    """Keeps every node report with its arrival time and answers the interval the test sets."""
+    """Keeps every node report with its arrival time (and who sent it) and answers the interval the test sets."""
 
     def __init__(self, report_interval_ms: int) -> None:
         self.report_interval_ms = report_interval_ms
         self.reports: list[tuple[float, scheduler_pb2.ReportNodeRequest]] = []
+        self.callers: list[MeshIdentity | None] = []
 
     async def ReportNode(
         self, request: scheduler_pb2.ReportNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> scheduler_pb2.ReportNodeResponse:
+        self.callers.append(peer_identity(context))
         self.reports.append((time.monotonic(), request))
         return scheduler_pb2.ReportNodeResponse(report_interval_ms=self.report_interval_ms)
 
@@ -272,9 +278,12 @@ class ReportNodeSink(scheduler_pb2_grpc.SchedulerServiceServicer):
 @pytest.fixture
 async def sink() -> AsyncIterator[tuple[ReportNodeSink, str]]:
     servicer = ReportNodeSink(report_interval_ms=50)
-    server = grpc.aio.server()
+    # The scheduler's own listener: the session's scheduler certificate, and only node agents may report nodes.
+    listener = mesh_listener(credentials("scheduler"), SCHEDULER_POLICY)
+    assert listener.credentials is not None
+    server = grpc.aio.server(interceptors=listener.interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", listener.credentials)
     await server.start()
     yield servicer, f"127.0.0.1:{port}"
     await server.stop(0)
@@ -285,10 +294,11 @@ async def test_node_agent_reports_the_fleet_and_adopts_the_interval(
 ) -> None:
     servicer, address = sink
     fleet.allocate(1, 2 * GIB, pid=4242, instance_id="vision-1")
-    agent = NodeAgent(fleet, address, "sim-node", "10.0.0.7", interval_s=0.05)
+    agent = NodeAgent(fleet, address, "sim-node", "10.0.0.7", interval_s=0.05, credentials=credentials("node-agent"))
     await agent.start()
     try:
         await servicer.wait_for_reports(2, timeout_s=3.0)
+        assert servicer.callers[0] == MeshIdentity(role="node-agent", name="node-agent")
         _, first = servicer.reports[0]
         assert first.node_id == "sim-node"
         assert first.host == "10.0.0.7"
@@ -335,7 +345,9 @@ def _closed_port() -> int:
 async def test_node_agent_survives_a_scheduler_that_is_down(
     fleet: SimulatedFleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent = NodeAgent(fleet, f"127.0.0.1:{_closed_port()}", "sim-node", interval_s=0.05)
+    agent = NodeAgent(
+        fleet, f"127.0.0.1:{_closed_port()}", "sim-node", interval_s=0.05, credentials=credentials("node-agent")
+    )
     with caplog.at_level(logging.INFO, logger="aimass.runtime.reporting"):
         await agent.start()
         try:
@@ -356,7 +368,8 @@ async def test_node_agent_process_reports_and_stops_on_sigterm(
     servicer, address = sink
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(FLEET_TOML)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("AIMASS_")}
+    # No settings of this session's but where its state is: the agent finds its certificate (node-agent) there.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AIMASS_") or key == STATE_DIR_ENV}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -383,5 +396,6 @@ async def test_node_agent_process_reports_and_stops_on_sigterm(
     assert process.returncode == 0, stderr.decode()
     _, report = servicer.reports[0]
     assert report.node_id == "proc-node"
+    assert servicer.callers[0] == MeshIdentity(role="node-agent", name="node-agent")
     assert [d.device_id for d in report.devices] == ["proc-node/gpu:0", "proc-node/gpu:1", "proc-node/cpu"]
     assert "node agent stopped" in stderr.decode()

@@ -31,8 +31,9 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh
     mesh.stop()
 
 
-async def nlp_instances(gateway: str) -> list[Instance]:
-    registry = RemoteRegistry(gateway)
+async def nlp_instances(mesh: LocalMesh) -> list[Instance]:
+    """The mesh's serving NLP replicas, as its registry (in the scheduler) lists them to an operator."""
+    registry = RemoteRegistry(mesh.scheduler, mesh.operator_credentials())
     try:
         return [i for i in await registry.list_instances() if i.kind == "nlp" and i.serving]
     finally:
@@ -57,14 +58,14 @@ def alive(pid: int) -> bool:
 
 
 async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(two_replicas: LocalMesh) -> None:
-    before = await nlp_instances(two_replicas.gateway)
+    before = await nlp_instances(two_replicas)
     assert len(before) == 2
     victim = before[0]
     codes: Counter[str] = Counter()
     served_by_victim_after_term = 0
     terminated_at: float | None = None
 
-    async with grpc.aio.insecure_channel(two_replicas.gateway) as channel:
+    async with two_replicas.aio_channel() as channel:
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
         pending = iter(range(REQUESTS))
         quarter_done = asyncio.Event()
@@ -95,7 +96,7 @@ async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(
     # The supervisor brings the stopped replica back, and it registers again under a new pid.
 
     async def replaced() -> bool:
-        now = await nlp_instances(two_replicas.gateway)
+        now = await nlp_instances(two_replicas)
         return len(now) == 2 and victim.pid not in {i.pid for i in now}
 
     await wait_for("the supervisor did not restart the terminated replica", replaced, 120)
@@ -105,7 +106,7 @@ async def test_sigterm_during_load_loses_no_request_and_the_supervisor_restarts(
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     mesh = start_mesh(tmp_path)
-    instances = asyncio.run(nlp_instances(mesh.gateway))
+    instances = asyncio.run(nlp_instances(mesh))
     pids = [i.pid for i in instances]
     assert pids and all(alive(pid) for pid in pids)
     assert mesh.stop() == 0

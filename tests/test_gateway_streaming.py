@@ -1,8 +1,10 @@
 """Streaming through the gateway: server streaming and bidirectional calls pass through as streams, with
 metadata, deadlines, errors and cancellation carried to the replica.
 
-The LLM and speech services arrive in later issues; until then a small probe replica implements two of their
-streaming methods so the gateway (the part under test) forwards real streams to a real server.
+A small probe replica implements two of the LLM and speech services' streaming methods so the gateway (the part
+under test) forwards real streams to a real server whose behaviour the tests control. It is a replica like the
+others: mesh mTLS with a certificate of its kind ("probe", from the session's CA), serving gateways only, and
+registered with the mesh's registry (in the scheduler) under that certificate.
 """
 
 from __future__ import annotations
@@ -15,11 +17,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimass import pki
 from aimass.local_mesh import LocalMesh
 from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, MeshPolicy
+from aimass.runtime.metadata import TENANT_KEY
+from aimass.runtime.server import mesh_listener
 from aimass.v1 import llm_pb2, llm_pb2_grpc, speech_pb2, speech_pb2_grpc
+from tests.security import key_for, keyed, settings
 
 Context = grpc.aio.ServicerContext[Any, Any]
+PROBE_KIND = "probe"
+PROBE_SERVICES = ("aimass.v1.LlmService", "aimass.v1.SpeechService")
+# A tenant of its own, so the test knows which tenant its key names.
+TENANT = "streaming-test-tenant"
 
 
 class ProbeLlm(llm_pb2_grpc.LlmServiceServicer):
@@ -65,17 +76,21 @@ class ProbeSpeech(speech_pb2_grpc.SpeechServiceServicer):
 @pytest.fixture(scope="module")
 async def probe(mesh: LocalMesh) -> AsyncIterator[ProbeLlm]:
     llm = ProbeLlm()  # type: ignore[abstract]  # the probe implements only the streaming methods under test
-    server = grpc.aio.server()
+    # A replica's listener: the probe's certificate (role = its kind, which the gateway checks when it dials), and
+    # its services for gateways only.
+    pki.issue(settings().pki_dir, role=PROBE_KIND, name=PROBE_KIND)
+    identity = MeshCredentials.load(settings().pki_dir, PROBE_KIND)
+    listener = mesh_listener(identity, MeshPolicy.serving(PROBE_SERVICES, (ROLE_GATEWAY,)))
+    assert listener.credentials is not None
+    server = grpc.aio.server(interceptors=listener.interceptors)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(llm, server)
     speech_pb2_grpc.add_SpeechServiceServicer_to_server(ProbeSpeech(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", listener.credentials)
     await server.start()
-    registry = RemoteRegistry(mesh.gateway)
-    await registry.register(
-        Instance("probe-streams", "probe", ("aimass.v1.LlmService", "aimass.v1.SpeechService"), f"127.0.0.1:{port}"),
-        ttl_s=600,
-    )
-    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+    # Registered as a replica registers: with its own certificate, which may register instances of its kind only.
+    registry = RemoteRegistry(mesh.scheduler, identity)
+    await registry.register(Instance("probe-streams", PROBE_KIND, PROBE_SERVICES, f"127.0.0.1:{port}"), ttl_s=600)
+    async with grpc.aio.insecure_channel(mesh.gateway) as channel:  # health needs no key
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(100):
             reply = await health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.LlmService"), timeout=2)
@@ -90,7 +105,8 @@ async def probe(mesh: LocalMesh) -> AsyncIterator[ProbeLlm]:
 
 @pytest.fixture
 async def gateway_channel(mesh: LocalMesh) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+    """The gateway, with the API key of TENANT on every call."""
+    async with keyed(mesh.gateway, key_for(TENANT)) as channel:
         yield channel
 
 
@@ -101,16 +117,20 @@ async def test_server_stream_passes_through_with_metadata_and_deadline(
     call = stub.Generate(
         llm_pb2.GenerateRequest(prompt="one two three"),
         timeout=20,
-        metadata=(("authorization", "Bearer key-1"), ("x-aimass-tenant", "acme")),
+        # A label of the caller's own, and a tenant it claims (not the one of its key).
+        metadata=(("x-caller-label", "blue"), (TENANT_KEY, "someone-else")),
     )
     replies = [reply async for reply in call]
     assert [r.delta for r in replies] == ["one", "two", "three", ""]
     assert replies[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
-    assert probe.metadata["authorization"] == "Bearer key-1"
-    assert probe.metadata["x-aimass-tenant"] == "acme"
+    assert probe.metadata["x-caller-label"] == "blue"
+    # The replica gets the tenant of the key the gateway verified, never the caller's claim, nor its key.
+    assert probe.metadata[TENANT_KEY] == TENANT
+    assert "authorization" not in probe.metadata
     assert "x-request-id" in probe.metadata  # filled in by the gateway
     assert probe.time_remaining is not None and 15 < probe.time_remaining <= 20.5  # grpc rounds timeouts up
     assert await call.code() == grpc.StatusCode.OK
+    assert dict(await call.trailing_metadata() or ())[TENANT_KEY] == TENANT
 
 
 async def test_error_mid_stream_reaches_the_client(probe: ProbeLlm, gateway_channel: grpc.aio.Channel) -> None:

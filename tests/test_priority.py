@@ -18,6 +18,7 @@ from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import NlpApp, build_runner
 from services.nlp.engine import NlpEngine
+from tests.security import as_gateway
 
 LOW_REQUESTS = 12
 CALL_TIMEOUT_S = 15.0
@@ -35,7 +36,8 @@ async def contended(nlp_engine: NlpEngine) -> AsyncIterator[tuple[ServerRunner, 
     )
     runner = build_runner(settings, register=False, engine=nlp_engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    # Called as the gateway calls it (mesh mTLS): a replica serves nobody else, and trusts the tenant it names.
+    channel = as_gateway(runner.address, "nlp")
     try:
         yield runner, nlp_pb2_grpc.NlpServiceStub(channel)
     finally:
@@ -71,7 +73,8 @@ async def embed_in_order(
     priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_NORMAL,
     tenant: str = "",
 ) -> nlp_pb2.EmbedResponse:
-    """One Embed call; ``label`` joins ``finished`` when it is answered, so a test sees the order of completion."""
+    """One Embed call; ``label`` joins ``finished`` when it is answered, so a test sees the order of completion.
+    ``tenant`` travels as the gateway's scope metadata (it names the tenant of the caller's key)."""
     reply = await stub.Embed(
         embed_request(f"request {label} about serving models", priority),
         timeout=CALL_TIMEOUT_S,

@@ -1,5 +1,6 @@
 """The server runtime under a real NLP service in-process: deadlines, cancellation, bounded queues, admission,
-malformed requests and graceful drain, each seen as a client sees it."""
+malformed requests and graceful drain, each seen as a client sees it (a replica's only client: a gateway, over mesh
+mTLS)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import NlpApp, build_runner
 from services.nlp.engine import NlpEngine
+from tests.security import as_gateway
 
 SLOW_BATCH_DELAY_MS = 400.0
 
@@ -32,7 +34,7 @@ def settings_for(*, max_inflight: int = 512, queue_size: int = 2048, delay_ms: f
 async def running(engine: NlpEngine, settings: Settings) -> AsyncIterator[tuple[ServerRunner, grpc.aio.Channel]]:
     runner = build_runner(settings, register=False, engine=engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    channel = as_gateway(runner.address, "nlp")
     try:
         yield runner, channel
     finally:
@@ -143,7 +145,7 @@ async def test_malformed_request_bytes_are_invalid_argument_and_server_keeps_ser
 async def test_drain_finishes_accepted_work_and_turns_health_not_serving(nlp_engine: NlpEngine) -> None:
     runner = build_runner(settings_for(delay_ms=300), register=False, engine=nlp_engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    channel = as_gateway(runner.address, "nlp")
     try:
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
         accepted = [stub.Embed(nlp_pb2.EmbedRequest(texts=[f"queued {i}"]), timeout=20) for i in range(6)]

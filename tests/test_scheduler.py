@@ -4,6 +4,7 @@ the mesh's replicas), and placement on a simulated GPU fleet reported by a secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 
 from aimass.client import AsyncClient, error_info
 from aimass.local_mesh import LocalMesh
-from aimass.runtime.metadata import TENANT_KEY
+from aimass.runtime.identity import ROLE_SCHEDULER, mesh_channel
 from aimass.v1 import common_pb2, models_pb2, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from tests.security import credentials, key_for
 
 GIB = 2**30
 SIM_NODE = "sim-node"
@@ -56,10 +58,32 @@ def simulated_node(mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) ->
     agent.wait(timeout=30)
 
 
+@contextlib.asynccontextmanager
+async def scheduler_as(mesh: LocalMesh, role: str) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
+    """The mesh's scheduler, called with the session's certificate of ``role`` (mesh mTLS)."""
+    async with mesh_channel(mesh.scheduler, credentials(role), server_role=ROLE_SCHEDULER) as channel:
+        yield scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+
 @pytest.fixture
 async def stub(mesh: LocalMesh) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(mesh.scheduler) as channel:
-        yield scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    """As a gateway: it watches the view and places and evicts models."""
+    async with scheduler_as(mesh, "gateway") as found:
+        yield found
+
+
+@pytest.fixture
+async def replica_stub(mesh: LocalMesh) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
+    """As a replica (an NLP certificate): only replicas report load."""
+    async with scheduler_as(mesh, "nlp") as found:
+        yield found
+
+
+@pytest.fixture
+async def node_agent_stub(mesh: LocalMesh) -> AsyncIterator[scheduler_pb2_grpc.SchedulerServiceAsyncStub]:
+    """As a node agent: only node agents report device readings."""
+    async with scheduler_as(mesh, "node-agent") as found:
+        yield found
 
 
 async def view_where(
@@ -97,10 +121,16 @@ def gpu(index: int) -> str:
 
 
 async def place(
-    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, name: str, gib: int, *, allow_eviction: bool = False
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+    replica: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+    name: str,
+    gib: int,
+    *,
+    allow_eviction: bool = False,
 ) -> scheduler_pb2.PlaceModelResponse:
-    # The simulated replica on the simulated node, as a replica would report itself.
-    await stub.ReportLoad(
+    # The simulated replica on the simulated node, as a replica would report itself (with a replica's certificate);
+    # then the gateway (``stub``) asks for the placement.
+    await replica.ReportLoad(
         scheduler_pb2.ReportLoadRequest(
             instance_id=SIM_REPLICA,
             node_id=SIM_NODE,
@@ -122,19 +152,21 @@ async def place(
 
 
 async def test_placement_on_a_simulated_fleet(
-    simulated_node: None, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub
+    simulated_node: None,
+    stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+    replica_stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
 ) -> None:
     await asyncio.wait_for(view_where(stub, lambda v: any(n.node_id == SIM_NODE for n in v.nodes)), 20)
     # Best fit: the smaller GPU when the model fits there, the bigger one when it does not.
-    small = await place(stub, "embedder", 10)
+    small = await place(stub, replica_stub, "embedder", 10)
     assert small.placement.device_id == gpu(0) and small.placement.instance_id == SIM_REPLICA
-    large = await place(stub, "llm-13b", 28)
+    large = await place(stub, replica_stub, "llm-13b", 28)
     assert large.placement.device_id == gpu(1)
-    again = await place(stub, "embedder", 10)
+    again = await place(stub, replica_stub, "embedder", 10)
     assert again.already_placed and again.placement.device_id == gpu(0)
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await place(stub, "llm-34b", 30)
+        await place(stub, replica_stub, "llm-34b", 30)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "needs 30" in (refused.value.details() or ""), refused.value.details()
     info = error_info(refused.value)
@@ -142,7 +174,7 @@ async def test_placement_on_a_simulated_fleet(
     assert info.metadata["required_bytes"] == str(30 * GIB) and info.metadata["device_id"] == gpu(0)
 
     # With eviction allowed, the idle 28 GiB model makes room on the big GPU.
-    evicting = await place(stub, "llm-34b", 30, allow_eviction=True)
+    evicting = await place(stub, replica_stub, "llm-34b", 30, allow_eviction=True)
     assert evicting.placement.device_id == gpu(1)
     assert [p.model.name for p in evicting.evicted] == ["llm-13b"]
 
@@ -154,12 +186,16 @@ async def test_placement_on_a_simulated_fleet(
     assert evicted.freed_bytes == 10 * GIB
 
 
-async def test_bad_reports_are_refused(stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub) -> None:
+async def test_bad_reports_are_refused(
+    node_agent_stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+    replica_stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub,
+) -> None:
+    # From the roles allowed to report, so what refuses them is the report itself, not the caller.
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.ReportNode(scheduler_pb2.ReportNodeRequest(), timeout=5)
+        await node_agent_stub.ReportNode(scheduler_pb2.ReportNodeRequest(), timeout=5)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node_id" in (raised.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(), timeout=5)
+        await replica_stub.ReportLoad(scheduler_pb2.ReportLoadRequest(), timeout=5)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "instance_id" in (raised.value.details() or "")
 
 
@@ -177,13 +213,11 @@ async def test_every_replica_reports_its_load(
 ) -> None:
     async with AsyncClient(mesh.gateway) as client:
         await asyncio.gather(*(client.sentiment([f"I like number {i}"]) for i in range(60)))
-    # A tenant's requests (every modality's replicas account them, not only the LLM's tokens).
-    async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+    # A tenant's requests, with its own key (every modality's replicas account them, not only the LLM's tokens).
+    async with mesh.aio_channel(key_for(ACCOUNTED)) as channel:
         nlp = nlp_pb2_grpc.NlpServiceStub(channel)
         for i in range(3):
-            await nlp.Sentiment(
-                nlp_pb2.SentimentRequest(texts=[f"tenant call {i}"]), timeout=10, metadata=((TENANT_KEY, ACCOUNTED),)
-            )
+            await nlp.Sentiment(nlp_pb2.SentimentRequest(texts=[f"tenant call {i}"]), timeout=10)
 
     def nlp_served(view: scheduler_pb2.RoutingView) -> bool:
         return any(

@@ -24,6 +24,7 @@ from services.speech.asr import AsrEngine
 from services.speech.audio import StreamDecoder, decode_audio
 from services.speech.streaming import Segmenter
 from services.speech.tts import TtsEngine, split_sentences
+from tests.security import as_gateway
 
 SENTENCE = "The quick brown fox jumps over the lazy dog and runs into the green forest."
 TWO_SENTENCES = "Please call Stella and ask her to bring these things. We will meet at the train station tomorrow."
@@ -73,7 +74,7 @@ async def speech(
     config = SpeechConfig(server=ServerConfig(port=0, drain_delay_s=0.05), max_audio_seconds=MAX_SECONDS)
     runner = build_runner(Settings(), config=config, register=False, asr=asr_engine, tts=tts_engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    channel = as_gateway(runner.address, "speech")  # a replica's caller: a gateway, over mesh mTLS
     try:
         yield runner, speech_pb2_grpc.SpeechServiceStub(channel)
     finally:

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from pydantic import ValidationError
 
+from aimass import pki
 from aimass.client import Client
 from aimass.local_mesh import LocalMesh
 from aimass.runtime import tracing
@@ -34,11 +35,15 @@ from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import BatchingConfig, NlpConfig, ServerConfig, Settings, TelemetryConfig
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.runtime.errors import DeadlineExceeded
+from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, MeshPolicy
+from aimass.runtime.server import mesh_listener
 from aimass.v1 import llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import build_runner
 from services.nlp.engine import NlpEngine
+from tests import security
 from tests.conftest import start_mesh
 from tests.fake_otlp import FakeCollector, ReceivedSpan, trace_of
+from tests.security import as_gateway
 
 EMBED = "/aimass.v1.NlpService/Embed"
 SERVER, CLIENT = 2, 3  # opentelemetry.proto SpanKind values
@@ -189,7 +194,7 @@ async def traced_replica(
     )
     runner = build_runner(settings, register=False, engine=nlp_engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    channel = as_gateway(runner.address, "nlp")  # a replica's caller: a gateway, over mesh mTLS
     try:
         yield channel, memory
     finally:
@@ -344,13 +349,14 @@ def test_one_connected_trace_from_the_client_to_the_model(traced_mesh: tuple[Loc
     assert {span.resource["service.namespace"] for span in spans if span.service.startswith("aimass-")} == {"aimass"}
 
     # A caller that decided not to sample: the mesh follows it (checked once later spans have arrived).
-    with grpc.insecure_channel(mesh.gateway) as channel:
+    with mesh.channel() as channel:
         nlp_pb2_grpc.NlpServiceStub(channel).Embed(
             nlp_pb2.EmbedRequest(texts=["not sampled"]), timeout=30, metadata=(("traceparent", UNSAMPLED),)
         )
 
 
 UNSAMPLED = "00-11111111111111111111111111111111-2222222222222222-00"
+PROBE_KIND = "probe"
 
 
 class ProbeLlm(llm_pb2_grpc.LlmServiceServicer):
@@ -373,14 +379,22 @@ class ProbeLlm(llm_pb2_grpc.LlmServiceServicer):
 async def test_streams_through_the_gateway_carry_its_context(traced_mesh: tuple[LocalMesh, FakeCollector]) -> None:
     mesh, collector = traced_mesh
     probe = ProbeLlm()  # type: ignore[abstract]  # only the method under test
-    server = grpc.aio.server()
+    # A replica like the others: mesh mTLS with a certificate of its kind, serving gateways only, and registered
+    # with the mesh's registry (in the scheduler) under that certificate.
+    pki.issue(security.settings().pki_dir, role=PROBE_KIND, name=PROBE_KIND)
+    identity = MeshCredentials.load(security.settings().pki_dir, PROBE_KIND)
+    listener = mesh_listener(identity, MeshPolicy.serving(("aimass.v1.LlmService",), (ROLE_GATEWAY,)))
+    assert listener.credentials is not None
+    server = grpc.aio.server(interceptors=listener.interceptors)
     llm_pb2_grpc.add_LlmServiceServicer_to_server(probe, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", listener.credentials)
     await server.start()
-    registry = RemoteRegistry(mesh.gateway)
-    await registry.register(Instance("probe-llm", "probe", ("aimass.v1.LlmService",), f"127.0.0.1:{port}"), ttl_s=600)
+    registry = RemoteRegistry(mesh.scheduler, identity)
+    await registry.register(
+        Instance("probe-llm", PROBE_KIND, ("aimass.v1.LlmService",), f"127.0.0.1:{port}"), ttl_s=600
+    )
     try:
-        async with grpc.aio.insecure_channel(mesh.gateway) as channel:
+        async with mesh.aio_channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(100):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service="aimass.v1.LlmService"), timeout=2)
@@ -452,7 +466,7 @@ def test_sample_ratio_zero_sends_nothing_unless_the_caller_sampled(tmp_path: Pat
                     client.embed([f"untraced {index}"])
             # A caller's sampled trace is still followed; once it has arrived, anything else would have too.
             sampled_trace = "33333333333333333333333333333333"
-            with grpc.insecure_channel(mesh.gateway) as channel:
+            with mesh.channel() as channel:
                 nlp_pb2_grpc.NlpServiceStub(channel).Embed(
                     nlp_pb2.EmbedRequest(texts=["sampled upstream"]),
                     timeout=30,

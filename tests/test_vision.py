@@ -19,16 +19,20 @@ import skimage.data as skimage_data  # public-domain test photos (cat, coffee, a
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw, ImageFont
 
-from aimass.runtime.config import BatchingConfig, GatewayConfig, RegistryConfig, ServerConfig, Settings, VisionConfig
+from aimass.local_mesh import free_port
+from aimass.runtime.config import BatchingConfig, ServerConfig, Settings, VisionConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from gateway.app import build_runner as build_gateway
+from scheduler.app import build_runner as build_scheduler
 from services.vision.app import VisionApp, build_runner
 from services.vision.engine import CLASSIFY_MODEL, VisionEngine, preprocess, softmax
 from services.vision.images import decode_image
 from services.vision.nms import nms
+from tests.inprocess_mesh import mesh_settings
+from tests.security import as_gateway, keyed
 
 # ImageNet-1k indices (a public fact): 281-285 are the domestic cats, 967 espresso.
 CAT_CLASSES = {281, 282, 283, 284, 285}
@@ -77,7 +81,7 @@ def vision_engine(onnx_cache: Path) -> VisionEngine:
 async def serve(engine: VisionEngine, config: VisionConfig) -> AsyncIterator[tuple[ServerRunner, grpc.aio.Channel]]:
     runner = build_runner(Settings(), config, register=False, engine=engine)
     await runner.start()
-    channel = grpc.aio.insecure_channel(runner.address)
+    channel = as_gateway(runner.address, "vision")  # a replica's caller: a gateway, over mesh mTLS
     try:
         yield runner, channel
     finally:
@@ -156,14 +160,17 @@ async def test_concurrent_classify_requests_share_batches(vision_engine: VisionE
 
 
 async def test_classify_through_the_gateway(vision_engine: VisionEngine, onnx_cache: Path) -> None:
-    """A replica registers with an in-process gateway, which forwards VisionService calls to it."""
-    gateway = build_gateway(Settings(gateway=GatewayConfig(server=ServerConfig(port=0, drain_delay_s=0.05))))
+    """A replica registers with the registry (in an in-process scheduler), and an in-process gateway forwards
+    VisionService calls to it."""
+    settings = mesh_settings(free_port())
+    scheduler = build_scheduler(settings)
+    await scheduler.start()
+    gateway = build_gateway(settings)
     await gateway.start()
-    settings = Settings(registry=RegistryConfig(address=gateway.address, heartbeat_s=0.2))
     replica = build_runner(settings, vision_config(onnx_cache), register=True, engine=vision_engine)
     await replica.start()
     try:
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
+        async with keyed(gateway.address) as channel:  # the session's admin key on every call
             health = health_pb2_grpc.HealthStub(channel)
             check = health_pb2.HealthCheckRequest(service="aimass.v1.VisionService")
             for _ in range(100):
@@ -181,6 +188,7 @@ async def test_classify_through_the_gateway(vision_engine: VisionEngine, onnx_ca
     finally:
         await replica.drain()
         await gateway.drain()
+        await scheduler.drain()
 
 
 # -- EXIF orientation -----------------------------------------------------------------------------------------
