@@ -120,7 +120,8 @@ class GatewayApp:
     @property
     def listener(self) -> Listener:
         """The public port: API keys on every call (auth.mode "on"), TLS when configured."""
-        return Listener(front_door_credentials(self.settings.gateway), (self.auth,))
+        credentials = front_door_credentials(self.settings.gateway)
+        return Listener(credentials, (self.auth,), "plaintext" if credentials is None else "tls")
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer

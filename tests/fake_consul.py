@@ -16,7 +16,9 @@ names case-insensitive, snake_case aliases): py-consul sends lowercase keys. TTL
 interval, sessions expire after their TTL and release their locks, which then stay free of other sessions for the
 session's lock delay.
 
-gRPC checks with ``GRPCUseTLS`` dial TLS, verifying the server as ``TLSServerName`` (``TLSSkipVerify`` is refused), and
+gRPC checks with ``GRPCUseTLS`` dial TLS, verifying the server as ``TLSServerName`` (with ``TLSSkipVerify``, trusting
+the certificate the server presents: grpc cannot skip verification, so the fake takes it as its root, which works for
+the self-signed certificates the tests give front doors), and
 present the agent's own certificate when it has one (``FakeConsul(tls=AgentTls(...))``: a real agent's
 ``tls.defaults`` with ``enable_agent_tls_for_checks``); without one they trust only the system's roots and present
 nothing, as a real agent configured without TLS would.
@@ -32,6 +34,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -42,6 +45,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 NODE = "fake-node"
@@ -97,6 +101,7 @@ class Check:
     grpc_target: str = ""
     grpc_use_tls: bool = False
     tls_server_name: str = ""
+    tls_skip_verify: bool = False
     interval_s: float = 10.0
     timeout_s: float = 10.0
     next_run: float = 0.0
@@ -544,8 +549,6 @@ class FakeConsul:
                     deregister_after_s=deregister,
                 )
             if d.get("grpc"):
-                if _flag(d, "tlsskipverify"):
-                    raise HTTPError(400, "TLSSkipVerify is not faked here: a check verifying nothing proves nothing")
                 if not d.get("interval"):
                     raise HTTPError(400, "Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or GRPC checks")
                 return Check(
@@ -558,6 +561,7 @@ class FakeConsul:
                     grpc_target=str(d["grpc"]),
                     grpc_use_tls=_flag(d, "grpcusetls"),
                     tls_server_name=str(d.get("tlsservername") or ""),
+                    tls_skip_verify=_flag(d, "tlsskipverify"),
                     interval_s=parse_duration(d["interval"]),
                     timeout_s=parse_duration(d["timeout"]) if d.get("timeout") else 10.0,
                     next_run=time.monotonic(),
@@ -719,6 +723,8 @@ def _check_channel(check: Check, tls: AgentTls | None) -> grpc.Channel:
     address = check.grpc_target.partition("/")[0]
     if not check.grpc_use_tls:
         return grpc.insecure_channel(address)
+    if check.tls_skip_verify:
+        return _unverified_channel(address)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.ca if tls else None,
         private_key=tls.key if tls else None,
@@ -726,6 +732,18 @@ def _check_channel(check: Check, tls: AgentTls | None) -> grpc.Channel:
     )
     options = [("grpc.ssl_target_name_override", check.tls_server_name)] if check.tls_server_name else []
     return grpc.secure_channel(address, credentials, options=options)
+
+
+def _unverified_channel(address: str) -> grpc.Channel:
+    """TLS trusting whatever the server presents, as TLSSkipVerify does (grpc has no such switch: the server's own
+    certificate becomes the root, and the name checked is one it holds)."""
+    host, _, port = address.rpartition(":")
+    pem = ssl.get_server_certificate((host, int(port)), timeout=5)
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    dns = names.get_values_for_type(x509.DNSName)
+    options = [("grpc.ssl_target_name_override", dns[0])] if dns else []
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem.encode()), options=options)
 
 
 def _grpc_health(check: Check, tls: AgentTls | None) -> tuple[str, str]:

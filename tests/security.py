@@ -10,6 +10,8 @@ and certificates work there; tests/live_mesh.py makes its own, as a user's mesh 
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import tempfile
 from collections.abc import Sequence
@@ -17,6 +19,10 @@ from pathlib import Path
 from typing import Final
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from aimass.bootstrap import ensure_certificates, prepare_store
 from aimass.client import keyed_aio_channel
@@ -80,3 +86,32 @@ def key_for(tenant: str, scopes: Sequence[str] = (keys.SCOPE_INFER,), **limits: 
 def keyed(address: str, api_key: str | None = None) -> grpc.aio.Channel:
     """A channel to a gateway at ``address`` whose calls carry ``api_key`` (default: the session's admin key)."""
     return keyed_aio_channel(address, api_key or admin_key())
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed TLS certificate (and its key) for 127.0.0.1 and localhost, as an operator might give a gateway's
+    front door: no mesh CA involved."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aimass gateway")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "gateway.crt", folder / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

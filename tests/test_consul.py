@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aimass import pki
 from aimass.local_mesh import free_port
 from aimass.runtime.config import ConsulConfig, RegistryConfig, SchedulerConfig, ServerConfig, Settings
-from aimass.runtime.discovery import DISCOVERY_HEALTH_SERVICE, Instance, Membership, make_registry
+from aimass.runtime.discovery import DISCOVERY_HEALTH_SERVICE, LISTENER_LABEL, Instance, Membership, make_registry
 from aimass.runtime.discovery.consul import ConsulRefused, ConsulRegistry, MalformedConsulAnswer
 from aimass.runtime.discovery.leader import ConsulLeader
 from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, MeshPolicy, mesh_channel
@@ -38,7 +38,7 @@ from scheduler.app import SchedulerApp
 from scheduler.app import build_runner as build_scheduler
 from tests.eventually import eventually
 from tests.fake_consul import AgentTls, FakeConsul
-from tests.security import credentials, keyed, settings
+from tests.security import credentials, keyed, self_signed_certificate, settings
 
 NLP = "aimass.v1.NlpService"
 SERVING = common_pb2.SERVING_STATE_SERVING
@@ -59,7 +59,13 @@ def consul_config(fake: FakeConsul, **overrides: object) -> ConsulConfig:
     return ConsulConfig.model_validate({**values, **overrides})
 
 
-def instance(name: str, kind: str = "nlp", state: common_pb2.ServingState.ValueType = SERVING) -> Instance:
+# Registered by a process listening with mesh mTLS (what ServerRunner labels its instance).
+MESH = {LISTENER_LABEL: "mesh"}
+
+
+def instance(
+    name: str, kind: str = "nlp", state: common_pb2.ServingState.ValueType = SERVING, listener: str = "plaintext"
+) -> Instance:
     return Instance(
         instance_id=name,
         kind=kind,
@@ -67,7 +73,7 @@ def instance(name: str, kind: str = "nlp", state: common_pb2.ServingState.ValueT
         address=f"127.0.0.1:{free_port()}",
         models=("all-MiniLM-L6-v2", "vader"),
         state=state,
-        labels={"device": "cpu", "node": "n1"},
+        labels={"device": "cpu", "node": "n1", LISTENER_LABEL: listener},
         pid=4242,
     )
 
@@ -115,7 +121,14 @@ async def test_register_list_and_deregister(fake: FakeConsul, registry: ConsulRe
     stored = fake.services["nlp-a"]
     assert stored.name == "aimass-nlp" and stored.address == "127.0.0.1" and f"127.0.0.1:{stored.port}" == a.address
     assert stored.tags == ["aimass", "kind=nlp", "model=all-MiniLM-L6-v2", "model=vader", "device=cpu"]
-    assert stored.meta == {"kind": "nlp", "services": NLP, "pid": "4242", "label-device": "cpu", "label-node": "n1"}
+    assert stored.meta == {
+        "kind": "nlp",
+        "services": NLP,
+        "pid": "4242",
+        "label-device": "cpu",
+        "label-node": "n1",
+        "label-listener": "plaintext",
+    }
     ttl, grpc_check = fake.checks["nlp-a:ttl"], fake.checks["nlp-a:grpc"]
     assert (ttl.kind, ttl.ttl_s, ttl.status, ttl.output) == ("ttl", 5.0, "passing", "SERVING")
     assert (grpc_check.kind, grpc_check.grpc_target, grpc_check.interval_s) == ("grpc", a.address, 0.3)
@@ -159,22 +172,27 @@ async def test_membership_registers_again_after_the_agent_forgot_it(fake: FakeCo
     assert "nlp-a" not in fake.services  # leave() deregisters
 
 
-async def test_with_mesh_tls_the_grpc_check_speaks_tls_to_all_but_the_gateway(fake: FakeConsul) -> None:
-    registry = ConsulRegistry(consul_config(fake), grpc_tls=True)
+async def test_the_grpc_check_dials_as_each_listener_is_secured(fake: FakeConsul) -> None:
+    registry = ConsulRegistry(consul_config(fake))
     try:
-        await registry.register(instance("nlp-a"), ttl_s=5)
-        await registry.register(instance("sched-b", kind="scheduler"), ttl_s=5)
-        await registry.register(instance("gateway-c", kind="gateway"), ttl_s=5)
+        await registry.register(instance("nlp-a", listener="mesh"), ttl_s=5)
+        await registry.register(instance("sched-b", kind="scheduler", listener="mesh"), ttl_s=5)
+        await registry.register(instance("gateway-c", kind="gateway", listener="tls"), ttl_s=5)
+        await registry.register(instance("gateway-d", kind="gateway"), ttl_s=5)
     finally:
         await registry.close()
-    # A replica's (and the scheduler's) check dials TLS and verifies the process holds its kind's certificate.
+    # Mesh mTLS: the check dials TLS and verifies the process holds its kind's certificate.
     replica_check = fake.checks["nlp-a:grpc"]
     assert (replica_check.grpc_use_tls, replica_check.tls_server_name) == (True, "nlp.aimass.internal")
     scheduler_check = fake.checks["sched-b:grpc"]
     assert (scheduler_check.grpc_use_tls, scheduler_check.tls_server_name) == (True, "scheduler.aimass.internal")
-    # The gateway's port is the public front door (API keys, no mesh certificate): a plain check.
-    gateway_check = fake.checks["gateway-c:grpc"]
-    assert (gateway_check.grpc_use_tls, gateway_check.tls_server_name) == (False, "")
+    assert not replica_check.tls_skip_verify and not scheduler_check.tls_skip_verify
+    # A gateway's TLS front door (any CA the operator chose): TLS, without verifying who answers a liveness check.
+    front = fake.checks["gateway-c:grpc"]
+    assert (front.grpc_use_tls, front.tls_skip_verify, front.tls_server_name) == (True, True, "")
+    # A plaintext front door: a plain check.
+    plain = fake.checks["gateway-d:grpc"]
+    assert (plain.grpc_use_tls, plain.tls_skip_verify) == (False, False)
 
 
 @contextlib.asynccontextmanager
@@ -199,13 +217,15 @@ async def mesh_health_server(
 
 async def test_grpc_check_follows_the_process_health_and_removes_dead_ones() -> None:
     with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
-        checked = ConsulRegistry(consul_config(agent, deregister_critical_after_s=1), grpc_tls=True)
+        checked = ConsulRegistry(consul_config(agent, deregister_critical_after_s=1))
         servicer = health.aio.HealthServicer()
         async with mesh_health_server(servicer, ("nlp", "scheduler")) as address:
             await servicer.set("", SERVING_STATUS)
-            await checked.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
+            await checked.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], labels=MESH, pid=1), ttl_s=30)
             # A process that answers health but reports itself not serving (a standby scheduler).
-            standby = Instance("sched-b", "scheduler", ("aimass.v1.SchedulerService",), address["scheduler"], pid=1)
+            standby = Instance(
+                "sched-b", "scheduler", ("aimass.v1.SchedulerService",), address["scheduler"], labels=MESH, pid=1
+            )
             await checked.register(dataclasses.replace(standby, state=common_pb2.SERVING_STATE_NOT_SERVING), 30)
 
             async def states() -> dict[str, str]:
@@ -233,6 +253,35 @@ async def test_grpc_check_follows_the_process_health_and_removes_dead_ones() -> 
             await checked.close()
 
 
+async def test_a_gateways_tls_front_door_is_checked_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    servicer = health.aio.HealthServicer()
+    await servicer.set("", SERVING_STATUS)
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    await server.start()
+    try:
+        with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
+            registry = ConsulRegistry(consul_config(agent))
+            try:
+                front = Instance(
+                    "gateway-t",
+                    "gateway",
+                    ("aimass.v1.ModelService",),
+                    f"127.0.0.1:{port}",
+                    labels={LISTENER_LABEL: "tls"},
+                )
+                await registry.register(front, ttl_s=30)
+                await eventually("checked", lambda: agent.checks["gateway-t:grpc"].output != "")
+                assert agent.checks["gateway-t:grpc"].status == "passing", agent.checks["gateway-t:grpc"].output
+                assert [i.state_name for i in await registry.list_instances()] == ["SERVING"]
+            finally:
+                await registry.close()
+    finally:
+        await server.stop(0)
+
+
 async def test_a_tls_check_fails_against_the_wrong_certificate_or_without_the_agents() -> None:
     servicer = health.aio.HealthServicer()
     await servicer.set("", SERVING_STATUS)
@@ -240,12 +289,12 @@ async def test_a_tls_check_fails_against_the_wrong_certificate_or_without_the_ag
         # A "vision" registration at a process holding an nlp certificate fails its check (the agent verifies the
         # kind's name), and so does every check of an agent without TLS for its checks: neither is listed serving.
         with FakeConsul(grpc_checks=True, tls=agent_tls()) as agent:
-            registry = ConsulRegistry(consul_config(agent), grpc_tls=True)
+            registry = ConsulRegistry(consul_config(agent))
             try:
                 await registry.register(
-                    Instance("vision-x", "vision", ("aimass.v1.VisionService",), address["nlp"]), 30
+                    Instance("vision-x", "vision", ("aimass.v1.VisionService",), address["nlp"], labels=MESH), 30
                 )
-                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
+                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], labels=MESH, pid=1), ttl_s=30)
                 checks = (agent.checks["vision-x:grpc"], agent.checks["nlp-a:grpc"])
                 await eventually("both checked", lambda: all(check.output for check in checks))
                 # The same server passes as the kind whose certificate it holds: only the name was wrong.
@@ -257,9 +306,9 @@ async def test_a_tls_check_fails_against_the_wrong_certificate_or_without_the_ag
             finally:
                 await registry.close()
         with FakeConsul(grpc_checks=True) as bare:
-            registry = ConsulRegistry(consul_config(bare), grpc_tls=True)
+            registry = ConsulRegistry(consul_config(bare))
             try:
-                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], pid=1), ttl_s=30)
+                await registry.register(Instance("nlp-a", "nlp", (NLP,), address["nlp"], labels=MESH, pid=1), ttl_s=30)
                 await eventually("checked once", lambda: bare.checks["nlp-a:grpc"].output != "")
                 assert bare.checks["nlp-a:grpc"].status == "critical"
                 assert [i.state_name for i in await registry.list_instances()] == ["NOT_SERVING"]
@@ -381,10 +430,8 @@ def test_the_factory_picks_the_backend() -> None:
     assert type(make_registry(RegistryConfig(), credentials=credentials("nlp"))).__name__ == "RemoteRegistry"
     consul_registry = make_registry(RegistryConfig(backend="consul"), credentials=credentials("nlp"))
     assert isinstance(consul_registry, ConsulRegistry)
-    # With mesh TLS (credentials), the agent's gRPC checks must speak TLS; mesh TLS off (None), plaintext.
-    assert consul_registry.grpc_tls
-    plaintext = make_registry(RegistryConfig(backend="consul"), credentials=None)
-    assert isinstance(plaintext, ConsulRegistry) and not plaintext.grpc_tls
+    # (How its gRPC checks dial follows each instance's listener label, not the registering process's credentials.)
+    assert isinstance(make_registry(RegistryConfig(backend="consul"), credentials=None), ConsulRegistry)
 
 
 # -- leadership ----------------------------------------------------------------------------------------------------

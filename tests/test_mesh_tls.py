@@ -6,22 +6,16 @@ back with the kind's certificate attracts no traffic; and TLS on the front door,
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from aimass import pki
 from aimass.client import AsyncClient
@@ -43,7 +37,7 @@ from gateway.app import build_runner as gateway_runner
 from services.nlp.engine import NlpEngine
 from tests.eventually import eventually
 from tests.inprocess_mesh import InProcessMesh, in_process_mesh
-from tests.security import admin_key, settings
+from tests.security import admin_key, self_signed_certificate, settings
 
 BIN = Path(sys.executable).parent
 SENTIMENT = nlp_pb2.SentimentRequest(texts=["fine"])
@@ -240,33 +234,9 @@ async def test_a_registration_no_server_backs_with_the_kinds_certificate_attract
 
 
 @pytest.fixture(scope="module")
-def front_door_cert(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def front_door_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 and localhost, as an operator would get one for the gateway."""
-    folder = tmp_path_factory.mktemp("front-door")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "aimass gateway")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "gateway.crt", folder / "gateway.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    yield cert_path, key_path
+    return self_signed_certificate(tmp_path_factory.mktemp("front-door"))
 
 
 async def test_the_front_door_speaks_tls_to_real_tls_clients(

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import grpc
 import prometheus_client
@@ -29,7 +29,14 @@ from grpc_reflection.v1alpha import reflection
 
 from aimass.runtime import tracing
 from aimass.runtime.config import RegistryConfig, ServerConfig, Settings, load_settings
-from aimass.runtime.discovery import DISCOVERY_HEALTH_SERVICE, Instance, Membership, Registry, ReportsReachability
+from aimass.runtime.discovery import (
+    DISCOVERY_HEALTH_SERVICE,
+    LISTENER_LABEL,
+    Instance,
+    Membership,
+    Registry,
+    ReportsReachability,
+)
 from aimass.runtime.identity import MeshCredentials, MeshPolicy, MeshPolicyInterceptor
 from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
 from aimass.runtime.logs import configure_logging
@@ -117,20 +124,25 @@ def message_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+Security = Literal["plaintext", "mesh", "tls"]
+
+
 @dataclass(frozen=True)
 class Listener:
-    """How a server's port is secured: its credentials (None: plaintext) and the interceptors that decide who may
-    call what (the mesh role policy, or the gateway's API keys)."""
+    """How a server's port is secured: its credentials (None: plaintext), the interceptors that decide who may call
+    what (the mesh role policy, or the gateway's API keys), and which kind of security that is: ``mesh`` (mTLS with
+    the mesh's CA), ``tls`` (server TLS only, the front door) or ``plaintext``."""
 
     credentials: grpc.ServerCredentials | None = None
     interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+    security: Security = "plaintext"
 
 
 def mesh_listener(credentials: MeshCredentials | None, policy: MeshPolicy) -> Listener:
     """An internal listener: a client certificate from the mesh's CA, and ``policy`` on the caller's role."""
     if credentials is None:
         return Listener()
-    return Listener(credentials.server_credentials(), (MeshPolicyInterceptor(policy),))
+    return Listener(credentials.server_credentials(), (MeshPolicyInterceptor(policy),), "mesh")
 
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -286,6 +298,7 @@ class ServerRunner:
             await self.health.set(DISCOVERY_HEALTH_SERVICE, SERVING if registry.reachable is not False else NOT_SERVING)
             registry.on_reachability(self._registry_reachability)
         replica = self.replica
+        labels = replica.labels() if replica is not None else {"node": self.node_id}
         instance = Instance(
             instance_id=self.instance_id,
             kind=self.app.kind,
@@ -293,7 +306,7 @@ class ServerRunner:
             address=self.address,
             models=replica.serving_models() if replica is not None else self.app.model_names(),
             state=self.state,
-            labels=replica.labels() if replica is not None else {"node": self.node_id},
+            labels={**labels, LISTENER_LABEL: self.listener.security},
             pid=os.getpid(),
         )
         self.membership = Membership(

@@ -6,6 +6,7 @@ from aimass.runtime.config import RegistryConfig
 from aimass.runtime.discovery.base import (
     CONTROL_PLANE_KINDS,
     DISCOVERY_HEALTH_SERVICE,
+    LISTENER_LABEL,
     Instance,
     Registry,
     ReportsReachability,
@@ -23,13 +24,14 @@ def make_registry(config: RegistryConfig, *, credentials: MeshCredentials | None
         # Imported here: the embedded default never loads the Consul client (aiohttp).
         from aimass.runtime.discovery.consul import ConsulRegistry
 
-        return ConsulRegistry(config.consul, grpc_tls=credentials is not None)
+        return ConsulRegistry(config.consul)
     return RemoteRegistry(address or config.address, credentials)
 
 
 __all__ = [
     "CONTROL_PLANE_KINDS",
     "DISCOVERY_HEALTH_SERVICE",
+    "LISTENER_LABEL",
     "InMemoryRegistry",
     "Instance",
     "Membership",

@@ -11,6 +11,10 @@ from aimass.v1 import common_pb2, registry_pb2
 # Mesh processes that serve no models (the gateway, the scheduler): never routed to, never asked about models.
 CONTROL_PLANE_KINDS: frozenset[str] = frozenset({"gateway", "scheduler"})
 
+# The label that says how an instance's port is secured: "mesh" (mTLS with the mesh's CA), "tls" (server TLS only: a
+# gateway's front door) or "plaintext"; Consul's gRPC check dials accordingly.
+LISTENER_LABEL = "listener"
+
 # The gRPC health entry that says whether a process's registry backend answers (registries that can tell, i.e.
 # Consul): NOT_SERVING while the process serves on its last view of the mesh.
 DISCOVERY_HEALTH_SERVICE = "aimass.discovery"

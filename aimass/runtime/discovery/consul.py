@@ -35,8 +35,7 @@ from consul.exceptions import ACLDisabled, ACLPermissionDenied, BadRequest, Clie
 
 from aimass import pki
 from aimass.runtime.config import ConsulConfig
-from aimass.runtime.discovery.base import Instance
-from aimass.runtime.identity import ROLE_GATEWAY
+from aimass.runtime.discovery.base import LISTENER_LABEL, Instance
 from aimass.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -288,12 +287,9 @@ class ConsulRegistry:
     """The ``Registry`` protocol on Consul: register/heartbeat/deregister through the local agent, reads and
     watches through the health and catalog endpoints."""
 
-    def __init__(self, config: ConsulConfig, *, client: ConsulClient | None = None, grpc_tls: bool = False) -> None:
+    def __init__(self, config: ConsulConfig, *, client: ConsulClient | None = None) -> None:
         self.config = config
         self.client = client or ConsulClient(config)
-        # The processes listen with mesh mTLS: the agent's gRPC check speaks TLS, presents the agent's own
-        # certificate (its tls.defaults, from the mesh CA) and checks the process holds its kind's.
-        self.grpc_tls = grpc_tls
 
     @property
     def reachable(self) -> bool | None:
@@ -330,10 +326,17 @@ class ConsulRegistry:
             # state they report, e.g. a standby's NOT_SERVING, travels in the TTL check).
             "Status": "passing",
         }
-        if self.grpc_tls and instance.kind != ROLE_GATEWAY:
-            # (A gateway's port is the public front door, with API keys rather than mesh certificates.)
+        listener = instance.labels.get(LISTENER_LABEL, "plaintext")
+        if listener == "mesh":
+            # Mesh mTLS: the agent's check presents the agent's own certificate (its tls.defaults, from the mesh CA,
+            # with enable_agent_tls_for_checks) and checks the process holds its kind's.
             grpc_check["GRPCUseTLS"] = True
             grpc_check["TLSServerName"] = pki.server_name(instance.kind)
+        elif listener == "tls":
+            # A gateway's TLS front door, with a certificate from whatever CA the operator chose: the check is about
+            # liveness and carries nothing secret, so it does not verify who answers.
+            grpc_check["GRPCUseTLS"] = True
+            grpc_check["TLSSkipVerify"] = True
         if self.config.deregister_critical_after_s > 0:
             # On the gRPC check, not the TTL one: a process that stopped answering is removed, while one that only
             # reports itself not serving (a standby scheduler) stays listed.
