@@ -363,3 +363,26 @@ class SideMedians:
             (label, side, *(f"{cpu[p]:.3f}" for p in processes), f"{sum(cpu.values()):.3f}")
             for side, cpu in self.cpu_ms.items()
         ]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One method, request and concurrency that a benchmark measures on each of its sides."""
+
+    method: str
+    concurrency: int
+    request: Mapping[str, object]
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.rpartition('/')[2]} c={self.concurrency}"
+
+
+@dataclass(frozen=True)
+class ScenarioSample:
+    """One measurement of a scenario on one side in one round."""
+
+    scenario: Scenario
+    side: str
+    round: int
+    run: MeteredRun

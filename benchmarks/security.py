@@ -34,7 +34,8 @@ from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
 from benchmarks.common import (
     Mesh,
-    MeteredRun,
+    Scenario,
+    ScenarioSample,
     SideMedians,
     command_line,
     machine,
@@ -56,31 +57,12 @@ ADDED_P50_GOAL_MS = 0.2  # at c=1
 RATE_TENANT = "bench-rate"
 
 
-@dataclass(frozen=True)
-class Scenario:
-    method: str
-    concurrency: int
-    request: Mapping[str, object]
-
-    @property
-    def label(self) -> str:
-        return f"{self.method.rpartition('/')[2]} c={self.concurrency}"
-
-
 SCENARIOS = (
     Scenario("aimass.v1.NlpService/Sentiment", 1, {"texts": ["I love how fast this is."]}),
     Scenario("aimass.v1.NlpService/Sentiment", 64, {"texts": ["I love how fast this is."]}),
     Scenario("aimass.v1.NlpService/Embed", 1, {"texts": ["a cat sat on the mat"]}),
     Scenario("aimass.v1.NlpService/Embed", 32, {"texts": ["a cat sat on the mat"]}),
 )
-
-
-@dataclass(frozen=True)
-class Sample:
-    scenario: Scenario
-    side: str
-    round: int
-    run: MeteredRun
 
 
 def spec_for(mesh: Mesh, scenario: Scenario, duration: float, *, api_key: str = "") -> LoadSpec:
@@ -98,12 +80,12 @@ def spec_for(mesh: Mesh, scenario: Scenario, duration: float, *, api_key: str = 
     )
 
 
-async def measure_cost(meshes: Mapping[str, Mesh], rounds: int, duration: float) -> list[Sample]:
+async def measure_cost(meshes: Mapping[str, Mesh], rounds: int, duration: float) -> list[ScenarioSample]:
     pids = {side: {"client": os.getpid(), **mesh.pids()} for side, mesh in meshes.items()}
     for mesh in meshes.values():  # settle: first connections, lazy initialisation
         for scenario in SCENARIOS:
             await run_load(spec_for(mesh, scenario, 1.0, api_key=mesh.api_key))
-    samples: list[Sample] = []
+    samples: list[ScenarioSample] = []
     for scenario in SCENARIOS:
         for rnd in range(rounds):
             order = list(meshes) if rnd % 2 == 0 else list(meshes)[::-1]
@@ -111,7 +93,7 @@ async def measure_cost(meshes: Mapping[str, Mesh], rounds: int, duration: float)
                 mesh = meshes[side]
                 spec = spec_for(mesh, scenario, duration, api_key=mesh.api_key)
                 run = await run_metered(spec, pids[side], f"round {rnd + 1} {scenario.label:<16} {side:<6}")
-                samples.append(Sample(scenario, side, rnd, run))
+                samples.append(ScenarioSample(scenario, side, rnd, run))
     return samples
 
 
@@ -197,7 +179,7 @@ async def measure_split(mesh: Mesh, second: str, rate: float, duration: float) -
     return out
 
 
-def report(samples: Sequence[Sample], split: Sequence[SplitResult], rounds: int, duration: float) -> str:
+def report(samples: Sequence[ScenarioSample], split: Sequence[SplitResult], rounds: int, duration: float) -> str:
     rows = []
     verdicts = []
     for scenario in SCENARIOS:

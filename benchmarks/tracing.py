@@ -28,7 +28,8 @@ from pathlib import Path
 
 from benchmarks.common import (
     Mesh,
-    MeteredRun,
+    Scenario,
+    ScenarioSample,
     SideMedians,
     command_line,
     machine,
@@ -48,31 +49,12 @@ PROCESSES = ("client", "gateway", "replica", "collector")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Scenario:
-    method: str
-    concurrency: int
-    request: Mapping[str, object]
-
-    @property
-    def label(self) -> str:
-        return f"{self.method.rpartition('/')[2]} c={self.concurrency}"
-
-
 SCENARIOS = (
     Scenario("aimass.v1.NlpService/Sentiment", 1, {"texts": ["I love how fast this is."]}),
     Scenario("aimass.v1.NlpService/Sentiment", 64, {"texts": ["I love how fast this is."]}),
     Scenario("aimass.v1.NlpService/Embed", 1, {"texts": ["a cat sat on the mat"]}),
     Scenario("aimass.v1.NlpService/Embed", 16, {"texts": ["a cat sat on the mat"]}),
 )
-
-
-@dataclass(frozen=True)
-class Sample:
-    scenario: Scenario
-    side: str
-    round: int
-    run: MeteredRun
 
 
 class Collector:
@@ -99,7 +81,9 @@ class Collector:
         return int(words[words.index("spans") + 1]) if "spans" in words else 0
 
 
-async def measure(mesh: Mesh, pids: dict[str, int], scenario: Scenario, side: str, rnd: int, duration: float) -> Sample:
+async def measure(
+    mesh: Mesh, pids: dict[str, int], scenario: Scenario, side: str, rnd: int, duration: float
+) -> ScenarioSample:
     spec = LoadSpec(
         target=mesh.gateway,
         method=scenario.method,
@@ -112,12 +96,12 @@ async def measure(mesh: Mesh, pids: dict[str, int], scenario: Scenario, side: st
         **mesh.access(mesh.gateway),
     )
     run = await run_metered(spec, pids, f"round {rnd + 1} {scenario.label:<16} tracing {side:<4}")
-    return Sample(scenario, side, rnd, run)
+    return ScenarioSample(scenario, side, rnd, run)
 
 
 async def run_all(
     meshes: Mapping[str, Mesh], collectors: Mapping[str, Collector], rounds: int, duration: float
-) -> tuple[list[Sample], dict[str, int]]:
+) -> tuple[list[ScenarioSample], dict[str, int]]:
     """The samples, and how many calls each side's mesh served in all (settling and warm-ups included)."""
     pids = {
         side: {
@@ -140,7 +124,7 @@ async def run_all(
                 **mesh.access(mesh.gateway),
             )
             calls[side] += (await run_load(settle)).requests
-    samples: list[Sample] = []
+    samples: list[ScenarioSample] = []
     order = list(meshes)
     for scenario in SCENARIOS:
         for rnd in range(rounds):
@@ -163,7 +147,7 @@ class Summary:
         return figure[side] / figure["off"]
 
 
-def summarise(samples: Sequence[Sample]) -> list[Summary]:
+def summarise(samples: Sequence[ScenarioSample]) -> list[Summary]:
     return [
         Summary(
             scenario,
@@ -210,7 +194,7 @@ def cpu_table(summaries: Sequence[Summary]) -> str:
     return markdown_table(("scenario", "tracing", *(f"{p} CPU ms/req" for p in PROCESSES), "total"), rows)
 
 
-def raw_table(samples: Sequence[Sample]) -> str:
+def raw_table(samples: Sequence[ScenarioSample]) -> str:
     rows = [
         (
             str(s.round + 1),
@@ -230,7 +214,7 @@ def raw_table(samples: Sequence[Sample]) -> str:
 
 
 def report(
-    samples: Sequence[Sample],
+    samples: Sequence[ScenarioSample],
     *,
     host: str,
     date: str,
