@@ -62,9 +62,12 @@ async def test_streams_beyond_the_cap_wait_or_are_refused_never_run(replica: Ser
         # (REFUSED_STREAM: UNAVAILABLE, safe to retry) before they run.
         assert len(opened) == STREAMS, (opened, refused)
         assert all(isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE for e in refused)
-        for task in opened:
-            firsts[task].cancel()
-        # Freed slots serve the next streams (a refused one is retried, as a client with a retry policy does).
+        # Freed slots serve the next streams: those still waiting take them; once all of the first ones are gone, a
+        # new stream opens (a refused one is retried, as a client with a retry policy does).
+        for stream in streams:
+            stream.cancel()
+        for task in pending:
+            task.cancel()
         async with asyncio.timeout(10):
             while True:
                 late = health.Watch(health_pb2.HealthCheckRequest())
@@ -72,13 +75,9 @@ async def test_streams_beyond_the_cap_wait_or_are_refused_never_run(replica: Ser
                     await late.read()
                     break
                 except grpc.aio.AioRpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
                     await asyncio.sleep(0.05)
         late.cancel()
-        for stream in streams:
-            stream.cancel()
-        for task in pending:
-            task.cancel()
 
 
 async def test_a_ping_flood_costs_its_sender_the_connection(replica: ServerRunner) -> None:
