@@ -36,7 +36,7 @@ from aimass.runtime.identity import (
 from aimass.runtime.server import ServerRunner, mesh_listener, serve_process
 from aimass.store.sql import SqlStore
 from aimass.v1 import models_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.service import Context, SchedulerServicer, SchedulerState
+from scheduler.service import Context, SchedulerServicer, SchedulerState, now_ms
 
 if TYPE_CHECKING:
     from aimass.runtime.discovery.leader import ConsulLeader
@@ -164,6 +164,7 @@ class SchedulerApp:
         # Today's LLM tokens per tenant outlive the process (daily quotas): kept in the store every gateway reads.
         self.store = SqlStore(settings.store_url, busy_timeout_s=settings.store.busy_timeout_s)
         self.usage_save_s = max(config.report_interval_s, 1.0)
+        self.audit_retention_ms = settings.auth.audit_retention_days * 86_400_000
         self._tasks: list[asyncio.Task[None]] = []
         self._set_active: Callable[[bool], Awaitable[None]] | None = None
 
@@ -190,6 +191,7 @@ class SchedulerApp:
             loop.create_task(self._follow_registry(self.registry), name="scheduler-registry"),
             loop.create_task(self._expire(), name="scheduler-expiry"),
             loop.create_task(self._save_usage_periodically(), name="scheduler-usage"),
+            loop.create_task(self._prune_audit_hourly(), name="scheduler-audit-retention"),
         ]
 
     async def _load_usage(self) -> None:
@@ -211,6 +213,23 @@ class SchedulerApp:
             if self.active:
                 await self._save_usage()
                 await self._read_weights()
+
+    async def prune_audit(self) -> int:
+        """Deletes audit events older than auth.audit_retention_days; how many went."""
+        deleted = await asyncio.to_thread(self.store.prune_audit, now_ms() - self.audit_retention_ms)
+        if deleted:
+            log.info("audit log: %d events older than the retention deleted", deleted)
+        return deleted
+
+    async def _prune_audit_hourly(self) -> None:
+        """The active scheduler (one per mesh) keeps the audit log within its retention."""
+        while True:
+            if self.active:
+                try:
+                    await self.prune_audit()
+                except Exception as err:  # the store is away: next hour
+                    log.warning("pruning the audit log failed: %s", err)
+            await asyncio.sleep(3600)
 
     async def _read_weights(self) -> None:
         """Tenants' fair-share weights as the store has them (`aimass tenants set NAME --weight W`), over the

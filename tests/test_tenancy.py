@@ -224,3 +224,31 @@ async def test_the_schedulers_tenant_accounting_is_bounded_and_expires() -> None
 
     state.expire(now=int(time.time() * 1000) + 6000)
     assert not state.tenants
+
+
+async def test_the_scheduler_keeps_the_audit_log_within_its_retention() -> None:
+    import time
+
+    from aimass.runtime.config import AuthConfig, Settings
+    from aimass.store.records import AuditEvent
+    from aimass.store.sql import SqlStore
+    from scheduler.app import SchedulerApp
+
+    settings = Settings(auth=AuthConfig(audit_retention_days=30))
+    store = SqlStore.open(settings.store_url)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    store.add_audit(
+        [
+            AuditEvent(at_unix_ms=now - 31 * day, action="keys.create", outcome="ok", target="retention-old"),
+            AuditEvent(at_unix_ms=now - 29 * day, action="keys.create", outcome="ok", target="retention-kept"),
+        ]
+    )
+    app = SchedulerApp(settings)
+    try:
+        assert await app.prune_audit() >= 1
+    finally:
+        app.store.close()
+    targets = {event.target for event in store.list_audit(since_unix_ms=now - 40 * day, limit=10_000)}
+    store.close()
+    assert "retention-kept" in targets and "retention-old" not in targets

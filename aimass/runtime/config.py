@@ -300,6 +300,8 @@ class AuthConfig(BaseModel):
     # Refused credentials are audited; the same refusal (peer, reason) is written once per this many seconds, with
     # a count, so a flood of bad keys cannot flood the store.
     audit_coalesce_s: PositiveFloat = 10.0
+    # Audit events older than this are deleted (by the active scheduler, hourly).
+    audit_retention_days: PositiveInt = 90
 
 
 class MeshTlsConfig(BaseModel):
