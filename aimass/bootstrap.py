@@ -60,16 +60,12 @@ def _write_key(path: Path, key: str) -> None:
     tmp.replace(path)
 
 
-def read_key_file(path: Path) -> str:
-    return path.read_text().strip()
-
-
 def ensure_admin_key(settings: Settings, store: SqlStore) -> tuple[Path, bool]:
     """The admin key file, and whether a new key was made: kept while the store knows its key as usable, made again
     (tenant "admin", every scope, CRITICAL priority) when the file is missing or its key is not usable."""
     path = settings.admin_key_file
     if path.exists():
-        current = read_key_file(path)
+        current = path.read_text().strip()
         if keys.key_id_of(current) is not None:
             record = store.keys_by_hash([keys.hash_key(current)]).get(keys.hash_key(current))
             if record is not None and record.state(int(time.time() * 1000)) == "active":

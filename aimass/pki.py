@@ -257,9 +257,3 @@ def issue(
     _write_private(files.key, _pem_key(key))
     _write_public(files.cert, cert.public_bytes(serialization.Encoding.PEM))
     return files
-
-
-def ensure(pki_dir: Path, *, role: str, name: str, hosts: Sequence[str] = ()) -> CertFiles:
-    """The CA (created once) and a current certificate for ``name`` in ``role``."""
-    init_ca(pki_dir)
-    return issue(pki_dir, role=role, name=name, hosts=hosts)

@@ -108,7 +108,7 @@ class KeyVerifier:
         self._keys: collections.OrderedDict[str, KeyRecord] = collections.OrderedDict()
         # key hash → until when (monotonic) the store did not know it.
         self._unknown: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._lookups: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
         self._tenants: dict[str, TenantRecord] = {}
         self._failures: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
         self._task: asyncio.Task[None] | None = None
@@ -183,28 +183,27 @@ class KeyVerifier:
         until = self._unknown.get(key_hash)
         if until is not None and until > time.monotonic():
             return None
-        # Concurrent first calls with one key share one query.
-        pending = self._lookups.get(key_hash)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
-        self._lookups[key_hash] = future
-        try:
-            found = (await asyncio.to_thread(self.store.keys_by_hash, [key_hash])).get(key_hash)
-            if found is not None and found.tenant_id not in self._tenants:
-                tenant = await asyncio.to_thread(self.store.get_tenant, found.tenant_id)
-                if tenant is not None:
-                    self._tenants[tenant.tenant_id] = tenant
-            self._remember(key_hash, found)
-            future.set_result(found)
-            return found
-        except BaseException as err:
-            future.set_exception(err)
-            raise
-        finally:
-            del self._lookups[key_hash]
-            if not future.cancelled() and future.exception() is not None:
-                future.exception()  # retrieved: the shielded waiters re-raise it
+        # Concurrent first calls with one key share one query, which runs on its own: a caller that goes away does
+        # not cancel it for the others.
+        task = self._lookups.get(key_hash)
+        if task is None:
+            task = self._lookups[key_hash] = asyncio.get_running_loop().create_task(self._fetch(key_hash))
+            task.add_done_callback(lambda done: self._lookup_done(key_hash, done))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, key_hash: str) -> KeyRecord | None:
+        found = (await asyncio.to_thread(self.store.keys_by_hash, [key_hash])).get(key_hash)
+        if found is not None and found.tenant_id not in self._tenants:
+            tenant = await asyncio.to_thread(self.store.get_tenant, found.tenant_id)
+            if tenant is not None:
+                self._tenants[tenant.tenant_id] = tenant
+        self._remember(key_hash, found)
+        return found
+
+    def _lookup_done(self, key_hash: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        del self._lookups[key_hash]
+        if not task.cancelled():
+            task.exception()  # retrieved here too: its callers may all have gone
 
     def _remember(self, key_hash: str, record: KeyRecord | None) -> None:
         if record is None:

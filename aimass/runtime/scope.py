@@ -4,9 +4,8 @@ The gateway builds it from the caller's verified API key (gateway/auth.py) and h
 (``x-aimass-tenant``, ``x-aimass-tenant-weight``, ``x-aimass-max-priority``, ``x-aimass-key-id``) that only the
 gateway may send: replicas accept calls from gateways alone (mesh mTLS, aimass.runtime.identity) and drop nothing a
 caller wrote, because callers never reach them. On a replica, ``ScopeInterceptor`` (aimass.runtime.interceptors)
-reads that metadata and the
-call's deadline into a context variable; handlers, batchers and engines call ``current_scope()`` instead of
-re-reading metadata by hand.
+reads that metadata and the call's deadline into a context variable; handlers, batchers and engines call
+``current_scope()`` instead of re-reading metadata by hand.
 
 Priorities live here too, in one table: ``RequestMeta.priority`` → rank, 0 the most urgent. Batchers keep a queue
 per rank; the LLM engine (vLLM, lower first) takes the rank as its priority class.
@@ -116,12 +115,6 @@ class RequestScope:
         return QueueTerms(
             priority=self.priority(priority), deadline=self.deadline, tenant=self.tenant, weight=self.weight
         )
-
-    def remaining_s(self) -> float | None:
-        """Seconds to the deadline (never below 0), None without one."""
-        if self.deadline is None:
-            return None
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The scope as the metadata a gateway sends replicas (read back by ``from_metadata``)."""
