@@ -17,22 +17,11 @@
 // --vus/--iterations/--duration on the command line override both. A failed status check fails the run.
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
-
-// This script lives in loadtest/k6/; k6 resolves open()'s relative paths from the script's folder.
-const ROOT = '../../';
-
-function resolve(path) {
-  return path.startsWith('/') ? path : ROOT + path;
-}
+import { API_KEY_METADATA, connect, reportFailure } from './mesh.js';
 
 const TARGET = __ENV.TARGET || '127.0.0.1:50051';
 const TEXT = __ENV.TEXT || 'The quick brown fox jumps over the lazy dog.';
 const DEADLINE = __ENV.DEADLINE || '10s';
-// Mesh mTLS (a direct run) when a certificate is given; plaintext (the gateway's front door) otherwise.
-const TLS = __ENV.CERT
-  ? { cacerts: [open(resolve(__ENV.CACERT))], cert: open(resolve(__ENV.CERT)), key: open(resolve(__ENV.CERT_KEY)) }
-  : null;
-const METADATA = __ENV.API_KEY ? { authorization: `Bearer ${__ENV.API_KEY}` } : {};
 
 export const options = {
   vus: Number(__ENV.VUS || 4),
@@ -44,34 +33,23 @@ export const options = {
 };
 
 const client = new grpc.Client();
-let reported = false;
 
 export default function () {
   if (__ITER === 0) {
     // One connection per VU, reused for all its iterations.
-    const params = { reflect: true, timeout: '10s' };
-    if (TLS) {
-      params.tls = TLS;
-    } else {
-      params.plaintext = true;
-    }
-    client.connect(TARGET, params);
+    connect(client, TARGET);
   }
   const response = client.invoke(
     'aimass.v1.NlpService/Embed',
     { texts: [TEXT], normalize: true },
-    { timeout: DEADLINE, metadata: METADATA },
+    { timeout: DEADLINE, metadata: API_KEY_METADATA },
   );
   check(response, {
     'status is OK': (r) => r && r.status === grpc.StatusOK,
     'one 384-d embedding': (r) =>
       r && r.message && r.message.embeddings.length === 1 && r.message.embeddings[0].values.length === 384,
   });
-  if (response && response.status !== grpc.StatusOK && !reported) {
-    // Once per VU: why calls fail (a missing or unknown key says how to get one).
-    reported = true;
-    console.error(`Embed at ${TARGET}: ${response.status} ${response.error && response.error.message}`);
-  }
+  reportFailure(`Embed at ${TARGET}`, response);
 }
 
 export function teardown() {

@@ -25,13 +25,7 @@
 //       -e CACERT="$PKI/ca.crt" -e CERT="$PKI/gateway.crt" -e CERT_KEY="$PKI/gateway.key" loadtest/k6/scenario.js
 import grpc from 'k6/net/grpc';
 import { check } from 'k6';
-
-// This script lives in loadtest/k6/; k6 resolves open()'s relative paths from the script's folder.
-const ROOT = '../../';
-
-function resolve(path) {
-  return path.startsWith('/') ? path : ROOT + path;
-}
+import { API_KEY_METADATA, TLS, connect, reportFailure, resolve } from './mesh.js';
 
 if (!__ENV.CONFIG) {
   throw new Error('give the scenario: -e CONFIG=loadtest/ghz/<name>.json (see python -m loadtest.scenarios list)');
@@ -44,11 +38,6 @@ const METHOD = config.call.replace(/\.([^.]+)$/, '/$1');
 const TARGET = __ENV.TARGET || config.host;
 const DEADLINE = __ENV.DEADLINE || config.timeout || '10s';
 const STREAMING = (config.tags || {}).rpc === 'server-streaming';
-// Mesh mTLS (a direct run) when a certificate is given; plaintext (the gateway's front door) otherwise.
-const TLS = __ENV.CERT
-  ? { cacerts: [open(resolve(__ENV.CACERT))], cert: open(resolve(__ENV.CERT)), key: open(resolve(__ENV.CERT_KEY)) }
-  : null;
-
 function configMetadata() {
   const own = config.metadata || {};
   if (!config['metadata-file']) {
@@ -64,7 +53,7 @@ function configMetadata() {
 // A direct run sends no key: replicas take the gateway's word for who is calling.
 const METADATA = TLS
   ? config.metadata || {}
-  : Object.assign(configMetadata(), __ENV.API_KEY ? { authorization: `Bearer ${__ENV.API_KEY}` } : {});
+  : Object.assign(configMetadata(), API_KEY_METADATA);
 
 export const options = {
   vus: Number(__ENV.VUS || config.concurrency || 1),
@@ -75,18 +64,13 @@ export const options = {
 };
 
 const client = new grpc.Client();
-let reported = false;
 
 function unary() {
   const response = client.invoke(METHOD, REQUEST, { timeout: DEADLINE, metadata: METADATA });
   check(response, {
     'status is OK': (r) => r && r.status === grpc.StatusOK,
   });
-  if (response && response.status !== grpc.StatusOK && !reported) {
-    // Once per VU: why calls fail (a missing or unknown key says how to get one).
-    reported = true;
-    console.error(`${METHOD} at ${TARGET}: ${response.status} ${response.error && response.error.message}`);
-  }
+  reportFailure(`${METHOD} at ${TARGET}`, response);
 }
 
 function serverStream() {
@@ -110,13 +94,7 @@ export default function () {
   try {
     if (__ITER === 0) {
       // One connection per VU, reused for all its iterations.
-      const params = { reflect: true, timeout: '10s' };
-      if (TLS) {
-        params.tls = TLS;
-      } else {
-        params.plaintext = true;
-      }
-      client.connect(TARGET, params);
+      connect(client, TARGET);
     }
     if (STREAMING) {
       serverStream();
