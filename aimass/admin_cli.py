@@ -46,6 +46,7 @@ def when(unix_ms: int) -> str:
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns (the first row is the header), as every ``aimass`` listing prints them."""
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 from aimass import pki
 from aimass.runtime.config import Settings
 from aimass.runtime.identity import ROLE_OPERATOR, MeshCredentials
+from aimass.store.records import now_ms
 from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2
@@ -67,8 +67,9 @@ def ensure_admin_key(settings: Settings, store: SqlStore) -> tuple[Path, bool]:
     if path.exists():
         current = path.read_text().strip()
         if keys.key_id_of(current) is not None:
-            record = store.keys_by_hash([keys.hash_key(current)]).get(keys.hash_key(current))
-            if record is not None and record.state(int(time.time() * 1000)) == "active":
+            key_hash = keys.hash_key(current)
+            record = store.keys_by_hash([key_hash]).get(key_hash)
+            if record is not None and record.usable(now_ms()):
                 return path, False
         log.warning("the admin key in %s is not usable in this store; making a new one", path)
     store.set_tenant(ADMIN_TENANT, max_priority=common_pb2.PRIORITY_CRITICAL)

@@ -139,8 +139,7 @@ def format_instances(instances: Sequence[Instance]) -> str:
     for i in sorted(instances, key=lambda i: (i.kind not in CONTROL_PLANE_KINDS, i.kind, i.address)):
         services = ",".join(s.removeprefix("aimass.v1.") for s in i.services)
         rows.append((i.kind, i.address, i.state_name, str(i.pid), services, ",".join(i.models) or "-"))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return admin_cli.table(rows)
 
 
 def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:

@@ -308,8 +308,7 @@ class _ClientBase:
         self.max_attempts = max_attempts
         self.channel_options = channel_options(max_attempts)
         self.channel_credentials = _credentials(tls, root_certificates)
-        api_key = resolve_api_key(api_key)
-        self._auth: Metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._auth = _auth_metadata(api_key)
 
     def call_options(self, timeout_s: float | None = None, request_id: str | None = None) -> CallOptions:
         """Deadline (the call's, else the client's) and metadata (api key, request id, the caller's current trace

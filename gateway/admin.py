@@ -16,10 +16,10 @@ import grpc
 
 from aimass.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from aimass.runtime.scope import RequestScope, current_scope, priority_name
-from aimass.store.records import AuditEvent, KeyRecord, TenantRecord
+from aimass.store.records import TENANT_LIMIT_FIELDS, AuditEvent, KeyRecord, TenantRecord, now_ms
 from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
-from aimass.tenancy.audit import AuditLog, now_ms
+from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import Limits
 from aimass.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from gateway.auth import KeyVerifier
@@ -29,14 +29,6 @@ T = TypeVar("T")
 ALL_TENANTS = "*"
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
-LIMIT_FIELDS = (
-    "requests_per_second",
-    "max_concurrent",
-    "llm_tokens_per_minute",
-    "llm_tokens_per_day",
-    "max_priority",
-    "weight",
-)
 
 
 def api_key(record: KeyRecord) -> admin_pb2.ApiKey:
@@ -215,7 +207,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         scope = self._caller()
         changes: dict[str, float | int] = {
             field: getattr(request, field)
-            for field in LIMIT_FIELDS
+            for field in TENANT_LIMIT_FIELDS
             if request.HasField(field)  # type: ignore[arg-type]
         }
         if not request.tenant_id:

@@ -12,8 +12,7 @@ every ``auth.refresh_s`` in one query for all of them, with the tenants' limits,
 limit change reaches every gateway within about that long while requests never wait on the store. A key the store
 does not know is remembered as unknown for as long; a host that keeps presenting bad keys (``FAILURES_PER_PEER``
 in ``FAILURE_WINDOW_S``) gets no more new keys looked up until its window passes (keys it already proved keep
-working). Refusals are audited
-(coalesced, aimass.tenancy.audit).
+working). Refusals are audited (coalesced, aimass.tenancy.audit).
 """
 
 from __future__ import annotations
@@ -30,13 +29,13 @@ import prometheus_client
 
 from aimass.runtime.config import AuthConfig, TenantsConfig
 from aimass.runtime.errors import AimassError, PermissionDenied, Unauthenticated
-from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with
+from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with, rule_for
 from aimass.runtime.metadata import metadata_values, tenant_of
 from aimass.runtime.scope import RequestScope, deadline_of, entered, priority_named
-from aimass.store.records import AuditEvent, KeyRecord, TenantRecord
+from aimass.store.records import AuditEvent, KeyRecord, TenantRecord, now_ms
 from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
-from aimass.tenancy.audit import AuditLog, now_ms, peer_host
+from aimass.tenancy.audit import AuditLog, peer_host
 from aimass.tenancy.quotas import Limits, TenantQuotas
 from aimass.v1 import scheduler_pb2
 
@@ -81,10 +80,7 @@ HOW_TO_GET_A_KEY: Final = (
 
 
 def required_scopes(method: str) -> frozenset[str]:
-    exact = METHOD_SCOPES.get(method)
-    if exact is not None:
-        return exact
-    return METHOD_SCOPES.get(method[: method.rfind("/") + 1], frozenset())
+    return rule_for(METHOD_SCOPES, method) or frozenset()
 
 
 def presented_key(metadata: Iterable[Any] | None) -> str:
@@ -311,7 +307,6 @@ class ApiKeyInterceptor(AroundInterceptor):
             AUTH_REFUSED.labels(err.reason).inc()
             self._audit_refusal(method, context, err)
             await abort_with(context, method, err)
-            raise AssertionError("unreachable") from err
         lease = None
         if limits is not None:
             try:

@@ -23,8 +23,8 @@ import grpc
 from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
 from aimass.runtime.errors import AimassError, FailedPrecondition, Unavailable
 from aimass.runtime.scope import current_scope
-from aimass.store.records import AuditEvent
-from aimass.tenancy.audit import AuditLog, now_ms
+from aimass.store.records import AuditEvent, now_ms
+from aimass.tenancy.audit import AuditLog
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata, relay_error
 from gateway.replicas import Replica, ReplicaSet

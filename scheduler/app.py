@@ -34,9 +34,10 @@ from aimass.runtime.identity import (
     process_credentials,
 )
 from aimass.runtime.server import ServerRunner, mesh_listener, serve_process
+from aimass.store.records import now_ms
 from aimass.store.sql import SqlStore
 from aimass.v1 import models_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.service import Context, SchedulerServicer, SchedulerState, now_ms
+from scheduler.service import Context, SchedulerServicer, SchedulerState
 
 if TYPE_CHECKING:
     from aimass.runtime.discovery.leader import ConsulLeader

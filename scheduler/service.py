@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -21,6 +20,7 @@ import prometheus_client
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, InMemoryRegistry, Instance
 from aimass.runtime.errors import AimassError, InvalidArgument, PermissionDenied
 from aimass.runtime.identity import MeshIdentity, peer_identity
+from aimass.store.records import now_ms
 from aimass.tenancy.fair_share import TOKEN_WEIGHTS, TokenWeights
 from aimass.tenancy.quotas import TokenUsage
 from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -43,10 +43,6 @@ REPORTS = prometheus_client.Counter("aimass_scheduler_reports_total", "Reports r
 VIEW_VERSION = prometheus_client.Gauge("aimass_scheduler_view_version", "Version of the routing view.")
 WATCHERS = prometheus_client.Gauge("aimass_scheduler_view_watchers", "Gateways watching the routing view.")
 VIEWS_SENT = prometheus_client.Counter("aimass_scheduler_views_sent_total", "Routing views pushed to watchers.")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SchedulerState:

@@ -21,7 +21,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine, select, text
 
 from aimass.store import AuditEvent, KeyRecord, SqlStore, TenantRecord, schema
-from aimass.store.sql import now_ms
+from aimass.store.records import now_ms
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2
 from tests.postgres import create_database, postgres_binaries, postgres_server

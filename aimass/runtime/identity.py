@@ -26,7 +26,7 @@ from cryptography import x509
 from aimass import pki
 from aimass.runtime.config import Settings
 from aimass.runtime.errors import PermissionDenied, Unauthenticated
-from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with
+from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with, rule_for
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,7 @@ class MeshPolicy:
         self.rules = {key: frozenset(roles) for key, roles in rules.items()}
 
     def allowed(self, method: str) -> frozenset[str]:
-        exact = self.rules.get(method)
-        if exact is not None:
-            return exact
-        service = method[: method.rfind("/") + 1]
-        return self.rules.get(service, frozenset())
+        return rule_for(self.rules, method) or frozenset()
 
     def permits(self, identity: MeshIdentity, method: str) -> bool:
         roles = self.allowed(method)
@@ -195,7 +191,6 @@ class MeshPolicyInterceptor(AroundInterceptor):
                     reason="NO_MESH_IDENTITY",
                 ),
             )
-            raise AssertionError("unreachable")
         if not self.policy.permits(identity, method):
             allowed = sorted(self.policy.allowed(method))
             await abort_with(

@@ -12,8 +12,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -147,6 +147,18 @@ async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
         await behavior_result
 
 
+_Rule = TypeVar("_Rule")
+
+
+def rule_for(rules: Mapping[str, _Rule], method: str) -> _Rule | None:
+    """A method's entry in a table keyed by method ("/aimass.v1.X/Y") or whole service ("/aimass.v1.X/"): its own,
+    else its service's, else None."""
+    found = rules.get(method)
+    if found is None:
+        found = rules.get(method[: method.rfind("/") + 1])
+    return found
+
+
 class AroundInterceptor(grpc.aio.ServerInterceptor):
     """Runs every call except health and reflection inside ``self.around(method, context)``."""
 
@@ -192,7 +204,7 @@ class ErrorMappingInterceptor(AroundInterceptor):
             await abort_with(context, method, exc)
 
 
-async def abort_with(context: Context, method: str, exc: Exception) -> None:
+async def abort_with(context: Context, method: str, exc: Exception) -> NoReturn:
     if isinstance(exc, AimassError):
         info = common_pb2.ErrorInfo(reason=exc.reason, metadata=exc.metadata)
         trailers: list[tuple[str, str | bytes]] = [(ERROR_INFO_KEY, info.SerializeToString())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -18,6 +19,11 @@ TENANT_LIMIT_FIELDS: Final[dict[str, type[float] | type[int]]] = {
 MAX_PRIORITY_VALUE: Final = 4
 
 KeyState = Literal["active", "revoked", "expired"]
+
+
+def now_ms() -> int:
+    """Now as the records' ``*_unix_ms`` fields count it."""
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

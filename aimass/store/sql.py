@@ -24,7 +24,6 @@ import os
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -53,7 +52,14 @@ from sqlalchemy.engine import URL, Connection, RowMapping, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from aimass.store import migrations, schema
-from aimass.store.records import MAX_PRIORITY_VALUE, TENANT_LIMIT_FIELDS, AuditEvent, KeyRecord, TenantRecord
+from aimass.store.records import (
+    MAX_PRIORITY_VALUE,
+    TENANT_LIMIT_FIELDS,
+    AuditEvent,
+    KeyRecord,
+    TenantRecord,
+    now_ms,
+)
 from aimass.tenancy.keys import check_scopes, check_tenant_id, new_key
 
 log = logging.getLogger(__name__)
@@ -71,10 +77,6 @@ _ALEMBIC_LOCK: Final = threading.Lock()
 
 # Alembic's bookkeeping table, read directly: MigrationContext would log its set-up at INFO on every check.
 _version_table = Table(schema.VERSION_TABLE, MetaData(), Column("version_num", String(32), primary_key=True))
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @functools.cache

@@ -34,10 +34,6 @@ class AuditStore(Protocol):
     def add_audit(self, events: list[AuditEvent]) -> None: ...
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def peer_host(peer: str) -> str:
     """ "ipv4:10.0.0.7:51234" → "10.0.0.7": who called, without the connection's ephemeral port."""
     kind, _, rest = peer.partition(":")
