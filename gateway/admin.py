@@ -132,20 +132,6 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             updated_unix_ms=record.updated_unix_ms,
         )
 
-    def _audit(self, scope: RequestScope, context: Context, action: str, target: str, detail: str) -> None:
-        self.audit.record(
-            AuditEvent(
-                at_unix_ms=now_ms(),
-                action=action,
-                outcome="ok",
-                tenant_id=scope.tenant,
-                key_id=scope.key_id,
-                target=target,
-                detail=detail,
-                peer=context.peer(),
-            )
-        )
-
     async def WhoAmI(self, request: admin_pb2.WhoAmIRequest, context: Context) -> admin_pb2.WhoAmIResponse:
         scope = self._caller()
         record = self.verifier.tenant(scope.tenant) or TenantRecord(tenant_id=scope.tenant)
@@ -183,7 +169,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             expires_unix_ms=expires,
             created_by=scope.key_id,
         )
-        self._audit(scope, context, "keys.create", record.key_id, f"tenant={tenant} scopes={','.join(sorted(wanted))}")
+        self.audit.record_action(
+            scope,
+            "keys.create",
+            record.key_id,
+            peer=context.peer(),
+            detail=f"tenant={tenant} scopes={','.join(sorted(wanted))}",
+        )
         return admin_pb2.CreateKeyResponse(key=api_key(record), secret=secret)
 
     async def ListKeys(self, request: admin_pb2.ListKeysRequest, context: Context) -> admin_pb2.ListKeysResponse:
@@ -200,7 +192,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         if record is None:
             raise NotFound(f"key {request.key_id!r} not found", reason="KEY_NOT_FOUND")
         self.verifier.forget_key(record.key_id)
-        self._audit(scope, context, "keys.revoke", record.key_id, f"tenant={record.tenant_id}")
+        self.audit.record_action(
+            scope, "keys.revoke", record.key_id, peer=context.peer(), detail=f"tenant={record.tenant_id}"
+        )
         return admin_pb2.RevokeKeyResponse(key=api_key(record))
 
     async def SetTenant(self, request: admin_pb2.SetTenantRequest, context: Context) -> admin_pb2.SetTenantResponse:
@@ -215,7 +209,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         record = await self._store(self.store.set_tenant, request.tenant_id, **changes)
         self.verifier.tenant_changed(record)
         detail = " ".join(f"{field}={_shown(field, value)}" for field, value in changes.items()) or "no change"
-        self._audit(scope, context, "tenants.set", record.tenant_id, detail)
+        self.audit.record_action(scope, "tenants.set", record.tenant_id, peer=context.peer(), detail=detail)
         return admin_pb2.SetTenantResponse(tenant=self._tenant_message(record))
 
     async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: Context) -> admin_pb2.GetTenantResponse:

@@ -23,7 +23,6 @@ import grpc
 from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
 from aimass.runtime.errors import AimassError, FailedPrecondition, Unavailable
 from aimass.runtime.scope import current_scope
-from aimass.store.records import AuditEvent, now_ms
 from aimass.tenancy.audit import AuditLog
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata, relay_error
@@ -146,18 +145,13 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
             raise
         finally:
             if self.audit is not None:
-                scope = current_scope()
-                self.audit.record(
-                    AuditEvent(
-                        at_unix_ms=now_ms(),
-                        action=action,
-                        outcome=outcome,
-                        tenant_id=scope.tenant,
-                        key_id=scope.key_id,
-                        target=f"{model.name}:{model.version}" if model.version else model.name,
-                        detail=detail,
-                        peer=context.peer(),
-                    )
+                self.audit.record_action(
+                    current_scope(),
+                    action,
+                    f"{model.name}:{model.version}" if model.version else model.name,
+                    peer=context.peer(),
+                    outcome=outcome,
+                    detail=detail,
                 )
 
     async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:

@@ -14,7 +14,17 @@ from collections.abc import Callable, Iterator
 import grpc
 import pytest
 
-from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from aimass.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    models_pb2,
+    models_pb2_grpc,
+    nlp_pb2,
+    nlp_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from tests.live_mesh import LiveMesh
 
 pytestmark = pytest.mark.slow
@@ -117,3 +127,14 @@ def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh:
         placements_until(scheduler, lambda found: found[VADER].last_used_unix_ms > found[MINILM].last_used_unix_ms)
         again = models.LoadModel(models_pb2.LoadModelRequest(model=ref(SPACY)), timeout=60)
         assert [m.name for m in again.evicted] == [MINILM]
+
+        # Each load and unload is in the audit log, under the admin key's tenant, with its outcome.
+        admin = admin_pb2_grpc.AdminServiceStub(gateway)
+        request = admin_pb2.ListAuditEventsRequest(action_prefix="models.", limit=10)
+        events = list(reversed(admin.ListAuditEvents(request, timeout=10).events))
+        assert [(e.action, e.target, e.outcome) for e in events] == [
+            ("models.unload", VADER, "ok"),
+            ("models.load", VADER, "ok"),
+            ("models.load", SPACY, "ok"),
+        ]
+        assert {e.tenant_id for e in events} == {"admin"} and all(e.key_id for e in events)

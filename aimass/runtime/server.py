@@ -96,8 +96,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """gRPC server arguments: message limits and HTTP/2 hygiene (streams per connection, ping enforcement,
     connection idle and age limits), all from ``config``."""
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes),
+        *message_options(config),
         # Without this a second server silently shares the port (SO_REUSEPORT); we want "address in use".
         ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),

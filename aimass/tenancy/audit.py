@@ -19,7 +19,8 @@ from typing import Protocol
 
 import prometheus_client
 
-from aimass.store.records import AuditEvent
+from aimass.runtime.scope import RequestScope
+from aimass.store.records import AuditEvent, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,23 @@ class AuditLog:
             AUDIT_DROPPED.inc()
             return
         self._pending.append(dataclasses.replace(event, peer=peer_host(event.peer)))
+
+    def record_action(
+        self, scope: RequestScope, action: str, target: str, *, peer: str, outcome: str = "ok", detail: str = ""
+    ) -> None:
+        """Queues an admin action taken by the caller of ``scope`` (its tenant and key), from ``peer``."""
+        self.record(
+            AuditEvent(
+                at_unix_ms=now_ms(),
+                action=action,
+                outcome=outcome,
+                tenant_id=scope.tenant,
+                key_id=scope.key_id,
+                target=target,
+                detail=detail,
+                peer=peer,
+            )
+        )
 
     def refused(self, event: AuditEvent) -> None:
         """Queues a refusal, coalescing repeats of the same refusal (the same reason, from the same host, with the
