@@ -18,8 +18,8 @@ import grpc
 import prometheus_client
 
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, InMemoryRegistry, Instance
-from aimass.runtime.errors import AimassError, InvalidArgument, PermissionDenied
-from aimass.runtime.identity import MeshIdentity, peer_identity
+from aimass.runtime.errors import AimassError, InvalidArgument
+from aimass.runtime.identity import MeshIdentity, check_owner, peer_identity
 from aimass.store.records import now_ms
 from aimass.tenancy.fair_share import TOKEN_WEIGHTS, TokenWeights
 from aimass.tenancy.quotas import TokenUsage
@@ -163,8 +163,7 @@ class SchedulerState:
         usage.prompt_tokens += work.prompt_tokens
         usage.completion_tokens += work.completion_tokens
         self.llm_usage.add(tenant, work.prompt_tokens + work.completion_tokens)
-        cost = work.prompt_tokens * self.token_weights.prompt + work.completion_tokens * self.token_weights.completion
-        usage.virtual_tokens += cost / usage.weight
+        usage.virtual_tokens += self.token_weights.cost(work.prompt_tokens, work.completion_tokens) / usage.weight
 
     def set_instances(self, instances: list[Instance]) -> None:
         self.instances = {i.instance_id: i for i in instances if i.kind not in CONTROL_PLANE_KINDS}
@@ -198,18 +197,14 @@ class SchedulerState:
 
     @staticmethod
     def check_reporter(
-        caller: MeshIdentity | None, bindings: dict[str, str], reporter_id: str, owner: str | None = None
+        caller: MeshIdentity | None, bindings: dict[str, str], subject: str, reporter_id: str, owner: str | None = None
     ) -> None:
-        """With mesh TLS, a report for ``reporter_id`` comes from the identity that speaks for it: ``owner`` when
-        the registry knows it, else whoever reported as it first (remembered in ``bindings``)."""
+        """With mesh TLS, a report for ``reporter_id`` (a ``subject``: node, instance) comes from the identity that
+        speaks for it: ``owner`` when the registry knows it, else whoever reported as it first (in ``bindings``)."""
         if caller is None:
             return
         bound = owner or bindings.setdefault(reporter_id, caller.name)
-        if bound != caller.name:
-            raise PermissionDenied(
-                f"{caller} may not report for {reporter_id!r}: it belongs to mesh identity {bound!r}",
-                reason="NOT_OWNER",
-            )
+        check_owner(caller, f"{subject} {reporter_id!r}", bound)
         bindings[reporter_id] = bound
 
     # -- outputs -------------------------------------------------------------------------------------------------
@@ -295,7 +290,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ReportNode(
         self, request: scheduler_pb2.ReportNodeRequest, context: Context
     ) -> scheduler_pb2.ReportNodeResponse:
-        self.state.check_reporter(peer_identity(context), self.state.node_reporters, request.node_id)
+        self.state.check_reporter(peer_identity(context), self.state.node_reporters, "node", request.node_id)
         self.state.record_node(request)
         REPORTS.labels("node").inc()
         await self.state.changed()
@@ -305,7 +300,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ReportLoadRequest, context: Context
     ) -> scheduler_pb2.ReportLoadResponse:
         owner = self.registry.owner(request.instance_id) if self.registry is not None else None
-        self.state.check_reporter(peer_identity(context), self.state.instance_reporters, request.instance_id, owner)
+        self.state.check_reporter(
+            peer_identity(context), self.state.instance_reporters, "instance", request.instance_id, owner
+        )
         self.state.record_load(request)
         REPORTS.labels("load").inc()
         await self.state.changed()

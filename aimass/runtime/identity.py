@@ -64,6 +64,13 @@ def peer_identity(context: Context) -> MeshIdentity | None:
     return None
 
 
+def check_owner(caller: MeshIdentity | None, subject: str, owner: str | None) -> None:
+    """With mesh TLS, only the identity that owns ``subject`` (an instance, a node) may speak for it; PERMISSION_DENIED
+    for any other. No caller identity (mesh TLS off) or no owner yet: nothing to check."""
+    if caller is not None and owner is not None and owner != caller.name:
+        raise PermissionDenied(f"{subject} belongs to mesh identity {owner!r}, not {caller.name!r}", reason="NOT_OWNER")
+
+
 class MeshCredentials:
     """This process's certificate and key, and the CA it trusts."""
 

@@ -19,7 +19,14 @@ import grpc
 
 from aimass.runtime.discovery.base import Instance
 from aimass.runtime.errors import InvalidArgument, NotFound, PermissionDenied
-from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, MeshIdentity, mesh_channel, peer_identity
+from aimass.runtime.identity import (
+    ROLE_SCHEDULER,
+    MeshCredentials,
+    MeshIdentity,
+    check_owner,
+    mesh_channel,
+    peer_identity,
+)
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -145,12 +152,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     def _check_owner(self, caller: MeshIdentity | None, instance_id: str) -> None:
         """With mesh TLS, only the identity that registered an instance may speak for it."""
-        owner = self.store.owner(instance_id)
-        if caller is not None and owner is not None and owner != caller.name:
-            raise PermissionDenied(
-                f"instance {instance_id!r} belongs to mesh identity {owner!r}, not {caller.name!r}",
-                reason="NOT_OWNER",
-            )
+        check_owner(caller, f"instance {instance_id!r}", self.store.owner(instance_id))
 
     async def Register(self, request: registry_pb2.RegisterRequest, context: Context) -> registry_pb2.RegisterResponse:
         instance = request.instance
