@@ -78,6 +78,11 @@ def with_tenant(trailers: Metadata) -> Metadata:
     return (*trailers, (TENANT_KEY, current_scope().tenant))
 
 
+async def relay_trailers(context: Context, call: grpc.aio.Call) -> None:
+    """Ends the caller's call with the replica's trailers (after its last response), plus the tenant."""
+    context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
+
+
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
     trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
     await context.abort(err.code(), err.details() or "", trailing_metadata=with_tenant(trailers))
@@ -296,7 +301,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 finally:
                     target.inflight -= 1
                     self._end_call_span(span, error)
-                context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
+                await relay_trailers(context, call)
                 return response
             raise AssertionError("unreachable")
 
@@ -322,7 +327,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 replica.inflight -= 1
                 call.cancel()
                 self._end_call_span(span, error)
-            context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
+            await relay_trailers(context, call)
             return response
 
         return forward
@@ -348,7 +353,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     await context.send_initial_metadata(initial)
                 async for response in call:
                     yield response
-                context.set_trailing_metadata(with_tenant(tuple(await call.trailing_metadata() or ())))
+                await relay_trailers(context, call)
             except grpc.aio.AioRpcError as err:
                 error = err
                 await relay_error(context, err)
