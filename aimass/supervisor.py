@@ -7,7 +7,6 @@ services first (SIGTERM: they drain) and the gateway last, escalating to SIGKILL
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import logging
 import os
@@ -16,6 +15,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from aimass.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("aimass.supervisor")
 
@@ -96,10 +97,7 @@ class Supervised:
                 log.warning("%s did not stop within %.0fs; killing it", self.spec.name, grace_s)
                 process.kill()
                 await process.wait()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
 
 class Supervisor:

@@ -32,6 +32,7 @@ from aimass.runtime.errors import AimassError, PermissionDenied, Unauthenticated
 from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with, rule_for
 from aimass.runtime.metadata import metadata_values, tenant_of
 from aimass.runtime.scope import RequestScope, deadline_of, entered, priority_named
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import AuditEvent, KeyRecord, TenantRecord, now_ms
 from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
@@ -115,10 +116,7 @@ class KeyVerifier:
         self._task = asyncio.get_running_loop().create_task(self._keep_fresh(), name="key-refresh")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     # -- limits ------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ figures fall back to what the gateway sees itself (its own in-flight counts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -17,6 +16,7 @@ import time
 import grpc
 
 from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -212,9 +212,6 @@ class ViewWatcher:
             delay = min(delay * 2, RETRY_MAX_S)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._channel is not None:
             await self._channel.close()

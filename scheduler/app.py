@@ -14,7 +14,6 @@ one scheduler and no lock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from aimass.runtime.identity import (
     process_credentials,
 )
 from aimass.runtime.server import ServerRunner, mesh_listener, serve_process
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import now_ms
 from aimass.store.sql import SqlStore
 from aimass.v1 import models_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -295,9 +295,7 @@ class SchedulerApp:
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         if self.leader is not None:
             await self.leader.resign()
         await self.registry.close()

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import logging
 
 import grpc
 
 from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.v1 import scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,8 @@ class PeriodicReporter(abc.ABC):
             await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
 
     async def _stop_loop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _close(self) -> None:
         if self._channel is not None:

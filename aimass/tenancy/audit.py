@@ -10,7 +10,6 @@ and counted (``aimass_audit_dropped_total``), so a store that is down cannot gro
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -20,6 +19,7 @@ from typing import Protocol
 import prometheus_client
 
 from aimass.runtime.scope import RequestScope
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import AuditEvent, now_ms
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,6 @@ class AuditLog:
         self._failing = False
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.flush(final=True)

@@ -29,6 +29,7 @@ from aimass.runtime.discovery.consul import (
     MalformedConsulAnswer,
     go_duration,
 )
+from aimass.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +202,8 @@ class ConsulLeader:
 
     async def resign(self) -> None:
         """Stop campaigning; release the lock (the standby takes over without the lock delay) and end the session."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         session, self.session = self.session, ""
         if not session:
             return

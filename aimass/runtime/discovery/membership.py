@@ -10,6 +10,7 @@ import logging
 import grpc
 
 from aimass.runtime.discovery.base import Instance, Registry
+from aimass.runtime.tasks import cancel_and_wait
 from aimass.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Stop heartbeating and deregister, so routers stop sending before the server drains."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(grpc.aio.AioRpcError, OSError):
             await self.registry.deregister(self.instance.instance_id)
