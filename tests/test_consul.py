@@ -426,12 +426,20 @@ async def test_acl_token_is_sent_and_a_refusal_is_reported(caplog: pytest.LogCap
             await bad.close()
 
 
-def test_the_factory_picks_the_backend() -> None:
-    assert type(make_registry(RegistryConfig(), credentials=credentials("nlp"))).__name__ == "RemoteRegistry"
-    consul_registry = make_registry(RegistryConfig(backend="consul"), credentials=credentials("nlp"))
-    assert isinstance(consul_registry, ConsulRegistry)
-    # (How its gRPC checks dial follows each instance's listener label, not the registering process's credentials.)
-    assert isinstance(make_registry(RegistryConfig(backend="consul"), credentials=None), ConsulRegistry)
+async def test_the_factory_picks_the_backend() -> None:
+    # Inside an event loop, as processes make them: grpc.aio channels belong to the loop that creates them.
+    made = [
+        make_registry(RegistryConfig(), credentials=credentials("nlp")),
+        make_registry(RegistryConfig(backend="consul"), credentials=credentials("nlp")),
+        # (How its gRPC checks dial follows each instance's listener label, not the registering process's credentials.)
+        make_registry(RegistryConfig(backend="consul"), credentials=None),
+    ]
+    try:
+        assert type(made[0]).__name__ == "RemoteRegistry"
+        assert isinstance(made[1], ConsulRegistry) and isinstance(made[2], ConsulRegistry)
+    finally:
+        for registry in made:
+            await registry.close()
 
 
 # -- leadership ----------------------------------------------------------------------------------------------------
