@@ -1,21 +1,23 @@
 """Which model a raw request names, read straight from its wire bytes, so the gateway can send it to a replica
-that holds the model (several LLM processes, one model each) without deserialising the whole request.
+that holds the model (several LLM processes, one model each) without deserialising the whole request in Python.
 
-Only the top level of the message is walked, skipping every other field by its length; images and audio are
-never copied. The ModelRef itself is a few bytes and is parsed normally.
+The request is parsed as a message type that has only the ``model`` field (a ModelRef at the request's own field
+number): protobuf's C parser reads that field and skips every other one by its length, so images and audio cost a
+copy at C speed, not a walk in Python (which took ~0.4 s per MiB of small fields on the gateway's event loop).
 """
 
 from __future__ import annotations
 
+import functools
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from aimass.v1 import common_pb2
 
 MODEL_REF = "aimass.v1.ModelRef"
-
-# Wire types (https://protobuf.dev/programming-guides/encoding/).
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
+PEEK_PACKAGE = "aimass.gateway.peek"
 
 
 def model_field_number(request_type: Descriptor) -> int | None:
@@ -26,42 +28,34 @@ def model_field_number(request_type: Descriptor) -> int | None:
     return int(field.number)
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
+@functools.cache
+def _peek_type(field_number: int) -> type[Message]:
+    """A message type whose only field is ``ModelRef model = field_number`` (one per field number in use)."""
+    name = f"ModelAt{field_number}"
+    file = descriptor_pb2.FileDescriptorProto(
+        name=f"aimass/gateway/peek/model_at_{field_number}.proto",
+        package=PEEK_PACKAGE,
+        syntax="proto3",
+        dependency=[common_pb2.DESCRIPTOR.name],
+    )
+    file.message_type.add(name=name).field.add(
+        name="model",
+        number=field_number,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        type_name=f".{MODEL_REF}",
+    )
+    pool = descriptor_pool.Default()
+    pool.AddSerializedFile(file.SerializeToString())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PEEK_PACKAGE}.{name}"))
 
 
 def requested_model(data: bytes, field_number: int) -> str:
     """ModelRef.name of field ``field_number`` in the serialized message ``data``; "" when absent or unreadable
-    (the replica then parses the request itself and answers any error)."""
-    pos = 0
-    name = ""
+    (the replica then parses the request itself and answers any error). Repeated occurrences of the field merge,
+    as protobuf merges them: the last name set wins."""
     try:
-        while pos < len(data):
-            key, pos = _varint(data, pos)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == VARINT:
-                _, pos = _varint(data, pos)
-            elif wire_type == I64:
-                pos += 8
-            elif wire_type == I32:
-                pos += 4
-            elif wire_type == LEN:
-                length, pos = _varint(data, pos)
-                if number == field_number:
-                    # Protobuf merges repeated occurrences of a message field; the last name set wins.
-                    name = common_pb2.ModelRef.FromString(data[pos : pos + length]).name or name
-                pos += length
-            else:
-                return ""
-    except (ValueError, DecodeError):
+        peeked = _peek_type(field_number).FromString(data)
+    except (DecodeError, RuntimeError, ValueError):
         return ""
-    return name
+    return str(peeked.model.name)  # type: ignore[attr-defined]

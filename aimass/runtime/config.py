@@ -27,6 +27,30 @@ def default_state_dir() -> Path:
     return Path(base) / "aimass"
 
 
+class DeadlineConfig(BaseModel):
+    """How long a call may run on a server: ``default_s`` when the caller set no deadline, and never longer than
+    ``max_s`` (a longer deadline is cut to it). 0 turns either off."""
+
+    default_s: float = Field(ge=0)
+    max_s: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> DeadlineConfig:
+        if self.max_s and self.default_s > self.max_s:
+            raise ValueError(f"default_s ({self.default_s}) is longer than max_s ({self.max_s})")
+        return self
+
+
+# The mesh's own long-lived streams (registry watches, the scheduler's view and report streams) run for as long as
+# their processes do; they have no deadline of their own.
+MESH_INTERNAL_DEADLINES: dict[str, DeadlineConfig] = {
+    "/aimass.v1.RegistryService/": DeadlineConfig(default_s=0, max_s=0),
+    "/aimass.v1.SchedulerService/": DeadlineConfig(default_s=0, max_s=0),
+    # Loading a model (an LLM engine on a CPU) can take minutes.
+    "/aimass.v1.ModelService/LoadModel": DeadlineConfig(default_s=900, max_s=3600),
+}
+
+
 class ServerConfig(BaseModel):
     """How one gRPC server listens, admits work and drains."""
 
@@ -36,8 +60,20 @@ class ServerConfig(BaseModel):
     # The host others dial, registered with the registry. Empty: ``host``, or when ``host`` is a wildcard
     # (0.0.0.0, ::) this machine's address on the route to the registry.
     advertise_host: str = ""
-    # Requests in flight (executing or queued) beyond which new ones get RESOURCE_EXHAUSTED.
+    # Unary calls in flight (executing or queued) beyond which new ones get RESOURCE_EXHAUSTED.
     max_inflight: PositiveInt = 512
+    # Streaming calls (any side streams: LLM generations, live transcription, uploads) open at once, counted apart
+    # from unary calls so long-lived streams cannot starve short calls, nor the other way round.
+    max_streams: PositiveInt = 256
+    # The most of each of those two pools one tenant may hold at once (a tenant from a verified API key or the
+    # gateway's metadata; a caller with neither counts per connection): one caller cannot take every slot.
+    tenant_share: float = Field(default=0.5, gt=0, le=1)
+    # Every call runs under a deadline: the caller's, cut to max_s; or default_s when it sent none. Past it the call
+    # is stopped and answers DEADLINE_EXCEEDED. Unary calls and streams have their own; method_deadlines overrides
+    # them per method ("/aimass.v1.LlmService/Chat") or per service ("/aimass.v1.LlmService/").
+    unary_deadline: DeadlineConfig = DeadlineConfig(default_s=120, max_s=900)
+    stream_deadline: DeadlineConfig = DeadlineConfig(default_s=3600, max_s=4 * 3600)
+    method_deadlines: dict[str, DeadlineConfig] = Field(default_factory=lambda: dict(MESH_INTERNAL_DEADLINES))
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     # On SIGTERM: report NOT_SERVING, wait drain_delay_s so routers stop sending, then give in-flight and queued
     # work up to drain_grace_s to finish before stopping.
@@ -122,6 +158,10 @@ class GatewayConfig(BaseModel):
     server: ServerConfig = ServerConfig(
         port=50051,
         max_inflight=4096,
+        max_streams=2048,
+        # Requests to the largest services pass through (speech and vision take 32 MiB; their replicas check the
+        # documented per-field limits and say which was passed).
+        max_message_bytes=32 * 1024 * 1024,
         max_concurrent_streams=256,
         min_ping_interval_s=10.0,
         max_connection_idle_s=300,

@@ -10,15 +10,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import descriptor_pool
 from prometheus_client import Counter, Gauge, Histogram
 
-from aimass.runtime.errors import AimassError, InvalidArgument, ResourceExhausted
+from aimass.runtime.config import DeadlineConfig
+from aimass.runtime.errors import AimassError, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from aimass.runtime.metadata import (
     ERROR_INFO_KEY,
     REPLICA_KEY,
@@ -26,7 +30,7 @@ from aimass.runtime.metadata import (
     new_request_id,
     request_id_of,
 )
-from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered
+from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered, held_deadline, held_to
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -40,7 +44,11 @@ LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 INFLIGHT = Gauge("aimass_inflight_requests", "RPCs admitted and not yet finished")
-REJECTED = Counter("aimass_admission_rejected_total", "RPCs refused because the server was full")
+REJECTED = Counter(
+    "aimass_admission_rejected_total",
+    "RPCs refused at admission: the server was full (SERVER_FULL) or the caller held its share (TENANT_INFLIGHT_LIMIT)",
+    ["reason"],
+)
 
 # Health and reflection must answer even when the server is saturated or draining.
 UNMETERED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -69,11 +77,15 @@ Behavior = Callable[..., Any]
 Around = Callable[[str, Context], contextlib.AbstractAsyncContextManager[None]]
 
 
-def wrap_handler(handler: Handler, method: str, around: Around, *, parse_requests: bool = False) -> Handler:
+def wrap_handler(
+    handler: Handler, method: str, around: Around, *, parse_requests: bool = False, bounded: bool = False
+) -> Handler:
     """Return ``handler`` with its behaviour run inside ``around(method, context)``.
 
     With ``parse_requests`` the handler receives raw bytes and deserialises them inside ``around``, so a
     malformed message becomes a clear INVALID_ARGUMENT instead of grpc's generic deserialisation failure.
+    With ``bounded`` the behaviour is cancelled at the deadline ``around`` holds the call to (``held_deadline``):
+    ``around`` sees a TimeoutError.
     """
     deserialize = handler.request_deserializer
     parse: Callable[[Any], Any] = _parser(deserialize) if parse_requests and deserialize else (lambda raw: raw)
@@ -85,7 +97,10 @@ def wrap_handler(handler: Handler, method: str, around: Around, *, parse_request
     def unary_response(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: Context) -> Any:
             async with around(method, context):
-                return await behavior(arguments(request), context)
+                if not bounded:
+                    return await behavior(arguments(request), context)
+                async with asyncio.timeout_at(held_deadline()):
+                    return await behavior(arguments(request), context)
 
         return run
 
@@ -93,7 +108,10 @@ def wrap_handler(handler: Handler, method: str, around: Around, *, parse_request
         # Must itself be an async generator function: grpc.aio inspects it to pick how to read the responses.
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
             async with around(method, context):
-                async for item in _stream_of(behavior(arguments(request), context)):
+                responses = _stream_of(behavior(arguments(request), context))
+                if bounded:
+                    responses = _until(responses, held_deadline())
+                async for item in responses:
                     yield item
 
         return run
@@ -138,6 +156,19 @@ async def _parsed_stream(requests: AsyncIterator[bytes], parse: Callable[[bytes]
         yield parse(raw)
 
 
+async def _until(items: AsyncIterator[Any], deadline: float | None) -> AsyncIterator[Any]:
+    """``items``, each awaited under ``deadline`` (TimeoutError past it). The timeout covers only the wait for the
+    next item, never the ``yield``: grpc writes the item in between, and a cancellation must not land there."""
+    iterator = aiter(items)
+    while True:
+        async with asyncio.timeout_at(deadline):
+            try:
+                item = await anext(iterator)
+            except StopAsyncIteration:
+                return
+        yield item
+
+
 async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
     # aio streaming handlers are async generators, or coroutines that write through context.write().
     if hasattr(behavior_result, "__aiter__"):
@@ -145,6 +176,21 @@ async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
             yield item
     else:
         await behavior_result
+
+
+UNKNOWN_METHOD = "(unknown method)"
+
+
+@functools.lru_cache(maxsize=4096)
+def metric_method(method: str) -> str:
+    """``method`` as a metric label when it names a method of a service this process knows (its generated code
+    is imported), else UNKNOWN_METHOD: callers choose method names, and a series each would grow /metrics forever."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    try:
+        descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]
+    except KeyError:
+        return UNKNOWN_METHOD
+    return method
 
 
 _Rule = TypeVar("_Rule")
@@ -163,6 +209,8 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
     """Runs every call except health and reflection inside ``self.around(method, context)``."""
 
     parse_requests = False
+    # Whether the handler is cancelled at the deadline this interceptor holds the call to (see wrap_handler).
+    bounds_deadline = False
 
     def __init__(self) -> None:
         # gRPC asks the interceptors for every call; services hand out the same handler object per method each
@@ -172,6 +220,12 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
     def around(self, method: str, context: Context) -> contextlib.AbstractAsyncContextManager[None]:
         raise NotImplementedError
 
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        """``handler`` run inside ``around``; interceptors that treat streams apart bind the call kind here."""
+        return wrap_handler(
+            handler, method, self.around, parse_requests=self.parse_requests, bounded=self.bounds_deadline
+        )
+
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         method = details.method
@@ -180,7 +234,7 @@ class AroundInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = wrap_handler(handler, method, self.around, parse_requests=self.parse_requests)
+        wrapped = self.wrap(handler, method)
         if len(self._wrapped) < MAX_CACHED_METHODS:
             self._wrapped[method] = (handler, wrapped)
         return wrapped
@@ -217,16 +271,78 @@ async def abort_with(context: Context, method: str, exc: Exception) -> NoReturn:
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; see server log")
 
 
-class AdmissionInterceptor(AroundInterceptor):
-    """Bounded admission: at most ``max_inflight`` RPCs at once, beyond that RESOURCE_EXHAUSTED at once.
+@dataclass
+class SlotPool:
+    """Slots of one kind of call (unary calls, or streams): at most ``limit`` held at once, and at most
+    ``per_holder`` by any one holder (a tenant, or a connection)."""
 
-    Queues deeper in the stack (batchers) have their own bounds; this one protects the process as a whole.
+    kind: str
+    limit: int
+    per_holder: int
+    held: int = 0
+    by_holder: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def refusal(self, holder: str, method: str) -> ResourceExhausted | None:
+        """Why a call of ``holder`` may not take a slot now, or None when it may."""
+        if self.held >= self.limit:
+            return ResourceExhausted(
+                f"server is at capacity ({self.held} {self.kind} in flight, limit {self.limit}); "
+                f"{method} was not started, retry later",
+                reason="SERVER_FULL",
+                metadata={"limit": str(self.limit)},
+            )
+        if self.by_holder[holder] >= self.per_holder:
+            who = f"tenant {holder.removeprefix('tenant:')!r}" if holder.startswith("tenant:") else "this connection"
+            return ResourceExhausted(
+                f"{who} already has {self.by_holder[holder]} {self.kind} in flight on this server, its fair share of "
+                f"the {self.limit} there are; {method} was not started: retry when some of them have finished",
+                reason="TENANT_INFLIGHT_LIMIT",
+                metadata={"limit": str(self.per_holder)},
+            )
+        return None
+
+    def take(self, holder: str) -> None:
+        self.held += 1
+        self.by_holder[holder] += 1
+
+    def give_back(self, holder: str) -> None:
+        self.held -= 1
+        self.by_holder[holder] -= 1
+        if not self.by_holder[holder]:
+            del self.by_holder[holder]  # bounded by the calls in flight, not by every holder ever seen
+
+
+def per_holder_limit(limit: int, share: float) -> int:
+    return max(1, int(limit * share))
+
+
+class AdmissionInterceptor(AroundInterceptor):
+    """Bounded, fair admission: at most ``max_inflight`` unary calls and ``max_streams`` streaming calls at once,
+    each holder (a tenant, or a connection where no tenant is vouched for) at most ``tenant_share`` of either;
+    beyond that RESOURCE_EXHAUSTED at once, before any work starts.
+
+    Streams live long (an LLM generation, a live transcription), so they have their own pool: a flood of idle
+    streams cannot take the slots unary calls need, and the other way round. Queues deeper in the stack
+    (batchers) have their own bounds; this one protects the process as a whole.
     """
 
-    def __init__(self, max_inflight: int) -> None:
+    def __init__(
+        self,
+        max_inflight: int,
+        *,
+        max_streams: int | None = None,
+        tenant_share: float = 1.0,
+        trust_tenant: bool = True,
+    ) -> None:
         super().__init__()
         self.max_inflight = max_inflight
-        self.inflight = 0
+        self.unary = SlotPool("requests", max_inflight, per_holder_limit(max_inflight, tenant_share))
+        streams = max_streams or max_inflight
+        self.streams = SlotPool("streams", streams, per_holder_limit(streams, tenant_share))
+        # Replicas trust the tenant in the gateway's metadata (only mesh peers reach them); a gateway trusts only a
+        # tenant it verified from an API key: with auth off a caller names its own tenant, so it counts per
+        # connection instead.
+        self.trust_tenant = trust_tenant
         # RPCs finished (any status) and when the last did: load reports turn these into rates and recency.
         self.completed = 0
         self.last_completed_unix_ms = 0
@@ -238,32 +354,43 @@ class AdmissionInterceptor(AroundInterceptor):
         # work (taken every report, so it stays as small as the tenants of one report window).
         self._completed_by_method_tenant: collections.Counter[tuple[str, str]] = collections.Counter()
 
+    @property
+    def inflight(self) -> int:
+        """Calls admitted and not yet finished, unary and streaming."""
+        return self.unary.held + self.streams.held
+
     def take_completed_by_method_tenant(self) -> collections.Counter[tuple[str, str]]:
         """RPCs finished per (method, tenant) since the previous call."""
         taken, self._completed_by_method_tenant = self._completed_by_method_tenant, collections.Counter()
         return taken
 
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        pool = self.unary if handler.unary_unary else self.streams
+        return wrap_handler(handler, method, functools.partial(self._admitted, pool=pool))
+
+    def around(self, method: str, context: Context) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._admitted(method, context, pool=self.unary)
+
+    def _holder(self, context: Context) -> str:
+        scope = current_scope()
+        if scope.tenant and (self.trust_tenant or scope.key_id):
+            return f"tenant:{scope.tenant}"
+        return f"peer:{context.peer()}"
+
     @contextlib.asynccontextmanager
-    async def around(self, method: str, context: Context) -> AsyncIterator[None]:
-        if self.inflight >= self.max_inflight:
-            REJECTED.inc()
-            await abort_with(
-                context,
-                method,
-                ResourceExhausted(
-                    f"server is at capacity ({self.inflight} requests in flight, limit {self.max_inflight}); "
-                    f"{method} was not started, retry later",
-                    reason="SERVER_FULL",
-                    metadata={"limit": str(self.max_inflight)},
-                ),
-            )
-        self.inflight += 1
+    async def _admitted(self, method: str, context: Context, *, pool: SlotPool) -> AsyncIterator[None]:
+        holder = self._holder(context)
+        refusal = pool.refusal(holder, method)
+        if refusal is not None:
+            REJECTED.labels(refusal.reason).inc()
+            await abort_with(context, method, refusal)
+        pool.take(holder)
         self.inflight_by_method[method] += 1
         INFLIGHT.inc()
         try:
             yield
         finally:
-            self.inflight -= 1
+            pool.give_back(holder)
             self.inflight_by_method[method] -= 1
             self.completed += 1
             self.completed_by_method[method] += 1
@@ -276,6 +403,56 @@ class AdmissionInterceptor(AroundInterceptor):
             self._completed_by_method_tenant[key] += 1
             self.last_completed_unix_ms = self.last_completed_unix_ms_by_method[method] = int(time.time() * 1000)
             INFLIGHT.dec()
+
+
+class DeadlineInterceptor(AroundInterceptor):
+    """Every call runs under a deadline: the caller's, cut to its method's maximum, or the method's default when the
+    caller set none (``ServerConfig.unary_deadline`` / ``stream_deadline`` / ``method_deadlines``). Past it the
+    handler is cancelled and the caller gets DEADLINE_EXCEEDED; batchers and forwarded calls see the same deadline
+    (``scope.deadline_of``)."""
+
+    bounds_deadline = True
+
+    def __init__(
+        self,
+        unary: DeadlineConfig,
+        stream: DeadlineConfig,
+        by_method: Mapping[str, DeadlineConfig] | None = None,
+    ) -> None:
+        super().__init__()
+        self.unary_rule = unary
+        self.stream_rule = stream
+        self.by_method = dict(by_method or {})
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        rule = rule_for(self.by_method, method) or (self.unary_rule if handler.unary_unary else self.stream_rule)
+        return wrap_handler(handler, method, functools.partial(self._held, rule=rule), bounded=True)
+
+    def around(self, method: str, context: Context) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._held(method, context, rule=rule_for(self.by_method, method) or self.unary_rule)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, method: str, context: Context, *, rule: DeadlineConfig) -> AsyncIterator[None]:
+        now = asyncio.get_running_loop().time()
+        asked = context.time_remaining()
+        if asked is None:
+            allowed = rule.default_s or None
+            source = f"the server's default for {method} ({rule.default_s:g} s; set a deadline to choose another)"
+        elif rule.max_s and asked > rule.max_s:
+            allowed = rule.max_s
+            source = f"the most {method} may run ({rule.max_s:g} s; the call asked for {asked:.0f} s)"
+        else:
+            allowed = asked
+            source = "the caller's deadline"
+        with held_to(None if allowed is None else now + allowed):
+            try:
+                yield
+            except TimeoutError:
+                await abort_with(
+                    context,
+                    method,
+                    DeadlineExceeded(f"{method} ran past {source} and was stopped", reason="SERVER_DEADLINE"),
+                )
 
 
 class TelemetryInterceptor(AroundInterceptor):
@@ -339,8 +516,9 @@ class TelemetryInterceptor(AroundInterceptor):
     def _record(self, method: str, peer: str | None, started: float, code: str, request_id: str) -> None:
         """Metrics always; the access-log line when ``peer`` was read for it."""
         elapsed = time.perf_counter() - started
-        REQUESTS.labels(method, code).inc()
-        LATENCY.labels(method).observe(elapsed)
+        label = metric_method(method)
+        REQUESTS.labels(label, code).inc()
+        LATENCY.labels(label).observe(elapsed)
         if peer is not None:
             access_log.info("%s %s %.2fms peer=%s request_id=%s", method, code, elapsed * 1000, peer, request_id or "-")
 

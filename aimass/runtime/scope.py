@@ -176,7 +176,36 @@ def entered(scope: RequestScope) -> Any:
         _CURRENT.reset(token)
 
 
+# The deadline the server holds the current call to (the caller's, cut to the method's maximum, or the method's
+# default when the caller set none), on the event loop's clock; set by DeadlineInterceptor.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("aimass_call_deadline", default=None)
+
+
+@contextlib.contextmanager
+def held_to(deadline: float | None) -> Any:
+    """Makes ``deadline`` the current call's deadline for the code inside."""
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
+
+
+def held_deadline() -> float | None:
+    """The deadline the server holds the current call to (None outside a call, or with none)."""
+    return _DEADLINE.get()
+
+
 def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    """The call's deadline on the event loop's clock."""
+    """The call's deadline on the event loop's clock: the one the server holds it to, else the caller's."""
+    held = _DEADLINE.get()
+    if held is not None:
+        return held
     remaining = context.time_remaining()
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def time_remaining(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """Seconds left before the call's deadline (``deadline_of``), for the timeout of calls made on its behalf."""
+    deadline = deadline_of(context)
+    return None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())

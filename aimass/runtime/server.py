@@ -38,7 +38,12 @@ from aimass.runtime.discovery import (
     ReportsReachability,
 )
 from aimass.runtime.identity import MeshCredentials, MeshPolicy, MeshPolicyInterceptor
-from aimass.runtime.interceptors import AdmissionInterceptor, ErrorMappingInterceptor, TelemetryInterceptor
+from aimass.runtime.interceptors import (
+    AdmissionInterceptor,
+    DeadlineInterceptor,
+    ErrorMappingInterceptor,
+    TelemetryInterceptor,
+)
 from aimass.runtime.logs import configure_logging
 from aimass.runtime.replica import ReplicaRole
 from aimass.v1 import common_pb2, models_pb2
@@ -193,7 +198,13 @@ class ServerRunner:
         self.advertised_host = advertised_host(config, registry_address)
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_STARTING
         self.health = health.aio.HealthServicer()
-        self.admission = AdmissionInterceptor(config.max_inflight)
+        self.admission = AdmissionInterceptor(
+            config.max_inflight,
+            max_streams=config.max_streams,
+            tenant_share=config.tenant_share,
+            # Replicas take the tenant from their gateways' metadata; elsewhere a tenant counts only when verified.
+            trust_tenant=replica is not None,
+        )
         self.port = 0
         self.membership: Membership | None = None
         self._server: grpc.aio.Server | None = None
@@ -219,8 +230,8 @@ class ServerRunner:
         return self._server
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """Outermost first: trace, meter and log every call; decide who may make it (listener); the replica's
-        request scope; admission; then errors become statuses next to the handler."""
+        """Outermost first: trace, meter and log every call; hold it to its deadline; decide who may make it
+        (listener); the replica's request scope; admission; then errors become statuses next to the handler."""
         replica = self.replica
         interceptors: list[grpc.aio.ServerInterceptor] = [
             TelemetryInterceptor(
@@ -229,6 +240,7 @@ class ServerRunner:
                 # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
                 replica_id=None if replica is None else lambda: self.instance_id,
             ),
+            DeadlineInterceptor(self.config.unary_deadline, self.config.stream_deadline, self.config.method_deadlines),
             *self.listener.interceptors,
             *(replica.interceptors() if replica is not None else ()),
             self.admission,
