@@ -59,3 +59,18 @@ def test_every_process_serves_metrics_that_move(mesh: LocalMesh) -> None:
     readings = scrape(mesh.metrics_address("node-agent"))
     assert value(readings, "aimass_device_memory_total_bytes", kind="CPU") > 2**30
     assert value(readings, "aimass_device_memory_used_bytes", kind="CPU") > 0
+
+
+def test_made_up_method_names_do_not_grow_the_gateways_metrics(mesh: LocalMesh) -> None:
+    """Callers choose method names: each made-up one is answered UNIMPLEMENTED and counted under one label, so a
+    flood of them cannot grow /metrics (1,500 once made it 58 times larger)."""
+    with mesh.channel(key_for("metrics")) as channel:
+        for i in range(300):
+            name = f"/aimass.v1.NlpService/Invented{i}" if i % 2 else f"/x{i}.Y/Z"
+            made_up: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(name)
+            with contextlib.suppress(grpc.RpcError):
+                made_up(b"", timeout=5)
+    metrics = scrape(mesh.metrics_address("gateway"))
+    names = {dict(labels).get("method", "") for _, labels in metrics}
+    assert not any("Invented" in name or name.startswith("/x") for name in names)
+    assert value(metrics, "aimass_requests_total", method="(unknown method)", code="UNIMPLEMENTED") >= 300
