@@ -117,7 +117,7 @@ async def serving(config: ServerConfig) -> AsyncIterator[Server]:
     server = grpc.aio.server(
         interceptors=[
             TelemetryInterceptor(access_log_enabled=False),
-            DeadlineInterceptor(config.unary_deadline, config.stream_deadline, config.method_deadlines),
+            DeadlineInterceptor(config.unary_deadline, config.stream_deadline, config.deadline_rules),
             ScopeInterceptor(),
             admission,
             ErrorMappingInterceptor(),

@@ -73,7 +73,8 @@ class ServerConfig(BaseModel):
     # them per method ("/aimass.v1.LlmService/Chat") or per service ("/aimass.v1.LlmService/").
     unary_deadline: DeadlineConfig = DeadlineConfig(default_s=120, max_s=900)
     stream_deadline: DeadlineConfig = DeadlineConfig(default_s=3600, max_s=4 * 3600)
-    method_deadlines: dict[str, DeadlineConfig] = Field(default_factory=lambda: dict(MESH_INTERNAL_DEADLINES))
+    method_deadlines: dict[str, DeadlineConfig] = Field(default_factory=dict)
+
     max_message_bytes: PositiveInt = 16 * 1024 * 1024
     # On SIGTERM: report NOT_SERVING, wait drain_delay_s so routers stop sending, then give in-flight and queued
     # work up to drain_grace_s to finish before stopping.
@@ -99,6 +100,11 @@ class ServerConfig(BaseModel):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def deadline_rules(self) -> dict[str, DeadlineConfig]:
+        """method_deadlines over the mesh's own (which a config may override, e.g. a longer LoadModel)."""
+        return {**MESH_INTERNAL_DEADLINES, **self.method_deadlines}
 
 
 class BatchingConfig(BaseModel):

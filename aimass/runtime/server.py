@@ -240,7 +240,7 @@ class ServerRunner:
                 # Replicas name themselves in a trailer (x-aimass-replica); the gateway relays theirs.
                 replica_id=None if replica is None else lambda: self.instance_id,
             ),
-            DeadlineInterceptor(self.config.unary_deadline, self.config.stream_deadline, self.config.method_deadlines),
+            DeadlineInterceptor(self.config.unary_deadline, self.config.stream_deadline, self.config.deadline_rules),
             *self.listener.interceptors,
             *(replica.interceptors() if replica is not None else ()),
             self.admission,
