@@ -22,7 +22,7 @@ import grpc
 
 from aimass.runtime.catalogue import describe, merge, require_model_name, select, unknown_model
 from aimass.runtime.errors import AimassError, FailedPrecondition, Unavailable
-from aimass.runtime.scope import current_scope
+from aimass.runtime.scope import current_scope, time_remaining
 from aimass.tenancy.audit import AuditLog
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.forwarder import Metadata, forwarded_metadata, relay_error
@@ -60,7 +60,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
     ) -> list[T]:
         """``call`` on every healthy replica at once; the answers of those that gave one (``absent``: an expected
         "I don't have it" status, not worth a warning)."""
-        remaining = context.time_remaining()
+        remaining = time_remaining(context)
         timeout = self.replica_timeout_s if remaining is None else min(self.replica_timeout_s, remaining)
         # The caller's request id and trace context follow the question to every replica.
         metadata = forwarded_metadata(context)
@@ -177,7 +177,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
                     allow_eviction=True,
                     modality=info.modality,
                 ),
-                timeout=context.time_remaining(),
+                timeout=time_remaining(context),
                 metadata=metadata,
             )
         except grpc.aio.AioRpcError as err:
@@ -207,7 +207,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
                     model=model,
                     target=models_pb2.PlacementTarget(instance_id=placement.instance_id),
                 ),
-                timeout=context.time_remaining(),
+                timeout=time_remaining(context),
                 metadata=metadata,
             )
         except (grpc.aio.AioRpcError, Unavailable) as err:
@@ -266,7 +266,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
         async def unload(replica: Replica) -> models_pb2.UnloadModelResponse | grpc.aio.AioRpcError:
             try:
                 return await models_pb2_grpc.ModelServiceStub(replica.channel).UnloadModel(
-                    request, timeout=context.time_remaining(), metadata=metadata
+                    request, timeout=time_remaining(context), metadata=metadata
                 )
             except grpc.aio.AioRpcError as err:
                 return err
@@ -281,7 +281,7 @@ class MeshModelServicer(models_pb2_grpc.ModelServiceServicer):
             await relay_error(context, refused[0])
         await scheduler.EvictModel(
             scheduler_pb2.EvictModelRequest(model=request.model, target=target, reason="unloaded by an admin"),
-            timeout=context.time_remaining(),
+            timeout=time_remaining(context),
             metadata=metadata,
         )
         return models_pb2.UnloadModelResponse(unloaded=unloaded, freed_bytes=sum(r.memory_bytes for r in unloaded))
