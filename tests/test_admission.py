@@ -19,7 +19,8 @@ import grpc
 import prometheus_client
 import pytest
 
-from aimass.runtime.config import DeadlineConfig, ServerConfig
+from aimass.local_mesh import free_port
+from aimass.runtime.config import BatchingConfig, DeadlineConfig, NlpConfig, ServerConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.interceptors import (
     UNKNOWN_METHOD,
@@ -32,8 +33,11 @@ from aimass.runtime.interceptors import (
 )
 from aimass.runtime.metadata import ERROR_INFO_KEY, TENANT_KEY
 from aimass.runtime.scope import current_scope
-from aimass.v1 import common_pb2
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+from services.nlp.engine import NlpEngine
 from tests.eventually import eventually
+from tests.inprocess_mesh import InProcessMesh, mesh_settings
+from tests.security import key_for
 
 UNARY = "/aimass.v1.NlpService/Sentiment"
 STREAM = "/aimass.v1.LlmService/Chat"
@@ -281,3 +285,33 @@ async def test_made_up_method_names_share_one_metric_series() -> None:
     assert metric_method("/aimass.v1.NlpService/Embed") == "/aimass.v1.NlpService/Embed"
     assert metric_method("/aimass.v1.NlpService/Nope") == UNKNOWN_METHOD
     assert metric_method("garbage") == UNKNOWN_METHOD
+
+
+async def test_through_the_gateway_one_tenant_cannot_take_every_slot(nlp_engine: NlpEngine) -> None:
+    """The real gateway in front of a real NLP replica whose batches wait 400 ms to fill: a tenant with three calls
+    in flight is refused its third (its share of the gateway's four slots is two), while another tenant's two go
+    through, and everything admitted is answered."""
+    settings = mesh_settings(free_port())
+    gateway = settings.gateway.model_copy(
+        update={"server": settings.gateway.server.model_copy(update={"max_inflight": 4, "tenant_share": 0.5})}
+    )
+    mesh = InProcessMesh(settings.model_copy(update={"gateway": gateway}), nlp_engine)
+    slow = NlpConfig(embed_batching=BatchingConfig(max_batch_size=64, max_queue_delay_ms=400))
+    await mesh.start(nlp=slow)
+    greedy, polite = mesh.channel(key_for("greedy")), mesh.channel(key_for("polite"))
+    try:
+        embed = nlp_pb2.EmbedRequest(texts=["held a while"])
+        calls = [nlp_pb2_grpc.NlpServiceStub(greedy).Embed(embed, timeout=20) for _ in range(3)]
+        calls += [nlp_pb2_grpc.NlpServiceStub(polite).Embed(embed, timeout=20) for _ in range(2)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(refused) == 1, results
+        assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason_of(refused[0]) == (
+            "TENANT_INFLIGHT_LIMIT"
+        )
+        assert "tenant 'greedy' already has 2 requests in flight" in (refused[0].details() or "")
+        assert sum(isinstance(r, nlp_pb2.EmbedResponse) for r in results[3:]) == 2  # the other tenant: both served
+    finally:
+        await greedy.close()
+        await polite.close()
+        await mesh.stop()
