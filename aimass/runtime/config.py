@@ -189,6 +189,19 @@ class GatewayConfig(BaseModel):
     # hanging until their deadlines. 0 turns pings off.
     keepalive_s: float = Field(default=2.0, ge=0)
     keepalive_timeout_s: PositiveFloat = 2.0
+    # Poison requests: a call whose replica dies under it (the connection breaks, no answer from the replica) counts
+    # a crash against the request's fingerprint (method + a hash of its bytes). A first crash may be a bystander of
+    # a kill, so the call is retried once elsewhere; once poison_max_crashes distinct replicas died serving the same
+    # bytes, the caller gets INTERNAL (reason POISON_REQUEST) and identical requests are refused at the gateway
+    # until poison_ttl_s after the last crash. 1 would fail every bystander of a SIGKILL; 2 costs at most two
+    # replicas per poison request per poison_ttl_s.
+    poison_max_crashes: PositiveInt = 2
+    poison_ttl_s: PositiveFloat = 600.0
+    # Fingerprints remembered at most (about 300 bytes each); past it the oldest crash is forgotten first.
+    poison_max_entries: PositiveInt = 10_000
+    # A replica whose connection broke under a call is left out of routing this long while others serve (the
+    # registry drops a dead one after registry.ttl_s); calls sent to it meanwhile that fail count no crash. 0: off.
+    crash_eject_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewayConfig:
