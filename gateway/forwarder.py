@@ -4,6 +4,15 @@ A generic handler answers every method of the contract with a handler of the met
 calls take grpc's fast unary path), picks a replica through the Router, and passes the deadline, the caller's
 metadata and cancellation through. Errors from the replica reach the client unchanged, trailers included.
 
+A unary call (or a server stream before its first response) whose replica answers UNAVAILABLE is sent once more to
+another replica. When the replica did not answer at all (the connection broke: it crashed, was killed or cut off),
+the request may have been what killed it: each such crash is counted against the request's fingerprint (method and
+a hash of its bytes) in a ``CrashTable``. A first crash may be a bystander of a kill, so the call is retried; once
+``poison_max_crashes`` replicas died under the same bytes the caller gets INTERNAL (reason POISON_REQUEST) and
+identical requests are refused here, unsent, until the entry expires. Every other call a dead replica had is
+answered UNAVAILABLE (reason REPLICA_CRASHED, naming it), logged and counted, never dropped: streams after their
+first response, client streams, calls with no other replica to go to.
+
 Every routing decision is counted (``aimass_gateway_routed_total``), and so is every retry. With tracing on
 (aimass.runtime.tracing) the gateway's server span gets a "route" child (the router, the candidates, the chosen
 replica and the figures it was chosen on) and a CLIENT span per call to a replica; the caller's trace headers are
@@ -12,10 +21,14 @@ replaced by that span's, so the replica's server span is its child and the trace
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import grpc
 from opentelemetry import trace
@@ -24,8 +37,17 @@ from prometheus_client import Counter
 
 from aimass.runtime import contract, tracing
 from aimass.runtime.catalogue import default_model_label
+from aimass.runtime.config import GatewayConfig
+from aimass.runtime.errors import AimassError, Unavailable
 from aimass.runtime.interceptors import Handler
-from aimass.runtime.metadata import INTERNAL_PREFIX, REQUEST_ID_KEY, TENANT_KEY, new_request_id, request_id_of
+from aimass.runtime.metadata import (
+    INTERNAL_PREFIX,
+    REPLICA_KEY,
+    REQUEST_ID_KEY,
+    TENANT_KEY,
+    new_request_id,
+    request_id_of,
+)
 from aimass.runtime.scope import current_scope
 from gateway.model_routing import model_field_number, requested_model
 from gateway.replicas import Replica, ReplicaSet
@@ -46,8 +68,22 @@ RETRIES = Counter(
     "Unary calls sent again to another replica, by service and the status of the failed attempt",
     ["service", "code"],
 )
+REPLICA_FAILURES = Counter(
+    "aimass_gateway_replica_failures_total",
+    "Calls whose replica gave no answer (the connection broke: it crashed, was killed or cut off), by service and "
+    "what the caller got: retried (on another replica), reported (UNAVAILABLE, reason REPLICA_CRASHED) or poison "
+    "(INTERNAL, reason POISON_REQUEST)",
+    ["service", "outcome"],
+)
+POISON_REFUSALS = Counter(
+    "aimass_gateway_poison_refusals_total",
+    "Requests refused at the gateway without being sent: the same bytes crashed gateway.poison_max_crashes replicas",
+    ["service"],
+)
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
+# Requests from this size on are hashed in a thread (blake2b: ~1 ms per MiB), off the event loop.
+HASH_IN_THREAD_BYTES = 1 << 20
 
 # Transport headers that grpc sets per hop, and the caller's credentials (verified here, never passed on); everything
 # else the caller sent (traceparent, x-request-id, its own labels) passes through, except the mesh's own x-aimass-*
@@ -88,6 +124,162 @@ async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
     await context.abort(err.code(), err.details() or "", trailing_metadata=with_tenant(trailers))
 
 
+class PoisonRequest(AimassError):
+    """INTERNAL: the same request bytes crashed replicas; sending them again would crash more."""
+
+    default_reason = "POISON_REQUEST"
+
+
+class ReplicaCrashed(Unavailable):
+    """UNAVAILABLE: the replica serving the call died under it and the call could not be run elsewhere."""
+
+    default_reason = "REPLICA_CRASHED"
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """One request's identity: its method, size and a 128-bit blake2b of its bytes."""
+
+    method: str
+    size: int
+    digest: bytes
+
+    @property
+    def short(self) -> str:
+        """What messages and logs show (enough to match reports to each other)."""
+        return self.digest.hex()[:16]
+
+
+async def fingerprint(method: str, request: bytes) -> Fingerprint:
+    if len(request) >= HASH_IN_THREAD_BYTES:
+        digest = await asyncio.to_thread(lambda: hashlib.blake2b(request, digest_size=16).digest())
+    else:
+        digest = hashlib.blake2b(request, digest_size=16).digest()
+    return Fingerprint(method, len(request), digest)
+
+
+@dataclass(slots=True)
+class CrashRecord:
+    # The replicas (instance id → address) that died serving these bytes, in order.
+    replicas: dict[str, str] = field(default_factory=dict)
+    last_s: float = 0.0
+
+
+class CrashTable:
+    """Per request fingerprint, the distinct replicas that died while serving it; an entry is forgotten ``ttl_s``
+    after its last crash, when a replica answers the same bytes, or (the oldest first) past ``max_entries``.
+
+    A fingerprint is poison once ``max_crashes`` replicas died under it. Most requests never need hashing: the
+    table also counts its entries by (method, size), and only a request whose method and size match one is hashed.
+    """
+
+    def __init__(
+        self, *, max_crashes: int, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_crashes = max_crashes
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        # Least recent crash first (an entry moves to the end when it crashes again).
+        self._entries: collections.OrderedDict[Fingerprint, CrashRecord] = collections.OrderedDict()
+        self._shapes: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._poison_shapes: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._entries)
+
+    def is_poison(self, record: CrashRecord) -> bool:
+        return len(record.replicas) >= self.max_crashes
+
+    def may_hold(self, method: str, size: int) -> bool:
+        """Whether a request of ``method`` and ``size`` bytes may have an entry (a cheap test before hashing)."""
+        if not self._entries:
+            return False
+        self._expire()
+        return self._shapes[(method, size)] > 0
+
+    def may_be_poison(self, method: str, size: int) -> bool:
+        if not self._poison_shapes:
+            return False
+        self._expire()
+        return self._poison_shapes[(method, size)] > 0
+
+    def get(self, key: Fingerprint) -> CrashRecord | None:
+        self._expire()
+        return self._entries.get(key)
+
+    def record(self, key: Fingerprint, instance_id: str, address: str) -> CrashRecord:
+        """Counts a crash of replica ``instance_id`` under ``key`` (once per replica) and returns the entry."""
+        self._expire()
+        record = self._entries.get(key)
+        if record is None:
+            while len(self._entries) >= self.max_entries:
+                self._remove(*self._entries.popitem(last=False))
+            record = self._entries[key] = CrashRecord()
+            self._shapes[(key.method, key.size)] += 1
+        else:
+            self._entries.move_to_end(key)
+        was_poison = self.is_poison(record)
+        record.replicas.setdefault(instance_id, address)
+        record.last_s = self.clock()
+        if self.is_poison(record) and not was_poison:
+            self._poison_shapes[(key.method, key.size)] += 1
+        return record
+
+    def forget(self, key: Fingerprint) -> None:
+        record = self._entries.pop(key, None)
+        if record is not None:
+            self._remove(key, record)
+
+    def expires_in(self, record: CrashRecord) -> float:
+        return max(0.0, record.last_s + self.ttl_s - self.clock())
+
+    def _expire(self) -> None:
+        horizon = self.clock() - self.ttl_s
+        while self._entries:
+            key, record = next(iter(self._entries.items()))
+            if record.last_s > horizon:
+                return
+            del self._entries[key]
+            self._remove(key, record)
+
+    def _remove(self, key: Fingerprint, record: CrashRecord) -> None:
+        shape = (key.method, key.size)
+        for counts in (self._shapes, self._poison_shapes) if self.is_poison(record) else (self._shapes,):
+            counts[shape] -= 1
+            if counts[shape] <= 0:
+                del counts[shape]
+
+
+def answered_by_replica(err: grpc.aio.AioRpcError) -> bool:
+    """Whether the replica itself answered (its servers name themselves in a trailer on every status), as opposed
+    to the call failing under it (the connection broke, or it was never reached)."""
+    return any(key == REPLICA_KEY for key, _ in err.trailing_metadata() or ())
+
+
+def crashed_under(err: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE with no answer from the replica: it died, was killed or cut off while the call was on it (a
+    draining replica answers UNAVAILABLE itself, with its trailer and a reason)."""
+    return err.code() == grpc.StatusCode.UNAVAILABLE and not answered_by_replica(err)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call's tries: the request's fingerprint once computed, and the replicas tried."""
+
+    method: str
+    service: str
+    request: bytes | None  # None: a client stream (its requests cannot be fingerprinted nor sent again)
+    key: Fingerprint | None = None
+    tried: list[Replica] = field(default_factory=list)
+
+    async def fingerprint(self) -> Fingerprint | None:
+        if self.key is None and self.request is not None:
+            self.key = await fingerprint(self.method, self.request)
+        return self.key
+
+
 class Forwarder(grpc.GenericRpcHandler):
     def __init__(
         self,
@@ -99,11 +291,18 @@ class Forwarder(grpc.GenericRpcHandler):
         retry_unavailable: bool = True,
         router_name: str = "",
         tracer: Tracer | None = None,
+        config: GatewayConfig | None = None,
     ) -> None:
         self.replicas = replicas
         self.router = router
         self.router_name = router_name or type(router).__name__
         self.retry_unavailable = retry_unavailable
+        # Poison containment and crash ejection (the gateway's config; its defaults when none is given).
+        config = config or GatewayConfig()
+        self.crashes = CrashTable(
+            max_crashes=config.poison_max_crashes, ttl_s=config.poison_ttl_s, max_entries=config.poison_max_entries
+        )
+        self.eject_s = config.crash_eject_s
         # None: tracing is off and no span work is done.
         self._tracer = tracer
         self._trace_headers = tracing.trace_header_names() if tracer is not None else frozenset()
@@ -170,6 +369,11 @@ class Forwarder(grpc.GenericRpcHandler):
             candidates = holding or candidates
         if exclude is not None and len(candidates) > 1:
             candidates = [r for r in candidates if r is not exclude]
+        if len(candidates) > 1 and self.eject_s:
+            # Replicas whose connection just broke are left out while others serve (likely dead: the registry
+            # drops them after its TTL).
+            now = time.monotonic()
+            candidates = [r for r in candidates if not r.down_at(now, self.eject_s)] or candidates
         choice = self.router.choose(service, candidates) if candidates else None
         if choice is not None:
             routed = self._routed.get((service, choice.instance.instance_id))
@@ -257,21 +461,187 @@ class Forwarder(grpc.GenericRpcHandler):
         if not kind.client_streaming and not kind.server_streaming:
             return grpc.unary_unary_rpc_method_handler(self._unary_unary(method, service))
         if not kind.client_streaming:
-            return grpc.unary_stream_rpc_method_handler(self._streaming(method, service, client_streaming=False))
+            return grpc.unary_stream_rpc_method_handler(self._unary_stream(method, service))
         if not kind.server_streaming:
             return grpc.stream_unary_rpc_method_handler(self._stream_unary(method, service))
-        return grpc.stream_stream_rpc_method_handler(self._streaming(method, service, client_streaming=True))
+        return grpc.stream_stream_rpc_method_handler(self._stream_stream(method, service))
+
+    async def _refuse_poison(self, attempt: Attempt, context: Context) -> None:
+        """Refuses, unsent, a request whose bytes crashed ``max_crashes`` replicas (INTERNAL, POISON_REQUEST)."""
+        request = attempt.request
+        if request is None or not self.crashes.may_be_poison(attempt.method, len(request)):
+            return
+        key = await attempt.fingerprint()
+        record = None if key is None else self.crashes.get(key)
+        if key is None or record is None or not self.crashes.is_poison(record):
+            return
+        POISON_REFUSALS.labels(attempt.service).inc()
+        ago = time.monotonic() - record.last_s
+        log.warning(
+            "%s refused unsent: fingerprint %s crashed %s", attempt.method, key.short, ", ".join(record.replicas)
+        )
+        self._fail(
+            context,
+            PoisonRequest(
+                f"{attempt.method} refused without being sent: this exact request ({key.size} bytes, fingerprint "
+                f"{key.short}) crashed {len(record.replicas)} replicas ({', '.join(record.replicas)}), the last "
+                f"{ago:.0f} s ago; the gateway refuses it for {self.crashes.expires_in(record):.0f} s more. It likely "
+                f"triggers a bug in {attempt.service}: change the request, or report it with this fingerprint",
+                metadata=self._poison_facts(key, record),
+            ),
+        )
+
+    def _poison_facts(self, key: Fingerprint, record: CrashRecord) -> dict[str, str]:
+        return {
+            "fingerprint": key.short,
+            "replicas": ",".join(record.replicas),
+            "retry_after_s": f"{self.crashes.expires_in(record):.0f}",
+        }
+
+    @staticmethod
+    def _fail(context: Context, error: AimassError) -> NoReturn:
+        """Ends the call with ``error`` (the error interceptor maps it), the tenant trailer included."""
+        context.set_trailing_metadata(with_tenant(()))
+        raise error
+
+    async def _answered(self, attempt: Attempt, replica: Replica) -> None:
+        """The replica answered the request itself (any status): it is up, and the request did not crash it."""
+        replica.answered()
+        request = attempt.request
+        if request is not None and self.crashes.may_hold(attempt.method, len(request)):
+            key = await attempt.fingerprint()
+            if key is not None:
+                self.crashes.forget(key)
+
+    async def _after_failure(
+        self, attempt: Attempt, err: grpc.aio.AioRpcError, started: float, context: Context, *, responses: int = 0
+    ) -> Replica:
+        """After a try failed with ``err``: the replica to try next, or the caller's answer (this raises).
+
+        The replica's own UNAVAILABLE (draining, without the model) is retried once elsewhere; any other answer of
+        its own is relayed unchanged. No answer at all (the connection broke) is a crash, counted against the
+        request unless the replica was already known down when the call began; poison after ``max_crashes``."""
+        target = attempt.tried[-1]
+        if not crashed_under(err):
+            if answered_by_replica(err):
+                await self._answered(attempt, target)
+            unavailable = err.code() == grpc.StatusCode.UNAVAILABLE and responses == 0
+            retry = self._retry(attempt, crashed=False) if unavailable else None
+            if retry is None:
+                await relay_error(context, err)
+                raise AssertionError("unreachable") from err
+            log.info(
+                "%s unavailable on %s; retrying on %s", attempt.method, target.instance.address, retry.instance.address
+            )
+            RETRIES.labels(attempt.service, err.code().name).inc()
+            return retry
+        now = time.monotonic()
+        bystander = target.down_at(started, self.eject_s)
+        if target.mark_down(now, self.eject_s):
+            log.warning(
+                "replica %s at %s gave no answer (%s): left out of routing for %.0f s while others serve",
+                target.instance.instance_id,
+                target.instance.address,
+                err.details(),
+                self.eject_s,
+            )
+        record: CrashRecord | None = None
+        key = None if bystander else await attempt.fingerprint()
+        if key is not None:
+            record = self.crashes.record(key, target.instance.instance_id, target.instance.address)
+            if self.crashes.is_poison(record):
+                REPLICA_FAILURES.labels(attempt.service, "poison").inc()
+                log.error(
+                    "%s: fingerprint %s crashed %d replicas (%s); refusing it for %.0f s",
+                    attempt.method,
+                    key.short,
+                    len(record.replicas),
+                    ", ".join(record.replicas),
+                    self.crashes.ttl_s,
+                )
+                self._fail(
+                    context,
+                    PoisonRequest(
+                        f"{attempt.method} failed: replicas {', '.join(record.replicas)} each crashed while serving "
+                        f"this exact request ({key.size} bytes, fingerprint {key.short}), so it is not sent again; "
+                        f"the gateway refuses it for the next {self.crashes.ttl_s:.0f} s. It likely triggers a bug in "
+                        f"{attempt.service}: change the request, or report it with this fingerprint",
+                        metadata=self._poison_facts(key, record),
+                    ),
+                )
+        # A request with no crash before this one may have been a bystander of a kill: it is run again elsewhere.
+        first_crash = record is None or len(record.replicas) == 1
+        retry = self._retry(attempt, crashed=True) if responses == 0 and first_crash else None
+        if retry is not None:
+            REPLICA_FAILURES.labels(attempt.service, "retried").inc()
+            RETRIES.labels(attempt.service, err.code().name).inc()
+            log.info(
+                "%s unavailable on %s; retrying on %s (replica %s gave no answer: %s)",
+                attempt.method,
+                target.instance.address,
+                retry.instance.address,
+                target.instance.instance_id,
+                err.details(),
+            )
+            return retry
+        REPLICA_FAILURES.labels(attempt.service, "reported").inc()
+        why = self._why_not_retried(attempt, responses, record)
+        log.warning(
+            "%s: replica %s gave no answer (%s); %s", attempt.method, target.instance.instance_id, err.details(), why
+        )
+        self._fail(
+            context,
+            ReplicaCrashed(
+                f"replica {target.instance.instance_id} at {target.instance.address} stopped answering while serving "
+                f"{attempt.method} (the connection broke: {err.details()}); {why}",
+                metadata={"replica": target.instance.instance_id},
+            ),
+        )
+
+    def _retry(self, attempt: Attempt, *, crashed: bool) -> Replica | None:
+        """A replica for a request's second and last try, or None. After a crash, never the same one."""
+        if len(attempt.tried) > 1 or attempt.request is None or not self.retry_unavailable:
+            return None
+        target = attempt.tried[-1]
+        retry = self._pick(attempt.service, target, method=attempt.method, request=attempt.request)
+        if retry is None or (crashed and retry is target):
+            return None
+        return retry
+
+    def _why_not_retried(self, attempt: Attempt, responses: int, record: CrashRecord | None) -> str:
+        if attempt.request is None:
+            return "a client stream is not sent again (its requests were consumed): start it again"
+        if responses:
+            return (
+                f"{responses} response(s) of the stream had reached you, and a stream is not sent again once data "
+                "flowed: start it again"
+            )
+        if record is not None and len(record.replicas) > 1:
+            others = [iid for iid in record.replicas if iid != attempt.tried[-1].instance.instance_id]
+            return f"this exact request had crashed {', '.join(others)} before, so it is not sent again"
+        if len(attempt.tried) > 1:
+            return f"it had been tried on {attempt.tried[0].instance.instance_id} first; retry later"
+        if not self.retry_unavailable:
+            return "retries are off (gateway.retry_unavailable): retry it"
+        return f"no other replica of {attempt.service} could take it: retry when one is up"
+
+    def _try(self, attempt: Attempt, replica: Replica, metadata: Metadata) -> tuple[Span | None, Metadata]:
+        attempt.tried.append(replica)
+        return self._call_span(attempt.method, replica, len(attempt.tried), metadata)
 
     def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
         async def forward(request: bytes, context: Context) -> bytes:
+            attempt = Attempt(method, service, request)
+            await self._refuse_poison(attempt, context)
             replica = self._pick(service, method=method, request=request)
             if replica is None:
                 await self._no_replica(context, service)
                 raise AssertionError("unreachable")
             metadata = forwarded_metadata(context)
-            for attempt in (1, 2):
+            while True:
                 target = replica
-                span, call_metadata = self._call_span(method, target, attempt, metadata)
+                span, call_metadata = self._try(attempt, target, metadata)
+                started = time.monotonic()
                 call = target.unary_unary(method)(request, timeout=context.time_remaining(), metadata=call_metadata)
                 target.inflight += 1
                 error: grpc.aio.AioRpcError | None = None
@@ -281,39 +651,26 @@ class Forwarder(grpc.GenericRpcHandler):
                     error = err
                     # UNAVAILABLE: the replica is down, draining, cut off or without the model. It may have started
                     # the call before dying, but inference has no side effects, so running it again is safe.
-                    retry = (
-                        self._pick(service, target, method=method, request=request)
-                        if attempt == 1 and err.code() == grpc.StatusCode.UNAVAILABLE and self.retry_unavailable
-                        else None
-                    )
-                    if retry is not None:
-                        log.info(
-                            "%s unavailable on %s; retrying on %s",
-                            method,
-                            target.instance.address,
-                            retry.instance.address,
-                        )
-                        RETRIES.labels(service, err.code().name).inc()
-                        replica = retry
-                        continue
-                    await relay_error(context, err)
-                    raise AssertionError("unreachable") from err
+                    replica = await self._after_failure(attempt, err, started, context)
+                    continue
                 finally:
                     target.inflight -= 1
                     self._end_call_span(span, error)
+                await self._answered(attempt, target)
                 await relay_trailers(context, call)
                 return response
-            raise AssertionError("unreachable")
 
         return forward
 
     def _stream_unary(self, method: str, service: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
+            attempt = Attempt(method, service, None)
             replica = self._pick(service)
             if replica is None:
                 await self._no_replica(context, service)
                 raise AssertionError("unreachable")
-            span, metadata = self._call_span(method, replica, 1, forwarded_metadata(context))
+            span, metadata = self._try(attempt, replica, forwarded_metadata(context))
+            started = time.monotonic()
             call = replica.stream_unary(method)(requests, timeout=context.time_remaining(), metadata=metadata)
             replica.inflight += 1
             error: grpc.aio.AioRpcError | None = None
@@ -321,30 +678,75 @@ class Forwarder(grpc.GenericRpcHandler):
                 response: bytes = await call
             except grpc.aio.AioRpcError as err:
                 error = err
-                await relay_error(context, err)
+                await self._after_failure(attempt, err, started, context)
                 raise AssertionError("unreachable") from err
             finally:
                 replica.inflight -= 1
                 call.cancel()
                 self._end_call_span(span, error)
+            replica.answered()
             await relay_trailers(context, call)
             return response
 
         return forward
 
-    def _streaming(self, method: str, service: str, *, client_streaming: bool) -> Callable[[Any, Context], Any]:
-        async def forward(request: Any, context: Context) -> AsyncIterator[bytes]:
-            replica = self._pick(service, method=method, request=b"" if client_streaming else request)
+    def _unary_stream(self, method: str, service: str) -> Callable[[bytes, Context], AsyncIterator[bytes]]:
+        async def forward(request: bytes, context: Context) -> AsyncIterator[bytes]:
+            attempt = Attempt(method, service, request)
+            await self._refuse_poison(attempt, context)
+            replica = self._pick(service, method=method, request=request)
             if replica is None:
                 await self._no_replica(context, service)
                 return
-            timeout = context.time_remaining()
-            span, metadata = self._call_span(method, replica, 1, forwarded_metadata(context))
-            call: Any
-            if client_streaming:
-                call = replica.stream_stream(method)(request, timeout=timeout, metadata=metadata)
-            else:
-                call = replica.unary_stream(method)(request, timeout=timeout, metadata=metadata)
+            metadata = forwarded_metadata(context)
+            while True:
+                target = replica
+                span, call_metadata = self._try(attempt, target, metadata)
+                started = time.monotonic()
+                call = target.unary_stream(method)(request, timeout=context.time_remaining(), metadata=call_metadata)
+                target.inflight += 1
+                error: grpc.aio.AioRpcError | None = None
+                responses = 0
+                try:
+                    try:
+                        message = await call.read()
+                    except grpc.aio.AioRpcError as err:
+                        # Nothing reached the caller yet: the stream may go to another replica, as a unary call.
+                        error = err
+                        replica = await self._after_failure(attempt, err, started, context)
+                        continue
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await context.send_initial_metadata(initial)
+                    # Raw bytes until grpc.aio.EOF (no deserialiser: the replica's messages pass through as written).
+                    while isinstance(message, bytes):
+                        yield message
+                        responses += 1
+                        message = await call.read()
+                    await self._answered(attempt, target)
+                    await relay_trailers(context, call)
+                    return
+                except grpc.aio.AioRpcError as err:
+                    error = err
+                    await self._after_failure(attempt, err, started, context, responses=responses)
+                finally:
+                    target.inflight -= 1
+                    # The client went away or the deadline passed: stop the replica's work too.
+                    call.cancel()
+                    self._end_call_span(span, error)
+
+        return forward
+
+    def _stream_stream(self, method: str, service: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
+        async def forward(requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+            attempt = Attempt(method, service, None)
+            replica = self._pick(service)
+            if replica is None:
+                await self._no_replica(context, service)
+                return
+            span, metadata = self._try(attempt, replica, forwarded_metadata(context))
+            started = time.monotonic()
+            call = replica.stream_stream(method)(requests, timeout=context.time_remaining(), metadata=metadata)
             replica.inflight += 1
             error: grpc.aio.AioRpcError | None = None
             try:
@@ -353,10 +755,12 @@ class Forwarder(grpc.GenericRpcHandler):
                     await context.send_initial_metadata(initial)
                 async for response in call:
                     yield response
+                replica.answered()
                 await relay_trailers(context, call)
             except grpc.aio.AioRpcError as err:
                 error = err
-                await relay_error(context, err)
+                # Never sent again (the requests were consumed); a crash is reported naming the replica.
+                await self._after_failure(attempt, err, started, context)
             finally:
                 replica.inflight -= 1
                 # The client went away or the deadline passed: stop the replica's work too.

@@ -24,7 +24,26 @@ class Replica:
     channel: grpc.aio.Channel
     # Requests this gateway has in flight on the replica (routers may use it).
     inflight: int = 0
+    # When (time.monotonic()) a call here last failed without an answer from the replica (the connection broke: it
+    # died, was killed or cut off); None once it answers again.
+    failed_at: float | None = None
     _calls: dict[str, Any] = field(default_factory=dict)
+
+    def mark_down(self, now: float, window_s: float) -> bool:
+        """Records that a call's connection broke at ``now``; True when that is news (the replica was not already
+        known down within ``window_s``), which the gateway logs once."""
+        if self.down_at(now, window_s):
+            return False
+        self.failed_at = now
+        return True
+
+    def answered(self) -> None:
+        """The replica answered a call itself (any status): it is up."""
+        self.failed_at = None
+
+    def down_at(self, when: float, window_s: float) -> bool:
+        """Whether the replica was known down at ``when``: its connection broke at most ``window_s`` before."""
+        return self.failed_at is not None and 0 <= when - self.failed_at <= window_s
 
     def unary_unary(self, method: str) -> RawUnary:
         call = self._calls.get(method)
