@@ -200,5 +200,31 @@ def test_a_model_loaded_nowhere_is_placed_with_its_measured_footprint(
             )
 
 
-def test_log_shows_placement(two_nlp: LocalMesh) -> None:
-    assert "placing en_core_web_sm:1 on" in two_nlp.log_text()
+def test_a_load_logs_where_it_placed_the_model(
+    two_nlp: LocalMesh, models: models_pb2_grpc.ModelServiceStub, scheduler: scheduler_pb2_grpc.SchedulerServiceStub
+) -> None:
+    """An operator reads in the gateway's log where a load put a model: name, version, device and replica."""
+    info = describe(models, "vader")
+    first = sorted(r.instance_id for r in info.replicas)[0]
+    on_first = models_pb2.PlacementTarget(instance_id=first)
+    logged_from = len(two_nlp.log_text())
+    try:
+        models.UnloadModel(models_pb2.UnloadModelRequest(model=ref("vader"), target=on_first), timeout=30)
+        placements_until(scheduler, "vader", lambda found: first not in {p.instance_id for p in found})
+        loaded = models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader"), target=on_first), timeout=60)
+        assert loaded.replica.instance_id == first and not loaded.already_loaded
+        found = placements_until(
+            scheduler,
+            "vader",
+            lambda found: any(
+                p.instance_id == first and p.state == scheduler_pb2.PLACEMENT_STATE_LOADED for p in found
+            ),
+        )
+        device = next(p.device_id for p in found if p.instance_id == first)
+        line = f"placing vader:{info.default_version} on {device} ({first})"
+        deadline = time.monotonic() + 10
+        while line not in two_nlp.log_text()[logged_from:]:
+            assert time.monotonic() < deadline, f"the gateway never logged {line!r}"
+            time.sleep(0.1)
+    finally:
+        models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader"), target=on_first), timeout=60)
