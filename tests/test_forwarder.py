@@ -524,6 +524,7 @@ async def test_a_crash_after_stream_data_is_reported_naming_the_replica(
     assert received == ["one", "two"]
     err = caught.value
     assert err.code() == grpc.StatusCode.UNAVAILABLE and reason(err) == "REPLICA_CRASHED"
+    await until(lambda: len(mesh.alive()) == 1, "the probe that crashed is still running", 10)
     (dead,) = set(mesh.probes) - mesh.alive()
     message = err.details() or ""
     assert message.startswith(f"replica {PROBE_KIND}-") and f"-{dead} at 127.0.0.1:" in message
@@ -531,7 +532,8 @@ async def test_a_crash_after_stream_data_is_reported_naming_the_replica(
     info = error_info(err)
     assert info is not None and info.metadata["replica"].endswith(f"-{dead}")
     # Not sent again after data flowed: one probe died, the other lives.
-    assert len(mesh.alive()) == 1
+    await asyncio.sleep(0.5)
+    assert mesh.alive() == set(mesh.probes) - {dead}
     assert (
         counted("aimass_gateway_replica_failures_total", service="aimass.v1.LlmService", outcome="reported") - reported
         == 1
