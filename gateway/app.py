@@ -96,6 +96,7 @@ class GatewayApp:
             retry_unavailable=settings.gateway.retry_unavailable,
             router_name=settings.gateway.router,
             tracer=tracing.tracer(),
+            config=settings.gateway,
         )
         # Keys, tenants and the audit log live in the store every gateway shares (opened in load()).
         self.store = SqlStore(settings.store_url, busy_timeout_s=settings.store.busy_timeout_s)

@@ -21,9 +21,6 @@ replaced by that span's, so the replica's server span is its child and the trace
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,18 +35,27 @@ from prometheus_client import Counter
 from aimass.runtime import contract, tracing
 from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.config import GatewayConfig
-from aimass.runtime.errors import AimassError, Unavailable
+from aimass.runtime.errors import AimassError
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import (
     INTERNAL_PREFIX,
-    REPLICA_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
     new_request_id,
     request_id_of,
 )
-from aimass.runtime.scope import current_scope
+from aimass.runtime.scope import current_scope, time_remaining
 from gateway.model_routing import model_field_number, requested_model
+from gateway.poison import (
+    CrashRecord,
+    CrashTable,
+    Fingerprint,
+    PoisonRequest,
+    ReplicaCrashed,
+    answered_by_replica,
+    crashed_under,
+    fingerprint,
+)
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import ExplainsChoice, Router
 
@@ -82,8 +88,6 @@ POISON_REFUSALS = Counter(
 )
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
-# Requests from this size on are hashed in a thread (blake2b: ~1 ms per MiB), off the event loop.
-HASH_IN_THREAD_BYTES = 1 << 20
 
 # Transport headers that grpc sets per hop, and the caller's credentials (verified here, never passed on); everything
 # else the caller sent (traceparent, x-request-id, its own labels) passes through, except the mesh's own x-aimass-*
@@ -122,146 +126,6 @@ async def relay_trailers(context: Context, call: grpc.aio.Call) -> None:
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
     trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
     await context.abort(err.code(), err.details() or "", trailing_metadata=with_tenant(trailers))
-
-
-class PoisonRequest(AimassError):
-    """INTERNAL: the same request bytes crashed replicas; sending them again would crash more."""
-
-    default_reason = "POISON_REQUEST"
-
-
-class ReplicaCrashed(Unavailable):
-    """UNAVAILABLE: the replica serving the call died under it and the call could not be run elsewhere."""
-
-    default_reason = "REPLICA_CRASHED"
-
-
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """One request's identity: its method, size and a 128-bit blake2b of its bytes."""
-
-    method: str
-    size: int
-    digest: bytes
-
-    @property
-    def short(self) -> str:
-        """What messages and logs show (enough to match reports to each other)."""
-        return self.digest.hex()[:16]
-
-
-async def fingerprint(method: str, request: bytes) -> Fingerprint:
-    if len(request) >= HASH_IN_THREAD_BYTES:
-        digest = await asyncio.to_thread(lambda: hashlib.blake2b(request, digest_size=16).digest())
-    else:
-        digest = hashlib.blake2b(request, digest_size=16).digest()
-    return Fingerprint(method, len(request), digest)
-
-
-@dataclass(slots=True)
-class CrashRecord:
-    # The replicas (instance id → address) that died serving these bytes, in order.
-    replicas: dict[str, str] = field(default_factory=dict)
-    last_s: float = 0.0
-
-
-class CrashTable:
-    """Per request fingerprint, the distinct replicas that died while serving it; an entry is forgotten ``ttl_s``
-    after its last crash, when a replica answers the same bytes, or (the oldest first) past ``max_entries``.
-
-    A fingerprint is poison once ``max_crashes`` replicas died under it. Most requests never need hashing: the
-    table also counts its entries by (method, size), and only a request whose method and size match one is hashed.
-    """
-
-    def __init__(
-        self, *, max_crashes: int, ttl_s: float, max_entries: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.max_crashes = max_crashes
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self.clock = clock
-        # Least recent crash first (an entry moves to the end when it crashes again).
-        self._entries: collections.OrderedDict[Fingerprint, CrashRecord] = collections.OrderedDict()
-        self._shapes: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._poison_shapes: collections.Counter[tuple[str, int]] = collections.Counter()
-
-    def __len__(self) -> int:
-        self._expire()
-        return len(self._entries)
-
-    def is_poison(self, record: CrashRecord) -> bool:
-        return len(record.replicas) >= self.max_crashes
-
-    def may_hold(self, method: str, size: int) -> bool:
-        """Whether a request of ``method`` and ``size`` bytes may have an entry (a cheap test before hashing)."""
-        if not self._entries:
-            return False
-        self._expire()
-        return self._shapes[(method, size)] > 0
-
-    def may_be_poison(self, method: str, size: int) -> bool:
-        if not self._poison_shapes:
-            return False
-        self._expire()
-        return self._poison_shapes[(method, size)] > 0
-
-    def get(self, key: Fingerprint) -> CrashRecord | None:
-        self._expire()
-        return self._entries.get(key)
-
-    def record(self, key: Fingerprint, instance_id: str, address: str) -> CrashRecord:
-        """Counts a crash of replica ``instance_id`` under ``key`` (once per replica) and returns the entry."""
-        self._expire()
-        record = self._entries.get(key)
-        if record is None:
-            while len(self._entries) >= self.max_entries:
-                self._remove(*self._entries.popitem(last=False))
-            record = self._entries[key] = CrashRecord()
-            self._shapes[(key.method, key.size)] += 1
-        else:
-            self._entries.move_to_end(key)
-        was_poison = self.is_poison(record)
-        record.replicas.setdefault(instance_id, address)
-        record.last_s = self.clock()
-        if self.is_poison(record) and not was_poison:
-            self._poison_shapes[(key.method, key.size)] += 1
-        return record
-
-    def forget(self, key: Fingerprint) -> None:
-        record = self._entries.pop(key, None)
-        if record is not None:
-            self._remove(key, record)
-
-    def expires_in(self, record: CrashRecord) -> float:
-        return max(0.0, record.last_s + self.ttl_s - self.clock())
-
-    def _expire(self) -> None:
-        horizon = self.clock() - self.ttl_s
-        while self._entries:
-            key, record = next(iter(self._entries.items()))
-            if record.last_s > horizon:
-                return
-            del self._entries[key]
-            self._remove(key, record)
-
-    def _remove(self, key: Fingerprint, record: CrashRecord) -> None:
-        shape = (key.method, key.size)
-        for counts in (self._shapes, self._poison_shapes) if self.is_poison(record) else (self._shapes,):
-            counts[shape] -= 1
-            if counts[shape] <= 0:
-                del counts[shape]
-
-
-def answered_by_replica(err: grpc.aio.AioRpcError) -> bool:
-    """Whether the replica itself answered (its servers name themselves in a trailer on every status), as opposed
-    to the call failing under it (the connection broke, or it was never reached)."""
-    return any(key == REPLICA_KEY for key, _ in err.trailing_metadata() or ())
-
-
-def crashed_under(err: grpc.aio.AioRpcError) -> bool:
-    """UNAVAILABLE with no answer from the replica: it died, was killed or cut off while the call was on it (a
-    draining replica answers UNAVAILABLE itself, with its trailer and a reason)."""
-    return err.code() == grpc.StatusCode.UNAVAILABLE and not answered_by_replica(err)
 
 
 @dataclass(slots=True)
@@ -642,7 +506,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 target = replica
                 span, call_metadata = self._try(attempt, target, metadata)
                 started = time.monotonic()
-                call = target.unary_unary(method)(request, timeout=context.time_remaining(), metadata=call_metadata)
+                call = target.unary_unary(method)(request, timeout=time_remaining(context), metadata=call_metadata)
                 target.inflight += 1
                 error: grpc.aio.AioRpcError | None = None
                 try:
@@ -671,7 +535,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise AssertionError("unreachable")
             span, metadata = self._try(attempt, replica, forwarded_metadata(context))
             started = time.monotonic()
-            call = replica.stream_unary(method)(requests, timeout=context.time_remaining(), metadata=metadata)
+            call = replica.stream_unary(method)(requests, timeout=time_remaining(context), metadata=metadata)
             replica.inflight += 1
             error: grpc.aio.AioRpcError | None = None
             try:
@@ -703,7 +567,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 target = replica
                 span, call_metadata = self._try(attempt, target, metadata)
                 started = time.monotonic()
-                call = target.unary_stream(method)(request, timeout=context.time_remaining(), metadata=call_metadata)
+                call = target.unary_stream(method)(request, timeout=time_remaining(context), metadata=call_metadata)
                 target.inflight += 1
                 error: grpc.aio.AioRpcError | None = None
                 responses = 0
@@ -746,7 +610,7 @@ class Forwarder(grpc.GenericRpcHandler):
                 return
             span, metadata = self._try(attempt, replica, forwarded_metadata(context))
             started = time.monotonic()
-            call = replica.stream_stream(method)(requests, timeout=context.time_remaining(), metadata=metadata)
+            call = replica.stream_stream(method)(requests, timeout=time_remaining(context), metadata=metadata)
             replica.inflight += 1
             error: grpc.aio.AioRpcError | None = None
             try:

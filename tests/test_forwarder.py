@@ -591,14 +591,14 @@ class Clock:
 
 
 def crash_table(clock: Clock, **overrides: Any) -> Any:
-    from gateway.forwarder import CrashTable
+    from gateway.poison import CrashTable
 
     return CrashTable(**{"max_crashes": 2, "ttl_s": 60.0, "max_entries": 3, "clock": clock, **overrides})
 
 
 def key(text: str | bytes, method: str = "/aimass.v1.NlpService/Embed") -> Any:
     """The fingerprint the gateway gives a request of ``method`` whose bytes are ``text``."""
-    from gateway.forwarder import Fingerprint
+    from gateway.poison import Fingerprint
 
     request = text.encode() if isinstance(text, str) else text
     return Fingerprint(method, len(request), hashlib.blake2b(request, digest_size=16).digest())
