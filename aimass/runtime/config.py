@@ -217,6 +217,13 @@ class NlpConfig(BaseModel):
     max_text_chars: PositiveInt = 10_000
     max_items: PositiveInt = 256
     max_labels: PositiveInt = 64
+    # Characters per Classify label, and per hypothesis_template (its one "{}" is replaced by each label).
+    max_label_chars: PositiveInt = 200
+    max_template_chars: PositiveInt = 500
+    # Characters of all texts of one request together: bounds the work (tokenising, NER) a single call can ask for.
+    max_request_chars: PositiveInt = 500_000
+    # Classify: texts x labels per request (each pair is a score computed and a LabelScore in the reply).
+    max_classify_pairs: PositiveInt = 4096
     embed_batching: BatchingConfig = BatchingConfig()
     # Torch threads for the embedding model (0 = torch's default: all cores).
     torch_threads: int = Field(default=0, ge=0)

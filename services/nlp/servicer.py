@@ -103,6 +103,14 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
                     reason="TEXT_TOO_LONG",
                     metadata={"limit": str(limit), "index": str(index)},
                 )
+        total = sum(map(len, texts))
+        if total > self.config.max_request_chars:
+            raise InvalidArgument(
+                f"{field} has {total} characters in all; the limit is {self.config.max_request_chars} per request "
+                "(send fewer or shorter texts per call)",
+                reason="REQUEST_TOO_LARGE",
+                metadata={"limit": str(self.config.max_request_chars)},
+            )
         return tuple(texts)
 
     def _check_labels(self, request: nlp_pb2.ClassifyRequest) -> tuple[str, ...]:
@@ -118,12 +126,34 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             raise InvalidArgument("labels contains an empty label", reason="BAD_LABELS")
         if len(set(labels)) != len(labels):
             raise InvalidArgument("labels contains duplicates", reason="BAD_LABELS")
-        for label in labels:
-            if len(label) > 200:
+        limit = self.config.max_label_chars
+        for index, label in enumerate(labels):
+            if len(label) > limit:
                 raise InvalidArgument(
-                    f"label {label[:20]!r}... is {len(label)} characters; the limit is 200", reason="BAD_LABELS"
+                    f"labels[{index}] ({label[:20]!r}...) is {len(label)} characters; the limit is {limit}",
+                    reason="BAD_LABELS",
+                    metadata={"limit": str(limit), "index": str(index)},
                 )
         return labels
+
+    def _check_template(self, template: str) -> tuple[str, str]:
+        """The text before and after the template's one ``{}``. The caller's template never reaches str.format: a
+        format spec such as ``{0:>400000000}`` would make it build a string of any size."""
+        limit = self.config.max_template_chars
+        if len(template) > limit:
+            raise InvalidArgument(
+                f"hypothesis_template is {len(template)} characters; the limit is {limit}",
+                reason="BAD_TEMPLATE",
+                metadata={"limit": str(limit)},
+            )
+        before, placeholder, after = template.partition("{}")
+        if not placeholder or any(brace in before + after for brace in "{}"):
+            raise InvalidArgument(
+                "hypothesis_template must contain '{}' exactly once and no other '{' or '}' (fields, format specs "
+                f"and escapes such as '{{0}}', '{{:>9}}' or '{{{{' are not allowed), e.g. {DEFAULT_HYPOTHESIS!r}",
+                reason="BAD_TEMPLATE",
+            )
+        return before, after
 
     # -- methods ------------------------------------------------------------------------------------------------
 
@@ -177,13 +207,17 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         model = self._model(request.model, EMBED_MODEL, "NlpService.Classify")
         texts = self._check_texts(request.texts)
         labels = self._check_labels(request)
-        terms = current_scope().queue_terms(request.meta.priority)
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS
-        if template.count("{}") != 1:
+        self._check_template(template)
+        pairs = len(texts) * len(labels)
+        if pairs > self.config.max_classify_pairs:
             raise InvalidArgument(
-                f"hypothesis_template must contain '{{}}' exactly once, e.g. {DEFAULT_HYPOTHESIS!r}",
-                reason="BAD_TEMPLATE",
+                f"{len(texts)} texts x {len(labels)} labels is {pairs} scores; the limit is "
+                f"{self.config.max_classify_pairs} per request (send fewer texts per call)",
+                reason="TOO_MANY_PAIRS",
+                metadata={"limit": str(self.config.max_classify_pairs)},
             )
+        terms = current_scope().queue_terms(request.meta.priority)
         text_vectors, label_vectors = await asyncio.gather(
             self.embed_batcher.submit(EmbedJob(texts, True), **terms), self._label_vectors(labels, template, terms)
         )
@@ -202,7 +236,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         """Embeddings of the label hypotheses; labels recur across requests, so they are cached."""
         missing = tuple(label for label in labels if (label, template) not in self._label_cache)
         if missing:
-            hypotheses = tuple(template.format(label) for label in missing)
+            before, after = self._check_template(template)
+            hypotheses = tuple(before + label + after for label in missing)
             vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), **terms)
             for label, vector in zip(missing, vectors, strict=True):
                 if len(self._label_cache) >= LABEL_CACHE_SIZE:

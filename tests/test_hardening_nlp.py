@@ -1,0 +1,123 @@
+"""NLP input hardening: inputs that once cost a replica gigabytes or failed INTERNAL are refused before any work
+with INVALID_ARGUMENT and a message that says what is allowed, through a real gateway to a real NLP replica (the
+session's loaded models, tests/inprocess_mesh.py)."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from aimass.runtime.config import NlpConfig
+from aimass.runtime.metadata import ERROR_INFO_KEY
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
+from services.nlp.engine import NlpEngine
+from tests.inprocess_mesh import InProcessMesh, in_process_mesh
+
+LIMITS = NlpConfig()
+
+
+@pytest.fixture
+async def mesh(nlp_engine: NlpEngine) -> AsyncIterator[InProcessMesh]:
+    async for started in in_process_mesh(nlp_engine):
+        yield started
+
+
+@pytest.fixture
+async def nlp(mesh: InProcessMesh) -> AsyncIterator[nlp_pb2_grpc.NlpServiceAsyncStub]:
+    channel = mesh.channel()
+    try:
+        yield nlp_pb2_grpc.NlpServiceStub(channel)
+    finally:
+        await channel.close()
+
+
+async def refused(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value
+
+
+def reason_of(err: grpc.aio.AioRpcError) -> str:
+    trailers = dict(err.trailing_metadata() or ())
+    return common_pb2.ErrorInfo.FromString(trailers[ERROR_INFO_KEY]).reason
+
+
+def classify(
+    template: str = "", labels: tuple[str, ...] = ("sports", "cooking"), texts: int = 1
+) -> nlp_pb2.ClassifyRequest:
+    return nlp_pb2.ClassifyRequest(
+        texts=["The striker scored twice"] * texts, labels=list(labels), hypothesis_template=template
+    )
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        # The issue's: one "{}" as the old check wanted, then a field padded to 400 million characters.
+        "{{}}{0:>400000000}",
+        "{} {0:>100000}",  # str.format: "cannot switch from automatic field numbering" (was INTERNAL)
+        "This text is about {}.{",  # str.format: "Single '{' encountered" (was INTERNAL)
+        "About {} and {label}",  # str.format: KeyError (was INTERNAL)
+        "About {}}",  # a stray brace after the placeholder
+    ],
+)
+async def test_templates_with_other_braces_are_refused_before_any_work(
+    nlp: nlp_pb2_grpc.NlpServiceAsyncStub, template: str
+) -> None:
+    before = peak_rss_mib()
+    err = await refused(nlp.Classify(classify(template), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hypothesis_template must contain '{}' exactly once and no other '{' or '}'" in (err.details() or "")
+    assert reason_of(err) == "BAD_TEMPLATE"
+    # Nothing was formatted: the process (replica included) did not grow by the padded string.
+    assert peak_rss_mib() - before < 50
+
+
+async def test_a_template_is_substituted_literally(nlp: nlp_pb2_grpc.NlpServiceAsyncStub) -> None:
+    # Percent signs and a label that looks like a format field are text, nothing more.
+    reply = await nlp.Classify(
+        classify("100% about {} (%s %d)", labels=("football and sports", "{0:>9} recipes")), timeout=30
+    )
+    assert [s.label for s in reply.results[0].scores] == ["football and sports", "{0:>9} recipes"]
+
+
+async def test_long_templates_and_labels_are_refused(nlp: nlp_pb2_grpc.NlpServiceAsyncStub) -> None:
+    long_template = "x" * LIMITS.max_template_chars + " {}"
+    err = await refused(nlp.Classify(classify(long_template), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"hypothesis_template is {len(long_template)} characters; the limit is 500" in (err.details() or "")
+    long_label = "y" * (LIMITS.max_label_chars + 1)
+    err = await refused(nlp.Classify(classify(labels=("sports", long_label)), timeout=30))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "labels[1] ('yyyyyyyyyyyyyyyyyyyy'...) is 201 characters; the limit is 200" in (err.details() or "")
+
+
+async def test_texts_times_labels_is_bounded(nlp: nlp_pb2_grpc.NlpServiceAsyncStub) -> None:
+    labels = tuple(f"topic {i}" for i in range(LIMITS.max_labels))  # 64 labels
+    err = await refused(nlp.Classify(classify(labels=labels, texts=65), timeout=30))  # 4160 pairs > 4096
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "65 texts x 64 labels is 4160 scores; the limit is 4096 per request" in (err.details() or "")
+    assert reason_of(err) == "TOO_MANY_PAIRS"
+
+
+async def test_total_characters_per_request_are_bounded(nlp: nlp_pb2_grpc.NlpServiceAsyncStub) -> None:
+    # Every text is within max_text_chars, but together they pass max_request_chars (500,000).
+    texts = ["word " * 1_900] * 60  # 9,500 characters each, 570,000 in all
+    for method, request in [
+        (nlp.Embed, nlp_pb2.EmbedRequest(texts=texts)),
+        (nlp.Sentiment, nlp_pb2.SentimentRequest(texts=texts)),
+        (nlp.Entities, nlp_pb2.EntitiesRequest(texts=texts)),
+    ]:
+        err = await refused(method(request, timeout=30))  # type: ignore[operator]
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "texts has 570000 characters in all; the limit is 500000 per request" in (err.details() or "")
+        assert reason_of(err) == "REQUEST_TOO_LARGE"
+    reply = await nlp.Sentiment(nlp_pb2.SentimentRequest(texts=["Still works, great!"]), timeout=30)
+    assert reply.results[0].label == "positive"
