@@ -121,3 +121,15 @@ async def test_total_characters_per_request_are_bounded(nlp: nlp_pb2_grpc.NlpSer
         assert reason_of(err) == "REQUEST_TOO_LARGE"
     reply = await nlp.Sentiment(nlp_pb2.SentimentRequest(texts=["Still works, great!"]), timeout=30)
     assert reply.results[0].label == "positive"
+
+
+async def test_a_sentiment_call_past_its_deadline_frees_its_worker(nlp: nlp_pb2_grpc.NlpServiceAsyncStub) -> None:
+    """VADER is quadratic on negations: 50 texts of "not good " (10,000 characters each, within every limit) take
+    ~17 s of CPU. Two such calls with a 0.5 s deadline occupy both sentiment workers; they stop between texts once
+    their deadline passes, so a third, ordinary long call is answered in seconds, not after ~17 s."""
+    heavy = nlp_pb2.SentimentRequest(texts=["not good " * 1_111] * 50)
+    for err in [await refused(nlp.Sentiment(heavy, timeout=0.5)) for _ in range(2)]:
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    ordinary = nlp_pb2.SentimentRequest(texts=["What a lovely, sunny day. " * 100])  # 2,600 characters: the pool
+    reply = await nlp.Sentiment(ordinary, timeout=5)
+    assert reply.results[0].label == "positive"

@@ -8,6 +8,8 @@ orders the batchers' queues when the replica is contended (higher priorities are
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +22,7 @@ from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import NlpConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.models import serving_model
-from aimass.runtime.scope import QueueTerms, current_scope, priority_rank
+from aimass.runtime.scope import QueueTerms, current_scope, deadline_of, priority_rank
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import (
     EMBED_MODEL,
@@ -29,6 +31,7 @@ from services.nlp.engine import (
     EmbedJob,
     EntitySpan,
     NlpEngine,
+    SentimentResult,
     zero_shot_scores,
 )
 
@@ -175,7 +178,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS:
             results = self.engine.sentiment(texts)
         else:
-            results = await asyncio.get_running_loop().run_in_executor(self.cpu_pool, self.engine.sentiment, texts)
+            results = await self._sentiment_in_pool(texts, deadline_of(context))
         return nlp_pb2.SentimentResponse(
             model=model,
             results=[
@@ -185,6 +188,20 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
                 for r in results
             ],
         )
+
+    async def _sentiment_in_pool(self, texts: tuple[str, ...], deadline: float | None) -> list[SentimentResult]:
+        """Sentiment in the worker pool, stopped between texts once the call is cancelled or past its deadline."""
+        loop = asyncio.get_running_loop()
+        expires = None if deadline is None else time.monotonic() + (deadline - loop.time())
+        done = threading.Event()
+
+        def stop() -> bool:
+            return done.is_set() or (expires is not None and time.monotonic() >= expires)
+
+        try:
+            return await loop.run_in_executor(self.cpu_pool, self.engine.sentiment, texts, stop)
+        finally:
+            done.set()  # cancelled (or finished): whatever is left is for nobody
 
     async def Entities(self, request: nlp_pb2.EntitiesRequest, context: Context) -> nlp_pb2.EntitiesResponse:
         model = self._model(request.model, NER_MODEL, "NlpService.Entities")
