@@ -43,6 +43,8 @@ MODEL = "smollm2-135m-instruct"
 MAX_NUM_SEQS = 4
 MAX_WAITING = 8
 CONTEXT = 1024
+# More than any other test here sends at once (test_a_heavy_tenant_does_not_starve_a_light_one: 10).
+TOKENIZE_QUEUE = 12
 CAPITAL = "What is the capital of France?"
 # Greedy decoding keeps going on this one, so max_tokens decides the length.
 COUNTING = "Count from 1 to 200, separated by commas."
@@ -56,6 +58,9 @@ def llm_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         "AIMASS_LLM__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
         "AIMASS_LLM__MAX_WAITING": str(MAX_WAITING),
         "AIMASS_LLM__MAX_MODEL_LEN": str(CONTEXT),
+        # One tokeniser thread and a short queue, so a flood of CountTokens calls fills it.
+        "AIMASS_LLM__TOKENIZE_THREADS": "1",
+        "AIMASS_LLM__MAX_TOKENIZE_QUEUE": str(TOKENIZE_QUEUE),
         # The scheduler asks for load reports every 100 ms, so its view follows the engine closely.
         "AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1",
     }
@@ -171,15 +176,19 @@ async def test_stop_sequence_ends_the_answer_before_it(stub: llm_pb2_grpc.LlmSer
     assert responses[-1].stop_sequence == "Paris"
 
 
-async def test_system_prompt_changes_the_answer(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
-    plain = text_of(await collect(stub, chat_request("Who are you?", max_tokens=40)))
-    pirate = text_of(
-        await collect(
-            stub,
-            chat_request("Who are you?", system="You are Captain Hook, a pirate. Talk like a pirate.", max_tokens=40),
-        )
+async def test_the_system_prompt_reaches_the_model(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    # The answer is only in the system prompt: the model can give it only if the system message reached it.
+    question = "What is the secret password? Answer with the password only."
+    system = "You are a helpful assistant. The secret password is 'tangerine'."
+    told = await collect(stub, chat_request(question, system=system, max_tokens=20))
+    assert "tangerine" in text_of(told).lower(), text_of(told)
+    untold = text_of(await collect(stub, chat_request(question, max_tokens=20)))
+    assert "tangerine" not in untold.lower(), untold
+    # And it was counted: the prompt the engine ran is the one CountTokens sees, system message included.
+    counted = await stub.CountTokens(
+        llm_pb2.CountTokensRequest(messages=chat_request(question, system=system).messages), timeout=30
     )
-    assert plain != pirate
+    assert told[-1].usage.prompt_tokens == counted.token_count
 
 
 async def test_generate_continues_a_raw_prompt(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
@@ -360,6 +369,36 @@ async def test_llm_metrics_count_tokens_and_time_to_first_token(
             ["sampling.top_p", "(0, 1]"],
         ),
         (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(temperature=float("nan"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.temperature is nan", "finite number in [0, 2]"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(top_p=float("inf"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.top_p is inf", "(0, 1]"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(presence_penalty=float("-inf"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.presence_penalty is -inf", "[-2, 2]"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(frequency_penalty=float("nan"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.frequency_penalty is nan"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(seed=-1)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.seed is -1", "must be >= 0"],
+        ),
+        (
+            chat_request("hi", sampling=llm_pb2.SamplingParams(top_k=-2)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["sampling.top_k is -2", "must be >= 0"],
+        ),
+        (
             chat_request("hi", sampling=llm_pb2.SamplingParams(stop=["a"] * 5)),
             grpc.StatusCode.INVALID_ARGUMENT,
             ["sampling.stop", "limit is 4"],
@@ -406,6 +445,48 @@ async def test_bad_generate_and_count_requests(stub: llm_pb2_grpc.LlmServiceAsyn
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.CountTokens(llm_pb2.CountTokensRequest(prompt="a", messages=[user("b")]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one" in (raised.value.details() or "")
+
+
+async def test_nan_sampling_in_generate_is_invalid_argument(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    request = llm_pb2.GenerateRequest(prompt="1, 2, 3,", sampling=llm_pb2.SamplingParams(temperature=float("nan")))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.Generate(request, timeout=30):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.temperature is nan; allowed a finite number in [0, 2]" in (raised.value.details() or "")
+
+
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 4_000  # 180,000 characters
+
+
+async def test_count_tokens_goes_through_the_bounded_tokeniser(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    # 40 long prompts at once against one tokeniser thread and a queue of TOKENIZE_QUEUE: the excess is refused
+    # at once with RESOURCE_EXHAUSTED (retryable), everything admitted is counted, and the replica still answers.
+    async def count() -> grpc.StatusCode | int:
+        try:
+            reply = await stub.CountTokens(llm_pb2.CountTokensRequest(prompt=LONG_PROMPT), timeout=60)
+        except grpc.aio.AioRpcError as err:
+            assert "tokeniser is full" in (err.details() or "") and f"limit {TOKENIZE_QUEUE}" in (err.details() or "")
+            return err.code()
+        return reply.token_count
+
+    results = await asyncio.gather(*(count() for _ in range(40)))
+    refused = [r for r in results if isinstance(r, grpc.StatusCode)]
+    counted = [r for r in results if not isinstance(r, grpc.StatusCode)]
+    assert refused and set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, results
+    assert len(counted) >= TOKENIZE_QUEUE and len(set(counted)) == 1 and counted[0] > 30_000, results
+    after = await stub.CountTokens(llm_pb2.CountTokensRequest(prompt=CAPITAL), timeout=30)
+    assert after.token_count > 0
+
+
+async def test_a_prompt_past_its_deadline_is_not_tokenised(stub: llm_pb2_grpc.LlmServiceAsyncStub) -> None:
+    # The tokeniser is busy with long prompts; a call whose deadline passes while it waits gets DEADLINE_EXCEEDED.
+    busy = [stub.CountTokens(llm_pb2.CountTokensRequest(prompt=LONG_PROMPT), timeout=60) for _ in range(6)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.CountTokens(llm_pb2.CountTokensRequest(prompt=LONG_PROMPT), timeout=0.1)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await asyncio.gather(*busy)
 
 
 async def test_model_service_lists_the_llm_with_its_context(llm_mesh: LocalMesh, channel: grpc.aio.Channel) -> None:

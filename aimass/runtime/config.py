@@ -313,6 +313,10 @@ class LlmConfig(BaseModel):
     max_stop_sequences: PositiveInt = 4
     max_stop_chars: PositiveInt = 64
     max_prompt_chars: PositiveInt = 200_000
+    # Tokenising and chat templating (Chat, Generate, CountTokens) run in this many threads, off the event loop;
+    # past max_tokenize_queue prompts waiting or being tokenised, RESOURCE_EXHAUSTED.
+    tokenize_threads: PositiveInt = 2
+    max_tokenize_queue: PositiveInt = 64
 
 
 class SchedulerConfig(BaseModel):

@@ -11,15 +11,18 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import prometheus_client
 
 from aimass.runtime.config import LlmConfig
+from aimass.runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENGINE_RUNNING = prometheus_client.Gauge("aimass_llm_running_requests", "Sequences the engine is decoding.")
 ENGINE_WAITING = prometheus_client.Gauge("aimass_llm_waiting_requests", "Requests the engine holds, not started.")
@@ -102,6 +106,11 @@ class LlmEngine:
         self._engine: AsyncLLM | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._default_sampling: dict[str, Any] = {}
+        # Tokenising and chat-template rendering: a few threads and a bounded queue, so no flood of prompts (or of
+        # CountTokens calls, which never reach the engine's own queue) can pile up unbounded work.
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=config.tokenize_threads, thread_name_prefix="llm-tok")
+        self._tokenize_lock = threading.Lock()
+        self.tokenize_pending = 0
 
     @property
     def loaded(self) -> bool:
@@ -170,9 +179,9 @@ class LlmEngine:
             self.config.max_num_seqs,
         )
 
-    # Tokenisation runs in a worker thread: long prompts take milliseconds the event loop should not block.
-    async def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        return await asyncio.to_thread(self._encode_chat, messages)
+    # Tokenisation runs in the bounded pool: long prompts take milliseconds the event loop should not block.
+    async def encode_chat(self, messages: Sequence[dict[str, str]], *, deadline: float | None = None) -> list[int]:
+        return await self._tokenizing(lambda: self._encode_chat(messages), deadline)
 
     def _encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         ids: Any = self.tokenizer.apply_chat_template(
@@ -180,15 +189,55 @@ class LlmEngine:
         )
         return [int(i) for i in ids]
 
-    async def encode(self, prompt: str) -> list[int]:
-        return await asyncio.to_thread(lambda: [int(i) for i in self.tokenizer.encode(prompt)])
+    async def encode(self, prompt: str, *, deadline: float | None = None) -> list[int]:
+        return await self._tokenizing(lambda: [int(i) for i in self.tokenizer.encode(prompt)], deadline)
+
+    async def _tokenizing(self, work: Callable[[], T], deadline: float | None) -> T:
+        """``work`` in the tokeniser pool: RESOURCE_EXHAUSTED when the queue is full, DEADLINE_EXCEEDED when the
+        call's deadline (event-loop clock) passes first; work still queued at its deadline never runs."""
+        limit = self.config.max_tokenize_queue
+        with self._tokenize_lock:
+            if self.tokenize_pending >= limit:
+                raise ResourceExhausted(
+                    f"the LLM replica's tokeniser is full: {self.tokenize_pending} prompts waiting or being "
+                    f"tokenised (limit {limit}); retry later or on another replica",
+                    reason="TOKENIZE_QUEUE_FULL",
+                    metadata={"limit": str(limit)},
+                    retry_after_ms=200,
+                )
+            self.tokenize_pending += 1
+        loop = asyncio.get_running_loop()
+        remaining = None if deadline is None else deadline - loop.time()
+        expires = None if remaining is None else time.monotonic() + remaining
+
+        def run() -> T:
+            if expires is not None and time.monotonic() >= expires:
+                raise DeadlineExceeded("the call's deadline passed while its prompt waited to be tokenised")
+            return work()
+
+        future = self._tokenize_pool.submit(run)
+        future.add_done_callback(self._tokenized)  # also when cancelled before it ran
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=remaining)
+        except TimeoutError:
+            raise DeadlineExceeded("the call's deadline passed while its prompt was being tokenised") from None
+
+    def _tokenized(self, _: Future[Any]) -> None:
+        with self._tokenize_lock:
+            self.tokenize_pending -= 1
 
     def sampling_params(self, **explicit: Any) -> SamplingParams:
-        """vLLM sampling parameters: the model's generation defaults, overridden by what the request set."""
+        """vLLM sampling parameters: the model's generation defaults, overridden by what the request set. A value
+        vLLM refuses (the service checks them all first; this is the backstop) is INVALID_ARGUMENT, not INTERNAL."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(**{**self._default_sampling, **explicit, "output_kind": RequestOutputKind.DELTA})
+        try:
+            return SamplingParams(**{**self._default_sampling, **explicit, "output_kind": RequestOutputKind.DELTA})
+        except _refusals() as exc:
+            raise InvalidArgument(
+                f"the engine refused the sampling parameters: {exc}", reason="ENGINE_REFUSED"
+            ) from exc
 
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams, *, request_id: str, priority: int
@@ -200,23 +249,54 @@ class LlmEngine:
             raise RuntimeError("the engine is not loaded")
         # Unique inside the engine even when clients reuse request ids.
         engine_request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
-        async for output in self._engine.generate(
+        outputs = self._engine.generate(
             TokensPrompt(prompt_token_ids=prompt_ids), params, engine_request_id, priority=priority
-        ):
-            completion = output.outputs[0]
-            stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
-            yield Chunk(
-                text=completion.text,
-                new_tokens=len(completion.token_ids),
-                finish_reason=completion.finish_reason if output.finished else None,
-                stop_string=stop,
-            )
+        )
+        try:
+            try:
+                # vLLM validates the request when it is added, i.e. before the first output.
+                output = await anext(outputs, None)
+            except Exception as exc:
+                refusal = _refusal(exc)
+                if refusal is None:
+                    raise
+                raise InvalidArgument(f"the engine refused the request: {refusal}", reason="ENGINE_REFUSED") from exc
+            while output is not None:
+                completion = output.outputs[0]
+                stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                yield Chunk(
+                    text=completion.text,
+                    new_tokens=len(completion.token_ids),
+                    finish_reason=completion.finish_reason if output.finished else None,
+                    stop_string=stop,
+                )
+                output = await anext(outputs, None)
+        finally:
+            # At once, not when the generator is collected: closing it aborts the request inside vLLM.
+            await outputs.aclose()
 
     def shutdown(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         if self._engine is not None:
             self._engine.shutdown()
             # vLLM's finaliser fails on an engine object that outlives shutdown(); drop it at once.
             self._engine = None
+
+
+def _refusals() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it will not take: ValueError, and its own client errors (validation)."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The validation error behind ``exc`` (vLLM wraps a ValueError from add_request in EngineGenerateError), or
+    None when ``exc`` is something else (a real failure, left to be INTERNAL)."""
+    for candidate in (exc, exc.__cause__):
+        if isinstance(candidate, _refusals()):
+            return candidate
+    return None
 
 
 def _cores_string(cores: Sequence[int]) -> str:

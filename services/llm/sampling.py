@@ -3,6 +3,7 @@ INVALID_ARGUMENT naming the field and what is allowed."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,11 +59,12 @@ def check_prompt_chars(chars: int, field: str, config: LlmConfig) -> None:
 
 
 def _check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    # NaN compares false with everything, so it must be refused on its own (vLLM would fail it as INTERNAL).
     too_low = value <= low if low_open else value < low
-    if too_low or value > high:
+    if not math.isfinite(value) or too_low or value > high:
         bracket = "(" if low_open else "["
         raise InvalidArgument(
-            f"sampling.{field} is {value:g}; allowed {bracket}{low:g}, {high:g}]",
+            f"sampling.{field} is {value:g}; allowed a finite number in {bracket}{low:g}, {high:g}]",
             reason="SAMPLING_OUT_OF_RANGE",
             metadata={"field": f"sampling.{field}"},
         )
@@ -72,6 +74,7 @@ def sampling_kwargs(
     sampling: llm_pb2.SamplingParams, *, prompt_tokens: int, context_length: int, config: LlmConfig
 ) -> dict[str, Any]:
     """vLLM SamplingParams keyword arguments for what the request set (unset fields keep the model's defaults)."""
+    fields = checked_sampling(sampling, config)
     if prompt_tokens >= context_length:
         raise InvalidArgument(
             f"the prompt is {prompt_tokens} tokens; the model's context is {context_length} tokens "
@@ -80,8 +83,6 @@ def sampling_kwargs(
             metadata={"prompt_tokens": str(prompt_tokens), "context_length": str(context_length)},
         )
     room = context_length - prompt_tokens
-    if sampling.max_tokens < 0:
-        raise InvalidArgument(f"sampling.max_tokens is {sampling.max_tokens}; it must be >= 0", reason="BAD_MAX_TOKENS")
     if sampling.max_tokens > room:
         raise InvalidArgument(
             f"the prompt is {prompt_tokens} tokens and sampling.max_tokens is {sampling.max_tokens}; together "
@@ -89,7 +90,15 @@ def sampling_kwargs(
             reason="CONTEXT_LENGTH_EXCEEDED",
             metadata={"prompt_tokens": str(prompt_tokens), "context_length": str(context_length)},
         )
-    kwargs: dict[str, Any] = {"max_tokens": sampling.max_tokens or min(config.default_max_tokens, room)}
+    return {"max_tokens": sampling.max_tokens or min(config.default_max_tokens, room), **fields}
+
+
+def checked_sampling(sampling: llm_pb2.SamplingParams, config: LlmConfig) -> dict[str, Any]:
+    """Every sampling field the request set, checked (NaN, infinities, ranges, stop strings) without the prompt:
+    the servicer calls it before tokenising, so a bad request costs no tokeniser or engine time."""
+    if sampling.max_tokens < 0:
+        raise InvalidArgument(f"sampling.max_tokens is {sampling.max_tokens}; it must be >= 0", reason="BAD_MAX_TOKENS")
+    kwargs: dict[str, Any] = {}
     if sampling.HasField("temperature"):
         _check_range("temperature", sampling.temperature, 0, 2)
         kwargs["temperature"] = sampling.temperature
@@ -108,6 +117,13 @@ def sampling_kwargs(
             _check_range(field, value, -2, 2)
             kwargs[field] = value
     if sampling.HasField("seed"):
+        # vLLM reads -1 as "no seed" (random), which would break the promise of reproducible sampling.
+        if sampling.seed < 0:
+            raise InvalidArgument(
+                f"sampling.seed is {sampling.seed}; it must be >= 0 (leave it unset for random sampling)",
+                reason="SAMPLING_OUT_OF_RANGE",
+                metadata={"field": "sampling.seed"},
+            )
         kwargs["seed"] = sampling.seed
     if sampling.stop:
         if len(sampling.stop) > config.max_stop_sequences:

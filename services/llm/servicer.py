@@ -25,11 +25,11 @@ from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 from aimass.runtime.interceptors import MAX_TENANT_COUNTS, OTHER_TENANTS
 from aimass.runtime.models import serving_model
-from aimass.runtime.scope import current_scope
+from aimass.runtime.scope import current_scope, deadline_of
 from aimass.tenancy.fair_share import VirtualTokenCounters
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
 from services.llm.engine import LlmEngine
-from services.llm.sampling import chat_messages, check_prompt_chars, sampling_kwargs
+from services.llm.sampling import chat_messages, check_prompt_chars, checked_sampling, sampling_kwargs
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
@@ -113,8 +113,9 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
     async def Chat(self, request: llm_pb2.ChatRequest, context: Context) -> AsyncIterator[llm_pb2.ChatResponse]:
         model = self._model(request.model, "Chat")
         messages = chat_messages(request.messages, self.config)
+        checked_sampling(request.sampling, self.config)  # before any tokeniser time is spent
         with self._admitted():
-            prompt_ids = await self.engine.encode_chat(messages)
+            prompt_ids = await self.engine.encode_chat(messages, deadline=deadline_of(context))
             async for response in self._stream(llm_pb2.ChatResponse, prompt_ids, request, model, context):
                 yield response
 
@@ -125,8 +126,9 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         if not request.prompt:
             raise InvalidArgument("prompt is empty; send the text to continue", reason="EMPTY_PROMPT")
         check_prompt_chars(len(request.prompt), "prompt", self.config)
+        checked_sampling(request.sampling, self.config)
         with self._admitted():
-            prompt_ids = await self.engine.encode(request.prompt)
+            prompt_ids = await self.engine.encode(request.prompt, deadline=deadline_of(context))
             async for response in self._stream(llm_pb2.GenerateResponse, prompt_ids, request, model, context):
                 yield response
 
@@ -134,11 +136,15 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         model = self._model(request.model, "CountTokens")
         if bool(request.prompt) == bool(request.messages):
             raise InvalidArgument("set exactly one of prompt and messages", reason="PROMPT_OR_MESSAGES")
+        # Bounded like the prompts of Chat and Generate: characters checked first, then the tokeniser's pool and
+        # queue (RESOURCE_EXHAUSTED when full) under the call's deadline.
         if request.messages:
-            ids = await self.engine.encode_chat(chat_messages(request.messages, self.config))
+            ids = await self.engine.encode_chat(
+                chat_messages(request.messages, self.config), deadline=deadline_of(context)
+            )
         else:
             check_prompt_chars(len(request.prompt), "prompt", self.config)
-            ids = await self.engine.encode(request.prompt)
+            ids = await self.engine.encode(request.prompt, deadline=deadline_of(context))
         return llm_pb2.CountTokensResponse(model=model, token_count=len(ids), context_length=self.engine.context_length)
 
     def _admitted(self) -> _Admission:
