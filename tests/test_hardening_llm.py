@@ -79,3 +79,29 @@ def test_sampling_is_checked_before_the_prompt_length() -> None:
     with pytest.raises(InvalidArgument) as raised:
         sampling_kwargs(llm_pb2.SamplingParams(temperature=NAN), prompt_tokens=5000, context_length=1024, config=CONFIG)
     assert "sampling.temperature is nan" in raised.value.message
+
+
+def test_what_vllm_refuses_is_invalid_argument_not_internal() -> None:
+    """The backstop behind the checks above: vLLM's own validation errors, raised by its real SamplingParams or
+    wrapped in EngineGenerateError when a request is added, become INVALID_ARGUMENT (no engine needs to run)."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    from services.llm.engine import LlmEngine, _refusal
+
+    engine = LlmEngine(LlmConfig())
+    try:
+        with pytest.raises(InvalidArgument) as raised:
+            engine.sampling_params(temperature=NAN)
+        assert raised.value.reason == "ENGINE_REFUSED"
+        assert "the engine refused the sampling parameters" in raised.value.message
+        assert "temperature" in raised.value.message
+    finally:
+        engine.shutdown()
+    cause = ValueError("prompt is longer than the maximum model length")
+    try:
+        raise EngineGenerateError() from cause
+    except EngineGenerateError as wrapped:
+        assert _refusal(wrapped) is cause
+    assert isinstance(_refusal(VLLMValidationError("bad")), VLLMValidationError)
+    assert _refusal(RuntimeError("engine core died")) is None  # a real failure stays INTERNAL
