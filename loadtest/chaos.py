@@ -1,0 +1,659 @@
+"""Fault injection under load (`make chaos`): each scenario breaks one part of a running mesh while several clients
+send steady traffic through the gateway, and counts what became of every request.
+
+    python -m loadtest.chaos                       # every scenario, full length; writes docs/reliability.md
+    python -m loadtest.chaos --short sigkill-replica sigstop-replica   # a few, short (what tests/test_chaos.py runs)
+
+The mesh is the real thing: `aimass up` (aimass.local_mesh.LocalMesh) on free loopback ports with two NLP replicas,
+so another replica can serve while one is hurt, and two LLM replicas for the drain scenario; the Consul scenario
+starts its own mesh against a fake Consul agent on loopback (tests/fake_consul.py), and the partition scenario its
+own mesh spread over network namespaces (tests/netns.py; skipped, with the reason, where they cannot be made).
+
+The load: ``unary_clients`` clients, each with its own channel (its own TCP connection), alternating NLP Embed and
+Sentiment at a steady pace (``rate`` calls per second each, one call in flight per client), each call with its own
+deadline; scenarios that need streams add LLM Chat clients (short greedy replies, read to their last message). The
+clients use the retry policy a real client of this mesh uses (aimass.client.service_config: UNAVAILABLE and
+RESOURCE_EXHAUSTED retried by gRPC up to 5 tries, after the server's pushback) plus ``waitForReady`` and a 1 s
+reconnect backoff cap, so a restarted gateway is found again within the call's deadline. Every call ends as one of:
+
+- **OK**: answered OK (a stream: OK and its last message carries a finish reason);
+- **retryable**: answered UNAVAILABLE or RESOURCE_EXHAUSTED after the client's own retries (the caller may try again);
+- **lost**: no answer by its deadline (DEADLINE_EXCEEDED), any other status, or a stream that ended OK but cut short.
+
+Recovery time: the OK rate of unary calls in sliding 1 s windows, compared with the rate in the seconds before the
+fault; the time from the fault to the end of the last window below 80 % of it (0 when it never dipped; "not
+recovered" when the run ended below it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+import psutil
+
+from aimass.client import keyed_aio_channel, service_config
+from aimass.local_mesh import LocalMesh
+from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "reliability.md"
+RETRYABLE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+NLP_SERVICE = "aimass.v1.NlpService"
+# A wrong key's calls must be refused (UNAUTHENTICATED) whatever else goes wrong: that is their "OK".
+REFUSED_OK = "UNAUTHENTICATED"
+# Recovery: the unary OK rate in windows of WINDOW_S, stepped by STEP_S, against RECOVERED of the pre-fault rate.
+WINDOW_S = 1.0
+STEP_S = 0.25
+RECOVERED = 0.8
+REGENERATE = "make chaos   # = .venv/bin/python -m loadtest.chaos --write docs/reliability.md"
+
+
+def client_options() -> list[tuple[str, Any]]:
+    """A real client's channel: aimass.client's retry policy, waiting for a (re)connection rather than failing fast,
+    and reconnecting at least once a second (gRPC's default backoff grows to 2 minutes)."""
+    config = service_config(5)
+    config["methodConfig"][0]["waitForReady"] = True
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+
+
+# -- the load --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    kind: str  # "unary", "stream" or "refused" (a wrong key's call)
+    started: float  # time.monotonic(): one clock for every process (and network namespace) of the machine
+    ended: float
+    code: str
+    details: str = ""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    gateway: str
+    api_key: str
+    unary_clients: int = 4
+    # Calls per second per unary client (one in flight each): a steady offered load below the mesh's capacity.
+    rate: float = 8.0
+    deadline_s: float = 10.0
+    stream_clients: int = 0
+    stream_tokens: int = 32
+    stream_deadline_s: float = 60.0
+    # Clients calling with a wrong key (their calls are refused and audited: the gateway writes to the store).
+    refused_clients: int = 0
+
+
+class Load:
+    """The clients of ``spec`` until ``stop()``; every call they made is in ``calls`` once ``run()`` returns."""
+
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.calls: list[Call] = []
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        clients = [self._unary(i) for i in range(self.spec.unary_clients)]
+        clients += [self._streams(i) for i in range(self.spec.stream_clients)]
+        clients += [self._refused(i) for i in range(self.spec.refused_clients)]
+        await asyncio.gather(*clients)
+
+    async def _paced(self, period_s: float, one: Callable[[int], Awaitable[Call]]) -> None:
+        next_at = time.monotonic()
+        index = 0
+        while not self._stopping.is_set():
+            self.calls.append(await one(index))
+            index += 1
+            # No catching up after a slow call: the offered load stays steady.
+            next_at = max(next_at + period_s, time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), max(0.0, next_at - time.monotonic()))
+
+    async def _unary(self, client: int) -> None:
+        async with keyed_aio_channel(self.spec.gateway, self.spec.api_key, options=client_options()) as channel:
+            stub = nlp_pb2_grpc.NlpServiceStub(channel)
+
+            async def one(index: int) -> Call:
+                started = time.monotonic()
+                try:
+                    if index % 2:
+                        await stub.Embed(
+                            nlp_pb2.EmbedRequest(texts=[f"client {client} call {index}"]), timeout=self.spec.deadline_s
+                        )
+                    else:
+                        await stub.Sentiment(
+                            nlp_pb2.SentimentRequest(texts=[f"call {index} went well"]), timeout=self.spec.deadline_s
+                        )
+                except grpc.aio.AioRpcError as err:
+                    return Call("unary", started, time.monotonic(), err.code().name, err.details() or "")
+                return Call("unary", started, time.monotonic(), "OK")
+
+            await self._paced(1.0 / self.spec.rate, one)
+
+    async def _streams(self, client: int) -> None:
+        async with keyed_aio_channel(self.spec.gateway, self.spec.api_key, options=client_options()) as channel:
+            stub = llm_pb2_grpc.LlmServiceStub(channel)
+
+            async def one(index: int) -> Call:
+                request = llm_pb2.ChatRequest(
+                    messages=[
+                        llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=f"Count from {index} to {index + 20}.")
+                    ],
+                    sampling=llm_pb2.SamplingParams(max_tokens=self.spec.stream_tokens, temperature=0),
+                )
+                started = time.monotonic()
+                finished = False
+                try:
+                    async for reply in stub.Chat(request, timeout=self.spec.stream_deadline_s):
+                        finished = finished or reply.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED
+                except grpc.aio.AioRpcError as err:
+                    return Call("stream", started, time.monotonic(), err.code().name, err.details() or "")
+                if not finished:
+                    return Call("stream", started, time.monotonic(), "INCOMPLETE", "ended OK without a finish reason")
+                return Call("stream", started, time.monotonic(), "OK")
+
+            await self._paced(0.2, one)
+
+    async def _refused(self, client: int) -> None:
+        async with keyed_aio_channel(self.spec.gateway, f"wrong-key-{client}", options=client_options()) as channel:
+            stub = nlp_pb2_grpc.NlpServiceStub(channel)
+
+            async def one(index: int) -> Call:
+                started = time.monotonic()
+                try:
+                    await stub.Sentiment(nlp_pb2.SentimentRequest(texts=["let me in"]), timeout=self.spec.deadline_s)
+                except grpc.aio.AioRpcError as err:
+                    return Call("refused", started, time.monotonic(), err.code().name, err.details() or "")
+                return Call("refused", started, time.monotonic(), "OK", "a wrong key was let in")
+
+            await self._paced(0.25, one)
+
+
+class LoadHandle(Protocol):
+    """A load under way, in this process or another: stop it and get its calls."""
+
+    async def finish(self) -> list[Call]: ...
+
+
+class LocalLoad:
+    def __init__(self, spec: LoadSpec) -> None:
+        self.load = Load(spec)
+        self.task = asyncio.get_running_loop().create_task(self.load.run(), name="chaos-load")
+
+    async def finish(self) -> list[Call]:
+        self.load.stop()
+        await self.task
+        return self.load.calls
+
+
+# -- results ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    scenario: str
+    sent: int = 0
+    ok: int = 0
+    retryable: int = 0
+    lost: int = 0
+    # Seconds from the fault until the unary OK rate was back (0: it never dipped; None: not back by the run's end).
+    recovery_s: float | None = 0.0
+    baseline_ok_per_s: float = 0.0
+    lost_codes: dict[str, int] = field(default_factory=dict)
+    retryable_codes: dict[str, int] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+    notes: str = ""
+    skipped: str = ""
+
+    def row(self) -> str:
+        if self.skipped:
+            return f"| {self.scenario} | skipped: {self.skipped} | | | | |"
+        recovery = "not recovered" if self.recovery_s is None else f"{self.recovery_s:.1f} s"
+        return f"| {self.scenario} | {self.sent} | {self.ok} | {self.retryable} | {self.lost} | {recovery} |"
+
+
+def outcome(call: Call) -> str:
+    """ "ok", "retryable" or "lost"."""
+    if call.kind == "refused":
+        return "ok" if call.code == REFUSED_OK else "retryable" if call.code in RETRYABLE else "lost"
+    if call.code == "OK":
+        return "ok"
+    return "retryable" if call.code in RETRYABLE else "lost"
+
+
+def recovery_s(calls: Sequence[Call], fault_at: float, *, baseline_s: float = 3.0) -> tuple[float | None, float]:
+    """(recovery time, pre-fault unary OK rate per second); see the module's docstring."""
+    ends = sorted(c.ended for c in calls if c.kind == "unary" and c.code == "OK")
+    if not ends:
+        return None, 0.0
+    baseline = sum(1 for t in ends if fault_at - baseline_s <= t < fault_at) / baseline_s
+    end = max(c.ended for c in calls)
+    last_low: float | None = None
+    t = fault_at
+    while t + WINDOW_S <= end:
+        rate = sum(1 for e in ends if t <= e < t + WINDOW_S) / WINDOW_S
+        if rate < RECOVERED * baseline:
+            last_low = t + WINDOW_S
+        t += STEP_S
+    if last_low is None:
+        return 0.0, baseline
+    if last_low > end - STEP_S:
+        return None, baseline
+    return last_low - fault_at, baseline
+
+
+def tally(scenario: str, calls: Sequence[Call], fault_at: float, notes: str = "") -> Tally:
+    result = Tally(scenario, notes=notes)
+    lost: Counter[str] = Counter()
+    retryable: Counter[str] = Counter()
+    for call in calls:
+        result.sent += 1
+        kind = outcome(call)
+        if kind == "ok":
+            result.ok += 1
+        elif kind == "retryable":
+            result.retryable += 1
+            retryable[f"{call.kind} {call.code}"] += 1
+        else:
+            result.lost += 1
+            lost[f"{call.kind} {call.code}"] += 1
+            if len(result.samples) < 5:
+                result.samples.append(f"{call.kind} {call.code} after {call.ended - call.started:.1f}s: {call.details}")
+    result.lost_codes, result.retryable_codes = dict(lost), dict(retryable)
+    result.recovery_s, result.baseline_ok_per_s = recovery_s(calls, fault_at)
+    return result
+
+
+# -- the mesh --------------------------------------------------------------------------------------------------------
+
+
+def mesh_processes(root: psutil.Process) -> dict[str, psutil.Process]:
+    """The processes `aimass up` supervises, by name (gateway, scheduler, node-agent, nlp-0, ...)."""
+    named: dict[str, psutil.Process] = {}
+    for child in root.children():
+        with contextlib.suppress(psutil.Error):
+            name = child.environ().get("AIMASS_MESH__IDENTITY", "")
+            if name and child.status() != psutil.STATUS_ZOMBIE:
+                named[name] = child
+    return named
+
+
+class ChaosMesh:
+    """A LocalMesh and what the scenarios need of it: its processes by name, and whether it is whole again."""
+
+    def __init__(self, mesh: LocalMesh) -> None:
+        self.mesh = mesh
+
+    @property
+    def gateway(self) -> str:
+        return self.mesh.gateway
+
+    @property
+    def api_key(self) -> str:
+        return self.mesh.api_key
+
+    def processes(self) -> dict[str, psutil.Process]:
+        assert self.mesh.process is not None
+        return mesh_processes(psutil.Process(self.mesh.process.pid))
+
+    def pid(self, name: str) -> int:
+        process = self.processes().get(name)
+        if process is None:
+            raise RuntimeError(f"no process {name} in the mesh")
+        return int(process.pid)
+
+    def signal(self, name: str, sig: signal.Signals) -> int:
+        pid = self.pid(name)
+        os.kill(pid, sig)
+        return pid
+
+    def registered(self) -> dict[int, str]:
+        """pid → kind of every instance the registry lists SERVING ({} when the registry does not answer)."""
+        try:
+            with self.mesh.scheduler_channel() as channel:
+                listed = registry_pb2_grpc.RegistryServiceStub(channel).ListInstances(
+                    registry_pb2.ListInstancesRequest(), timeout=2
+                )
+        except grpc.RpcError:
+            return {}
+        return {i.pid: i.kind for i in listed.instances if i.state == common_pb2.SERVING_STATE_SERVING}
+
+    def whole(self) -> bool:
+        """Every process of the mesh is running and registered SERVING."""
+        running = {name: p.pid for name, p in self.processes().items() if name != "node-agent"}
+        registered = self.registered()
+        return all(pid in registered for pid in running.values()) and len(running) == len(self.expected_names())
+
+    def expected_names(self) -> list[str]:
+        names = ["gateway", "scheduler"]
+        return names + [f"{kind}-{i}" for kind, n in self.mesh.replicas.items() for i in range(n)]
+
+    async def wait_whole(self, timeout_s: float, *, replaced: Sequence[tuple[str, int]] = ()) -> float:
+        """Until the mesh is whole and each (name, old pid) of ``replaced`` runs under a new pid; the time it took."""
+        began = time.monotonic()
+        while True:
+            done = await asyncio.to_thread(self.whole)
+            if done and replaced:
+                now = await asyncio.to_thread(self.processes)
+                done = all(name in now and now[name].pid != old for name, old in replaced)
+            if done:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"the mesh was not whole again {timeout_s:.0f}s after the fault")
+            await asyncio.sleep(0.2)
+
+
+# -- scenarios -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a scenario runs: load before the fault, how long a fault lasts, load after the mesh is whole."""
+
+    warm_s: float
+    fault_s: float
+    settle_s: float
+    whole_timeout_s: float
+
+
+FULL = Timing(warm_s=5.0, fault_s=10.0, settle_s=5.0, whole_timeout_s=120.0)
+SHORT = Timing(warm_s=3.0, fault_s=3.0, settle_s=2.0, whole_timeout_s=90.0)
+
+Fault = Callable[[ChaosMesh, Timing], Awaitable[str]]
+
+
+async def sigkill_replica(mesh: ChaosMesh, timing: Timing) -> str:
+    pid = mesh.signal("nlp-0", signal.SIGKILL)
+    back = await mesh.wait_whole(timing.whole_timeout_s, replaced=[("nlp-0", pid)])
+    return f"nlp-0 (pid {pid}) SIGKILLed; the supervisor's new nlp-0 served again {back:.1f}s later"
+
+
+async def sigstop_replica(mesh: ChaosMesh, timing: Timing) -> str:
+    pid = mesh.signal("nlp-1", signal.SIGSTOP)
+    try:
+        await asyncio.sleep(timing.fault_s)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    back = await mesh.wait_whole(timing.whole_timeout_s)
+    return f"nlp-1 frozen (SIGSTOP) for {timing.fault_s:.0f}s, then SIGCONT; whole {back:.1f}s later"
+
+
+async def restart_gateway(mesh: ChaosMesh, timing: Timing) -> str:
+    pid = mesh.signal("gateway", signal.SIGTERM)
+    back = await mesh.wait_whole(timing.whole_timeout_s, replaced=[("gateway", pid)])
+    return f"gateway SIGTERMed (drains, exits); the supervisor's new gateway registered {back:.1f}s later"
+
+
+async def kill_scheduler(mesh: ChaosMesh, timing: Timing) -> str:
+    # SIGSTOP first: the scheduler (and the registry it hosts) is gone for fault_s, as a host that hangs is; then it
+    # is killed and the supervisor starts a fresh one with an empty registry, which everyone joins again.
+    pid = mesh.signal("scheduler", signal.SIGSTOP)
+    await asyncio.sleep(timing.fault_s)
+    os.kill(pid, signal.SIGKILL)
+    back = await mesh.wait_whole(timing.whole_timeout_s, replaced=[("scheduler", pid)])
+    return (
+        f"scheduler (with the embedded registry) frozen {timing.fault_s:.0f}s, then SIGKILLed; the new one had every "
+        f"process registered again {back:.1f}s later"
+    )
+
+
+async def sigterm_mid_stream(mesh: ChaosMesh, timing: Timing) -> str:
+    # The streams are under way (the load has run warm_s): SIGTERM one LLM replica; its streams must finish.
+    pid = mesh.signal("llm-0", signal.SIGTERM)
+    back = await mesh.wait_whole(timing.whole_timeout_s, replaced=[("llm-0", pid)])
+    return f"llm-0 SIGTERMed with Chat streams in flight (drain); the new llm-0 served again {back:.1f}s later"
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_mb: int) -> Iterator[Path]:
+    """``folder`` on a tmpfs of ``size_mb`` MiB (needs root: mount), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)], check=True, timeout=30)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
+
+
+def fill(path: Path) -> int:
+    """Writes ``path`` until the disk is full; the bytes written."""
+    chunk = b"\0" * (1 << 20)
+    written = 0
+    with path.open("wb", buffering=0) as sink:
+        while True:
+            try:
+                written += sink.write(chunk)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                break
+            # A partial write means the next one fails: keep going until it does.
+    with contextlib.suppress(OSError):
+        small = b"\0" * 4096
+        with path.open("ab", buffering=0) as sink:
+            while True:
+                written += sink.write(small)
+    return written
+
+
+async def fill_disk(mesh: ChaosMesh, timing: Timing) -> str:
+    # The mesh's state directory (store: keys, audit log, LLM usage) and its log sit on a small tmpfs.
+    filler = mesh.mesh.log_path.parent / "filler"
+    written = await asyncio.to_thread(fill, filler)
+    try:
+        await asyncio.sleep(timing.fault_s)
+    finally:
+        filler.unlink()
+    back = await mesh.wait_whole(timing.whole_timeout_s)
+    return (
+        f"the disk holding the store and the log filled ({written >> 20} MiB written) for {timing.fault_s:.0f}s, then "
+        f"freed; whole {back:.1f}s later"
+    )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    fault: Fault
+    # The load's shape beyond the default unary clients.
+    stream_clients: int = 0
+    refused_clients: int = 0
+    description: str = ""
+
+
+MAIN_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("sigkill-replica", sigkill_replica, description="SIGKILL one of two NLP replicas"),
+    Scenario("sigstop-replica", sigstop_replica, description="SIGSTOP one of two NLP replicas, then SIGCONT"),
+    Scenario("restart-gateway", restart_gateway, description="SIGTERM the gateway; the supervisor restarts it"),
+    Scenario("kill-scheduler", kill_scheduler, description="freeze, then SIGKILL the scheduler; it comes back empty"),
+    Scenario(
+        "fill-disk",
+        fill_disk,
+        stream_clients=1,
+        refused_clients=1,
+        description="fill the disk of the store and the log (refused calls are audited, LLM usage saved)",
+    ),
+    Scenario(
+        "sigterm-mid-stream",
+        sigterm_mid_stream,
+        stream_clients=3,
+        description="SIGTERM one of two LLM replicas with Chat streams in flight",
+    ),
+)
+
+
+async def run_scenario(
+    name: str,
+    start_load: Callable[[], LoadHandle],
+    fault: Callable[[], Awaitable[str]],
+    timing: Timing,
+) -> Tally:
+    load = start_load()
+    try:
+        await asyncio.sleep(timing.warm_s)
+        fault_at = time.monotonic()
+        notes = await fault()
+        await asyncio.sleep(timing.settle_s)
+    finally:
+        calls = await load.finish()
+    result = tally(name, calls, fault_at, notes)
+    print(f"{name}: {json.dumps(asdict(result))}", flush=True)
+    return result
+
+
+def main_mesh(folder: Path, *, llm: bool = True) -> LocalMesh:
+    """`aimass up` with two NLP replicas (and two LLM replicas), one torch thread each: they share the machine."""
+    replicas = {"nlp": 2, "llm": 2} if llm else {"nlp": 2}
+    return LocalMesh(folder / "mesh.log", replicas=replicas, env={"AIMASS_NLP__TORCH_THREADS": "1"})
+
+
+async def run_main(folder: Path, names: Sequence[str], timing: Timing, spec: LoadSpec | None = None) -> list[Tally]:
+    """The scenarios of ``names`` (from MAIN_SCENARIOS) against one mesh, one after another, the mesh whole between
+    them. The mesh's folder (state and log) is a small tmpfs when fill-disk is among them."""
+    chosen = [s for s in MAIN_SCENARIOS if s.name in names]
+    if not chosen:
+        return []
+    results: list[Tally] = []
+    with contextlib.ExitStack() as stack:
+        if any(s.name == "fill-disk" for s in chosen):
+            if os.geteuid() != 0 or shutil.which("mount") is None:
+                results.append(Tally("fill-disk", skipped="needs root to mount a small tmpfs"))
+                chosen = [s for s in chosen if s.name != "fill-disk"]
+            else:
+                stack.enter_context(small_disk(folder, 64))
+        mesh = main_mesh(folder, llm=any(s.stream_clients for s in chosen))
+        mesh.start()
+        stack.callback(mesh.stop)
+        await asyncio.to_thread(mesh.wait_ready, 600)
+        chaos = ChaosMesh(mesh)
+        for scenario in chosen:
+            base = spec or LoadSpec(mesh.gateway, mesh.api_key)
+            load_spec = LoadSpec(
+                **{
+                    **asdict(base),
+                    "gateway": mesh.gateway,
+                    "api_key": mesh.api_key,
+                    "stream_clients": scenario.stream_clients,
+                    "refused_clients": scenario.refused_clients,
+                }
+            )
+            await chaos.wait_whole(timing.whole_timeout_s)
+
+            def fault(s: Scenario = scenario) -> Awaitable[str]:
+                return s.fault(chaos, timing)
+
+            def start_load(s: LoadSpec = load_spec) -> LoadHandle:
+                return LocalLoad(s)
+
+            results.append(await run_scenario(scenario.name, start_load, fault, timing))
+    return results
+
+
+# -- the table -------------------------------------------------------------------------------------------------------
+
+
+def chaos_section(results: Sequence[Tally], timing: Timing, spec: LoadSpec) -> str:
+    lines = [
+        "## Chaos",
+        "",
+        "Each fault is injected into a running mesh (`aimass up`, two NLP replicas; see each scenario) under steady "
+        f"load: {spec.unary_clients} clients, each on its own connection, alternating NLP Embed and Sentiment at "
+        f"{spec.rate:g} calls/s (one in flight, {spec.deadline_s:g} s deadline each), plus LLM Chat streams and "
+        "wrong-key calls where the scenario says. The clients retry as aimass.client does (gRPC retry policy: "
+        "UNAVAILABLE and RESOURCE_EXHAUSTED, 5 tries, server pushback) with `waitForReady` and a 1 s reconnect "
+        "backoff cap. *Retryable*: answered UNAVAILABLE or RESOURCE_EXHAUSTED after those retries; *lost*: no answer "
+        "by the deadline, any other status, or a stream cut short. *Recovery*: from the fault until the unary OK rate "
+        f"stays at {RECOVERED:.0%} of the rate before it (1 s windows). Load ran {timing.warm_s:g} s before the fault, "
+        f"faults lasted {timing.fault_s:g} s where they have a length, and load went on {timing.settle_s:g} s after "
+        "the mesh was whole again.",
+        "",
+        f"Regenerate: `{REGENERATE}` (~10 min; `--short` for the versions `make test` runs).",
+        "",
+        "| scenario | sent | OK | retryable | lost | recovery |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(r.row() for r in results),
+        "",
+        "What happened in each:",
+        "",
+    ]
+    for r in results:
+        if r.skipped:
+            lines.append(f"- **{r.scenario}**: skipped ({r.skipped}).")
+            continue
+        detail = f"- **{r.scenario}**: {r.notes}."
+        if r.retryable_codes:
+            detail += f" Retryable: {r.retryable_codes}."
+        if r.lost_codes:
+            detail += f" Lost: {r.lost_codes}, e.g. {'; '.join(r.samples[:2])}."
+        lines.append(detail)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, heading: str, body: str) -> None:
+    """Replaces the ``heading`` section (up to the next "## ") of ``doc``, or appends it; other sections stay."""
+    text = doc.read_text() if doc.exists() else "# Reliability\n\n"
+    start = text.find(f"\n{heading}\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + body
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[: start + 1] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+ALL = [s.name for s in MAIN_SCENARIOS]
+
+
+async def run(names: Sequence[str], timing: Timing, folder: Path) -> list[Tally]:
+    return await run_main(folder / "main", [n for n in names if n in ALL], timing)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*", help=f"default: all of {', '.join(ALL)}")
+    parser.add_argument("--short", action="store_true", help="the short versions (as in make test)")
+    parser.add_argument("--write", type=Path, help="write the Chaos section of this markdown file")
+    args = parser.parse_args(argv)
+    names = args.scenarios or ALL
+    unknown = set(names) - set(ALL)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(ALL)}")
+    timing = SHORT if args.short else FULL
+    with tempfile.TemporaryDirectory(prefix="aimass-chaos-") as folder:
+        results = asyncio.run(run(names, timing, Path(folder)))
+    spec = LoadSpec("", "")
+    section = chaos_section(results, timing, spec)
+    print(section)
+    if args.write:
+        write_section(args.write, "## Chaos", section)
+    return 0 if all(r.lost == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
