@@ -248,6 +248,21 @@ class VisionConfig(BaseModel):
     max_pixels: PositiveInt = 40_000_000
     min_side: PositiveInt = 8
     max_images: PositiveInt = 16
+    # Sum of width x height over one request's images, read from their headers before any decoding.
+    max_request_pixels: PositiveInt = 160_000_000
+    # Decoded pixels in flight across all requests of the process (each image holds its pixels while it is decoded
+    # and run; Pillow keeps up to 4 bytes per pixel). An image larger than this is refused outright.
+    decode_pixel_budget: PositiveInt = 80_000_000
+    # Images decoded and run at once (decode worker threads); a request waits for a slot and enough budget.
+    decode_workers: PositiveInt = 2
+    # Requests that may wait for decode slots or budget; one more is RESOURCE_EXHAUSTED.
+    max_decode_queue: PositiveInt = 64
+    # Longest side the face detector and OCR see: larger images are downscaled while decoding (results are given in
+    # the original's pixels).
+    face_max_side: PositiveInt = 1600
+    ocr_max_side: PositiveInt = 2048
+    # After an image of at least this many pixels, freed heap is handed back to the OS (glibc malloc_trim).
+    trim_after_pixels: PositiveInt = 4_000_000
     classify_batching: BatchingConfig = BatchingConfig(max_batch_size=32, max_queue_delay_ms=4.0, max_queue_size=512)
     # CPU threads for onnxruntime / torch (0 = the library's default: all cores).
     threads: int = Field(default=0, ge=0)

@@ -261,8 +261,13 @@ class VisionEngine:
 
     # -- faces --------------------------------------------------------------------------------------------------
 
-    def detect_faces(self, image: Image.Image, *, min_score: float, max_faces: int) -> list[FaceResult]:
+    def detect_faces(
+        self, image: Image.Image, *, min_score: float, max_faces: int, full_width: int | None = None
+    ) -> list[FaceResult]:
+        """Faces in ``image``; geometry in the pixels of an original ``full_width`` wide (the image's own by
+        default), for an image the decoder already downscaled."""
         mtcnn: Mtcnn = self.models.get(FACE_MODEL)
+        to_full = (full_width or image.width) / image.width
         # MTCNN's pyramid grows with the image; past FACE_MAX_SIDE it runs on a downscaled copy (faces smaller
         # than ~20 pixels of that copy are lost) and the geometry is scaled back.
         scale = min(1.0, FACE_MAX_SIDE / max(image.width, image.height))
@@ -271,13 +276,18 @@ class VisionEngine:
             image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
         with self._face_lock:
             boxes = mtcnn.detect(np.asarray(image))
-        faces = [_face(box, 1.0 / scale) for box in boxes if box.score >= min_score]
+        faces = [_face(box, to_full / scale) for box in boxes if box.score >= min_score]
         faces.sort(key=lambda face: -face.score)
         return faces[:max_faces] if max_faces else faces
 
     # -- OCR ----------------------------------------------------------------------------------------------------
 
-    def read_text(self, image: Image.Image, *, min_confidence: float) -> list[TextLineResult]:
+    def read_text(
+        self, image: Image.Image, *, min_confidence: float, full_size: tuple[int, int] | None = None
+    ) -> list[TextLineResult]:
+        """Lines of text in ``image``, polygons in the pixels of an original of ``full_size`` (the image's own by
+        default), for an image the decoder already downscaled."""
+        sx, sy = (full_size[0] / image.width, full_size[1] / image.height) if full_size else (1.0, 1.0)
         # RapidOCR takes OpenCV's BGR channel order.
         bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
         ocr = self.models.get(OCR_MODEL)
@@ -287,7 +297,7 @@ class VisionEngine:
         for polygon, text, confidence in found or ():
             if float(confidence) < min_confidence:
                 continue
-            points = tuple((float(x), float(y)) for x, y in polygon)
+            points = tuple((float(x) * sx, float(y) * sy) for x, y in polygon)
             lines.append(TextLineResult(str(text), points, float(confidence)))
         return reading_order(lines)
 

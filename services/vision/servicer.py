@@ -1,8 +1,11 @@
 """aimass.v1.VisionService: validate, decode, hand the work to the engine, shape the reply.
 
-Thin by design: request limits and model names are checked here, images are decoded (with their own limits) in
-a worker pool, the models live in ``engine``, and errors become statuses in the runtime's error interceptor.
-``meta.priority`` orders the classifier's batch queue when the replica is contended (higher priorities first).
+Request limits and model names are checked here; then every image's header (count, size, pixels per request),
+before any pixel is decoded. Images are then decoded and run one at a time per request in a small worker pool,
+each holding a share of the process's budget of decoded pixels (``budget.PixelBudget``: a bounded queue that
+honours the call's deadline), with the deadline checked between images. The models live in ``engine``; errors
+become statuses in the runtime's error interceptor. ``meta.priority`` orders the classifier's batch queue when the
+replica is contended (higher priorities first).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 import grpc
@@ -18,10 +22,11 @@ from PIL import Image
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import VisionConfig
-from aimass.runtime.errors import InvalidArgument
+from aimass.runtime.errors import DeadlineExceeded, InvalidArgument
 from aimass.runtime.models import serving_model
-from aimass.runtime.scope import current_scope, priority_rank
+from aimass.runtime.scope import current_scope, deadline_of, priority_rank
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from services.vision.budget import PixelBudget
 from services.vision.engine import (
     CLASSIFY_MODEL,
     FACE_MODEL,
@@ -30,11 +35,14 @@ from services.vision.engine import (
     OCR_MODEL,
     RESIZE_SIZE,
     ClassifyJob,
+    FaceResult,
     Label,
+    Tensor,
+    TextLineResult,
     VisionEngine,
     preprocess,
 )
-from services.vision.images import DecodedImage, check_count, decode_all
+from services.vision.images import ImageHeader, check_count, decode_image, probe_all, release_memory
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_TOP_K = 5
@@ -63,8 +71,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         # stricter than the configured limit, which the decoder checks from the header first.
         if Image.MAX_IMAGE_PIXELS is not None and config.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = config.max_pixels
-        # Decoding and the per-image models (faces, OCR) run here, off the event loop.
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vision-cpu")
+        # Decoding and the per-image models (faces, OCR) run here, off the event loop; the budget's slots match
+        # the workers, so work never queues inside the pool, only in the budget's bounded, deadline-aware queue.
+        self.pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="vision-cpu")
+        self.budget = PixelBudget(config.decode_pixel_budget, config.decode_workers, config.max_decode_queue)
 
     async def start(self) -> None:
         await self.classify_batcher.start()
@@ -73,19 +83,63 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         await self.classify_batcher.close(drain=True)
         self.pool.shutdown(wait=True)
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def _held(self, pixels: int, deadline: float | None, what: str, fn: Callable[[], T]) -> T:
+        """``fn`` in the worker pool, holding a decode slot and ``pixels`` of the budget until it has finished (a
+        cancelled call releases them when the worker is done, not before: the memory is in use until then)."""
+        await self.budget.acquire(pixels, deadline=deadline, what=what)
+        trim = pixels >= self.config.trim_after_pixels
+
+        def work() -> T:
+            result = fn()  # the decoded image is dropped when fn returns, before the trim below
+            if trim:
+                release_memory()
+            return result
+
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if future.done():
+                self.budget.release(pixels)
+            else:  # cancelled while the worker still holds the image
+                future.add_done_callback(lambda _: self.budget.release(pixels))
 
     # -- validation ---------------------------------------------------------------------------------------------
 
     def _model(self, requested: common_pb2.ModelRef, served: str, where: str) -> common_pb2.ModelRef:
         return serving_model(requested, served, where, loaded=self.engine.loaded)
 
-    async def _decode(self, images: Sequence[vision_pb2.Image], min_side: int | None = None) -> list[DecodedImage]:
-        # The count is checked before any decoding work is queued.
+    async def _probe(self, images: Sequence[vision_pb2.Image], deadline: float | None) -> list[ImageHeader]:
+        # The count is checked before any work is queued; headers are read in the pool (no pixels: no budget).
         check_count(len(images), self.config)
         blobs = [image.data for image in images]
-        return await self._in_pool(lambda: decode_all(blobs, self.config, min_side=min_side))
+        return await self._held(0, deadline, "this request", lambda: probe_all(blobs, self.config))
+
+    @staticmethod
+    def _check_time(deadline: float | None, done: int, total: int) -> None:
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            raise DeadlineExceeded(
+                f"the deadline passed after {done} of {total} images; send fewer images or allow more time",
+                reason="DEADLINE_BETWEEN_IMAGES",
+            )
+
+    async def _each_image(
+        self,
+        images: Sequence[vision_pb2.Image],
+        context: Context,
+        work: Callable[[bytes, ImageHeader], T],
+    ) -> list[tuple[ImageHeader, T]]:
+        """``work`` for each image in turn, in the pool under the pixel budget, with the deadline checked before
+        each (a cancelled call stops at the next await)."""
+        deadline = deadline_of(context)
+        headers = await self._probe(images, deadline)
+        results = []
+        for header in headers:
+            self._check_time(deadline, header.index, len(headers))
+            data = images[header.index].data
+            result = await self._held(header.pixels, deadline, f"images[{header.index}]", partial(work, data, header))
+            results.append((header, result))
+        return results
 
     @staticmethod
     def _check_fraction(name: str, value: float) -> None:
@@ -104,9 +158,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 f"top_k is {request.top_k}; send 1..{NUM_CLASSES} (0 means {DEFAULT_TOP_K})", reason="BAD_TOP_K"
             )
         terms = current_scope().queue_terms(request.meta.priority)
-        # The classifier sees 256 pixels on the short side: large JPEGs need not be decoded in full.
-        decoded = await self._decode(request.images, min_side=RESIZE_SIZE)
-        pixels = await self._in_pool(lambda: np.stack([preprocess(d.image) for d in decoded]))
+
+        # The classifier sees 256 pixels on the short side: large JPEGs need not be decoded in full, and only the
+        # 224 x 224 input of each image outlives its decode.
+        def prepare(data: bytes, header: ImageHeader) -> tuple[int, int, Tensor]:
+            image = decode_image(data, header.index, self.config, min_side=RESIZE_SIZE)
+            return image.width, image.height, preprocess(image.image)
+
+        prepared = [result for _, result in await self._each_image(request.images, context, prepare)]
+        self._check_time(deadline_of(context), len(prepared), len(prepared))
+        pixels = np.stack([tensor for _, _, tensor in prepared])
         labels = await self.classify_batcher.submit(ClassifyJob(pixels, top_k), **terms)
         return vision_pb2.VisionServiceClassifyResponse(
             model=model,
@@ -116,10 +177,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                         vision_pb2.ImageLabel(label=item.label, class_index=item.class_index, score=item.score)
                         for item in per_image
                     ],
-                    width=image.width,
-                    height=image.height,
+                    width=width,
+                    height=height,
                 )
-                for image, per_image in zip(decoded, labels, strict=True)
+                for (width, height, _), per_image in zip(prepared, labels, strict=True)
             ],
         )
 
@@ -131,14 +192,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         priority_rank(request.meta.priority)  # faces and OCR are not queued by priority, but it must be valid
         if request.max_faces < 0:
             raise InvalidArgument(f"max_faces is {request.max_faces}; send 0 (no limit) or more", reason="BAD_LIMIT")
-        decoded = await self._decode(request.images)
-        results = []
-        for image in decoded:
-            faces = await self._in_pool(
-                lambda i=image: self.engine.detect_faces(
-                    i.image, min_score=request.min_score, max_faces=request.max_faces
-                )
+        max_side = self.config.face_max_side
+
+        def detect(data: bytes, header: ImageHeader) -> tuple[int, int, list[FaceResult]]:
+            image = decode_image(data, header.index, self.config, max_side=max_side)
+            found = self.engine.detect_faces(
+                image.image, min_score=request.min_score, max_faces=request.max_faces, full_width=image.width
             )
+            return image.width, image.height, found
+
+        results = []
+        for _, (width, height, faces) in await self._each_image(request.images, context, detect):
             results.append(
                 vision_pb2.ImageFaces(
                     faces=[
@@ -152,8 +216,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                         )
                         for face in faces
                     ],
-                    width=image.width,
-                    height=image.height,
+                    width=width,
+                    height=height,
                 )
             )
         return vision_pb2.DetectFacesResponse(model=model, results=results)
@@ -169,12 +233,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 reason="UNSUPPORTED_LANGUAGE",
                 metadata={"supported": ",".join(OCR_LANGUAGES)},
             )
-        decoded = await self._decode(request.images)
-        results = []
-        for image in decoded:
-            lines = await self._in_pool(
-                lambda i=image: self.engine.read_text(i.image, min_confidence=request.min_confidence)
+        max_side = self.config.ocr_max_side
+
+        def read(data: bytes, header: ImageHeader) -> tuple[int, int, list[TextLineResult]]:
+            image = decode_image(data, header.index, self.config, max_side=max_side)
+            found = self.engine.read_text(
+                image.image, min_confidence=request.min_confidence, full_size=(image.width, image.height)
             )
+            return image.width, image.height, found
+
+        results = []
+        for _, (width, height, lines) in await self._each_image(request.images, context, read):
             protos = []
             for line in lines:
                 xs = [x for x, _ in line.polygon]
@@ -191,8 +260,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 vision_pb2.ImageText(
                     lines=protos,
                     text="\n".join(line.text for line in lines),
-                    width=image.width,
-                    height=image.height,
+                    width=width,
+                    height=height,
                 )
             )
         return vision_pb2.ReadTextResponse(model=model, results=results)
