@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import grpc
 import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.client import keyed_aio_channel, service_config
 from aimass.local_mesh import LocalMesh
@@ -539,6 +540,7 @@ async def run_main(folder: Path, names: Sequence[str], timing: Timing, spec: Loa
     if not chosen:
         return []
     results: list[Tally] = []
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if any(s.name == "fill-disk" for s in chosen):
             if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -552,7 +554,7 @@ async def run_main(folder: Path, names: Sequence[str], timing: Timing, spec: Loa
         await asyncio.to_thread(mesh.wait_ready, 600)
         chaos = ChaosMesh(mesh)
         for scenario in chosen:
-            base = spec or LoadSpec(mesh.gateway, mesh.api_key)
+            base = spec or LoadSpec("", "")
             load_spec = LoadSpec(
                 **{
                     **asdict(base),
@@ -572,6 +574,194 @@ async def run_main(folder: Path, names: Sequence[str], timing: Timing, spec: Loa
 
             results.append(await run_scenario(scenario.name, start_load, fault, timing))
     return results
+
+
+# -- Consul ----------------------------------------------------------------------------------------------------------
+
+
+class ConsulChaosMesh(ChaosMesh):
+    """A LocalMesh whose registry is a (fake) Consul agent on loopback: what is registered is read from the agent."""
+
+    def __init__(self, mesh: LocalMesh, agent: Any) -> None:
+        super().__init__(mesh)
+        self.agent = agent
+
+    def registered(self) -> dict[int, str]:
+        with self.agent._cond:  # the fake's own lock: its HTTP threads change these maps
+            services = list(self.agent.services.values())
+            checks = dict(self.agent.checks)
+        return {
+            int(service.meta.get("pid", "0")): service.meta.get("kind", "")
+            for service in services
+            if all(checks[c].status == "passing" for c in service.check_ids if c in checks)
+        }
+
+    def ready(self) -> bool:
+        """Every replica passing in Consul, and the gateway has them: NlpService SERVING at its health."""
+        if sum(1 for kind in self.registered().values() if kind == "nlp") < self.mesh.replicas.get("nlp", 0):
+            return False
+        try:
+            with grpc.insecure_channel(self.mesh.gateway) as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=NLP_SERVICE), timeout=2
+                )
+        except grpc.RpcError:
+            return False
+        return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def expected_names(self) -> list[str]:
+        return [name for name in super().expected_names() if name != "scheduler"] + ["scheduler"]
+
+    def whole(self) -> bool:
+        # The scheduler registers in Consul as the gateway and replicas do.
+        return super().whole() and self.ready()
+
+
+async def drop_consul(mesh: ChaosMesh, timing: Timing) -> str:
+    assert isinstance(mesh, ConsulChaosMesh)
+    await asyncio.to_thread(mesh.agent.stop)
+    await asyncio.sleep(timing.fault_s)
+    await asyncio.to_thread(mesh.agent.start)
+    back = await mesh.wait_whole(timing.whole_timeout_s)
+    return (
+        f"the Consul agent (the registry) stopped for {timing.fault_s:.0f}s, its connections cut, then started again "
+        f"with its state; every process passing again {back:.1f}s later"
+    )
+
+
+async def run_consul(folder: Path, timing: Timing, base: LoadSpec) -> list[Tally]:
+    """`aimass up` (two NLP replicas) with ``registry.backend = consul`` against the fake agent (tests/fake_consul.py,
+    checking every process over mesh TLS with its own certificate, as compose/consul/aimass.hcl sets a real one up)."""
+    from aimass import pki
+    from aimass.bootstrap import ensure_certificates
+    from aimass.runtime.config import Settings
+    from aimass.runtime.identity import MeshCredentials
+    from tests.fake_consul import AgentTls, FakeConsul
+
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    state = folder / "state"
+    settings = Settings(state_dir=state)
+    # The mesh's CA first (`aimass up` keeps it), so the agent can have its certificate before the mesh starts.
+    await asyncio.to_thread(ensure_certificates, settings, {"operator": "operator"})
+    await asyncio.to_thread(pki.issue, settings.pki_dir, role="consul", name="consul")
+    own = MeshCredentials.load(settings.pki_dir, "consul")
+    agent = FakeConsul(grpc_checks=True, tls=AgentTls(ca=own.ca, cert=own.cert, key=own.key)).start()
+    env = {
+        "AIMASS_NLP__TORCH_THREADS": "1",
+        "AIMASS_REGISTRY__BACKEND": "consul",
+        "AIMASS_REGISTRY__CONSUL__ADDRESS": agent.address,
+        "AIMASS_REGISTRY__CONSUL__CHECK_INTERVAL_S": "0.5",
+        "AIMASS_REGISTRY__CONSUL__WAIT_S": "5",
+    }
+    mesh = LocalMesh(folder / "mesh.log", replicas={"nlp": 2}, env=env, state_dir=state)
+    chaos = ConsulChaosMesh(mesh, agent)
+    try:
+        mesh.start()
+        await chaos.wait_whole(600)
+        spec = LoadSpec(**{**asdict(base), "gateway": mesh.gateway, "api_key": mesh.api_key})
+
+        def start_load() -> LoadHandle:
+            return LocalLoad(spec)
+
+        return [await run_scenario("drop-consul", start_load, lambda: drop_consul(chaos, timing), timing)]
+    finally:
+        await asyncio.to_thread(mesh.stop)
+        await asyncio.to_thread(agent.stop)
+
+
+# -- a partitioned host ----------------------------------------------------------------------------------------------
+
+
+class RemoteLoad:
+    """A Load run by ``python -m loadtest.chaos --load`` in another process (a network namespace's client host):
+    it waits for the mesh, starts, stops when told on its stdin, and prints its calls as JSON."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    async def started(self, timeout_s: float) -> None:
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), timeout_s)
+        if line.strip() != b"started":
+            raise RuntimeError(f"the load did not start: {line!r} (exit {self.process.poll()})")
+
+    async def finish(self) -> list[Call]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(b"stop\n")
+        self.process.stdin.close()
+        out = await asyncio.to_thread(self.process.stdout.read)
+        await asyncio.to_thread(self.process.wait, 60)
+        return [Call(**call) for call in json.loads(out)]
+
+
+async def remote_load_main(spec_json: str, scheduler: str, replicas: int) -> None:
+    """The far end of RemoteLoad: wait for ``replicas`` NLP replicas serving through the gateway, run the load."""
+    from aimass.runtime.config import load_settings
+    from aimass.runtime.identity import ROLE_OPERATOR, ROLE_SCHEDULER, MeshCredentials, mesh_channel
+    from tests.test_multihost import wait_ready
+
+    spec = LoadSpec(**json.loads(spec_json))
+    operator = MeshCredentials.load(load_settings().pki_dir, ROLE_OPERATOR)
+    async with (
+        keyed_aio_channel(spec.gateway, spec.api_key) as gateway,
+        mesh_channel(scheduler, operator, server_role=ROLE_SCHEDULER) as control,
+    ):
+        await wait_ready(control, gateway, replicas, 180)
+    load = Load(spec)
+    print("started", flush=True)
+    task = asyncio.get_running_loop().create_task(load.run())
+    await asyncio.to_thread(sys.stdin.readline)
+    load.stop()
+    await task
+    print(json.dumps([asdict(call) for call in load.calls]), flush=True)
+
+
+async def partition_host(folder: Path, timing: Timing, base: LoadSpec) -> list[Tally]:
+    """The mesh over network namespaces as tests/test_multihost.py builds it (gw: scheduler and gateway; host-a and
+    host-b: an NLP replica each; client: the load), host-a's cable pulled for fault_s, then plugged back."""
+    from tests.test_multihost import GATEWAY_PORT, SCHEDULER_PORT, Mesh, mesh
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        return [Tally("partition-host", skipped="network namespaces need root, iproute2 and util-linux")]
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+    # The multihost test's fixture, driven by hand: it builds the hosts, starts every process and tears all down.
+    fixture = mesh.__wrapped__(folder)  # type: ignore[attr-defined]
+    try:
+        hosts: Mesh = await asyncio.to_thread(next, fixture)
+    except BaseException as err:  # netns.require_netns skips with pytest's exception where namespaces fail
+        if type(err).__name__ == "Skipped":
+            return [Tally("partition-host", skipped=str(err))]
+        raise
+    try:
+        gw = hosts.hosts["gw"].ip
+        key = (folder / "state" / "admin.key").read_text().strip()
+        spec = LoadSpec(**{**asdict(base), "gateway": f"{gw}:{GATEWAY_PORT}", "api_key": key})
+        argv = ["-m", "loadtest.chaos", "--load", json.dumps(asdict(spec)), "--scheduler", f"{gw}:{SCHEDULER_PORT}"]
+        with (folder / "load.log").open("wb") as log:
+            process = hosts.hosts.run_in(
+                "client",
+                [sys.executable, *argv],
+                {**os.environ, "AIMASS_STATE_DIR": str(folder / "state")},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=str(ROOT),
+            )
+        load = RemoteLoad(process)
+        await load.started(240)
+
+        async def fault() -> str:
+            hosts.hosts.unplug("host-a")
+            try:
+                await asyncio.sleep(timing.fault_s)
+            finally:
+                hosts.hosts.plug("host-a")
+            return f"host-a (one of two NLP replicas) cut off the network for {timing.fault_s:.0f}s, then plugged back"
+
+        return [await run_scenario("partition-host", lambda: load, fault, timing)]
+    finally:
+        with contextlib.suppress(StopIteration):
+            await asyncio.to_thread(next, fixture)
 
 
 # -- the table -------------------------------------------------------------------------------------------------------
@@ -627,11 +817,23 @@ def write_section(doc: Path, heading: str, body: str) -> None:
     doc.write_text(text)
 
 
-ALL = [s.name for s in MAIN_SCENARIOS]
+# Scenarios with a mesh of their own: (folder, timing, load) → results.
+OWN_MESH: dict[str, Callable[[Path, Timing, LoadSpec], Awaitable[list[Tally]]]] = {
+    "drop-consul": run_consul,
+    "partition-host": partition_host,
+}
+ALL = [s.name for s in MAIN_SCENARIOS] + list(OWN_MESH)
 
 
-async def run(names: Sequence[str], timing: Timing, folder: Path) -> list[Tally]:
-    return await run_main(folder / "main", [n for n in names if n in ALL], timing)
+async def run(names: Sequence[str], timing: Timing, folder: Path, spec: LoadSpec | None = None) -> list[Tally]:
+    """The scenarios of ``names`` in ALL's order; the main mesh's first (one mesh for all of them)."""
+    base = spec or LoadSpec("", "")
+    results = await run_main(folder / "main", [n for n in names if n in ALL], timing, base)
+    for name, runner in OWN_MESH.items():
+        if name in names:
+            results += await runner(folder / name, timing, base)
+    order = {name: i for i, name in enumerate(ALL)}
+    return sorted(results, key=lambda r: order.get(r.scenario, len(order)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -639,14 +841,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenarios", nargs="*", help=f"default: all of {', '.join(ALL)}")
     parser.add_argument("--short", action="store_true", help="the short versions (as in make test)")
     parser.add_argument("--write", type=Path, help="write the Chaos section of this markdown file")
+    parser.add_argument("--logs", type=Path, help="keep the meshes' logs in this folder (default: a temporary one)")
+    parser.add_argument("--load", help=argparse.SUPPRESS)  # a LoadSpec as JSON: be a RemoteLoad's far end
+    parser.add_argument("--scheduler", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load:
+        asyncio.run(remote_load_main(args.load, args.scheduler, 2))
+        return 0
     names = args.scenarios or ALL
     unknown = set(names) - set(ALL)
     if unknown:
         parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(ALL)}")
     timing = SHORT if args.short else FULL
-    with tempfile.TemporaryDirectory(prefix="aimass-chaos-") as folder:
-        results = asyncio.run(run(names, timing, Path(folder)))
+    with contextlib.ExitStack() as stack:
+        folder = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aimass-chaos-")))
+        results = asyncio.run(run(names, timing, folder))
     spec = LoadSpec("", "")
     section = chaos_section(results, timing, spec)
     print(section)
