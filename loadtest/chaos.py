@@ -63,6 +63,8 @@ REFUSED_OK = "UNAUTHENTICATED"
 WINDOW_S = 1.0
 STEP_S = 0.25
 RECOVERED = 0.8
+# Where run_scenario keeps every call of each scenario (main's --logs); None: nowhere.
+CALLS_DIR: Path | None = None
 REGENERATE = "make chaos   # = .venv/bin/python -m loadtest.chaos --write docs/reliability.md"
 
 
@@ -438,6 +440,10 @@ def small_disk(folder: Path, size_mb: int) -> Iterator[Path]:
     try:
         yield folder
     finally:
+        # What was written there (the mesh's log) outlives the disk, beside it.
+        for item in folder.glob("*.log"):
+            with contextlib.suppress(OSError):
+                shutil.copy(item, folder.parent / f"{folder.name}.{item.name}")
         subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
 
 
@@ -524,6 +530,9 @@ async def run_scenario(
         calls = await load.finish()
     result = tally(name, calls, fault_at, notes)
     print(f"{name}: {json.dumps(asdict(result))}", flush=True)
+    if CALLS_DIR is not None:  # every call, for a closer look (--logs)
+        record = {"fault_at": fault_at, "calls": [asdict(c) for c in calls]}
+        await asyncio.to_thread((CALLS_DIR / f"{name}.calls.json").write_text, json.dumps(record))
     return result
 
 
@@ -533,46 +542,58 @@ def main_mesh(folder: Path, *, llm: bool = True) -> LocalMesh:
     return LocalMesh(folder / "mesh.log", replicas=replicas, env={"AIMASS_NLP__TORCH_THREADS": "1"})
 
 
-async def run_main(folder: Path, names: Sequence[str], timing: Timing, spec: LoadSpec | None = None) -> list[Tally]:
-    """The scenarios of ``names`` (from MAIN_SCENARIOS) against one mesh, one after another, the mesh whole between
-    them. The mesh's folder (state and log) is a small tmpfs when fill-disk is among them."""
-    chosen = [s for s in MAIN_SCENARIOS if s.name in names]
-    if not chosen:
-        return []
-    results: list[Tally] = []
-    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+def can_mount() -> str:
+    """Why a small tmpfs cannot be mounted here ("" when it can)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return "needs root and mount(8) to put the mesh's state and log on a small tmpfs"
+    return ""
+
+
+@contextlib.contextmanager
+def started_main_mesh(folder: Path, *, llm: bool, small: bool) -> Iterator[ChaosMesh]:
+    """The main mesh, ready; with ``small``, its folder (state and log) on a 64 MiB tmpfs for fill-disk."""
+    folder.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        if any(s.name == "fill-disk" for s in chosen):
-            if os.geteuid() != 0 or shutil.which("mount") is None:
-                results.append(Tally("fill-disk", skipped="needs root to mount a small tmpfs"))
-                chosen = [s for s in chosen if s.name != "fill-disk"]
-            else:
-                stack.enter_context(small_disk(folder, 64))
-        mesh = main_mesh(folder, llm=any(s.stream_clients for s in chosen))
+        if small:
+            stack.enter_context(small_disk(folder, 64))
+        mesh = main_mesh(folder, llm=llm)
         mesh.start()
         stack.callback(mesh.stop)
-        await asyncio.to_thread(mesh.wait_ready, 600)
-        chaos = ChaosMesh(mesh)
+        mesh.wait_ready(600)
+        yield ChaosMesh(mesh)
+
+
+async def run_main_scenario(chaos: ChaosMesh, scenario: Scenario, timing: Timing, base: LoadSpec) -> Tally:
+    """One scenario on the main mesh, once it is whole."""
+    mesh = chaos.mesh
+    spec = LoadSpec(
+        **{
+            **asdict(base),
+            "gateway": mesh.gateway,
+            "api_key": mesh.api_key,
+            "stream_clients": scenario.stream_clients,
+            "refused_clients": scenario.refused_clients,
+        }
+    )
+    await chaos.wait_whole(timing.whole_timeout_s)
+    return await run_scenario(scenario.name, lambda: LocalLoad(spec), lambda: scenario.fault(chaos, timing), timing)
+
+
+async def run_main(folder: Path, names: Sequence[str], timing: Timing, base: LoadSpec) -> list[Tally]:
+    """The scenarios of ``names`` (from MAIN_SCENARIOS) against one mesh, one after another, the mesh whole between
+    them."""
+    chosen = [s for s in MAIN_SCENARIOS if s.name in names]
+    results: list[Tally] = []
+    if any(s.name == "fill-disk" for s in chosen) and can_mount():
+        results.append(Tally("fill-disk", skipped=can_mount()))
+        chosen = [s for s in chosen if s.name != "fill-disk"]
+    if not chosen:
+        return results
+    llm = any(s.stream_clients for s in chosen)
+    small = any(s.name == "fill-disk" for s in chosen)
+    with started_main_mesh(folder, llm=llm, small=small) as chaos:
         for scenario in chosen:
-            base = spec or LoadSpec("", "")
-            load_spec = LoadSpec(
-                **{
-                    **asdict(base),
-                    "gateway": mesh.gateway,
-                    "api_key": mesh.api_key,
-                    "stream_clients": scenario.stream_clients,
-                    "refused_clients": scenario.refused_clients,
-                }
-            )
-            await chaos.wait_whole(timing.whole_timeout_s)
-
-            def fault(s: Scenario = scenario) -> Awaitable[str]:
-                return s.fault(chaos, timing)
-
-            def start_load(s: LoadSpec = load_spec) -> LoadHandle:
-                return LocalLoad(s)
-
-            results.append(await run_scenario(scenario.name, start_load, fault, timing))
+            results.append(await run_main_scenario(chaos, scenario, timing, base))
     return results
 
 
@@ -855,6 +876,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     timing = SHORT if args.short else FULL
     with contextlib.ExitStack() as stack:
         folder = args.logs or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="aimass-chaos-")))
+        global CALLS_DIR
+        CALLS_DIR = args.logs
         results = asyncio.run(run(names, timing, folder))
     spec = LoadSpec("", "")
     section = chaos_section(results, timing, spec)
