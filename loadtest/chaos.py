@@ -384,8 +384,8 @@ class Timing:
     whole_timeout_s: float
 
 
-FULL = Timing(warm_s=5.0, fault_s=10.0, settle_s=5.0, whole_timeout_s=120.0)
-SHORT = Timing(warm_s=3.0, fault_s=3.0, settle_s=2.0, whole_timeout_s=90.0)
+FULL = Timing(warm_s=5.0, fault_s=10.0, settle_s=5.0, whole_timeout_s=300.0)
+SHORT = Timing(warm_s=3.0, fault_s=3.0, settle_s=2.0, whole_timeout_s=240.0)
 
 Fault = Callable[[ChaosMesh, Timing], Awaitable[str]]
 
@@ -426,10 +426,15 @@ async def kill_scheduler(mesh: ChaosMesh, timing: Timing) -> str:
 
 
 async def sigterm_mid_stream(mesh: ChaosMesh, timing: Timing) -> str:
-    # The streams are under way (the load has run warm_s): SIGTERM one LLM replica; its streams must finish.
+    # The streams are under way (the load has run warm_s): SIGTERM one LLM replica; its streams must finish. The
+    # load goes on against the other one; the supervisor's new llm-0 (a minute or more to load vLLM) is not awaited.
     pid = mesh.signal("llm-0", signal.SIGTERM)
-    back = await mesh.wait_whole(timing.whole_timeout_s, replaced=[("llm-0", pid)])
-    return f"llm-0 SIGTERMed with Chat streams in flight (drain); the new llm-0 served again {back:.1f}s later"
+    began = time.monotonic()
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        if time.monotonic() - began > timing.whole_timeout_s:
+            raise TimeoutError(f"llm-0 had not drained {timing.whole_timeout_s:.0f}s after SIGTERM")
+        await asyncio.sleep(0.1)
+    return f"llm-0 SIGTERMed with Chat streams in flight; it drained and exited {time.monotonic() - began:.1f}s later"
 
 
 @contextlib.contextmanager
@@ -524,7 +529,10 @@ async def run_scenario(
     try:
         await asyncio.sleep(timing.warm_s)
         fault_at = time.monotonic()
-        notes = await fault()
+        try:
+            notes = await fault()
+        except TimeoutError as err:  # the mesh did not heal in time: still count what the load saw
+            notes = f"FAULT NOT HEALED: {err}"
         await asyncio.sleep(timing.settle_s)
     finally:
         calls = await load.finish()
