@@ -260,7 +260,7 @@ class VisionConfig(BaseModel):
     # Longest side the face detector and OCR see: larger images are downscaled while decoding (results are given in
     # the original's pixels).
     face_max_side: PositiveInt = 1600
-    ocr_max_side: PositiveInt = 2048
+    ocr_max_side: PositiveInt = 2000  # RapidOCR scales to 2000 itself: more is never used
     # After an image of at least this many pixels, freed heap is handed back to the OS (glibc malloc_trim).
     trim_after_pixels: PositiveInt = 4_000_000
     classify_batching: BatchingConfig = BatchingConfig(max_batch_size=32, max_queue_delay_ms=4.0, max_queue_size=512)

@@ -154,10 +154,10 @@ def probe_all(blobs: Sequence[bytes], config: VisionConfig) -> list[ImageHeader]
     headers = [probe_image(data, index, config) for index, data in enumerate(blobs)]
     total = sum(header.pixels for header in headers)
     if total > config.max_request_pixels:
-        sizes = ", ".join(f"{h.width}x{h.height}" for h in headers)
+        largest = max(headers, key=lambda h: h.pixels)
         raise InvalidArgument(
-            f"images hold {total} pixels in all ({sizes}); the limit is {config.max_request_pixels} pixels per "
-            "request: send fewer or smaller images",
+            f"images hold {total} pixels in all ({len(headers)} images, the largest {largest.width}x{largest.height}"
+            f"); the limit is {config.max_request_pixels} pixels per request: send fewer or smaller images",
             reason="TOO_MANY_PIXELS_PER_REQUEST",
             metadata={"limit": str(config.max_request_pixels), "pixels": str(total)},
         )
@@ -218,7 +218,7 @@ def decode_image(
                 image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
             image = _to_eight_bit(image)
             if max_side is not None and max(image.size) > max_side:
-                image = image.copy() if image is opened else image  # thumbnail works in place
+                # In place: the full-size buffer is freed as soon as the small one replaces it.
                 image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
             if orientation in UPRIGHT:
                 image = image.transpose(UPRIGHT[orientation])
