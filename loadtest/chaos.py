@@ -103,7 +103,7 @@ class LoadSpec:
     rate: float = 8.0
     deadline_s: float = 10.0
     stream_clients: int = 0
-    stream_tokens: int = 32
+    stream_tokens: int = 16
     stream_deadline_s: float = 60.0
     # Clients calling with a wrong key (their calls are refused and audited: the gateway writes to the store).
     refused_clients: int = 0
@@ -249,13 +249,16 @@ def outcome(call: Call) -> str:
     return "retryable" if call.code in RETRYABLE else "lost"
 
 
-def recovery_s(calls: Sequence[Call], fault_at: float, *, baseline_s: float = 3.0) -> tuple[float | None, float]:
-    """(recovery time, pre-fault unary OK rate per second); see the module's docstring."""
+def recovery_s(
+    calls: Sequence[Call], fault_at: float, stopped_at: float, *, baseline_s: float = 3.0
+) -> tuple[float | None, float]:
+    """(recovery time, pre-fault unary OK rate per second), up to when the load was told to stop (streams still
+    finishing after it are no throughput to measure); see the module's docstring."""
     ends = sorted(c.ended for c in calls if c.kind == "unary" and c.code == "OK")
     if not ends:
         return None, 0.0
     baseline = sum(1 for t in ends if fault_at - baseline_s <= t < fault_at) / baseline_s
-    end = max(c.ended for c in calls)
+    end = stopped_at
     last_low: float | None = None
     t = fault_at
     while t + WINDOW_S <= end:
@@ -270,7 +273,7 @@ def recovery_s(calls: Sequence[Call], fault_at: float, *, baseline_s: float = 3.
     return last_low - fault_at, baseline
 
 
-def tally(scenario: str, calls: Sequence[Call], fault_at: float, notes: str = "") -> Tally:
+def tally(scenario: str, calls: Sequence[Call], fault_at: float, stopped_at: float, notes: str = "") -> Tally:
     result = Tally(scenario, notes=notes)
     lost: Counter[str] = Counter()
     retryable: Counter[str] = Counter()
@@ -288,7 +291,7 @@ def tally(scenario: str, calls: Sequence[Call], fault_at: float, notes: str = ""
             if len(result.samples) < 5:
                 result.samples.append(f"{call.kind} {call.code} after {call.ended - call.started:.1f}s: {call.details}")
     result.lost_codes, result.retryable_codes = dict(lost), dict(retryable)
-    result.recovery_s, result.baseline_ok_per_s = recovery_s(calls, fault_at)
+    result.recovery_s, result.baseline_ok_per_s = recovery_s(calls, fault_at, stopped_at)
     return result
 
 
@@ -535,11 +538,12 @@ async def run_scenario(
             notes = f"FAULT NOT HEALED: {err}"
         await asyncio.sleep(timing.settle_s)
     finally:
+        stopped_at = time.monotonic()
         calls = await load.finish()
-    result = tally(name, calls, fault_at, notes)
+    result = tally(name, calls, fault_at, stopped_at, notes)
     print(f"{name}: {json.dumps(asdict(result))}", flush=True)
     if CALLS_DIR is not None:  # every call, for a closer look (--logs)
-        record = {"fault_at": fault_at, "calls": [asdict(c) for c in calls]}
+        record = {"fault_at": fault_at, "stopped_at": stopped_at, "calls": [asdict(c) for c in calls]}
         await asyncio.to_thread((CALLS_DIR / f"{name}.calls.json").write_text, json.dumps(record))
     return result
 
@@ -789,8 +793,8 @@ async def partition_host(folder: Path, timing: Timing, base: LoadSpec) -> list[T
 
         return [await run_scenario("partition-host", lambda: load, fault, timing)]
     finally:
-        with contextlib.suppress(StopIteration):
-            await asyncio.to_thread(next, fixture)
+        # The fixture's teardown: kills what runs in the namespaces and deletes them.
+        await asyncio.to_thread(next, fixture, None)
 
 
 # -- the table -------------------------------------------------------------------------------------------------------
