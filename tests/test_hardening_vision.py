@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import skimage.data as skimage_data
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -36,7 +37,17 @@ from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from services.vision.engine import VisionEngine
 from services.vision.images import decode_image
-from tests.test_vision import encode, images, onnx_cache, serve, stub, vision, vision_config, vision_engine
+from tests.test_vision import (
+    encode,
+    images,
+    onnx_cache,
+    rendered_text,
+    serve,
+    stub,
+    vision,
+    vision_config,
+    vision_engine,
+)
 
 __all__ = ["onnx_cache", "stub", "vision", "vision_engine"]  # fixtures shared with test_vision
 
@@ -401,3 +412,22 @@ async def test_a_turned_large_image_is_downscaled_before_it_is_turned(
     assert (reply.results[0].width, reply.results[0].height) == (2000, 4000)
     decoded = decode_image(data, 0, VisionConfig(), max_side=1600)
     assert decoded.image.size == (800, 1600) and (decoded.width, decoded.height) == (2000, 4000)
+
+
+async def test_downscaled_decodes_report_geometry_in_the_originals_pixels(
+    budgeted: tuple[ServerRunner, vision_pb2_grpc.VisionServiceAsyncStub],
+) -> None:
+    _, stub = budgeted
+    # The astronaut at 5x (2560 x 2560): decoded at face_max_side (1600), the face reported where it lies at 5x
+    # (x 180-270, y 60-175 in the 512 x 512 original).
+    big = Image.fromarray(skimage_data.astronaut()).resize((2560, 2560), Image.Resampling.BICUBIC)
+    faces = await stub.DetectFaces(vision_pb2.DetectFacesRequest(images=images(encode(big, quality=90))), timeout=60)
+    (face,) = faces.results[0].faces
+    assert 750 < face.box.x < 1050 and 200 < face.box.y < 450 and 300 < face.box.width < 600, face.box
+    # Text rendered at 1000 px and enlarged 3x to 3000 px wide: read from a 2000 px copy, boxes at 3x.
+    text = Image.open(io.BytesIO(rendered_text(["Hello aimass vision"])))
+    enlarged = text.resize((text.width * 3, text.height * 3), Image.Resampling.BICUBIC)
+    reply = await stub.ReadText(vision_pb2.ReadTextRequest(images=images(encode(enlarged, "PNG"))), timeout=60)
+    (line,) = reply.results[0].lines
+    assert line.text == "Hello aimass vision"
+    assert 90 < line.box.x < 180 and 90 < line.box.y < 210 and line.box.width > 900, line.box
