@@ -26,18 +26,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import skimage.data as skimage_data
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from aimass.local_mesh import free_port
 from aimass.runtime.config import VisionConfig
+from aimass.runtime.errors import DeadlineExceeded
 from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from services.vision.budget import PixelBudget
 from services.vision.engine import VisionEngine
 from services.vision.images import decode_image
 from tests.test_vision import (
+    astronaut,
     encode,
     images,
     onnx_cache,
@@ -420,7 +422,7 @@ async def test_downscaled_decodes_report_geometry_in_the_originals_pixels(
     _, stub = budgeted
     # The astronaut at 5x (2560 x 2560): decoded at face_max_side (1600), the face reported where it lies at 5x
     # (x 180-270, y 60-175 in the 512 x 512 original).
-    big = Image.fromarray(skimage_data.astronaut()).resize((2560, 2560), Image.Resampling.BICUBIC)
+    big = Image.fromarray(astronaut()).resize((2560, 2560), Image.Resampling.BICUBIC)
     faces = await stub.DetectFaces(vision_pb2.DetectFacesRequest(images=images(encode(big, quality=90))), timeout=60)
     (face,) = faces.results[0].faces
     assert 750 < face.box.x < 1050 and 200 < face.box.y < 450 and 300 < face.box.width < 600, face.box
@@ -431,3 +433,38 @@ async def test_downscaled_decodes_report_geometry_in_the_originals_pixels(
     (line,) = reply.results[0].lines
     assert line.text == "Hello aimass vision"
     assert 90 < line.box.x < 180 and 90 < line.box.y < 210 and line.box.width > 900, line.box
+
+
+# -- the budget itself -------------------------------------------------------------------------------------------
+
+
+async def test_budget_serves_in_order_and_forgets_callers_that_leave() -> None:
+    budget = PixelBudget(pixels=100, slots=2, max_waiting=3)
+    await budget.acquire(80, deadline=None, what="a")
+    order: list[str] = []
+
+    async def take(name: str, pixels: int, deadline: float | None = None) -> None:
+        await budget.acquire(pixels, deadline=deadline, what=name)
+        order.append(name)
+
+    big = asyncio.ensure_future(take("big", 60))
+    await asyncio.sleep(0)
+    small = asyncio.ensure_future(take("small", 10))  # fits now, but waits behind the big one: no starvation
+    leaving = asyncio.ensure_future(take("leaving", 5))
+    await asyncio.sleep(0.01)
+    assert budget.waiting == 3 and order == []
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    assert budget.waiting == 2
+    budget.release(80)
+    await asyncio.gather(big, small)
+    assert order == ["big", "small"] and budget.in_flight == 70 and budget.free_slots == 0
+    # A caller whose deadline passes while waiting leaves the queue with DEADLINE_EXCEEDED.
+    late = asyncio.get_running_loop().time() + 0.05
+    with pytest.raises(DeadlineExceeded, match="the deadline passed while late waited for the image decoder"):
+        await take("late", 1, late)
+    assert budget.waiting == 0
+    budget.release(60)
+    budget.release(10)
+    assert budget.in_flight == 0 and budget.free_slots == 2

@@ -45,6 +45,12 @@ ORIENTATION_TAG = 0x0112
 Photo = npt.NDArray[np.uint8]
 
 
+def astronaut() -> Photo:
+    """skimage's astronaut (512 x 512, one face), typed for modules that check untyped calls."""
+    photo: Photo = skimage_data.astronaut()
+    return photo
+
+
 def encode(array: Photo | Image.Image, fmt: str = "JPEG", **params: object) -> bytes:
     image = Image.fromarray(array) if isinstance(array, np.ndarray) else array
     out = io.BytesIO()
