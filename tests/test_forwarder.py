@@ -11,6 +11,7 @@ What is checked is what a caller sees: answers, statuses, messages and trailers;
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
@@ -126,12 +127,17 @@ class ProbeLlm(llm_pb2_grpc.LlmServiceServicer):
 
 
 class ProbeSpeech(speech_pb2_grpc.SpeechServiceServicer):
-    """StreamTranscribe: a partial naming each audio chunk's size; a chunk b"crash" kills the process."""
+    """StreamTranscribe: a partial naming each audio chunk's size; a chunk b"crash" kills the process; a first
+    chunk b"refuse" is refused at once (INVALID_ARGUMENT), as the real replica refuses a stream without config."""
 
     async def StreamTranscribe(
         self, request_iterator: AsyncIterator[speech_pb2.StreamTranscribeRequest], context: Context
     ) -> AsyncIterator[speech_pb2.StreamTranscribeResponse]:
+        first = True
         async for request in request_iterator:
+            if first and request.audio == b"refuse":
+                raise InvalidArgument("the probe refuses this stream")
+            first = False
             if request.audio == b"crash":
                 os._exit(CRASH_EXIT)
             if request.HasField("audio"):
@@ -651,3 +657,23 @@ def test_one_crash_is_poison_when_max_crashes_is_one() -> None:
 
 if __name__ == "__main__":
     serve_process(PROBE_KIND, probe_runner)
+
+
+async def test_a_stream_refused_while_the_caller_still_sends_gets_the_replicas_status(
+    probes: Callable[[int], Any], channel: grpc.aio.Channel
+) -> None:
+    """The replica refuses a stream at its first message while the gateway is still writing the caller's next ones:
+    the caller must see the replica's INVALID_ARGUMENT, not grpc.aio's INTERNAL "Internal error from Core" for the
+    write that lost the race (grpc/grpc#36066; 10 to 16 calls in 40 before the runtime read the rest first)."""
+    await probes(1)
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    for _ in range(40):
+        call = speech_pb2_grpc.SpeechServiceStub(channel).StreamTranscribe(timeout=10)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            for audio in (b"refuse", *([b"\0" * 1600] * 5)):
+                if call.done():
+                    break
+                await call.write(speech_pb2.StreamTranscribeRequest(audio=audio))
+            await call.done_writing()
+        seen[((await call.code()).name, await call.details() or "")] += 1
+    assert seen == {("INVALID_ARGUMENT", "the probe refuses this stream"): 40}

@@ -94,13 +94,21 @@ def wrap_handler(
     def arguments(request: Any) -> Any:
         return _parsed_stream(request, parse) if client_streaming else parse(request)
 
+    # The innermost wrapper (the one that parses) reads what is left of a client stream before a failure goes out.
+    drains = parse_requests and client_streaming
+
     def unary_response(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: Context) -> Any:
             async with around(method, context):
-                if not bounded:
-                    return await behavior(arguments(request), context)
-                async with asyncio.timeout_at(held_deadline()):
-                    return await behavior(arguments(request), context)
+                try:
+                    if not bounded:
+                        return await behavior(arguments(request), context)
+                    async with asyncio.timeout_at(held_deadline()):
+                        return await behavior(arguments(request), context)
+                except Exception:
+                    if drains:
+                        await _drain(request)
+                    raise
 
         return run
 
@@ -108,11 +116,16 @@ def wrap_handler(
         # Must itself be an async generator function: grpc.aio inspects it to pick how to read the responses.
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
             async with around(method, context):
-                responses = _stream_of(behavior(arguments(request), context))
-                if bounded:
-                    responses = _until(responses, held_deadline())
-                async for item in responses:
-                    yield item
+                try:
+                    responses = _stream_of(behavior(arguments(request), context))
+                    if bounded:
+                        responses = _until(responses, held_deadline())
+                    async for item in responses:
+                        yield item
+                except Exception:
+                    if drains:
+                        await _drain(request)
+                    raise
 
         return run
 
@@ -154,6 +167,26 @@ def _parser(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 async def _parsed_stream(requests: AsyncIterator[bytes], parse: Callable[[bytes], Any]) -> AsyncIterator[Any]:
     async for raw in requests:
         yield parse(raw)
+
+
+# A call refused mid-stream reads at most this much more of its caller's stream before its status goes out.
+DRAIN_S = 0.25
+DRAIN_MESSAGES = 256
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Reads (and drops) what the caller is still sending, briefly, before an error status goes out.
+
+    A server that answers a client stream before the caller has half-closed races the caller's next write, and
+    grpc.aio clients (the gateway's calls to replicas among them) then report INTERNAL "Internal error from Core"
+    instead of the status that was sent (grpc/grpc#36066). Callers that send a few messages and half-close (the
+    common case) get the real status; a caller still streaming past the bound takes its chances as before.
+    """
+    with contextlib.suppress(Exception):  # the bound passed, or the caller's stream failed: answer now
+        async with asyncio.timeout(DRAIN_S):
+            for _ in range(DRAIN_MESSAGES):
+                if await anext(aiter(requests), None) is None:
+                    return
 
 
 async def _until(items: AsyncIterator[Any], deadline: float | None) -> AsyncIterator[Any]:
