@@ -27,11 +27,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from aimass.local_mesh import free_port
 from aimass.runtime.config import VisionConfig
-from aimass.runtime.errors import DeadlineExceeded
+from aimass.runtime.errors import DeadlineExceeded, InvalidArgument
 from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
@@ -468,3 +470,78 @@ async def test_budget_serves_in_order_and_forgets_callers_that_leave() -> None:
     budget.release(60)
     budget.release(10)
     assert budget.in_flight == 0 and budget.free_slots == 2
+
+
+# -- fuzzing the decoder -----------------------------------------------------------------------------------------
+
+
+def _seeds() -> list[bytes]:
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return [
+        encode(photo, "JPEG", quality=80, exif=exif.tobytes()),
+        encode(photo.convert("CMYK"), "JPEG"),
+        encode(photo, "PNG"),
+        encode(photo.convert("P"), "PNG"),
+        encode(Image.fromarray(np.full((24, 40), 300, np.uint16)), "PNG"),
+        encode(photo, "WEBP", quality=70),
+        animated("PNG", 3),
+    ]
+
+
+SEEDS = _seeds()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(SEEDS),
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(min_value=0)),
+    inserted=st.binary(max_size=16),
+)
+def test_mutated_images_decode_or_are_invalid_argument(
+    seed: bytes, edits: list[tuple[int, int]], cut: int | None, inserted: bytes
+) -> None:
+    """Any mutation of a valid file (bytes changed, cut short, noise inserted) decodes to RGB of the size the header
+    gives, or is INVALID_ARGUMENT naming the image: never another exception, never a pixel beyond the limits."""
+    data = bytearray(seed)
+    for position, value in edits:
+        data[position % len(data)] = value
+    if inserted:
+        at = (edits[0][0] if edits else 0) % len(data)
+        data[at:at] = inserted
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    config = VisionConfig(max_pixels=1_000_000, decode_pixel_budget=1_000_000)
+    try:
+        decoded = decode_image(bytes(data), 0, config, max_side=32)
+    except InvalidArgument as err:
+        assert str(err).startswith("images[0] ") and err.reason, str(err)
+        return
+    assert decoded.image.mode == "RGB"
+    assert decoded.width * decoded.height <= config.max_pixels
+    assert max(decoded.image.size) <= 32
+
+
+async def test_a_cancelled_call_frees_the_decoder_after_its_current_image(
+    budgeted: tuple[ServerRunner, vision_pb2_grpc.VisionServiceAsyncStub],
+) -> None:
+    runner, stub = budgeted
+    budget = runner.app.servicer.budget  # type: ignore[attr-defined]
+    began = time.monotonic()
+    await stub.DetectFaces(vision_pb2.DetectFacesRequest(images=images(png_bytes(3000, 3000))), timeout=60)
+    one_image = time.monotonic() - began
+    request = vision_pb2.DetectFacesRequest(images=images(*[png_bytes(3000, 3000)] * 4))
+    call = stub.DetectFaces(request, timeout=60)
+    await wait_until_busy(runner)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The image in work finishes (its memory is in use until then), the other three are never decoded.
+    began = time.monotonic()
+    small = images(encode(np.zeros((64, 64, 3), np.uint8)))
+    await stub.DetectFaces(vision_pb2.DetectFacesRequest(images=small), timeout=60)
+    assert time.monotonic() - began < one_image * 1.5
+    assert budget.in_flight == 0 and budget.free_slots == 1
