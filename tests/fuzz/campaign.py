@@ -48,7 +48,8 @@ def main() -> None:
     lines = [
         "## Fuzzing",
         "",
-        f"`make fuzz` (FUZZ_SECONDS={args.seconds}), {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {machine()}.",
+        f"`make fuzz FUZZ_SECONDS={args.seconds} FUZZ_EXAMPLES={os.environ.get('FUZZ_EXAMPLES', '200')}`,"
+        f" {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {machine()}.",
         "",
         "Coverage-guided (atheris/libFuzzer) on the byte decoders, each from the seed media and the committed corpus:",
         "",
