@@ -77,3 +77,16 @@ def test_model_budgets_take_sizes_per_modality(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("AIMASS_SCHEDULER__MODEL_BUDGETS__TEXT", "0")
     with pytest.raises(ValidationError, match="greater than 0"):
         Settings()
+
+
+def test_a_partial_server_override_keeps_the_sections_own_server_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting only the gateway's port (as `aimass up` does) once dropped its 32 MiB messages and 4,096 in-flight
+    calls to the generic 16 MiB and 512, so an 18 MiB recording (documented limit 25 MiB) was refused by gRPC."""
+    monkeypatch.setenv("AIMASS_GATEWAY__SERVER__PORT", "6001")
+    monkeypatch.setenv("AIMASS_SPEECH__SERVER__MAX_INFLIGHT", "7")
+    settings = Settings()
+    assert settings.gateway.server.port == 6001
+    assert settings.gateway.server.max_message_bytes == 32 * 1024 * 1024
+    assert settings.gateway.server.max_inflight == 4096 and settings.gateway.server.max_streams == 2048
+    assert settings.speech.server.max_inflight == 7 and settings.speech.server.port == 50081
+    assert settings.speech.server.max_message_bytes == 32 * 1024 * 1024

@@ -56,3 +56,31 @@ async def test_bad_audio_through_the_gateway_is_invalid_argument(stub: speech_pb
         await stub.Transcribe(speech_pb2.TranscribeRequest(audio=b"this is not audio at all"), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "audio" in (caught.value.details() or "")
+
+
+def silent_wav(size_bytes: int) -> bytes:
+    """A WAV of 8-bit silence at 8 kHz (8,000 bytes a second) of about ``size_bytes``."""
+    frames = size_bytes - 44
+    header = (
+        b"RIFF" + (36 + frames).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+        + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (8000).to_bytes(4, "little")
+        + (8000).to_bytes(4, "little") + (1).to_bytes(2, "little") + (8).to_bytes(2, "little")
+        + b"data" + frames.to_bytes(4, "little")
+    )  # fmt: skip
+    return header + b"\x80" * frames
+
+
+async def test_large_recordings_meet_the_documented_limits_not_the_transport(
+    stub: speech_pb2_grpc.SpeechServiceAsyncStub,
+) -> None:
+    """18 MiB is under the documented 25 MiB: it passes the gateway and reaches the replica's own checks (here the
+    30-minute limit, read from the header before any decoding: 18 MiB of 8 kHz 8-bit audio is 39 minutes); 26 MiB
+    is refused naming the 25 MiB limit. gRPC's transport cap (once 16 MiB at the gateway) never answers first."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Transcribe(speech_pb2.TranscribeRequest(audio=silent_wav(18 * 2**20)), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "s long; the limit is 1800 s" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Transcribe(speech_pb2.TranscribeRequest(audio=silent_wav(26 * 2**20)), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the limit is {25 * 2**20}" in (caught.value.details() or "")

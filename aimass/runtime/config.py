@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ByteSize, Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -107,6 +107,25 @@ class ServerConfig(BaseModel):
         return {**MESH_INTERNAL_DEADLINES, **self.method_deadlines}
 
 
+class ServesConfig(BaseModel):
+    """A section with a ``server`` of its own defaults (the gateway's 4,096 in flight, speech's 32 MiB messages...).
+
+    Settings given for part of the server (an environment variable, a TOML table) are laid over those defaults field
+    by field; without this they replaced the whole server with the generic defaults (setting only the gateway's port
+    used to drop its message limit to 16 MiB and its in-flight limit to 512)."""
+
+    server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _server_over_own_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("server"), dict):
+            own = cls.model_fields["server"].default
+            if isinstance(own, ServerConfig):
+                data = {**data, "server": {**own.model_dump(exclude_unset=True), **data["server"]}}
+        return data
+
+
 class BatchingConfig(BaseModel):
     """Dynamic batching: gather up to max_batch_size items, waiting at most max_queue_delay_ms for a batch to fill."""
 
@@ -158,7 +177,7 @@ class RegistryConfig(BaseModel):
     consul: ConsulConfig = ConsulConfig()
 
 
-class GatewayConfig(BaseModel):
+class GatewayConfig(ServesConfig):
     # The front door: fewer streams per client connection, slow pings only, idle connections closed after 5
     # minutes and every connection recycled after 30 (long LLM streams get 5 more to finish).
     server: ServerConfig = ServerConfig(
@@ -210,7 +229,7 @@ class GatewayConfig(BaseModel):
         return self
 
 
-class NlpConfig(BaseModel):
+class NlpConfig(ServesConfig):
     server: ServerConfig = ServerConfig(port=50061)
     # "auto" takes CUDA when torch sees a GPU, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -233,7 +252,7 @@ def default_vision_cache_dir() -> Path:
     return Path.home() / ".cache" / "aimass" / "vision"
 
 
-class VisionConfig(BaseModel):
+class VisionConfig(ServesConfig):
     # 32 MiB messages: a request may carry several images of up to max_image_bytes each.
     server: ServerConfig = ServerConfig(port=50071, max_message_bytes=32 * 1024 * 1024)
     # "auto" takes CUDA when torch sees a GPU, else the CPU.
@@ -268,7 +287,7 @@ class VisionConfig(BaseModel):
     threads: int = Field(default=0, ge=0)
 
 
-class SpeechConfig(BaseModel):
+class SpeechConfig(ServesConfig):
     # 32 MiB messages: a Transcribe request may carry max_audio_bytes of audio plus its envelope.
     server: ServerConfig = ServerConfig(port=50081, max_message_bytes=32 * 1024 * 1024)
     # "auto" takes CUDA when CTranslate2 sees a GPU, else the CPU.
@@ -282,6 +301,15 @@ class SpeechConfig(BaseModel):
     max_audio_bytes: PositiveInt = 25 * 1024 * 1024
     max_audio_seconds: PositiveFloat = 30 * 60
     max_stream_chunk_bytes: PositiveInt = 1024 * 1024
+    # A live stream must send its config within stream_first_message_s and then audio (a non-empty chunk) at least
+    # every stream_idle_s, or it ends DEADLINE_EXCEEDED: idle streams cannot hold a replica's stream slots.
+    stream_first_message_s: PositiveFloat = 10.0
+    stream_idle_s: PositiveFloat = 30.0
+    # Messages one stream may send (empty chunks count too).
+    max_stream_chunks: PositiveInt = 200_000
+    # Backpressure: while this much received audio waits for transcription, the stream is not read (HTTP/2 flow
+    # control then slows the sender) instead of buffering without bound.
+    max_pending_audio_s: PositiveFloat = 30.0
     max_stream_seconds: PositiveFloat = 60 * 60
     # Streams: a partial hypothesis at most this often (seconds of new audio), a final segment at a pause of
     # stream_min_silence_s once stream_min_segment_s of audio is pending, or forced at stream_max_segment_s.
@@ -292,13 +320,18 @@ class SpeechConfig(BaseModel):
     max_text_chars: PositiveInt = 5000
     # Synthesize sends audio in chunks of at most this many milliseconds.
     tts_chunk_ms: PositiveInt = 500
+    # One sentence's synthesiser process is killed past tts_timeout_s (DEADLINE_EXCEEDED): a hung flite or espeak-ng
+    # cannot hold a stream and a process forever.
+    tts_timeout_s: PositiveFloat = 30.0
+    # Audio decoding (Transcribe) runs in this many threads, off the event loop.
+    decode_threads: PositiveInt = 2
 
 
 def default_llm_cache_dir() -> Path:
     return Path.home() / ".cache" / "aimass" / "llm"
 
 
-class LlmConfig(BaseModel):
+class LlmConfig(ServesConfig):
     server: ServerConfig = ServerConfig(port=50091)
     # A packaged model (see services/llm/weights.py) or, with model_path, any Hugging Face model folder.
     model: str = "smollm2-135m-instruct"
@@ -334,7 +367,7 @@ class LlmConfig(BaseModel):
     max_tokenize_queue: PositiveInt = 64
 
 
-class SchedulerConfig(BaseModel):
+class SchedulerConfig(ServesConfig):
     """The central scheduler: where it listens, and where everyone else finds it (empty address: no scheduler; replicas
     send no load reports and gateways route on their own counts)."""
 

@@ -9,6 +9,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import grpc
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import SpeechConfig
-from aimass.runtime.errors import InvalidArgument, NotFound
+from aimass.runtime.errors import DeadlineExceeded, InvalidArgument, NotFound
 from aimass.runtime.models import serving_model
 from aimass.runtime.scope import QueueTerms, current_scope, priority_rank
 from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
@@ -50,6 +51,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         self.tts = tts
         self.config = config
         self.asr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-asr")
+        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="speech-decode")
         # One job per call, no waiting for company: the batcher is here for its priority and fair-share queue, its
         # bound and deadlines.
         self.asr_batcher: DynamicBatcher[AsrJob, Transcript] = DynamicBatcher(
@@ -72,6 +74,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         self._started = True  # a closed batcher cannot start again; submit() answers UNAVAILABLE instead
         await self.asr_batcher.close(drain=True)
         self.asr_pool.shutdown(wait=True)
+        self.decode_pool.shutdown(wait=True)
 
     def _run_asr(self, jobs: Sequence[AsrJob]) -> list[Transcript | Exception]:
         results: list[Transcript | Exception] = []
@@ -123,8 +126,16 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         model = self._check_asr(request.model, "Transcribe")
         language = self._check_language(request.language)
         terms = current_scope().queue_terms(request.meta.priority)
-        decoded = decode_audio(
-            request.audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds
+        # Decoding and resampling minutes of audio takes CPU seconds: never on the event loop. The limits are checked
+        # from the header first (decode_audio), so a refused file costs no decoding.
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool,
+            functools.partial(
+                decode_audio,
+                request.audio,
+                max_bytes=self.config.max_audio_bytes,
+                max_seconds=self.config.max_audio_seconds,
+            ),
         )
         result = await self._transcribe(
             decoded.samples,
@@ -160,7 +171,16 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
     async def StreamTranscribe(
         self, request_iterator: AsyncIterator[speech_pb2.StreamTranscribeRequest], context: Context
     ) -> AsyncIterator[speech_pb2.StreamTranscribeResponse]:
-        first = await anext(aiter(request_iterator), None)
+        cfg = self.config
+        messages = aiter(request_iterator)
+        try:
+            async with asyncio.timeout(cfg.stream_first_message_s):
+                first = await anext(messages, None)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no StreamTranscribe config within {cfg.stream_first_message_s:g} s; send the config first",
+                reason="STREAM_IDLE",
+            ) from None
         if first is None or first.WhichOneof("payload") != "config":
             raise InvalidArgument("the first StreamTranscribe message must carry config", reason="CONFIG_FIRST")
         model = self._check_asr(first.model, "StreamTranscribe")
@@ -168,7 +188,6 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         config = first.config
         language = self._check_language(config.language)
         decoder = self._stream_decoder(config)
-        cfg = self.config
         segmenter = Segmenter(
             min_segment_s=cfg.stream_min_segment_s,
             min_silence_s=cfg.stream_min_silence_s,
@@ -177,9 +196,36 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         state = _StreamState()
 
         async def read() -> None:
-            """Receives audio while transcription runs, so a fast client never waits on the model."""
+            """Receives audio while transcription runs, so a fast client never waits on the model; stops reading
+            while max_pending_audio_s waits for the model (backpressure), and ends a stream that sends no audio
+            for stream_idle_s or more than max_stream_chunks messages."""
+            loop = asyncio.get_running_loop()
+            last_audio = loop.time()
+            chunks = 0
             try:
-                async for message in request_iterator:
+                while True:
+                    while segmenter.pending_s > cfg.max_pending_audio_s and not state.closed:
+                        state.room.clear()
+                        await state.room.wait()
+                    try:
+                        async with asyncio.timeout_at(last_audio + cfg.stream_idle_s):
+                            message = await anext(messages, None)
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"no audio for {cfg.stream_idle_s:g} s; a stream must send audio at least that often "
+                            "(or close its side when done)",
+                            reason="STREAM_IDLE",
+                        ) from None
+                    if message is None:
+                        break
+                    chunks += 1
+                    if chunks > cfg.max_stream_chunks:
+                        raise InvalidArgument(
+                            f"stream sent more than {cfg.max_stream_chunks} messages; send larger chunks",
+                            reason="TOO_MANY_CHUNKS",
+                        )
+                    if message.audio:
+                        last_audio = loop.time()
                     if message.WhichOneof("payload") != "audio":
                         raise InvalidArgument("only the first message may carry config", reason="CONFIG_FIRST")
                     if len(message.audio) > cfg.max_stream_chunk_bytes:
@@ -214,6 +260,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                 while (cut := segmenter.next_cut(closed=closed)) is not None:
                     start = segmenter.offset_s
                     piece = segmenter.take(cut)
+                    state.room.set()
                     partial_at = 0.0
                     if segmenter.is_silence(piece):
                         continue
@@ -340,5 +387,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
 class _StreamState:
     def __init__(self) -> None:
         self.wake = asyncio.Event()
+        # Set when transcription has taken pending audio, so a reader held back by backpressure reads again.
+        self.room = asyncio.Event()
         self.closed = False
         self.error: BaseException | None = None

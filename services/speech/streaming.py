@@ -18,21 +18,40 @@ class Segmenter:
         self.min_segment = int(min_segment_s * MODEL_RATE)
         self.min_silence_frames = max(1, int(min_silence_s * MODEL_RATE / FRAME))
         self.max_segment = int(max_segment_s * MODEL_RATE)
-        self.buffer = np.zeros(0, np.float32)
+        # Pending audio lives in _data[_start:_end], a buffer that doubles when full and is compacted when more than
+        # half of it has been taken: adding a chunk costs its own length, not the whole pending audio again.
+        self._data = np.zeros(MODEL_RATE, np.float32)
+        self._start = self._end = 0
         self.offset = 0  # samples of the stream already committed as final segments
         self.peak = 0.0
 
     @property
+    def buffer(self) -> Samples:
+        """The pending audio (a view: copy it to keep it past the next add or take)."""
+        return self._data[self._start : self._end]
+
+    @property
     def pending_s(self) -> float:
-        return len(self.buffer) / MODEL_RATE
+        return (self._end - self._start) / MODEL_RATE
 
     @property
     def offset_s(self) -> float:
         return self.offset / MODEL_RATE
 
     def add(self, samples: Samples) -> None:
-        if len(samples):
-            self.buffer = np.concatenate([self.buffer, samples])
+        count = len(samples)
+        if not count:
+            return
+        if self._end + count > len(self._data):
+            pending = self._end - self._start
+            size = len(self._data)
+            while pending + count > size // 2:
+                size *= 2
+            grown = np.zeros(size, np.float32) if size != len(self._data) else self._data
+            grown[:pending] = self._data[self._start : self._end]
+            self._data, self._start, self._end = grown, 0, pending
+        self._data[self._end : self._end + count] = samples
+        self._end += count
 
     def _frame_rms(self) -> Samples:
         usable = len(self.buffer) - len(self.buffer) % FRAME
@@ -67,6 +86,8 @@ class Segmenter:
         return None
 
     def take(self, count: int) -> Samples:
-        piece, self.buffer = self.buffer[:count], self.buffer[count:]
+        count = min(count, self._end - self._start)
+        piece = self._data[self._start : self._start + count].copy()
+        self._start += count
         self.offset += count
         return piece

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aimass.runtime.errors import DeadlineExceeded
 from services.speech.audio import pcm16_bytes, wav_pcm_payload
 from services.speech.kokoro import KOKORO, KokoroEngine
 
@@ -83,7 +84,9 @@ def _espeak_voices() -> list[TtsVoice]:
 
 
 class TtsEngine:
-    def __init__(self, *, kokoro: bool = True) -> None:
+    def __init__(self, *, kokoro: bool = True, timeout_s: float = 30.0) -> None:
+        # A synthesiser process still running this long after it started is killed (DEADLINE_EXCEEDED).
+        self.timeout_s = timeout_s
         # The neural voice is optional: it costs ~1 s to load and far more CPU per sentence than flite.
         self.kokoro = KokoroEngine() if kokoro and KokoroEngine.available() else None
         self.voices: dict[tuple[str, str], TtsVoice] = {}
@@ -136,7 +139,14 @@ class TtsEngine:
         self.running.add(process)
         self.spawned = [*self.spawned[-99:], process.pid]
         try:
-            out, err = await process.communicate()
+            async with asyncio.timeout(self.timeout_s):
+                out, err = await process.communicate()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"{voice.model} took longer than {self.timeout_s:g} s for one sentence ({len(text)} characters) and "
+                "was stopped",
+                reason="TTS_TIMEOUT",
+            ) from None
         finally:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
