@@ -320,11 +320,16 @@ class SpeechConfig(ServesConfig):
     max_text_chars: PositiveInt = 5000
     # Synthesize sends audio in chunks of at most this many milliseconds.
     tts_chunk_ms: PositiveInt = 500
-    # One sentence's synthesiser process is killed past tts_timeout_s (DEADLINE_EXCEEDED): a hung flite or espeak-ng
-    # cannot hold a stream and a process forever.
+    # One sentence's synthesiser process is killed past tts_timeout_base_s + tts_timeout_per_char_s per character,
+    # never more than tts_timeout_s (DEADLINE_EXCEEDED): a hung flite or espeak-ng cannot hold a stream and a process
+    # forever. flite says a 300-character sentence (the longest piece) in well under a second.
     tts_timeout_s: PositiveFloat = 30.0
+    tts_timeout_base_s: PositiveFloat = 5.0
+    tts_timeout_per_char_s: PositiveFloat = 0.05
     # Audio decoding (Transcribe) runs in this many threads, off the event loop.
     decode_threads: PositiveInt = 2
+    # Recordings being decoded or waiting for a decode thread; one more is RESOURCE_EXHAUSTED at once.
+    max_decode_queue: PositiveInt = 16
 
 
 def default_llm_cache_dir() -> Path:

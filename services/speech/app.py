@@ -33,7 +33,11 @@ class SpeechApp:
         self.asr = asr or AsrEngine(
             device=config.device, threads=config.asr_threads, cache_dir=config.whisper_cache_dir
         )
-        self.tts = tts or TtsEngine(timeout_s=config.tts_timeout_s)
+        self.tts = tts or TtsEngine(
+            timeout_s=config.tts_timeout_s,
+            timeout_base_s=config.tts_timeout_base_s,
+            timeout_per_char_s=config.tts_timeout_per_char_s,
+        )
         self.servicer = SpeechServicer(self.asr, self.tts, config)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:

@@ -20,6 +20,14 @@ from aimass.runtime.errors import InvalidArgument
 MODEL_RATE = 16_000
 MIN_RATE = 8_000
 MAX_RATE = 48_000
+# Channels a recording or stream may have (7.1 surround is 8); each is decoded before the mix to mono.
+MAX_CHANNELS = 8
+# Bytes of a streamed WAV header (RIFF, fmt, LIST... up to the data chunk) the server waits for: a header whose
+# chunk claims gigabytes would otherwise be buffered while it never ends.
+MAX_STREAM_HEADER_BYTES = 64 * 1024
+# Frames decoded at a time: a file's channels are mixed to mono block by block, so a multichannel or compressed file
+# never holds more than one block of its channels in memory.
+DECODE_BLOCK_FRAMES = 1 << 16
 
 Samples = npt.NDArray[np.float32]
 
@@ -66,15 +74,22 @@ def check_rate(rate: int, what: str = "sample rate") -> None:
         )
 
 
-def to_model_rate(samples: npt.NDArray[Any], rate: int) -> Samples:
-    """Mono float32 at 16 kHz from (frames,) or (frames, channels) audio at any rate."""
-    if samples.ndim == 2:
-        samples = samples.mean(axis=1)
-    mono = np.ascontiguousarray(samples, dtype=np.float32)
-    if rate == MODEL_RATE or len(mono) == 0:
-        return mono
-    resampled: Samples = soxr.resample(mono, rate, MODEL_RATE).astype(np.float32, copy=False)
-    return resampled
+def check_channels(channels: int, what: str = "audio") -> None:
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InvalidArgument(
+            f"{what} has {channels} channels; accepted are 1..{MAX_CHANNELS}",
+            reason="BAD_CHANNELS",
+            metadata={"max": str(MAX_CHANNELS)},
+        )
+
+
+def check_finite(samples: Samples, what: str = "audio") -> None:
+    # A single NaN makes Whisper loop until the call's deadline (found by test_hardening_speech).
+    if not np.isfinite(samples).all():
+        raise InvalidArgument(
+            f"{what} contains NaN or infinite samples; float audio must hold finite values in -1..1",
+            reason="NON_FINITE_SAMPLES",
+        )
 
 
 def _unsupported_name(data: bytes) -> str | None:
@@ -127,13 +142,31 @@ def decode_audio(data: bytes, *, max_bytes: int, max_seconds: float) -> DecodedA
             reason="AUDIO_TOO_LONG",
             metadata={"limit_seconds": f"{max_seconds:g}"},
         )
+    check_channels(int(info.channels))
+    # Block by block: mixed to mono and resampled as it goes, so only the 16 kHz result grows (a multichannel or
+    # compressed file never expands in memory), and at most info.frames frames are read (the header's count, already
+    # within the duration limit), whatever the body claims or expands to.
+    rate = int(info.samplerate)
+    resampler = None if rate == MODEL_RATE else soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="float32")
+    pieces: list[Samples] = []
+    read = 0
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as source:
+            for block in source.blocks(
+                blocksize=DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True, frames=info.frames
+            ):
+                mono: Samples = block.mean(axis=1, dtype=np.float32)
+                check_finite(mono)
+                read += len(mono)
+                pieces.append(mono if resampler is None else resampler.resample_chunk(mono))
     except (sf.LibsndfileError, RuntimeError) as err:
         raise InvalidArgument(f"audio cannot be decoded ({err}); it may be truncated", reason="CORRUPT_AUDIO") from None
-    if len(samples) == 0:
+    if read == 0:
         raise InvalidArgument("audio contains no samples", reason="EMPTY_AUDIO")
-    return DecodedAudio(to_model_rate(samples, int(rate)), int(rate), int(info.channels), info.format)
+    if resampler is not None:
+        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+    samples: Samples = np.concatenate(pieces).astype(np.float32, copy=False)
+    return DecodedAudio(samples, rate, int(info.channels), info.format)
 
 
 class StreamDecoder:
@@ -153,6 +186,7 @@ class StreamDecoder:
         self._resampler: Any = None
         if not wav:
             check_rate(sample_rate, "config.sample_rate_hz")
+            check_channels(self.channels, "config")
             self._start()
 
     def _start(self) -> None:
@@ -175,9 +209,20 @@ class StreamDecoder:
             if chunk_id == b"data":
                 self._pending = buf[pos + 8 :]
                 break
+            if pos + 8 + size > MAX_STREAM_HEADER_BYTES:
+                # A chunk before the data that ends this far in (one may claim 4 GiB): refuse rather than buffer a
+                # header that never ends.
+                raise InvalidArgument(
+                    f"WAV stream header is longer than {MAX_STREAM_HEADER_BYTES} bytes without reaching its data chunk",
+                    reason="CORRUPT_AUDIO",
+                )
             if len(buf) < pos + 8 + size:
                 return False
             if chunk_id == b"fmt ":
+                if size < 16:
+                    raise InvalidArgument(
+                        f"WAV stream's fmt chunk is {size} bytes; it must be at least 16", reason="CORRUPT_AUDIO"
+                    )
                 tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", buf[pos + 8 : pos + 24])
                 fmt = (tag, channels, rate, bits)
             pos += 8 + size + (size & 1)
@@ -195,7 +240,8 @@ class StreamDecoder:
                 reason="UNSUPPORTED_CODEC",
             )
         check_rate(rate, "WAV sample rate")
-        self.rate, self.channels = rate, max(channels, 1)
+        check_channels(channels, "WAV stream")
+        self.rate, self.channels = rate, channels
         self._start()
         self._header_done = True
         return True
@@ -213,6 +259,8 @@ class StreamDecoder:
         mono: Samples = samples.mean(axis=1, dtype=np.float32)
         if self.dtype.kind == "i":
             mono /= 32768.0
+        else:
+            check_finite(mono, "audio stream")
         if self._resampler is None:
             return mono
         out: Samples = np.asarray(self._resampler.resample_chunk(mono, last=last), dtype=np.float32)

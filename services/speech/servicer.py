@@ -9,8 +9,8 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,12 +20,12 @@ import grpc
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import SpeechConfig
-from aimass.runtime.errors import DeadlineExceeded, InvalidArgument, NotFound
+from aimass.runtime.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from aimass.runtime.models import serving_model
 from aimass.runtime.scope import QueueTerms, current_scope, priority_rank
 from aimass.v1 import common_pb2, speech_pb2, speech_pb2_grpc
 from services.speech.asr import WHISPER_MODEL, AsrEngine, Transcript
-from services.speech.audio import StreamDecoder, check_rate, decode_audio, streaming_wav_header
+from services.speech.audio import DecodedAudio, StreamDecoder, check_rate, decode_audio, streaming_wav_header
 from services.speech.streaming import Segmenter
 from services.speech.tts import TtsEngine
 
@@ -52,6 +52,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         self.config = config
         self.asr_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-asr")
         self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="speech-decode")
+        self._decodes = 0  # recordings decoding or waiting for a decode thread
         # One job per call, no waiting for company: the batcher is here for its priority and fair-share queue, its
         # bound and deadlines.
         self.asr_batcher: DynamicBatcher[AsrJob, Transcript] = DynamicBatcher(
@@ -126,17 +127,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
         model = self._check_asr(request.model, "Transcribe")
         language = self._check_language(request.language)
         terms = current_scope().queue_terms(request.meta.priority)
-        # Decoding and resampling minutes of audio takes CPU seconds: never on the event loop. The limits are checked
-        # from the header first (decode_audio), so a refused file costs no decoding.
-        decoded = await asyncio.get_running_loop().run_in_executor(
-            self.decode_pool,
-            functools.partial(
-                decode_audio,
-                request.audio,
-                max_bytes=self.config.max_audio_bytes,
-                max_seconds=self.config.max_audio_seconds,
-            ),
-        )
+        decoded = await self._decode(request.audio, terms["deadline"])
         result = await self._transcribe(
             decoded.samples,
             language=language,
@@ -154,6 +145,39 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             ],
             duration_seconds=decoded.duration_s,
         )
+
+    async def _decode(self, audio: bytes, deadline: float | None) -> DecodedAudio:
+        """Decoding and resampling minutes of audio takes CPU seconds: never on the event loop, and at most
+        max_decode_queue recordings at once. The limits are checked from the header first (decode_audio), so a
+        refused file costs no decoding; a call whose deadline passed while it waited is not decoded."""
+        limit = self.config.max_decode_queue
+        if self._decodes >= limit:
+            raise ResourceExhausted(
+                f"{self._decodes} recordings are being decoded or waiting to be; the limit is {limit}; retry shortly",
+                reason="DECODE_QUEUE_FULL",
+            )
+
+        cancelled = threading.Event()
+
+        def decode() -> DecodedAudio:
+            if cancelled.is_set():  # the caller left while this waited for a thread
+                raise asyncio.CancelledError
+            # The loop's clock is time.monotonic.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("the call's deadline passed before its audio was decoded")
+            return decode_audio(audio, max_bytes=self.config.max_audio_bytes, max_seconds=self.config.max_audio_seconds)
+
+        self._decodes += 1
+        try:
+            decoded = await asyncio.get_running_loop().run_in_executor(self.decode_pool, decode)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        finally:
+            self._decodes -= 1
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            raise DeadlineExceeded("the call's deadline passed while its audio was decoded")
+        return decoded
 
     def _stream_decoder(self, config: speech_pb2.StreamTranscribeConfig) -> StreamDecoder:
         if config.encoding == PCM16:

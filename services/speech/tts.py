@@ -84,9 +84,18 @@ def _espeak_voices() -> list[TtsVoice]:
 
 
 class TtsEngine:
-    def __init__(self, *, kokoro: bool = True, timeout_s: float = 30.0) -> None:
-        # A synthesiser process still running this long after it started is killed (DEADLINE_EXCEEDED).
+    def __init__(
+        self,
+        *,
+        kokoro: bool = True,
+        timeout_s: float = 30.0,
+        timeout_base_s: float = 5.0,
+        timeout_per_char_s: float = 0.05,
+    ) -> None:
+        # A synthesiser process still running past timeout_for(text) after it started is killed (DEADLINE_EXCEEDED).
         self.timeout_s = timeout_s
+        self.timeout_base_s = timeout_base_s
+        self.timeout_per_char_s = timeout_per_char_s
         # The neural voice is optional: it costs ~1 s to load and far more CPU per sentence than flite.
         self.kokoro = KokoroEngine() if kokoro and KokoroEngine.available() else None
         self.voices: dict[tuple[str, str], TtsVoice] = {}
@@ -126,6 +135,10 @@ class TtsEngine:
             return [FLITE, "-voice", voice.voice_id, "-t", text, "-o", "/dev/stdout"]
         return [ESPEAK, "-v", voice.voice_id, "--stdout", "--", text]
 
+    def timeout_for(self, text: str) -> float:
+        """Seconds one sentence's process may run: longer for longer text, never more than timeout_s."""
+        return min(self.timeout_s, self.timeout_base_s + self.timeout_per_char_s * len(text))
+
     async def synthesize_sentence(self, voice: TtsVoice, text: str) -> np.ndarray[tuple[int], np.dtype[np.int16]]:
         """PCM16 samples of one sentence at the voice's native rate. Cancelling kills the process."""
         if voice.model == KOKORO and self.kokoro is not None:
@@ -138,12 +151,13 @@ class TtsEngine:
         )
         self.running.add(process)
         self.spawned = [*self.spawned[-99:], process.pid]
+        timeout = self.timeout_for(text)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout):
                 out, err = await process.communicate()
         except TimeoutError:
             raise DeadlineExceeded(
-                f"{voice.model} took longer than {self.timeout_s:g} s for one sentence ({len(text)} characters) and "
+                f"{voice.model} took longer than {timeout:g} s for one sentence ({len(text)} characters) and "
                 "was stopped",
                 reason="TTS_TIMEOUT",
             ) from None
