@@ -807,7 +807,11 @@ FINDINGS = """Findings (2026-12-05; reported to the gateway's and the runtime's 
   hang until the client's deadline (10.0 s, DEADLINE_EXCEEDED); nothing fails them over, although the gateway pings
   replicas every `gateway.keepalive_s` (2 s, timeout 2 s) and the registry dropped the replica after its TTL (the
   gateway logged "left; closing its channel after in-flight calls finish" and then waited on them). Every later call
-  went to nlp-0 at once, so only the calls in flight at the freeze are lost.
+  went to nlp-0 at once, so only the calls in flight at the freeze are lost. Cause: grpc 1.85 does not fail a
+  transport whose keepalive ping goes unanswered within `grpc.keepalive_timeout_ms` alone; the ping's own timeout is
+  `grpc.http2.ping_timeout_ms` (default 60 s), which gateway/app.py `replica_channel_options` does not set. With both
+  at 2 s, a call on a SIGSTOPped server fails UNAVAILABLE "Stream removed (ping timeout)" 3.9 s after the freeze
+  (without: DEADLINE_EXCEEDED at the call's 12 s deadline), and the forwarder retries such a call elsewhere.
 - **restart-gateway: calls racing the gateway's stop are CANCELLED** (intermittent: 3 of 178 in one short run, 0 in
   the run above). They reach the gateway after `server.stop(grace)` began (aimass/runtime/server.py, drain) and
   grpc-core cancels them before any handler runs (the gateway's access log has no line for them); CANCELLED is not
