@@ -288,15 +288,15 @@ async def test_made_up_method_names_share_one_metric_series() -> None:
 
 
 async def test_through_the_gateway_one_tenant_cannot_take_every_slot(nlp_engine: NlpEngine) -> None:
-    """The real gateway in front of a real NLP replica whose batches wait 400 ms to fill: a tenant with three calls
-    in flight is refused its third (its share of the gateway's four slots is two), while another tenant's two go
-    through, and everything admitted is answered."""
+    """The real gateway in front of a real NLP replica whose batches wait 1.5 s to fill (so all five calls overlap):
+    a tenant with three calls in flight is refused its third (its share of the gateway's four slots is two), while
+    another tenant's two go through, and everything admitted is answered."""
     settings = mesh_settings(free_port())
     gateway = settings.gateway.model_copy(
         update={"server": settings.gateway.server.model_copy(update={"max_inflight": 4, "tenant_share": 0.5})}
     )
     mesh = InProcessMesh(settings.model_copy(update={"gateway": gateway}), nlp_engine)
-    slow = NlpConfig(embed_batching=BatchingConfig(max_batch_size=64, max_queue_delay_ms=400))
+    slow = NlpConfig(embed_batching=BatchingConfig(max_batch_size=64, max_queue_delay_ms=1500))
     await mesh.start(nlp=slow)
     greedy, polite = mesh.channel(key_for("greedy")), mesh.channel(key_for("polite"))
     try:
