@@ -245,6 +245,9 @@ class NlpConfig(ServesConfig):
     max_template_chars: PositiveInt = 500
     # Characters of all texts of one request together: bounds the work (tokenising, NER) a single call can ask for.
     max_request_chars: PositiveInt = 500_000
+    # The same for Entities, lower: spaCy's NER costs ~0.2 ms a token, and punctuation or emoji are a token each
+    # (500,000 of them would hold the NER queue ~90 s on a busy 2-core host; 100,000 of ordinary text take ~3 s).
+    max_entities_request_chars: PositiveInt = 100_000
     # Classify: texts x labels per request (each pair is a score computed and a LabelScore in the reply).
     max_classify_pairs: PositiveInt = 4096
     embed_batching: BatchingConfig = BatchingConfig()

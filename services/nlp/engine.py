@@ -6,8 +6,10 @@ runtime's dynamic batcher or a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,12 @@ ZERO_SHOT_LOGIT_SCALE = 30.0
 ZERO_SHOT_MULTI_LABEL_OFFSET = 0.25
 
 Vector = npt.NDArray[np.float32]
+
+# spaCy's tokenizer strips prefixes and suffixes off a whitespace-free run one at a time, re-slicing the rest each
+# time: a run of n punctuation marks or emoji costs O(n^2) (10,000 "(" took 12.5 s). Runs longer than this are cut
+# by a space in a same-length copy of the text, so every offset still points into the caller's text.
+NER_MAX_RUN_CHARS = 256
+_LONG_RUN = re.compile(rf"\S{{{NER_MAX_RUN_CHARS + 1},}}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,7 @@ class NlpEngine:
         return embedder
 
     def _load_sentiment(self) -> Any:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        return SentimentIntensityAnalyzer()
+        return linear_vader()
 
     def _load_ner(self) -> Any:
         import spacy
@@ -154,9 +160,14 @@ class NlpEngine:
 
     def entities_batch(self, batches: Sequence[tuple[str, ...]]) -> list[list[list[EntitySpan]]]:
         texts = [text for batch in batches for text in batch]
-        docs = list(self.models.get(NER_MODEL).pipe(texts, batch_size=max(len(texts), 1)))
+        docs = self.models.get(NER_MODEL).pipe(map(break_long_runs, texts), batch_size=max(len(texts), 1))
+        # Entity text from the caller's own text: the model may have seen a copy with long runs cut.
         per_text = [
-            [EntitySpan(ent.text, ent.label_, ent.start_char, ent.end_char) for ent in doc.ents] for doc in docs
+            [
+                EntitySpan(text[ent.start_char : ent.end_char], ent.label_, ent.start_char, ent.end_char)
+                for ent in doc.ents
+            ]
+            for text, doc in zip(texts, docs, strict=True)
         ]
         results: list[list[list[EntitySpan]]] = []
         offset = 0
@@ -164,6 +175,80 @@ class NlpEngine:
             results.append(per_text[offset : offset + len(batch)])
             offset += len(batch)
         return results
+
+
+def break_long_runs(text: str) -> str:
+    """``text`` with a space put in every NER_MAX_RUN_CHARS-th place of longer whitespace-free runs (same length)."""
+    if len(text) <= NER_MAX_RUN_CHARS or _LONG_RUN.search(text) is None:
+        return text
+    chars = list(text)
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + NER_MAX_RUN_CHARS, run.end(), NER_MAX_RUN_CHARS + 1):
+            chars[cut] = " "
+    return "".join(chars)
+
+
+def linear_vader() -> Any:
+    """VADER with its two quadratic helpers made linear, scores unchanged.
+
+    vaderSentiment 3.3.2 lower-cases every word of the text again for each sentiment-laden word it scores (in
+    ``_negation_check`` and ``_special_idioms_check``): 10,000 emoji (each read as words such as "grinning face")
+    took 35 s. Both look only at words i-3..i+2 (they run only for i >= 3), so they get that window of the text.
+    ``_but_check`` searches the list for each score (``list.index``): it gets an index of first occurrences.
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    class LinearVader(SentimentIntensityAnalyzer):  # type: ignore[misc]
+        @staticmethod
+        def _negation_check(valence: float, words_and_emoticons: list[str], start_i: int, i: int) -> float:
+            window, at = _window(words_and_emoticons, i)
+            result: float = SentimentIntensityAnalyzer._negation_check(valence, window, start_i, at)
+            return result
+
+        @staticmethod
+        def _special_idioms_check(valence: float, words_and_emoticons: list[str], i: int) -> float:
+            window, at = _window(words_and_emoticons, i)
+            result: float = SentimentIntensityAnalyzer._special_idioms_check(valence, window, at)
+            return result
+
+        @staticmethod
+        def _but_check(words_and_emoticons: list[str], sentiments: list[float]) -> list[float]:
+            return _but_check(words_and_emoticons, sentiments)
+
+    return LinearVader()
+
+
+def _but_check(words: list[str], sentiments: list[float]) -> list[float]:
+    """VADER's "but" rule as it behaves, in O(n log n): for each position in turn, the *first* score equal to the
+    score there is halved before the first "but" and multiplied by 1.5 after it."""
+    lower = [str(word).lower() for word in words]
+    if "but" not in lower:
+        return sentiments
+    but_at = lower.index("but")
+    # Score -> the positions holding it, as a heap: its first occurrence is the smallest.
+    where: dict[float, list[int]] = {}
+    for index, score in enumerate(sentiments):
+        where.setdefault(score, []).append(index)
+    for position in range(len(sentiments)):
+        score = sentiments[position]
+        first = where[score][0]
+        if first == but_at:
+            continue
+        heapq.heappop(where[score])
+        if not where[score]:
+            del where[score]
+        changed = score * (0.5 if first < but_at else 1.5)
+        sentiments[first] = changed
+        heapq.heappush(where.setdefault(changed, []), first)
+    return sentiments
+
+
+def _window(words: list[str], i: int) -> tuple[list[str], int]:
+    """Words i-3..i+2 and where word i is among them (the whole list while i < 3, where VADER's negative indices
+    wrap around to the end of the text)."""
+    if i < 3:
+        return words, i
+    return words[i - 3 : i + 3], 3
 
 
 def zero_shot_scores(

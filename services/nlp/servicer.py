@@ -38,8 +38,9 @@ from services.nlp.engine import (
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_HYPOTHESIS = "This text is about {}."
 LABEL_CACHE_SIZE = 4096
-# VADER scores ~100 characters in ~12 µs, while a hop to a worker thread costs ~100 µs: short inputs run inline
-# (well under a millisecond on the event loop), long ones in the pool.
+# VADER scores ~100 characters in ~12 µs, while a hop to a worker thread costs ~100 µs: short ASCII inputs run
+# inline (well under a millisecond on the event loop), long ones in the pool. Not other text: VADER reads each emoji
+# as its description ("grinning face"), so 2,000 emoji are ~30,000 characters of work (~90 ms).
 INLINE_SENTIMENT_CHARS = 2_000
 
 
@@ -83,8 +84,11 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
     def _model(self, requested: common_pb2.ModelRef, served: str, where: str) -> common_pb2.ModelRef:
         return serving_model(requested, served, where, loaded=self.engine.loaded)
 
-    def _check_texts(self, texts: Sequence[str], field: str = "texts") -> tuple[str, ...]:
+    def _check_texts(
+        self, texts: Sequence[str], field: str = "texts", *, max_request_chars: int | None = None
+    ) -> tuple[str, ...]:
         limit = self.config.max_text_chars
+        request_limit = max_request_chars or self.config.max_request_chars
         if not texts:
             raise InvalidArgument(
                 f"{field} is empty; send between 1 and {self.config.max_items} texts", reason="NO_INPUT"
@@ -107,12 +111,12 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
                     metadata={"limit": str(limit), "index": str(index)},
                 )
         total = sum(map(len, texts))
-        if total > self.config.max_request_chars:
+        if total > request_limit:
             raise InvalidArgument(
-                f"{field} has {total} characters in all; the limit is {self.config.max_request_chars} per request "
+                f"{field} has {total} characters in all; the limit is {request_limit} per request "
                 "(send fewer or shorter texts per call)",
                 reason="REQUEST_TOO_LARGE",
-                metadata={"limit": str(self.config.max_request_chars)},
+                metadata={"limit": str(request_limit)},
             )
         return tuple(texts)
 
@@ -175,7 +179,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         model = self._model(request.model, SENTIMENT_MODEL, "NlpService.Sentiment")
         texts = self._check_texts(request.texts)
         priority_rank(request.meta.priority)  # not queued, so it has no effect here, but it must be valid
-        if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS:
+        if sum(map(len, texts)) <= INLINE_SENTIMENT_CHARS and all(map(str.isascii, texts)):
             results = self.engine.sentiment(texts)
         else:
             results = await self._sentiment_in_pool(texts, deadline_of(context))
@@ -205,7 +209,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
 
     async def Entities(self, request: nlp_pb2.EntitiesRequest, context: Context) -> nlp_pb2.EntitiesResponse:
         model = self._model(request.model, NER_MODEL, "NlpService.Entities")
-        texts = self._check_texts(request.texts)
+        texts = self._check_texts(request.texts, max_request_chars=self.config.max_entities_request_chars)
         documents = await self.ner_batcher.submit(texts, **current_scope().queue_terms(request.meta.priority))
         return nlp_pb2.EntitiesResponse(
             model=model,
