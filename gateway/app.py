@@ -46,6 +46,9 @@ def replica_channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
         options += [
             ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+            # Without it grpc (1.85) waits 60 s for an unanswered ping: calls on a frozen replica waited out their
+            # deadlines instead of failing UNAVAILABLE and being retried on another replica.
+            ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
