@@ -317,13 +317,8 @@ class SlotPool:
 
     def refusal(self, holder: str, method: str) -> ResourceExhausted | None:
         """Why a call of ``holder`` may not take a slot now, or None when it may."""
-        if self.held >= self.limit:
-            return ResourceExhausted(
-                f"server is at capacity ({self.held} {self.kind} in flight, limit {self.limit}); "
-                f"{method} was not started, retry later",
-                reason="SERVER_FULL",
-                metadata={"limit": str(self.limit)},
-            )
+        # A holder at its share is told so first, whatever else is in flight: waiting on its own calls is what
+        # frees a slot for it (and the reason does not depend on which tenant's calls happened to arrive first).
         if self.by_holder[holder] >= self.per_holder:
             who = f"tenant {holder.removeprefix('tenant:')!r}" if holder.startswith("tenant:") else "this connection"
             return ResourceExhausted(
@@ -331,6 +326,13 @@ class SlotPool:
                 f"the {self.limit} there are; {method} was not started: retry when some of them have finished",
                 reason="TENANT_INFLIGHT_LIMIT",
                 metadata={"limit": str(self.per_holder)},
+            )
+        if self.held >= self.limit:
+            return ResourceExhausted(
+                f"server is at capacity ({self.held} {self.kind} in flight, limit {self.limit}); "
+                f"{method} was not started, retry later",
+                reason="SERVER_FULL",
+                metadata={"limit": str(self.limit)},
             )
         return None
 
