@@ -35,7 +35,19 @@ log = logging.getLogger(__name__)
 MODEL_SERVICE = "aimass.v1.ModelService"
 ADMIN_SERVICE = "aimass.v1.AdminService"
 # The control plane's contracts are for mesh processes, on the scheduler's mTLS port: never forwarded.
-INTERNAL_SERVICES = frozenset({"aimass.v1.SchedulerService", "aimass.v1.RegistryService"})
+INTERNAL_SERVICES = frozenset(
+    {
+        "aimass.v1.SchedulerService",
+        "aimass.v1.RegistryService",
+        "aimass.v1.BlobService",
+        "aimass.v1.TrainerService",
+        "aimass.v1.ModelHostService",
+    }
+)
+# Public services the control plane (the scheduler) serves itself: forwarded there like to any replica.
+CONTROL_PLANE_SERVICES = frozenset(
+    {"aimass.v1.DatasetService", "aimass.v1.TrainingService", "aimass.v1.DeploymentService"}
+)
 
 
 def replica_channel_options(config: GatewayConfig) -> list[tuple[str, int]]:

@@ -402,6 +402,38 @@ class SchedulerConfig(ServesConfig):
     )
 
 
+class LifecycleConfig(BaseModel):
+    """Tenants' own models (datasets, training jobs, versions, deployments), run by the control plane (the
+    scheduler): limits that keep one tenant's data and jobs from crowding out the others."""
+
+    # The content-addressed blob store (dataset files, trained heads). Empty: "blobs" in state_dir.
+    blob_dir: Path | None = None
+    # Bytes of dataset versions one tenant may keep (a second upload of the same bytes costs nothing).
+    storage_quota_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(1 << 30)
+    # The largest single dataset upload.
+    max_upload_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(512 << 20)
+    # Training jobs one tenant may have queued or running at once.
+    max_jobs_per_tenant: PositiveInt = 8
+    # A job whose trainer died is queued again this many times in all, then FAILED.
+    max_attempts: PositiveInt = 2
+    # Memory a job is assumed to need before one on the same base model has been measured.
+    job_memory_estimate_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(1 << 30)
+    # Replicas are re-synced with the deployments this often (and at once after each change).
+    sync_interval_s: PositiveFloat = 2.0
+
+
+class TrainerConfig(ServesConfig):
+    """A trainer process: runs the training jobs the scheduler places on it, one or more at a time."""
+
+    server: ServerConfig = ServerConfig(port=50061)
+    # Jobs this trainer runs at once.
+    max_jobs: PositiveInt = 1
+    # Where fetched dataset blobs are cached (keyed by SHA-256). Empty: "trainer-cache" in state_dir.
+    cache_dir: Path | None = None
+    # "auto" (GPU when NVML/torch sees one), "cpu" or "cuda".
+    device: str = "auto"
+
+
 class StoreConfig(BaseModel):
     """The store of tenants, API keys, the audit log and LLM token usage (aimass.store), shared by every gateway
     and the scheduler. SQLite embedded by default; PostgreSQL for several hosts."""
@@ -512,11 +544,21 @@ class Settings(BaseSettings):
     speech: SpeechConfig = SpeechConfig()
     llm: LlmConfig = LlmConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    trainer: TrainerConfig = TrainerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
     @property
     def store_url(self) -> str:
         return self.store.url.get_secret_value() or f"sqlite:///{self.state_dir / 'aimass.db'}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.lifecycle.blob_dir or self.state_dir / "blobs"
+
+    @property
+    def trainer_cache_dir(self) -> Path:
+        return self.trainer.cache_dir or self.state_dir / "trainer-cache"
 
     @property
     def admin_key_file(self) -> Path:

@@ -26,10 +26,13 @@ KEY_PATTERN: Final = re.compile(r"^aimass_([a-z0-9]{12})_([A-Za-z0-9_-]{43})$")
 # What a key may do. A key holds one or more; the admin key that `aimass up` creates holds them all.
 SCOPE_INFER: Final = "infer"  # call models (every inference service, the model catalogue)
 SCOPE_MODELS_ADMIN: Final = "models:admin"  # load and unload models anywhere in the mesh
+SCOPE_MODELS_TRAIN: Final = "models:train"  # the tenant's own models: datasets, training jobs, versions, deployments
 SCOPE_KEYS_ADMIN: Final = "keys:admin"  # create, list and revoke the keys of the key's own tenant
 SCOPE_AUDIT_READ: Final = "audit:read"  # read the audit log of the key's own tenant
 SCOPE_TENANTS_ADMIN: Final = "tenants:admin"  # every tenant: limits, keys and audit (the operator's scope)
-SCOPES: Final = frozenset({SCOPE_INFER, SCOPE_MODELS_ADMIN, SCOPE_KEYS_ADMIN, SCOPE_AUDIT_READ, SCOPE_TENANTS_ADMIN})
+SCOPES: Final = frozenset(
+    {SCOPE_INFER, SCOPE_MODELS_ADMIN, SCOPE_MODELS_TRAIN, SCOPE_KEYS_ADMIN, SCOPE_AUDIT_READ, SCOPE_TENANTS_ADMIN}
+)
 ADMIN_SCOPES: Final = SCOPES
 
 # Tenant ids: what a person types on a command line and a log shows without quoting.
