@@ -317,16 +317,11 @@ class SlotPool:
 
     def refusal(self, holder: str, method: str) -> ResourceExhausted | None:
         """Why a call of ``holder`` may not take a slot now, or None when it may."""
-        # A holder at its share is told so first, whatever else is in flight: waiting on its own calls is what
-        # frees a slot for it (and the reason does not depend on which tenant's calls happened to arrive first).
-        if self.by_holder[holder] >= self.per_holder:
-            who = f"tenant {holder.removeprefix('tenant:')!r}" if holder.startswith("tenant:") else "this connection"
-            return ResourceExhausted(
-                f"{who} already has {self.by_holder[holder]} {self.kind} in flight on this server, its fair share of "
-                f"the {self.limit} there are; {method} was not started: retry when some of them have finished",
-                reason="TENANT_INFLIGHT_LIMIT",
-                metadata={"limit": str(self.per_holder)},
-            )
+        # A holder at its share (when that is less than the whole pool) is told so first, whatever else is in
+        # flight: waiting on its own calls is what frees a slot for it, and the reason does not depend on which
+        # tenant's calls happened to arrive first.
+        if self.by_holder[holder] >= self.per_holder and self.per_holder < self.limit:
+            return self._share_refusal(holder, method)
         if self.held >= self.limit:
             return ResourceExhausted(
                 f"server is at capacity ({self.held} {self.kind} in flight, limit {self.limit}); "
@@ -334,7 +329,18 @@ class SlotPool:
                 reason="SERVER_FULL",
                 metadata={"limit": str(self.limit)},
             )
+        if self.by_holder[holder] >= self.per_holder:
+            return self._share_refusal(holder, method)
         return None
+
+    def _share_refusal(self, holder: str, method: str) -> ResourceExhausted:
+        who = f"tenant {holder.removeprefix('tenant:')!r}" if holder.startswith("tenant:") else "this connection"
+        return ResourceExhausted(
+            f"{who} already has {self.by_holder[holder]} {self.kind} in flight on this server, its fair share of "
+            f"the {self.limit} there are; {method} was not started: retry when some of them have finished",
+            reason="TENANT_INFLIGHT_LIMIT",
+            metadata={"limit": str(self.per_holder)},
+        )
 
     def take(self, holder: str) -> None:
         self.held += 1
