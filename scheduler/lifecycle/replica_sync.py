@@ -1,0 +1,305 @@
+"""Keeps every NLP and vision replica serving the custom model versions the store says are deployed.
+
+The store holds one global generation, bumped by every deployment change. ``ReplicaSync`` turns the store's
+deployments into one ``SyncCustomModelsRequest`` per task (every default, canary and standby version with its
+artifact, and the routes that pick among them) and sends each serving replica the request of the task its service
+hosts: text heads to NLP replicas (aimass.v1.NlpService), image heads to vision replicas (aimass.v1.VisionService).
+Replicas are idempotent (one already at the generation answers at once), so the whole state is always sent.
+
+- ``apply(generation, deadline)`` pushes at once and waits (until ``deadline`` at most) for the replicas' answers:
+  the number of replicas of the changed model's service that answered with the generation or a later one and did
+  not fail to load that model.
+- A background loop (``start``) re-syncs every replica every ``interval_s``, so a replica that (re)joins or missed a
+  push catches up. Each replica gets at most ``replica_timeout_s`` a push and its own lock, so a slow or dead replica
+  never holds up the others, and pushes to one replica never overtake each other (a push whose generation the
+  replica already acknowledged is skipped).
+- A replica that fails (unreachable, or unable to load a version) is logged once per generation and retried on the
+  next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol, TypeAlias
+
+import grpc
+
+from aimass.runtime.discovery import Instance
+from aimass.runtime.tasks import cancel_and_wait
+from aimass.store.records import DeploymentRecord, ModelVersionRecord
+from aimass.v1 import datasets_pb2, lifecycle_pb2, lifecycle_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TEXT: Final = datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION
+IMAGE: Final = datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION
+# The service whose replicas host each task's heads.
+SERVICE_OF_TASK: Final = {TEXT: "aimass.v1.NlpService", IMAGE: "aimass.v1.VisionService"}
+DEFAULT_REPLICA_TIMEOUT_S: Final = 10.0
+
+Task: TypeAlias = datasets_pb2.TrainingTask.ValueType
+
+
+def task_of(record: ModelVersionRecord) -> Task:
+    """The version's task (TRAINING_TASK_UNSPECIFIED for a value this version of aimass does not know)."""
+    known = record.task in datasets_pb2.TrainingTask.values()
+    return datasets_pb2.TrainingTask.ValueType(record.task) if known else datasets_pb2.TRAINING_TASK_UNSPECIFIED
+
+
+class DeploymentSource(Protocol):
+    """What ``ReplicaSync`` reads from the store (``SqlStore``'s methods)."""
+
+    def deployments(self) -> tuple[int, list[DeploymentRecord]]: ...
+
+    def get_model_version(self, owner: str, name: str, version: int) -> ModelVersionRecord | None: ...
+
+
+@dataclass
+class Desired:
+    """What every replica should serve at ``generation``: one request per task."""
+
+    generation: int
+    requests: dict[Task, lifecycle_pb2.SyncCustomModelsRequest]
+
+    def for_tasks(self, tasks: Iterable[Task]) -> lifecycle_pb2.SyncCustomModelsRequest:
+        request = lifecycle_pb2.SyncCustomModelsRequest(generation=self.generation)
+        for task in sorted(tasks):
+            part = self.requests.get(task)
+            if part is not None:
+                request.versions.extend(part.versions)
+                request.routes.extend(part.routes)
+        return request
+
+
+@dataclass
+class ReplicaState:
+    """What one replica acknowledged, and what was said about its failures (once per generation)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    generation: int = -1
+    serving: frozenset[str] = frozenset()
+    failed: tuple[str, ...] = ()
+    # The generation whose failure was last logged (-1: none, or the replica recovered since).
+    logged_failure: int = -1
+
+
+def tasks_of(instance: Instance) -> set[Task]:
+    """The tasks whose heads ``instance`` hosts, from the services it serves."""
+    return {task for task, service in SERVICE_OF_TASK.items() if service in instance.services}
+
+
+class ReplicaSync:
+    def __init__(
+        self,
+        store: DeploymentSource,
+        replicas: Callable[[], Sequence[Instance]],
+        channel_for: Callable[[Instance], grpc.aio.Channel],
+        interval_s: float,
+        *,
+        replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S,
+    ) -> None:
+        self.store = store
+        self.replicas = replicas
+        self.channel_for = channel_for
+        self.interval_s = interval_s
+        self.replica_timeout_s = replica_timeout_s
+        self.states: dict[str, ReplicaState] = {}
+        # Versions never change once trained: their artifact and task are read from the store once.
+        self._versions: dict[tuple[str, str, int], ModelVersionRecord] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    # -- what replicas should serve ------------------------------------------------------------------------------
+
+    async def desired(self) -> Desired:
+        """The store's deployments as one request per task, at the store's generation."""
+        generation, deployments = await asyncio.to_thread(self.store.deployments)
+        requests = {task: lifecycle_pb2.SyncCustomModelsRequest(generation=generation) for task in SERVICE_OF_TASK}
+        for deployment in sorted(deployments, key=lambda record: (record.owner, record.name)):
+            records = [await self._version(deployment, version) for version in _loaded(deployment)]
+            known = [record for record in records if record is not None]
+            if not known:
+                continue
+            request = requests.get(task_of(known[0]))
+            if request is None:
+                log.error("deployment %s/%s has a task no replica hosts", deployment.owner, deployment.name)
+                continue
+            request.versions.extend(
+                lifecycle_pb2.HostedVersion(
+                    owner=record.owner,
+                    name=record.name,
+                    version=str(record.version),
+                    artifact_sha256=record.artifact_sha256,
+                )
+                for record in known
+            )
+            request.routes.append(
+                lifecycle_pb2.HostedRoute(
+                    owner=deployment.owner,
+                    name=deployment.name,
+                    default_version=_shown(deployment.default_version),
+                    canary_version=_shown(deployment.canary_version),
+                    canary_percent=deployment.canary_percent if deployment.canary_version else 0,
+                )
+            )
+        return Desired(generation, requests)
+
+    async def _version(self, deployment: DeploymentRecord, version: int) -> ModelVersionRecord | None:
+        key = (deployment.owner, deployment.name, version)
+        record = self._versions.get(key)
+        if record is None:
+            record = await asyncio.to_thread(self.store.get_model_version, *key)
+            if record is None:
+                log.error("deployment %s/%s names version %s, which the store does not have", *key)
+                return None
+            self._versions[key] = record
+        return record
+
+    def hosts(self) -> list[Instance]:
+        """The serving replicas that host custom heads (NLP and vision)."""
+        return [instance for instance in self.replicas() if instance.serving and tasks_of(instance)]
+
+    # -- pushing -------------------------------------------------------------------------------------------------
+
+    async def apply(self, generation: int, deadline: float, *, model: tuple[str, str] | None = None) -> int:
+        """Pushes the store's state now and waits until ``deadline`` (the event loop's clock) at most: the replicas
+        of ``model``'s service (every host without ``model``) that serve ``generation`` or later, with ``model``
+        loaded."""
+        desired = await self.desired()
+        task = await self._task_of_model(model) if model is not None else None
+        hosts = [instance for instance in self.hosts() if task is None or task in tasks_of(instance)]
+        if not hosts:
+            return 0
+        await asyncio.gather(*(self._push(instance, desired, until=deadline) for instance in hosts))
+        return sum(1 for instance in hosts if self._serves(instance, generation, model))
+
+    async def _task_of_model(self, model: tuple[str, str]) -> Task | None:
+        _, deployments = await asyncio.to_thread(self.store.deployments)
+        for deployment in deployments:
+            if (deployment.owner, deployment.name) == model:
+                for version in _loaded(deployment):
+                    record = await self._version(deployment, version)
+                    if record is not None:
+                        return task_of(record)
+        # Undeployed (or unknown): any host counts once it is at the generation.
+        return None
+
+    def _serves(self, instance: Instance, generation: int, model: tuple[str, str] | None) -> bool:
+        state = self.states.get(instance.instance_id)
+        if state is None or state.generation < generation:
+            return False
+        if model is None:
+            return True
+        prefix = f"{model[0]}/{model[1]}@"
+        return not any(entry.startswith(prefix) for entry in state.failed)
+
+    async def sync_once(self) -> Mapping[str, int]:
+        """One round: every host gets the store's state (bounded by ``replica_timeout_s`` each); instance id → the
+        generation it acknowledged (-1: none yet)."""
+        desired = await self.desired()
+        hosts = self.hosts()
+        until = asyncio.get_running_loop().time() + self.replica_timeout_s
+        await asyncio.gather(*(self._push(instance, desired, until=until, again=True) for instance in hosts))
+        self._forget_gone({instance.instance_id for instance in hosts})
+        return {instance.instance_id: self.states[instance.instance_id].generation for instance in hosts}
+
+    async def _push(self, instance: Instance, desired: Desired, *, until: float, again: bool = False) -> None:
+        """Sends ``instance`` its part of ``desired`` unless it acknowledged a later generation, or that one with
+        every version loaded (``again``: even then, so a replica that lost its state is caught); never raises:
+        failures are recorded and logged once per generation."""
+        state = self.states.setdefault(instance.instance_id, ReplicaState())
+        timeout = min(self.replica_timeout_s, until - asyncio.get_running_loop().time())
+        if timeout <= 0:
+            return
+        request = desired.for_tasks(tasks_of(instance))
+        try:
+            async with asyncio.timeout(timeout):
+                async with state.lock:
+                    if state.generation > desired.generation or (
+                        state.generation == desired.generation and not state.failed and not again
+                    ):
+                        return
+                    stub = lifecycle_pb2_grpc.ModelHostServiceStub(self.channel_for(instance))
+                    response = await stub.SyncCustomModels(request, timeout=timeout)
+        except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
+            self._failed(instance, state, desired.generation, _why(exc))
+            return
+        if response.generation < desired.generation:
+            self._failed(
+                instance,
+                state,
+                desired.generation,
+                f"answered generation {response.generation} to generation {desired.generation}",
+            )
+            return
+        state.generation = response.generation
+        state.serving = frozenset(response.serving)
+        state.failed = tuple(response.failed)
+        if state.failed:
+            self._failed(instance, state, response.generation, "could not load " + "; ".join(state.failed))
+        elif state.logged_failure >= 0:
+            log.info(
+                "replica %s (%s) serves custom models at generation %d again",
+                instance.instance_id,
+                instance.address,
+                response.generation,
+            )
+            state.logged_failure = -1
+
+    def _failed(self, instance: Instance, state: ReplicaState, generation: int, why: str) -> None:
+        if state.logged_failure == generation:
+            return
+        state.logged_failure = generation
+        log.warning(
+            "replica %s (%s) did not apply custom models generation %d: %s; retrying every %.1f s",
+            instance.instance_id,
+            instance.address,
+            generation,
+            why,
+            self.interval_s,
+        )
+
+    def _forget_gone(self, present: set[str]) -> None:
+        for instance_id in [known for known in self.states if known not in present]:
+            if not self.states[instance_id].lock.locked():
+                del self.states[instance_id]
+
+    # -- the background loop -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts re-syncing every ``interval_s`` (in the running event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-sync")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except Exception:  # the store unreachable a moment: the next round tries again
+                log.exception("syncing replicas with the deployments failed; retrying in %.1f s", self.interval_s)
+            await asyncio.sleep(self.interval_s)
+
+
+def _shown(version: int) -> str:
+    return str(version) if version else ""
+
+
+def _loaded(deployment: DeploymentRecord) -> list[int]:
+    found = (deployment.default_version, deployment.canary_version, deployment.previous_version)
+    return list(dict.fromkeys(version for version in found if version))
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        return f"{code.name if code is not None else 'UNKNOWN'}: {exc.details()}"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}"

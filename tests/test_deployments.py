@@ -1,0 +1,458 @@
+"""DeploymentService on the control plane, seen by a real gRPC client: which versions of a tenant's own models serve,
+and the replicas told so.
+
+The servicer runs on a real grpc.aio server behind the runtime's request-scope and error interceptors, over a real
+SqlStore (SQLite in the test's folder) holding versions with real head artifacts; the caller's tenant arrives as
+the gateway sends it (``RequestScope.metadata``). ``ReplicaSync`` pushes each change to the replicas the test names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from aimass.local_mesh import free_port
+from aimass.runtime.discovery import Instance
+from aimass.runtime.interceptors import ErrorMappingInterceptor, ScopeInterceptor
+from aimass.runtime.metadata import ERROR_INFO_KEY
+from aimass.runtime.scope import RequestScope
+from aimass.store.records import ModelVersionRecord
+from aimass.store.sql import SqlStore
+from aimass.training.artifact import IMAGE_BACKBONE, IMAGE_TASK, TEXT_BACKBONE, TEXT_TASK, HeadArtifact
+from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc, training_pb2
+from scheduler.lifecycle.deployments import DeploymentServicer
+from scheduler.lifecycle.replica_sync import ReplicaSync
+
+TEXT = datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION
+IMAGE = datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION
+NLP = "aimass.v1.NlpService"
+VISION = "aimass.v1.VisionService"
+S = deployments_pb2
+LABELS = ("billing", "shipping", "technical")
+
+
+def head(base_model: str, seed: int) -> bytes:
+    """A head artifact in the one format replicas load (weights of the right shape for the backbone)."""
+    rng = np.random.default_rng(seed)
+    dims = 384 if base_model == TEXT_BACKBONE else 1280
+    task = TEXT_TASK if base_model == TEXT_BACKBONE else IMAGE_TASK
+    return HeadArtifact(
+        labels=LABELS,
+        weight=rng.normal(size=(len(LABELS), dims)).astype(np.float32),
+        bias=np.zeros(len(LABELS), dtype=np.float32),
+        base_model=base_model,
+        task=task,
+        info={"seed": seed},
+    ).to_bytes()
+
+
+def add_version(store: SqlStore, owner: str, name: str, *, task: int = TEXT, seed: int = 0) -> ModelVersionRecord:
+    base = TEXT_BACKBONE if task == TEXT else IMAGE_BACKBONE
+    artifact = head(base, seed)
+    dataset_sha = hashlib.sha256(f"{owner}/{name}/{seed}".encode()).hexdigest()
+    return store.add_model_version(
+        ModelVersionRecord(
+            owner=owner,
+            name=name,
+            version=0,
+            task=task,
+            base_model=base,
+            job_id=f"job-{name}-{seed}",
+            dataset_owner=owner,
+            dataset_name="tickets",
+            dataset_version=dataset_sha[:12],
+            dataset_sha256=dataset_sha,
+            labels=LABELS,
+            hyperparameters=training_pb2.Hyperparameters(epochs=60, learning_rate=0.01, seed=seed).SerializeToString(),
+            evaluation=training_pb2.Evaluation(accuracy=0.9 + seed / 100, macro_f1=0.88).SerializeToString(),
+            artifact_sha256=hashlib.sha256(artifact).hexdigest(),
+            artifact_bytes=len(artifact),
+            code_version="0.test",
+        )
+    )
+
+
+@dataclass
+class Plane:
+    """The control plane's DeploymentService on loopback, its store, and the replicas its sync sees."""
+
+    store: SqlStore
+    sync: ReplicaSync
+    channel: grpc.aio.Channel
+    replicas: list[Instance] = field(default_factory=list)
+    channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    def stub(self) -> deployments_pb2_grpc.DeploymentServiceAsyncStub:
+        return deployments_pb2_grpc.DeploymentServiceStub(self.channel)
+
+    def channel_for(self, instance: Instance) -> grpc.aio.Channel:
+        if instance.instance_id not in self.channels:
+            self.channels[instance.instance_id] = grpc.aio.insecure_channel(instance.address)
+        return self.channels[instance.instance_id]
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    """The metadata the gateway sends for a caller of ``tenant``."""
+    return RequestScope(tenant=tenant).metadata()
+
+
+def ref(name: str, version: str = "") -> common_pb2.ModelRef:
+    return common_pb2.ModelRef(name=name, version=version)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    opened = SqlStore.open(f"sqlite:///{tmp_path / 'aimass.db'}")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+async def plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
+    holder: list[Plane] = []
+    sync = ReplicaSync(
+        store, lambda: holder[0].replicas, lambda instance: holder[0].channel_for(instance), 0.2, replica_timeout_s=1
+    )
+    server = grpc.aio.server(interceptors=[ScopeInterceptor(), ErrorMappingInterceptor()])
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
+        DeploymentServicer(store, BlobFolder(tmp_path / "blobs"), sync), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    running = Plane(store, sync, channel)
+    holder.append(running)
+    try:
+        yield running
+    finally:
+        await sync.close()
+        await channel.close()
+        for replica_channel in running.channels.values():
+            await replica_channel.close()
+        await server.stop(0)
+
+
+class BlobFolder:
+    """Content-addressed files: <root>/<sha256>."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+
+def states(model: deployments_pb2.CustomModel) -> dict[str, str]:
+    return {
+        v.version: deployments_pb2.VersionState.Name(v.state).removeprefix("VERSION_STATE_") for v in model.versions
+    }
+
+
+async def refused(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+def reason_of(err: grpc.aio.AioRpcError) -> str:
+    trailers = dict(err.trailing_metadata() or ())
+    return common_pb2.ErrorInfo.FromString(trailers[ERROR_INFO_KEY]).reason
+
+
+async def listed(plane: Plane, tenant: str, name: str = "") -> Sequence[deployments_pb2.CustomModel]:
+    response = await plane.stub().ListCustomModels(
+        S.ListCustomModelsRequest(name=name), metadata=as_tenant(tenant), timeout=5
+    )
+    return list(response.models)
+
+
+# -- the state machine -------------------------------------------------------------------------------------------
+
+
+async def test_deploy_canary_promote_rollback_undeploy(plane: Plane) -> None:
+    for seed in range(3):
+        add_version(plane.store, "acme", "ticket-router", seed=seed)
+    stub, meta = plane.stub(), as_tenant("acme")
+
+    (model,) = await listed(plane, "acme")
+    assert states(model) == {"1": "READY", "2": "READY", "3": "READY"}
+    assert not model.HasField("deployment")
+
+    # The first deploy becomes the default, whatever percentage it asks.
+    first = await stub.DeployModel(
+        S.DeployModelRequest(model=ref("ticket-router", "1"), canary_percent=10), metadata=meta
+    )
+    assert states(first.model) == {"1": "DEFAULT", "2": "READY", "3": "READY"}
+    assert first.replicas_applied == 0  # no replica hosts text heads here: recorded all the same
+    gen1 = first.model.deployment.generation
+    assert gen1 > 0
+
+    canary = await stub.DeployModel(
+        S.DeployModelRequest(model=ref("ticket-router", "2"), canary_percent=10), metadata=meta
+    )
+    assert states(canary.model) == {"1": "DEFAULT", "2": "CANARY", "3": "READY"}
+    assert canary.model.deployment.canary_percent == 10
+    assert canary.model.deployment.generation > gen1
+
+    promoted = await stub.PromoteModel(S.PromoteModelRequest(model=ref("ticket-router")), metadata=meta)
+    assert states(promoted.model) == {"1": "STANDBY", "2": "DEFAULT", "3": "READY"}
+    assert promoted.model.deployment.previous_version == "1"
+    assert promoted.model.deployment.canary_version == ""
+    assert promoted.model.deployment.canary_percent == 0
+
+    # A new canary, then Rollback drops it (the default and its standby stay).
+    await stub.DeployModel(S.DeployModelRequest(model=ref("ticket-router", "3"), canary_percent=25), metadata=meta)
+    dropped = await stub.RollbackModel(S.RollbackModelRequest(model=ref("ticket-router")), metadata=meta)
+    assert states(dropped.model) == {"1": "STANDBY", "2": "DEFAULT", "3": "READY"}
+    # No canary left: Rollback returns the default to the version before the promotion.
+    back = await stub.RollbackModel(S.RollbackModelRequest(model=ref("ticket-router")), metadata=meta)
+    assert states(back.model) == {"1": "DEFAULT", "2": "READY", "3": "READY"}
+    assert back.model.deployment.previous_version == ""
+
+    # What a later listing shows is what the changes answered.
+    (now,) = await listed(plane, "acme", "ticket-router")
+    assert now.deployment == back.model.deployment
+
+    gone = await stub.UndeployModel(S.UndeployModelRequest(model=ref("ticket-router")), metadata=meta)
+    assert states(gone.model) == {"1": "READY", "2": "READY", "3": "READY"}
+    assert not gone.model.HasField("deployment")
+    assert plane.store.get_deployment("acme", "ticket-router") is None
+    assert plane.store.deployment_generation() > back.model.deployment.generation
+
+
+async def test_deploy_at_zero_percent_switches_the_default_and_keeps_the_old_one_on_standby(plane: Plane) -> None:
+    for seed in range(3):
+        add_version(plane.store, "acme", "router", seed=seed)
+    stub, meta = plane.stub(), as_tenant("acme")
+    await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+    await stub.DeployModel(S.DeployModelRequest(model=ref("router", "3"), canary_percent=5), metadata=meta)
+
+    switched = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "2"), canary_percent=0), metadata=meta)
+    # v2 is the default, v1 (the default it replaced) stands by, and the canary keeps its share.
+    assert states(switched.model) == {"1": "STANDBY", "2": "DEFAULT", "3": "CANARY"}
+    assert switched.model.deployment.canary_percent == 5
+
+    # Promoting a named version works the same way; the canary promoted stops being a canary.
+    promoted = await stub.PromoteModel(S.PromoteModelRequest(model=ref("router", "3")), metadata=meta)
+    assert states(promoted.model) == {"1": "READY", "2": "STANDBY", "3": "DEFAULT"}
+
+    # Undeploying the standby leaves the default serving alone; then the default may go by name.
+    alone = await stub.UndeployModel(S.UndeployModelRequest(model=ref("router", "2")), metadata=meta)
+    assert states(alone.model) == {"1": "READY", "2": "READY", "3": "DEFAULT"}
+    last = await stub.UndeployModel(S.UndeployModelRequest(model=ref("router", "3")), metadata=meta)
+    assert states(last.model) == {"1": "READY", "2": "READY", "3": "READY"}
+
+
+async def test_a_request_that_changes_nothing_writes_nothing(plane: Plane) -> None:
+    add_version(plane.store, "acme", "router")
+    stub, meta = plane.stub(), as_tenant("acme")
+    first = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+    again = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+    promote = await stub.PromoteModel(S.PromoteModelRequest(model=ref("router", "1")), metadata=meta)
+    assert again.model.deployment == first.model.deployment == promote.model.deployment
+    assert plane.store.deployment_generation() == first.model.deployment.generation
+
+
+async def test_refusals_say_what_was_wrong_and_what_is_allowed(plane: Plane) -> None:
+    for seed in range(3):
+        add_version(plane.store, "acme", "router", seed=seed)
+    stub, meta = plane.stub(), as_tenant("acme")
+
+    def deploy(version: str, percent: int = 0, name: str = "router") -> Any:
+        return stub.DeployModel(S.DeployModelRequest(model=ref(name, version), canary_percent=percent), metadata=meta)
+
+    cases: list[tuple[Any, grpc.StatusCode, str, str]] = [
+        (deploy("1", 100), grpc.StatusCode.INVALID_ARGUMENT, "BAD_CANARY_PERCENT", "send 1-99"),
+        (deploy("1", -1), grpc.StatusCode.INVALID_ARGUMENT, "BAD_CANARY_PERCENT", "or 0 to make"),
+        (deploy(""), grpc.StatusCode.INVALID_ARGUMENT, "NO_VERSION", "name the version"),
+        (deploy("v2"), grpc.StatusCode.INVALID_ARGUMENT, "BAD_VERSION", "numbered 1, 2"),
+        (deploy("7"), grpc.StatusCode.NOT_FOUND, "VERSION_NOT_FOUND", "its versions: 1, 2, 3"),
+        (deploy("1", name="nope"), grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", "no model named 'nope'"),
+        (deploy("1", name="Bad Name"), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", "lowercase letters"),
+        (
+            stub.PromoteModel(S.PromoteModelRequest(model=ref("router")), metadata=meta),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NOT_DEPLOYED",
+            "DeployModel serves a version first",
+        ),
+        (
+            stub.RollbackModel(S.RollbackModelRequest(model=ref("router")), metadata=meta),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NOT_DEPLOYED",
+            "is not deployed",
+        ),
+    ]
+    for call, code, reason, words in cases:
+        err = await refused(call)
+        assert (err.code(), reason_of(err)) == (code, reason), err.details()
+        assert words in (err.details() or "")
+
+    await deploy("1")
+    cases = [
+        (
+            stub.PromoteModel(S.PromoteModelRequest(model=ref("router")), metadata=meta),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_CANARY",
+            "no canary to promote (it serves v1 (default))",
+        ),
+        (
+            stub.RollbackModel(S.RollbackModelRequest(model=ref("router")), metadata=meta),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NOTHING_TO_ROLL_BACK",
+            "no canary and no previous default",
+        ),
+        (deploy("1", 10), grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_DEFAULT", "must be another version"),
+    ]
+    for call, code, reason, words in cases:
+        err = await refused(call)
+        assert (err.code(), reason_of(err)) == (code, reason), err.details()
+        assert words in (err.details() or "")
+
+    await deploy("2", 10)
+    err = await refused(stub.UndeployModel(S.UndeployModelRequest(model=ref("router", "1")), metadata=meta))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "also serves v2; undeploy those first, or every version" in (err.details() or "")
+    # Nothing refused changed anything.
+    (model,) = await listed(plane, "acme")
+    assert states(model) == {"1": "DEFAULT", "2": "CANARY", "3": "READY"}
+
+
+async def test_another_tenants_model_is_not_found_like_one_that_does_not_exist(plane: Plane) -> None:
+    add_version(plane.store, "acme", "router")
+    add_version(plane.store, "acme", "secret-model")
+    add_version(plane.store, "globex", "router", seed=5)
+    acme, globex = as_tenant("acme"), as_tenant("globex")
+    stub = plane.stub()
+    await stub.DeployModel(S.DeployModelRequest(model=ref("secret-model", "1")), metadata=acme)
+
+    # globex sees its own router only, never acme's models.
+    (own,) = await listed(plane, "globex")
+    assert (own.name, own.owner, states(own)) == ("router", "globex", {"1": "READY"})
+
+    async def answers(tenant: tuple[tuple[str, str], ...], name: str) -> list[tuple[grpc.StatusCode, str]]:
+        calls = [
+            stub.ListCustomModels(S.ListCustomModelsRequest(name=name), metadata=tenant),
+            stub.DeployModel(S.DeployModelRequest(model=ref(name, "1")), metadata=tenant),
+            stub.PromoteModel(S.PromoteModelRequest(model=ref(name, "1")), metadata=tenant),
+            stub.RollbackModel(S.RollbackModelRequest(model=ref(name)), metadata=tenant),
+            stub.UndeployModel(S.UndeployModelRequest(model=ref(name)), metadata=tenant),
+        ]
+        found = []
+        for call in calls:
+            err = await refused(call)
+            found.append((err.code(), (err.details() or "").replace(name, "<name>")))
+        export = stub.ExportModel(S.ExportModelRequest(model=ref(name)), metadata=tenant)
+        err = await refused(export.read())
+        found.append((err.code(), (err.details() or "").replace(name, "<name>")))
+        return found
+
+    # acme's deployed model, to globex, reads exactly like a name nobody has.
+    theirs = await answers(globex, "secret-model")
+    nobodys = await answers(globex, "no-such-model")
+    assert theirs == nobodys
+    assert {code for code, _ in theirs} == {grpc.StatusCode.NOT_FOUND}
+
+    # acme's deployment is untouched, and globex's deploy of its own "router" leaves acme's alone.
+    await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=globex)
+    acme_models = {model.name: model for model in await listed(plane, "acme")}
+    assert states(acme_models["secret-model"]) == {"1": "DEFAULT"}
+    assert states(acme_models["router"]) == {"1": "READY"}
+
+
+async def test_a_call_without_a_tenant_is_refused(plane: Plane) -> None:
+    add_version(plane.store, "acme", "router")
+    err = await refused(plane.stub().ListCustomModels(S.ListCustomModelsRequest()))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "through the gateway with an API key" in (err.details() or "")
+
+
+async def test_listing_shows_lineage_evaluation_and_the_method_that_serves(plane: Plane) -> None:
+    text = add_version(plane.store, "acme", "ticket-router", seed=1)
+    add_version(plane.store, "acme", "ticket-router", seed=2)
+    image = add_version(plane.store, "acme", "parts", task=IMAGE, seed=3)
+    models = {model.name: model for model in await listed(plane, "acme")}
+    assert list(models) == ["parts", "ticket-router"]
+
+    router = models["ticket-router"]
+    assert (router.owner, router.task, router.method) == ("acme", TEXT, "aimass.v1.NlpService/Classify")
+    assert [v.version for v in router.versions] == ["1", "2"]
+    first = router.versions[0]
+    assert first.job_id == text.job_id
+    assert (first.dataset.owner, first.dataset.name, first.dataset.version) == ("acme", "tickets", text.dataset_version)
+    assert first.dataset_sha256 == text.dataset_sha256
+    assert first.base_model == "all-MiniLM-L6-v2"
+    assert first.hyperparameters.epochs == 60 and first.hyperparameters.seed == 1
+    assert first.evaluation.accuracy == pytest.approx(0.91)
+    assert list(first.labels) == list(LABELS)
+    assert (first.artifact_sha256, first.artifact_bytes) == (text.artifact_sha256, text.artifact_bytes)
+    assert first.code_version == "0.test" and first.created_unix_ms > 0
+
+    parts = models["parts"]
+    assert (parts.task, parts.method) == (IMAGE, "aimass.v1.VisionService/Classify")
+    assert parts.versions[0].base_model == image.base_model == "efficientnet-lite0"
+
+    err = await refused(
+        plane.stub().ListCustomModels(S.ListCustomModelsRequest(name="nope"), metadata=as_tenant("acme"))
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- replica sync --------------------------------------------------------------------------------------------------
+
+
+async def test_sync_sends_each_service_only_its_tasks_heads(plane: Plane) -> None:
+    add_version(plane.store, "acme", "router", seed=1)
+    add_version(plane.store, "acme", "router", seed=2)
+    parts = add_version(plane.store, "acme", "parts", task=IMAGE, seed=3)
+    stub, meta = plane.stub(), as_tenant("acme")
+    await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+    await stub.DeployModel(S.DeployModelRequest(model=ref("router", "2"), canary_percent=30), metadata=meta)
+    await stub.DeployModel(S.DeployModelRequest(model=ref("parts", "1")), metadata=meta)
+
+    desired = await plane.sync.desired()
+    assert desired.generation == plane.store.deployment_generation()
+    text = desired.for_tasks({TEXT})
+    assert [(v.owner, v.name, v.version) for v in text.versions] == [("acme", "router", "1"), ("acme", "router", "2")]
+    assert [(r.name, r.default_version, r.canary_version, r.canary_percent) for r in text.routes] == [
+        ("router", "1", "2", 30)
+    ]
+    image = desired.for_tasks({IMAGE})
+    assert [(v.name, v.version, v.artifact_sha256) for v in image.versions] == [("parts", "1", parts.artifact_sha256)]
+    assert text.generation == image.generation == desired.generation
+
+
+async def test_a_dead_replica_costs_no_more_than_its_timeout_and_is_logged_once_per_change(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_version(plane.store, "acme", "router", seed=1)
+    add_version(plane.store, "acme", "router", seed=2)
+    plane.replicas.append(Instance("nlp-dead", "nlp", (NLP,), f"127.0.0.1:{free_port()}"))  # nothing listens there
+    stub, meta = plane.stub(), as_tenant("acme")
+    plane.sync.start()
+    caplog.set_level(logging.WARNING, logger="scheduler.lifecycle.replica_sync")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta, timeout=3)
+    assert first.replicas_applied == 0
+    assert loop.time() - started < 2.5  # the replica timeout (1 s) bounds the wait, not the call's deadline
+    await asyncio.sleep(1.0)  # the loop retries every 0.2 s meanwhile
+
+    second = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "2"), canary_percent=20), metadata=meta)
+    assert second.replicas_applied == 0
+    await asyncio.sleep(0.5)
+    warnings = [r.getMessage() for r in caplog.records if "nlp-dead" in r.getMessage()]
+    for generation in (first.model.deployment.generation, second.model.deployment.generation):
+        # Once per change, however many rounds retried it.
+        about = [message for message in warnings if f"generation {generation}:" in message]
+        assert len(about) == 1, warnings
+        assert "UNAVAILABLE" in about[0] and "retrying every 0.2 s" in about[0]
