@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -79,3 +80,95 @@ class AuditEvent:
     peer: str = ""  # caller address
     count: int = 1  # identical refusals coalesced into one row
     id: int = 0  # assigned by the store
+
+
+# -- the model lifecycle (datasets, model versions, deployments, training jobs)
+
+
+@dataclass(frozen=True)
+class DatasetVersionRecord:
+    """One immutable version of a tenant's dataset, addressed by the SHA-256 of its file (the blob's name)."""
+
+    owner: str  # tenant id
+    name: str
+    version: str  # sha256[:12]
+    sha256: str
+    size_bytes: int
+    rows: int  # rows kept by validation
+    task: int  # datasets_pb2.TrainingTask
+    format: int  # datasets_pb2.DatasetFormat
+    text_column: str = "text"
+    label_column: str = "label"
+    # Kept rows per label, most frequent first: ((label, count), ...).
+    classes: Sequence[tuple[str, int]] = ()
+    report: bytes = b""  # a serialized datasets_pb2.ValidationReport
+    created_unix_ms: int = 0
+
+    def __post_init__(self) -> None:
+        # A tuple whatever the caller passed, so records compare equal to what the store reads back.
+        object.__setattr__(self, "classes", tuple((str(label), int(count)) for label, count in self.classes))
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """A dataset as a viewer sees it in a listing: its versions, oldest first."""
+
+    owner: str
+    name: str
+    task: int
+    versions: tuple[DatasetVersionRecord, ...]
+    # Tenants it is shared with, sorted; filled for its owner only (empty for a viewer it is shared with).
+    shared_with: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    """One version of a tenant's own model: what a training job produced, with its lineage and evaluation."""
+
+    owner: str
+    name: str
+    version: int  # 1, 2, ... (shown as "1", "2"); 0 until SqlStore.add_model_version numbers it
+    task: int  # datasets_pb2.TrainingTask
+    base_model: str
+    job_id: str
+    dataset_owner: str
+    dataset_name: str
+    dataset_version: str
+    dataset_sha256: str
+    labels: Sequence[str] = ()
+    hyperparameters: bytes = b""  # a serialized training_pb2.Hyperparameters
+    evaluation: bytes = b""  # a serialized training_pb2.Evaluation
+    artifact_sha256: str = ""
+    artifact_bytes: int = 0
+    export_sha256: str = ""  # the edge export's ZIP; "" when there is none
+    export_bytes: int = 0
+    code_version: str = ""
+    created_unix_ms: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """Which versions of a model serve. Versions are ModelVersionRecord.version numbers; 0 means none."""
+
+    owner: str
+    name: str
+    default_version: int = 0
+    canary_version: int = 0
+    canary_percent: int = 0  # 0-99: the share of unnamed requests the canary answers
+    previous_version: int = 0  # the default before the last promotion (rollback's target)
+    # The deployments' sync generation this change made (SqlStore.put_deployment sets it).
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """A training job as stored: the columns queries need, and the whole job (a serialized training_pb2.TrainingJob)."""
+
+    job_id: str
+    owner: str
+    state: int  # training_pb2.JobState
+    created_unix_ms: int
+    job: bytes

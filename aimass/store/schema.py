@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, LargeBinary, MetaData, String, Table, Text
 
 # Alembic's bookkeeping table; not the default name, so the store can share a PostgreSQL database with another
 # Alembic-managed application.
@@ -86,4 +86,105 @@ llm_usage = Table(
     Column("tenant_id", Text, primary_key=True),
     Column("day", String(10), primary_key=True),  # UTC, "YYYY-MM-DD"
     Column("tokens", BigInteger, nullable=False),
+)
+
+# -- the model lifecycle: tenants' datasets, model versions, deployments and training jobs.
+# No foreign keys to tenants: with auth off an owner is whatever the caller's header says ("anonymous" included).
+
+# Dataset and model names: 1-63 characters (scheduler.lifecycle.names); a dataset version is sha256[:12].
+LIFECYCLE_NAME_LENGTH: Final = 64
+DATASET_VERSION_LENGTH: Final = 16
+SHA256_LENGTH: Final = 64
+JOB_ID_LENGTH: Final = 64
+
+dataset_versions = Table(
+    "dataset_versions",
+    metadata,
+    Column("owner", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("name", String(LIFECYCLE_NAME_LENGTH), primary_key=True),
+    Column("version", String(DATASET_VERSION_LENGTH), primary_key=True),
+    # Indexed: deleting a blob asks whether anything still refers to it.
+    Column("sha256", String(SHA256_LENGTH), nullable=False, index=True),
+    Column("size_bytes", BigInteger, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("task", Integer, nullable=False),
+    Column("format", Integer, nullable=False),
+    Column("text_column", Text, nullable=False),
+    Column("label_column", Text, nullable=False),
+    # JSON: [[label, count], ...], most frequent first.
+    Column("classes", Text, nullable=False),
+    # A serialized datasets_pb2.ValidationReport.
+    Column("report", LargeBinary, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+)
+
+dataset_grants = Table(
+    "dataset_grants",
+    metadata,
+    Column("owner", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("name", String(LIFECYCLE_NAME_LENGTH), primary_key=True),
+    # Indexed: a tenant's listing asks what is shared with it.
+    Column("grantee", String(TENANT_ID_LENGTH), primary_key=True, index=True),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("owner", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("name", String(LIFECYCLE_NAME_LENGTH), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("task", Integer, nullable=False),
+    Column("base_model", Text, nullable=False),
+    Column("job_id", String(JOB_ID_LENGTH), nullable=False),
+    # Lineage: the dataset version it was trained on (which may since have been deleted).
+    Column("dataset_owner", String(TENANT_ID_LENGTH), nullable=False),
+    Column("dataset_name", String(LIFECYCLE_NAME_LENGTH), nullable=False),
+    Column("dataset_version", String(DATASET_VERSION_LENGTH), nullable=False),
+    Column("dataset_sha256", String(SHA256_LENGTH), nullable=False),
+    # JSON: ["label", ...] in the head's output order.
+    Column("labels", Text, nullable=False),
+    # Serialized training_pb2.Hyperparameters and training_pb2.Evaluation.
+    Column("hyperparameters", LargeBinary, nullable=False),
+    Column("evaluation", LargeBinary, nullable=False),
+    # Blobs; indexed like dataset_versions.sha256.
+    Column("artifact_sha256", String(SHA256_LENGTH), nullable=False, index=True),
+    Column("artifact_bytes", BigInteger, nullable=False),
+    Column("export_sha256", String(SHA256_LENGTH), nullable=False, index=True),
+    Column("export_bytes", BigInteger, nullable=False),
+    Column("code_version", Text, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("owner", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("name", String(LIFECYCLE_NAME_LENGTH), primary_key=True),
+    # model_versions.version numbers; 0 = none.
+    Column("default_version", Integer, nullable=False),
+    Column("canary_version", Integer, nullable=False),
+    Column("canary_percent", Integer, nullable=False),
+    Column("previous_version", Integer, nullable=False),
+    # The sync generation of its last change.
+    Column("generation", BigInteger, nullable=False),
+)
+
+training_jobs = Table(
+    "training_jobs",
+    metadata,
+    Column("job_id", String(JOB_ID_LENGTH), primary_key=True),
+    Column("owner", String(TENANT_ID_LENGTH), nullable=False, index=True),
+    Column("state", Integer, nullable=False, index=True),  # training_pb2.JobState
+    Column("created_unix_ms", BigInteger, nullable=False),
+    # The whole training_pb2.TrainingJob, serialized; the columns above are copies for queries.
+    Column("job", LargeBinary, nullable=False),
+)
+
+# Global state of the lifecycle, one row (id 1, which the migration inserts).
+lifecycle_state = Table(
+    "lifecycle_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    # Bumped by every deployment change: replicas report the generation they have applied.
+    Column("deployment_generation", BigInteger, nullable=False),
 )

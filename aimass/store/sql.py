@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import json
 import logging
 import math
 import os
@@ -40,15 +41,18 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, RowMapping, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from aimass.store import migrations, schema
@@ -56,17 +60,26 @@ from aimass.store.records import (
     MAX_PRIORITY_VALUE,
     TENANT_LIMIT_FIELDS,
     AuditEvent,
+    DatasetSummary,
+    DatasetVersionRecord,
+    DeploymentRecord,
+    JobRow,
     KeyRecord,
+    ModelVersionRecord,
     TenantRecord,
     now_ms,
 )
-from aimass.tenancy.keys import check_scopes, check_tenant_id, new_key
+from aimass.tenancy.keys import TENANT_PATTERN, check_scopes, check_tenant_id, new_key
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR: Final = Path(migrations.__file__).resolve().parent
 # Any fixed number: every aimass process takes this PostgreSQL advisory lock around its migration.
 _PG_MIGRATION_LOCK: Final = 0x61696D617373  # "aimass"
+# The first half of the two-key advisory locks that serialize lifecycle writers of one key (a tenant's datasets, one
+# model's versions): a key space apart from the one-key migration lock.
+_PG_LIFECYCLE_LOCK: Final = 0x61696D61  # "aima"
+_SHA256: Final = re.compile(r"^[0-9a-f]{64}$")
 # Values per IN list or multi-row INSERT: far below SQLite's (32766) and PostgreSQL's (65535) bound parameters.
 _CHUNK: Final = 1000
 _DAY: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -224,6 +237,105 @@ def _event(row: RowMapping) -> AuditEvent:
     )
 
 
+class QuotaExceeded(ValueError):
+    """A dataset version would take its owner past the storage quota; nothing was stored."""
+
+    def __init__(self, used: int, quota: int, wanted: int) -> None:
+        super().__init__(
+            f"{wanted:,} bytes more would take the tenant past its storage quota: {used:,} of {quota:,} bytes are in "
+            "use by its dataset versions"
+        )
+        self.used = used
+        self.quota = quota
+        self.wanted = wanted
+
+
+def _check_name(what: str, name: str) -> str:
+    # The tenant id's rule (scheduler.lifecycle.names checks the same for users, with their words).
+    if not TENANT_PATTERN.match(name):
+        raise ValueError(
+            f"{what} name {name[:70]!r} is not valid: 1-63 characters, lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _check_sha256(what: str, sha256: str, *, optional: bool = False) -> str:
+    if not (_SHA256.match(sha256) or (optional and not sha256)):
+        raise ValueError(f"{what} {sha256[:70]!r} is not a SHA-256: 64 lowercase hex digits")
+    return sha256
+
+
+def _check_count(what: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} is {value!r}; it must be a whole number, 0 or more")
+    return value
+
+
+def _dataset_version(row: RowMapping) -> DatasetVersionRecord:
+    return DatasetVersionRecord(
+        owner=row["owner"],
+        name=row["name"],
+        version=row["version"],
+        sha256=row["sha256"],
+        size_bytes=int(row["size_bytes"]),
+        rows=int(row["rows"]),
+        task=int(row["task"]),
+        format=int(row["format"]),
+        text_column=row["text_column"],
+        label_column=row["label_column"],
+        classes=[(label, count) for label, count in json.loads(row["classes"])],
+        report=bytes(row["report"]),
+        created_unix_ms=int(row["created_unix_ms"]),
+    )
+
+
+def _model_version(row: RowMapping) -> ModelVersionRecord:
+    return ModelVersionRecord(
+        owner=row["owner"],
+        name=row["name"],
+        version=int(row["version"]),
+        task=int(row["task"]),
+        base_model=row["base_model"],
+        job_id=row["job_id"],
+        dataset_owner=row["dataset_owner"],
+        dataset_name=row["dataset_name"],
+        dataset_version=row["dataset_version"],
+        dataset_sha256=row["dataset_sha256"],
+        labels=json.loads(row["labels"]),
+        hyperparameters=bytes(row["hyperparameters"]),
+        evaluation=bytes(row["evaluation"]),
+        artifact_sha256=row["artifact_sha256"],
+        artifact_bytes=int(row["artifact_bytes"]),
+        export_sha256=row["export_sha256"],
+        export_bytes=int(row["export_bytes"]),
+        code_version=row["code_version"],
+        created_unix_ms=int(row["created_unix_ms"]),
+    )
+
+
+def _deployment(row: RowMapping) -> DeploymentRecord:
+    return DeploymentRecord(
+        owner=row["owner"],
+        name=row["name"],
+        default_version=int(row["default_version"]),
+        canary_version=int(row["canary_version"]),
+        canary_percent=int(row["canary_percent"]),
+        previous_version=int(row["previous_version"]),
+        generation=int(row["generation"]),
+    )
+
+
+def _job(row: RowMapping) -> JobRow:
+    return JobRow(
+        job_id=row["job_id"],
+        owner=row["owner"],
+        state=int(row["state"]),
+        created_unix_ms=int(row["created_unix_ms"]),
+        job=bytes(row["job"]),
+    )
+
+
 class SqlStore:
     """Tenants, API keys, the audit log and LLM token usage, in SQLite or PostgreSQL (see the module docstring)."""
 
@@ -258,9 +370,14 @@ class SqlStore:
         self._engine.dispose()
 
     @contextlib.contextmanager
-    def _read(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn, conn.begin():
-            yield conn
+    def _read(self, *, snapshot: bool = False) -> Iterator[Connection]:
+        """A read transaction; ``snapshot``: its statements all see one snapshot (PostgreSQL's READ COMMITTED gives
+        each statement its own; a SQLite read transaction is one snapshot anyway)."""
+        with self._engine.connect() as conn:
+            if snapshot and self._postgres:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -272,6 +389,13 @@ class SqlStore:
     def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
         """An INSERT that can say ON CONFLICT (both dialects spell it the same)."""
         return postgresql.insert(table) if self._postgres else sqlite.insert(table)
+
+    def _serialize(self, conn: Connection, key: str) -> None:
+        """Makes this write transaction wait for any other holding ``key`` (a read-then-write decision stays true
+        until commit). PostgreSQL: an advisory lock, released at commit; SQLite's BEGIN IMMEDIATE already serializes
+        every writer."""
+        if self._postgres:
+            conn.execute(select(func.pg_advisory_xact_lock(_PG_LIFECYCLE_LOCK, func.hashtext(key))))
 
     # -- schema
 
@@ -515,3 +639,375 @@ class SqlStore:
         with self._read() as conn:
             rows = conn.execute(select(table.c.tenant_id, table.c.tokens).where(table.c.day == day)).all()
         return {tenant_id: int(tokens) for tenant_id, tokens in rows}
+
+    # -- datasets
+
+    def add_dataset_version(
+        self, record: DatasetVersionRecord, *, quota_bytes: int
+    ) -> tuple[DatasetVersionRecord, bool]:
+        """Records a dataset version; returns it as stored and whether it was there already (the same bytes under
+        the same name: nothing changes). Its owner's storage counts each distinct file once (the same bytes under
+        two names cost nothing more); past ``quota_bytes`` it raises QuotaExceeded and stores nothing.
+
+        A version's ``created_unix_ms`` (now when 0) is made later than its dataset's others, so "the newest" is
+        always one version."""
+        check_tenant_id(record.owner)
+        _check_name("dataset", record.name)
+        _check_sha256("dataset sha256", record.sha256)
+        if record.version != record.sha256[:12]:
+            raise ValueError(f"dataset version {record.version[:40]!r} is not its sha256's first 12 hex digits")
+        for what, value in (("size_bytes", record.size_bytes), ("rows", record.rows), ("quota_bytes", quota_bytes)):
+            _check_count(what, value)
+        table = schema.dataset_versions
+        of_owner = table.c.owner == record.owner
+        of_dataset = (of_owner, table.c.name == record.name)
+        with self._write() as conn:
+            self._serialize(conn, f"datasets/{record.owner}")
+            row = conn.execute(select(table).where(*of_dataset, table.c.version == record.version)).mappings().first()
+            if row is not None:
+                if row["sha256"] != record.sha256:
+                    raise ValueError(
+                        f"dataset {record.name!r} already has a version {record.version} with other bytes (sha256 "
+                        f"{row['sha256']}): two files share the first 12 digits of their SHA-256"
+                    )
+                return _dataset_version(row), True
+            used = self._storage_used(conn, record.owner)
+            stored_before = conn.execute(
+                select(table.c.sha256).where(of_owner, table.c.sha256 == record.sha256).limit(1)
+            ).first()
+            if stored_before is None and used + record.size_bytes > quota_bytes:
+                raise QuotaExceeded(used, quota_bytes, record.size_bytes)
+            newest = conn.execute(select(func.max(table.c.created_unix_ms)).where(*of_dataset)).scalar()
+            created = record.created_unix_ms or now_ms()
+            if newest is not None and created <= newest:
+                created = int(newest) + 1
+            stored = dataclasses.replace(record, created_unix_ms=created)
+            conn.execute(
+                insert(table).values(
+                    **{field: value for field, value in dataclasses.asdict(stored).items() if field != "classes"},
+                    classes=json.dumps([list(pair) for pair in stored.classes], ensure_ascii=False),
+                )
+            )
+        return stored, False
+
+    def _storage_used(self, conn: Connection, owner: str) -> int:
+        table = schema.dataset_versions
+        per_file = (
+            select(func.max(table.c.size_bytes).label("size"))
+            .where(table.c.owner == owner)
+            .group_by(table.c.sha256)
+            .subquery()
+        )
+        return int(conn.execute(select(func.coalesce(func.sum(per_file.c.size), 0))).scalar_one())
+
+    def storage_used(self, owner: str) -> int:
+        """Bytes of the owner's dataset versions, each distinct file counted once."""
+        with self._read() as conn:
+            return self._storage_used(conn, owner)
+
+    def dataset_versions(self, owner: str, name: str) -> list[DatasetVersionRecord]:
+        """The versions of one dataset, oldest first (no check of who asks: the caller's business)."""
+        table = schema.dataset_versions
+        query = (
+            select(table)
+            .where(table.c.owner == owner, table.c.name == name)
+            .order_by(table.c.created_unix_ms, table.c.version)
+        )
+        with self._read() as conn:
+            return [_dataset_version(row) for row in conn.execute(query).mappings()]
+
+    def visible_datasets(self, viewer: str) -> list[DatasetSummary]:
+        """The viewer's own datasets and those shared with it, by owner then name; ``shared_with`` is filled on the
+        viewer's own only."""
+        versions, grants = schema.dataset_versions, schema.dataset_grants
+        granted = exists().where(
+            grants.c.owner == versions.c.owner, grants.c.name == versions.c.name, grants.c.grantee == viewer
+        )
+        query = (
+            select(versions)
+            .where(or_(versions.c.owner == viewer, granted))
+            .order_by(versions.c.owner, versions.c.name, versions.c.created_unix_ms, versions.c.version)
+        )
+        with self._read(snapshot=True) as conn:
+            rows = conn.execute(query).mappings().all()
+            own_grants = conn.execute(
+                select(grants.c.name, grants.c.grantee).where(grants.c.owner == viewer).order_by(grants.c.grantee)
+            ).all()
+        by_dataset: dict[tuple[str, str], list[DatasetVersionRecord]] = {}
+        for row in rows:
+            by_dataset.setdefault((row["owner"], row["name"]), []).append(_dataset_version(row))
+        shared: dict[str, list[str]] = {}
+        for name, grantee in own_grants:
+            shared.setdefault(name, []).append(grantee)
+        return [
+            DatasetSummary(
+                owner=owner,
+                name=name,
+                task=records[0].task,
+                versions=tuple(records),
+                shared_with=tuple(shared.get(name, ())) if owner == viewer else (),
+            )
+            for (owner, name), records in by_dataset.items()
+        ]
+
+    def get_dataset_version(
+        self, viewer: str, owner: str, name: str, version: str | None = None
+    ) -> DatasetVersionRecord | None:
+        """One version (None: the newest) as ``viewer`` may see it: its own, or shared with it. None when there is
+        no such version or the viewer may not see it (the caller cannot tell which, and should not say)."""
+        versions, grants = schema.dataset_versions, schema.dataset_grants
+        query = select(versions).where(versions.c.owner == owner, versions.c.name == name)
+        if version is not None:
+            query = query.where(versions.c.version == version)
+        if viewer != owner:
+            query = query.where(
+                exists().where(grants.c.owner == owner, grants.c.name == name, grants.c.grantee == viewer)
+            )
+        query = query.order_by(versions.c.created_unix_ms.desc(), versions.c.version.desc()).limit(1)
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _dataset_version(row)
+
+    def delete_dataset(self, owner: str, name: str, version: str | None = None) -> list[DatasetVersionRecord]:
+        """Deletes one version (None: every version) and returns what it deleted, oldest first; the grants go with
+        the last version. The blobs stay: the caller removes each one ``sha256_referenced`` no longer finds."""
+        table, grants = schema.dataset_versions, schema.dataset_grants
+        where = [table.c.owner == owner, table.c.name == name]
+        if version is not None:
+            where.append(table.c.version == version)
+        with self._write() as conn:
+            self._serialize(conn, f"datasets/{owner}")
+            rows = conn.execute(
+                select(table).where(*where).order_by(table.c.created_unix_ms, table.c.version)
+            ).mappings()
+            deleted = [_dataset_version(row) for row in rows]
+            if not deleted:
+                return []
+            conn.execute(delete(table).where(*where))
+            left = conn.execute(select(table.c.version).where(table.c.owner == owner, table.c.name == name).limit(1))
+            if left.first() is None:
+                conn.execute(delete(grants).where(grants.c.owner == owner, grants.c.name == name))
+        return deleted
+
+    def sha256_referenced(self, sha256: str) -> bool:
+        """Whether any dataset version, model artifact or model export still uses the blob ``sha256``."""
+        datasets, models = schema.dataset_versions, schema.model_versions
+        uses = (
+            select(datasets.c.sha256).where(datasets.c.sha256 == sha256),
+            select(models.c.artifact_sha256).where(models.c.artifact_sha256 == sha256),
+            select(models.c.export_sha256).where(models.c.export_sha256 == sha256),
+        )
+        with self._read() as conn:
+            return any(conn.execute(use.limit(1)).first() is not None for use in uses)
+
+    def grant_dataset(self, owner: str, name: str, grantee: str) -> bool:
+        """Shares the dataset read-only with ``grantee``; True when that is new, False when it was shared already
+        or the dataset has no versions (nothing to share)."""
+        check_tenant_id(grantee)
+        if grantee == owner:
+            raise ValueError("a dataset is always its owner's: name another tenant to share it with")
+        table, grants = schema.dataset_versions, schema.dataset_grants
+        with self._write() as conn:
+            self._serialize(conn, f"datasets/{owner}")
+            found = conn.execute(select(table.c.version).where(table.c.owner == owner, table.c.name == name).limit(1))
+            if found.first() is None:
+                return False
+            added = conn.execute(
+                self._insert(grants)
+                .values(owner=owner, name=name, grantee=grantee)
+                .on_conflict_do_nothing(index_elements=["owner", "name", "grantee"])
+                .returning(grants.c.grantee)
+            ).first()
+        # RETURNING, not rowcount: what drivers report as the rowcount of an INSERT that did nothing varies.
+        return added is not None
+
+    def revoke_dataset(self, owner: str, name: str, grantee: str) -> bool:
+        """Withdraws ``grantee``'s read access; False when it had none."""
+        grants = schema.dataset_grants
+        with self._write() as conn:
+            removed = conn.execute(
+                delete(grants).where(grants.c.owner == owner, grants.c.name == name, grants.c.grantee == grantee)
+            )
+        return bool(removed.rowcount)
+
+    def dataset_grants(self, owner: str, name: str) -> list[str]:
+        """The tenants the dataset is shared with, sorted."""
+        grants = schema.dataset_grants
+        where = (grants.c.owner == owner, grants.c.name == name)
+        query = select(grants.c.grantee).where(*where).order_by(grants.c.grantee)
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
+
+    # -- model versions
+
+    def add_model_version(self, record: ModelVersionRecord) -> ModelVersionRecord:
+        """Records a new version of the model, numbered one past its newest (1 for the first; concurrent adds get
+        consecutive numbers); ``record.version`` is ignored, ``created_unix_ms`` 0 means now."""
+        check_tenant_id(record.owner)
+        _check_name("model", record.name)
+        _check_sha256("artifact_sha256", record.artifact_sha256)
+        _check_sha256("export_sha256", record.export_sha256, optional=True)
+        _check_sha256("dataset_sha256", record.dataset_sha256, optional=True)
+        _check_count("artifact_bytes", record.artifact_bytes)
+        _check_count("export_bytes", record.export_bytes)
+        table = schema.model_versions
+        with self._write() as conn:
+            self._serialize(conn, f"models/{record.owner}/{record.name}")
+            newest = conn.execute(
+                select(func.max(table.c.version)).where(table.c.owner == record.owner, table.c.name == record.name)
+            ).scalar()
+            stored = dataclasses.replace(
+                record, version=int(newest or 0) + 1, created_unix_ms=record.created_unix_ms or now_ms()
+            )
+            conn.execute(
+                insert(table).values(
+                    **{field: value for field, value in dataclasses.asdict(stored).items() if field != "labels"},
+                    labels=json.dumps(list(stored.labels), ensure_ascii=False),
+                )
+            )
+        return stored
+
+    def model_versions(self, owner: str, name: str | None = None) -> list[ModelVersionRecord]:
+        """The owner's model versions (of one model when ``name`` is given), by name then version."""
+        table = schema.model_versions
+        query = select(table).where(table.c.owner == owner).order_by(table.c.name, table.c.version)
+        if name is not None:
+            query = query.where(table.c.name == name)
+        with self._read() as conn:
+            return [_model_version(row) for row in conn.execute(query).mappings()]
+
+    def get_model_version(self, owner: str, name: str, version: int) -> ModelVersionRecord | None:
+        table = schema.model_versions
+        query = select(table).where(table.c.owner == owner, table.c.name == name, table.c.version == version)
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _model_version(row)
+
+    # -- deployments
+
+    def _bump_generation(self, conn: Connection) -> int:
+        # An upsert: it also takes the row's lock, so concurrent changes get generations in their commit order.
+        table = schema.lifecycle_state
+        stmt = self._insert(table).values(id=1, deployment_generation=1)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.id], set_={"deployment_generation": table.c.deployment_generation + 1}
+        )
+        conn.execute(stmt)
+        return int(conn.execute(select(table.c.deployment_generation).where(table.c.id == 1)).scalar_one())
+
+    def _generation(self, conn: Connection) -> int:
+        table = schema.lifecycle_state
+        found = conn.execute(select(table.c.deployment_generation).where(table.c.id == 1)).scalar()
+        return int(found or 0)
+
+    def deployment_generation(self) -> int:
+        """The deployments' sync generation: bumped by every put_deployment and delete_deployment."""
+        with self._read() as conn:
+            return self._generation(conn)
+
+    def get_deployment(self, owner: str, name: str) -> DeploymentRecord | None:
+        table = schema.deployments
+        with self._read() as conn:
+            row = conn.execute(select(table).where(table.c.owner == owner, table.c.name == name)).mappings().first()
+        return None if row is None else _deployment(row)
+
+    def put_deployment(self, record: DeploymentRecord) -> DeploymentRecord:
+        """Creates or replaces the model's deployment; returns it with ``generation`` the new sync generation,
+        bumped in the same transaction."""
+        check_tenant_id(record.owner)
+        _check_name("model", record.name)
+        for field in ("default_version", "canary_version", "previous_version"):
+            _check_count(field, getattr(record, field))
+        if not 0 <= record.canary_percent <= 99:
+            raise ValueError(f"canary_percent is {record.canary_percent}; send 0-99")
+        if record.canary_percent and not record.canary_version:
+            raise ValueError(f"canary_percent is {record.canary_percent} but there is no canary version")
+        table = schema.deployments
+        with self._write() as conn:
+            stored = dataclasses.replace(record, generation=self._bump_generation(conn))
+            stmt = self._insert(table).values(**dataclasses.asdict(stored))
+            changed = [field for field in dataclasses.asdict(stored) if field not in ("owner", "name")]
+            columns = {field: stmt.excluded[field] for field in changed}
+            conn.execute(stmt.on_conflict_do_update(index_elements=["owner", "name"], set_=columns))
+        return stored
+
+    def delete_deployment(self, owner: str, name: str) -> int | None:
+        """Removes the model's deployment; returns the new sync generation, or None when it had none (nothing
+        changed)."""
+        table = schema.deployments
+        with self._write() as conn:
+            deleted = conn.execute(delete(table).where(table.c.owner == owner, table.c.name == name))
+            if not deleted.rowcount:
+                return None
+            return self._bump_generation(conn)
+
+    def deployments(self) -> tuple[int, list[DeploymentRecord]]:
+        """The sync generation and every deployment (by owner, name), from one snapshot: the list is exactly the
+        state that generation names."""
+        table = schema.deployments
+        with self._read(snapshot=True) as conn:
+            generation = self._generation(conn)
+            rows = conn.execute(select(table).order_by(table.c.owner, table.c.name)).mappings().all()
+        return generation, [_deployment(row) for row in rows]
+
+    # -- training jobs
+
+    def add_job(self, job_id: str, owner: str, state: int, job_bytes: bytes, created_unix_ms: int) -> JobRow:
+        """Records a new job; ValueError when the id is taken."""
+        if not job_id or len(job_id) > schema.JOB_ID_LENGTH:
+            raise ValueError(f"job id {job_id[:80]!r} is not valid: 1-{schema.JOB_ID_LENGTH} characters")
+        check_tenant_id(owner)
+        row = JobRow(job_id, owner, state, created_unix_ms, bytes(job_bytes))
+        try:
+            with self._write() as conn:
+                conn.execute(insert(schema.training_jobs).values(**dataclasses.asdict(row)))
+        except IntegrityError:
+            raise ValueError(f"a training job {job_id!r} exists already") from None
+        return row
+
+    def update_job(
+        self, job_id: str, state: int, job_bytes: bytes, *, expected_states: Collection[int] | None = None
+    ) -> bool:
+        """Replaces the job's state and bytes; False when there is no such job, or (``expected_states`` given) its
+        state is not one of them (e.g. a job cancelled meanwhile is not made SUCCEEDED)."""
+        table = schema.training_jobs
+        where = [table.c.job_id == job_id]
+        if expected_states is not None:
+            where.append(table.c.state.in_(sorted(expected_states)))
+        with self._write() as conn:
+            updated = conn.execute(update(table).where(*where).values(state=state, job=bytes(job_bytes)))
+        return bool(updated.rowcount)
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        table = schema.training_jobs
+        with self._read() as conn:
+            row = conn.execute(select(table).where(table.c.job_id == job_id)).mappings().first()
+        return None if row is None else _job(row)
+
+    def list_jobs(self, owner: str, limit: int = 50) -> list[JobRow]:
+        """The owner's jobs, newest first, at most ``limit``."""
+        if limit < 1:
+            raise ValueError(f"limit is {limit}; it must be 1 or more")
+        table = schema.training_jobs
+        query = (
+            select(table)
+            .where(table.c.owner == owner)
+            .order_by(table.c.created_unix_ms.desc(), table.c.job_id.desc())
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [_job(row) for row in conn.execute(query).mappings()]
+
+    def jobs_in_states(self, states: Collection[int]) -> list[JobRow]:
+        """Every tenant's jobs in one of ``states``, oldest first (the order to run queued ones in)."""
+        table = schema.training_jobs
+        query = select(table).where(table.c.state.in_(sorted(states))).order_by(table.c.created_unix_ms, table.c.job_id)
+        with self._read() as conn:
+            return [_job(row) for row in conn.execute(query).mappings()]
+
+    def count_jobs(self, owner: str, states: Collection[int]) -> int:
+        """How many of the owner's jobs are in one of ``states``."""
+        table = schema.training_jobs
+        query = select(func.count()).select_from(table).where(table.c.owner == owner, table.c.state.in_(sorted(states)))
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
