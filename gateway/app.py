@@ -15,7 +15,7 @@ from grpc_health.v1 import health
 
 from aimass.runtime import tracing
 from aimass.runtime.config import GatewayConfig, Settings
-from aimass.runtime.discovery import make_registry
+from aimass.runtime.discovery import CONTROL_PLANE_SERVICES, make_registry
 from aimass.runtime.identity import ROLE_GATEWAY, ROLE_SCHEDULER, mesh_channel, process_credentials
 from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, message_options, serve_process
 from aimass.store.sql import SqlStore
@@ -43,10 +43,6 @@ INTERNAL_SERVICES = frozenset(
         "aimass.v1.TrainerService",
         "aimass.v1.ModelHostService",
     }
-)
-# Public services the control plane (the scheduler) serves itself: forwarded there like to any replica.
-CONTROL_PLANE_SERVICES = frozenset(
-    {"aimass.v1.DatasetService", "aimass.v1.TrainingService", "aimass.v1.DeploymentService"}
 )
 
 
@@ -91,6 +87,7 @@ class GatewayApp:
             channel_options=replica_channel_options(settings.gateway),
             close_grace_s=settings.gateway.server.drain_grace_s,
             on_change=self._on_change,
+            control_plane_services=CONTROL_PLANE_SERVICES,
         )
         self.view = LoadView()
         self.view_watcher = (

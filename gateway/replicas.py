@@ -74,6 +74,7 @@ class ReplicaSet:
         close_grace_s: float = 30.0,
         on_change: Callable[[dict[str, list[Replica]]], Any] | None = None,
         skip_kinds: frozenset[str] = CONTROL_PLANE_KINDS,
+        control_plane_services: frozenset[str] = frozenset(),
     ) -> None:
         self.registry = registry
         # Replicas are dialled with mesh mTLS, each expected to hold its kind's certificate.
@@ -82,6 +83,9 @@ class ReplicaSet:
         self.close_grace_s = close_grace_s
         self.on_change = on_change
         self.skip_kinds = skip_kinds
+        # Public services the control plane serves itself (datasets, training, deployments): calls to them are
+        # forwarded to the active scheduler like to a replica, but it takes part in nothing else replicas do.
+        self.control_plane_services = control_plane_services
         self.by_service: dict[str, list[Replica]] = {}
         self._by_instance: dict[str, Replica] = {}
         self._task: asyncio.Task[None] | None = None
@@ -97,8 +101,12 @@ class ReplicaSet:
         return self.by_service.get(service, [])
 
     def all_healthy(self) -> list[Replica]:
-        """Every serving replica once, whatever it serves (mesh-wide questions such as the model catalogue)."""
-        return sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id)
+        """Every serving replica once, whatever it serves (mesh-wide questions such as the model catalogue); the
+        control plane is not one."""
+        return sorted(
+            (r for r in self._by_instance.values() if r.instance.kind not in self.skip_kinds),
+            key=lambda r: r.instance.instance_id,
+        )
 
     def get(self, instance_id: str) -> Replica | None:
         return self._by_instance.get(instance_id)
@@ -111,6 +119,11 @@ class ReplicaSet:
     def apply(self, view: list[Instance]) -> None:
         self.gateways = sum(1 for i in view if i.serving and i.kind == ROLE_GATEWAY)
         serving = {i.instance_id: i for i in view if i.serving and i.kind not in self.skip_kinds}
+        serving |= {
+            i.instance_id: i
+            for i in view
+            if i.serving and i.kind in self.skip_kinds and self.control_plane_services.intersection(i.services)
+        }
         for gone in set(self._by_instance) - set(serving):
             replica = self._by_instance.pop(gone)
             log.info("replica %s left; closing its channel after in-flight calls finish", gone)
@@ -130,8 +143,10 @@ class ReplicaSet:
                 current.instance = instance
         by_service: dict[str, list[Replica]] = {}
         for replica in sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id):
+            control_plane = replica.instance.kind in self.skip_kinds
             for service in replica.instance.services:
-                by_service.setdefault(service, []).append(replica)
+                if not control_plane or service in self.control_plane_services:
+                    by_service.setdefault(service, []).append(replica)
         self.by_service = by_service
         if self.on_change is not None:
             self.on_change(by_service)

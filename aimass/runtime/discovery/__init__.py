@@ -5,6 +5,7 @@ from __future__ import annotations
 from aimass.runtime.config import RegistryConfig
 from aimass.runtime.discovery.base import (
     CONTROL_PLANE_KINDS,
+    CONTROL_PLANE_SERVICES,
     DISCOVERY_HEALTH_SERVICE,
     LISTENER_LABEL,
     Instance,
@@ -30,6 +31,7 @@ def make_registry(config: RegistryConfig, *, credentials: MeshCredentials | None
 
 __all__ = [
     "CONTROL_PLANE_KINDS",
+    "CONTROL_PLANE_SERVICES",
     "DISCOVERY_HEALTH_SERVICE",
     "LISTENER_LABEL",
     "InMemoryRegistry",

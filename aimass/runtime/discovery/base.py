@@ -10,6 +10,10 @@ from aimass.v1 import common_pb2, registry_pb2
 
 # Mesh processes that serve no models (the gateway, the scheduler): never routed to, never asked about models.
 CONTROL_PLANE_KINDS: frozenset[str] = frozenset({"gateway", "scheduler"})
+# Public services the control plane (the scheduler) serves itself, reached through the gateway like replicas' services.
+CONTROL_PLANE_SERVICES: frozenset[str] = frozenset(
+    {"aimass.v1.DatasetService", "aimass.v1.TrainingService", "aimass.v1.DeploymentService"}
+)
 
 # The label that says how an instance's port is secured: "mesh" (mTLS with the mesh's CA), "tls" (server TLS only: a
 # gateway's front door) or "plaintext"; Consul's gRPC check dials accordingly.
