@@ -425,7 +425,7 @@ class LifecycleConfig(BaseModel):
 class TrainerConfig(ServesConfig):
     """A trainer process: runs the training jobs the scheduler places on it, one or more at a time."""
 
-    server: ServerConfig = ServerConfig(port=50061)
+    server: ServerConfig = ServerConfig(port=50101)
     # Jobs this trainer runs at once.
     max_jobs: PositiveInt = 1
     # Where fetched dataset blobs are cached (keyed by SHA-256). Empty: "trainer-cache" in state_dir.
