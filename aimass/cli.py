@@ -1,5 +1,6 @@
 """The ``aimass`` command: ``aimass up`` starts the mesh, ``aimass status`` shows what runs where; keys, tenants,
-the audit log and certificates are managed by the commands of aimass.admin_cli."""
+the audit log and certificates are managed by the commands of aimass.admin_cli, a tenant's own models (datasets,
+training jobs, versions, deployment, export) by those of aimass.lifecycle_cli."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass import admin_cli
+from aimass import admin_cli, lifecycle_cli
 from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
 from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
@@ -284,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
     )
     status_cmd.add_argument("--gateway", default="", help="gateway address (default: 127.0.0.1:gateway.server.port)")
     admin_cli.add_commands(commands)
+    lifecycle_cli.add_commands(commands)
     return root
 
 
@@ -294,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(up(args))
     if args.command == "status":
         return asyncio.run(status(args))
+    if args.command in lifecycle_cli.COMMANDS:
+        return lifecycle_cli.run(args)
     return admin_cli.run(args)
 
 
