@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import os
 import sys
 import time
@@ -168,7 +169,18 @@ class Progress:
             self._milestone = milestone
             print(line, file=self.stream, flush=True)
 
+    def _width(self) -> int:
+        """Columns of the terminal (a longer line would wrap, and the carriage return redraw only its tail); 0 when
+        it does not say."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, io.UnsupportedOperation):
+            return 0
+
     def _draw(self, line: str) -> None:
+        width = self._width()
+        if width > 1:
+            line = line[: width - 1]
         self.stream.write("\r" + line.ljust(self._shown))
         self.stream.flush()
         self._shown = max(len(line), 1)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import os
 import pty
 import signal
+import struct
+import termios
 import threading
 import zipfile
 from collections.abc import AsyncIterator, Iterable
@@ -144,6 +147,11 @@ class TestDatasetServer(datasets_pb2_grpc.DatasetServiceServicer):
             format=upload.header.format,
         )
         name = upload.header.name
+        if name in self.datasets and self.datasets[name].version.sha256 == sha256:
+            existing = self.datasets[name]
+            return datasets_pb2.UploadDatasetResponse(
+                dataset=existing.dataset, version=existing.version, report=existing.report, already_existed=True
+            )
         info = datasets_pb2.DatasetInfo(name=name, owner="acme", task=upload.header.task, versions=[version])
         self.datasets[name] = datasets_pb2.DescribeDatasetResponse(dataset=info, version=version, report=report)
         self.rows[name] = kept
@@ -525,8 +533,9 @@ class Ran:
     stderr: str
 
 
-async def aimass(gateway: str, *args: str, key: str = KEY, tty: bool = False) -> Ran:
-    """`aimass ARGS --gateway GATEWAY` with the key in $AIMASS_API_KEY; ``tty``: stderr is a terminal."""
+async def aimass(gateway: str, *args: str, key: str = KEY, tty: bool = False, columns: int = 0) -> Ran:
+    """`aimass ARGS --gateway GATEWAY` with the key in $AIMASS_API_KEY; ``tty``: stderr is a terminal (``columns``
+    wide, when given)."""
     env = {**os.environ, "AIMASS_API_KEY": key}
     command = [str(BIN / "aimass"), *args, "--gateway", gateway]
     if not tty:
@@ -536,6 +545,8 @@ async def aimass(gateway: str, *args: str, key: str = KEY, tty: bool = False) ->
         out, err = await asyncio.wait_for(process.communicate(), 60)
         return Ran(process.returncode or 0, out.decode(), err.decode())
     controller, terminal = pty.openpty()
+    if columns:
+        fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     received: list[bytes] = []
 
     def read_terminal() -> None:
@@ -631,14 +642,25 @@ async def test_upload_streams_the_header_then_1_mib_chunks_and_prints_the_valida
 async def test_upload_progress_is_one_line_rewritten_on_a_terminal(servers: TestServers, tmp_path: Path) -> None:
     path = tickets_csv(tmp_path / "tty.csv", 1000, pad=3000)  # about 3 MiB: several chunks
     ran = await aimass(
-        servers.address, "datasets", "upload", str(path), "--name", "tty", "--task", "text-classification", tty=True
+        servers.address,
+        "datasets",
+        "upload",
+        str(path),
+        "--name",
+        "tty",
+        "--task",
+        "text-classification",
+        tty=True,
+        columns=52,
     )
     assert ran.returncode == 0, ran.stderr
     progress = ran.stderr[ran.stderr.index("\ruploading") :]
     line, _, rest = progress.partition("\n")
-    # One line on screen: redrawn after carriage returns, ending on 100% and a newline.
-    assert line.count("\r") >= 2 and line.rstrip().endswith("/s"), repr(line)
-    assert "100%" in line.rsplit("\r", 1)[1], repr(line)
+    # One line on screen, cut to the terminal's width (it would wrap otherwise): redrawn after carriage returns,
+    # ending on 100% and a newline.
+    drawn = line.split("\r")[1:]
+    assert len(drawn) >= 2 and all(len(text) == 51 for text in drawn), repr(line)
+    assert drawn[-1].startswith("uploading tty.csv [########################] 100%"), repr(line)
     assert "uploading" not in rest
     assert "rows: 1002 read, 1000 kept, 2 dropped" in ran.stdout
 
@@ -649,6 +671,11 @@ async def test_list_describe_share_and_delete_datasets(servers: TestServers, tmp
         servers.address, "datasets", "upload", str(path), "--name", "small", "--task", "text-classification"
     )
     assert uploaded.returncode == 0, uploaded.stderr
+    again = await aimass(
+        servers.address, "datasets", "upload", str(path), "--name", "small", "--task", "text-classification"
+    )
+    version = servers.datasets.datasets["small"].version.version
+    assert f"small version {version}: the same bytes were uploaded before; nothing new was stored" in again.stdout
     listed = await aimass(servers.address, "datasets", "list")
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
