@@ -20,7 +20,7 @@ import struct
 import termios
 import threading
 import zipfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,8 @@ from aimass.v1 import (
 from tests.conftest import BIN
 
 # Datasets the test training server trains on without an upload.
-SCRIPTED = ("scripted", "doomed", "endless")
+SCRIPTED = ("scripted", "doomed", "endless", "flaky")
+FINAL_STATES = (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED)
 KEY = "aimass_lifecycletest_" + "K" * 43
 QUOTA_BYTES = 8 << 20  # the test server's storage quota
 MIB = 1 << 20
@@ -232,8 +233,9 @@ EVALUATION = training_pb2.Evaluation(
 
 
 class TestTrainingServer(training_pb2_grpc.TrainingServiceServicer):
-    """Test server: a job runs a scripted course when watched (queued, fetching data, N epochs, evaluating), ending
-    SUCCEEDED, or FAILED for the dataset "doomed"; the dataset "endless" trains until cancelled."""
+    """Test server: a job runs a scripted course while watched (queued, fetching data, N epochs, evaluating), ending
+    SUCCEEDED, or FAILED for the dataset "doomed"; the dataset "endless" trains until cancelled; the first watch of a
+    job on "flaky" breaks off UNAVAILABLE mid-course."""
 
     __test__ = False
 
@@ -242,6 +244,8 @@ class TestTrainingServer(training_pb2_grpc.TrainingServiceServicer):
         self.jobs: dict[str, training_pb2.TrainingJob] = {}
         self.started: list[training_pb2.StartTrainingRequest] = []
         self.watches = 0
+        self.courses: dict[str, Iterator[None]] = {}
+        self.dropped: set[str] = set()
 
     async def StartTraining(
         self,
@@ -316,13 +320,16 @@ class TestTrainingServer(training_pb2_grpc.TrainingServiceServicer):
     ) -> AsyncIterator[training_pb2.WatchTrainingResponse]:
         job = await self._job(request.job_id, context)
         self.watches += 1
+        course = self.courses.setdefault(job.job_id, iter(self._course(job)))
         yield training_pb2.WatchTrainingResponse(job=job)
-        if job.state == training_pb2.JOB_STATE_QUEUED:
-            for _ in self._course(job):
-                if job.state == training_pb2.JOB_STATE_CANCELLED:
-                    break
-                await asyncio.sleep(0.02)
-                yield training_pb2.WatchTrainingResponse(job=job)
+        sent = 1
+        while job.state not in FINAL_STATES and next(course, "ended") is None:
+            await asyncio.sleep(0.02)
+            yield training_pb2.WatchTrainingResponse(job=job)
+            sent += 1
+            if job.dataset.name == "flaky" and sent == 4 and job.job_id not in self.dropped:
+                self.dropped.add(job.job_id)  # once: as a gateway restarting would
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the connection to the control plane was lost")
         yield training_pb2.WatchTrainingResponse(job=job)
 
     async def CancelTraining(
@@ -833,6 +840,17 @@ async def test_a_failed_job_exits_non_zero_with_its_error(servers: TestServers) 
     job_id = list(servers.training.jobs)[-1]
     assert ran.stderr.strip().splitlines()[-1] == f"job {job_id} FAILED (attempt 2): the trainer died twice (OOM)"
     assert "SUCCEEDED" not in ran.stdout
+
+
+async def test_a_watch_cut_off_by_the_gateway_picks_up_again(servers: TestServers) -> None:
+    watches = servers.training.watches
+    ran = await aimass(servers.address, "train", "flaky", "--epochs", "4")
+    assert ran.returncode == 0, ran.stderr
+    job_id = list(servers.training.jobs)[-1]
+    assert job_id in servers.training.dropped and servers.training.watches == watches + 2
+    assert f"job {job_id} SUCCEEDED: flaky version 2" in ran.stdout
+    epochs = [line.split("epoch ")[1].split()[0] for line in ran.stderr.splitlines() if line.startswith(job_id)]
+    assert epochs[-1] == "4/4" and "UNAVAILABLE" not in ran.stderr
 
 
 async def test_bad_hyperparameters_and_unknown_datasets_print_the_servers_message(servers: TestServers) -> None:
