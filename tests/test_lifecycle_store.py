@@ -368,6 +368,8 @@ def test_every_deployment_change_bumps_the_generation(store: SqlStore) -> None:
 
 
 def test_concurrent_deployment_changes_get_distinct_generations(store: SqlStore, url: str) -> None:
+    """Schedulers changing deployments at once: every change its own generation, none lost, no deadlock between
+    changes and removals of one model."""
     other = SqlStore.open(url)
     try:
 
@@ -383,6 +385,17 @@ def test_concurrent_deployment_changes_get_distinct_generations(store: SqlStore,
         # Each model's row is the change with the highest generation among its own.
         for record in records:
             assert record.generation == max(g for i, g in enumerate(generations) if f"m{i % 3}" == record.name)
+
+        def put_or_delete(index: int) -> int | None:
+            target = (store, other)[index % 2]
+            if index % 3 == 0:
+                return target.delete_deployment("acme", "m0")
+            return target.put_deployment(DeploymentRecord("acme", "m0", default_version=index)).generation
+
+        with ThreadPoolExecutor(6) as pool:
+            changes = [g for g in pool.map(put_or_delete, range(30)) if g is not None]
+        assert sorted(changes) == list(range(13, 13 + len(changes)))
+        assert store.deployment_generation() == 12 + len(changes)
     finally:
         other.close()
 

@@ -934,8 +934,11 @@ class SqlStore:
     def delete_deployment(self, owner: str, name: str) -> int | None:
         """Removes the model's deployment; returns the new sync generation, or None when it had none (nothing
         changed)."""
-        table = schema.deployments
+        table, state = schema.deployments, schema.lifecycle_state
         with self._write() as conn:
+            if self._postgres:
+                # The generation's row first, as put_deployment takes them: the other order could deadlock with it.
+                conn.execute(select(state.c.id).where(state.c.id == 1).with_for_update())
             deleted = conn.execute(delete(table).where(table.c.owner == owner, table.c.name == name))
             if not deleted.rowcount:
                 return None
