@@ -61,7 +61,12 @@ def store(url: str) -> Iterator[SqlStore]:
 
 
 def dataset(
-    owner: str, name: str, content: bytes, *, task: int = TEXT, classes: list[tuple[str, int]] | None = None
+    owner: str,
+    name: str,
+    content: bytes,
+    *,
+    task: datasets_pb2.TrainingTask.ValueType = TEXT,
+    classes: list[tuple[str, int]] | None = None,
 ) -> DatasetVersionRecord:
     """A dataset version record as DatasetService makes one: the file's hash, size and validation report."""
     sha256 = hashlib.sha256(content).hexdigest()

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from aimass.v1 import datasets_pb2, training_pb2
+
 # The tenant fields `SqlStore.set_tenant` changes, with their types; 0 means unlimited (or the configured default).
 TENANT_LIMIT_FIELDS: Final[dict[str, type[float] | type[int]]] = {
     "requests_per_second": float,
@@ -95,8 +97,8 @@ class DatasetVersionRecord:
     sha256: str
     size_bytes: int
     rows: int  # rows kept by validation
-    task: int  # datasets_pb2.TrainingTask
-    format: int  # datasets_pb2.DatasetFormat
+    task: datasets_pb2.TrainingTask.ValueType
+    format: datasets_pb2.DatasetFormat.ValueType
     text_column: str = "text"
     label_column: str = "label"
     # Kept rows per label, most frequent first: ((label, count), ...).
@@ -115,7 +117,7 @@ class DatasetSummary:
 
     owner: str
     name: str
-    task: int
+    task: datasets_pb2.TrainingTask.ValueType
     versions: tuple[DatasetVersionRecord, ...]
     # Tenants it is shared with, sorted; filled for its owner only (empty for a viewer it is shared with).
     shared_with: tuple[str, ...] = ()
@@ -128,7 +130,7 @@ class ModelVersionRecord:
     owner: str
     name: str
     version: int  # 1, 2, ... (shown as "1", "2"); 0 until SqlStore.add_model_version numbers it
-    task: int  # datasets_pb2.TrainingTask
+    task: datasets_pb2.TrainingTask.ValueType
     base_model: str
     job_id: str
     dataset_owner: str
@@ -169,6 +171,6 @@ class JobRow:
 
     job_id: str
     owner: str
-    state: int  # training_pb2.JobState
+    state: training_pb2.JobState.ValueType
     created_unix_ms: int
     job: bytes

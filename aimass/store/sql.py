@@ -70,6 +70,7 @@ from aimass.store.records import (
     now_ms,
 )
 from aimass.tenancy.keys import TENANT_PATTERN, check_scopes, check_tenant_id, new_key
+from aimass.v1 import datasets_pb2, training_pb2
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,8 @@ def _dataset_version(row: RowMapping) -> DatasetVersionRecord:
         sha256=row["sha256"],
         size_bytes=int(row["size_bytes"]),
         rows=int(row["rows"]),
-        task=int(row["task"]),
-        format=int(row["format"]),
+        task=datasets_pb2.TrainingTask.ValueType(int(row["task"])),
+        format=datasets_pb2.DatasetFormat.ValueType(int(row["format"])),
         text_column=row["text_column"],
         label_column=row["label_column"],
         classes=[(label, count) for label, count in json.loads(row["classes"])],
@@ -295,7 +296,7 @@ def _model_version(row: RowMapping) -> ModelVersionRecord:
         owner=row["owner"],
         name=row["name"],
         version=int(row["version"]),
-        task=int(row["task"]),
+        task=datasets_pb2.TrainingTask.ValueType(int(row["task"])),
         base_model=row["base_model"],
         job_id=row["job_id"],
         dataset_owner=row["dataset_owner"],
@@ -330,7 +331,7 @@ def _job(row: RowMapping) -> JobRow:
     return JobRow(
         job_id=row["job_id"],
         owner=row["owner"],
-        state=int(row["state"]),
+        state=training_pb2.JobState.ValueType(int(row["state"])),
         created_unix_ms=int(row["created_unix_ms"]),
         job=bytes(row["job"]),
     )
@@ -955,7 +956,9 @@ class SqlStore:
 
     # -- training jobs
 
-    def add_job(self, job_id: str, owner: str, state: int, job_bytes: bytes, created_unix_ms: int) -> JobRow:
+    def add_job(
+        self, job_id: str, owner: str, state: training_pb2.JobState.ValueType, job_bytes: bytes, created_unix_ms: int
+    ) -> JobRow:
         """Records a new job; ValueError when the id is taken."""
         if not job_id or len(job_id) > schema.JOB_ID_LENGTH:
             raise ValueError(f"job id {job_id[:80]!r} is not valid: 1-{schema.JOB_ID_LENGTH} characters")
