@@ -14,6 +14,7 @@ one scheduler and no lock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +23,14 @@ import grpc
 from grpc_health.v1 import health
 
 from aimass.runtime.config import Settings
-from aimass.runtime.discovery import InMemoryRegistry, Registry, RegistryServicer, make_registry
+from aimass.runtime.discovery import (
+    CONTROL_PLANE_SERVICES,
+    InMemoryRegistry,
+    Instance,
+    Registry,
+    RegistryServicer,
+    make_registry,
+)
 from aimass.runtime.errors import Unavailable
 from aimass.runtime.identity import (
     ANY_REPLICA,
@@ -32,11 +40,29 @@ from aimass.runtime.identity import (
     MeshPolicy,
     process_credentials,
 )
-from aimass.runtime.server import ServerRunner, mesh_listener, serve_process
+from aimass.runtime.interceptors import ScopeInterceptor
+from aimass.runtime.server import Listener, ServerRunner, mesh_listener, serve_process
 from aimass.runtime.tasks import cancel_and_wait
+from aimass.store.blobs import BlobStore
 from aimass.store.records import now_ms
 from aimass.store.sql import SqlStore
-from aimass.v1 import models_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from aimass.v1 import (
+    datasets_pb2_grpc,
+    deployments_pb2_grpc,
+    lifecycle_pb2_grpc,
+    models_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    training_pb2_grpc,
+)
+from scheduler.lifecycle.blobs import BlobServicer
+from scheduler.lifecycle.channels import MeshChannels
+from scheduler.lifecycle.datasets import DatasetServicer
+from scheduler.lifecycle.deployments import DeploymentServicer
+from scheduler.lifecycle.job_placement import TRAINER_KIND
+from scheduler.lifecycle.jobs import JobController, TrainingServicer
+from scheduler.lifecycle.replica_sync import ReplicaSync
 from scheduler.service import Context, SchedulerServicer, SchedulerState
 
 if TYPE_CHECKING:
@@ -61,6 +87,11 @@ SCHEDULER_POLICY = MeshPolicy(
         f"/{SCHEDULER_SERVICE}/PlaceModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/EvictModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/GetPlacement": (ROLE_GATEWAY, ROLE_OPERATOR),
+        # Tenants' own models: public calls the gateway forwards with the caller's verified tenant.
+        **{f"/{service}/": (ROLE_GATEWAY,) for service in CONTROL_PLANE_SERVICES},
+        # Dataset files and trained heads: trainers fetch datasets and store what they trained; replicas fetch heads.
+        "/aimass.v1.BlobService/FetchBlob": (ANY_REPLICA,),
+        "/aimass.v1.BlobService/PutBlob": (TRAINER_KIND,),
     }
 )
 
@@ -122,6 +153,7 @@ class SchedulerApp:
     kind = "scheduler"
 
     def __init__(self, settings: Settings, *, registry: Registry | None = None) -> None:
+        self.settings = settings
         config, registry_config = settings.scheduler, settings.registry
         self.config = config
         self.registry_config = registry_config
@@ -149,7 +181,8 @@ class SchedulerApp:
         else:
             self.registry = make_registry(registry_config, credentials=self.credentials)
         self.service_names: tuple[str, ...] = (
-            (SCHEDULER_SERVICE, REGISTRY_SERVICE) if self.embedded is not None else (SCHEDULER_SERVICE,)
+            *((SCHEDULER_SERVICE, REGISTRY_SERVICE) if self.embedded is not None else (SCHEDULER_SERVICE,)),
+            *sorted(CONTROL_PLANE_SERVICES),
         )
         # Several schedulers against one Consul: the lock decides which one is active.
         self.leader: ConsulLeader | None = None
@@ -168,6 +201,22 @@ class SchedulerApp:
         self.audit_retention_ms = settings.auth.audit_retention_days * 86_400_000
         self._tasks: list[asyncio.Task[None]] = []
         self._set_active: Callable[[bool], Awaitable[None]] | None = None
+        # Tenants' own models: datasets and heads in the blob store, jobs on trainers, deployments on replicas.
+        lifecycle = settings.lifecycle
+        self.blobs = BlobStore(settings.blob_dir)
+        self.channels = MeshChannels(self.credentials)
+        self.datasets = DatasetServicer(self.store, self.blobs, lifecycle)
+        self.jobs = JobController(
+            self.store,
+            lifecycle,
+            instances=self.mesh_instances,
+            nodes=lambda: self.state.nodes,
+            channel_for=self.channels.channel_for,
+        )
+        self.replica_sync = ReplicaSync(
+            self.store, self.mesh_instances, self.channels.channel_for, interval_s=lifecycle.sync_interval_s
+        )
+        self.max_blob_bytes = max(int(lifecycle.max_upload_bytes), 1 << 30)
 
     def standby_reason(self) -> str:
         if self.active or self.leader is None:
@@ -181,12 +230,26 @@ class SchedulerApp:
         )
         if self.embedded is not None:
             registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(self.embedded), server)
+        datasets_pb2_grpc.add_DatasetServiceServicer_to_server(self.datasets, server)
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(
+            TrainingServicer(self.jobs, self.datasets, self.settings.lifecycle), server
+        )
+        deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
+            DeploymentServicer(self.store, self.blobs, self.replica_sync), server
+        )
+        lifecycle_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(self.blobs, self.max_blob_bytes), server)
+
+    def mesh_instances(self) -> list[Instance]:
+        """Replicas and trainers serving now, as the registry lists them."""
+        return [i for i in self.state.instances.values() if i.serving]
 
     async def load(self) -> None:
         if self.embedded is not None:
             self.embedded.start()
         await asyncio.to_thread(self.store.migrate)
         await self._load_usage()
+        await self.jobs.start()
+        self.replica_sync.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._follow_registry(self.registry), name="scheduler-registry"),
@@ -269,6 +332,9 @@ class SchedulerApp:
         async for instances in registry.watch():
             self.state.set_instances(instances)
             await self.state.changed()
+            # A trainer may have joined (queued jobs can start) or left; replicas that joined get the deployments.
+            await self.channels.keep(self.mesh_instances())
+            self.jobs.wake()
 
     async def _expire(self) -> None:
         while True:
@@ -296,12 +362,22 @@ class SchedulerApp:
     async def close(self) -> None:
         for task in self._tasks:
             await cancel_and_wait(task)
+        await self.jobs.close()
+        await self.replica_sync.close()
+        await self.channels.close()
         if self.leader is not None:
             await self.leader.resign()
         await self.registry.close()
         if self.active:
             await self._save_usage()
         await asyncio.to_thread(self.store.close)
+
+
+def scheduler_listener(app: SchedulerApp) -> Listener:
+    """Mesh mTLS with the scheduler's policy; calls forwarded by a gateway run in the scope it sent (the tenant of a
+    dataset upload or a training job)."""
+    listener = mesh_listener(app.credentials, SCHEDULER_POLICY)
+    return dataclasses.replace(listener, interceptors=(*listener.interceptors, ScopeInterceptor()))
 
 
 def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
@@ -312,7 +388,7 @@ def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
         # It registers with the registry it hosts or follows (closing that twice is harmless).
         registry=app.registry if register else None,
         registry_config=settings.registry,
-        listener=mesh_listener(app.credentials, SCHEDULER_POLICY),
+        listener=scheduler_listener(app),
         node_id=settings.scheduler.node_id,
     )
 

@@ -46,7 +46,13 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The mesh's own control plane is for mesh processes (mTLS, not the public port): the gateway refuses it.
-INTERNAL = ("aimass.v1.SchedulerService", "aimass.v1.RegistryService")
+INTERNAL = (
+    "aimass.v1.SchedulerService",
+    "aimass.v1.RegistryService",
+    "aimass.v1.BlobService",
+    "aimass.v1.TrainerService",
+    "aimass.v1.ModelHostService",
+)
 METHODS = sorted(m for m in contract.methods() if not m.lstrip("/").startswith(INTERNAL))
 # What a caller may see (README "Errors you can expect"). UNAVAILABLE is not here: every service has a replica,
 # so UNAVAILABLE would mean one crashed or hung up.

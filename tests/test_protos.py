@@ -13,9 +13,18 @@ from google.protobuf.descriptor import FileDescriptor
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "protos" / "aimass" / "v1"
 PROTO_NAMES = sorted(p.stem for p in PROTO_DIR.glob("*.proto"))
-# Internal control-plane services (mesh processes only), and the administration of tenants and keys: no model, no
-# per-request metadata.
-EXEMPT_FROM_META = {"RegistryService", "SchedulerService", "AdminService"}
+# Internal control-plane services (mesh processes only), the administration of tenants and keys, and datasets and
+# training jobs (which name datasets and jobs, not a model to run): no model, no per-request metadata convention.
+EXEMPT_FROM_META = {
+    "RegistryService",
+    "SchedulerService",
+    "AdminService",
+    "DatasetService",
+    "TrainingService",
+    "BlobService",
+    "TrainerService",
+    "ModelHostService",
+}
 
 
 def _descriptor(name: str) -> FileDescriptor:
