@@ -35,6 +35,11 @@ SERVICE_MODULES = {
     "speech": "services.speech",
     "llm": "services.llm",
 }
+# kind → the module of a mesh process that works for the control plane rather than serving clients (the scheduler
+# runs training jobs on trainers); `aimass up` does not start these per kind, and the gateway forwards nothing to them.
+WORKER_MODULES = {
+    "trainer": "services.trainer",
+}
 
 
 # Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent and replicas in order.
@@ -249,7 +254,9 @@ async def status(args: argparse.Namespace) -> int:
     print(format_instances(instances))
     async with grpc.aio.insecure_channel(gateway) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        services = sorted({s for i in instances for s in i.services if i.kind not in CONTROL_PLANE_KINDS})
+        # What clients call through the gateway: not the control plane's, nor its workers'.
+        behind_gateway = [i for i in instances if i.kind not in CONTROL_PLANE_KINDS and i.kind not in WORKER_MODULES]
+        services = sorted({s for i in behind_gateway for s in i.services})
         print("\nHEALTH VIA GATEWAY")
         for service in services:
             state = "UNKNOWN"
