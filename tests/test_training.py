@@ -234,7 +234,9 @@ def test_load_backbone_knows_the_two_base_models(text_backbone: TextBackbone) ->
 # Heads
 
 
-def test_text_head_learns_support_messages_well_past_chance(text_data: tuple[Features, list[str]]) -> None:
+def test_text_head_learns_support_messages_well_past_chance(
+    text_backbone: TextBackbone, text_data: tuple[Features, list[str]]
+) -> None:
     features, labels = text_data
     train_x, test_x, train_y, test_y = split(features, labels, 0.2)
     losses: list[tuple[int, float]] = []
@@ -251,9 +253,16 @@ def test_text_head_learns_support_messages_well_past_chance(text_data: tuple[Fea
     assert [epoch for epoch, _ in losses] == list(range(1, 61))
     assert losses[-1][1] < losses[0][1] / 2
     evaluation = evaluate(head, test_x, test_y, train_rows=len(train_y))
-    # Chance is 0.25; measured 1.0 on this split.
+    # Chance is 0.25; measured 1.0 on this split for seeds 0-4.
     assert evaluation.accuracy >= 0.8, evaluation
     assert evaluation.macro_f1 >= 0.75, evaluation
+    new = [
+        "You charged my card three times for one order",
+        "Where is my package? It was due Friday",
+        "The app shows an error when I try to sign in",
+        "You people are awesome, thanks a lot",
+    ]
+    assert predict(head, text_backbone.features(new)) == ["billing", "delivery", "technical", "praise"]
     assert (evaluation.train_rows, evaluation.eval_rows) == (80, 20)
     assert [metrics.support for metrics in evaluation.per_class] == [5, 5, 5, 5]
     assert sum(evaluation.confusion) == 20
@@ -266,8 +275,9 @@ def test_image_head_learns_digits_well_past_chance(digits_data: tuple[Features, 
 
     assert head.labels == tuple(str(digit) for digit in range(10))
     evaluation = evaluate(head, test_x, test_y, train_rows=len(train_y))
-    # Chance is 0.1; 8x8 digits through an ImageNet backbone measured 0.86-0.87 with 300 training images.
-    assert evaluation.accuracy >= 0.75, evaluation
+    # Chance is 0.1; measured 0.98 on this split for seeds 0-4 (0.86 when the 100 held out are the last writers').
+    assert evaluation.accuracy >= 0.85, evaluation
+    assert evaluation.macro_f1 >= 0.85, evaluation
     assert evaluation.eval_rows == 100
     assert len(evaluation.confusion) == 100
 
