@@ -9,6 +9,7 @@ import json
 import random
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from collections import Counter
@@ -241,6 +242,18 @@ def test_csv_without_label_column_names_its_columns(tmp_path: Path) -> None:
         parse_dataset(path, task=TEXT, text_column="body", label_column="team")
 
 
+def test_csv_columns_match_regardless_of_case(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "case.csv", three_each("a", "b"), header=(" Text ", "LABEL"))
+    assert parse_dataset(path, task=TEXT).report.rows_kept == 6
+    # An exact name wins over one that differs in case.
+    rows = [[text, "not this", label] for text, label in three_each("a", "b")]
+    exact = write_csv(tmp_path / "exact.csv", rows, header=("text", "Label", "label "))
+    assert parse_dataset(exact, task=TEXT).labels == ["a", "b"]
+    clash = write_csv(tmp_path / "clash.csv", [["x", "y", "a"]], header=("text", "Label", "LABEL"))
+    with pytest.raises(DatasetError, match="no 'label' column; its header row has: 'text', 'Label', 'LABEL'"):
+        parse_dataset(clash, task=TEXT)
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
@@ -407,6 +420,18 @@ def test_zip_layout_rules(tmp_path: Path) -> None:
     assert issues["pets/cats/more/deep.png"][0] == "BAD_ROW" and "too deep" in issues["pets/cats/more/deep.png"][1]
     assert parsed.examples[0].text == "pets/cats/0.png" and parsed.examples[0].label == "cats"
     assert_consistent(parsed)
+    # Two entries with one name: which is meant cannot be told, both are refused.
+    doubled = tmp_path / "doubled.zip"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
+        write_zip(doubled, good_images("cats", "dogs"))
+        with zipfile.ZipFile(doubled, "a") as archive:
+            archive.writestr("cats/0.png", png(3, 3))
+    twice = parse_dataset(doubled, task=IMAGE, limits=DatasetLimits(min_examples_per_class=2))
+    assert (
+        kinds(twice) == [(1, "BAD_ROW"), (7, "BAD_ROW")]
+        and "2 files named 'cats/0.png'" in twice.report.issues[0].detail
+    )
     # Without the common folder, a file at the top is misplaced too; folders named like labels stay labels.
     flat = parse_dataset(write_zip(tmp_path / "flat.zip", {**good_images("cats", "dogs"), "x.png": png()}), task=IMAGE)
     assert flat.labels == ["cats", "dogs"] and kinds(flat) == [(7, "BAD_ROW")]
@@ -537,6 +562,17 @@ def test_fuzz_never_crashes(tmp_path: Path, digits: Path) -> None:
                 assert_consistent(parsed)
                 outcomes["parsed"] += 1
     assert outcomes["refused"] and outcomes["parsed"]  # both paths were exercised
+
+
+def test_open_image_turns_photos_upright(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # taken with the camera turned: stored 40x20, shown 20x40
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (0, 120, 255)).save(buffer, format="JPEG", exif=exif)
+    path = write_zip(tmp_path / "phone.zip", {**good_images("a", "b"), "a/phone.jpg": buffer.getvalue()})
+    assert parse_dataset(path, task=IMAGE).report.rows_kept == 7
+    image = open_image(path, "a/phone.jpg")
+    assert image.size == (20, 40) and image.mode == "RGB"
 
 
 # -- preview ---------------------------------------------------------------------------------------------------------

@@ -303,6 +303,14 @@ class _Lines:
         return line
 
 
+def _column(names: list[str], wanted: str) -> int | None:
+    """The column named ``wanted``: exactly, else the one column that differs only in case ("Text" for "text")."""
+    if wanted in names:
+        return names.index(wanted)
+    folded = [i for i, name in enumerate(names) if name.casefold() == wanted.casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
 def _parse_csv(file: IO[bytes], text_column: str, label_column: str, out: _Collector) -> None:
     lines = _Lines(file, out.limits.max_line_chars)
     reader = csv.reader(lines, strict=False)
@@ -315,14 +323,14 @@ def _parse_csv(file: IO[bytes], text_column: str, label_column: str, out: _Colle
     except (_LineTooLong, _NotUtf8, csv.Error) as e:
         raise DatasetError(f"the CSV header row cannot be read: {e}; the file must be UTF-8 CSV") from None
     names = [name.strip() for name in header]
-    missing = [c for c in (text_column, label_column) if c not in names]
-    if missing:
+    text_at, label_at = _column(names, text_column), _column(names, label_column)
+    missing = [c for c, at in ((text_column, text_at), (label_column, label_at)) if at is None]
+    if text_at is None or label_at is None:
         has = ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "")
         raise DatasetError(
             f"the CSV has no {' or '.join(repr(c) for c in missing)} column; its header row has: {has}. Name the "
             "columns that hold the text and the label (text_column, label_column)"
         )
-    text_at, label_at = names.index(text_column), names.index(label_column)
     while True:
         start = lines.number + 1  # a quoted field may run over several lines: the row starts at the first
         try:
