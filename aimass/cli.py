@@ -40,6 +40,8 @@ SERVICE_MODULES = {
 WORKER_MODULES = {
     "trainer": "services.trainer",
 }
+# Every kind `aimass up` starts a number of (--<kind>-replicas).
+PROCESS_MODULES = {**SERVICE_MODULES, **WORKER_MODULES}
 
 
 # Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent and replicas in order.
@@ -47,7 +49,7 @@ DEFAULT_METRICS_PORT = 9400
 
 
 def replica_counts(args: argparse.Namespace) -> dict[str, int]:
-    return {kind: getattr(args, f"{kind}_replicas") for kind in SERVICE_MODULES}
+    return {kind: getattr(args, f"{kind}_replicas") for kind in PROCESS_MODULES}
 
 
 # The mesh identity (certificate) each process runs as: its process name; its role is its kind.
@@ -86,7 +88,7 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
             # Replicas of a kind take consecutive ports; 0 lets each pick a free one (the registry tells).
             port = first_port + index if first_port else 0
             env = {**common, f"AIMASS_{kind.upper()}__SERVER__PORT": str(port)}
-            specs.append(ProcessSpec(f"{kind}-{index}", SERVICE_MODULES[kind], env))
+            specs.append(ProcessSpec(f"{kind}-{index}", PROCESS_MODULES[kind], env))
             metrics_keys[f"{kind}-{index}"] = f"AIMASS_{kind.upper()}__SERVER__METRICS_PORT"
     # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
     # as its own mesh identity.
@@ -280,12 +282,17 @@ def parser() -> argparse.ArgumentParser:
         help=f"first Prometheus metrics port; each process takes the next (default {DEFAULT_METRICS_PORT}; 0 = off)",
     )
     settings = load_settings()
-    for kind in SERVICE_MODULES:
+    for kind in PROCESS_MODULES:
         default_port = getattr(settings, kind).server.port
         up_cmd.add_argument(
-            f"--{kind}-port", type=int, default=0, help=f"first {kind} replica's port (default {default_port})"
+            f"--{kind}-port", type=int, default=0, help=f"first {kind} process's port (default {default_port})"
         )
-        up_cmd.add_argument(f"--{kind}-replicas", type=int, default=1, help="0 leaves the service out")
+        up_cmd.add_argument(
+            f"--{kind}-replicas",
+            type=int,
+            default=1,
+            help="0 leaves the service out" if kind in SERVICE_MODULES else "training jobs run there; 0: none",
+        )
     status_cmd = commands.add_parser("status", help="list services, replicas, models and health")
     status_cmd.add_argument(
         "--registry", default="", help="registry address, the scheduler's (default: config registry.address)"

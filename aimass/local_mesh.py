@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.bootstrap import operator_credentials
-from aimass.cli import SERVICE_MODULES
+from aimass.cli import PROCESS_MODULES
 from aimass.client import keyed_aio_channel, keyed_channel
 from aimass.runtime.config import AuthConfig, MeshTlsConfig, Settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS
@@ -61,7 +61,7 @@ def consecutive_free_ports(count: int) -> int:
 @dataclass
 class LocalMesh:
     log_path: Path
-    # Replicas per service kind (see aimass.cli.SERVICE_MODULES); kinds left out are not started.
+    # Processes per kind (replicas of aimass.cli.SERVICE_MODULES, trainers); kinds left out are not started.
     replicas: Mapping[str, int] = field(default_factory=lambda: {"nlp": 1})
     # Extra environment for every process, e.g. {"AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE": "1"}.
     env: Mapping[str, str] = field(default_factory=dict)
@@ -78,9 +78,9 @@ class LocalMesh:
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
-        unknown = set(self.replicas) - set(SERVICE_MODULES)
+        unknown = set(self.replicas) - set(PROCESS_MODULES)
         if unknown:
-            raise ValueError(f"unknown service kinds {sorted(unknown)}; known: {sorted(SERVICE_MODULES)}")
+            raise ValueError(f"unknown service kinds {sorted(unknown)}; known: {sorted(PROCESS_MODULES)}")
         if self.state_dir is None:
             self.state_dir = self.log_path.parent / "state"
 
@@ -130,7 +130,7 @@ class LocalMesh:
         if not self.metrics_port:
             raise RuntimeError("this mesh serves no metrics (LocalMesh(metrics=True) turns them on)")
         order = ["gateway", "scheduler", "node-agent"]
-        order += [f"{kind}-{i}" for kind in SERVICE_MODULES for i in range(self.replicas.get(kind, 0))]
+        order += [f"{kind}-{i}" for kind in PROCESS_MODULES for i in range(self.replicas.get(kind, 0))]
         return f"127.0.0.1:{self.metrics_port + order.index(process)}"
 
     @property
@@ -141,7 +141,7 @@ class LocalMesh:
         """Spawn `aimass up`; returns at once (see ``wait_ready``)."""
         taken: set[int] = set()
         arguments = []
-        for kind in SERVICE_MODULES:
+        for kind in PROCESS_MODULES:
             count = self.replicas.get(kind, 0)
             if count:
                 first = consecutive_free_ports(count)
