@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
 import logging
+import zipfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from aimass.runtime.discovery import Instance
 from aimass.runtime.interceptors import ErrorMappingInterceptor, ScopeInterceptor
 from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.runtime.scope import RequestScope
+from aimass.store.blobs import BlobStore
 from aimass.store.records import ModelVersionRecord
 from aimass.store.sql import SqlStore
 from aimass.training.artifact import IMAGE_BACKBONE, IMAGE_TASK, TEXT_BACKBONE, TEXT_TASK, HeadArtifact
@@ -55,7 +59,15 @@ def head(base_model: str, seed: int) -> bytes:
     ).to_bytes()
 
 
-def add_version(store: SqlStore, owner: str, name: str, *, task: int = TEXT, seed: int = 0) -> ModelVersionRecord:
+def add_version(
+    store: SqlStore,
+    owner: str,
+    name: str,
+    *,
+    task: datasets_pb2.TrainingTask.ValueType = TEXT,
+    seed: int = 0,
+    export: bytes = b"",
+) -> ModelVersionRecord:
     base = TEXT_BACKBONE if task == TEXT else IMAGE_BACKBONE
     artifact = head(base, seed)
     dataset_sha = hashlib.sha256(f"{owner}/{name}/{seed}".encode()).hexdigest()
@@ -76,6 +88,8 @@ def add_version(store: SqlStore, owner: str, name: str, *, task: int = TEXT, see
             evaluation=training_pb2.Evaluation(accuracy=0.9 + seed / 100, macro_f1=0.88).SerializeToString(),
             artifact_sha256=hashlib.sha256(artifact).hexdigest(),
             artifact_bytes=len(artifact),
+            export_sha256=hashlib.sha256(export).hexdigest() if export else "",
+            export_bytes=len(export),
             code_version="0.test",
         )
     )
@@ -86,6 +100,7 @@ class Plane:
     """The control plane's DeploymentService on loopback, its store, and the replicas its sync sees."""
 
     store: SqlStore
+    blobs: BlobStore
     sync: ReplicaSync
     channel: grpc.aio.Channel
     replicas: list[Instance] = field(default_factory=list)
@@ -122,14 +137,13 @@ async def plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
     sync = ReplicaSync(
         store, lambda: holder[0].replicas, lambda instance: holder[0].channel_for(instance), 0.2, replica_timeout_s=1
     )
+    blobs = BlobStore(tmp_path / "blobs")
     server = grpc.aio.server(interceptors=[ScopeInterceptor(), ErrorMappingInterceptor()])
-    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(
-        DeploymentServicer(store, BlobFolder(tmp_path / "blobs"), sync), server
-    )
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(DeploymentServicer(store, blobs, sync), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    running = Plane(store, sync, channel)
+    running = Plane(store, blobs, sync, channel)
     holder.append(running)
     try:
         yield running
@@ -139,16 +153,6 @@ async def plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
         for replica_channel in running.channels.values():
             await replica_channel.close()
         await server.stop(0)
-
-
-class BlobFolder:
-    """Content-addressed files: <root>/<sha256>."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, sha256: str) -> Path:
-        return self.root / sha256
 
 
 def states(model: deployments_pb2.CustomModel) -> dict[str, str]:
@@ -404,6 +408,66 @@ async def test_listing_shows_lineage_evaluation_and_the_method_that_serves(plane
         plane.stub().ListCustomModels(S.ListCustomModelsRequest(name="nope"), metadata=as_tenant("acme"))
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- export ------------------------------------------------------------------------------------------------------
+
+
+def edge_zip(labels: int) -> bytes:
+    """A ZIP as the trainer leaves it in the blob store: a head over EfficientNet-Lite0 features and its labels."""
+    rng = np.random.default_rng(labels)
+    names = tuple(f"part-{index}" for index in range(labels))
+    artifact = HeadArtifact(
+        labels=names,
+        weight=rng.normal(size=(labels, 1280)).astype(np.float32),
+        bias=np.zeros(labels, dtype=np.float32),
+        base_model=IMAGE_BACKBONE,
+        task=IMAGE_TASK,
+    )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("head.npz", artifact.to_bytes())
+        archive.writestr("labels.json", json.dumps(list(names)))
+    return buffer.getvalue()
+
+
+async def test_export_streams_the_versions_zip_in_chunks_with_its_name_size_and_checksum(plane: Plane) -> None:
+    old, new = edge_zip(10), edge_zip(450)  # the second is past two chunks of 1 MiB
+    for data in (old, new):
+        await asyncio.to_thread(plane.blobs.put_bytes, data)
+    add_version(plane.store, "acme", "parts", task=IMAGE, seed=1, export=old)
+    add_version(plane.store, "acme", "parts", task=IMAGE, seed=2, export=new)
+    add_version(plane.store, "acme", "parts", task=IMAGE, seed=3)  # trained without an export
+    stub, meta = plane.stub(), as_tenant("acme")
+
+    async def export(version: str = "") -> list[deployments_pb2.ExportModelResponse]:
+        return [
+            chunk async for chunk in stub.ExportModel(S.ExportModelRequest(model=ref("parts", version)), metadata=meta)
+        ]
+
+    chunks = await export("2")
+    assert len(chunks) == 3 and all(len(chunk.data) <= 1 << 20 for chunk in chunks)
+    assert {chunk.total_bytes for chunk in chunks} == {len(new)}
+    assert [chunk.filename for chunk in chunks] == ["parts-v2.zip", "", ""]
+    assert [chunk.sha256 for chunk in chunks] == ["", "", hashlib.sha256(new).hexdigest()]
+    data = b"".join(chunk.data for chunk in chunks)
+    assert data == new
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert json.loads(archive.read("labels.json"))[-1] == "part-449"
+        assert HeadArtifact.from_bytes(archive.read("head.npz")).weight.shape == (450, 1280)
+
+    # No version named: the default once there is one, else the newest (which has no export here).
+    err = await refused(stub.ExportModel(S.ExportModelRequest(model=ref("parts")), metadata=meta).read())
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.NOT_FOUND, "NO_EXPORT")
+    assert "version 3 of model 'parts' has no export" in (err.details() or "")
+    await stub.DeployModel(S.DeployModelRequest(model=ref("parts", "1")), metadata=meta)
+    (only,) = await export()
+    assert (only.data, only.filename, only.sha256) == (old, "parts-v1.zip", hashlib.sha256(old).hexdigest())
+
+    err = await refused(
+        stub.ExportModel(S.ExportModelRequest(model=ref("parts", "1"), format=7), metadata=meta).read()  # type: ignore[arg-type]
+    )
+    assert (err.code(), reason_of(err)) == (grpc.StatusCode.INVALID_ARGUMENT, "BAD_EXPORT_FORMAT")
 
 
 # -- replica sync --------------------------------------------------------------------------------------------------

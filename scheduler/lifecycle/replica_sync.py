@@ -27,7 +27,7 @@ from typing import Final, Protocol, TypeAlias
 
 import grpc
 
-from aimass.runtime.discovery import Instance
+from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import DeploymentRecord, ModelVersionRecord
 from aimass.v1 import datasets_pb2, lifecycle_pb2, lifecycle_pb2_grpc
@@ -159,7 +159,11 @@ class ReplicaSync:
 
     def hosts(self) -> list[Instance]:
         """The serving replicas that host custom heads (NLP and vision)."""
-        return [instance for instance in self.replicas() if instance.serving and tasks_of(instance)]
+        return [
+            instance
+            for instance in self.replicas()
+            if instance.serving and instance.kind not in CONTROL_PLANE_KINDS and tasks_of(instance)
+        ]
 
     # -- pushing -------------------------------------------------------------------------------------------------
 
