@@ -198,6 +198,9 @@ async def test_a_job_streams_its_progress_and_ends_with_a_stored_evaluated_model
     # The last epoch is always told (with its loss) before evaluation starts.
     assert epochs and epochs == sorted(epochs) and set(epochs) <= set(range(1, 41)) and epochs[-1] == 40
     assert all(u.loss > 0 for u in progress if u.epoch)
+    # After training, every update keeps the last epoch and its loss.
+    after = updates[seen.index("evaluating") :]
+    assert all(u.epoch == 40 and u.loss == after[0].loss > 0 for u in after)
     assert all(u.eta_seconds >= 0 for u in progress)
     # At most about 4 updates a second, beside one per stage change.
     assert len(updates) <= 4 * duration + len(STAGES) + 2

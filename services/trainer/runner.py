@@ -164,22 +164,23 @@ class JobProgress:
     memory: PeakMemory
     updates: asyncio.Queue[lifecycle_pb2.RunJobResponse] = field(default_factory=asyncio.Queue)
     epochs: int = 0
+    # The last epoch done and its mean loss: kept in every update after it (evaluating, saving, the result).
+    epoch: int = 0
+    loss: float = 0.0
     _training_started: float = 0.0
 
     def check(self) -> None:
         if self.stop.is_set():
             raise JobStopped("the job was cancelled")
 
-    def report(
-        self, stage: str, fraction: float, *, epoch: int = 0, loss: float = 0.0, eta_seconds: float = 0.0
-    ) -> None:
+    def report(self, stage: str, fraction: float, *, eta_seconds: float = 0.0) -> None:
         """``fraction`` (0..1) of ``stage`` done."""
         low, high = STAGE_SPANS[stage]
         update = lifecycle_pb2.RunJobResponse(
             stage=stage,
             progress=low + (high - low) * min(max(fraction, 0.0), 1.0),
-            epoch=epoch,
-            loss=loss,
+            epoch=self.epoch,
+            loss=self.loss,
             eta_seconds=max(eta_seconds, 0.0),
         )
         self.memory.sample()
@@ -195,7 +196,8 @@ class JobProgress:
         """After each epoch: the seconds left from the epochs' pace so far."""
         elapsed = time.monotonic() - self._training_started
         eta = elapsed / epoch * (self.epochs - epoch)
-        self.report(STAGE_TRAINING, epoch / self.epochs, epoch=epoch, loss=loss, eta_seconds=eta)
+        self.epoch, self.loss = epoch, loss
+        self.report(STAGE_TRAINING, epoch / self.epochs, eta_seconds=eta)
 
 
 def task_of(job: training_pb2.TrainingJob) -> tuple[str, str]:
@@ -374,7 +376,9 @@ async def run_job(
         result.evaluation.eval_rows,
         result.peak_memory_bytes / 2**20,
     )
-    yield lifecycle_pb2.RunJobResponse(stage=STAGE_SAVING, progress=1.0, result=result)
+    yield lifecycle_pb2.RunJobResponse(
+        stage=STAGE_SAVING, progress=1.0, epoch=progress.epoch, loss=progress.loss, result=result
+    )
 
 
 async def _throttled(
