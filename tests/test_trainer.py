@@ -26,10 +26,20 @@ from aimass.runtime.interceptors import ErrorMappingInterceptor
 from aimass.runtime.server import ServerRunner
 from aimass.store.blobs import BlobStore
 from aimass.training.artifact import IMAGE_BACKBONE, TEXT_BACKBONE, HeadArtifact
-from aimass.v1 import datasets_pb2, lifecycle_pb2, lifecycle_pb2_grpc, models_pb2, models_pb2_grpc, training_pb2
+from aimass.v1 import (
+    common_pb2,
+    datasets_pb2,
+    lifecycle_pb2,
+    lifecycle_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    scheduler_pb2,
+    training_pb2,
+)
 from scheduler.lifecycle.blobs import BlobServicer
+from scheduler.lifecycle.job_placement import trainer_slots
 from services.nlp.engine import NlpEngine
-from services.trainer.app import TrainerApp, build_runner
+from services.trainer.app import TrainerApp, TrainerRole, build_runner
 from services.trainer.runner import PeakMemory, read_rss_bytes
 from tests.eventually import eventually
 from tests.inprocess_mesh import InProcessMesh, in_process_mesh
@@ -397,3 +407,38 @@ async def test_a_trainer_in_the_mesh_leaves_the_model_catalogue_and_status_whole
             assert "aimass.v1.NlpService  SERVING" in health and "TrainerService" not in health
         finally:
             await runner.drain()
+
+
+def test_a_gpu_trainer_is_placed_by_its_gpu_memory_from_its_own_labels() -> None:
+    """The labels a trainer on a GPU registers with, read by the scheduler's job placement."""
+    gib = 1 << 30
+    gpu_settings = Settings(
+        scheduler=SchedulerConfig(address="127.0.0.1:1", node_id="g"),
+        trainer=TrainerConfig(device="cuda", max_jobs=3),
+    )
+    app = TrainerApp(gpu_settings, credentials=None)
+    labels = TrainerRole(app, scheduler_config=gpu_settings.scheduler, credentials=None).labels()
+    assert labels == {"node": "g", "device": "gpu:0", "max_jobs": "3"}
+    instance = Instance(
+        instance_id="trainer-g",
+        kind="trainer",
+        services=("aimass.v1.TrainerService",),
+        address="127.0.0.1:1",
+        labels=labels,
+        state=common_pb2.SERVING_STATE_SERVING,
+    )
+    readings = scheduler_pb2.NodeView(
+        node_id="g",
+        devices=[
+            scheduler_pb2.NodeDevice(
+                device_id=f"g/{kind_name}",
+                info=common_pb2.DeviceInfo(kind=kind, memory_total_bytes=80 * gib, memory_used_bytes=80 * gib - free),
+            )
+            for kind_name, kind, free in (
+                ("cpu", common_pb2.DEVICE_KIND_CPU, 2 * gib),
+                ("gpu:0", common_pb2.DEVICE_KIND_GPU, 30 * gib),
+            )
+        ],
+    )
+    [slot] = trainer_slots([instance], {"g": readings}, {})
+    assert slot.capacity == 3 and slot.free_bytes == 30 * gib

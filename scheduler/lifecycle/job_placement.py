@@ -54,8 +54,9 @@ def trainer_slots(
             continue
         jobs = running.get(instance.instance_id, ())
         node = nodes.get(instance.labels.get("node", ""))
-        # Replicas and trainers label their device "<node>/cpu" or "<node>/gpu:<index>".
-        free = free_bytes(node, use_gpu="/gpu" in instance.labels.get("device", ""))
+        # Replicas and trainers label their device "cpu" or "gpu:<index>" (aimass.runtime.load_report.local_device_id),
+        # "<node>/" before it in some views.
+        free = free_bytes(node, use_gpu=instance.labels.get("device", "").rpartition("/")[2].startswith("gpu"))
         capacity = int(instance.labels.get("max_jobs", "1") or 1)
         slots.append(TrainerSlot(instance, len(jobs), max(capacity, 1), None if free is None else free - sum(jobs)))
     return slots
