@@ -9,14 +9,14 @@ processes (gateway, scheduler) have none of this: they build a ``ServerRunner`` 
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import grpc
 
 from aimass.runtime.catalogue import LoadsModelsOnDemand, ReplicaModelServicer, RunsOnOneDevice, default_model_labels
 from aimass.runtime.config import SchedulerConfig, ServerConfig, Settings
 from aimass.runtime.discovery import make_registry
-from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, MeshPolicy, process_credentials
+from aimass.runtime.identity import ROLE_GATEWAY, ROLE_SCHEDULER, MeshCredentials, MeshPolicy, process_credentials
 from aimass.runtime.interceptors import ScopeInterceptor
 from aimass.runtime.load_report import AdmissionLoad, LoadReporter, ReportsLoad, local_device_id
 from aimass.runtime.models import ModelSet
@@ -26,6 +26,13 @@ if TYPE_CHECKING:
     from aimass.runtime.server import ServerRunner, ServiceApp
 
 MODEL_SERVICE = "aimass.v1.ModelService"
+
+
+@runtime_checkable
+class ServesTheScheduler(Protocol):
+    """An app with services only the scheduler calls (e.g. aimass.v1.ModelHostService: the custom models to host)."""
+
+    scheduler_services: tuple[str, ...]
 
 
 class ReplicaRole:
@@ -47,8 +54,12 @@ class ReplicaRole:
 
     @property
     def policy(self) -> MeshPolicy:
-        """Gateways call every method a replica serves; nothing else inside the mesh calls a replica."""
-        return MeshPolicy.serving((*self.app.service_names, MODEL_SERVICE), (ROLE_GATEWAY,))
+        """Gateways call every method a replica serves; the scheduler, its ``scheduler_services`` alone; nothing else
+        inside the mesh calls a replica."""
+        rules = {f"/{service}/": (ROLE_GATEWAY,) for service in (*self.app.service_names, MODEL_SERVICE)}
+        if isinstance(self.app, ServesTheScheduler):
+            rules.update({f"/{service}/": (ROLE_SCHEDULER,) for service in self.app.scheduler_services})
+        return MeshPolicy(rules)
 
     @property
     def model_set(self) -> ModelSet | None:

@@ -10,10 +10,12 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings
+from aimass.runtime.custom_heads import MODEL_HOST_SERVICE, CustomHeads, ModelHostServicer, SchedulerBlobs
 from aimass.runtime.models import ModelSet
 from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
-from aimass.v1 import models_pb2, nlp_pb2_grpc
+from aimass.training.artifact import TEXT_BACKBONE
+from aimass.v1 import lifecycle_pb2_grpc, models_pb2, nlp_pb2_grpc
 from services.nlp.engine import EMBED_MODEL, MODELS, NER_MODEL, SENTIMENT_MODEL, NlpEngine
 from services.nlp.servicer import NlpServicer
 
@@ -21,14 +23,20 @@ from services.nlp.servicer import NlpServicer
 class NlpApp:
     kind = "nlp"
     service_names: tuple[str, ...] = ("aimass.v1.NlpService",)
+    # The scheduler tells this replica which tenants' text classifiers to host (ModelHostService).
+    scheduler_services: tuple[str, ...] = (MODEL_HOST_SERVICE,)
 
     def __init__(self, settings: Settings, engine: NlpEngine | None = None) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or NlpEngine(device=settings.nlp.device, torch_threads=settings.nlp.torch_threads)
-        self.servicer = NlpServicer(self.engine, settings.nlp)
+        # Trained heads come from the scheduler's blob store; their features are this replica's MiniLM embeddings.
+        self.blobs = SchedulerBlobs.for_replica(settings, self.kind)
+        self.heads = CustomHeads(self.blobs.read_bytes, base_models=(TEXT_BACKBONE,), service="NlpService")
+        self.servicer = NlpServicer(self.engine, settings.nlp, self.heads)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         nlp_pb2_grpc.add_NlpServiceServicer_to_server(self.servicer, server)
+        lifecycle_pb2_grpc.add_ModelHostServiceServicer_to_server(ModelHostServicer(self.heads), server)
 
     async def load(self) -> None:
         # Model loading blocks for seconds; a thread keeps health checks answering meanwhile.
@@ -71,6 +79,7 @@ class NlpApp:
 
     async def close(self) -> None:
         await self.servicer.close()
+        await self.blobs.close()
 
 
 def build_runner(settings: Settings, *, register: bool = True, engine: NlpEngine | None = None) -> ServerRunner:

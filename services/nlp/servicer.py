@@ -20,12 +20,15 @@ import numpy.typing as npt
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import NlpConfig
+from aimass.runtime.custom_heads import CustomHeads, custom_model, refuse_labels
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.models import serving_model
 from aimass.runtime.scope import QueueTerms, current_scope, deadline_of, priority_rank
+from aimass.training.artifact import HeadArtifact
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.engine import (
     EMBED_MODEL,
+    MODELS,
     NER_MODEL,
     SENTIMENT_MODEL,
     EmbedJob,
@@ -45,9 +48,12 @@ INLINE_SENTIMENT_CHARS = 2_000
 
 
 class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
-    def __init__(self, engine: NlpEngine, config: NlpConfig) -> None:
+    """``heads``: tenants' own text classifiers this replica hosts (Classify by their name)."""
+
+    def __init__(self, engine: NlpEngine, config: NlpConfig, heads: CustomHeads | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.heads = heads
         batching = config.embed_batching
         self.embed_batcher: DynamicBatcher[EmbedJob, npt.NDArray[np.float32]] = DynamicBatcher(
             engine.embed_batch,
@@ -224,32 +230,62 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             ],
         )
 
+    def _check_pairs(self, texts: int, labels: int) -> None:
+        pairs = texts * labels
+        if pairs > self.config.max_classify_pairs:
+            raise InvalidArgument(
+                f"{texts} texts x {labels} labels is {pairs} scores; the limit is "
+                f"{self.config.max_classify_pairs} per request (send fewer texts per call)",
+                reason="TOO_MANY_PAIRS",
+                metadata={"limit": str(self.config.max_classify_pairs)},
+            )
+
     async def Classify(self, request: nlp_pb2.ClassifyRequest, context: Context) -> nlp_pb2.ClassifyResponse:
+        custom = custom_model(
+            self.heads,
+            request.model,
+            builtin=MODELS,
+            served=EMBED_MODEL,
+            where="NlpService.Classify",
+            loaded=self.engine.loaded,
+        )
+        if custom is not None:
+            return await self._classify_with_head(request, *custom)
         model = self._model(request.model, EMBED_MODEL, "NlpService.Classify")
         texts = self._check_texts(request.texts)
         labels = self._check_labels(request)
         template = request.hypothesis_template or DEFAULT_HYPOTHESIS
         self._check_template(template)
-        pairs = len(texts) * len(labels)
-        if pairs > self.config.max_classify_pairs:
-            raise InvalidArgument(
-                f"{len(texts)} texts x {len(labels)} labels is {pairs} scores; the limit is "
-                f"{self.config.max_classify_pairs} per request (send fewer texts per call)",
-                reason="TOO_MANY_PAIRS",
-                metadata={"limit": str(self.config.max_classify_pairs)},
-            )
+        self._check_pairs(len(texts), len(labels))
         terms = current_scope().queue_terms(request.meta.priority)
         text_vectors, label_vectors = await asyncio.gather(
             self.embed_batcher.submit(EmbedJob(texts, True), **terms), self._label_vectors(labels, template, terms)
         )
         scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
-        results = []
-        for row in scores:
-            order = np.argsort(-row)
-            results.append(
-                nlp_pb2.Classification(scores=[nlp_pb2.LabelScore(label=labels[i], score=float(row[i])) for i in order])
+        return nlp_pb2.ClassifyResponse(model=model, results=_ranked(scores, labels))
+
+    async def _classify_with_head(
+        self, request: nlp_pb2.ClassifyRequest, model: common_pb2.ModelRef, head: HeadArtifact
+    ) -> nlp_pb2.ClassifyResponse:
+        """A tenant's trained classifier: its head over the texts' normalised MiniLM embeddings (the features it
+        was trained on), through the same batcher as Embed; every one of its labels, best first."""
+        texts = self._check_texts(request.texts)
+        if request.labels:
+            raise refuse_labels(model, head)
+        if request.multi_label:
+            raise InvalidArgument(
+                f"{model.name} is a trained single-label classifier (its scores sum to 1); leave multi_label unset",
+                reason="MULTI_LABEL_NOT_ALLOWED",
             )
-        return nlp_pb2.ClassifyResponse(model=model, results=results)
+        if request.hypothesis_template:
+            raise InvalidArgument(
+                f"{model.name} is a trained classifier: hypothesis_template is for zero-shot labels; leave it empty",
+                reason="BAD_TEMPLATE",
+            )
+        self._check_pairs(len(texts), len(head.labels))
+        terms = current_scope().queue_terms(request.meta.priority)
+        vectors = await self.embed_batcher.submit(EmbedJob(texts, True), **terms)
+        return nlp_pb2.ClassifyResponse(model=model, results=_ranked(head.probabilities(vectors), head.labels))
 
     async def _label_vectors(
         self, labels: tuple[str, ...], template: str, terms: QueueTerms
@@ -265,3 +301,14 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
                     self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order
                 self._label_cache[(label, template)] = vector
         return np.stack([self._label_cache[(label, template)] for label in labels])
+
+
+def _ranked(scores: npt.NDArray[np.floating[Any]], labels: Sequence[str]) -> list[nlp_pb2.Classification]:
+    """One Classification per row of ``scores`` (texts x labels), every label, highest score first."""
+    results = []
+    for row in scores:
+        order = np.argsort(-row, kind="stable")
+        results.append(
+            nlp_pb2.Classification(scores=[nlp_pb2.LabelScore(label=labels[i], score=float(row[i])) for i in order])
+        )
+    return results

@@ -10,10 +10,12 @@ from grpc_health.v1 import health
 
 from aimass.runtime.catalogue import model_info
 from aimass.runtime.config import Settings, VisionConfig
+from aimass.runtime.custom_heads import MODEL_HOST_SERVICE, CustomHeads, ModelHostServicer, SchedulerBlobs
 from aimass.runtime.models import ModelSet
 from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
-from aimass.v1 import models_pb2, vision_pb2_grpc
+from aimass.training.artifact import IMAGE_BACKBONE
+from aimass.v1 import lifecycle_pb2_grpc, models_pb2, vision_pb2_grpc
 from services.vision.engine import (
     CLASSIFY_MODEL,
     FACE_MODEL,
@@ -29,18 +31,21 @@ from services.vision.servicer import VisionServicer
 class VisionApp:
     kind = "vision"
     service_names: tuple[str, ...] = ("aimass.v1.VisionService",)
+    # The scheduler tells this replica which tenants' image classifiers to host (ModelHostService).
+    scheduler_services: tuple[str, ...] = (MODEL_HOST_SERVICE,)
 
-    def __init__(
-        self,
-        config: VisionConfig,
-        engine: VisionEngine | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, config: VisionConfig, engine: VisionEngine | None = None) -> None:
         # An engine may be shared (tests build several servers over one set of loaded models).
         self.engine = engine or VisionEngine(config)
-        self.servicer = VisionServicer(self.engine, config)
+        # Trained heads come from the scheduler's blob store; the backbone they sit on loads with the first one.
+        self.blobs = SchedulerBlobs.for_replica(settings, self.kind)
+        self.heads = CustomHeads(self.blobs.read_bytes, base_models=(IMAGE_BACKBONE,), service="VisionService")
+        self.servicer = VisionServicer(self.engine, config, self.heads)
+        self.heads.prepare = self.servicer.prepare_head
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         vision_pb2_grpc.add_VisionServiceServicer_to_server(self.servicer, server)
+        lifecycle_pb2_grpc.add_ModelHostServiceServicer_to_server(ModelHostServicer(self.heads), server)
 
     async def load(self) -> None:
         # Model loading (and the one-off ONNX export) blocks for seconds; a thread keeps health checks answering.
@@ -83,12 +88,13 @@ class VisionApp:
 
     async def close(self) -> None:
         await self.servicer.close()
+        await self.blobs.close()
 
 
 def build_runner(
     settings: Settings, config: VisionConfig, *, register: bool = True, engine: VisionEngine | None = None
 ) -> ServerRunner:
-    return replica_runner(VisionApp(config, engine), settings, config.server, register=register)
+    return replica_runner(VisionApp(settings, config, engine), settings, config.server, register=register)
 
 
 def main() -> None:

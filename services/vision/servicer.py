@@ -22,14 +22,17 @@ from PIL import Image
 
 from aimass.runtime.batcher import DynamicBatcher
 from aimass.runtime.config import VisionConfig
+from aimass.runtime.custom_heads import CustomHeads, custom_model
 from aimass.runtime.errors import DeadlineExceeded, InvalidArgument
 from aimass.runtime.models import serving_model
 from aimass.runtime.scope import current_scope, deadline_of, priority_rank
+from aimass.training.artifact import IMAGE_BACKBONE, HeadArtifact
 from aimass.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from services.vision.budget import PixelBudget
 from services.vision.engine import (
     CLASSIFY_MODEL,
     FACE_MODEL,
+    MODELS,
     NUM_CLASSES,
     OCR_LANGUAGES,
     OCR_MODEL,
@@ -54,9 +57,15 @@ def _box(x: float, y: float, width: float, height: float) -> vision_pb2.Bounding
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(self, engine: VisionEngine, config: VisionConfig) -> None:
+    """``heads``: tenants' own image classifiers this replica hosts (Classify by their name), over EfficientNet-Lite0
+    features (``ImageBackbone``, loaded with the first head: ``prepare_head``)."""
+
+    def __init__(self, engine: VisionEngine, config: VisionConfig, heads: CustomHeads | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.heads = heads
+        self.backbone: Any = None  # aimass.training.backbones.ImageBackbone, once a head needs it
+        self._backbone_lock = asyncio.Lock()
         batching = config.classify_batching
         self.classify_batcher: DynamicBatcher[ClassifyJob, list[list[Label]]] = DynamicBatcher(
             engine.classify_batch,
@@ -65,6 +74,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_queue_delay_s=batching.max_queue_delay_ms / 1000,
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.pixels),
+            max_concurrent_batches=batching.max_concurrent_batches,
+        )
+        self.features_batcher: DynamicBatcher[Tensor, Tensor] = DynamicBatcher(
+            self._features_batch,
+            name="image-features",
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
+            max_queue_size=batching.max_queue_size,
+            size_of=len,
             max_concurrent_batches=batching.max_concurrent_batches,
         )
         # Pillow's own bomb guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) must not be
@@ -78,10 +96,28 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def start(self) -> None:
         await self.classify_batcher.start()
+        await self.features_batcher.start()
 
     async def close(self) -> None:
         await self.classify_batcher.close(drain=True)
+        await self.features_batcher.close(drain=True)
         self.pool.shutdown(wait=True)
+
+    async def prepare_head(self, head: HeadArtifact) -> None:
+        """Loads the image backbone (in a thread, once) before the first image head serves."""
+        if head.base_model != IMAGE_BACKBONE or self.backbone is not None:
+            return
+        async with self._backbone_lock:
+            if self.backbone is None:
+                from aimass.training.backbones import ImageBackbone
+
+                self.backbone = await asyncio.to_thread(ImageBackbone, self.config.device)
+
+    def _features_batch(self, jobs: Sequence[Tensor]) -> list[Tensor]:
+        """One backbone call for every image of every job, split back per job."""
+        features: Tensor = self.backbone.features_of_pixels(np.concatenate(jobs))
+        offsets = np.cumsum([len(job) for job in jobs])[:-1]
+        return list(np.split(features, offsets))
 
     async def _held(self, pixels: int, deadline: float | None, what: str, fn: Callable[[], T]) -> T:
         """``fn`` in the worker pool, holding a decode slot and ``pixels`` of the budget until it has finished (a
@@ -148,16 +184,19 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     # -- methods ------------------------------------------------------------------------------------------------
 
-    async def Classify(
-        self, request: vision_pb2.VisionServiceClassifyRequest, context: Context
-    ) -> vision_pb2.VisionServiceClassifyResponse:
-        model = self._model(request.model, CLASSIFY_MODEL, "VisionService.Classify")
-        top_k = request.top_k or DEFAULT_TOP_K
-        if not 1 <= top_k <= NUM_CLASSES:
+    @staticmethod
+    def _top_k(requested: int, classes: int) -> int:
+        top_k = requested or min(DEFAULT_TOP_K, classes)
+        if not 1 <= top_k <= classes:
             raise InvalidArgument(
-                f"top_k is {request.top_k}; send 1..{NUM_CLASSES} (0 means {DEFAULT_TOP_K})", reason="BAD_TOP_K"
+                f"top_k is {requested}; send 1..{classes} (0 means {min(DEFAULT_TOP_K, classes)})", reason="BAD_TOP_K"
             )
-        terms = current_scope().queue_terms(request.meta.priority)
+        return top_k
+
+    async def _pixels(
+        self, images: Sequence[vision_pb2.Image], context: Context
+    ) -> tuple[list[tuple[int, int]], Tensor]:
+        """Every image decoded and prepared for EfficientNet-Lite0: (width, height) of each, and (N, 3, 224, 224)."""
 
         # The classifier sees 256 pixels on the short side: large JPEGs need not be decoded in full, and only the
         # 224 x 224 input of each image outlives its decode.
@@ -165,9 +204,27 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             image = decode_image(data, header.index, self.config, min_side=RESIZE_SIZE)
             return image.width, image.height, preprocess(image.image)
 
-        prepared = [result for _, result in await self._each_image(request.images, context, prepare)]
+        prepared = [result for _, result in await self._each_image(images, context, prepare)]
         self._check_time(deadline_of(context), len(prepared), len(prepared))
-        pixels = np.stack([tensor for _, _, tensor in prepared])
+        return [(width, height) for width, height, _ in prepared], np.stack([tensor for _, _, tensor in prepared])
+
+    async def Classify(
+        self, request: vision_pb2.VisionServiceClassifyRequest, context: Context
+    ) -> vision_pb2.VisionServiceClassifyResponse:
+        custom = custom_model(
+            self.heads,
+            request.model,
+            builtin=MODELS,
+            served=CLASSIFY_MODEL,
+            where="VisionService.Classify",
+            loaded=self.engine.loaded,
+        )
+        if custom is not None:
+            return await self._classify_with_head(request, context, *custom)
+        model = self._model(request.model, CLASSIFY_MODEL, "VisionService.Classify")
+        top_k = self._top_k(request.top_k, NUM_CLASSES)
+        terms = current_scope().queue_terms(request.meta.priority)
+        sizes, pixels = await self._pixels(request.images, context)
         labels = await self.classify_batcher.submit(ClassifyJob(pixels, top_k), **terms)
         return vision_pb2.VisionServiceClassifyResponse(
             model=model,
@@ -180,9 +237,39 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     width=width,
                     height=height,
                 )
-                for (width, height, _), per_image in zip(prepared, labels, strict=True)
+                for (width, height), per_image in zip(sizes, labels, strict=True)
             ],
         )
+
+    async def _classify_with_head(
+        self,
+        request: vision_pb2.VisionServiceClassifyRequest,
+        context: Context,
+        model: common_pb2.ModelRef,
+        head: HeadArtifact,
+    ) -> vision_pb2.VisionServiceClassifyResponse:
+        """A tenant's trained classifier: its head over EfficientNet-Lite0's pooled features of each image (what it
+        was trained on); its top_k labels, best first."""
+        top_k = self._top_k(request.top_k, len(head.labels))
+        terms = current_scope().queue_terms(request.meta.priority)
+        sizes, pixels = await self._pixels(request.images, context)
+        if self.backbone is None:  # hosted heads load it before they serve; a head without it is a bug
+            await self.prepare_head(head)
+        probabilities = head.probabilities(await self.features_batcher.submit(pixels, **terms))
+        results = []
+        for (width, height), row in zip(sizes, probabilities, strict=True):
+            top = np.argsort(-row, kind="stable")[:top_k]
+            results.append(
+                vision_pb2.ImageClassification(
+                    labels=[
+                        vision_pb2.ImageLabel(label=head.labels[i], class_index=int(i), score=float(row[i]))
+                        for i in top
+                    ],
+                    width=width,
+                    height=height,
+                )
+            )
+        return vision_pb2.VisionServiceClassifyResponse(model=model, results=results)
 
     async def DetectFaces(
         self, request: vision_pb2.DetectFacesRequest, context: Context
