@@ -255,6 +255,8 @@ async def test_the_same_seed_and_data_give_the_same_model(
         for run in (first, second, other)
     )
     assert (a.weight == b.weight).all() and (a.bias == b.bias).all()
+    # Byte for byte: one blob.
+    assert first[-1][1].result.artifact_sha256 == second[-1][1].result.artifact_sha256
     assert not (a.weight == c.weight).all()
 
 

@@ -303,9 +303,7 @@ def train_and_evaluate(
                 "holdout_fraction": holdout,
                 "seed": hyper.seed,
             },
-            "job_id": job.job_id,
-            "model_name": job.model_name,
-        },
+        },  # nothing about the job itself (id, name, times): the same seed, data and code give the same bytes
     )
 
     progress.report(STAGE_EVALUATING, 0.0)
