@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.bootstrap import operator_credentials
-from aimass.cli import PROCESS_MODULES
+from aimass.cli import PROCESS_MODULES, WORKER_MODULES
 from aimass.client import keyed_aio_channel, keyed_channel
 from aimass.runtime.config import AuthConfig, MeshTlsConfig, Settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS
@@ -208,7 +208,10 @@ class LocalMesh:
             serving = [i for i in serving if i.kind not in CONTROL_PLANE_KINDS]
             if any(sum(1 for i in serving if i.kind == kind) < n for kind, n in self.replicas.items()):
                 return False
-            services = {service for instance in serving for service in instance.services}
+            # Workers (trainers) serve the control plane, not clients: the gateway forwards nothing to them.
+            services = {
+                service for instance in serving if instance.kind not in WORKER_MODULES for service in instance.services
+            }
             return all(
                 health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
                 == health_pb2.HealthCheckResponse.SERVING

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass.cli import SERVICE_MODULES, busy_ports
+from aimass.cli import PROCESS_MODULES, busy_ports
 from aimass.local_mesh import LocalMesh, free_port
 from aimass.pki import ca_files, cert_files
 from aimass.supervisor import ProcessSpec
@@ -143,7 +143,7 @@ def test_up_refuses_ports_already_in_use() -> None:
         holder.listen()
         port = holder.getsockname()[1]
         # Free ports for everything else (whatever else runs on this machine may hold the defaults).
-        others = [f"--{kind}-port={free_port()}" for kind in SERVICE_MODULES]
+        others = [f"--{kind}-port={free_port()}" for kind in PROCESS_MODULES]
         others += [f"--scheduler-port={free_port()}", "--metrics-port=0"]
         started = subprocess.run(
             [str(BIN / "aimass"), "up", f"--gateway-port={port}", *others],

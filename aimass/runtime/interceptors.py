@@ -58,6 +58,8 @@ UNLOGGED_PREFIXES = (
     "/aimass.v1.RegistryService/",
     "/aimass.v1.SchedulerService/ReportLoad",
     "/aimass.v1.SchedulerService/ReportNode",
+    # The scheduler re-syncs every replica's custom models every few seconds (a no-op when nothing changed).
+    "/aimass.v1.ModelHostService/SyncCustomModels",
 )
 
 # Bounds the per-interceptor handler cache: unknown method names (which clients choose) must not grow it forever.
