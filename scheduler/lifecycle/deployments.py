@@ -419,7 +419,7 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
                 updated = await asyncio.to_thread(self.store.put_deployment, target)
                 generation = updated.generation
                 log.info("deployment of %s/%s: %s (generation %d)", owner, name, describe_serving(updated), generation)
-        applied = await self.sync.apply(generation, deadline, model=(owner, name))
+        applied = await self.sync.apply(generation, deadline, model=(owner, name), task=task_of(versions[-1]))
         return custom_model(owner, name, versions, updated), applied
 
     def _apply_deadline(self, context: Context) -> float:

@@ -167,28 +167,18 @@ class ReplicaSync:
 
     # -- pushing -------------------------------------------------------------------------------------------------
 
-    async def apply(self, generation: int, deadline: float, *, model: tuple[str, str] | None = None) -> int:
-        """Pushes the store's state now and waits until ``deadline`` (the event loop's clock) at most: the replicas
-        of ``model``'s service (every host without ``model``) that serve ``generation`` or later, with ``model``
-        loaded."""
+    async def apply(
+        self, generation: int, deadline: float, *, model: tuple[str, str] | None = None, task: Task | None = None
+    ) -> int:
+        """Pushes the store's state now to the hosts of ``task`` (every host when None) and waits until ``deadline``
+        (the event loop's clock) at most: how many of them serve ``generation`` or later (with ``model``, an
+        (owner, name), loaded, when given)."""
         desired = await self.desired()
-        task = await self._task_of_model(model) if model is not None else None
         hosts = [instance for instance in self.hosts() if task is None or task in tasks_of(instance)]
         if not hosts:
             return 0
         await asyncio.gather(*(self._push(instance, desired, until=deadline) for instance in hosts))
         return sum(1 for instance in hosts if self._serves(instance, generation, model))
-
-    async def _task_of_model(self, model: tuple[str, str]) -> Task | None:
-        _, deployments = await asyncio.to_thread(self.store.deployments)
-        for deployment in deployments:
-            if (deployment.owner, deployment.name) == model:
-                for version in _loaded(deployment):
-                    record = await self._version(deployment, version)
-                    if record is not None:
-                        return task_of(record)
-        # Undeployed (or unknown): any host counts once it is at the generation.
-        return None
 
     def _serves(self, instance: Instance, generation: int, model: tuple[str, str] | None) -> bool:
         state = self.states.get(instance.instance_id)
