@@ -9,12 +9,13 @@ the gateway sends it (``RequestScope.metadata``). ``ReplicaSync`` pushes each ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import logging
 import zipfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,32 @@ import numpy as np
 import pytest
 
 from aimass.local_mesh import free_port
+from aimass.runtime.config import NlpConfig
+from aimass.runtime.custom_heads import CustomHeads, ModelHostServicer
 from aimass.runtime.discovery import Instance
 from aimass.runtime.interceptors import ErrorMappingInterceptor, ScopeInterceptor
-from aimass.runtime.metadata import ERROR_INFO_KEY
+from aimass.runtime.metadata import ERROR_INFO_KEY, REQUEST_ID_KEY
 from aimass.runtime.scope import RequestScope
 from aimass.store.blobs import BlobStore
 from aimass.store.records import ModelVersionRecord
 from aimass.store.sql import SqlStore
 from aimass.training.artifact import IMAGE_BACKBONE, IMAGE_TASK, TEXT_BACKBONE, TEXT_TASK, HeadArtifact
-from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc, training_pb2
+from aimass.training.head import HeadSettings, default_settings, train_head
+from aimass.v1 import (
+    common_pb2,
+    datasets_pb2,
+    deployments_pb2,
+    deployments_pb2_grpc,
+    lifecycle_pb2_grpc,
+    nlp_pb2,
+    nlp_pb2_grpc,
+    training_pb2,
+)
 from scheduler.lifecycle.deployments import DeploymentServicer
 from scheduler.lifecycle.replica_sync import ReplicaSync
+from services.nlp.engine import NlpEngine
+from services.nlp.servicer import NlpServicer
+from tests.eventually import eventually
 
 TEXT = datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION
 IMAGE = datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION
@@ -67,9 +83,10 @@ def add_version(
     task: datasets_pb2.TrainingTask.ValueType = TEXT,
     seed: int = 0,
     export: bytes = b"",
+    artifact: bytes = b"",
 ) -> ModelVersionRecord:
     base = TEXT_BACKBONE if task == TEXT else IMAGE_BACKBONE
-    artifact = head(base, seed)
+    artifact = artifact or head(base, seed)
     dataset_sha = hashlib.sha256(f"{owner}/{name}/{seed}".encode()).hexdigest()
     return store.add_model_version(
         ModelVersionRecord(
@@ -110,9 +127,11 @@ class Plane:
         return deployments_pb2_grpc.DeploymentServiceStub(self.channel)
 
     def channel_for(self, instance: Instance) -> grpc.aio.Channel:
-        if instance.instance_id not in self.channels:
-            self.channels[instance.instance_id] = grpc.aio.insecure_channel(instance.address)
-        return self.channels[instance.instance_id]
+        # By address too, as the scheduler's MeshChannels: an instance id back at another address gets a new channel.
+        key = f"{instance.instance_id}@{instance.address}"
+        if key not in self.channels:
+            self.channels[key] = grpc.aio.insecure_channel(instance.address)
+        return self.channels[key]
 
 
 def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
@@ -520,3 +539,230 @@ async def test_a_dead_replica_costs_no_more_than_its_timeout_and_is_logged_once_
         about = [message for message in warnings if f"generation {generation}:" in message]
         assert len(about) == 1, warnings
         assert "UNAVAILABLE" in about[0] and "retrying every 0.2 s" in about[0]
+
+
+# -- a real NLP replica ------------------------------------------------------------------------------------------
+
+# Support messages, written for this test: 12 a label to train on, and messages the heads never saw.
+TRAIN: dict[str, list[str]] = {
+    "billing": [
+        "I was charged twice for my subscription this month",
+        "Please refund the extra payment on my credit card",
+        "My invoice shows the wrong amount",
+        "Why did my monthly bill go up?",
+        "I need a copy of last year's receipts for my accountant",
+        "The payment failed but the money left my account",
+        "Can I switch from monthly to annual billing?",
+        "You billed me after I cancelled my plan",
+        "How do I update the card you charge?",
+        "There is a fee on my statement I do not recognise",
+        "I want my money back for the unused months",
+        "The discount code was not applied to my invoice",
+    ],
+    "shipping": [
+        "My parcel has not arrived after two weeks",
+        "The tracking number says the package is lost",
+        "Can you deliver to my office address instead?",
+        "The courier left the box at the wrong house",
+        "How long does delivery to Canada take?",
+        "My order shipped without the second item",
+        "The package arrived crushed and the contents are broken",
+        "I need express shipping for a birthday gift",
+        "Tracking has not updated since Monday",
+        "Can I change the delivery date of my order?",
+        "The delivery driver never rang the bell",
+        "Do you ship to post office boxes?",
+    ],
+    "technical": [
+        "The app crashes every time I open the settings page",
+        "I cannot log in, it says my password is wrong",
+        "The website shows an error 500 when I upload a file",
+        "Sync between my phone and laptop stopped working",
+        "The export button does nothing in Firefox",
+        "After the update the screen stays black on startup",
+        "Two-factor authentication codes are rejected",
+        "The API returns a timeout for every request",
+        "Notifications stopped arriving on Android",
+        "The program freezes when I open a large document",
+        "I get a certificate warning when connecting",
+        "Search returns no results even for exact titles",
+    ],
+}
+UNSEEN = {
+    "billing": "I think you overcharged my card, please give me a refund",
+    "shipping": "Where is my package? The courier has not delivered it yet",
+    "technical": "The app keeps crashing with an error when I log in",
+}
+
+
+@pytest.fixture(scope="module")
+def trained_heads(nlp_engine: NlpEngine) -> list[bytes]:
+    """Two versions of a support-ticket classifier (seeds 0 and 1) over the replica's own MiniLM features."""
+    texts = [text for label in TRAIN for text in TRAIN[label]]
+    labels = [label for label in TRAIN for _ in TRAIN[label]]
+    features = nlp_engine.encode(texts, normalize=True)
+    heads = []
+    for seed in (0, 1):
+        settings = HeadSettings.from_hyperparameters(
+            default_settings(TEXT_TASK, training_pb2.Hyperparameters(seed=seed))
+        )
+        heads.append(train_head(features, labels, settings, base_model=TEXT_BACKBONE, task=TEXT_TASK).to_bytes())
+    return heads
+
+
+@dataclass
+class Replica:
+    address: str
+    heads: CustomHeads
+    server: grpc.aio.Server
+    close: Callable[[], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def replica(blobs: BlobStore, *, base_model: str, engine: NlpEngine | None = None) -> AsyncIterator[Replica]:
+    """A replica's custom-head hosting on loopback: ModelHostService over CustomHeads fetching from the control
+    plane's blob store, and (with ``engine``) the NLP replica's own NlpService serving them."""
+
+    async def fetch(sha256: str) -> bytes:
+        return await asyncio.to_thread(blobs.read_bytes, sha256)
+
+    heads = CustomHeads(fetch, base_models=(base_model,), service="NlpService" if engine else "VisionService")
+    server = grpc.aio.server(interceptors=[ScopeInterceptor(), ErrorMappingInterceptor()])
+    lifecycle_pb2_grpc.add_ModelHostServiceServicer_to_server(ModelHostServicer(heads), server)
+    servicer = None
+    if engine is not None:
+        servicer = NlpServicer(engine, NlpConfig(), heads)
+        await servicer.start()
+        nlp_pb2_grpc.add_NlpServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    async def close() -> None:
+        await server.stop(0)
+        if servicer is not None:
+            await servicer.close()
+
+    try:
+        yield Replica(f"127.0.0.1:{port}", heads, server, close)
+    finally:
+        await close()
+
+
+async def classify(
+    channel: grpc.aio.Channel, tenant: str, name: str, text: str, *, version: str = "", request_id: str = ""
+) -> nlp_pb2.ClassifyResponse:
+    metadata = RequestScope(tenant=tenant).metadata() + (((REQUEST_ID_KEY, request_id),) if request_id else ())
+    stub = nlp_pb2_grpc.NlpServiceStub(channel)
+    return await stub.Classify(
+        nlp_pb2.ClassifyRequest(model=ref(name, version), texts=[text]), metadata=metadata, timeout=10
+    )
+
+
+async def test_a_real_nlp_replica_serves_each_change_once_deploy_returns(
+    plane: Plane, nlp_engine: NlpEngine, trained_heads: list[bytes]
+) -> None:
+    for seed, artifact in enumerate(trained_heads):
+        await asyncio.to_thread(plane.blobs.put_bytes, artifact)
+        add_version(plane.store, "acme", "ticket-router", seed=seed, artifact=artifact)
+    parts = edge_zip(3)  # an image model's head: vision replicas get it, NLP replicas never
+    image_head = head(IMAGE_BACKBONE, 7)
+    await asyncio.to_thread(plane.blobs.put_bytes, image_head)
+    add_version(plane.store, "acme", "parts", task=IMAGE, seed=7, artifact=image_head, export=parts)
+    stub, meta = plane.stub(), as_tenant("acme")
+
+    async with (
+        replica(plane.blobs, base_model=TEXT_BACKBONE, engine=nlp_engine) as nlp,
+        replica(plane.blobs, base_model=IMAGE_BACKBONE) as vision,
+    ):
+        plane.replicas[:] = [
+            Instance("nlp-1", "nlp", (NLP,), nlp.address),
+            Instance("vision-1", "vision", (VISION,), vision.address),
+        ]
+        channel = grpc.aio.insecure_channel(nlp.address)
+        try:
+            deployed = await stub.DeployModel(S.DeployModelRequest(model=ref("ticket-router", "1")), metadata=meta)
+            # The NLP replica serves it when the call returns; the vision replica is not counted for a text model.
+            assert deployed.replicas_applied == 1
+            for label, text in UNSEEN.items():
+                answer = await classify(channel, "acme", "ticket-router", text)
+                assert (answer.model.name, answer.model.version) == ("ticket-router", "1")
+                assert answer.results[0].scores[0].label == label, (text, answer)
+                assert {score.label for score in answer.results[0].scores} == set(TRAIN)
+            # Another tenant calling the same name: NOT_FOUND, as for a model nobody has.
+            err = await refused(classify(channel, "globex", "ticket-router", UNSEEN["billing"]))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+
+            image = await stub.DeployModel(S.DeployModelRequest(model=ref("parts", "1")), metadata=meta)
+            assert image.replicas_applied == 1  # the vision replica
+            canary = await stub.DeployModel(
+                S.DeployModelRequest(model=ref("ticket-router", "2"), canary_percent=30), metadata=meta
+            )
+            assert canary.replicas_applied == 1
+            canary_generation = canary.model.deployment.generation
+            # Vision replicas host image heads only; NLP replicas text heads only.
+            assert vision.heads.hosted.serving() == ["acme/parts@1"]
+            # A change waits for its own service's replicas; the others get its generation on the next round.
+            assert vision.heads.generation == image.model.deployment.generation
+            plane.sync.start()
+            await eventually("vision at the latest generation", lambda: vision.heads.generation == canary_generation)
+            assert vision.heads.hosted.serving() == ["acme/parts@1"]
+            assert nlp.heads.hosted.serving() == ["acme/ticket-router@1", "acme/ticket-router@2"]
+            versions = [
+                (
+                    await classify(channel, "acme", "ticket-router", UNSEEN["shipping"], request_id=f"req-{i}")
+                ).model.version
+                for i in range(200)
+            ]
+            assert 40 <= versions.count("2") <= 80, versions.count("2")  # 30% of 200, give or take 10 points
+            again = await classify(channel, "acme", "ticket-router", UNSEEN["shipping"], request_id="req-7")
+            assert again.model.version == versions[7]  # a retried request keeps its version
+
+            promoted = await stub.PromoteModel(S.PromoteModelRequest(model=ref("ticket-router")), metadata=meta)
+            assert promoted.replicas_applied == 1
+            answers = {
+                (await classify(channel, "acme", "ticket-router", UNSEEN["billing"], request_id=f"p-{i}")).model.version
+                for i in range(20)
+            }
+            assert answers == {"2"}
+            # The old default stands by, callable by version.
+            standby = await classify(channel, "acme", "ticket-router", UNSEEN["billing"], version="1")
+            assert standby.model.version == "1"
+
+            back = await stub.RollbackModel(S.RollbackModelRequest(model=ref("ticket-router")), metadata=meta)
+            assert back.replicas_applied == 1
+            assert (await classify(channel, "acme", "ticket-router", UNSEEN["technical"])).model.version == "1"
+            err = await refused(classify(channel, "acme", "ticket-router", UNSEEN["technical"], version="2"))
+            assert err.code() == grpc.StatusCode.NOT_FOUND  # rolled back: no longer loaded anywhere
+
+            gone = await stub.UndeployModel(S.UndeployModelRequest(model=ref("ticket-router")), metadata=meta)
+            assert gone.replicas_applied == 1
+            err = await refused(classify(channel, "acme", "ticket-router", UNSEEN["technical"]))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await channel.close()
+
+
+async def test_a_replica_that_joins_late_or_restarts_catches_up_within_an_interval(
+    plane: Plane, nlp_engine: NlpEngine, trained_heads: list[bytes]
+) -> None:
+    await asyncio.to_thread(plane.blobs.put_bytes, trained_heads[0])
+    add_version(plane.store, "acme", "ticket-router", artifact=trained_heads[0])
+    stub, meta = plane.stub(), as_tenant("acme")
+    # Deployed while no replica runs: recorded, applied by none.
+    deployed = await stub.DeployModel(S.DeployModelRequest(model=ref("ticket-router", "1")), metadata=meta)
+    assert deployed.replicas_applied == 0
+    plane.sync.start()
+    generation = deployed.model.deployment.generation
+
+    for attempt in range(2):  # a replica joins; then a fresh one takes its place at the same address
+        async with replica(plane.blobs, base_model=TEXT_BACKBONE, engine=nlp_engine) as nlp:
+            plane.replicas[:] = [Instance("nlp-1", "nlp", (NLP,), nlp.address)]
+            await eventually(
+                f"replica {attempt} serves generation {generation}", lambda: nlp.heads.generation == generation
+            )
+            channel = grpc.aio.insecure_channel(nlp.address)
+            try:
+                answer = await classify(channel, "acme", "ticket-router", UNSEEN["shipping"])
+                assert (answer.model.version, answer.results[0].scores[0].label) == ("1", "shipping")
+            finally:
+                await channel.close()
