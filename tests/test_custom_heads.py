@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import io
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
 from aimass.client import error_info
-from aimass.runtime.config import NlpConfig, SchedulerConfig, ServerConfig, Settings
+from aimass.runtime.config import NlpConfig, SchedulerConfig, ServerConfig, Settings, VisionConfig
 from aimass.runtime.custom_heads import canary_bucket
 from aimass.runtime.identity import ANY_REPLICA, MeshPolicy, MeshPolicyInterceptor, mesh_channel
 from aimass.runtime.interceptors import ErrorMappingInterceptor
@@ -27,10 +30,12 @@ from aimass.runtime.metadata import REQUEST_ID_KEY, TENANT_KEY
 from aimass.runtime.server import ServerRunner
 from aimass.store.blobs import BlobStore
 from aimass.training.artifact import IMAGE_BACKBONE, IMAGE_TASK, TEXT_BACKBONE, TEXT_TASK, HeadArtifact
-from aimass.v1 import common_pb2, lifecycle_pb2, lifecycle_pb2_grpc, nlp_pb2, nlp_pb2_grpc
+from aimass.training.backbones import ImageBackbone
+from aimass.v1 import common_pb2, lifecycle_pb2, lifecycle_pb2_grpc, nlp_pb2, nlp_pb2_grpc, vision_pb2, vision_pb2_grpc
 from scheduler.lifecycle.blobs import BlobServicer
 from services.nlp.app import NlpApp, build_runner
 from services.nlp.engine import NlpEngine
+from services.vision import app as vision_app
 from tests.security import as_gateway, credentials, settings
 
 OWNER = "acme"
@@ -290,6 +295,8 @@ async def test_classify_by_name_answers_with_the_heads_own_labels(
     nlp: nlp_pb2_grpc.NlpServiceAsyncStub,
     host: lifecycle_pb2_grpc.ModelHostServiceAsyncStub,
     artifacts: dict[str, str],
+    plane: ControlPlane,
+    nlp_engine: NlpEngine,
 ) -> None:
     synced = await host.SyncCustomModels(sync_request(artifacts, ["1"]), timeout=CALL_TIMEOUT_S)
     assert list(synced.serving) == [f"{OWNER}/{MODEL}@1"] and not synced.failed
@@ -297,6 +304,13 @@ async def test_classify_by_name_answers_with_the_heads_own_labels(
     reply = await classify(nlp, list(CLEAR))
     assert reply.model == common_pb2.ModelRef(name=MODEL, version="1")
     assert [result.scores[0].label for result in reply.results] == list(CLEAR.values())
+    # The scores are the trained head's over the texts' normalised embeddings, as the trainer computes them.
+    head = HeadArtifact.from_bytes(plane.store.path_for(artifacts["1"]).read_bytes())
+    expected = head.probabilities(nlp_engine.encode(list(CLEAR), normalize=True))
+    for result, row in zip(reply.results, expected, strict=True):
+        assert {s.label: s.score for s in result.scores} == pytest.approx(
+            dict(zip(head.labels, row.tolist(), strict=True)), abs=1e-4
+        )
     for result in reply.results:
         assert sorted(score.label for score in result.scores) == sorted(TICKETS)
         scores = [score.score for score in result.scores]
@@ -511,3 +525,145 @@ async def test_only_the_scheduler_may_sync_and_only_gateways_may_classify(
     finally:
         await gateway.close()
         await scheduler.close()
+
+
+# -- an image model on a vision replica ---------------------------------------------------------------------------
+
+DIGITS = ("0", "1", "7")
+TRAIN_PER_DIGIT = 20
+
+
+def digit_images() -> tuple[list[Image.Image], list[str], list[Image.Image], list[str]]:
+    """scikit-learn's 8x8 digits 0, 1 and 7 as 32x32 RGB images: 20 of each to train on, the next 5 of each held
+    out."""
+    digits = load_digits()
+    train: list[tuple[Image.Image, str]] = []
+    held_out: list[tuple[Image.Image, str]] = []
+    for pixels, target in zip(digits.images, digits.target, strict=True):
+        label = str(target)
+        if label not in DIGITS:
+            continue
+        image = Image.fromarray((pixels * (255 / 16)).astype(np.uint8)).resize((32, 32), Image.Resampling.BICUBIC)
+        seen = sum(1 for _, known in train + held_out if known == label)
+        if seen < TRAIN_PER_DIGIT:
+            train.append((image.convert("RGB"), label))
+        elif seen < TRAIN_PER_DIGIT + 5:
+            held_out.append((image.convert("RGB"), label))
+    return [i for i, _ in train], [t for _, t in train], [i for i, _ in held_out], [t for _, t in held_out]
+
+
+def png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_a_vision_replica_classifies_images_with_a_tenants_digit_model(
+    plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    train_images, train_labels, test_images, test_labels = digit_images()
+    backbone = ImageBackbone("cpu")
+    classifier = LogisticRegression(C=1.0, max_iter=3000, random_state=0).fit(
+        backbone.features(train_images), train_labels
+    )
+    head = HeadArtifact(
+        labels=tuple(str(label) for label in classifier.classes_),
+        weight=classifier.coef_.astype(np.float32),
+        bias=classifier.intercept_.astype(np.float32),
+        base_model=IMAGE_BACKBONE,
+        task=IMAGE_TASK,
+    )
+    text_head = plane.store.put_bytes(
+        HeadArtifact(
+            labels=("a", "b"),
+            weight=np.zeros((2, 384), np.float32),
+            bias=np.zeros(2, np.float32),
+            base_model=TEXT_BACKBONE,
+            task=TEXT_TASK,
+        ).to_bytes()
+    )
+    artifacts = {"1": plane.store.put_bytes(head.to_bytes()), "text": text_head}
+
+    config = VisionConfig(
+        server=ServerConfig(port=0, drain_delay_s=0.05, access_log=False),
+        device="cpu",
+        backend="onnx",
+        cache_dir=tmp_path_factory.mktemp("vision-cache"),
+    )
+    replica_settings = Settings(
+        state_dir=tmp_path_factory.mktemp("vision-replica-state"),
+        mesh=settings().mesh.model_copy(update={"pki_dir": settings().pki_dir}),
+        scheduler=SchedulerConfig(address=plane.address, report_interval_s=3600),
+    )
+    runner = vision_app.build_runner(replica_settings, config, register=False)
+    await runner.start()
+    gateway = as_gateway(runner.address, "vision")
+    scheduler = mesh_channel(runner.address, credentials("scheduler"), server_role="vision")
+    try:
+        synced = await lifecycle_pb2_grpc.ModelHostServiceStub(scheduler).SyncCustomModels(
+            sync_request(artifacts, ["1", "text"], name="digits"), timeout=120
+        )
+        assert list(synced.serving) == [f"{OWNER}/digits@1"]
+        assert (
+            len(synced.failed) == 1
+            and "this VisionService replica serves heads on efficientnet-lite0" in (synced.failed[0])
+        )
+        stub = vision_pb2_grpc.VisionServiceStub(gateway)
+        request = vision_pb2.VisionServiceClassifyRequest(
+            model=common_pb2.ModelRef(name="digits"), images=[vision_pb2.Image(data=png(i)) for i in test_images[:4]]
+        )
+        reply = await stub.Classify(request, metadata=scope(), timeout=CALL_TIMEOUT_S)
+        assert reply.model == common_pb2.ModelRef(name="digits", version="1")
+        expected = head.probabilities(backbone.features(test_images[:4]))
+        for result, row in zip(reply.results, expected, strict=True):
+            assert (result.width, result.height) == (32, 32)
+            assert len(result.labels) == 3  # top_k 0: 5, or every label of a smaller model
+            assert result.labels[0].label == head.labels[int(np.argmax(row))]
+            for label in result.labels:
+                assert label.label == head.labels[label.class_index]
+                assert label.score == pytest.approx(float(row[label.class_index]), abs=1e-3)
+
+        right = 0
+        for start in range(0, len(test_images), 4):
+            batch = test_images[start : start + 4]
+            answer = await stub.Classify(
+                vision_pb2.VisionServiceClassifyRequest(
+                    model=common_pb2.ModelRef(name="digits"),
+                    images=[vision_pb2.Image(data=png(i)) for i in batch],
+                    top_k=1,
+                ),
+                metadata=scope(),
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert all(len(result.labels) == 1 for result in answer.results)
+            right += sum(
+                result.labels[0].label == label
+                for result, label in zip(answer.results, test_labels[start : start + 4], strict=True)
+            )
+        assert right >= 13, f"{right} of {len(test_images)} held-out digits right"
+
+        too_many = await refused(
+            stub.Classify(
+                vision_pb2.VisionServiceClassifyRequest(
+                    model=common_pb2.ModelRef(name="digits"), images=request.images[:1], top_k=4
+                ),
+                metadata=scope(),
+                timeout=CALL_TIMEOUT_S,
+            )
+        )
+        assert (
+            too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and said(too_many) == "top_k is 4; send 1..3 (0 means 3)"
+        )
+        theirs = await refused(stub.Classify(request, metadata=scope(OTHER), timeout=CALL_TIMEOUT_S))
+        assert theirs.code() == grpc.StatusCode.NOT_FOUND
+        assert said(theirs) == "model 'digits' is not served by VisionService.Classify; available: efficientnet-lite0"
+        # ImageNet classification on the same replica is as before.
+        imagenet = await stub.Classify(
+            vision_pb2.VisionServiceClassifyRequest(images=request.images[:1]), metadata=scope(), timeout=CALL_TIMEOUT_S
+        )
+        assert imagenet.model.name == "efficientnet-lite0" and len(imagenet.results[0].labels) == 5
+    finally:
+        await gateway.close()
+        await scheduler.close()
+        await runner.drain()
