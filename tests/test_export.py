@@ -464,3 +464,15 @@ def test_export_refuses_a_missing_name_or_version(
 ) -> None:
     with pytest.raises(InvalidArgument, match=message):
         export_zip(text_head, cache_dir=exports.cache_dir, **kwargs)
+
+
+def test_export_refuses_a_head_whose_task_is_not_its_base_models(exports: Exports, text_head: HeadArtifact) -> None:
+    mismatched = HeadArtifact(
+        labels=text_head.labels,
+        weight=text_head.weight,
+        bias=text_head.bias,
+        base_model=TEXT_BACKBONE,
+        task=IMAGE_TASK,
+    )
+    with pytest.raises(InvalidArgument, match="does not match its base model"):
+        export_zip(mismatched, model_name="m", version="1", cache_dir=exports.cache_dir)
