@@ -766,3 +766,75 @@ async def test_a_replica_that_joins_late_or_restarts_catches_up_within_an_interv
                 assert (answer.model.version, answer.results[0].scores[0].label) == ("1", "shipping")
             finally:
                 await channel.close()
+
+
+async def test_concurrent_changes_leave_every_replica_at_the_stores_last_word(plane: Plane) -> None:
+    for seed in range(3):
+        add_version(plane.store, "acme", "router", seed=seed)
+        await asyncio.to_thread(plane.blobs.put_bytes, head(TEXT_BACKBONE, seed))
+    stub, meta = plane.stub(), as_tenant("acme")
+    async with (
+        replica(plane.blobs, base_model=TEXT_BACKBONE) as first,
+        replica(plane.blobs, base_model=TEXT_BACKBONE) as second,
+    ):
+        plane.replicas[:] = [
+            Instance("nlp-1", "nlp", (NLP,), first.address),
+            Instance("nlp-2", "nlp", (NLP,), second.address),
+        ]
+        await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+        answers = await asyncio.gather(
+            *(
+                stub.DeployModel(
+                    S.DeployModelRequest(model=ref("router", str(2 + i % 2)), canary_percent=1 + i), metadata=meta
+                )
+                for i in range(12)
+            )
+        )
+        generations = sorted(answer.model.deployment.generation for answer in answers)
+        assert len(set(generations)) == 12  # one generation per change, none lost
+        last = max(answers, key=lambda answer: answer.model.deployment.generation).model.deployment
+        assert plane.store.deployment_generation() == last.generation
+        (listed_now,) = await listed(plane, "acme", "router")
+        assert listed_now.deployment == last
+        # Pushes to one replica never overtake each other: both end at the last generation and its route.
+        for host in (first, second):
+            assert host.heads.generation == last.generation
+            route = host.heads.hosted.routes[("acme", "router")]
+            assert (route.default_version, route.canary_version, route.canary_percent) == (
+                "1",
+                last.canary_version,
+                last.canary_percent,
+            )
+
+
+async def test_a_frozen_replica_holds_a_change_no_longer_than_its_timeout(plane: Plane) -> None:
+    add_version(plane.store, "acme", "router")
+    await asyncio.to_thread(plane.blobs.put_bytes, head(TEXT_BACKBONE, 0))
+    # A peer that accepts connections and never says a word (as a stopped process's socket does).
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    frozen = await asyncio.start_server(hold, "127.0.0.1", 0)
+    frozen_port = frozen.sockets[0].getsockname()[1]
+    try:
+        async with replica(plane.blobs, base_model=TEXT_BACKBONE) as live:
+            plane.replicas[:] = [
+                Instance("nlp-frozen", "nlp", (NLP,), f"127.0.0.1:{frozen_port}"),
+                Instance("nlp-live", "nlp", (NLP,), live.address),
+            ]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            answer = await plane.stub().DeployModel(
+                S.DeployModelRequest(model=ref("router", "1")), metadata=as_tenant("acme"), timeout=10
+            )
+            took = loop.time() - started
+            assert answer.replicas_applied == 1
+            assert live.heads.hosted.serving() == ["acme/router@1"]
+            assert 0.9 <= took < 3.0, took  # the frozen replica's 1 s timeout, not the call's 10 s deadline
+    finally:
+        for writer in silent:
+            writer.close()
+        frozen.close()
+        await frozen.wait_closed()
