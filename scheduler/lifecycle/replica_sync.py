@@ -10,9 +10,10 @@ Replicas are idempotent (one already at the generation answers at once), so the 
   the number of replicas of the changed model's service that answered with the generation or a later one and did
   not fail to load that model.
 - A background loop (``start``) re-syncs every replica every ``interval_s``, so a replica that (re)joins or missed a
-  push catches up. Each replica gets at most ``replica_timeout_s`` a push and its own lock, so a slow or dead replica
-  never holds up the others, and pushes to one replica never overtake each other (a push whose generation the
-  replica already acknowledged is skipped).
+  push catches up (it sends a replica even the generation it acknowledged: one that restarted under the same
+  instance id has lost it). Each replica gets at most ``replica_timeout_s`` a push and its own lock, so a slow or
+  dead replica never holds up the others, and pushes to one replica never overtake each other (one older than what
+  the replica acknowledged is not sent; ``apply`` skips a replica already at its generation).
 - A replica that fails (unreachable, or unable to load a version) is logged once per generation and retried on the
   next interval.
 """
@@ -117,6 +118,10 @@ class ReplicaSync:
         """The store's deployments as one request per task, at the store's generation."""
         generation, deployments = await asyncio.to_thread(self.store.deployments)
         requests = {task: lifecycle_pb2.SyncCustomModelsRequest(generation=generation) for task in SERVICE_OF_TASK}
+        # Only what is deployed now stays cached.
+        deployed = {(d.owner, d.name, version) for d in deployments for version in _loaded(d)}
+        for gone in [key for key in self._versions if key not in deployed]:
+            del self._versions[gone]
         for deployment in sorted(deployments, key=lambda record: (record.owner, record.name)):
             records = [await self._version(deployment, version) for version in _loaded(deployment)]
             known = [record for record in records if record is not None]
