@@ -52,8 +52,8 @@ def start_mesh(
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    # Every service whose models install here; the others answer UNAVAILABLE through the gateway.
-    started = start_mesh(tmp_path_factory.mktemp("mesh"), {"nlp": 1, "vision": 1}, metrics=True)
+    # Every service whose models install here (the others answer UNAVAILABLE through the gateway), and a trainer.
+    started = start_mesh(tmp_path_factory.mktemp("mesh"), {"nlp": 1, "vision": 1, "trainer": 1}, metrics=True)
     yield started
     started.stop()
 

@@ -53,6 +53,8 @@ JOB_ERRORS: Final = frozenset(
 SAVE_EVERY_S: Final = 1.0
 DEFAULT_LIST = 50
 MAX_LIST = 500
+# How long a trainer whose stream broke is passed over (longer than the registry's TTL for a dead one).
+LOST_TRAINER_S: Final = 60.0
 # A job's RunJob call: long, but not forever.
 JOB_TIMEOUT_S: Final = 12 * 3600.0
 
@@ -90,6 +92,9 @@ class JobController:
         self._task: asyncio.Task[None] | None = None
         # Peak bytes measured per base model (what the next job on it is expected to need).
         self._peaks: dict[str, int] = {}
+        # Trainers whose stream broke, and when: the registry lists a dead one until its TTL runs out, and a job
+        # placed there again would only fail again (a restarted trainer registers under a new instance id).
+        self._lost_trainers: dict[str, float] = {}
 
     # -- life ------------------------------------------------------------------------------------------------------
 
@@ -185,7 +190,10 @@ class JobController:
         for job in queued:
             need = self.need_bytes(job.base_model)
             running = {iid: list(jobs.values()) for iid, jobs in self._placed.items()}
-            slots = trainer_slots(list(self.instances()), self.nodes(), running)
+            now = time.monotonic()
+            self._lost_trainers = {t: at for t, at in self._lost_trainers.items() if now - at < LOST_TRAINER_S}
+            instances = [i for i in self.instances() if i.instance_id not in self._lost_trainers]
+            slots = trainer_slots(instances, self.nodes(), running)
             slot = choose_trainer(slots, need)
             if slot is None:
                 stage = f"queued: {why_waiting(slots, need)}"
@@ -231,11 +239,13 @@ class JobController:
 
     async def _run(self, job: training_pb2.TrainingJob, trainer: Instance) -> None:
         outcome: tuple[int, str] | None = None
+        heard = False
         try:
             request = await self._request(job)
             stub = lifecycle_pb2_grpc.TrainerServiceStub(self.channel_for(trainer))
             call = stub.RunJob(request, timeout=JOB_TIMEOUT_S)
             async for update in call:
+                heard = True
                 if update.HasField("result"):
                     await self._succeeded(job, update.result)
                     outcome = (training_pb2.JOB_STATE_SUCCEEDED, "")
@@ -257,6 +267,9 @@ class JobController:
                 job.attempt -= 1  # the trainer was full (a race with another scheduler's view): not a try
                 job.state, job.stage = training_pb2.JOB_STATE_QUEUED, "queued"
             else:
+                self._lost_trainers[trainer.instance_id] = time.monotonic()
+                if not heard:
+                    job.attempt -= 1  # it never started there (the trainer was already gone): not a try
                 self._lost(job, f"trainer {trainer.instance_id} was lost ({e.code().name}: {e.details()})")
         except Exception as e:  # a bug or the store: the job ends FAILED, never stuck RUNNING
             log.exception("job %s failed in the control plane", job.job_id)
