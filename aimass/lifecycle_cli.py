@@ -750,7 +750,8 @@ def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "versions":
         listed = stubs.deployments.ListCustomModels(
-            deployments_pb2.ListCustomModelsRequest(meta=_meta(), name=args.name), **stubs.options()
+            deployments_pb2.ListCustomModelsRequest(meta=_meta(), model=common_pb2.ModelRef(name=args.name)),
+            **stubs.options(),
         )
         if args.json:
             print(as_json(listed))

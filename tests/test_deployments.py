@@ -193,7 +193,7 @@ def reason_of(err: grpc.aio.AioRpcError) -> str:
 
 async def listed(plane: Plane, tenant: str, name: str = "") -> Sequence[deployments_pb2.CustomModel]:
     response = await plane.stub().ListCustomModels(
-        S.ListCustomModelsRequest(name=name), metadata=as_tenant(tenant), timeout=5
+        S.ListCustomModelsRequest(model=common_pb2.ModelRef(name=name)), metadata=as_tenant(tenant), timeout=5
     )
     return list(response.models)
 
@@ -363,7 +363,7 @@ async def test_another_tenants_model_is_not_found_like_one_that_does_not_exist(p
 
     async def answers(tenant: tuple[tuple[str, str], ...], name: str) -> list[tuple[grpc.StatusCode, str]]:
         calls = [
-            stub.ListCustomModels(S.ListCustomModelsRequest(name=name), metadata=tenant),
+            stub.ListCustomModels(S.ListCustomModelsRequest(model=common_pb2.ModelRef(name=name)), metadata=tenant),
             stub.DeployModel(S.DeployModelRequest(model=ref(name, "1")), metadata=tenant),
             stub.PromoteModel(S.PromoteModelRequest(model=ref(name, "1")), metadata=tenant),
             stub.RollbackModel(S.RollbackModelRequest(model=ref(name)), metadata=tenant),
@@ -424,7 +424,9 @@ async def test_listing_shows_lineage_evaluation_and_the_method_that_serves(plane
     assert parts.versions[0].base_model == image.base_model == "efficientnet-lite0"
 
     err = await refused(
-        plane.stub().ListCustomModels(S.ListCustomModelsRequest(name="nope"), metadata=as_tenant("acme"))
+        plane.stub().ListCustomModels(
+            S.ListCustomModelsRequest(model=common_pb2.ModelRef(name="nope")), metadata=as_tenant("acme")
+        )
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
 

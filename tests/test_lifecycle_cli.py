@@ -425,7 +425,7 @@ class TestDeploymentServer(deployments_pb2_grpc.DeploymentServiceServicer):
         context: Context,
     ) -> deployments_pb2.ListCustomModelsResponse:
         await refuse_without_key(context)
-        models = [self.model] if request.name in ("", self.model.name) else []
+        models = [self.model] if request.model.name in ("", self.model.name) else []
         return deployments_pb2.ListCustomModelsResponse(models=models)
 
     async def DeployModel(

@@ -220,7 +220,9 @@ def test_versions_canary_promote_and_rollback_lose_no_request(
     second = train(acme, "support-tickets", "ticket-router", seed=7, epochs=30)
     assert second.model_version == "2" and second.evaluation.previous_version == "1"
     deployments = deployments_pb2_grpc.DeploymentServiceStub(acme)
-    models = deployments.ListCustomModels(deployments_pb2.ListCustomModelsRequest(name="ticket-router")).models
+    models = deployments.ListCustomModels(
+        deployments_pb2.ListCustomModelsRequest(model=common_pb2.ModelRef(name="ticket-router"))
+    ).models
     assert [v.version for v in models[0].versions] == ["1", "2"]
     assert models[0].versions[1].dataset.name == "support-tickets" and models[0].versions[1].job_id == second.job_id
     # Canary: 10 % of requests (by request id) on version 2.
@@ -269,7 +271,9 @@ def test_versions_canary_promote_and_rollback_lose_no_request(
     for caller in callers:
         caller.join()
     assert set(outcomes) <= {"1", "2"} and outcomes["1"] and outcomes["2"], outcomes
-    after = deployments.ListCustomModels(deployments_pb2.ListCustomModelsRequest(name="ticket-router")).models[0]
+    after = deployments.ListCustomModels(
+        deployments_pb2.ListCustomModelsRequest(model=common_pb2.ModelRef(name="ticket-router"))
+    ).models[0]
     assert after.deployment.default_version == "1" and not after.deployment.canary_version
 
 

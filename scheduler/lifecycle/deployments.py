@@ -188,11 +188,11 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
         self, request: deployments_pb2.ListCustomModelsRequest, context: Context
     ) -> deployments_pb2.ListCustomModelsResponse:
         owner = _tenant()
-        if request.name:
-            check_name("model", request.name)
-        records = await asyncio.to_thread(self.store.model_versions, owner, request.name or None)
-        if request.name and not records:
-            raise _no_model(request.name)
+        if request.model.name:
+            check_name("model", request.model.name)
+        records = await asyncio.to_thread(self.store.model_versions, owner, request.model.name or None)
+        if request.model.name and not records:
+            raise _no_model(request.model.name)
         by_name: dict[str, list[ModelVersionRecord]] = {}
         for record in records:
             by_name.setdefault(record.name, []).append(record)
