@@ -110,11 +110,13 @@ class DatasetServicer(datasets_pb2_grpc.DatasetServiceServicer):
                 retry_after_ms=-1,
                 pushback_ms=-1,
             )
-        if used + header.size_bytes > quota:
+        # An upload stops as soon as it passes what the quota leaves, unless the header names bytes the tenant holds
+        # already (a new name or a re-upload of the same file costs nothing; the store checks exactly at the end).
+        owned = await self._owns_blob(owner, header.sha256.lower())
+        if not owned and used + header.size_bytes > quota:
             raise quota_refusal(used, quota, header.size_bytes)
-        sha256, size = await self._receive(
-            request_iterator, header, max_bytes=min(limit, max(quota - used, 0)), used=used
-        )
+        room = quota if owned else max(quota - used, 0)
+        sha256, size = await self._receive(request_iterator, header, max_bytes=min(limit, room), used=used)
         async with self._blob_locks[sha256]:
             try:
                 return await self._record(owner, header, sha256, size)
@@ -227,6 +229,12 @@ class DatasetServicer(datasets_pb2_grpc.DatasetServiceServicer):
             report=parsed.report,
             already_existed=already,
         )
+
+    async def _owns_blob(self, owner: str, sha256: str) -> bool:
+        if not sha256:
+            return False
+        summaries = await asyncio.to_thread(self.store.visible_datasets, owner)
+        return any(v.sha256 == sha256 for s in summaries if s.owner == owner for v in s.versions)
 
     async def _forget_blob(self, sha256: str) -> None:
         """Removes a blob no dataset version or model refers to (what a refused upload left)."""
