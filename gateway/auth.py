@@ -29,7 +29,7 @@ import prometheus_client
 
 from aimass.runtime.config import AuthConfig, TenantsConfig
 from aimass.runtime.errors import AimassError, PermissionDenied, Unauthenticated
-from aimass.runtime.interceptors import AroundInterceptor, Context, abort_with, rule_for
+from aimass.runtime.interceptors import AroundInterceptor, Context, rule_for
 from aimass.runtime.metadata import metadata_values, tenant_of
 from aimass.runtime.scope import RequestScope, deadline_of, entered, priority_named
 from aimass.runtime.tasks import cancel_and_wait
@@ -307,7 +307,7 @@ class ApiKeyInterceptor(AroundInterceptor):
         except AimassError as err:
             AUTH_REFUSED.labels(err.reason).inc()
             self._audit_refusal(method, context, err)
-            await abort_with(context, method, err)
+            raise  # wrap_handler answers it, after reading what is left of a client stream
         lease = None
         if limits is not None:
             try:
@@ -316,7 +316,7 @@ class ApiKeyInterceptor(AroundInterceptor):
                 )
             except AimassError as err:
                 QUOTA_REFUSED.labels(err.metadata.get("quota", "")).inc()
-                await abort_with(context, method, err)
+                raise
         try:
             with entered(scope):
                 yield

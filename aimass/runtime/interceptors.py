@@ -101,33 +101,47 @@ def wrap_handler(
 
     def unary_response(behavior: Behavior) -> Behavior:
         async def run(request: Any, context: Context) -> Any:
-            async with around(method, context):
-                try:
-                    if not bounded:
-                        return await behavior(arguments(request), context)
-                    async with asyncio.timeout_at(held_deadline()):
-                        return await behavior(arguments(request), context)
-                except Exception:
-                    if drains:
-                        await _drain(request)
-                    raise
+            started = False
+            try:
+                async with around(method, context):
+                    started = True
+                    try:
+                        if not bounded:
+                            return await behavior(arguments(request), context)
+                        async with asyncio.timeout_at(held_deadline()):
+                            return await behavior(arguments(request), context)
+                    except Exception:
+                        if drains:
+                            await _drain(request)
+                        raise
+            except Exception as exc:
+                if not started:
+                    await _refused(method, context, exc, request if client_streaming else None)
+                raise
 
         return run
 
     def stream_response(behavior: Behavior) -> Behavior:
         # Must itself be an async generator function: grpc.aio inspects it to pick how to read the responses.
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with around(method, context):
-                try:
-                    responses = _stream_of(behavior(arguments(request), context))
-                    if bounded:
-                        responses = _until(responses, held_deadline())
-                    async for item in responses:
-                        yield item
-                except Exception:
-                    if drains:
-                        await _drain(request)
-                    raise
+            started = False
+            try:
+                async with around(method, context):
+                    started = True
+                    try:
+                        responses = _stream_of(behavior(arguments(request), context))
+                        if bounded:
+                            responses = _until(responses, held_deadline())
+                        async for item in responses:
+                            yield item
+                    except Exception:
+                        if drains:
+                            await _drain(request)
+                        raise
+            except Exception as exc:
+                if not started:
+                    await _refused(method, context, exc, request if client_streaming else None)
+                raise
 
         return run
 
@@ -189,6 +203,16 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
             for _ in range(DRAIN_MESSAGES):
                 if await anext(aiter(requests), None) is None:
                     return
+
+
+async def _refused(method: str, context: Context, exc: Exception, requests: AsyncIterator[Any] | None) -> None:
+    """A call an interceptor refused before its handler ran (a key without the scope, a full server): what is left
+    of a client stream is read first (see ``_drain``; after an abort it could no longer be), then an AimassError
+    goes out as its status."""
+    if requests is not None:
+        await _drain(requests)
+    if isinstance(exc, AimassError):
+        await abort_with(context, method, exc)
 
 
 async def _until(items: AsyncIterator[Any], deadline: float | None) -> AsyncIterator[Any]:
@@ -426,7 +450,7 @@ class AdmissionInterceptor(AroundInterceptor):
         refusal = pool.refusal(holder, method)
         if refusal is not None:
             REJECTED.labels(refusal.reason).inc()
-            await abort_with(context, method, refusal)
+            raise refusal  # wrap_handler answers it, after reading what is left of a client stream
         pool.take(holder)
         self.inflight_by_method[method] += 1
         INFLIGHT.inc()
