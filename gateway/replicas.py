@@ -108,6 +108,18 @@ class ReplicaSet:
             key=lambda r: r.instance.instance_id,
         )
 
+    def control_plane(self, service: str) -> Replica | None:
+        """The control-plane process serving ``service`` now (the active scheduler: one standing by is listed
+        NOT_SERVING), or None."""
+        return next(
+            (
+                r
+                for r in sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id)
+                if r.instance.kind in self.skip_kinds and service in r.instance.services
+            ),
+            None,
+        )
+
     def get(self, instance_id: str) -> Replica | None:
         return self._by_instance.get(instance_id)
 
