@@ -24,6 +24,8 @@ from gateway.forwarder import relay_error
 from gateway.replicas import ReplicaSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# How long a load waits for a scheduler to be listed (one restarting registers again within a few heartbeats).
+SCHEDULER_WAIT_S = 15.0
 
 
 class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
@@ -58,13 +60,16 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
 
     # -- load and unload: the controller's ----------------------------------------------------------------------
 
-    def _controller(self) -> models_pb2_grpc.ModelServiceAsyncStub:
-        """The active scheduler, as the registry lists it (one standing by is listed NOT_SERVING)."""
-        scheduler = self.replicas.control_plane(MODEL_SERVICE)
+    async def _controller(self, context: Context) -> models_pb2_grpc.ModelServiceAsyncStub:
+        """The active scheduler, as the registry lists it (one standing by is listed NOT_SERVING); one restarting or
+        taking over is waited for a while, within the call's deadline."""
+        remaining = time_remaining(context)
+        wait_s = SCHEDULER_WAIT_S if remaining is None else min(SCHEDULER_WAIT_S, remaining)
+        scheduler = await self.replicas.wait_for_control_plane(MODEL_SERVICE, wait_s)
         if scheduler is None:
             raise Unavailable(
-                "models are loaded and unloaded by the scheduler, and no scheduler serves now (one may be taking "
-                "over); retry in a moment, or check `aimass status`",
+                "models are loaded and unloaded by the scheduler, and no scheduler has served for "
+                f"{wait_s:.0f} s (one may be taking over); retry in a moment, or check `aimass status`",
                 reason="NO_SCHEDULER",
             )
         return models_pb2_grpc.ModelServiceStub(scheduler.channel)
@@ -74,7 +79,7 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
         return (*forwarded_metadata(context), (CALLER_PEER_KEY, context.peer()))
 
     async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
-        controller = self._controller()
+        controller = await self._controller(context)
         try:
             answer: models_pb2.LoadModelResponse = await controller.LoadModel(
                 request, timeout=time_remaining(context), metadata=self._metadata(context)
@@ -87,7 +92,7 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
     async def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.UnloadModelResponse:
-        controller = self._controller()
+        controller = await self._controller(context)
         try:
             answer: models_pb2.UnloadModelResponse = await controller.UnloadModel(
                 request, timeout=time_remaining(context), metadata=self._metadata(context)
