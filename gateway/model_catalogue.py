@@ -9,7 +9,8 @@ scheduler with the caller's verified scope, as it forwards every call, and relay
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -18,12 +19,13 @@ from aimass.runtime.errors import Unavailable
 from aimass.runtime.mesh_catalogue import REPLICA_TIMEOUT_S, MeshCatalogue, ModelHolder
 from aimass.runtime.metadata import CALLER_PEER_KEY
 from aimass.runtime.replica import MODEL_SERVICE
-from aimass.runtime.scope import forwarded_metadata, time_remaining
+from aimass.runtime.scope import Metadata, forwarded_metadata, time_remaining
 from aimass.v1 import models_pb2, models_pb2_grpc
 from gateway.forwarder import relay_error
 from gateway.replicas import ReplicaSet
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 # How long a load waits for a scheduler to be listed (one restarting registers again within a few heartbeats).
 SCHEDULER_WAIT_S = 15.0
 
@@ -43,8 +45,7 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
         self, request: models_pb2.ListModelsRequest, context: Context
     ) -> models_pb2.ListModelsResponse:
         # Replicas apply the filters (loaded_only included, as only they know); applying them again here keeps the
-        # answer right whatever a replica sent back.
-        # The caller's request id and trace context follow the question to every replica.
+        # answer right whatever a replica sent back. The caller's request id and trace context follow the question.
         found = await self.catalogue.list(
             request, remaining=time_remaining(context), metadata=forwarded_metadata(context)
         )
@@ -74,30 +75,29 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
             )
         return models_pb2_grpc.ModelServiceStub(scheduler.channel)
 
-    def _metadata(self, context: Context) -> tuple[tuple[str, str | bytes], ...]:
-        # The caller's verified scope (the scheduler audits under its tenant and key) and where it called from.
-        return (*forwarded_metadata(context), (CALLER_PEER_KEY, context.peer()))
-
-    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+    async def _on_controller(
+        self,
+        call: Callable[[models_pb2_grpc.ModelServiceAsyncStub, float | None, Metadata], Awaitable[T]],
+        context: Context,
+    ) -> T:
+        """``call`` on the active scheduler with the caller's verified scope (the scheduler audits under its tenant
+        and key) and where the caller called from; its error, trailers included, is the caller's."""
         controller = await self._controller(context)
+        metadata = (*forwarded_metadata(context), (CALLER_PEER_KEY, context.peer()))
         try:
-            answer: models_pb2.LoadModelResponse = await controller.LoadModel(
-                request, timeout=time_remaining(context), metadata=self._metadata(context)
-            )
+            return await call(controller, time_remaining(context), metadata)
         except grpc.aio.AioRpcError as err:
             await relay_error(context, err)
             raise AssertionError("unreachable") from err
-        return answer
+
+    async def LoadModel(self, request: models_pb2.LoadModelRequest, context: Context) -> models_pb2.LoadModelResponse:
+        return await self._on_controller(
+            lambda stub, timeout, metadata: stub.LoadModel(request, timeout=timeout, metadata=metadata), context
+        )
 
     async def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: Context
     ) -> models_pb2.UnloadModelResponse:
-        controller = await self._controller(context)
-        try:
-            answer: models_pb2.UnloadModelResponse = await controller.UnloadModel(
-                request, timeout=time_remaining(context), metadata=self._metadata(context)
-            )
-        except grpc.aio.AioRpcError as err:
-            await relay_error(context, err)
-            raise AssertionError("unreachable") from err
-        return answer
+        return await self._on_controller(
+            lambda stub, timeout, metadata: stub.UnloadModel(request, timeout=timeout, metadata=metadata), context
+        )
