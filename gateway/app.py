@@ -1,6 +1,7 @@
 """The gateway process, the mesh's front door: verifies every caller's API key, applies its tenant's scopes and
-quotas, and forwards aimass.v1 calls to replicas over mesh mTLS; serves the mesh-wide ModelService and the
-AdminService (keys, tenants, audit) over the shared store."""
+quotas, and forwards aimass.v1 calls to replicas over mesh mTLS (and the control plane's public calls, model loads
+included, to the active scheduler); serves the mesh's model catalogue and the AdminService (keys, tenants, audit)
+over the shared store."""
 
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ from grpc_health.v1 import health
 from aimass.runtime import tracing
 from aimass.runtime.config import GatewayConfig, Settings
 from aimass.runtime.discovery import CONTROL_PLANE_SERVICES, make_registry
-from aimass.runtime.identity import ROLE_GATEWAY, ROLE_SCHEDULER, mesh_channel, process_credentials
+from aimass.runtime.identity import ROLE_GATEWAY, process_credentials
 from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, message_options, serve_process
 from aimass.store.sql import SqlStore
 from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import TenantQuotas
-from aimass.v1 import admin_pb2_grpc, models_pb2, models_pb2_grpc, scheduler_pb2_grpc
+from aimass.v1 import admin_pb2_grpc, models_pb2, models_pb2_grpc
 from gateway.admin import AdminServicer
 from gateway.auth import ApiKeyInterceptor, KeyVerifier
 from gateway.forwarder import Forwarder
-from gateway.models import MeshModelServicer
+from gateway.model_catalogue import ModelCatalogueServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
 from gateway.view import LoadView, ViewWatcher
@@ -122,7 +123,6 @@ class GatewayApp:
         self.auth = ApiKeyInterceptor(
             self.verifier, self.quotas, self.audit, usage=self.view.tenant_usage, tenants=settings.tenants
         )
-        self._scheduler_channel: grpc.aio.Channel | None = None
         self._health: health.aio.HealthServicer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
 
@@ -138,15 +138,8 @@ class GatewayApp:
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
-        scheduler = None
-        if self.settings.scheduler.address:
-            self._scheduler_channel = mesh_channel(
-                self.settings.scheduler.address, self.credentials, server_role=ROLE_SCHEDULER
-            )
-            scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._scheduler_channel)
-        models_pb2_grpc.add_ModelServiceServicer_to_server(
-            MeshModelServicer(self.replicas, scheduler=scheduler, audit=self.audit), server
-        )
+        # The catalogue; loads and unloads go to the scheduler, which decides and applies them.
+        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelCatalogueServicer(self.replicas), server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store, self.verifier, self.audit), server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         server.add_generic_rpc_handlers((self.forwarder,))
@@ -187,8 +180,6 @@ class GatewayApp:
         # The runner closes the registry itself (it is this process's Registry too).
         if self.view_watcher is not None:
             await self.view_watcher.close()
-        if self._scheduler_channel is not None:
-            await self._scheduler_channel.close()
         await self.replicas.close()
         if self.verifier is not None:
             await self.verifier.close()

@@ -37,14 +37,8 @@ from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.config import GatewayConfig
 from aimass.runtime.errors import AimassError
 from aimass.runtime.interceptors import Handler
-from aimass.runtime.metadata import (
-    INTERNAL_PREFIX,
-    REQUEST_ID_KEY,
-    TENANT_KEY,
-    new_request_id,
-    request_id_of,
-)
-from aimass.runtime.scope import current_scope, time_remaining
+from aimass.runtime.metadata import TENANT_KEY
+from aimass.runtime.scope import Metadata, current_scope, forwarded_metadata, time_remaining
 from gateway.model_routing import model_field_number, requested_model
 from gateway.poison import (
     CrashRecord,
@@ -62,7 +56,6 @@ from gateway.router import ExplainsChoice, Router
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[bytes, bytes]
-Metadata = tuple[tuple[str, str | bytes], ...]
 
 ROUTED = Counter(
     "aimass_gateway_routed_total",
@@ -88,29 +81,6 @@ POISON_REFUSALS = Counter(
 )
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
-
-# Transport headers that grpc sets per hop, and the caller's credentials (verified here, never passed on); everything
-# else the caller sent (traceparent, x-request-id, its own labels) passes through, except the mesh's own x-aimass-*
-# headers, which the gateway writes from the call's verified scope.
-HOP_BY_HOP = frozenset(
-    {"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
-    | {"authorization", "x-api-key"}
-)
-
-
-def forwarded_metadata(context: Context) -> Metadata:
-    """The caller's metadata minus per-hop headers, credentials and x-aimass-* headers, plus the call's verified
-    scope (tenant, weight, priority cap, key id) and a request id when the caller sent none."""
-    incoming = context.invocation_metadata() or ()
-    kept: Metadata = tuple(
-        (key, value)
-        for key, value in incoming
-        if not key.startswith(":") and key not in HOP_BY_HOP and not key.startswith(INTERNAL_PREFIX)
-    )
-    scope = current_scope().metadata()
-    if request_id_of(incoming):
-        return (*kept, *scope)
-    return (*kept, *scope, (REQUEST_ID_KEY, new_request_id()))
 
 
 def with_tenant(trailers: Metadata) -> Metadata:

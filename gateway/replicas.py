@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,8 @@ class ReplicaSet:
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self.first_view = asyncio.Event()
+        # Set (and replaced) on every new view: waiters for something the view lacks wake up to look again.
+        self._changed = asyncio.Event()
         # Gateways serving now (this one included once it has registered): tenants' quotas are shared among them.
         self.gateways = 0
 
@@ -107,6 +110,31 @@ class ReplicaSet:
             (r for r in self._by_instance.values() if r.instance.kind not in self.skip_kinds),
             key=lambda r: r.instance.instance_id,
         )
+
+    def control_plane(self, service: str) -> Replica | None:
+        """The control-plane process serving ``service`` now (the active scheduler: one standing by is listed
+        NOT_SERVING), or None."""
+        return next(
+            (
+                r
+                for r in sorted(self._by_instance.values(), key=lambda r: r.instance.instance_id)
+                if r.instance.kind in self.skip_kinds and service in r.instance.services
+            ),
+            None,
+        )
+
+    async def wait_for_control_plane(self, service: str, timeout_s: float) -> Replica | None:
+        """``control_plane(service)``, waiting up to ``timeout_s`` for the registry to list one (a scheduler that
+        restarts or takes over is listed again within a few heartbeats)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (found := self.control_plane(service)) is None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return found
 
     def get(self, instance_id: str) -> Replica | None:
         return self._by_instance.get(instance_id)
@@ -148,6 +176,8 @@ class ReplicaSet:
                 if not control_plane or service in self.control_plane_services:
                     by_service.setdefault(service, []).append(replica)
         self.by_service = by_service
+        self._changed.set()
+        self._changed = asyncio.Event()
         if self.on_change is not None:
             self.on_change(by_service)
 

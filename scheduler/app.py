@@ -2,8 +2,9 @@
 registry (the default), aimass.v1.RegistryService; follows the registry; expires silent reporters.
 
 Both services sit behind mesh mTLS (``SCHEDULER_POLICY``): replicas and gateways register themselves, replicas report
-their load and node agents their devices (each only for its own identity), gateways watch the view and place
-models, operators read. The registry is never on the public port.
+their load and node agents their devices (each only for its own identity), gateways watch the view and forward
+model loads and unloads (ModelService LoadModel/UnloadModel, which the scheduler places and applies on replicas:
+scheduler/model_loading.py), operators read. The registry is never on the public port.
 
 With the Consul registry several schedulers may run: the one holding the Consul leader lock is active, the others
 stand by (SchedulerService health NOT_SERVING, listed NOT_SERVING, every call answered UNAVAILABLE) and take over
@@ -41,16 +42,19 @@ from aimass.runtime.identity import (
     process_credentials,
 )
 from aimass.runtime.interceptors import ScopeInterceptor
+from aimass.runtime.replica import MODEL_SERVICE
 from aimass.runtime.server import Listener, ServerRunner, mesh_listener, serve_process
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.blobs import BlobStore
 from aimass.store.records import now_ms
 from aimass.store.sql import SqlStore
+from aimass.tenancy.audit import AuditLog
 from aimass.v1 import (
     datasets_pb2_grpc,
     deployments_pb2_grpc,
     lifecycle_pb2_grpc,
     models_pb2,
+    models_pb2_grpc,
     registry_pb2_grpc,
     scheduler_pb2,
     scheduler_pb2_grpc,
@@ -63,6 +67,7 @@ from scheduler.lifecycle.deployments import DeploymentServicer
 from scheduler.lifecycle.job_placement import TRAINER_KIND
 from scheduler.lifecycle.jobs import JobController, TrainingServicer
 from scheduler.lifecycle.replica_sync import ReplicaSync
+from scheduler.model_loading import ModelLoadingServicer
 from scheduler.service import Context, SchedulerServicer, SchedulerState
 
 if TYPE_CHECKING:
@@ -87,6 +92,9 @@ SCHEDULER_POLICY = MeshPolicy(
         f"/{SCHEDULER_SERVICE}/PlaceModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/EvictModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/GetPlacement": (ROLE_GATEWAY, ROLE_OPERATOR),
+        # Loads and unloads: public calls the gateway forwards (models:admin checked there) with the caller's scope.
+        f"/{MODEL_SERVICE}/LoadModel": (ROLE_GATEWAY,),
+        f"/{MODEL_SERVICE}/UnloadModel": (ROLE_GATEWAY,),
         # Tenants' own models: public calls the gateway forwards with the caller's verified tenant.
         **{f"/{service}/": (ROLE_GATEWAY,) for service in CONTROL_PLANE_SERVICES},
         # Dataset files and trained heads: trainers fetch datasets and store what they trained; replicas fetch heads.
@@ -182,6 +190,7 @@ class SchedulerApp:
             self.registry = make_registry(registry_config, credentials=self.credentials)
         self.service_names: tuple[str, ...] = (
             *((SCHEDULER_SERVICE, REGISTRY_SERVICE) if self.embedded is not None else (SCHEDULER_SERVICE,)),
+            MODEL_SERVICE,
             *sorted(CONTROL_PLANE_SERVICES),
         )
         # Several schedulers against one Consul: the lock decides which one is active.
@@ -197,6 +206,8 @@ class SchedulerApp:
         self.active = self.leader is None
         # Today's LLM tokens per tenant outlive the process (daily quotas): kept in the store every gateway reads.
         self.store = SqlStore(settings.store_url, busy_timeout_s=settings.store.busy_timeout_s)
+        # Admin actions taken here (model loads and unloads), in the audit log every gateway reads.
+        self.audit = AuditLog(self.store, coalesce_s=settings.auth.audit_coalesce_s)
         self.usage_save_s = max(config.report_interval_s, 1.0)
         self.audit_retention_ms = settings.auth.audit_retention_days * 86_400_000
         self._tasks: list[asyncio.Task[None]] = []
@@ -238,15 +249,30 @@ class SchedulerApp:
             DeploymentServicer(self.store, self.blobs, self.replica_sync), server
         )
         lifecycle_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(self.blobs, self.max_blob_bytes), server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelLoadingServicer(
+                self.state,
+                self.model_replicas,
+                self.channels.channel_for,
+                audit=self.audit,
+                standby=self.standby_reason,
+            ),
+            server,
+        )
 
     def mesh_instances(self) -> list[Instance]:
         """Replicas and trainers serving now, as the registry lists them."""
         return [i for i in self.state.instances.values() if i.serving]
 
+    def model_replicas(self) -> list[Instance]:
+        """Replicas serving now, the holders of models (trainers hold none)."""
+        return [i for i in self.mesh_instances() if i.kind != TRAINER_KIND]
+
     async def load(self) -> None:
         if self.embedded is not None:
             self.embedded.start()
         await asyncio.to_thread(self.store.migrate)
+        self.audit.start()
         await self._load_usage()
         await self.jobs.start()
         self.replica_sync.start()
@@ -365,6 +391,7 @@ class SchedulerApp:
         await self.jobs.close()
         await self.replica_sync.close()
         await self.channels.close()
+        await self.audit.close()
         if self.leader is not None:
             await self.leader.resign()
         await self.registry.close()

@@ -280,6 +280,43 @@ class SchedulerState:
             if load.model.name == model.name and load.device_id == device_id
         )
 
+    # -- placement decisions (PlaceModel/EvictModel, and the loads scheduler/model_loading.py applies) -------------
+
+    async def place(self, request: scheduler_pb2.PlaceModelRequest) -> scheduler_pb2.PlaceModelResponse:
+        """Places ``request.model`` against the latest readings (best fit, LRU eviction when allowed); the table
+        holds the reservation until load reports confirm it or ``evict`` drops it."""
+        try:
+            result = self.table.place(
+                request.model,
+                request.required_bytes,
+                self.devices(request.model.name),
+                target=request.target if request.HasField("target") else None,
+                allow_eviction=request.allow_eviction,
+                is_busy=self.is_busy,
+                now_ms=now_ms(),
+                budget_bytes=self.model_budgets.get(request.modality),
+                modality=request.modality,
+            )
+        except AimassError as err:
+            PLACEMENTS.labels(err.reason.lower()).inc()
+            raise
+        PLACEMENTS.labels("already_placed" if result.already_placed else "placed").inc()
+        if result.evicted:
+            EVICTIONS.labels("lru").inc(len(result.evicted))
+        await self.changed()
+        return result.to_proto()
+
+    async def evict(self, request: scheduler_pb2.EvictModelRequest) -> scheduler_pb2.EvictModelResponse:
+        """Drops the placements of ``request.model`` (narrowed by its target)."""
+        if not request.model.name:
+            raise InvalidArgument("model.name is required", reason="NO_MODEL")
+        evicted = self.table.evict(request.model, request.target if request.HasField("target") else None)
+        if evicted:
+            EVICTIONS.labels(request.reason or "unspecified").inc(len(evicted))
+            log.info("evicted %d placement(s) of %s: %s", len(evicted), request.model.name, request.reason or "-")
+            await self.changed()
+        return scheduler_pb2.EvictModelResponse(evicted=evicted, freed_bytes=sum(p.bytes for p in evicted))
+
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, state: SchedulerState, *, registry: InMemoryRegistry | None = None) -> None:
@@ -332,38 +369,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def PlaceModel(
         self, request: scheduler_pb2.PlaceModelRequest, context: Context
     ) -> scheduler_pb2.PlaceModelResponse:
-        try:
-            result = self.state.table.place(
-                request.model,
-                request.required_bytes,
-                self.state.devices(request.model.name),
-                target=request.target if request.HasField("target") else None,
-                allow_eviction=request.allow_eviction,
-                is_busy=self.state.is_busy,
-                now_ms=now_ms(),
-                budget_bytes=self.state.model_budgets.get(request.modality),
-                modality=request.modality,
-            )
-        except AimassError as err:
-            PLACEMENTS.labels(err.reason.lower()).inc()
-            raise
-        PLACEMENTS.labels("already_placed" if result.already_placed else "placed").inc()
-        if result.evicted:
-            EVICTIONS.labels("lru").inc(len(result.evicted))
-        await self.state.changed()
-        return result.to_proto()
+        return await self.state.place(request)
 
     async def EvictModel(
         self, request: scheduler_pb2.EvictModelRequest, context: Context
     ) -> scheduler_pb2.EvictModelResponse:
-        if not request.model.name:
-            raise InvalidArgument("model.name is required", reason="NO_MODEL")
-        evicted = self.state.table.evict(request.model, request.target if request.HasField("target") else None)
-        if evicted:
-            EVICTIONS.labels(request.reason or "unspecified").inc(len(evicted))
-            log.info("evicted %d placement(s) of %s: %s", len(evicted), request.model.name, request.reason or "-")
-            await self.state.changed()
-        return scheduler_pb2.EvictModelResponse(evicted=evicted, freed_bytes=sum(p.bytes for p in evicted))
+        return await self.state.evict(request)
 
     async def GetPlacement(
         self, request: scheduler_pb2.GetPlacementRequest, context: Context

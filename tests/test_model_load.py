@@ -12,8 +12,11 @@ import pytest
 
 from aimass.client import error_info
 from aimass.local_mesh import LocalMesh
+from aimass.runtime.identity import ROLE_SCHEDULER
+from aimass.store.sql import SqlStore
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc, nlp_pb2, nlp_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from tests.conftest import start_mesh
+from tests.security import as_gateway_sync, settings
 
 MIB = 2**20
 ENTITIES = "/aimass.v1.NlpService/Entities"
@@ -226,5 +229,62 @@ def test_a_load_logs_where_it_placed_the_model(
         while line not in two_nlp.log_text()[logged_from:]:
             assert time.monotonic() < deadline, f"the gateway never logged {line!r}"
             time.sleep(0.1)
+    finally:
+        models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader"), target=on_first), timeout=60)
+
+
+def test_the_scheduler_places_applies_and_audits_loads_on_its_own(
+    two_nlp: LocalMesh, models: models_pb2_grpc.ModelServiceStub, scheduler: scheduler_pb2_grpc.SchedulerServiceStub
+) -> None:
+    """The scheduler is the controller: an unload and a load sent to it as a gateway forwards them (the gateway's
+    certificate, the caller's verified scope, no gateway in between) are placed, applied on the replica and audited
+    there under the caller's tenant and key; a replica takes loads and unloads from the scheduler only."""
+    info = describe(models, "vader")
+    first = sorted(r.instance_id for r in info.replicas)[0]
+    address = next(r.address for r in info.replicas if r.instance_id == first)
+    on_first = models_pb2.PlacementTarget(instance_id=first)
+    scope = (
+        ("x-aimass-tenant", "controller-test"),
+        ("x-aimass-key-id", "ctl-key-1"),
+        ("x-aimass-caller-peer", "ipv4:10.1.2.3:45678"),
+    )
+    since = int(time.time() * 1000) - 1000
+    try:
+        with as_gateway_sync(two_nlp.scheduler, ROLE_SCHEDULER) as opened:
+            controller = models_pb2_grpc.ModelServiceStub(opened)
+            unloaded = controller.UnloadModel(
+                models_pb2.UnloadModelRequest(model=ref("vader"), target=on_first), timeout=30, metadata=scope
+            )
+            assert [r.instance_id for r in unloaded.unloaded] == [first]
+            placements_until(scheduler, "vader", lambda found: first not in {p.instance_id for p in found})
+            loaded = controller.LoadModel(
+                models_pb2.LoadModelRequest(model=ref("vader"), target=on_first), timeout=60, metadata=scope
+            )
+            assert loaded.replica.instance_id == first and loaded.replica.loaded and not loaded.already_loaded
+        placements_until(
+            scheduler,
+            "vader",
+            lambda found: any(
+                p.instance_id == first and p.state == scheduler_pb2.PLACEMENT_STATE_LOADED for p in found
+            ),
+        )
+        # Written before the answers: in the store at once, with the caller's tenant, key and address.
+        store = SqlStore.open(settings().store_url)
+        try:
+            events = store.list_audit(since_unix_ms=since, tenant_id="controller-test", action_prefix="models.")
+        finally:
+            store.close()
+        assert [(e.action, e.target, e.outcome, e.key_id, e.peer) for e in reversed(events)] == [
+            ("models.unload", "vader", "ok", "ctl-key-1", "10.1.2.3"),
+            ("models.load", "vader", "ok", "ctl-key-1", "10.1.2.3"),
+        ]
+        # A gateway may no longer load on a replica itself.
+        with as_gateway_sync(address, "nlp") as opened:
+            err = rpc_error(
+                models_pb2_grpc.ModelServiceStub(opened).LoadModel,
+                models_pb2.LoadModelRequest(model=ref("vader"), target=on_first),
+            )
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "may not call /aimass.v1.ModelService/LoadModel; it is for scheduler" in (err.details() or "")
     finally:
         models.LoadModel(models_pb2.LoadModelRequest(model=ref("vader"), target=on_first), timeout=60)

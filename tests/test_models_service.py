@@ -17,7 +17,7 @@ from aimass.runtime.discovery import InMemoryRegistry, Instance
 from aimass.runtime.errors import InvalidArgument, NotFound
 from aimass.runtime.interceptors import ErrorMappingInterceptor
 from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
-from gateway.models import MeshModelServicer
+from gateway.model_catalogue import ModelCatalogueServicer
 from gateway.replicas import ReplicaSet
 from tests.security import as_gateway_sync, credentials, key_for
 
@@ -155,7 +155,7 @@ async def live_and_dead() -> AsyncIterator[ReplicaSet]:
 async def test_gateway_leaves_out_a_replica_that_does_not_answer(
     live_and_dead: ReplicaSet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    servicer = MeshModelServicer(live_and_dead, replica_timeout_s=2.0)
+    servicer = ModelCatalogueServicer(live_and_dead, replica_timeout_s=2.0)
     context = cast(Any, FakeContext())
     listed = await servicer.ListModels(models_pb2.ListModelsRequest(), context)
     assert [m.name for m in listed.models] == ["vader"]

@@ -20,6 +20,8 @@ TENANT_KEY: Final = "x-aimass-tenant"
 TENANT_WEIGHT_KEY: Final = "x-aimass-tenant-weight"
 MAX_PRIORITY_KEY: Final = "x-aimass-max-priority"
 KEY_ID_KEY: Final = "x-aimass-key-id"
+# The address a forwarded admin call came from (the gateway's caller), for the audit log of the process applying it.
+CALLER_PEER_KEY: Final = "x-aimass-caller-peer"
 # Trailer naming the replica (its registry instance id) that answered, on success and error alike; the gateway
 # relays it untouched, so a caller sees which replica served a request that went through the gateway.
 REPLICA_KEY: Final = "x-aimass-replica"

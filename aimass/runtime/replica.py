@@ -54,9 +54,12 @@ class ReplicaRole:
 
     @property
     def policy(self) -> MeshPolicy:
-        """Gateways call every method a replica serves; the scheduler, its ``scheduler_services`` alone; nothing else
+        """Gateways call every method a replica serves but loading and unloading models; the scheduler (the
+        controller) reads the catalogue, loads and unloads models, and calls its ``scheduler_services``; nothing else
         inside the mesh calls a replica."""
-        rules = {f"/{service}/": (ROLE_GATEWAY,) for service in (*self.app.service_names, MODEL_SERVICE)}
+        rules: dict[str, tuple[str, ...]] = {f"/{service}/": (ROLE_GATEWAY,) for service in self.app.service_names}
+        rules[f"/{MODEL_SERVICE}/"] = (ROLE_GATEWAY, ROLE_SCHEDULER)
+        rules.update({f"/{MODEL_SERVICE}/{method}": (ROLE_SCHEDULER,) for method in ("LoadModel", "UnloadModel")})
         if isinstance(self.app, ServesTheScheduler):
             rules.update({f"/{service}/": (ROLE_SCHEDULER,) for service in self.app.scheduler_services})
         return MeshPolicy(rules)

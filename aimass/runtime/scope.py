@@ -25,12 +25,15 @@ import grpc
 
 from aimass.runtime.errors import InvalidArgument
 from aimass.runtime.metadata import (
+    INTERNAL_PREFIX,
     KEY_ID_KEY,
     MAX_PRIORITY_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
     TENANT_WEIGHT_KEY,
     metadata_values,
+    new_request_id,
+    request_id_of,
 )
 from aimass.v1 import common_pb2
 
@@ -154,6 +157,32 @@ def _max_priority(text: str) -> int:
     return (
         value if value in PRIORITY_RANK and value != common_pb2.PRIORITY_UNSPECIFIED else common_pb2.PRIORITY_CRITICAL
     )
+
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+# Transport headers that grpc sets per hop, and the caller's credentials (verified at the gateway, never passed on);
+# everything else the caller sent (traceparent, x-request-id, its own labels) passes through, except the mesh's own
+# x-aimass-* headers, which are written from the call's verified scope.
+HOP_BY_HOP = frozenset(
+    {"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"}
+    | {"authorization", "x-api-key"}
+)
+
+
+def forwarded_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
+    """For a call made on behalf of the one being handled (the gateway forwarding it, the scheduler applying it on
+    replicas): the caller's metadata minus per-hop headers, credentials and x-aimass-* headers, plus the call's
+    verified scope (tenant, weight, priority cap, key id) and a request id when the caller sent none."""
+    incoming = context.invocation_metadata() or ()
+    kept: Metadata = tuple(
+        (key, value)
+        for key, value in incoming
+        if not key.startswith(":") and key not in HOP_BY_HOP and not key.startswith(INTERNAL_PREFIX)
+    )
+    scope = current_scope().metadata()
+    if request_id_of(incoming):
+        return (*kept, *scope)
+    return (*kept, *scope, (REQUEST_ID_KEY, new_request_id()))
 
 
 # Outside any call (and on a replica called without a gateway's metadata): nobody in particular.
