@@ -5,7 +5,7 @@ leaves behind (nothing), and what the caller is told."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -49,11 +49,10 @@ def blobs_in(root: Path) -> list[Path]:
 
 def messages(
     header: datasets_pb2.UploadDatasetHeader, chunks: Iterable[bytes]
-) -> list[datasets_pb2.UploadDatasetRequest]:
-    return [
-        datasets_pb2.UploadDatasetRequest(header=header),
-        *(datasets_pb2.UploadDatasetRequest(chunk=c) for c in chunks),
-    ]
+) -> Iterator[datasets_pb2.UploadDatasetRequest]:
+    yield datasets_pb2.UploadDatasetRequest(header=header)
+    for chunk in chunks:
+        yield datasets_pb2.UploadDatasetRequest(chunk=chunk)
 
 
 async def refused(call: object) -> grpc.aio.AioRpcError:
@@ -123,7 +122,7 @@ async def test_a_corrupted_transfer_or_a_malformed_stream_stores_nothing(
             datasets_pb2.UploadDatasetRequest(header=datasets_pb2.UploadDatasetHeader(name="again")),
         ],
     ):
-        err = await refused(stub.UploadDataset(bad, metadata=ACME))
+        err = await refused(stub.UploadDataset(iter(bad), metadata=ACME))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert err.details()
     assert blobs_in(root) == [] and store.visible_datasets("acme") == []
