@@ -60,6 +60,7 @@ bench: install
 	$(BIN)/python -m benchmarks.speech
 	$(BIN)/python -m benchmarks.llm
 	$(BIN)/python -m benchmarks.routing
+	$(BIN)/python -m benchmarks.lifecycle --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.simulator --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.tracing --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.fairness --write docs/benchmarks.md
