@@ -442,3 +442,47 @@ def test_a_trainer_killed_mid_job_leaves_the_job_requeued_and_finished(
     final = updates[-1].job
     assert final.state == training_pb2.JOB_STATE_SUCCEEDED and final.attempt == 2, (final.error, final.attempt)
     assert final.trainer_id != placed.trainer_id  # the supervisor's new trainer process finished it
+
+
+def cli(mesh: LocalMesh, key: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`aimass ARGS` as a user runs it against the mesh's gateway, with the tenant's key in $AIMASS_API_KEY."""
+    aimass = Path(sys.executable).parent / "aimass"
+    return subprocess.run(
+        [str(aimass), *args, "--gateway", mesh.gateway],
+        env={**os.environ, "AIMASS_API_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_command_line_from_upload_to_export(mesh: LocalMesh, tmp_path: Path) -> None:
+    """The issue's own commands, on the real mesh: upload (with its report), train (watching it to its metrics),
+    deploy, list versions, call by name, export."""
+    key = key_for("cli-user", TRAIN_SCOPES)
+    data = tickets_csv(tmp_path / "tickets.csv", rows=400, seed=11)
+    uploaded = cli(
+        mesh, key, "datasets", "upload", str(data), "--name", "support-tickets", "--task", "text-classification"
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert "400" in uploaded.stdout and "billing" in uploaded.stdout
+    trained = cli(mesh, key, "train", "support-tickets", "--base", "all-MiniLM-L6-v2", "--name", "ticket-router")
+    assert trained.returncode == 0, trained.stderr
+    assert "accuracy" in trained.stdout.lower() and "macro" in trained.stdout.lower()
+    deployed = cli(mesh, key, "models", "deploy", "ticket-router", "--version", "1")
+    assert deployed.returncode == 0, deployed.stderr
+    versions = cli(mesh, key, "models", "versions", "ticket-router", "--json")
+    assert versions.returncode == 0, versions.stderr
+    listed = json.loads(versions.stdout)
+    assert "ticket-router" in versions.stdout and listed
+    with mesh.channel(key) as channel:
+        reply = classify_texts(channel, "ticket-router", ["I was charged twice this month"])
+    assert reply.model.version == "1" and reply.results[0].scores[0].label == "billing"
+    out = tmp_path / "ticket-router.zip"
+    exported = cli(mesh, key, "models", "export", "ticket-router", "--version", "1", "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    with zipfile.ZipFile(out) as z:
+        assert "model.onnx" in z.namelist()
+    # A mistake reads as one line with the status and the server's words, and a non-zero exit.
+    missing = cli(mesh, key, "models", "deploy", "no-such-model", "--version", "1")
+    assert missing.returncode != 0 and "NOT_FOUND" in missing.stderr
