@@ -29,6 +29,8 @@ from aimass.v1 import (
     datasets_pb2_grpc,
     deployments_pb2,
     deployments_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
     nlp_pb2,
     nlp_pb2_grpc,
     registry_pb2,
@@ -378,6 +380,81 @@ def test_tenants_see_only_their_own_until_shared(
     acme_datasets.ShareDataset(datasets_pb2.ShareDatasetRequest(name="support-tickets", tenant="beta", revoke=True))
     err = refused(lambda: beta_datasets.DescribeDataset(datasets_pb2.DescribeDatasetRequest(dataset=theirs)))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_model_catalogue_lists_a_tenants_own_models_to_that_tenant_only(
+    mesh: LocalMesh, acme: grpc.Channel, beta: grpc.Channel, ticket_router: training_pb2.TrainingJob
+) -> None:
+    own = deployments_pb2_grpc.DeploymentServiceStub(acme).ListCustomModels(
+        deployments_pb2.ListCustomModelsRequest(model=common_pb2.ModelRef(name="ticket-router"))
+    )
+    (custom,) = own.models
+    catalogue = models_pb2_grpc.ModelServiceStub(acme)
+    listed = catalogue.ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    by_name = {m.name: m for m in listed}
+    assert [m.name for m in listed] == sorted(by_name)
+    assert "all-MiniLM-L6-v2" in by_name and not by_name["all-MiniLM-L6-v2"].owner  # the mesh's own, still there
+    assert not by_name["all-MiniLM-L6-v2"].HasField("custom")
+    router = by_name["ticket-router"]
+    assert router.owner == "acme" and router.custom == custom
+    assert router.modality == models_pb2.MODALITY_TEXT
+    assert list(router.services) == ["aimass.v1.NlpService"]
+    assert list(router.methods) == ["aimass.v1.NlpService/Classify"]
+    assert [(v.version, v.footprint_bytes) for v in router.versions] == [
+        (v.version, v.artifact_bytes) for v in custom.versions
+    ]
+    assert all(v.footprint_bytes > 0 for v in router.versions)
+    assert router.default_version == custom.deployment.default_version
+    first = router.custom.versions[0]
+    assert first.version == "1" and first.job_id == ticket_router.job_id  # lineage
+    assert first.dataset.name == "support-tickets" and first.dataset.owner == "acme" and first.dataset_sha256
+    assert first.base_model and first.evaluation.accuracy > 0.5 and first.evaluation.eval_rows > 0
+    assert first.state != deployments_pb2.VERSION_STATE_UNSPECIFIED
+    # The filters hold for custom models too.
+    text = catalogue.ListModels(models_pb2.ListModelsRequest(modality=models_pb2.MODALITY_TEXT), timeout=30).models
+    assert "ticket-router" in {m.name for m in text}
+    vision = catalogue.ListModels(models_pb2.ListModelsRequest(service="aimass.v1.VisionService"), timeout=30).models
+    assert "ticket-router" not in {m.name for m in vision}
+    named = catalogue.ListModels(
+        models_pb2.ListModelsRequest(model=common_pb2.ModelRef(name="ticket-router")), timeout=30
+    ).models
+    assert [m.name for m in named] == ["ticket-router"]
+    loaded = catalogue.ListModels(models_pb2.ListModelsRequest(loaded_only=True), timeout=30).models
+    assert ("ticket-router" in {m.name for m in loaded}) == bool(custom.deployment.default_version)
+    described = catalogue.DescribeModel(
+        models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name="ticket-router", version="1")), timeout=30
+    ).model
+    assert described.owner == "acme" and described.custom == custom
+    err = refused(
+        lambda: catalogue.DescribeModel(
+            models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name="ticket-router", version="999"))
+        )
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    # Another tenant sees none of it: not listed, and NOT_FOUND worded exactly like a name that does not exist.
+    beta_catalogue = models_pb2_grpc.ModelServiceStub(beta)
+    beta_listed = beta_catalogue.ListModels(models_pb2.ListModelsRequest(), timeout=30).models
+    assert "ticket-router" not in {m.name for m in beta_listed} and "all-MiniLM-L6-v2" in {m.name for m in beta_listed}
+    assert all(m.owner in ("", "beta") for m in beta_listed)
+    answers = []
+    for name in ("ticket-router", "no-such-model"):
+        err = refused(
+            lambda name=name: beta_catalogue.DescribeModel(
+                models_pb2.DescribeModelRequest(model=common_pb2.ModelRef(name=name)), timeout=30
+            )
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        answers.append(err.details() or "")
+    assert answers[0] == answers[1].replace("no-such-model", "ticket-router")
+    # A key of acme's without models:train sees the mesh's models only.
+    with mesh.channel(key_for("acme", (keys.SCOPE_INFER,))) as infer_only:
+        names = {
+            m.name
+            for m in models_pb2_grpc.ModelServiceStub(infer_only)
+            .ListModels(models_pb2.ListModelsRequest(), timeout=30)
+            .models
+        }
+    assert "ticket-router" not in names and "all-MiniLM-L6-v2" in names
 
 
 def test_an_image_model_trained_on_a_zip_of_folders(acme: grpc.Channel, tmp_path: Path) -> None:

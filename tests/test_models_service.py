@@ -3,6 +3,7 @@ the whole mesh started by `aimass up` answering through the gateway and on a rep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
@@ -13,10 +14,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from aimass.client import error_info
 from aimass.local_mesh import LocalMesh, free_port
 from aimass.runtime.catalogue import ReplicaModelServicer, describe, merge, model_info, select
-from aimass.runtime.discovery import InMemoryRegistry, Instance
+from aimass.runtime.discovery import CONTROL_PLANE_SERVICES, InMemoryRegistry, Instance
 from aimass.runtime.errors import InvalidArgument, NotFound
 from aimass.runtime.interceptors import ErrorMappingInterceptor
-from aimass.v1 import common_pb2, models_pb2, models_pb2_grpc
+from aimass.runtime.metadata import TENANT_KEY, metadata_values
+from aimass.runtime.scope import RequestScope, entered
+from aimass.tenancy import keys
+from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc, models_pb2, models_pb2_grpc
 from gateway.model_catalogue import ModelCatalogueServicer
 from gateway.replicas import ReplicaSet
 from tests.security import as_gateway_sync, credentials, key_for
@@ -164,6 +168,107 @@ async def test_gateway_leaves_out_a_replica_that_does_not_answer(
     assert [r.instance_id for r in described.model.replicas] == ["live"]
     with pytest.raises(NotFound, match="'nope' is not served by any replica; known models: vader"):
         await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("nope")), context)
+
+
+class OwnModels(deployments_pb2_grpc.DeploymentServiceServicer):
+    """The scheduler's DeploymentService as the catalogue asks it: acme's one model, after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.tenants: list[str] = []
+
+    async def ListCustomModels(
+        self, request: deployments_pb2.ListCustomModelsRequest, context: Any
+    ) -> deployments_pb2.ListCustomModelsResponse:
+        tenant = metadata_values(context.invocation_metadata(), (TENANT_KEY,))[TENANT_KEY]
+        self.tenants.append(tenant)
+        await asyncio.sleep(self.delay)
+        if tenant != "acme":
+            return deployments_pb2.ListCustomModelsResponse()
+        version = deployments_pb2.CustomModelVersion(
+            version="1", state=deployments_pb2.VERSION_STATE_DEFAULT, job_id="job-1", artifact_bytes=4096
+        )
+        return deployments_pb2.ListCustomModelsResponse(
+            models=[
+                deployments_pb2.CustomModel(
+                    name="ticket-router",
+                    owner="acme",
+                    task=datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION,
+                    method=f"{NLP}/Classify",
+                    versions=[version],
+                    deployment=deployments_pb2.Deployment(default_version="1"),
+                )
+            ]
+        )
+
+
+async def test_gateway_lists_the_callers_own_models_and_does_without_a_slow_scheduler(
+    live_and_dead: ReplicaSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    own = OwnModels()  # type: ignore[abstract]  # only ListCustomModels, the catalogue's question
+    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(own, server)
+    port = server.add_secure_port("127.0.0.1:0", credentials("scheduler").server_credentials())
+    await server.start()
+    replicas = ReplicaSet(
+        InMemoryRegistry(),
+        credentials=credentials("gateway"),
+        close_grace_s=0,
+        control_plane_services=CONTROL_PLANE_SERVICES,
+    )
+    replicas.apply(
+        [
+            *(replica.instance for replica in live_and_dead.all_healthy()),
+            Instance("sched", "scheduler", tuple(sorted(CONTROL_PLANE_SERVICES)), f"127.0.0.1:{port}"),
+        ]
+    )
+    try:
+        servicer = ModelCatalogueServicer(replicas, replica_timeout_s=1.0)
+        context = cast(Any, FakeContext())
+        trainer = RequestScope(tenant="acme", key_id="k1", scopes=frozenset({keys.SCOPE_MODELS_TRAIN}))
+        with entered(trainer):
+            listed = (await servicer.ListModels(models_pb2.ListModelsRequest(), context)).models
+            assert [m.name for m in listed] == ["ticket-router", "vader"]
+            router = listed[0]
+            assert router.owner == "acme" and router.custom.versions[0].job_id == "job-1" and not listed[1].owner
+            assert router.modality == models_pb2.MODALITY_TEXT and list(router.methods) == [f"{NLP}/Classify"]
+            assert [(v.version, v.footprint_bytes) for v in router.versions] == [("1", 4096)]
+            assert router.default_version == "1"
+            vision = models_pb2.ListModelsRequest(service=VISION)
+            assert not (await servicer.ListModels(vision, context)).models
+            described = await servicer.DescribeModel(
+                models_pb2.DescribeModelRequest(model=ref("ticket-router", "1")), context
+            )
+            assert described.model.custom.name == "ticket-router"
+            with pytest.raises(
+                NotFound, match="'nope' is not served by any replica; known models: ticket-router, vader"
+            ):
+                await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("nope")), context)
+            # A scheduler slower than the replica timeout: the mesh's models, and a warning.
+            own.delay = 3.0
+            listed = (await servicer.ListModels(models_pb2.ListModelsRequest(), context)).models
+            assert [m.name for m in listed] == ["vader"]
+            assert "did not list tenant acme's own models (DEADLINE_EXCEEDED" in caplog.text
+            own.delay = 0.0
+        assert own.tenants[0] == "acme"
+        # Another tenant, a key without models:train, no tenant at all: none of acme's models.
+        asked = len(own.tenants)
+        for scope in (
+            RequestScope(tenant="beta", key_id="k2", scopes=frozenset({keys.SCOPE_MODELS_TRAIN})),
+            RequestScope(tenant="acme", key_id="k3", scopes=frozenset({keys.SCOPE_INFER})),
+            RequestScope(),
+        ):
+            with entered(scope):
+                listed = (await servicer.ListModels(models_pb2.ListModelsRequest(), context)).models
+                assert [m.name for m in listed] == ["vader"]
+                with pytest.raises(
+                    NotFound, match=r"'ticket-router' is not served by any replica; known models: vader$"
+                ):
+                    await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("ticket-router")), context)
+        assert own.tenants[asked:] == ["beta", "beta"]  # the others are not asked at all
+    finally:
+        await replicas.close()
+        await server.stop(0)
 
 
 # -- the mesh, through the gateway --------------------------------------------------------------------------------

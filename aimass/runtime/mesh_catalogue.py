@@ -87,10 +87,16 @@ class MeshCatalogue:
         return merge(model for answer in answers for model in answer.models)
 
     async def describe(
-        self, request: models_pb2.DescribeModelRequest, *, remaining: float | None, metadata: Metadata
+        self,
+        request: models_pb2.DescribeModelRequest,
+        *,
+        remaining: float | None,
+        metadata: Metadata,
+        others: Awaitable[Sequence[models_pb2.ModelInfo]] | None = None,
     ) -> models_pb2.ModelInfo:
         """The named model as the mesh holds it; INVALID_ARGUMENT without a name, NOT_FOUND (naming the models the
-        mesh has) for an unknown model or version."""
+        mesh has) for an unknown model or version. ``others``: models no replica lists (the caller's own), awaited
+        only when no replica knows the name; one of them answers then, and the NOT_FOUND names them too."""
         name = require_model_name(request.model)
         # Asked without the version: a replica holding another version is no reason to say "not found" here.
         by_name = models_pb2.DescribeModelRequest(meta=request.meta, model=common_pb2.ModelRef(name=name))
@@ -102,9 +108,13 @@ class MeshCatalogue:
             absent=grpc.StatusCode.NOT_FOUND,
         )
         if not answers:
+            extra = [] if others is None else list(await others)
+            own = [entry for entry in extra if entry.name == name]
+            if own:
+                return describe(own, request.model, where=WHERE)
             # The error path only: one more round to name the models the mesh does have.
             known = await self.list(
                 models_pb2.ListModelsRequest(meta=request.meta), remaining=remaining, metadata=metadata
             )
-            raise unknown_model(name, (entry.name for entry in known), where=WHERE)
+            raise unknown_model(name, (entry.name for entry in [*known, *extra]), where=WHERE)
         return describe(merge(answer.model for answer in answers), request.model, where=WHERE)
