@@ -225,7 +225,11 @@ class SchedulerApp:
             channel_for=self.channels.channel_for,
         )
         self.replica_sync = ReplicaSync(
-            self.store, self.mesh_instances, self.channels.channel_for, interval_s=lifecycle.sync_interval_s
+            self.store,
+            self.mesh_instances,
+            self.channels.channel_for,
+            interval_s=lifecycle.sync_interval_s,
+            placement=self.state,
         )
         self.max_blob_bytes = max(int(lifecycle.max_upload_bytes), 1 << 30)
 

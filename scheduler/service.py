@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
 import prometheus_client
 
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, InMemoryRegistry, Instance
-from aimass.runtime.errors import AimassError, InvalidArgument
+from aimass.runtime.errors import AimassError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from aimass.runtime.identity import MeshIdentity, check_owner, peer_identity
 from aimass.store.records import now_ms
 from aimass.tenancy.fair_share import TOKEN_WEIGHTS, TokenWeights
 from aimass.tenancy.quotas import TokenUsage
-from aimass.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from aimass.v1 import common_pb2, models_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.placement import Device, ModalityValue, PlacementTable
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ class SchedulerState:
         self.closing = False
         self._changed = asyncio.Condition()
         self._view_cache: scheduler_pb2.RoutingView | None = None
+        # Custom heads placed for deployments, (name, version) as in the table: held while deployed, never evicted.
+        self.heads: set[tuple[str, str]] = set()
 
     def _bump(self) -> None:
         self.version += 1
@@ -272,7 +274,10 @@ class SchedulerState:
         return found
 
     def is_busy(self, model: common_pb2.ModelRef, device_id: str) -> bool:
-        """Some replica has requests in flight for ``model`` on ``device_id`` (never evict it then)."""
+        """Some replica has requests in flight for ``model`` on ``device_id``, or it is a deployed custom head (never
+        evict it then)."""
+        if (model.name, model.version) in self.heads:
+            return True
         return any(
             load.in_flight > 0 or load.running_requests > 0 or load.waiting_requests > 0
             for report in self.loads.values()
@@ -316,6 +321,65 @@ class SchedulerState:
             log.info("evicted %d placement(s) of %s: %s", len(evicted), request.model.name, request.reason or "-")
             await self.changed()
         return scheduler_pb2.EvictModelResponse(evicted=evicted, freed_bytes=sum(p.bytes for p in evicted))
+
+    # -- custom heads (deployed versions of tenants' models; scheduler/lifecycle/replica_sync.py asks) -------------
+
+    async def place_head(self, model: common_pb2.ModelRef, nbytes: int, instance_ids: Iterable[str]) -> list[str]:
+        """Places a custom head of ``nbytes`` beside its backbone on every replica of ``instance_ids`` whose device
+        has room by the latest readings and placements (never evicting): the replicas that hold it now, sorted.
+        RESOURCE_EXHAUSTED INSUFFICIENT_MEMORY (for the device with the most room) when none holds it and some has a
+        reading; a replica whose device has no reading yet is left for a later try."""
+        held = {p.instance_id for p in self.table.placements(model=model)}
+        devices = self.devices()
+        short: list[ResourceExhausted] = []
+        newly = 0
+        for instance_id in sorted(set(instance_ids) - held):
+            try:
+                self.table.place(
+                    model,
+                    max(nbytes, 1),
+                    devices,
+                    target=models_pb2.PlacementTarget(instance_id=instance_id),
+                    allow_eviction=False,
+                    is_busy=self.is_busy,
+                    now_ms=now_ms(),
+                )
+            except ResourceExhausted as err:
+                short.append(err)
+                continue
+            except FailedPrecondition:  # no reading of its device yet
+                continue
+            held.add(instance_id)
+            self.heads.add((model.name, model.version))
+            newly += 1
+        if newly:
+            PLACEMENTS.labels("placed").inc(newly)
+            await self.changed()
+        placed = sorted(held & set(instance_ids))
+        if not placed and short:
+            PLACEMENTS.labels("insufficient_memory").inc()
+            raise max(short, key=lambda err: int(err.metadata.get("largest_free_bytes", "0")))
+        return placed
+
+    async def confirm_heads(self, instance_id: str, serving: Iterable[common_pb2.ModelRef]) -> None:
+        """The replica serves these heads: their placements there are LOADED (in its device's readings from now)."""
+        for model in serving:
+            for placed in self.table.placements(model=model):
+                if placed.instance_id == instance_id and placed.state != scheduler_pb2.PLACEMENT_STATE_LOADED:
+                    self.table.mark(
+                        model, placed.device_id, scheduler_pb2.PLACEMENT_STATE_LOADED, instance_id=instance_id
+                    )
+                    await self.changed()
+
+    async def release_heads(self, keep: Iterable[tuple[str, str]]) -> None:
+        """Drops the placements of every head but ``keep`` ((name, version) pairs still deployed)."""
+        kept = set(keep)
+        for name, version in sorted(self.heads - kept):
+            evicted = self.table.evict(common_pb2.ModelRef(name=name, version=version))
+            if evicted:
+                EVICTIONS.labels("undeployed").inc(len(evicted))
+                await self.changed()
+        self.heads &= kept
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):

@@ -44,10 +44,12 @@ from aimass.v1 import (
     lifecycle_pb2_grpc,
     nlp_pb2,
     nlp_pb2_grpc,
+    scheduler_pb2,
     training_pb2,
 )
 from scheduler.lifecycle.deployments import DeploymentServicer
 from scheduler.lifecycle.replica_sync import ReplicaSync
+from scheduler.service import SchedulerState
 from services.nlp.engine import NlpEngine
 from services.nlp.servicer import NlpServicer
 from tests.eventually import eventually
@@ -122,6 +124,8 @@ class Plane:
     channel: grpc.aio.Channel
     replicas: list[Instance] = field(default_factory=list)
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    # The scheduler's state, when heads go through placement.
+    state: SchedulerState | None = None
 
     def stub(self) -> deployments_pb2_grpc.DeploymentServiceAsyncStub:
         return deployments_pb2_grpc.DeploymentServiceStub(self.channel)
@@ -152,9 +156,27 @@ def store(tmp_path: Path) -> Iterator[SqlStore]:
 
 @pytest.fixture
 async def plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
+    async with running_plane(store, tmp_path, None) as running:
+        yield running
+
+
+@pytest.fixture
+async def placed_plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
+    """The plane as the scheduler runs it: heads go through the scheduler's placement."""
+    async with running_plane(store, tmp_path, SchedulerState(report_interval_s=60)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_plane(store: SqlStore, tmp_path: Path, state: SchedulerState | None) -> AsyncIterator[Plane]:
     holder: list[Plane] = []
     sync = ReplicaSync(
-        store, lambda: holder[0].replicas, lambda instance: holder[0].channel_for(instance), 0.2, replica_timeout_s=1
+        store,
+        lambda: holder[0].replicas,
+        lambda instance: holder[0].channel_for(instance),
+        0.2,
+        replica_timeout_s=1,
+        placement=state,
     )
     blobs = BlobStore(tmp_path / "blobs")
     server = grpc.aio.server(interceptors=[ScopeInterceptor(), ErrorMappingInterceptor()])
@@ -162,7 +184,7 @@ async def plane(store: SqlStore, tmp_path: Path) -> AsyncIterator[Plane]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    running = Plane(store, blobs, sync, channel)
+    running = Plane(store, blobs, sync, channel, state=state)
     holder.append(running)
     try:
         yield running
@@ -840,3 +862,132 @@ async def test_a_frozen_replica_holds_a_change_no_longer_than_its_timeout(plane:
             writer.close()
         frozen.close()
         await frozen.wait_closed()
+
+
+# -- through placement -------------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def read_node(state: SchedulerState, node: str, instance_id: str, *, free: int) -> None:
+    """A node agent's reading of ``node``'s CPU (1 GiB, ``free`` of it free), and the NLP replica on it reporting its
+    MiniLM loaded there, as they reach the scheduler."""
+    device_id = f"{node}/cpu"
+    state.record_node(
+        scheduler_pb2.ReportNodeRequest(
+            node_id=node,
+            devices=[
+                scheduler_pb2.NodeDevice(
+                    device_id=device_id,
+                    info=common_pb2.DeviceInfo(
+                        kind=common_pb2.DEVICE_KIND_CPU, memory_total_bytes=GIB, memory_used_bytes=GIB - free
+                    ),
+                )
+            ],
+        )
+    )
+    state.record_load(
+        scheduler_pb2.ReportLoadRequest(
+            instance_id=instance_id,
+            node_id=node,
+            state=common_pb2.SERVING_STATE_SERVING,
+            models=[
+                scheduler_pb2.ModelLoad(
+                    model=common_pb2.ModelRef(name=TEXT_BACKBONE, version="1"),
+                    device_id=device_id,
+                    loaded=True,
+                    memory_bytes=100 << 20,
+                )
+            ],
+        )
+    )
+
+
+def head_placements(state: SchedulerState) -> list[tuple[str, str, str, str, int]]:
+    """The heads in the placement table, as GetPlacement shows them: (model, version, instance, device, bytes)."""
+    return [
+        (p.model.name, p.model.version, p.instance_id, p.device_id, p.bytes)
+        for p in state.table.placements()
+        if p.model.name != TEXT_BACKBONE
+    ]
+
+
+async def test_deploying_places_the_head_beside_its_backbone_where_the_readings_leave_room(
+    placed_plane: Plane,
+) -> None:
+    plane, state = placed_plane, placed_plane.state
+    assert state is not None
+    artifacts = [head(TEXT_BACKBONE, seed) for seed in (1, 2)]
+    versions = []
+    for seed, artifact in zip((1, 2), artifacts, strict=True):
+        await asyncio.to_thread(plane.blobs.put_bytes, artifact)
+        versions.append(add_version(plane.store, "acme", "router", seed=seed, artifact=artifact))
+    v1, v2 = versions
+    stub, meta = plane.stub(), as_tenant("acme")
+
+    async with (
+        replica(plane.blobs, base_model=TEXT_BACKBONE) as roomy,
+        replica(plane.blobs, base_model=TEXT_BACKBONE) as full,
+    ):
+        plane.replicas[:] = [
+            Instance("nlp-a", "nlp", (NLP,), roomy.address),
+            Instance("nlp-b", "nlp", (NLP,), full.address),
+        ]
+        read_node(state, "a", "nlp-a", free=GIB // 2)
+        read_node(state, "b", "nlp-b", free=v1.artifact_bytes // 2)  # too little for a head
+
+        # Only the replica with room is sent the head, and the answer counts only it.
+        deployed = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+        assert deployed.replicas_applied == 1
+        assert roomy.heads.hosted.serving() == ["acme/router@1"]
+        assert full.heads.hosted.serving() == []
+        # Its memory is in the placement table (LOADED once the replica serves it), so model placement sees it taken.
+        assert head_placements(state) == [("acme/router", "1", "nlp-a", "a/cpu", v1.artifact_bytes)]
+        (placement,) = state.table.placements(model=common_pb2.ModelRef(name="acme/router"))
+        assert placement.state == scheduler_pb2.PLACEMENT_STATE_LOADED
+        assert state.is_busy(placement.model, "a/cpu")  # never evicted to make room for a model
+
+        # Node a fills up: no replica has room for v2, so the canary is refused and nothing changes.
+        read_node(state, "a", "nlp-a", free=v2.artifact_bytes // 2)
+        before = plane.store.get_deployment("acme", "router")
+        generation = plane.store.deployment_generation()
+        err = await refused(
+            stub.DeployModel(S.DeployModelRequest(model=ref("router", "2"), canary_percent=10), metadata=meta)
+        )
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = common_pb2.ErrorInfo.FromString(dict(err.trailing_metadata() or ())[ERROR_INFO_KEY])
+        assert info.reason == "INSUFFICIENT_MEMORY"
+        assert info.metadata["required_bytes"] == str(v2.artifact_bytes)
+        assert info.metadata["device_id"] in ("a/cpu", "b/cpu")
+        assert 0 <= int(info.metadata["largest_free_bytes"]) < v2.artifact_bytes
+        assert plane.store.get_deployment("acme", "router") == before
+        assert plane.store.deployment_generation() == generation
+        assert head_placements(state) == [("acme/router", "1", "nlp-a", "a/cpu", v1.artifact_bytes)]
+        # Promoting v2 to the default adds it too: refused alike.
+        err = await refused(stub.PromoteModel(S.PromoteModelRequest(model=ref("router", "2")), metadata=meta))
+        assert reason_of(err) == "INSUFFICIENT_MEMORY"
+
+        # Room again on node b: the canary goes there only; the model serves where every version it serves is held.
+        read_node(state, "b", "nlp-b", free=GIB // 2)
+        read_node(state, "a", "nlp-a", free=GIB // 2)
+        canary = await stub.DeployModel(
+            S.DeployModelRequest(model=ref("router", "2"), canary_percent=10), metadata=meta
+        )
+        assert canary.replicas_applied == 2
+        assert sorted(head_placements(state)) == [
+            ("acme/router", "1", "nlp-a", "a/cpu", v1.artifact_bytes),
+            ("acme/router", "1", "nlp-b", "b/cpu", v1.artifact_bytes),
+            ("acme/router", "2", "nlp-a", "a/cpu", v2.artifact_bytes),
+            ("acme/router", "2", "nlp-b", "b/cpu", v2.artifact_bytes),
+        ]
+
+        # Rollback drops the canary and its memory; undeploying releases the rest.
+        back = await stub.RollbackModel(S.RollbackModelRequest(model=ref("router")), metadata=meta)
+        assert back.replicas_applied == 2
+        assert sorted(head_placements(state)) == [
+            ("acme/router", "1", "nlp-a", "a/cpu", v1.artifact_bytes),
+            ("acme/router", "1", "nlp-b", "b/cpu", v1.artifact_bytes),
+        ]
+        await stub.UndeployModel(S.UndeployModelRequest(model=ref("router")), metadata=meta)
+        assert head_placements(state) == []
+        assert roomy.heads.hosted.serving() == full.heads.hosted.serving() == []

@@ -17,10 +17,13 @@ exist). The state of one model is a ``DeploymentRecord``:
 - UndeployModel: stops serving the version named (the canary or the standby; the default only when it serves alone),
   or every version when none is named.
 
-Each change is written to the store (which gives it the next global generation) and pushed to the replicas of the
-model's service by ``ReplicaSync``; the call returns once they applied it or its deadline (less a margin to answer)
-has passed, with the number that did. A change with no replica to apply it is still recorded: replicas that join
-later catch up. Requests that change nothing write nothing and report the replicas that serve the current state.
+A change that adds a version to serve first goes through placement (``ReplicaSync.admitting``): each replica of the
+model's service that has room on its device for the head takes it, and the change is refused with RESOURCE_EXHAUSTED
+INSUFFICIENT_MEMORY, with nothing recorded, when none has. Each change is written to the store (which gives it the
+next global generation) and pushed to the replicas of the model's service that hold it by ``ReplicaSync``; the call
+returns once they applied it or its deadline (less a margin to answer) has passed, with the number that did. A
+change with no replica to apply it (or no reading of their devices yet) is still recorded: replicas that join later
+catch up. Requests that change nothing write nothing and report the replicas that serve the current state.
 """
 
 from __future__ import annotations
@@ -404,21 +407,26 @@ class DeploymentServicer(deployments_pb2_grpc.DeploymentServiceServicer):
             versions = await self._versions(owner, name)
             current = await asyncio.to_thread(self.store.get_deployment, owner, name)
             target: DeploymentRecord | None = change(versions, current)
-            if _same(target, current):
-                updated = current
-                generation = await asyncio.to_thread(self.store.deployment_generation)
-                log.info("deployment of %s/%s unchanged: %s", owner, name, describe_serving(current))
-            elif target is None:
-                deleted = await asyncio.to_thread(self.store.delete_deployment, owner, name)
-                updated = None
-                if deleted is None:  # gone meanwhile (another scheduler): the generation that removed it
-                    deleted = await asyncio.to_thread(self.store.deployment_generation)
-                generation = deleted
-                log.info("undeployed %s/%s (generation %d)", owner, name, generation)
-            else:
-                updated = await asyncio.to_thread(self.store.put_deployment, target)
-                generation = updated.generation
-                log.info("deployment of %s/%s: %s (generation %d)", owner, name, describe_serving(updated), generation)
+            added = set(serving_versions(target) if target else ()) - set(serving_versions(current) if current else ())
+            # Refused (INSUFFICIENT_MEMORY) before anything is recorded when no replica has room for what it adds.
+            async with self.sync.admitting([record for record in versions if record.version in added]):
+                if _same(target, current):
+                    updated = current
+                    generation = await asyncio.to_thread(self.store.deployment_generation)
+                    log.info("deployment of %s/%s unchanged: %s", owner, name, describe_serving(current))
+                elif target is None:
+                    deleted = await asyncio.to_thread(self.store.delete_deployment, owner, name)
+                    updated = None
+                    if deleted is None:  # gone meanwhile (another scheduler): the generation that removed it
+                        deleted = await asyncio.to_thread(self.store.deployment_generation)
+                    generation = deleted
+                    log.info("undeployed %s/%s (generation %d)", owner, name, generation)
+                else:
+                    updated = await asyncio.to_thread(self.store.put_deployment, target)
+                    generation = updated.generation
+                    log.info(
+                        "deployment of %s/%s: %s (generation %d)", owner, name, describe_serving(updated), generation
+                    )
         applied = await self.sync.apply(generation, deadline, model=(owner, name), task=task_of(versions[-1]))
         return custom_model(owner, name, versions, updated), applied
 

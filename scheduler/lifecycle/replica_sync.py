@@ -16,22 +16,34 @@ Replicas are idempotent (one already at the generation answers at once), so the 
   the replica acknowledged is not sent; ``apply`` skips a replica already at its generation).
 - A replica that fails (unreachable, or unable to load a version) is logged once per generation and retried on the
   next interval.
+
+With ``placement`` (the scheduler's ``SchedulerState``), heads go through placement: a head runs beside its backbone,
+so the candidates for a version are the replicas of its service, and each holds it only with a placement of its
+artifact's bytes (a head's in-memory footprint is about its artifact's size) on that replica's device, in the
+scheduler's placement table (GetPlacement shows them; model placement sees that memory taken; never evicted for a
+model). ``admitting`` places the versions a change adds before it is recorded (RESOURCE_EXHAUSTED
+INSUFFICIENT_MEMORY when no replica of the service has room); every round places deployed versions on replicas that
+joined since (where they fit) and releases the heads no longer deployed. A replica is sent a model only when it holds
+every version the model serves, and counts as serving it only then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeAlias
 
 import grpc
 
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance
+from aimass.runtime.errors import AimassError
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import DeploymentRecord, ModelVersionRecord
-from aimass.v1 import datasets_pb2, lifecycle_pb2, lifecycle_pb2_grpc
+from aimass.v1 import common_pb2, datasets_pb2, lifecycle_pb2, lifecycle_pb2_grpc
+from scheduler.service import SchedulerState
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,11 @@ def task_of(record: ModelVersionRecord) -> Task:
     return datasets_pb2.TrainingTask.ValueType(record.task) if known else datasets_pb2.TRAINING_TASK_UNSPECIFIED
 
 
+def head_ref(record: ModelVersionRecord) -> common_pb2.ModelRef:
+    """The version as the placement table names it: "<owner>/<name>" at its version."""
+    return common_pb2.ModelRef(name=f"{record.owner}/{record.name}", version=str(record.version))
+
+
 class DeploymentSource(Protocol):
     """What ``ReplicaSync`` reads from the store (``SqlStore``'s methods)."""
 
@@ -64,14 +81,20 @@ class Desired:
 
     generation: int
     requests: dict[Task, lifecycle_pb2.SyncCustomModelsRequest]
+    # With placement: (owner, name) → the replicas that hold every version the model serves (None: every replica).
+    holders: dict[tuple[str, str], frozenset[str]] | None = None
 
-    def for_tasks(self, tasks: Iterable[Task]) -> lifecycle_pb2.SyncCustomModelsRequest:
+    def holds(self, instance_id: str, model: tuple[str, str]) -> bool:
+        return self.holders is None or instance_id in self.holders.get(model, frozenset())
+
+    def for_tasks(self, tasks: Iterable[Task], instance_id: str = "") -> lifecycle_pb2.SyncCustomModelsRequest:
+        """What a replica hosting ``tasks`` serves (with placement, only the models ``instance_id`` holds)."""
         request = lifecycle_pb2.SyncCustomModelsRequest(generation=self.generation)
         for task in sorted(tasks):
             part = self.requests.get(task)
             if part is not None:
-                request.versions.extend(part.versions)
-                request.routes.extend(part.routes)
+                request.versions.extend(v for v in part.versions if self.holds(instance_id, (v.owner, v.name)))
+                request.routes.extend(r for r in part.routes if self.holds(instance_id, (r.owner, r.name)))
         return request
 
 
@@ -101,8 +124,10 @@ class ReplicaSync:
         interval_s: float,
         *,
         replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S,
+        placement: SchedulerState | None = None,
     ) -> None:
         self.store = store
+        self.placement = placement
         self.replicas = replicas
         self.channel_for = channel_for
         self.interval_s = interval_s
@@ -111,6 +136,8 @@ class ReplicaSync:
         # Versions never change once trained: their artifact and task are read from the store once.
         self._versions: dict[tuple[str, str, int], ModelVersionRecord] = {}
         self._task: asyncio.Task[None] | None = None
+        # Heads placed for changes being recorded now, (name, version) as in the placement table.
+        self._admitting: set[tuple[str, str]] = set()
 
     # -- what replicas should serve ------------------------------------------------------------------------------
 
@@ -118,6 +145,8 @@ class ReplicaSync:
         """The store's deployments as one request per task, at the store's generation."""
         generation, deployments = await asyncio.to_thread(self.store.deployments)
         requests = {task: lifecycle_pb2.SyncCustomModelsRequest(generation=generation) for task in SERVICE_OF_TASK}
+        holders: dict[tuple[str, str], frozenset[str]] | None = None if self.placement is None else {}
+        hosts = self.hosts() if self.placement is not None else []
         # Only what is deployed now stays cached.
         deployed = {(d.owner, d.name, version) for d in deployments for version in _loaded(d)}
         for gone in [key for key in self._versions if key not in deployed]:
@@ -131,6 +160,8 @@ class ReplicaSync:
             if request is None:
                 log.error("deployment %s/%s has a task no replica hosts", deployment.owner, deployment.name)
                 continue
+            if holders is not None:
+                holders[(deployment.owner, deployment.name)] = await self._holders(known, hosts)
             request.versions.extend(
                 lifecycle_pb2.HostedVersion(
                     owner=record.owner,
@@ -149,7 +180,48 @@ class ReplicaSync:
                     canary_percent=deployment.canary_percent if deployment.canary_version else 0,
                 )
             )
-        return Desired(generation, requests)
+        if self.placement is not None:
+            kept = {(ref.name, ref.version) for ref in map(head_ref, self._versions.values())}
+            # A change being recorded keeps what it placed (the store may not show it yet).
+            await self.placement.release_heads(kept | self._admitting)
+        return Desired(generation, requests, holders)
+
+    async def _holders(self, records: Sequence[ModelVersionRecord], hosts: Sequence[Instance]) -> frozenset[str]:
+        """Places the model's versions on the hosts of their task that joined since (where they fit): the replicas
+        that hold all of them."""
+        assert self.placement is not None
+        held: set[str] | None = None
+        for record in records:
+            candidates = [i.instance_id for i in hosts if task_of(record) in tasks_of(i)]
+            try:
+                placed = await self.placement.place_head(head_ref(record), record.artifact_bytes, candidates)
+            except AimassError:  # no room anywhere now: the next round tries again
+                placed = []
+            held = set(placed) if held is None else held & set(placed)
+        return frozenset(held or ())
+
+    @contextlib.asynccontextmanager
+    async def admitting(self, records: Sequence[ModelVersionRecord]) -> AsyncIterator[None]:
+        """Places versions a change is about to add, for as long as it is being recorded, on the replicas of their
+        service that have room: RESOURCE_EXHAUSTED INSUFFICIENT_MEMORY, with nothing kept, when some replica's device
+        was read and none has room for one of them; released again when recording them fails. Without placement, or
+        with no reading yet, there is nothing to account."""
+        if self.placement is None or not records:
+            yield
+            return
+        added = {(ref.name, ref.version) for ref in map(head_ref, records)}
+        self._admitting |= added
+        try:
+            hosts = self.hosts()
+            for record in records:
+                candidates = [i.instance_id for i in hosts if task_of(record) in tasks_of(i)]
+                await self.placement.place_head(head_ref(record), record.artifact_bytes, candidates)
+            yield
+        except BaseException:
+            await self.placement.release_heads(self.placement.heads - added)
+            raise
+        finally:
+            self._admitting -= added
 
     async def _version(self, deployment: DeploymentRecord, version: int) -> ModelVersionRecord | None:
         key = (deployment.owner, deployment.name, version)
@@ -183,14 +255,16 @@ class ReplicaSync:
         if not hosts:
             return 0
         await asyncio.gather(*(self._push(instance, desired, until=deadline) for instance in hosts))
-        return sum(1 for instance in hosts if self._serves(instance, generation, model))
+        return sum(1 for instance in hosts if self._serves(instance, generation, model, desired))
 
-    def _serves(self, instance: Instance, generation: int, model: tuple[str, str] | None) -> bool:
+    def _serves(self, instance: Instance, generation: int, model: tuple[str, str] | None, desired: Desired) -> bool:
         state = self.states.get(instance.instance_id)
         if state is None or state.generation < generation:
             return False
         if model is None:
             return True
+        if not desired.holds(instance.instance_id, model):
+            return False
         prefix = f"{model[0]}/{model[1]}@"
         return not any(entry.startswith(prefix) for entry in state.failed)
 
@@ -212,7 +286,7 @@ class ReplicaSync:
         timeout = min(self.replica_timeout_s, until - asyncio.get_running_loop().time())
         if timeout <= 0:
             return
-        request = desired.for_tasks(tasks_of(instance))
+        request = desired.for_tasks(tasks_of(instance), instance.instance_id)
         try:
             async with asyncio.timeout(timeout):
                 async with state.lock:
@@ -236,6 +310,8 @@ class ReplicaSync:
         state.generation = response.generation
         state.serving = frozenset(response.serving)
         state.failed = tuple(response.failed)
+        if self.placement is not None:
+            await self.placement.confirm_heads(instance.instance_id, map(_served_ref, state.serving))
         if state.failed:
             self._failed(instance, state, response.generation, "could not load " + "; ".join(state.failed))
         elif state.logged_failure >= 0:
@@ -284,6 +360,12 @@ class ReplicaSync:
             except Exception:  # the store unreachable a moment: the next round tries again
                 log.exception("syncing replicas with the deployments failed; retrying in %.1f s", self.interval_s)
             await asyncio.sleep(self.interval_s)
+
+
+def _served_ref(entry: str) -> common_pb2.ModelRef:
+    """A replica's "<owner>/<name>@<version>" as the placement table names it (``head_ref``)."""
+    name, _, version = entry.rpartition("@")
+    return common_pb2.ModelRef(name=name, version=version)
 
 
 def _shown(version: int) -> str:
