@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aimass.runtime.errors import InvalidArgument
 from aimass.v1 import datasets_pb2
+from services.vision.images import sniff_format  # the formats the vision service decodes, named as it names them
 
 TEXT_TASK: Final = datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION
 IMAGE_TASK: Final = datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION
@@ -472,7 +473,7 @@ def _check_image(data: bytes, limits: DatasetLimits) -> None:
         except Image.DecompressionBombError as e:
             raise _Oversize(f"{e}; at most {limits.max_image_pixels:,} pixels") from None
         except UnidentifiedImageError:
-            what = _sniff(data)
+            what = sniff_format(data)
             if what in IMAGE_FORMATS:
                 raise ValueError(f"its {what} header cannot be read (a truncated or damaged file?)") from None
             if what:
@@ -491,23 +492,6 @@ def _check_image(data: bytes, limits: DatasetLimits) -> None:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as small:
                 small.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
                 small.load()
-
-
-def _sniff(data: bytes) -> str | None:
-    """The image format from its magic number, in Pillow's spelling."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if data.startswith(b"BM"):
-        return "BMP"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    return None
 
 
 def _parse_zip(path: Path, out: _Collector) -> None:
