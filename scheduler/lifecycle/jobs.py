@@ -11,6 +11,7 @@ then FAILED: no job stays RUNNING without a trainer, across a scheduler restart 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import secrets
@@ -175,7 +176,9 @@ class JobController:
 
     async def _place_loop(self) -> None:
         while True:
-            await asyncio.wait({asyncio.ensure_future(self._wake.wait())}, timeout=1.0)
+            # Woken by a change, or every second (readings change free memory); wait_for cancels a wait it ends.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
             try:
                 await self._place_queued()
