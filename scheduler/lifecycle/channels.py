@@ -27,6 +27,8 @@ class MeshChannels:
     def __init__(self, credentials: MeshCredentials | None) -> None:
         self.credentials = credentials
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        # Closes of channels replaced by a new address, kept referenced until done.
+        self._closing: set[asyncio.Task[None]] = set()
 
     def channel_for(self, instance: Instance) -> grpc.aio.Channel:
         known = self._channels.get(instance.instance_id)
@@ -35,7 +37,9 @@ class MeshChannels:
         channel = mesh_channel(instance.address, self.credentials, server_role=instance.kind, options=CHANNEL_OPTIONS)
         self._channels[instance.instance_id] = (instance.address, channel)
         if known is not None:
-            asyncio.get_running_loop().create_task(known[1].close())
+            task = asyncio.get_running_loop().create_task(known[1].close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         return channel
 
     async def keep(self, instances: Iterable[Instance]) -> None:
