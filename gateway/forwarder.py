@@ -36,6 +36,7 @@ from aimass.runtime import contract, tracing
 from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.config import GatewayConfig
 from aimass.runtime.errors import AimassError
+from aimass.runtime.errors import relay_error as relay_replica_error
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import TENANT_KEY
 from aimass.runtime.scope import Metadata, current_scope, forwarded_metadata, time_remaining
@@ -94,8 +95,8 @@ async def relay_trailers(context: Context, call: grpc.aio.Call) -> None:
 
 
 async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
-    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
-    await context.abort(err.code(), err.details() or "", trailing_metadata=with_tenant(trailers))
+    """Ends the caller's call with the replica's error, plus the tenant (as relay_trailers does)."""
+    await relay_replica_error(context, err, with_tenant)
 
 
 @dataclass(slots=True)

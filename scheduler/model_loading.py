@@ -27,7 +27,7 @@ import grpc
 
 from aimass.runtime.catalogue import require_model_name
 from aimass.runtime.discovery import Instance
-from aimass.runtime.errors import AimassError, Unavailable, Unimplemented
+from aimass.runtime.errors import AimassError, Unavailable, Unimplemented, relay_error
 from aimass.runtime.mesh_catalogue import REPLICA_TIMEOUT_S, MeshCatalogue, ModelHolder
 from aimass.runtime.metadata import CALLER_PEER_KEY, metadata_value
 from aimass.runtime.scope import Metadata, current_scope, forwarded_metadata, time_remaining
@@ -38,12 +38,6 @@ from scheduler.service import SchedulerState
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-async def relay_error(context: Context, err: grpc.aio.AioRpcError) -> None:
-    """Ends the call with a replica's error, its trailers (ErrorInfo) included."""
-    trailers = tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
-    await context.abort(err.code(), err.details() or "", trailing_metadata=trailers)
 
 
 class ModelLoadingServicer(models_pb2_grpc.ModelServiceServicer):

@@ -7,7 +7,8 @@ INVALID_ARGUMENT with exactly that message, plus an ``aimass.v1.ErrorInfo`` in t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 
@@ -89,3 +90,21 @@ class FailedPrecondition(AimassError):
 class Unimplemented(AimassError):
     code = grpc.StatusCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
+
+
+Trailers = tuple[tuple[str, str | bytes], ...]
+
+
+def relayed_trailers(err: grpc.aio.AioRpcError) -> Trailers:
+    """Another server's trailers (its ErrorInfo among them), without the status gRPC sets itself."""
+    return tuple((k, v) for k, v in (err.trailing_metadata() or ()) if not k.startswith("grpc-status"))
+
+
+async def relay_error(
+    context: grpc.aio.ServicerContext[Any, Any],
+    err: grpc.aio.AioRpcError,
+    trailers: Callable[[Trailers], Trailers] = lambda kept: kept,
+) -> None:
+    """Ends the call with the error another server answered a call made for it (a replica, the scheduler): its
+    status, message and trailers, passed through ``trailers`` (e.g. the gateway adds the tenant)."""
+    await context.abort(err.code(), err.details() or "", trailing_metadata=trailers(relayed_trailers(err)))
