@@ -25,6 +25,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -125,6 +126,21 @@ def _sqlite_file(url: URL) -> Path:
     return path
 
 
+def _switch_to_wal(cursor: sqlite3.Cursor, busy_timeout_s: float) -> Any:
+    """The journal mode after asking for WAL, retried while another process holds the file.
+
+    SQLite can answer "database is locked" to this pragma at once, without calling the busy handler, while another
+    connection is switching the same fresh file (seen when several processes open a new store together)."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            return cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
     engine = create_engine(url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False})
     busy_ms = max(1, int(busy_timeout_s * 1000))
@@ -137,7 +153,7 @@ def _sqlite_engine(url: URL, busy_timeout_s: float) -> Engine:
         try:
             # The busy timeout first: switching a fresh file to WAL may wait for another process doing the same.
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+            mode = _switch_to_wal(cursor, busy_timeout_s)
             if mode is None or str(mode[0]).lower() != "wal":
                 log.warning("SQLite store %s is not in WAL mode (%s): processes will block each other", url, mode)
             cursor.execute("PRAGMA foreign_keys = ON")
