@@ -59,6 +59,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 
 @pytest.fixture(scope="session")
+def front_door_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """Every modality behind one gateway, for the front doors' tests (OpenAI REST, OIP v2, the typed client)."""
+    started = start_mesh(
+        tmp_path_factory.mktemp("front-door"),
+        {"nlp": 1, "vision": 1, "speech": 1, "llm": 1},
+        {"AIMASS_LLM__MAX_MODEL_LEN": "1024"},
+        metrics=True,
+    )
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="session")
 def nlp_engine() -> NlpEngine:
     """The real NLP models, loaded once for every in-process server a test builds."""
     engine = NlpEngine(device="cpu")
