@@ -16,6 +16,7 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 PROTO_ROOT = ROOT / "protos"
 GENERATED = ROOT / "aimass" / "v1"
+OIP_GENERATED = ROOT / "aimass" / "oip" / "v2"
 
 
 def generate_protos() -> None:
@@ -23,7 +24,10 @@ def generate_protos() -> None:
     from grpc_tools import protoc  # build-time dependency (pyproject [build-system])
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "aimass" / "v1").glob("*.proto"))
+    # The Open Inference Protocol v2, under a package of ours (protos/aimass/oip/v2 says why), beside aimass.v1.
+    protos += sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "aimass" / "oip" / "v2").glob("*.proto"))
     GENERATED.mkdir(parents=True, exist_ok=True)
+    OIP_GENERATED.mkdir(parents=True, exist_ok=True)
     well_known = str(Path(grpc_tools.__file__).parent / "_proto")
     # The mypy plugins are console scripts of mypy-protobuf: next to this interpreter, or on PATH in a build env.
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
@@ -48,6 +52,9 @@ def generate_protos() -> None:
         raise RuntimeError("protoc failed on " + " ".join(protos))
     (GENERATED / "__init__.py").write_text('"""Generated from protos/aimass/v1 by setup.py. Do not edit."""\n')
     (GENERATED / "py.typed").write_text("")
+    (OIP_GENERATED.parent / "__init__.py").write_text('"""Generated from protos/aimass/oip. Do not edit."""\n')
+    (OIP_GENERATED / "__init__.py").write_text('"""Generated from protos/aimass/oip/v2 by setup.py. Do not edit."""\n')
+    (OIP_GENERATED / "py.typed").write_text("")
 
 
 # Every build step (metadata, wheel, editable install) regenerates first: setuptools checks that the
