@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 
 import grpc
@@ -43,6 +44,11 @@ WORKER_MODULES = {
 # Every kind `aimass up` starts a number of (--<kind>-replicas).
 PROCESS_MODULES = {**SERVICE_MODULES, **WORKER_MODULES}
 
+
+# The OpenAI-compatible REST front door (gateway/rest): a client of the gateway, not a mesh process (no certificate,
+# not in the registry); `aimass up` starts it last and waits for its /healthz.
+REST_PROCESS = "rest"
+REST_MODULE = "gateway.rest"
 
 # Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent and replicas in order.
 DEFAULT_METRICS_PORT = 9400
@@ -90,6 +96,10 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
             env = {**common, f"AIMASS_{kind.upper()}__SERVER__PORT": str(port)}
             specs.append(ProcessSpec(f"{kind}-{index}", PROCESS_MODULES[kind], env))
             metrics_keys[f"{kind}-{index}"] = f"AIMASS_{kind.upper()}__SERVER__METRICS_PORT"
+    if settings.rest.enabled:
+        rest_port = args.rest_port or settings.rest.port
+        rest_env = {"AIMASS_REST__PORT": str(rest_port), "AIMASS_REST__GATEWAY": f"127.0.0.1:{gateway_port}"}
+        specs.append(ProcessSpec(REST_PROCESS, REST_MODULE, rest_env))
     # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
     # as its own mesh identity.
     return [
@@ -99,7 +109,9 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
                 **spec.env,
                 metrics_keys[spec.name]: str(args.metrics_port + offset if args.metrics_port else 0),
                 IDENTITY_ENV: spec.name,
-            },
+            }
+            if spec.name in metrics_keys
+            else dict(spec.env),
         )
         for offset, spec in enumerate(specs)
     ]
@@ -142,6 +154,25 @@ async def wait_until_ready(
         await registry.close()
 
 
+async def wait_for_rest(rest_url: str, stop: asyncio.Event, timeout_s: float) -> bool:
+    """Until the REST front door's /healthz answers 200 (it does once the gateway behind it serves)."""
+    health = rest_url.removesuffix("/v1") + "/healthz"
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(health, timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        if await asyncio.to_thread(answers):
+            return True
+        await asyncio.sleep(0.3)
+    return False
+
+
 def format_instances(instances: Sequence[Instance]) -> str:
     rows = [("KIND", "ADDRESS", "STATE", "PID", "SERVICES", "MODELS")]
     for i in sorted(instances, key=lambda i: (i.kind not in CONTROL_PLANE_KINDS, i.kind, i.address)):
@@ -155,7 +186,7 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
     taken = []
     for spec in specs:
         for key, value in spec.env.items():
-            if key.endswith(("__SERVER__PORT", "METRICS_PORT")) and value != "0":
+            if key.endswith(("__SERVER__PORT", "METRICS_PORT", "AIMASS_REST__PORT")) and value != "0":
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     # As the servers bind: connections of a mesh just stopped (TIME_WAIT) do not hold the port, a
                     # listener does.
@@ -170,7 +201,7 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
 def prepare(settings: Settings, specs: Sequence[ProcessSpec]) -> tuple[MeshCredentials | None, str]:
     """The mesh's state before anything starts: certificates for every process (and this tool), the store's
     schema, the admin key. Returns this tool's credentials and a line saying where the admin key is."""
-    ensure_certificates(settings, {spec.name: role_of(spec) for spec in specs})
+    ensure_certificates(settings, {spec.name: role_of(spec) for spec in specs if spec.name != REST_PROCESS})
     credentials = operator_credentials(settings)
     key_file, created = prepare_store(settings)
     if key_file is None:
@@ -212,7 +243,13 @@ async def up(args: argparse.Namespace) -> int:
         await asyncio.wait([ready, stopped], return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
             instances = ready.result()
+            rest = next((spec for spec in specs if spec.name == REST_PROCESS), None)
+            rest_url = f"http://127.0.0.1:{rest.env['AIMASS_REST__PORT']}/v1" if rest else ""
+            if rest_url and not await wait_for_rest(rest_url, stop, 120):
+                log.warning("the REST front door at %s is not answering its /healthz yet", rest_url)
             print(f"\naimass is up. Gateway (the one front door): {gateway}\n", flush=True)
+            if rest_url:
+                print(f"OpenAI-compatible REST (same API keys): {rest_url}\n", flush=True)
             print(format_instances(instances), flush=True)
             print(f"\n{admin_key_line}", flush=True)
             endpoints = metrics_endpoints(specs)
@@ -282,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"first Prometheus metrics port; each process takes the next (default {DEFAULT_METRICS_PORT}; 0 = off)",
     )
     settings = load_settings()
+    up_cmd.add_argument(
+        "--rest-port",
+        type=int,
+        default=0,
+        help=f"the OpenAI-compatible REST front door's port (default: config rest.port, {settings.rest.port})",
+    )
     for kind in PROCESS_MODULES:
         default_port = getattr(settings, kind).server.port
         up_cmd.add_argument(

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class LocalMesh:
     log_level: str = "INFO"
     gateway_port: int = 0
     scheduler_port: int = 0
+    # The OpenAI-compatible REST front door's port (see rest_url); off when env sets AIMASS_REST__ENABLED=false.
+    rest_port: int = 0
     # First port of each kind; its replicas listen on consecutive ports.
     ports: dict[str, int] = field(default_factory=dict)
     # Serve Prometheus metrics from every process (on free consecutive ports; see metrics_address).
@@ -122,6 +125,15 @@ class LocalMesh:
     def gateway(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
 
+    @property
+    def rest_enabled(self) -> bool:
+        return self.env.get("AIMASS_REST__ENABLED", "true").lower() not in ("false", "0", "no", "off")
+
+    @property
+    def rest_url(self) -> str:
+        """The REST front door's OpenAI base URL, e.g. "http://127.0.0.1:PORT/v1"."""
+        return f"http://127.0.0.1:{self.rest_port}/v1"
+
     def addresses(self, kind: str) -> list[str]:
         return [f"127.0.0.1:{self.ports[kind] + i}" for i in range(self.replicas.get(kind, 0))]
 
@@ -157,12 +169,16 @@ class LocalMesh:
         self.scheduler_port = free_port()
         while self.scheduler_port in taken | {self.gateway_port}:
             self.scheduler_port = free_port()
+        self.rest_port = free_port()
+        while self.rest_port in taken | {self.gateway_port, self.scheduler_port}:
+            self.rest_port = free_port()
         processes = 3 + sum(self.replicas.values())  # gateway, scheduler, node agent, then replicas
         self.metrics_port = 0
         while self.metrics and (
             not self.metrics_port
             or taken & set(range(self.metrics_port, self.metrics_port + processes))
-            or {self.gateway_port, self.scheduler_port} & set(range(self.metrics_port, self.metrics_port + processes))
+            or {self.gateway_port, self.scheduler_port, self.rest_port}
+            & set(range(self.metrics_port, self.metrics_port + processes))
         ):
             self.metrics_port = consecutive_free_ports(processes)
         env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, "AIMASS_STATE_DIR": str(self.state_dir), **self.env}
@@ -174,6 +190,7 @@ class LocalMesh:
                     f"--gateway-port={self.gateway_port}",
                     f"--scheduler-port={self.scheduler_port}",
                     f"--metrics-port={self.metrics_port}",
+                    f"--rest-port={self.rest_port}",
                     *arguments,
                 ],
                 stdout=sink,
@@ -197,6 +214,16 @@ class LocalMesh:
             while not self._ready(registry, health):
                 self._check_alive(deadline, "every replica to register and serve")
                 time.sleep(0.2)
+        while self.rest_enabled and not self._rest_ready():
+            self._check_alive(deadline, "the REST front door's /healthz")
+            time.sleep(0.2)
+
+    def _rest_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.rest_url.removesuffix("/v1") + "/healthz", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
 
     def _ready(self, registry: registry_pb2_grpc.RegistryServiceStub, health: health_pb2_grpc.HealthStub) -> bool:
         try:

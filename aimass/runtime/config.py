@@ -527,6 +527,28 @@ class TelemetryConfig(BaseModel):
         return value
 
 
+class RestConfig(BaseModel):
+    """The OpenAI-compatible REST front door (gateway/rest): its own process, a gRPC client of the gateway that
+    passes each caller's API key along, so auth, quotas, priorities, routing and tracing are the gateway's."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # The gateway it calls (host:port). Empty: this host's gateway, 127.0.0.1:gateway.server.port.
+    gateway: str = ""
+    # The CA (PEM) to verify the gateway's TLS certificate with, when the front door has TLS (gateway.tls_cert);
+    # unset there: the system's roots.
+    gateway_ca: Path | None = None
+    # Largest JSON body (a 200,000-character prompt fits several times over), and largest multipart upload
+    # (audio files: OpenAI's own limit). Past either: 413 before the body is read on.
+    max_body_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(8 << 20)
+    max_upload_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(25 << 20)
+    # Deadline of each call to the gateway (streams included); 0: the gateway's own defaults.
+    request_timeout_s: float = Field(default=600.0, ge=0)
+    # On SIGTERM, requests in flight (streams too) get this long to finish.
+    drain_grace_s: PositiveFloat = 30.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -547,6 +569,7 @@ class Settings(BaseSettings):
     lifecycle: LifecycleConfig = LifecycleConfig()
     trainer: TrainerConfig = TrainerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    rest: RestConfig = RestConfig()
 
     @property
     def store_url(self) -> str:
@@ -559,6 +582,11 @@ class Settings(BaseSettings):
     @property
     def trainer_cache_dir(self) -> Path:
         return self.trainer.cache_dir or self.state_dir / "trainer-cache"
+
+    @property
+    def rest_gateway(self) -> str:
+        """The gateway the REST front door calls."""
+        return self.rest.gateway or f"127.0.0.1:{self.gateway.server.port}"
 
     @property
     def admin_key_file(self) -> Path:

@@ -1,0 +1,3 @@
+from gateway.rest.app import main
+
+main()

@@ -1,0 +1,158 @@
+"""The REST front door's app and process: an OpenAI-compatible HTTP API (FastAPI on uvicorn) that translates each
+request into aimass.v1 calls to the gateway, with the caller's own key (gateway/rest/upstream.py).
+
+Routers: one module per endpoint family, each an ``APIRouter`` named ``router``; ``ROUTERS`` lists them and
+``create_app`` includes those present (the modules not yet written are skipped). Errors are rendered in OpenAI's
+shape by gateway/rest/errors.py, whatever raised them.
+
+Run by `aimass up` as its own supervised process (``python -m gateway.rest``), listening on ``rest.host:rest.port``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from grpc_health.v1 import health_pb2
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from aimass import __version__
+from aimass.runtime import tracing
+from aimass.runtime.config import Settings, load_settings
+from aimass.runtime.logs import configure_logging
+from gateway.rest import errors
+from gateway.rest.errors import OpenAIError
+from gateway.rest.middleware import BodyLimit, Traced
+from gateway.rest.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+# Every router module of the front door, in order; each defines ``router`` (a FastAPI APIRouter with full paths).
+ROUTERS: Final = (
+    "gateway.rest.models",
+    "gateway.rest.chat",
+    "gateway.rest.embeddings",
+    "gateway.rest.audio",
+    "gateway.rest.extras",
+)
+HEALTH_TIMEOUT_S: Final = 2.0
+
+
+class RequestIdHeader:
+    """Echoes the request id (the caller's X-Request-Id, or the one made for it) on every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_id(event: Message) -> None:
+            if event["type"] == "http.response.start":
+                state = scope.get("state") or {}
+                known = state.get("request_id")
+                if known:
+                    event["headers"] = [*event.get("headers", []), (b"x-request-id", known.encode())]
+            await send(event)
+
+        await self.app(scope, receive, with_id)
+
+
+def _include_routers(app: FastAPI) -> None:
+    for name in ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise  # a module that exists but fails to import is a bug, not an absent endpoint family
+            continue
+        app.include_router(module.router)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The front door's ASGI app; its channel to the gateway opens with the app's lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.upstream = Upstream.connect(settings)
+        try:
+            yield
+        finally:
+            await app.state.upstream.close()
+
+    # No /docs or /redoc: their pages load assets from a CDN, and the front door must work offline. The schema
+    # stays at /openapi.json.
+    app = FastAPI(
+        title="aimass OpenAI-compatible API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz(request: Request) -> JSONResponse:
+        """Ready when the gateway behind answers its health check SERVING."""
+        upstream: Upstream = request.app.state.upstream
+        try:
+            reply = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError as err:
+            raise OpenAIError(503, f"the gateway at {upstream.target} does not answer: {err.code().name}") from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise OpenAIError(503, f"the gateway at {upstream.target} is not serving")
+        return JSONResponse({"status": "ok", "gateway": upstream.target})
+
+    _include_routers(app)
+    app.add_middleware(RequestIdHeader)
+    app.add_middleware(
+        BodyLimit,
+        max_body_bytes=int(settings.rest.max_body_bytes),
+        max_upload_bytes=int(settings.rest.max_upload_bytes),
+    )
+    tracer = tracing.tracer()
+    if tracer is not None:
+        app.add_middleware(Traced, tracer=tracer)
+    return app
+
+
+def main() -> None:
+    """``python -m gateway.rest``: serve until SIGTERM/SIGINT, then let requests in flight finish."""
+    settings = load_settings()
+    configure_logging(settings.log_level, "rest")
+    traces = tracing.setup_process(settings.telemetry, "rest")
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.rest.host,
+        port=settings.rest.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.rest.drain_grace_s),
+        server_header=False,
+        # The process's own logging (configure_logging), not uvicorn's.
+        log_config=None,
+    )
+    log.info(
+        "OpenAI-compatible REST on http://%s:%d/v1, calling the gateway at %s",
+        settings.rest.host,
+        settings.rest.port,
+        settings.rest_gateway,
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if traces is not None:
+            traces.shutdown()
