@@ -27,6 +27,8 @@ from gateway.admin import AdminServicer
 from gateway.auth import ApiKeyInterceptor, KeyVerifier
 from gateway.forwarder import Forwarder
 from gateway.model_catalogue import ModelCatalogueServicer
+from gateway.oip.reflection import OIP_SERVICE, reflection_pool
+from gateway.oip.servicer import OipServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
 from gateway.view import LoadView, ViewWatcher
@@ -139,10 +141,13 @@ class GatewayApp:
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
         # The catalogue; loads and unloads go to the scheduler, which decides and applies them.
-        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelCatalogueServicer(self.replicas), server)
+        catalogue = ModelCatalogueServicer(self.replicas)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(catalogue, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store, self.verifier, self.audit), server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
-        server.add_generic_rpc_handlers((self.forwarder,))
+        # The OIP's (inference.GRPCInferenceService) before the forwarder, which answers every other method.
+        oip_handler = OipServicer(self.forwarder, catalogue, self.settings).generic_handler()
+        server.add_generic_rpc_handlers((oip_handler, self.forwarder))
 
     async def load(self) -> None:
         if self.verifier is None:
@@ -195,7 +200,9 @@ def build_runner(settings: Settings) -> ServerRunner:
         registry=app.registry,
         registry_config=settings.registry,
         listener=app.listener,
-        reflection_extra=app.forwarded_services,
+        reflection_extra=(*app.forwarded_services, OIP_SERVICE),
+        # Reflection shows the OIP under its wire name (gateway/oip/reflection.py).
+        reflection_pool=reflection_pool,
         # Replicas echo the request id; the gateway only fills one in (see forwarder) and relays their trailers.
         echo_request_id=False,
     )

@@ -58,6 +58,8 @@ METHOD_SCOPES: Final[dict[str, frozenset[str]]] = {
     "/aimass.v1.SpeechService/": _INFER,
     "/aimass.v1.LlmService/": _INFER,
     "/aimass.v1.ModelService/ListModels": _INFER,
+    # The Open Inference Protocol (gateway/oip), every method: probes use grpc.health.v1, which needs no key.
+    "/inference.GRPCInferenceService/": _INFER,
     "/aimass.v1.ModelService/DescribeModel": _INFER,
     "/aimass.v1.DatasetService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
     "/aimass.v1.TrainingService/": frozenset({keys.SCOPE_MODELS_TRAIN}),

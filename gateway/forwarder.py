@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from opentelemetry import trace
@@ -168,6 +168,17 @@ class Forwarder(grpc.GenericRpcHandler):
         if handler is not None:
             return handler
         return grpc.stream_stream_rpc_method_handler(self._unknown_method(method))
+
+    async def call_unary(self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """Forwards one unary aimass.v1 call made in this process for another front door's call (the OIP's), with
+        that call's ``context``: the same routing, retries, tracing and trailers as a call that came in as
+        ``method``; an error ends ``context``'s call with the replica's status (``context.abort`` raises)."""
+        handler = self._handlers.get(method)
+        if handler is None or handler.unary_unary is None:
+            raise ValueError(f"{method} is not a unary method this gateway forwards")
+        # The stubs type a handler's context as the sync one; grpc.aio passes (and the forwarder takes) the aio one.
+        response: bytes = await handler.unary_unary(request, cast(Any, context))
+        return response
 
     def _unknown_method(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         service, _, name = method.lstrip("/").partition("/")

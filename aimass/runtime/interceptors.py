@@ -238,12 +238,17 @@ async def _stream_of(behavior_result: Any) -> AsyncIterator[Any]:
 
 
 UNKNOWN_METHOD = "(unknown method)"
+# Methods served under names protobuf's default pool does not hold (the OIP's /inference.GRPCInferenceService/*,
+# gateway/oip): added by whoever serves them, before the server starts.
+SERVED_ELSEWHERE: set[str] = set()
 
 
 @functools.lru_cache(maxsize=4096)
 def metric_method(method: str) -> str:
     """``method`` as a metric label when it names a method of a service this process knows (its generated code
     is imported), else UNKNOWN_METHOD: callers choose method names, and a series each would grow /metrics forever."""
+    if method in SERVED_ELSEWHERE:
+        return method
     service, _, name = method.lstrip("/").rpartition("/")
     try:
         descriptor_pool.Default().FindServiceByName(service).methods_by_name[name]

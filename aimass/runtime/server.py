@@ -24,6 +24,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import grpc
 import prometheus_client
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -180,6 +181,7 @@ class ServerRunner:
         listener: Listener = Listener(),
         replica: ReplicaRole | None = None,
         reflection_extra: Sequence[str] = (),
+        reflection_pool: Callable[[Sequence[str]], descriptor_pool.DescriptorPool] | None = None,
         echo_request_id: bool = True,
         node_id: str = "",
     ) -> None:
@@ -190,6 +192,8 @@ class ServerRunner:
         self.listener = listener
         self.replica = replica
         self.reflection_extra = tuple(reflection_extra)
+        # Builds the pool reflection describes the served names from (None: protobuf's default pool).
+        self.reflection_pool = reflection_pool
         self.echo_request_id = echo_request_id
         self.node_id = node_id or socket.gethostname()
         registry_address = (
@@ -268,7 +272,8 @@ class ServerRunner:
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
         if self.replica is not None:
             names = (*names, *self.replica.add_to_server(self, self.server))
-        reflection.enable_server_reflection(names, self.server)
+        pool = None if self.reflection_pool is None else self.reflection_pool(names)
+        reflection.enable_server_reflection(names, self.server, pool=pool)
         self.app.add_to_server(self.server, self.health)
         for name in ("", *self.app.service_names):
             await self.health.set(name, NOT_SERVING)
