@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 import pytest
-import tritonclient.grpc as triton
+import tritonclient.grpc as triton  # type: ignore[import-untyped]
 from google.protobuf.descriptor import Descriptor
 from tritonclient.grpc import _utils as triton_utils
 from tritonclient.grpc import service_pb2 as triton_pb2
@@ -73,7 +73,7 @@ def test_typed_contents() -> None:
     )
     decoded = decode_inputs(request, max_elements=16)
     assert decoded["TEXT"].data == [b"a", b"b"]
-    assert decoded["N"].data.tolist() == [[7, -1]]
+    assert np.asarray(decoded["N"].data).tolist() == [[7, -1]]
 
 
 @pytest.mark.parametrize(

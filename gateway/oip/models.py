@@ -10,8 +10,8 @@ OIP model                  inputs                          outputs
 =========================  ==============================  ===========================================================
 <embedder> (NlpService.    TEXT BYTES [-1] (UTF-8)         EMBEDDING FP32 [-1, dim] (dim from the model)
 Embed)
-<embedder>-zero-shot       TEXT BYTES [-1], LABELS BYTES   LABELS BYTES [-1, -1], SCORES FP32 [-1, -1]: per text, the
-(NlpService.Classify)      [-1] (the candidate labels)     candidate labels best first and their scores
+<embedder>-zero-shot       TEXT BYTES [-1],                LABELS BYTES [-1, -1], SCORES FP32 [-1, -1]: per text, the
+(NlpService.Classify)      CANDIDATE_LABELS BYTES [-1]     candidate labels best first and their scores
 <sentiment model>          TEXT BYTES [-1]                 LABEL BYTES [-1], COMPOUND, POSITIVE, NEGATIVE, NEUTRAL FP32
 (NlpService.Sentiment)                                     [-1]
 <custom text classifier>   TEXT BYTES [-1]                 LABELS BYTES [-1, k], SCORES FP32 [-1, k] (k: its labels)
@@ -153,7 +153,7 @@ def models_of(info: models_pb2.ModelInfo, embed_dimensions: Mapping[str, int]) -
                 info,
                 info.name + ZERO_SHOT_SUFFIX,
                 Kind.ZERO_SHOT,
-                inputs=(_text(), _text("LABELS")),
+                inputs=(_text(), _text("CANDIDATE_LABELS")),
                 outputs=ranked,
                 parameters={"multi_label": "bool_param", "hypothesis_template": "string_param"},
             )
@@ -195,8 +195,8 @@ def models_of(info: models_pb2.ModelInfo, embed_dimensions: Mapping[str, int]) -
 
 
 def exposed(infos: Iterable[models_pb2.ModelInfo], embed_dimensions: Mapping[str, int]) -> dict[str, OipModel]:
-    """OIP name → model, for every tensor-shaped model of a catalogue. A name two entries claim goes to the first
-    (the catalogue lists the mesh's models before a tenant's own, as requests resolve them)."""
+    """OIP name → model, for every tensor-shaped model of a catalogue (ListModels gives a name to one model only;
+    should a tenant's own model be called like a zero-shot name, the first listed keeps it)."""
     found: dict[str, OipModel] = {}
     for info in infos:
         for model in models_of(info, embed_dimensions):

@@ -196,7 +196,7 @@ class OipServicer:
             classify = nlp_pb2.ClassifyRequest(
                 model=_ref(model, version),
                 texts=texts,
-                labels=_texts(inputs.get("LABELS")),
+                labels=_texts(inputs.get("CANDIDATE_LABELS")),
                 multi_label=bool(parameters.get("multi_label", False)),
                 hypothesis_template=str(parameters.get("hypothesis_template", "")),
             )
@@ -274,7 +274,7 @@ class OipServicer:
             raise InvalidArgument(
                 f"{model.name} has no input {', '.join(map(repr, unknown))}; send {expected}", reason="UNKNOWN_INPUT"
             )
-        limits = {"TEXT": self.max_texts, "LABELS": self.max_labels, "IMAGE": self.max_images}
+        limits = {"TEXT": self.max_texts, "CANDIDATE_LABELS": self.max_labels, "IMAGE": self.max_images}
         return {spec.name: limits.get(spec.name, MAX_AUDIO_FILES) for spec in model.inputs}
 
     async def _embed(
