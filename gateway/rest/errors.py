@@ -116,7 +116,11 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> OpenAIError:
     elif code == grpc.StatusCode.UNAUTHENTICATED:
         reason = "invalid_api_key"
     message = err.details() or code.name
-    param = facts.get("field") or facts.get("param") or None
+    if code == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
+        # grpc's own words for a gateway that does not answer: say which hop failed.
+        message = f"the aimass gateway is not reachable from the REST front door ({message})"
+    # The replica names fields as in aimass.v1 ("sampling.temperature"); OpenAI's are flat ("temperature").
+    param = (facts.get("field") or facts.get("param") or "").removeprefix("sampling.") or None
     return OpenAIError(status, message, param=param, code=reason, headers=headers)
 
 
@@ -143,6 +147,10 @@ def from_validation_error(err: RequestValidationError) -> OpenAIError:
     param = _validation_param(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         return bad_request(f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
+        return bad_request(
+            "the request body must be a JSON object (Content-Type: application/json)", code="invalid_json"
+        )
     if first.get("type") == "missing":
         return bad_request(f"'{param}' is a required property", param=param, code="missing_required_parameter")
     message = str(first.get("msg", "invalid value"))
