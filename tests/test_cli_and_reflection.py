@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import subprocess
@@ -30,6 +31,8 @@ SERVICES = [
     "aimass.v1.VisionService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
+    # The Open Inference Protocol v2 (gateway/oip), under its wire name.
+    "inference.GRPCInferenceService",
 ]
 
 
@@ -65,6 +68,25 @@ def test_grpcurl_describes_and_calls_without_proto_files(mesh: LocalMesh) -> Non
     )
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["results"][0]["label"] == "positive"
+
+
+def test_grpcurl_describes_and_calls_the_open_inference_protocol(mesh: LocalMesh) -> None:
+    described = grpcurl(mesh.gateway, "describe", "inference.GRPCInferenceService")
+    assert described.returncode == 0, described.stderr
+    assert "rpc ModelInfer ( .inference.ModelInferRequest ) returns ( .inference.ModelInferResponse );" in (
+        described.stdout
+    )
+    # Typed contents in JSON (bytes as base64).
+    text = {"name": "TEXT", "datatype": "BYTES", "shape": [1], "contents": {"bytes_contents": ["SSBsb3ZlIHRoaXM="]}}
+    request = {"model_name": "vader", "inputs": [text]}  # "I love this"
+    called = grpcurl(
+        *with_key(mesh), "-d", json.dumps(request), mesh.gateway, "inference.GRPCInferenceService/ModelInfer"
+    )
+    assert called.returncode == 0, called.stderr
+    answer = json.loads(called.stdout)
+    assert answer["outputs"][0]["name"] == "LABEL"
+    raw = answer.get("raw_output_contents") or answer["rawOutputContents"]  # grpcurl's JSON names vary by version
+    assert base64.b64decode(raw[0])[4:] == b"positive"  # a 4-byte length, then the label
 
 
 def test_grpcurl_reaches_a_replica_directly_too(mesh: LocalMesh) -> None:
