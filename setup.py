@@ -55,6 +55,20 @@ def generate_protos() -> None:
     (OIP_GENERATED.parent / "__init__.py").write_text('"""Generated from protos/aimass/oip. Do not edit."""\n')
     (OIP_GENERATED / "__init__.py").write_text('"""Generated from protos/aimass/oip/v2 by setup.py. Do not edit."""\n')
     (OIP_GENERATED / "py.typed").write_text("")
+    generate_client()  # the typed client's methods follow the protos they call
+
+
+def generate_client() -> None:
+    """aimass/client/generated.py: the typed client's method per public RPC (aimass/client/codegen.py says how),
+    loaded by path because the aimass package is not importable in an isolated build environment."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aimass_client_codegen", ROOT / "aimass" / "client" / "codegen.py")
+    assert spec is not None and spec.loader is not None
+    codegen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = codegen  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(codegen)
+    codegen.write(ROOT)
 
 
 # Every build step (metadata, wheel, editable install) regenerates first: setuptools checks that the

@@ -167,14 +167,11 @@ def _keys(api_keys: Sequence[admin_pb2.ApiKey]) -> str:
 
 def _keys_command(client: Client, args: argparse.Namespace) -> str:
     if args.keys_command == "create":
-        created = client.admin.CreateKey(
-            admin_pb2.CreateKeyRequest(
-                tenant_id=args.tenant,
-                scopes=[scope.strip() for scope in args.scopes.split(",") if scope.strip()],
-                name=args.name,
-                expires_in_seconds=int(args.expires_in),
-            ),
-            **client.call_options(),
+        created = client.admin.create_key(
+            tenant_id=args.tenant,
+            scopes=[scope.strip() for scope in args.scopes.split(",") if scope.strip()],
+            name=args.name,
+            expires_in_seconds=int(args.expires_in),
         )
         key = created.key
         return (
@@ -184,8 +181,8 @@ def _keys_command(client: Client, args: argparse.Namespace) -> str:
         )
     if args.keys_command == "list":
         tenant = "*" if args.all else args.tenant
-        return _keys(client.admin.ListKeys(admin_pb2.ListKeysRequest(tenant_id=tenant), **client.call_options()).keys)
-    revoked = client.admin.RevokeKey(admin_pb2.RevokeKeyRequest(key_id=args.key_id), **client.call_options()).key
+        return _keys(client.admin.list_keys(tenant_id=tenant).keys)
+    revoked = client.admin.revoke_key(key_id=args.key_id).key
     return f"revoked {revoked.key_id} (tenant {revoked.tenant_id}); every gateway refuses it within seconds"
 
 
@@ -203,22 +200,18 @@ def _tenants_command(client: Client, args: argparse.Namespace) -> str:
             value = getattr(args, flag)
             if value is not None:
                 setattr(request, field, value)
-        return _tenants([client.admin.SetTenant(request, **client.call_options()).tenant])
+        return _tenants([client.admin.set_tenant(request).tenant])
     if args.tenants_command == "get":
-        request_get = admin_pb2.GetTenantRequest(tenant_id=args.tenant)
-        return _tenants([client.admin.GetTenant(request_get, **client.call_options()).tenant])
-    return _tenants(client.admin.ListTenants(admin_pb2.ListTenantsRequest(), **client.call_options()).tenants)
+        return _tenants([client.admin.get_tenant(tenant_id=args.tenant).tenant])
+    return _tenants(client.admin.list_tenants().tenants)
 
 
 def _audit_command(client: Client, args: argparse.Namespace) -> str:
-    events = client.admin.ListAuditEvents(
-        admin_pb2.ListAuditEventsRequest(
-            since_unix_ms=int((time.time() - args.since) * 1000),
-            tenant_id="*" if args.all else args.tenant,
-            action_prefix=args.action,
-            limit=args.limit,
-        ),
-        **client.call_options(),
+    events = client.admin.list_audit_events(
+        since_unix_ms=int((time.time() - args.since) * 1000),
+        tenant_id="*" if args.all else args.tenant,
+        action_prefix=args.action,
+        limit=args.limit,
     ).events
     rows = [["TIME", "ACTION", "OUTCOME", "TENANT", "KEY ID", "TARGET", "COUNT", "PEER", "DETAIL"]]
     rows += [
@@ -239,7 +232,7 @@ def _audit_command(client: Client, args: argparse.Namespace) -> str:
 
 
 def _whoami(client: Client, args: argparse.Namespace) -> str:
-    me = client.admin.WhoAmI(admin_pb2.WhoAmIRequest(), **client.call_options())
+    me = client.admin.who_am_i()
     return f"tenant {me.tenant_id}, key {me.key_id}, scopes {','.join(me.scopes)}\n\n{_tenants([me.tenant])}"
 
 

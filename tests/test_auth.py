@@ -373,5 +373,5 @@ async def test_the_python_client_takes_its_key_from_the_environment(
     monkeypatch.setenv("AIMASS_API_KEY", key)
     async with AsyncClient(mesh.gateway) as client:
         reply = await client.sentiment(["great"])
-        me = await client.admin.WhoAmI(admin_pb2.WhoAmIRequest(), **client.call_options())
+        me = await client.admin.who_am_i()
     assert reply.results[0].label == "positive" and me.tenant_id == "envtest"

@@ -87,7 +87,7 @@ def test_api_key_and_request_id_pass_through_the_mesh(mesh: LocalMesh) -> None:
     # that tenant and says so in a trailer, next to the request id the client sent.
     with Client(mesh.gateway, api_key=key_for("client-test")) as keyed:
         assert keyed.sentiment(["fine"], request_id="req-ok").results[0].label
-        _, call = keyed.nlp.Sentiment.with_call(
+        _, call = keyed.nlp.stub.Sentiment.with_call(
             nlp_pb2.SentimentRequest(texts=["fine"]), **keyed.call_options(request_id="req-trailers")
         )
     trailers = dict(call.trailing_metadata() or ())
