@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from aimass.client import error_info
 from aimass.v1 import common_pb2, speech_pb2
-from gateway.rest.errors import OpenAIError
+from gateway.rest.errors import OpenAIError, from_rpc_error
 from gateway.rest.uploads import InferCaller, files_of, read_form, text_field
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, request_meta, upstream
 
@@ -260,7 +260,8 @@ async def _audio(call: Any, first: speech_pb2.SynthesizeResponse) -> AsyncIterat
 
 
 async def _unknown_voice(request: Request, up: Upstream, model: str, voice: str) -> OpenAIError:
-    """400 naming some voices the model has (OpenAI answers a bad voice with 400, param voice)."""
+    """400 naming some voices the model has (OpenAI answers a bad voice with 400, param voice); 404 when the
+    model itself has no voices (the service answers both as VOICE_NOT_FOUND; ListVoices tells them apart)."""
     try:
         listed: speech_pb2.ListVoicesResponse = await up.speech.ListVoices(
             speech_pb2.ListVoicesRequest(model=common_pb2.ModelRef(name=model)),
@@ -268,7 +269,9 @@ async def _unknown_voice(request: Request, up: Upstream, model: str, voice: str)
             timeout=call_timeout(request),
         )
         names = [v.voice_id for v in listed.voices]
-    except grpc.aio.AioRpcError:
+    except grpc.aio.AioRpcError as err:
+        if err.code() == grpc.StatusCode.NOT_FOUND:
+            return from_rpc_error(err)  # "model 'tts-1' has no voices; available: flite, ..."
         names = []
     some = ", ".join(names[:VOICES_LISTED]) + (
         f" (and {len(names) - VOICES_LISTED} more)" if len(names) > VOICES_LISTED else ""

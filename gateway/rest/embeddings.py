@@ -26,10 +26,13 @@ from gateway.rest.upstream import Upstream, call_metadata, call_timeout, upstrea
 router = APIRouter()
 
 EMBED_MODEL = "all-MiniLM-L6-v2"
+# Known sizes, so a wrong ``dimensions`` is refused before any work; other models are checked on their answer.
+DIMENSIONS = {EMBED_MODEL: 384}
 
 
 class EmbeddingsBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # An argument OpenAI does not know is refused, as OpenAI refuses it.
+    model_config = ConfigDict(extra="forbid")
 
     model: str = ""
     # Checked by hand below, so a wrong type gets a message about embeddings, not a pydantic union dump.
@@ -96,20 +99,17 @@ async def create_embeddings(
     fmt: Literal["float", "base64"] = "base64" if body.encoding_format == "base64" else "float"
     if not body.model:
         raise OpenAIError(400, f"'model' is required, e.g. {EMBED_MODEL!r}", param="model")
+    if body.dimensions is not None and body.dimensions != DIMENSIONS.get(body.model, body.dimensions):
+        raise _wrong_dimensions(body.model, DIMENSIONS[body.model])
     reply: nlp_pb2.EmbedResponse = await up.nlp.Embed(
         nlp_pb2.EmbedRequest(model=common_pb2.ModelRef(name=body.model), texts=texts, normalize=True),
         metadata=call_metadata(request),
         timeout=call_timeout(request),
     )
-    # Checked after the call: only the model knows its size. No embedding model here can shorten its vectors
-    # (truncating a vector that was not trained for it loses its meaning), so only its own size is accepted.
+    # No embedding model here can shorten its vectors (truncating one not trained for it loses its meaning), so
+    # only its own size is accepted; a model of unknown size is checked on its answer.
     if body.dimensions is not None and body.dimensions != reply.dimensions:
-        raise OpenAIError(
-            400,
-            f"{reply.model.name or body.model} gives {reply.dimensions}-dimensional embeddings and cannot shorten "
-            f"them; leave 'dimensions' out or set it to {reply.dimensions}",
-            param="dimensions",
-        )
+        raise _wrong_dimensions(reply.model.name or body.model, reply.dimensions)
     vectors = np.asarray([list(e.values) for e in reply.embeddings], dtype="<f4").reshape(len(texts), -1)
     tokens = await asyncio.to_thread(count_tokens, reply.model.name, texts)
     return {
@@ -122,7 +122,17 @@ async def create_embeddings(
     }
 
 
+def _wrong_dimensions(model: str, size: int) -> OpenAIError:
+    return OpenAIError(
+        400,
+        f"{model} gives {size}-dimensional embeddings and cannot shorten them; leave 'dimensions' out or set it "
+        f"to {size}",
+        param="dimensions",
+    )
+
+
 def _encoded(vector: np.ndarray[Any, Any], fmt: Literal["float", "base64"]) -> list[float] | str:
     if fmt == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    floats: list[float] = vector.tolist()
+    return floats

@@ -144,6 +144,8 @@ async def _images_and_options(request: Request) -> tuple[list[vision_pb2.Image],
             uploads = files_of(form, "image") + files_of(form, "images")
             if len(uploads) > MAX_IMAGES:
                 raise OpenAIError(400, f"{len(uploads)} images; at most {MAX_IMAGES} per request", param="image")
+            if not uploads:
+                raise _no_image()
             images = [
                 vision_pb2.Image(data=await upload.read(), mime_type=upload.content_type or "") for upload in uploads
             ]
@@ -169,10 +171,14 @@ async def _images_and_options(request: Request) -> tuple[list[vision_pb2.Image],
         images = [_decoded(i, value) for i, value in enumerate(raw or [])]
         options = body
     if not images:
-        raise OpenAIError(
-            400, "'image' is required: a multipart file part named 'image', or JSON 'images' (base64)", param="image"
-        )
+        raise _no_image()
     return images, options
+
+
+def _no_image() -> OpenAIError:
+    return OpenAIError(
+        400, "'image' is required: a multipart file part named 'image', or JSON 'images' (base64)", param="image"
+    )
 
 
 def _option(options: dict[str, Any], name: str, kind: type, default: Any) -> Any:
