@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from aimass.client import error_info
 from aimass.v1 import common_pb2, speech_pb2
 from gateway.rest.errors import OpenAIError, from_rpc_error
-from gateway.rest.uploads import InferCaller, files_of, read_form, text_field
+from gateway.rest.uploads import KEY_CHECKED, files_of, read_form, text_field
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, request_meta, upstream
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,9 @@ VOICES_LISTED: Final = 12
 # -- transcriptions ---------------------------------------------------------------------------------------------
 
 
-@router.post("/v1/audio/transcriptions", response_model=None)
+@router.post("/v1/audio/transcriptions", response_model=None, dependencies=[KEY_CHECKED])
 async def create_transcription(
     request: Request,
-    caller: InferCaller,
     up: Annotated[Upstream, Depends(upstream)],
 ) -> Response:
     form = await read_form(request, max_files=1)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from aimass.v1 import common_pb2, nlp_pb2, vision_pb2
 from gateway.rest.errors import OpenAIError
-from gateway.rest.uploads import InferCaller, files_of, read_form, text_field
+from gateway.rest.uploads import KEY_CHECKED, files_of, read_form, text_field
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, request_meta, upstream
 
 router = APIRouter(prefix="/v1/aimass")
@@ -215,10 +215,8 @@ async def _vision_call(request: Request) -> tuple[list[vision_pb2.Image], dict[s
     return images, options, model
 
 
-@router.post("/vision/classify")
-async def vision_classify(
-    request: Request, caller: InferCaller, up: Annotated[Upstream, Depends(upstream)]
-) -> dict[str, Any]:
+@router.post("/vision/classify", dependencies=[KEY_CHECKED])
+async def vision_classify(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     top_k = _option(options, "top_k", int, 0)
     _no_more(options)
@@ -230,10 +228,8 @@ async def vision_classify(
     return as_json(reply)
 
 
-@router.post("/vision/faces")
-async def vision_faces(
-    request: Request, caller: InferCaller, up: Annotated[Upstream, Depends(upstream)]
-) -> dict[str, Any]:
+@router.post("/vision/faces", dependencies=[KEY_CHECKED])
+async def vision_faces(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     min_score = _option(options, "min_score", float, 0.0)
     max_faces = _option(options, "max_faces", int, 0)
@@ -248,10 +244,8 @@ async def vision_faces(
     return as_json(reply)
 
 
-@router.post("/vision/ocr")
-async def vision_ocr(
-    request: Request, caller: InferCaller, up: Annotated[Upstream, Depends(upstream)]
-) -> dict[str, Any]:
+@router.post("/vision/ocr", dependencies=[KEY_CHECKED])
+async def vision_ocr(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     languages = _option(options, "languages", list, [])
     min_confidence = _option(options, "min_confidence", float, 0.0)

@@ -37,8 +37,15 @@ class Caller:
     scopes: frozenset[str]
 
 
-# key hash -> (monotonic expiry, the caller, or the refusal the gateway gave)
-_cache: dict[str, tuple[float, Caller | OpenAIError]] = {}
+# key hash -> (monotonic expiry, the caller, or the refusal the gateway gave); one per app (per gateway behind it).
+KeyCache = dict[str, tuple[float, "Caller | OpenAIError"]]
+
+
+def _cache_of(request: Request) -> KeyCache:
+    cache: KeyCache | None = getattr(request.app.state, "upload_key_cache", None)
+    if cache is None:
+        cache = request.app.state.upload_key_cache = {}
+    return cache
 
 
 def _key_hash(request: Request) -> str:
@@ -64,18 +71,18 @@ async def _who(request: Request, up: Upstream) -> Caller | OpenAIError | None:
 async def infer_caller(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> Caller | None:
     """FastAPI dependency of upload routes: 401 for a missing or bad key and 403 for a key without the ``infer``
     scope, before the body is read. None with auth off."""
-    key = _key_hash(request)
+    key, cache = _key_hash(request), _cache_of(request)
     now = time.monotonic()
-    cached = _cache.get(key)
+    cached = cache.get(key)
     if cached is not None and cached[0] > now:
         found: Caller | OpenAIError | None = cached[1]
     else:
         found = await _who(request, up)
         if found is not None:
-            if len(_cache) >= MAX_CACHED_KEYS:
-                for stale in [k for k, (expiry, _) in _cache.items() if expiry <= now] or list(_cache)[:1000]:
-                    _cache.pop(stale, None)
-            _cache[key] = (now + KEY_CACHE_S, found)
+            if len(cache) >= MAX_CACHED_KEYS:
+                for stale in [k for k, (expiry, _) in cache.items() if expiry <= now] or list(cache)[:1000]:
+                    cache.pop(stale, None)
+            cache[key] = (now + KEY_CACHE_S, found)
     if isinstance(found, OpenAIError):
         raise found
     if found is not None and SCOPE_INFER not in found.scopes:
@@ -88,8 +95,8 @@ async def infer_caller(request: Request, up: Annotated[Upstream, Depends(upstrea
     return found
 
 
-# A route that reads an upload declares ``caller: InferCaller`` (the check runs before the body is read).
-InferCaller = Annotated[Caller | None, Depends(infer_caller)]
+# What a route that reads an upload declares (``dependencies=[KEY_CHECKED]``): the check runs before the body is read.
+KEY_CHECKED = Depends(infer_caller)
 
 
 async def read_form(request: Request, *, max_files: int) -> FormData:
