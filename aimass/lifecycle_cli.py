@@ -17,7 +17,7 @@ import io
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, TextIO
 
@@ -27,15 +27,13 @@ from google.protobuf.message import Message
 
 from aimass.admin_cli import table, when
 from aimass.client import Client, error_info
+from aimass.client.shortcuts import CHUNK_BYTES, FORMATS, TASKS, file_sha256, upload_requests
 from aimass.runtime.config import load_settings
 from aimass.v1 import (
     common_pb2,
     datasets_pb2,
-    datasets_pb2_grpc,
     deployments_pb2,
-    deployments_pb2_grpc,
     training_pb2,
-    training_pb2_grpc,
 )
 
 __all__ = [
@@ -49,8 +47,6 @@ __all__ = [
     "upload_requests",
 ]
 
-# Upload chunks: well under the contract's 4 MiB per message, and what is in memory at once.
-CHUNK_BYTES: Final = 1 << 20
 # Deadline of one unary call (Deploy, Promote and Rollback wait for every replica to apply the change: longer).
 CALL_TIMEOUT_S: Final = 60.0
 DEPLOY_TIMEOUT_S: Final = 180.0
@@ -58,17 +54,7 @@ DEPLOY_TIMEOUT_S: Final = 180.0
 WATCH_RECONNECTS: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
-TASKS: Final = {
-    "text-classification": datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION,
-    "image-classification": datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION,
-}
-FORMATS: Final = {
-    "csv": datasets_pb2.DATASET_FORMAT_CSV,
-    "jsonl": datasets_pb2.DATASET_FORMAT_JSONL,
-    "zip": datasets_pb2.DATASET_FORMAT_IMAGE_FOLDERS_ZIP,
-}
-# --format left out: from the file's extension, else the server decides (the task, the file's first bytes).
-EXTENSION_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".zip": "zip"}
+# TASKS and FORMATS (the --task and --format choices) and the upload helpers are the client's (aimass.client).
 FINAL_JOB_STATES: Final = frozenset(
     {training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED}
 )
@@ -219,19 +205,14 @@ def quarter(done: int, total: int) -> int:
 
 
 class Stubs:
-    """The three lifecycle services on one keyed channel to the gateway."""
+    """The three lifecycle services of one client to the gateway, as its typed methods. The client has no default
+    deadline (streams have none); unary calls pass theirs (CALL_TIMEOUT_S, DEPLOY_TIMEOUT_S)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
-        self.datasets = datasets_pb2_grpc.DatasetServiceStub(client.channel)
-        self.training = training_pb2_grpc.TrainingServiceStub(client.channel)
-        self.deployments = deployments_pb2_grpc.DeploymentServiceStub(client.channel)
-
-    def options(self, timeout_s: float | None = CALL_TIMEOUT_S) -> dict[str, Any]:
-        """Metadata (API key, trace context) and deadline of one call; ``None``: no deadline (streams)."""
-        options = dict(self.client.call_options())
-        options["timeout"] = timeout_s
-        return options
+        self.datasets = client.datasets
+        self.training = client.training
+        self.deployments = client.deployments
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -253,35 +234,7 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the response as JSON (protobuf's JSON mapping)")
 
 
-def _meta() -> common_pb2.RequestMeta:
-    return common_pb2.RequestMeta()
-
-
 # -- datasets -------------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> tuple[int, str]:
-    """The file's size and SHA-256 (hex), read once in blocks (never whole into memory)."""
-    with path.open("rb") as file:
-        digest = hashlib.file_digest(file, "sha256")
-        return file.tell(), digest.hexdigest()
-
-
-def upload_requests(
-    path: Path,
-    header: datasets_pb2.UploadDatasetHeader,
-    sent: Callable[[int], None] = lambda _: None,
-    chunk_bytes: int = CHUNK_BYTES,
-) -> Iterator[datasets_pb2.UploadDatasetRequest]:
-    """The UploadDataset stream: ``header``, then the file in ``chunk_bytes`` chunks, read as gRPC takes them.
-    ``sent`` is told the bytes handed over so far each time gRPC asks for more."""
-    yield datasets_pb2.UploadDatasetRequest(header=header)
-    done = 0
-    with path.open("rb") as file:
-        while chunk := file.read(chunk_bytes):
-            yield datasets_pb2.UploadDatasetRequest(chunk=chunk)
-            done += len(chunk)
-            sent(done)
 
 
 def report_text(report: datasets_pb2.ValidationReport, *, first: int = 10) -> str:
@@ -307,30 +260,22 @@ def report_text(report: datasets_pb2.ValidationReport, *, first: int = 10) -> st
 
 def _upload(stubs: Stubs, args: argparse.Namespace) -> int:
     path: Path = args.file
-    if not path.is_file():
-        raise CommandError(f"{path}: no such file")
-    fmt = args.format or EXTENSION_FORMATS.get(path.suffix.lower(), "")
-    total, sha256 = file_sha256(path)
-    if total == 0:
-        raise CommandError(f"{path} is empty: nothing to upload")
-    header = datasets_pb2.UploadDatasetHeader(
-        meta=_meta(),
-        name=args.name,
-        task=TASKS[args.task],
-        format=FORMATS[fmt] if fmt else datasets_pb2.DATASET_FORMAT_UNSPECIFIED,
-        size_bytes=total,
-        sha256=sha256,
-        text_column=args.text_column,
-        label_column=args.label_column,
-    )
     progress = Progress()
     started = time.monotonic()
 
-    def sent(done: int) -> None:
+    def sent(done: int, total: int) -> None:
         progress.update(transfer_line("uploading", path.name, done, total, started), quarter(done, total))
 
     try:
-        reply = stubs.datasets.UploadDataset(upload_requests(path, header, sent), **stubs.options(None))
+        reply = stubs.client.upload_dataset(
+            path,
+            name=args.name,
+            task=args.task,
+            format=args.format,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            progress=sent,
+        )
     except KeyboardInterrupt:
         progress.close()
         print("upload interrupted: nothing was stored; run the command again to upload from the start")
@@ -387,12 +332,11 @@ def _versions_table(versions: Sequence[datasets_pb2.DatasetVersion]) -> str:
 
 
 def _describe(stubs: Stubs, args: argparse.Namespace) -> int:
-    request = datasets_pb2.DescribeDatasetRequest(
-        meta=_meta(),
+    reply = stubs.datasets.describe_dataset(
         dataset=datasets_pb2.DatasetRef(name=args.name, owner=args.owner, version=args.version),
         preview_rows=args.preview,
+        timeout_s=CALL_TIMEOUT_S,
     )
-    reply = stubs.datasets.DescribeDataset(request, **stubs.options())
     if args.json:
         print(as_json(reply))
         return 0
@@ -416,7 +360,7 @@ def _datasets_command(stubs: Stubs, args: argparse.Namespace) -> int:
     if command == "describe":
         return _describe(stubs, args)
     if command == "list":
-        listed = stubs.datasets.ListDatasets(datasets_pb2.ListDatasetsRequest(meta=_meta()), **stubs.options())
+        listed = stubs.datasets.list_datasets(timeout_s=CALL_TIMEOUT_S)
         if args.json:
             print(as_json(listed))
         else:
@@ -424,15 +368,12 @@ def _datasets_command(stubs: Stubs, args: argparse.Namespace) -> int:
         return 0
     if command == "delete":
         ref = datasets_pb2.DatasetRef(name=args.name, version=args.version)
-        deleted = stubs.datasets.DeleteDataset(
-            datasets_pb2.DeleteDatasetRequest(meta=_meta(), dataset=ref), **stubs.options()
-        )
+        deleted = stubs.datasets.delete_dataset(dataset=ref, timeout_s=CALL_TIMEOUT_S)
         versions = ", ".join(deleted.deleted_versions) or "none"
         print(f"deleted {args.name}: versions {versions}; {size(deleted.freed_bytes)} of storage freed")
         return 0
-    shared = stubs.datasets.ShareDataset(
-        datasets_pb2.ShareDatasetRequest(meta=_meta(), name=args.name, tenant=args.tenant, revoke=args.revoke),
-        **stubs.options(),
+    shared = stubs.datasets.share_dataset(
+        name=args.name, tenant=args.tenant, revoke=args.revoke, timeout_s=CALL_TIMEOUT_S
     ).dataset
     done = f"{args.tenant} can no longer read {shared.name}" if args.revoke else f"{args.tenant} can read {shared.name}"
     print(f"{done}; shared with: {', '.join(shared.shared_with) or 'nobody'}")
@@ -531,10 +472,7 @@ def watch(stubs: Stubs, job_id: str) -> int:
     try:
         while True:
             try:
-                stream = stubs.training.WatchTraining(
-                    training_pb2.WatchTrainingRequest(meta=_meta(), job_id=job_id), **stubs.options(None)
-                )
-                for update in stream:
+                for update in stubs.training.watch_training(job_id=job_id):
                     last = update.job
                     reconnects = 0
                     progress.update(job_line(last), (last.state, last.stage, int(last.progress * 10)))
@@ -551,9 +489,7 @@ def watch(stubs: Stubs, job_id: str) -> int:
             if last is not None and last.state in FINAL_JOB_STATES:
                 break
             # The stream ended before a final state: read the job once more, then watch again.
-            last = stubs.training.GetTrainingJob(
-                training_pb2.GetTrainingJobRequest(meta=_meta(), job_id=job_id), **stubs.options()
-            ).job
+            last = stubs.training.get_training_job(job_id=job_id, timeout_s=CALL_TIMEOUT_S).job
             if last.state in FINAL_JOB_STATES:
                 break
             time.sleep(0.5)
@@ -579,14 +515,13 @@ def _hyperparameters(args: argparse.Namespace) -> training_pb2.Hyperparameters:
 
 
 def _train(stubs: Stubs, args: argparse.Namespace) -> int:
-    request = training_pb2.StartTrainingRequest(
-        meta=_meta(),
+    job = stubs.training.start_training(
         dataset=datasets_pb2.DatasetRef(name=args.dataset, owner=args.owner, version=args.dataset_version),
         base_model=args.base,
         model_name=args.name,
         hyperparameters=_hyperparameters(args),
-    )
-    job = stubs.training.StartTraining(request, **stubs.options()).job
+        timeout_s=CALL_TIMEOUT_S,
+    ).job
     print(
         f"job {job.job_id} {job_state(job.state)}: {job.model_name} on {_dataset_ref(job.dataset, job.owner)} "
         f"with {job.base_model}"
@@ -620,9 +555,7 @@ def _jobs_table(jobs: Sequence[training_pb2.TrainingJob]) -> str:
 def _jobs_command(stubs: Stubs, args: argparse.Namespace) -> int:
     command = args.jobs_command
     if command == "list":
-        listed = stubs.training.ListTrainingJobs(
-            training_pb2.ListTrainingJobsRequest(meta=_meta(), limit=args.limit), **stubs.options()
-        )
+        listed = stubs.training.list_training_jobs(limit=args.limit, timeout_s=CALL_TIMEOUT_S)
         if args.json:
             print(as_json(listed))
         else:
@@ -631,14 +564,10 @@ def _jobs_command(stubs: Stubs, args: argparse.Namespace) -> int:
     if command == "watch":
         return watch(stubs, args.job)
     if command == "cancel":
-        job = stubs.training.CancelTraining(
-            training_pb2.CancelTrainingRequest(meta=_meta(), job_id=args.job), **stubs.options()
-        ).job
+        job = stubs.training.cancel_training(job_id=args.job, timeout_s=CALL_TIMEOUT_S).job
         print(f"job {job.job_id}: {job_state(job.state)}")
         return 0
-    job = stubs.training.GetTrainingJob(
-        training_pb2.GetTrainingJobRequest(meta=_meta(), job_id=args.job), **stubs.options()
-    ).job
+    job = stubs.training.get_training_job(job_id=args.job, timeout_s=CALL_TIMEOUT_S).job
     print(as_json(job) if args.json else job_text(job))
     return 0
 
@@ -695,9 +624,6 @@ def _applied(model: deployments_pb2.CustomModel, replicas: int) -> str:
 def export(stubs: Stubs, args: argparse.Namespace) -> int:
     """Receives the ZIP into a hidden file beside the target, checks its size and SHA-256, then renames it into place:
     a damaged or cut-short export leaves no file behind."""
-    request = deployments_pb2.ExportModelRequest(
-        meta=_meta(), model=_ref(args), format=deployments_pb2.EXPORT_FORMAT_ONNX
-    )
     target: Path = args.output
     digest = hashlib.sha256()
     received = total = 0
@@ -708,7 +634,7 @@ def export(stubs: Stubs, args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as files:
             out: BinaryIO | None = None
-            for part in stubs.deployments.ExportModel(request, **stubs.options(None)):
+            for part in stubs.deployments.export_model(model=_ref(args), format=deployments_pb2.EXPORT_FORMAT_ONNX):
                 if out is None:
                     if target.is_dir():
                         target = target / (Path(part.filename).name or f"{args.name}.zip")
@@ -749,10 +675,7 @@ def export(stubs: Stubs, args: argparse.Namespace) -> int:
 def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
     command = args.models_command
     if command == "versions":
-        listed = stubs.deployments.ListCustomModels(
-            deployments_pb2.ListCustomModelsRequest(meta=_meta(), model=common_pb2.ModelRef(name=args.name)),
-            **stubs.options(),
-        )
+        listed = stubs.deployments.list_custom_models(model=args.name, timeout_s=CALL_TIMEOUT_S)
         if args.json:
             print(as_json(listed))
         else:
@@ -760,7 +683,6 @@ def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
         return 0
     if command == "export":
         return export(stubs, args)
-    deploy_options = stubs.options(DEPLOY_TIMEOUT_S)
     reply: (
         deployments_pb2.DeployModelResponse
         | deployments_pb2.PromoteModelResponse
@@ -768,20 +690,13 @@ def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
         | deployments_pb2.UndeployModelResponse
     )
     if command == "deploy":
-        request = deployments_pb2.DeployModelRequest(meta=_meta(), model=_ref(args), canary_percent=args.canary)
-        reply = stubs.deployments.DeployModel(request, **deploy_options)
+        reply = stubs.deployments.deploy_model(model=_ref(args), canary_percent=args.canary, timeout_s=DEPLOY_TIMEOUT_S)
     elif command == "promote":
-        reply = stubs.deployments.PromoteModel(
-            deployments_pb2.PromoteModelRequest(meta=_meta(), model=_ref(args)), **deploy_options
-        )
+        reply = stubs.deployments.promote_model(model=_ref(args), timeout_s=DEPLOY_TIMEOUT_S)
     elif command == "rollback":
-        reply = stubs.deployments.RollbackModel(
-            deployments_pb2.RollbackModelRequest(meta=_meta(), model=_ref(args)), **deploy_options
-        )
+        reply = stubs.deployments.rollback_model(model=_ref(args), timeout_s=DEPLOY_TIMEOUT_S)
     else:
-        reply = stubs.deployments.UndeployModel(
-            deployments_pb2.UndeployModelRequest(meta=_meta(), model=_ref(args)), **deploy_options
-        )
+        reply = stubs.deployments.undeploy_model(model=_ref(args), timeout_s=DEPLOY_TIMEOUT_S)
     print(_applied(reply.model, reply.replicas_applied))
     return 0
 

@@ -23,6 +23,7 @@ __all__ = [
     "API_KEY_ENV",
     "DEFAULT_TARGET",
     "RETRIED_SERVICES",
+    "UNRETRIED_METHODS",
     "ChannelOptions",
     "ClientOptions",
     "Metadata",
@@ -40,6 +41,15 @@ DEFAULT_TARGET: Final = "127.0.0.1:50051"
 API_KEY_ENV: Final = "AIMASS_API_KEY"
 # The retry policy covers every public aimass.v1 service (the internal ones are for mesh processes only).
 RETRIED_SERVICES: Final = tuple(sorted(name for name in contract.services() if name not in INTERNAL_SERVICES))
+# ... except client streams (uploads): grpcio 1.85's core aborts the whole process ("ILLEGAL STATE: FORWARDED_BATCH")
+# when it retries a client stream that the server refused after its first message, and a stream past gRPC's 256 KiB
+# retry buffer could not be replayed anyway.
+UNRETRIED_METHODS: Final = tuple(
+    (name, method.name)
+    for name in RETRIED_SERVICES
+    for method in contract.services()[name].methods
+    if method.client_streaming
+)
 # gRPC caps a retry policy's maxAttempts at 5 (silently); we refuse more instead of pretending.
 MAX_ATTEMPTS_LIMIT: Final = 5
 
@@ -63,7 +73,7 @@ class ClientOptions(TypedDict, total=False):
 
 def service_config(max_attempts: int) -> dict[str, Any]:
     """The gRPC service config: retry UNAVAILABLE and RESOURCE_EXHAUSTED (after the server's pushback) on every public
-    aimass.v1 service, up to ``max_attempts`` tries.
+    aimass.v1 service, up to ``max_attempts`` tries; client-streaming methods are not retried (UNRETRIED_METHODS).
 
     ``max_attempts=1`` means no retries (the policy is left out: gRPC requires at least 2 attempts in one).
     """
@@ -78,7 +88,9 @@ def service_config(max_attempts: int) -> dict[str, Any]:
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         }
-    return {"methodConfig": [method_config]}
+    # The most specific name wins: these methods get this config (no retry policy) instead of their service's.
+    unretried = {"name": [{"service": service, "method": method} for service, method in UNRETRIED_METHODS]}
+    return {"methodConfig": [method_config, unretried]}
 
 
 def channel_options(max_attempts: int) -> ChannelOptions:

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import inspect
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, ParamSpec, Self, TypeVar, overload
@@ -25,7 +25,10 @@ from aimass.v1 import common_pb2, datasets_pb2, llm_pb2, nlp_pb2, speech_pb2
 __all__ = [
     "CHAT_ROLES",
     "CHUNK_BYTES",
+    "EXTENSION_FORMATS",
+    "FORMATS",
     "PRIORITIES",
+    "TASKS",
     "Chat",
     "Conveniences",
     "Planned",
@@ -48,6 +51,18 @@ T = TypeVar("T")
 
 # Upload chunks: well under the contract's 4 MiB per message, and what is in memory at once.
 CHUNK_BYTES: Final = 1 << 20
+# Dataset tasks and formats by the names people use (the CLI's choices too).
+TASKS: Final = {
+    "text-classification": datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION,
+    "image-classification": datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION,
+}
+FORMATS: Final = {
+    "csv": datasets_pb2.DATASET_FORMAT_CSV,
+    "jsonl": datasets_pb2.DATASET_FORMAT_JSONL,
+    "zip": datasets_pb2.DATASET_FORMAT_IMAGE_FOLDERS_ZIP,
+}
+# No format given: from the file's extension, else the server decides (the task, the file's first bytes).
+EXTENSION_FORMATS: Final = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".zip": "zip"}
 
 
 @dataclass(frozen=True)
@@ -321,16 +336,10 @@ def upload_requests(
             sent(done)
 
 
-def _enum(enum: Any, prefix: str, name: str, argument: str) -> int:
-    """``"text-classification"`` → TRAINING_TASK_TEXT_CLASSIFICATION, from the contract's own names."""
-    if not name:
-        return 0
-    full = prefix + name.upper().replace("-", "_")
-    if full not in enum.keys():  # noqa: SIM118 - a protobuf enum wrapper, not a dict
-        known = sorted(key.removeprefix(prefix).lower().replace("_", "-") for key in enum.keys()[1:])
-        raise ValueError(f"{argument} {name!r} is not one of {', '.join(known)}")
-    value: int = enum.Value(full)
-    return value
+def _choice(table: Mapping[str, int], name: str, argument: str) -> int:
+    if name not in table:
+        raise ValueError(f"{argument} {name!r} is not one of {', '.join(sorted(table))}")
+    return table[name]
 
 
 # -- the conveniences, each as prepare → generated method → finish ----------------------------------------------
@@ -447,10 +456,12 @@ def _upload_dataset(
 ) -> Planned[Iterable[datasets_pb2.UploadDatasetRequest]]:
     """Uploads a dataset file (CSV, JSONL, or a ZIP of image folders) in 1 MiB chunks, with its size and SHA-256
     so the mesh refuses an upload past the quota before any byte is sent and checks what arrived. ``task``:
-    text-classification or image-classification; ``format``: csv, jsonl or zip (empty: the server decides from the
-    task and the file's first bytes); ``progress(sent_bytes, total_bytes)`` is called as chunks go out. Returns the
-    stored dataset with its validation report. Not retried past the first MiB (gRPC's retry buffer)."""
+    text-classification or image-classification; ``format``: csv, jsonl or zip (empty: from the file's extension,
+    else the server decides from the task and the file's first bytes); ``progress(sent_bytes, total_bytes)`` is
+    called as chunks go out. Returns the stored dataset with its validation report. Not retried once the gateway
+    has answered, nor past gRPC's retry buffer (256 KiB): send it again from the start."""
     file = Path(path)
+    fmt = format or EXTENSION_FORMATS.get(file.suffix.lower(), "")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file")
     total, sha256 = file_sha256(file)
@@ -459,8 +470,8 @@ def _upload_dataset(
     header = datasets_pb2.UploadDatasetHeader(
         meta=_meta(request_id),
         name=name,
-        task=_enum(datasets_pb2.TrainingTask, "TRAINING_TASK_", task, "task"),  # type: ignore[arg-type]
-        format=_enum(datasets_pb2.DatasetFormat, "DATASET_FORMAT_", format, "format"),  # type: ignore[arg-type]
+        task=_choice(TASKS, task, "task"),  # type: ignore[arg-type]
+        format=_choice(FORMATS, fmt, "format") if fmt else datasets_pb2.DATASET_FORMAT_UNSPECIFIED,  # type: ignore[arg-type]
         size_bytes=total,
         sha256=sha256,
         text_column=text_column,
