@@ -39,6 +39,7 @@ from gateway.oip.tensors import encode_bytes
 from gateway.replicas import ReplicaSet
 from gateway.router import make_router
 from tests import test_models_service
+from tests.metrics import scrape, value
 from tests.security import credentials, key_for
 from tests.test_models_service import FakeContext, OwnModels
 from tests.test_speech import SENTENCE, synthesize, word_error_rate
@@ -239,9 +240,21 @@ def test_bad_requests_get_the_statuses_triton_clients_expect(
     )
     assert output.status() == "StatusCode.INVALID_ARGUMENT" and "EMBEDDING" in output.message()
 
-    # A replica's own refusal comes back as it gave it (an empty text).
+    # A replica's own refusal comes back as it gave it (an empty text, a file that is not audio).
     empty = refusal(lambda: client.infer("vader", [texts(items=[""])], headers=headers))
     assert empty.status() == "StatusCode.INVALID_ARGUMENT"
+    noise = refusal(
+        lambda: client.infer("whisper-base", [bytes_input("AUDIO", [b"not audio at all"])], headers=headers)
+    )
+    assert noise.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_metrics_name_the_oip_methods(
+    front_door_mesh: LocalMesh, client: triton.InferenceServerClient, headers: dict[str, str]
+) -> None:
+    client.infer("vader", [texts()], headers=headers)
+    samples = scrape(front_door_mesh.metrics_address("gateway"))
+    assert value(samples, "aimass_requests_total", method=MODEL_INFER, code="OK") >= 1
 
 
 def test_malformed_raw_contents_are_invalid_argument(front_door_mesh: LocalMesh, headers: dict[str, str]) -> None:

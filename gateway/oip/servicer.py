@@ -225,17 +225,24 @@ class OipServicer:
             audio = inputs["AUDIO"].data
             assert isinstance(audio, list)
             language = str(parameters.get("language", ""))
-            heard = await asyncio.gather(
-                *(
+            calls = [
+                asyncio.ensure_future(
                     self._call(
                         model.kind.method,
                         speech_pb2.TranscribeRequest(model=_ref(model, version), audio=clip, language=language),
                         speech_pb2.TranscribeResponse,
                         context,
                     )
-                    for clip in audio
                 )
-            )
+                for clip in audio
+            ]
+            try:
+                heard = await asyncio.gather(*calls)
+            except BaseException:
+                # The first failure ended the OIP call with its status: the other files' calls are of no use now.
+                for call in calls:
+                    call.cancel()
+                raise
             outputs.add_bytes("TEXT", [len(heard)], [h.text.encode() for h in heard])
             outputs.add_bytes("LANGUAGE", [len(heard)], [h.language.encode() for h in heard])
         return outputs.response(request, version or model.default_version)
