@@ -162,3 +162,21 @@ def test_reflection_describes_it_under_its_wire_name() -> None:
     assert service.methods_by_name["ModelInfer"].input_type.full_name == "inference.ModelInferRequest"
     assert pool.FindFileContainingSymbol("aimass.v1.NlpService").name == "aimass/v1/nlp.proto"
     assert wire_file().package == "inference"
+
+
+def test_random_raw_contents_decode_or_are_refused_cleanly() -> None:
+    """Whatever bytes and shapes a caller sends, decoding gives the elements or INVALID_ARGUMENT, nothing else."""
+    rng = np.random.default_rng(15)
+    for _ in range(2000):
+        datatype = str(rng.choice(["BYTES", "FP32", "INT64", "BOOL", "FP16"]))
+        shape = [int(d) for d in rng.integers(-1, 4, size=int(rng.integers(0, 3)))]
+        raw = rng.bytes(int(rng.integers(0, 40)))
+        if datatype == "BYTES" and rng.random() < 0.5:
+            raw = encode_bytes([rng.bytes(int(n)) for n in rng.integers(0, 6, size=int(rng.integers(0, 4)))])
+        tensor = oip.ModelInferRequest.InferInputTensor(name="X", datatype=datatype, shape=shape)
+        request = oip.ModelInferRequest(inputs=[tensor], raw_input_contents=[raw])
+        try:
+            decoded = decode_inputs(request, max_elements=8)["X"]
+        except InvalidArgument:
+            continue
+        assert len(np.asarray(decoded.data, dtype=object).ravel()) == int(np.prod(shape))
