@@ -17,7 +17,8 @@ from aimass.datasets.samples import tickets_csv
 from aimass.local_mesh import LocalMesh
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2, llm_pb2, models_pb2, speech_pb2, vision_pb2
-from tests.security import key_for
+from tests.conftest import ROOT
+from tests.security import admin_key, key_for
 from tests.test_speech import ESPEAK_SENTENCE, word_error_rate
 from tests.test_vision import ESPRESSO, Photo, encode
 
@@ -184,3 +185,29 @@ async def test_async_key_from_the_environment(front_door_mesh: LocalMesh, monkey
     async with AsyncClient(front_door_mesh.gateway, timeout_s=60) as client:
         me = await client.admin.who_am_i()
     assert me.tenant_id == "client-env" and list(me.scopes) == [keys.SCOPE_INFER]
+
+
+# -- the README's examples, as written ------------------------------------------------------------------------------
+
+
+def readme_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Python\n") : text.index("### Any other language\n")]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+def test_the_readme_examples_run(
+    front_door_mesh: LocalMesh, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocking, asynchronous = readme_examples()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "espresso.jpg").write_bytes(encode(coffee()))
+    tickets_csv(tmp_path / "tickets.csv", rows=200, seed=12)
+    # The examples as a user copies them, pointed at this mesh (and its admin key where they show a placeholder).
+    for example in (blocking, asynchronous):
+        source = example.replace("127.0.0.1:50051", front_door_mesh.gateway)
+        exec(compile(source.replace('"aimass_..."', repr(admin_key())), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    for seen in ("positive", "('Barack Obama', 'PERSON')", "travel", "espresso", "Paris", "smollm2", "'tickets'"):
+        assert seen in printed, printed
+    assert "Hello" in printed or "hello" in printed, printed  # the transcription of the synthesized greeting
