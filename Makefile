@@ -32,7 +32,7 @@ $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py $(wildcard protos/aimass/v1/*.proto) $(wildcard protos/aimass/oip/v2/*.proto)
+$(STAMP): $(BIN)/python pyproject.toml setup.py aimass/client/codegen.py $(wildcard protos/aimass/v1/*.proto) $(wildcard protos/aimass/oip/v2/*.proto)
 	@echo "==> [1/5] pip, setuptools, the proto code generators and poetry-core (sdists built without isolation need it)"
 	$(BIN)/pip install --progress-bar on --upgrade pip setuptools wheel grpcio-tools==1.85.1 mypy-protobuf==5.1.0 poetry-core
 	@echo "==> [2/5] torch 2.13.0 (the CPU build on this machine's disk; first, so nothing pulls a CUDA build)"
