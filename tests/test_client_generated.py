@@ -9,10 +9,12 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from mypy import api as mypy_api
 
 from aimass.client import RETRIED_SERVICES, AsyncClient, Client, codegen, generated
 from aimass.client.calls import build
@@ -273,3 +275,38 @@ def test_a_client_stream_refused_at_its_first_message_is_not_retried() -> None:
         server.stop(grace=None)
     assert isinstance(caught.value, grpc.Call) and caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert calls == [1]
+
+
+def test_mypy_checks_calls_into_both_clients(tmp_path: Path) -> None:
+    # What an editor or CI sees of a user's code: the right return type per client, misspelt or mistyped fields caught.
+    snippet = tmp_path / "snippet.py"
+    snippet.write_text(
+        "from aimass.client import AsyncClient, Client\n"
+        "\n"
+        "\n"
+        "async def calls(c: Client, a: AsyncClient) -> None:\n"
+        '    reveal_type(c.nlp.embed(texts=["x"]))\n'
+        '    reveal_type(await a.nlp.embed(texts=["x"]))\n'
+        "    reveal_type(c.llm.chat(messages=[]))\n"
+        "    reveal_type(a.llm.chat(messages=[]))\n"
+        '    reveal_type(await a.embeddings(["x"]))\n'
+        '    reveal_type(a.chat("hi"))\n'
+        "    c.nlp.embed(texts=[1])\n"
+        '    c.nlp.embed(text=["x"])\n'
+        '    await a.embeddings(["x"], normalise=True)\n'
+        "    c.datasets.upload_dataset([1])\n"
+    )
+    out, _, _ = mypy_api.run([str(snippet), "--strict", "--cache-dir", str(tmp_path / "cache"), "--no-error-summary"])
+    found = [line.split(": ", 1)[1] for line in out.splitlines() if ": note: Revealed" in line or ": error:" in line]
+    assert found == [
+        'note: Revealed type is "aimass.v1.nlp_pb2.EmbedResponse"',
+        'note: Revealed type is "aimass.v1.nlp_pb2.EmbedResponse"',
+        'note: Revealed type is "typing.Iterator[aimass.v1.llm_pb2.ChatResponse]"',
+        'note: Revealed type is "typing.AsyncIterator[aimass.v1.llm_pb2.ChatResponse]"',
+        'note: Revealed type is "list[list[float]]"',
+        'note: Revealed type is "typing.AsyncIterator[aimass.v1.llm_pb2.ChatResponse]"',
+        'error: List item 0 has incompatible type "int"; expected "str"  [list-item]',
+        'error: Unexpected keyword argument "text" for "embed" of "NlpService"; did you mean "texts"?  [call-arg]',
+        'error: Unexpected keyword argument "normalise"; did you mean "normalize"?  [call-arg]',
+        'error: List item 0 has incompatible type "int"; expected "UploadDatasetRequest"  [list-item]',
+    ], out

@@ -48,6 +48,8 @@ NAMED_REFS = frozenset({".aimass.v1.ModelRef", ".aimass.v1.DatasetRef"})
 RESERVED = frozenset({"self", "request", "requests", "request_id", "priority", "timeout_s"})
 # Attributes of the clients themselves, which a service group must not take.
 CLIENT_ATTRIBUTES = frozenset({"channel", "target", "timeout_s", "max_attempts", "close", "call_options", "stub"})
+# Attributes of a service group (calls.Group and the generated classes), which a method must not take.
+GROUP_ATTRIBUTES = frozenset({"options", "stub", "service"})
 OUTPUT = Path("aimass") / "client" / "generated.py"
 
 FDP = descriptor_pb2.FieldDescriptorProto
@@ -221,6 +223,9 @@ def public_groups(contract: Contract) -> list[Group]:
             attribute = module if len(public) == 1 else snake(service.name.removesuffix("Service"))
             if attribute in CLIENT_ATTRIBUTES or keyword.iskeyword(attribute):
                 raise ContractError(f"{service.name} would be client.{attribute}, a name the clients use already")
+            for method in service.method:
+                if snake(method.name) in GROUP_ATTRIBUTES:
+                    raise ContractError(f"{service.name}.{method.name} would hide the group's own {snake(method.name)}")
             method_docs = [comments.get((6, index, 2, m), "") for m in range(len(service.method))]
             groups.append(
                 Group(
