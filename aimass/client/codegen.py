@@ -251,6 +251,10 @@ def _docstring(text: str, indent: str) -> str:
     return f'{indent}"""{lines[0]}' + (f"\n{body}\n{indent}" if body else "") + '"""'
 
 
+CLIENT_STREAM_NOTE = (
+    "Never retried by the client (client streams are left out of its retry policy: aimass.client.channels); on an\n"
+    "error, send the whole stream again."
+)
 STREAM_NOTE = (
     "gRPC retries a stream (UNAVAILABLE, RESOURCE_EXHAUSTED) only until the server answers; once a response has\n"
     "arrived, a failure midway reaches the caller as the RpcError. Stopping early (break, close) cancels the call."
@@ -271,6 +275,7 @@ def _method(contract: Contract, group: Group, index: int, is_async: bool) -> str
             iterable += f" | AsyncIterable[{request.python}]"
         signature = [f"requests: {iterable},", "/,", "*,", 'request_id: str = "",', "timeout_s: float | None = None,"]
         doc += f"\n\nSend ``{request.python.split('.', 1)[1]}`` messages in order (a generator streams them as made)."
+        doc += "\n\n" + CLIENT_STREAM_NOTE
         argument = "iterate(requests)" if is_async else "iter(requests)"
         call = f"self.stub.{method.name}({argument}, {options})"
     else:
@@ -293,7 +298,7 @@ def _method(contract: Contract, group: Group, index: int, is_async: bool) -> str
             doc += "\n\n" + "\n".join(described)
     if method.server_streaming:
         returns = f"{'AsyncIterator' if is_async else 'Iterator'}[{response}]"
-        doc += "\n\n" + STREAM_NOTE
+        doc += "" if method.client_streaming else "\n\n" + STREAM_NOTE
         lines.append(f"call = {call}")
         lines.append("try:")
         lines += ["    async for response in call:", "        yield response"] if is_async else ["    yield from call"]

@@ -458,8 +458,8 @@ def _upload_dataset(
     so the mesh refuses an upload past the quota before any byte is sent and checks what arrived. ``task``:
     text-classification or image-classification; ``format``: csv, jsonl or zip (empty: from the file's extension,
     else the server decides from the task and the file's first bytes); ``progress(sent_bytes, total_bytes)`` is
-    called as chunks go out. Returns the stored dataset with its validation report. Not retried once the gateway
-    has answered, nor past gRPC's retry buffer (256 KiB): send it again from the start."""
+    called as chunks go out. Returns the stored dataset with its validation report. Never retried (a client
+    stream): on an error, run it again; an interrupted upload stores nothing."""
     file = Path(path)
     fmt = format or EXTENSION_FORMATS.get(file.suffix.lower(), "")
     if not file.is_file():
