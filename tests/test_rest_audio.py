@@ -183,6 +183,20 @@ async def test_a_bad_key_or_a_key_without_infer_is_refused_before_the_upload_is_
         client(front_door_mesh, "not-a-key").audio.transcriptions.create(model=ASR, file=("a.wav", b"\0" * (20 * MiB)))
 
 
+def test_a_tenant_at_one_request_a_second_transcribes_then_waits(front_door_mesh: LocalMesh, espeak_wav: bytes) -> None:
+    """A file under 1 MiB is read before the gateway judges its key on the call itself, so the key check spends
+    none of the tenant's rate: its one request a second is the transcription, and the next is refused 429."""
+    c = client(front_door_mesh, key_for("rest-audio-limited", requests_per_second=1))
+    first = c.audio.transcriptions.create(model=ASR, file=("speech.wav", espeak_wav), response_format="text")
+    assert word_error_rate(ESPEAK_SENTENCE, first) <= 0.15, first
+    # The bucket refilled while Whisper ran: one quick (refused) call takes that request, the next is over the rate.
+    with pytest.raises(openai.BadRequestError):
+        c.audio.transcriptions.create(model=ASR, file=("bad.wav", b"not audio at all"))
+    with pytest.raises(openai.RateLimitError) as limited:
+        c.audio.transcriptions.create(model=ASR, file=("speech.wav", espeak_wav), response_format="text")
+    assert int(limited.value.response.headers["retry-after"]) >= 1 and limited.value.code == "quota_exceeded"
+
+
 def test_speech_is_a_playable_wav_streamed_as_it_is_made(front_door_mesh: LocalMesh) -> None:
     text = "Hello from the front door. This is a second sentence."
     with client(front_door_mesh).audio.speech.with_streaming_response.create(

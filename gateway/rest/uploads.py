@@ -4,8 +4,10 @@ read under the front door's upload limit.
 A bad key must not cost the server a 25 MiB read, so upload routes depend on ``infer_caller``: it asks the
 gateway who the key is (AdminService.WhoAmI, the gateway's own verification) and whether it has the ``infer``
 scope, before any body byte is read. Answers are kept briefly per key hash, so a client sending many files costs
-the gateway (and the tenant's rate quota) one WhoAmI per ``KEY_CACHE_S``, not one per file. The key is still
-verified again by the gateway on the real call: the cache only decides who may upload, never who is served.
+the gateway (and the tenant's rate quota, which counts WhoAmI like any call) one WhoAmI per ``KEY_CACHE_S``, not
+one per file; a body that declares at most ``CHECK_ABOVE_BYTES`` is cheap to read and skips the extra call (the
+gateway refuses a bad key on the real call, with the same status). The key is still verified again by the gateway
+on the real call: the cache only decides who may upload, never who is served.
 The body itself is bounded by the app's BodyLimit middleware (413 before it is read on).
 """
 
@@ -25,6 +27,8 @@ from gateway.rest.errors import OpenAIError, from_rpc_error
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, upstream
 
 KEY_CACHE_S: Final = 10.0
+# Bodies declared this small are read before the gateway judges the key (on the call itself).
+CHECK_ABOVE_BYTES: Final = 1 << 20
 MAX_CACHED_KEYS: Final = 10_000
 SCOPE_INFER: Final = "infer"
 # Form fields other than files are short (a model name, a language, a prompt).
@@ -70,7 +74,10 @@ async def _who(request: Request, up: Upstream) -> Caller | OpenAIError | None:
 
 async def infer_caller(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> Caller | None:
     """FastAPI dependency of upload routes: 401 for a missing or bad key and 403 for a key without the ``infer``
-    scope, before the body is read. None with auth off."""
+    scope, before the body is read. None with auth off, and for small bodies (left to the call itself)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) <= CHECK_ABOVE_BYTES:
+        return None
     key, cache = _key_hash(request), _cache_of(request)
     now = time.monotonic()
     cached = cache.get(key)
