@@ -217,7 +217,7 @@ async def up(args: argparse.Namespace) -> int:
     if taken:
         print(
             f"cannot start: {', '.join(taken)} already in use (is another `aimass up` running? see `aimass status`); "
-            "choose others with --gateway-port / --<kind>-port",
+            "choose others with --gateway-port / --rest-port / --<kind>-port",
             file=sys.stderr,
         )
         return 1

@@ -217,6 +217,10 @@ class LocalMesh:
         while self.rest_enabled and not self._rest_ready():
             self._check_alive(deadline, "the REST front door's /healthz")
             time.sleep(0.2)
+        # Ready as `aimass up` sees it: it says so once every process (the REST front door included) answers.
+        while "aimass is up" not in self.log_text():
+            self._check_alive(deadline, "`aimass up` to say the mesh is up")
+            time.sleep(0.2)
 
     def _rest_ready(self) -> bool:
         try:

@@ -151,6 +151,7 @@ def test_aimass_status_explains_an_unreachable_registry() -> None:
 def test_up_printed_where_everything_listens(mesh: LocalMesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
+    assert f"OpenAI-compatible REST (same API keys): {mesh.rest_url}" in log
     assert f"readable only by you): {mesh.settings().admin_key_file}" in log  # where the admin key is
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load
     # Requests are access-logged; the reports every process sends the scheduler each second are only metered (an
@@ -166,7 +167,7 @@ def test_up_refuses_ports_already_in_use() -> None:
         port = holder.getsockname()[1]
         # Free ports for everything else (whatever else runs on this machine may hold the defaults).
         others = [f"--{kind}-port={free_port()}" for kind in PROCESS_MODULES]
-        others += [f"--scheduler-port={free_port()}", "--metrics-port=0"]
+        others += [f"--scheduler-port={free_port()}", f"--rest-port={free_port()}", "--metrics-port=0"]
         started = subprocess.run(
             [str(BIN / "aimass"), "up", f"--gateway-port={port}", *others],
             capture_output=True,
