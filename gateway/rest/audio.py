@@ -44,8 +44,33 @@ VOICES_LISTED: Final = 12
 
 # -- transcriptions ---------------------------------------------------------------------------------------------
 
+# The form is read by hand (after the key check), so /openapi.json is told its fields here.
+TRANSCRIPTION_FORM: Final = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "model"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "model": {"type": "string", "example": "whisper-base"},
+                        "language": {"type": "string", "description": "ISO 639-1; empty: detected"},
+                        "prompt": {"type": "string", "description": "accepted, not used"},
+                        "response_format": {"type": "string", "enum": list(TRANSCRIPTION_FORMATS)},
+                        "temperature": {"type": "number", "description": "0..1; accepted, not used"},
+                    },
+                }
+            }
+        },
+    }
+}
 
-@router.post("/v1/audio/transcriptions", response_model=None, dependencies=[KEY_CHECKED])
+
+@router.post(
+    "/v1/audio/transcriptions", response_model=None, dependencies=[KEY_CHECKED], openapi_extra=TRANSCRIPTION_FORM
+)
 async def create_transcription(
     request: Request,
     up: Annotated[Upstream, Depends(upstream)],

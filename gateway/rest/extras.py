@@ -110,6 +110,36 @@ async def classify(body: ClassifyBody, request: Request, up: Annotated[Upstream,
 # -- images -----------------------------------------------------------------------------------------------------
 
 
+def image_body(**fields: dict[str, Any]) -> dict[str, Any]:
+    """/openapi.json's description of an image route's body (read by hand, after the key check)."""
+    common = {"model": {"type": "string"}, **fields}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}}
+                        | common,
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["images"],
+                        "properties": {
+                            "images": {"type": "array", "items": {"type": "string", "description": "base64"}}
+                        }
+                        | common,
+                    }
+                },
+            },
+        }
+    }
+
+
 def _decoded(index: int, value: Any) -> vision_pb2.Image:
     """One JSON image: base64, or a data: URL's base64. A URL to fetch is refused, never fetched."""
     if not isinstance(value, str) or not value:
@@ -215,7 +245,7 @@ async def _vision_call(request: Request) -> tuple[list[vision_pb2.Image], dict[s
     return images, options, model
 
 
-@router.post("/vision/classify", dependencies=[KEY_CHECKED])
+@router.post("/vision/classify", dependencies=[KEY_CHECKED], openapi_extra=image_body(top_k={"type": "integer"}))
 async def vision_classify(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     top_k = _option(options, "top_k", int, 0)
@@ -228,7 +258,11 @@ async def vision_classify(request: Request, up: Annotated[Upstream, Depends(upst
     return as_json(reply)
 
 
-@router.post("/vision/faces", dependencies=[KEY_CHECKED])
+@router.post(
+    "/vision/faces",
+    dependencies=[KEY_CHECKED],
+    openapi_extra=image_body(min_score={"type": "number"}, max_faces={"type": "integer"}),
+)
 async def vision_faces(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     min_score = _option(options, "min_score", float, 0.0)
@@ -244,7 +278,13 @@ async def vision_faces(request: Request, up: Annotated[Upstream, Depends(upstrea
     return as_json(reply)
 
 
-@router.post("/vision/ocr", dependencies=[KEY_CHECKED])
+@router.post(
+    "/vision/ocr",
+    dependencies=[KEY_CHECKED],
+    openapi_extra=image_body(
+        languages={"type": "array", "items": {"type": "string"}}, min_confidence={"type": "number"}
+    ),
+)
 async def vision_ocr(request: Request, up: Annotated[Upstream, Depends(upstream)]) -> dict[str, Any]:
     images, options, model = await _vision_call(request)
     languages = _option(options, "languages", list, [])
