@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python -m benchmarks.fairness --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.security --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.model_peek --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.rest --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.oip --write docs/benchmarks.md
 
 # Load test: starts a mesh (nlp, vision, speech, llm) on free loopback ports, runs every loadtest/scenarios.py
