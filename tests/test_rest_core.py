@@ -16,11 +16,14 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from aimass.datasets.samples import tickets_csv
 from aimass.local_mesh import LocalMesh
 from aimass.tenancy import keys
+from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc
 from tests.conftest import start_mesh
 from tests.fake_otlp import FakeCollector, ReceivedSpan, trace_of
 from tests.security import key_for
+from tests.test_lifecycle_e2e import TRAIN_SCOPES, train, upload
 from tests.test_tracing import telemetry_env
 
 MODEL = "smollm2-135m-instruct"
@@ -244,3 +247,33 @@ def test_a_rest_request_is_a_span_parent_of_the_gateways(
     assert rest.attributes["http.response.status_code"] == 200
     gateway = [s for s in spans if s.service == "aimass-gateway" and s.name == "/aimass.v1.ModelService/ListModels"]
     assert len(gateway) == 1 and gateway[0].parent_span_id == rest.span_id
+
+
+@pytest.mark.slow
+def test_a_tenants_own_model_is_listed_for_it_and_not_found_for_others(mesh: LocalMesh, tmp_path: Path) -> None:
+    """On the session mesh with a trainer: a model one tenant trained and deployed is in its /v1/models, and
+    another tenant gets 404 for it, exactly as for a name that does not exist."""
+    owner_key = key_for("rest-owner", TRAIN_SCOPES)
+    other_key = key_for("rest-other", TRAIN_SCOPES)
+    data = tickets_csv(tmp_path / "tickets.csv", rows=300, seed=3)
+    with mesh.channel(owner_key) as channel:
+        upload(channel, data, "rest-tickets", datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION)
+        train(channel, "rest-tickets", "rest-router")
+        deployments_pb2_grpc.DeploymentServiceStub(channel).DeployModel(
+            deployments_pb2.DeployModelRequest(model=common_pb2.ModelRef(name="rest-router", version="1")), timeout=60
+        )
+    owner = sdk(mesh, owner_key)
+    listed = {model.id: model for model in owner.models.list()}
+    assert "rest-router" in listed and listed["rest-router"].owned_by == "rest-owner"
+    assert listed["rest-router"].model_extra is not None and listed["rest-router"].model_extra["custom"] is True
+    assert owner.models.retrieve("rest-router").owned_by == "rest-owner"
+    other = sdk(mesh, other_key)
+    assert "rest-router" not in {model.id for model in other.models.list()}
+    with pytest.raises(openai.NotFoundError) as hidden:
+        other.models.retrieve("rest-router")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        other.models.retrieve("rest-nonexistent")
+    assert (
+        hidden.value.message.replace("rest-router", "X").split(";")[0]
+        == unknown.value.message.replace("rest-nonexistent", "X").split(";")[0]
+    )
