@@ -4,6 +4,8 @@ gateway's keys, scopes and quotas; body limits; the README's curl example."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -14,15 +16,21 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 
 from aimass.datasets.samples import tickets_csv
-from aimass.local_mesh import LocalMesh
+from aimass.local_mesh import LocalMesh, free_port
+from aimass.runtime.config import GatewayConfig, RestConfig
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc
+from gateway.app import build_runner as gateway_runner
+from gateway.rest.app import create_app
+from services.nlp.engine import NlpEngine
 from tests.conftest import start_mesh
 from tests.fake_otlp import FakeCollector, ReceivedSpan, trace_of
-from tests.security import key_for
+from tests.inprocess_mesh import in_process_mesh
+from tests.security import admin_key, key_for, self_signed_certificate
 from tests.test_lifecycle_e2e import TRAIN_SCOPES, train, upload
 from tests.test_tracing import telemetry_env
 
@@ -277,3 +285,37 @@ def test_a_tenants_own_model_is_listed_for_it_and_not_found_for_others(mesh: Loc
         hidden.value.message.replace("rest-router", "X").split(";")[0]
         == unknown.value.message.replace("rest-nonexistent", "X").split(";")[0]
     )
+
+
+async def test_the_front_door_reaches_a_gateway_with_tls(nlp_engine: NlpEngine, tmp_path: Path) -> None:
+    """A gateway whose front door has TLS (gateway.tls_cert): the REST front door dials it with rest.gateway_ca.
+    Both in this process, over a mesh of real servers (tests/inprocess_mesh.py)."""
+    cert, key = self_signed_certificate(tmp_path)
+    async for mesh in in_process_mesh(nlp_engine):
+        port, rest_port = free_port(), free_port()
+        server_config = mesh.settings.gateway.server.model_copy(update={"port": port})
+        tls = mesh.settings.model_copy(
+            update={"gateway": GatewayConfig(server=server_config, tls_cert=cert, tls_key=key)}
+        )
+        gateway = gateway_runner(tls)
+        await gateway.start()
+        rest = tls.model_copy(update={"rest": RestConfig(port=rest_port, gateway=f"127.0.0.1:{port}", gateway_ca=cert)})
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(rest), host="127.0.0.1", port=rest_port, log_config=None, lifespan="on")
+        )
+        serving = asyncio.create_task(server.serve())
+        try:
+            async with openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{rest_port}/v1", api_key=admin_key(), max_retries=0
+            ) as client:
+                deadline = time.monotonic() + 20
+                names: set[str] = set()
+                while "vader" not in names:
+                    assert time.monotonic() < deadline, f"the models never showed through TLS: {names}"
+                    with contextlib.suppress(openai.APIConnectionError, openai.APIStatusError):
+                        names = {model.id async for model in client.models.list()}
+                    await asyncio.sleep(0.1)
+        finally:
+            server.should_exit = True
+            await serving
+            await gateway.drain()
