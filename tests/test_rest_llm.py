@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import openai
 import pytest
+import uvicorn
 from openai.types.chat import ChatCompletionMessageParam
 
-from aimass.local_mesh import LocalMesh
+from aimass.local_mesh import LocalMesh, free_port
+from aimass.runtime.config import RestConfig, Settings
+from gateway.rest.app import create_app
 from tests.metrics import scrape, value
 
 MODEL = "smollm2-135m-instruct"
@@ -235,3 +238,41 @@ async def test_a_client_that_leaves_before_the_whole_answer_stops_it(front_door_
     await wait_for(lambda: running_requests(front_door_mesh) == 0, 5)
     await asyncio.sleep(0.5)
     assert generated_tokens(front_door_mesh) - before < 300
+
+
+@pytest.fixture
+async def short_deadline_rest(front_door_mesh: LocalMesh) -> AsyncIterator[str]:
+    """A second REST front door, in this process, on the same gateway, whose calls have a 2-second deadline."""
+    port = free_port()
+    settings = Settings(rest=RestConfig(port=port, gateway=front_door_mesh.gateway, request_timeout_s=2))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    serving = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started, 10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_an_error_after_the_stream_started_is_raised_by_the_sdk(
+    front_door_mesh: LocalMesh, short_deadline_rest: str
+) -> None:
+    async with openai.AsyncOpenAI(base_url=short_deadline_rest, api_key=front_door_mesh.api_key, max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model=MODEL, messages=LONG_STORY, temperature=0, max_tokens=600, stream=True
+        )
+        received = []
+        with pytest.raises(openai.APIError) as failed:
+            async for chunk in stream:
+                received.append(chunk)
+        # The status (200) went out with the first token; the deadline passed mid-stream and came as an SSE error.
+        assert len(received) > 3 and not any(c.choices and c.choices[0].finish_reason for c in received)
+        assert failed.value.code == "deadline_exceeded"
+        # The same deadline before anything was sent: a status, 504, not to be retried (it would run out again).
+        with pytest.raises(openai.InternalServerError) as whole:
+            await sdk.chat.completions.create(model=MODEL, messages=LONG_STORY, temperature=0, max_tokens=600)
+        assert whole.value.status_code == 504 and whole.value.response.headers["x-should-retry"] == "false"
+    await wait_for(lambda: running_requests(front_door_mesh) == 0, 5)

@@ -40,7 +40,7 @@ HTTP_STATUS: Final[dict[grpc.StatusCode, int]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
-    # The server gave up waiting (the gateway's deadline), as a proxy says it: 504, which the SDKs retry.
+    # The server gave up waiting (a deadline), as a proxy says it: 504, with x-should-retry: false.
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     # The caller went away; nobody reads this answer (nginx's 499 in logs).
     grpc.StatusCode.CANCELLED: 499,
@@ -115,6 +115,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> OpenAIError:
             headers["x-should-retry"] = "false"
     elif code == grpc.StatusCode.UNAUTHENTICATED:
         reason = "invalid_api_key"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # The same work under the same deadline would run out again: the SDKs should not repeat it by themselves.
+        headers["x-should-retry"] = "false"
     message = err.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE and message.startswith("failed to connect"):
         # grpc's own words for a gateway that does not answer: say which hop failed.
