@@ -64,8 +64,12 @@ class Run:
     wall_s: float
 
     @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.calls)
+
+    @property
     def tokens_per_s(self) -> float:
-        return sum(c.tokens for c in self.calls) / self.wall_s
+        return self.tokens / self.wall_s
 
     @property
     def ttft_p50_ms(self) -> float:

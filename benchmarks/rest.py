@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import openai
 
 from aimass.local_mesh import free_port
 from aimass.runtime.config import LlmConfig
-from aimass.v1 import llm_pb2, llm_pb2_grpc, models_pb2, models_pb2_grpc
+from aimass.v1 import llm_pb2_grpc, models_pb2, models_pb2_grpc
 from benchmarks.common import (
     Mesh,
     child_pids,
@@ -48,55 +47,15 @@ from benchmarks.common import (
     system_busy_seconds,
     utc_now,
 )
+from benchmarks.llm import Call, Caller, Run, prompts, run_at, served_caller
 from services.llm.engine import _cores_string
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
 
 NAME = "rest"
 MODEL = "smollm2-135m-instruct"
 TTFT_GOAL_MS = 10.0
-TOPICS = ("the ocean", "volcanoes", "honey bees", "the moon", "bicycles", "coffee", "rainforests", "chess")
 SIDES = ("rest", "grpc", "vllm")
 LABELS = {"rest": "aimass REST", "grpc": "aimass gRPC", "vllm": "vLLM OpenAI server"}
-
-
-def prompts(count: int) -> list[str]:
-    return [f"Write a short paragraph about {TOPICS[i % len(TOPICS)]}." for i in range(count)]
-
-
-@dataclass(frozen=True)
-class Call:
-    tokens: int
-    ttft_s: float
-
-
-@dataclass
-class Run:
-    calls: list[Call]
-    wall_s: float
-
-    @property
-    def tokens(self) -> int:
-        return sum(c.tokens for c in self.calls)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s
-
-
-Caller = Callable[[str], Awaitable[Call]]
-
-
-async def run_at(concurrency: int, texts: Sequence[str], one: Caller) -> Run:
-    queue = list(reversed(texts))
-    calls: list[Call] = []
-
-    async def worker() -> None:
-        while queue:
-            calls.append(await one(queue.pop()))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Run(calls, time.perf_counter() - started)
 
 
 def openai_caller(client: openai.AsyncOpenAI, max_tokens: int) -> Caller:
@@ -116,24 +75,6 @@ def openai_caller(client: openai.AsyncOpenAI, max_tokens: int) -> Caller:
                 ttft = time.perf_counter() - started
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
-        return Call(tokens, ttft)
-
-    return one
-
-
-def grpc_caller(stub: llm_pb2_grpc.LlmServiceAsyncStub, max_tokens: int) -> Caller:
-    async def one(text: str) -> Call:
-        started = time.perf_counter()
-        request = llm_pb2.ChatRequest(
-            messages=[llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=text)],
-            sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
-        )
-        ttft, tokens = 0.0, 0
-        async for response in stub.Chat(request, timeout=300):
-            if response.delta and not ttft:
-                ttft = time.perf_counter() - started
-            if response.HasField("usage"):
-                tokens = response.usage.completion_tokens
         return Call(tokens, ttft)
 
     return one
@@ -363,7 +304,7 @@ async def main_async(args: argparse.Namespace) -> None:
         ):
             callers = {
                 "rest": openai_caller(rest, args.max_tokens),
-                "grpc": grpc_caller(llm_pb2_grpc.LlmServiceStub(channel), args.max_tokens),
+                "grpc": served_caller(llm_pb2_grpc.LlmServiceStub(channel), args.max_tokens),
                 "vllm": openai_caller(direct, args.max_tokens),
             }
             sides, others = await measure(callers, pids, args)
