@@ -50,7 +50,7 @@ PROCESS_MODULES = {**SERVICE_MODULES, **WORKER_MODULES}
 REST_PROCESS = "rest"
 REST_MODULE = "gateway.rest"
 
-# Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent and replicas in order.
+# Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent, replicas and REST front door.
 DEFAULT_METRICS_PORT = 9400
 
 
@@ -100,6 +100,7 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         rest_port = args.rest_port or settings.rest.port
         rest_env = {"AIMASS_REST__PORT": str(rest_port), "AIMASS_REST__GATEWAY": f"127.0.0.1:{gateway_port}"}
         specs.append(ProcessSpec(REST_PROCESS, REST_MODULE, rest_env))
+        metrics_keys[REST_PROCESS] = "AIMASS_REST__METRICS_PORT"
     # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
     # as its own mesh identity.
     return [

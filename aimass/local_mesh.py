@@ -138,11 +138,13 @@ class LocalMesh:
         return [f"127.0.0.1:{self.ports[kind] + i}" for i in range(self.replicas.get(kind, 0))]
 
     def metrics_address(self, process: str) -> str:
-        """host:port of a process's Prometheus endpoint: "gateway", "scheduler", "node-agent" or "<kind>-<index>"."""
+        """host:port of a process's Prometheus endpoint: "gateway", "scheduler", "node-agent", "<kind>-<index>" or
+        "rest" (the REST front door)."""
         if not self.metrics_port:
             raise RuntimeError("this mesh serves no metrics (LocalMesh(metrics=True) turns them on)")
         order = ["gateway", "scheduler", "node-agent"]
         order += [f"{kind}-{i}" for kind in PROCESS_MODULES for i in range(self.replicas.get(kind, 0))]
+        order += ["rest"] if self.rest_enabled else []
         return f"127.0.0.1:{self.metrics_port + order.index(process)}"
 
     @property
@@ -172,7 +174,8 @@ class LocalMesh:
         self.rest_port = free_port()
         while self.rest_port in taken | {self.gateway_port, self.scheduler_port}:
             self.rest_port = free_port()
-        processes = 3 + sum(self.replicas.values())  # gateway, scheduler, node agent, then replicas
+        # gateway, scheduler, node agent, then replicas, then the REST front door
+        processes = 3 + sum(self.replicas.values()) + self.rest_enabled
         self.metrics_port = 0
         while self.metrics and (
             not self.metrics_port

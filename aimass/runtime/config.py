@@ -534,6 +534,8 @@ class RestConfig(BaseModel):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # Its Prometheus metrics (gateway/rest/metrics.py), on a port of their own on rest.host; 0 = off.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     # The gateway it calls (host:port). Empty: this host's gateway, 127.0.0.1:gateway.server.port.
     gateway: str = ""
     # The CA (PEM) to verify the gateway's TLS certificate with, when the front door has TLS (gateway.tls_cert);

@@ -5,7 +5,8 @@ Routers: one module per endpoint family, each an ``APIRouter`` named ``router``;
 ``create_app`` includes those present (the modules not yet written are skipped). Errors are rendered in OpenAI's
 shape by gateway/rest/errors.py, whatever raised them.
 
-Run by `aimass up` as its own supervised process (``python -m gateway.rest``), listening on ``rest.host:rest.port``.
+Run by `aimass up` as its own supervised process (``python -m gateway.rest``), listening on ``rest.host:rest.port``;
+its Prometheus metrics (gateway/rest/metrics.py) on ``rest.metrics_port``, as every mesh process serves them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import grpc
+import prometheus_client
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -29,6 +31,7 @@ from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.logs import configure_logging
 from gateway.rest import errors
 from gateway.rest.errors import OpenAIError
+from gateway.rest.metrics import Metered, upstream_error
 from gateway.rest.middleware import BodyLimit, Traced
 from gateway.rest.upstream import Upstream
 
@@ -108,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             reply = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
         except grpc.aio.AioRpcError as err:
+            upstream_error(err)
             raise OpenAIError(503, f"the gateway at {upstream.target} does not answer: {err.code().name}") from None
         if reply.status != health_pb2.HealthCheckResponse.SERVING:
             raise OpenAIError(503, f"the gateway at {upstream.target} is not serving")
@@ -123,6 +127,8 @@ def create_app(settings: Settings) -> FastAPI:
     tracer = tracing.tracer()
     if tracer is not None:
         app.add_middleware(Traced, tracer=tracer)
+    # Outermost: 413s refused before routing are counted too, under the route they were sent to.
+    app.add_middleware(Metered, routes=app.router.routes)
     return app
 
 
@@ -145,6 +151,9 @@ def main() -> None:
         # The process's own logging (configure_logging), not uvicorn's.
         log_config=None,
     )
+    if settings.rest.metrics_port:
+        prometheus_client.start_http_server(settings.rest.metrics_port, addr=settings.rest.host)
+        log.info("rest metrics at http://%s:%d/metrics", settings.rest.host, settings.rest.metrics_port)
     log.info(
         "OpenAI-compatible REST on http://%s:%d/v1, calling the gateway at %s",
         settings.rest.host,

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from aimass.client import error_info
 from aimass.v1 import common_pb2, speech_pb2
 from gateway.rest.errors import OpenAIError, from_rpc_error
+from gateway.rest.metrics import upstream_error
 from gateway.rest.uploads import KEY_CHECKED, files_of, read_form, text_field
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, request_meta, upstream
 
@@ -245,6 +246,7 @@ async def create_speech(body: SpeechBody, request: Request, up: Annotated[Upstre
     except grpc.aio.AioRpcError as err:
         info = error_info(err)
         if err.code() == grpc.StatusCode.NOT_FOUND and info is not None and info.reason == "VOICE_NOT_FOUND":
+            upstream_error(err)  # answered from ListVoices' reply, not this error's
             raise await _unknown_voice(request, up, body.model, voice) from err
         raise
     except BaseException:
@@ -277,6 +279,7 @@ async def _audio(call: Any, first: speech_pb2.SynthesizeResponse) -> AsyncIterat
                 yield reply.audio.data
             reply = await _next(call)
     except grpc.aio.AioRpcError as err:
+        upstream_error(err)
         log.warning("speech stream failed after it started: %s %s", err.code().name, err.details())
         raise
     finally:

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from aimass.client import error_info
+from gateway.rest.metrics import upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> OpenAIError:
     """The gateway's (or a replica's) refusal as the REST caller sees it: status, message, the ErrorInfo's reason as
     ``code`` and its field as ``param``; RESOURCE_EXHAUSTED with Retry-After (and retry-after-ms, which the OpenAI
     SDKs read first) from the ErrorInfo's retry_after_ms, and no retry asked for when that wait is too long."""
+    upstream_error(err)  # every gateway error the front door answers with passes here, once
     code = err.code()
     status = HTTP_STATUS.get(code, 500)
     info = error_info(err)

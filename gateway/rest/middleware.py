@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.rest.errors import OpenAIError
+from gateway.rest.metrics import REFUSED_BYTES_KEY
 
 
 class BodyTooLarge(HTTPException):
@@ -39,6 +40,7 @@ class BodyLimit:
         message = f"the {what} is larger than {limit:,} bytes, the limit of this server"
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
+            scope[REFUSED_BYTES_KEY] = int(declared)
             await OpenAIError(413, message, code="request_too_large").response()(scope, receive, send)
             return
         received = 0
@@ -49,6 +51,7 @@ class BodyLimit:
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > limit:
+                    scope[REFUSED_BYTES_KEY] = received
                     raise BodyTooLarge(413, message)
             return event
 
