@@ -45,11 +45,13 @@ WORKER_MODULES = {
 PROCESS_MODULES = {**SERVICE_MODULES, **WORKER_MODULES}
 
 
-# The OpenAI-compatible REST front door (gateway/rest): a client of the gateway, not a mesh process (no certificate,
-# not in the registry); `aimass up` starts it last and waits for its /healthz.
+# The OpenAI-compatible REST front door (gateway/rest): a client of the gateway (not in the registry) that calls the
+# gateway's adapter listener with a "rest" mesh certificate; `aimass up` starts it last and waits for its /healthz.
 REST_PROCESS = "rest"
 REST_MODULE = "gateway.rest"
 
+# The gateway's adapter listener (gateway.adapter_port) unless config or --gateway-adapter-port says otherwise.
+DEFAULT_ADAPTER_PORT = 50052
 # Prometheus endpoints of `aimass up`: the gateway here, then the scheduler, node agent, replicas and REST front door.
 DEFAULT_METRICS_PORT = 9400
 
@@ -77,8 +79,15 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
     # Everyone finds the scheduler, which hosts the registry: replicas and gateways register there, replicas report
     # load, gateways watch the view.
     common = {"AIMASS_REGISTRY__ADDRESS": scheduler, "AIMASS_SCHEDULER__ADDRESS": scheduler}
+    gateway_env = {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)}
+    # With mesh TLS on, the REST front door calls the gateway's adapter listener (mTLS); off, its public port.
+    rest_gateway = f"127.0.0.1:{gateway_port}"
+    if settings.mesh.tls == "on":
+        adapter_port = args.gateway_adapter_port or settings.gateway.adapter_port or DEFAULT_ADAPTER_PORT
+        gateway_env["AIMASS_GATEWAY__ADAPTER_PORT"] = str(adapter_port)
+        rest_gateway = f"127.0.0.1:{adapter_port}"
     specs = [
-        ProcessSpec("gateway", "gateway", {**common, "AIMASS_GATEWAY__SERVER__PORT": str(gateway_port)}),
+        ProcessSpec("gateway", "gateway", gateway_env),
         ProcessSpec("scheduler", "scheduler", {**common, "AIMASS_SCHEDULER__SERVER__PORT": str(scheduler_port)}),
         # One node agent per host: NVML readings where a GPU driver is present, the CPU profile otherwise.
         ProcessSpec("node-agent", "scheduler.node_agent", common),
@@ -98,7 +107,7 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
             metrics_keys[f"{kind}-{index}"] = f"AIMASS_{kind.upper()}__SERVER__METRICS_PORT"
     if settings.rest.enabled:
         rest_port = args.rest_port or settings.rest.port
-        rest_env = {"AIMASS_REST__PORT": str(rest_port), "AIMASS_REST__GATEWAY": f"127.0.0.1:{gateway_port}"}
+        rest_env = {"AIMASS_REST__PORT": str(rest_port), "AIMASS_REST__GATEWAY": rest_gateway}
         specs.append(ProcessSpec(REST_PROCESS, REST_MODULE, rest_env))
         metrics_keys[REST_PROCESS] = "AIMASS_REST__METRICS_PORT"
     # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
@@ -187,7 +196,7 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
     taken = []
     for spec in specs:
         for key, value in spec.env.items():
-            if key.endswith(("__SERVER__PORT", "METRICS_PORT", "AIMASS_REST__PORT")) and value != "0":
+            if key.endswith(("__SERVER__PORT", "__ADAPTER_PORT", "METRICS_PORT", "AIMASS_REST__PORT")) and value != "0":
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     # As the servers bind: connections of a mesh just stopped (TIME_WAIT) do not hold the port, a
                     # listener does.
@@ -202,7 +211,7 @@ def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
 def prepare(settings: Settings, specs: Sequence[ProcessSpec]) -> tuple[MeshCredentials | None, str]:
     """The mesh's state before anything starts: certificates for every process (and this tool), the store's
     schema, the admin key. Returns this tool's credentials and a line saying where the admin key is."""
-    ensure_certificates(settings, {spec.name: role_of(spec) for spec in specs if spec.name != REST_PROCESS})
+    ensure_certificates(settings, {spec.name: role_of(spec) for spec in specs})
     credentials = operator_credentials(settings)
     key_file, created = prepare_store(settings)
     if key_file is None:
@@ -312,6 +321,13 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     up_cmd = commands.add_parser("up", help="start gateway and services (supervised) and print where they listen")
     up_cmd.add_argument("--gateway-port", type=int, default=0, help="default: config gateway.server.port (50051)")
+    up_cmd.add_argument(
+        "--gateway-adapter-port",
+        type=int,
+        default=0,
+        help=f"the gateway's adapter listener, which the REST front door calls over mesh mTLS (default: config "
+        f"gateway.adapter_port, else {DEFAULT_ADAPTER_PORT})",
+    )
     up_cmd.add_argument("--scheduler-port", type=int, default=0, help="default: config scheduler.server.port (50041)")
     up_cmd.add_argument(
         "--metrics-port",

@@ -68,6 +68,8 @@ class LocalMesh:
     env: Mapping[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
     gateway_port: int = 0
+    # The gateway's adapter listener, which the REST front door calls over mesh mTLS (unused with mesh TLS off).
+    gateway_adapter_port: int = 0
     scheduler_port: int = 0
     # The OpenAI-compatible REST front door's port (see rest_url); off when env sets AIMASS_REST__ENABLED=false.
     rest_port: int = 0
@@ -174,13 +176,16 @@ class LocalMesh:
         self.rest_port = free_port()
         while self.rest_port in taken | {self.gateway_port, self.scheduler_port}:
             self.rest_port = free_port()
+        self.gateway_adapter_port = free_port()
+        while self.gateway_adapter_port in taken | {self.gateway_port, self.scheduler_port, self.rest_port}:
+            self.gateway_adapter_port = free_port()
         # gateway, scheduler, node agent, then replicas, then the REST front door
         processes = 3 + sum(self.replicas.values()) + self.rest_enabled
         self.metrics_port = 0
         while self.metrics and (
             not self.metrics_port
             or taken & set(range(self.metrics_port, self.metrics_port + processes))
-            or {self.gateway_port, self.scheduler_port, self.rest_port}
+            or {self.gateway_port, self.scheduler_port, self.rest_port, self.gateway_adapter_port}
             & set(range(self.metrics_port, self.metrics_port + processes))
         ):
             self.metrics_port = consecutive_free_ports(processes)
@@ -191,6 +196,7 @@ class LocalMesh:
                     str(BIN / "aimass"),
                     "up",
                     f"--gateway-port={self.gateway_port}",
+                    f"--gateway-adapter-port={self.gateway_adapter_port}",
                     f"--scheduler-port={self.scheduler_port}",
                     f"--metrics-port={self.metrics_port}",
                     f"--rest-port={self.rest_port}",

@@ -22,7 +22,7 @@ from aimass.tenancy import keys
 from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import Limits
 from aimass.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-from gateway.auth import KeyVerifier
+from gateway.auth import KeyVerifier, caller_peer
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -173,7 +173,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             scope,
             "keys.create",
             record.key_id,
-            peer=context.peer(),
+            peer=caller_peer(context),
             detail=f"tenant={tenant} scopes={','.join(sorted(wanted))}",
         )
         return admin_pb2.CreateKeyResponse(key=api_key(record), secret=secret)
@@ -193,7 +193,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             raise NotFound(f"key {request.key_id!r} not found", reason="KEY_NOT_FOUND")
         self.verifier.forget_key(record.key_id)
         self.audit.record_action(
-            scope, "keys.revoke", record.key_id, peer=context.peer(), detail=f"tenant={record.tenant_id}"
+            scope, "keys.revoke", record.key_id, peer=caller_peer(context), detail=f"tenant={record.tenant_id}"
         )
         return admin_pb2.RevokeKeyResponse(key=api_key(record))
 
@@ -209,7 +209,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         record = await self._store(self.store.set_tenant, request.tenant_id, **changes)
         self.verifier.tenant_changed(record)
         detail = " ".join(f"{field}={_shown(field, value)}" for field, value in changes.items()) or "no change"
-        self.audit.record_action(scope, "tenants.set", record.tenant_id, peer=context.peer(), detail=detail)
+        self.audit.record_action(scope, "tenants.set", record.tenant_id, peer=caller_peer(context), detail=detail)
         return admin_pb2.SetTenantResponse(tenant=self._tenant_message(record))
 
     async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: Context) -> admin_pb2.GetTenantResponse:

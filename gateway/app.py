@@ -134,9 +134,18 @@ class GatewayApp:
 
     @property
     def listener(self) -> Listener:
-        """The public port: API keys on every call (auth.mode "on"), TLS when configured."""
-        credentials = front_door_credentials(self.settings.gateway)
-        return Listener(credentials, (self.auth,), "plaintext" if credentials is None else "tls")
+        """The public port: API keys on every call (auth.mode "on"), TLS when configured. With mesh TLS on, also the
+        adapter listener (gateway.adapter_port): mesh mTLS, where front-door adapters call with their callers' keys
+        and the gateway believes the client address they pass on (gateway/auth.py: only adapter roles may call there).
+        With mesh TLS off there is none: a plaintext port could not be told apart from the public one (interceptors
+        are the server's, not a port's), so adapters call the public port and their callers share their address."""
+        config = self.settings.gateway
+        credentials = front_door_credentials(config)
+        adapters: tuple[tuple[str, grpc.ServerCredentials], ...] = ()
+        if self.credentials is not None:
+            address = f"{config.server.host}:{config.adapter_port}"
+            adapters = ((address, self.credentials.server_credentials()),)
+        return Listener(credentials, (self.auth,), "plaintext" if credentials is None else "tls", adapters)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer

@@ -13,6 +13,12 @@ limit change reaches every gateway within about that long while requests never w
 does not know is remembered as unknown for as long; a host that keeps presenting bad keys (``FAILURES_PER_PEER``
 in ``FAILURE_WINDOW_S``) gets no more new keys looked up until its window passes (keys it already proved keep
 working). Refusals are audited (coalesced, aimass.tenancy.audit).
+
+Who "a host" is: the connection's address, except for calls from a front-door adapter (the REST process) on the
+gateway's adapter listener, which carry the adapter's mesh certificate (role in ADAPTER_ROLES, verified by mTLS):
+there the address of the adapter's own client, sent in ``x-aimass-caller-peer``, is throttled and audited instead,
+so one abusive REST client does not lock every other out. Anyone else's ``x-aimass-caller-peer`` is ignored, and a
+mesh certificate of another role is refused on that listener (the public port verifies no client certificates).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -29,8 +36,9 @@ import prometheus_client
 
 from aimass.runtime.config import AuthConfig, TenantsConfig
 from aimass.runtime.errors import AimassError, PermissionDenied, Unauthenticated
+from aimass.runtime.identity import ADAPTER_ROLES, peer_identity
 from aimass.runtime.interceptors import AroundInterceptor, Context, rule_for
-from aimass.runtime.metadata import metadata_values, tenant_of
+from aimass.runtime.metadata import CALLER_PEER_KEY, metadata_value, metadata_values, tenant_of
 from aimass.runtime.scope import RequestScope, deadline_of, entered, priority_named
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import AuditEvent, KeyRecord, TenantRecord, now_ms
@@ -75,6 +83,9 @@ METHOD_SCOPES: Final[dict[str, frozenset[str]]] = {
 }
 # Calls that generate LLM tokens: the tenant's token quotas apply to them.
 LLM_GENERATION: Final = frozenset({"/aimass.v1.LlmService/Chat", "/aimass.v1.LlmService/Generate"})
+# Calls outside the tenant's request quotas: WhoAmI only reads the verified key (the REST front door asks it before
+# reading a large upload, which would otherwise cost a low-rate tenant two requests); the server's admission bounds it.
+QUOTA_FREE: Final = frozenset({"/aimass.v1.AdminService/WhoAmI"})
 
 FAILURES_PER_PEER: Final = 20
 FAILURE_WINDOW_S: Final = 10.0
@@ -83,6 +94,41 @@ HOW_TO_GET_A_KEY: Final = (
     "send 'authorization: Bearer <key>'; an operator makes keys with `aimass keys create --tenant NAME` (the admin "
     "key of `aimass up` is in its state directory, admin.key)"
 )
+
+
+def caller_peer(context: Context) -> str:
+    """The address a call comes from, for the bad-key throttle and the audit log: the client address a verified
+    front-door adapter passes on in ``x-aimass-caller-peer`` (an IP, in grpc's "ipv4:HOST:PORT" form), else the
+    connection's. From any other caller that metadata is ignored: nobody picks their own address."""
+    identity = peer_identity(context)
+    if identity is not None and identity.role in ADAPTER_ROLES:
+        claimed = metadata_value(context.invocation_metadata(), CALLER_PEER_KEY)
+        if claimed and _is_ip_peer(claimed):
+            return claimed
+    return context.peer()
+
+
+def _is_ip_peer(peer: str) -> bool:
+    if len(peer) > 64 or not peer.startswith(("ipv4:", "ipv6:")):
+        return False
+    try:
+        ipaddress.ip_address(peer_host(peer))
+    except ValueError:
+        return False
+    return True
+
+
+def check_adapter(context: Context, method: str) -> None:
+    """A call with a verified mesh certificate came through the adapter listener (the public port asks for none):
+    only adapter roles may use it (PERMISSION_DENIED for any other mesh identity)."""
+    identity = peer_identity(context)
+    if identity is not None and identity.role not in ADAPTER_ROLES:
+        raise PermissionDenied(
+            f"{identity} may not call {method} on the gateway's adapter listener; it is for front-door adapters "
+            f"({', '.join(sorted(ADAPTER_ROLES))}): call the public port with an API key",
+            reason="ROLE_NOT_ALLOWED",
+            metadata={"role": identity.role},
+        )
 
 
 def required_scopes(method: str) -> frozenset[str]:
@@ -305,13 +351,14 @@ class ApiKeyInterceptor(AroundInterceptor):
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
         try:
+            check_adapter(context, method)
             scope, limits = await self._scope(method, context)
         except AimassError as err:
             AUTH_REFUSED.labels(err.reason).inc()
             self._audit_refusal(method, context, err)
             raise  # wrap_handler answers it, after reading what is left of a client stream
         lease = None
-        if limits is not None:
+        if limits is not None and method not in QUOTA_FREE:
             try:
                 lease = self.quotas.admit(
                     scope.tenant, limits, llm=method in LLM_GENERATION, usage=self.usage(scope.tenant)
@@ -344,7 +391,7 @@ class ApiKeyInterceptor(AroundInterceptor):
         key = presented_key(metadata)
         if not key:
             raise Unauthenticated(f"{method} needs an API key: {HOW_TO_GET_A_KEY}", reason="NO_KEY")
-        record = await self.verifier.verify(key, context.peer)
+        record = await self.verifier.verify(key, lambda: caller_peer(context))
         needed = required_scopes(method)
         if needed and not needed & record.scopes:
             raise PermissionDenied(
@@ -377,6 +424,6 @@ class ApiKeyInterceptor(AroundInterceptor):
                 key_id=err.metadata.get("key_id", ""),
                 target=method,
                 detail=err.reason,
-                peer=context.peer(),
+                peer=caller_peer(context),
             )
         )

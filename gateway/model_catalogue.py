@@ -31,6 +31,7 @@ from aimass.runtime.scope import Metadata, current_scope, forwarded_metadata, ti
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.tenancy.keys import SCOPE_MODELS_TRAIN
 from aimass.v1 import datasets_pb2, deployments_pb2, deployments_pb2_grpc, models_pb2, models_pb2_grpc
+from gateway.auth import caller_peer
 from gateway.forwarder import relay_error
 from gateway.replicas import ReplicaSet
 
@@ -174,7 +175,7 @@ class ModelCatalogueServicer(models_pb2_grpc.ModelServiceServicer):
         """``call`` on the active scheduler with the caller's verified scope (the scheduler audits under its tenant
         and key) and where the caller called from; its error, trailers included, is the caller's."""
         controller = await self._controller(context)
-        metadata = (*forwarded_metadata(context), (CALLER_PEER_KEY, context.peer()))
+        metadata = (*forwarded_metadata(context), (CALLER_PEER_KEY, caller_peer(context)))
         try:
             return await call(controller, time_remaining(context), metadata)
         except grpc.aio.AioRpcError as err:

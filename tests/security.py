@@ -32,7 +32,7 @@ from aimass.store.sql import SqlStore
 from aimass.tenancy import keys
 
 # Every role a process of the suite runs as; the certificate's name is the role.
-ROLES: Final = ("gateway", "scheduler", "node-agent", "operator", "nlp", "vision", "speech", "llm", "trainer")
+ROLES: Final = ("gateway", "scheduler", "node-agent", "operator", "rest", "nlp", "vision", "speech", "llm", "trainer")
 STATE_DIR_ENV: Final = "AIMASS_STATE_DIR"
 
 

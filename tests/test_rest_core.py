@@ -21,7 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from aimass.datasets.samples import tickets_csv
 from aimass.local_mesh import LocalMesh, free_port
-from aimass.runtime.config import GatewayConfig, RestConfig
+from aimass.runtime.config import GatewayConfig, MeshTlsConfig, RestConfig
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc
 from gateway.app import build_runner as gateway_runner
@@ -288,8 +288,9 @@ def test_a_tenants_own_model_is_listed_for_it_and_not_found_for_others(mesh: Loc
 
 
 async def test_the_front_door_reaches_a_gateway_with_tls(nlp_engine: NlpEngine, tmp_path: Path) -> None:
-    """A gateway whose front door has TLS (gateway.tls_cert): the REST front door dials it with rest.gateway_ca.
-    Both in this process, over a mesh of real servers (tests/inprocess_mesh.py)."""
+    """A gateway whose front door has TLS (gateway.tls_cert): a REST front door with mesh TLS off (no adapter
+    certificate) dials its public port with rest.gateway_ca. Both in this process, over a mesh of real servers
+    (tests/inprocess_mesh.py)."""
     cert, key = self_signed_certificate(tmp_path)
     async for mesh in in_process_mesh(nlp_engine):
         port, rest_port = free_port(), free_port()
@@ -299,7 +300,12 @@ async def test_the_front_door_reaches_a_gateway_with_tls(nlp_engine: NlpEngine, 
         )
         gateway = gateway_runner(tls)
         await gateway.start()
-        rest = tls.model_copy(update={"rest": RestConfig(port=rest_port, gateway=f"127.0.0.1:{port}", gateway_ca=cert)})
+        rest = tls.model_copy(
+            update={
+                "rest": RestConfig(port=rest_port, gateway=f"127.0.0.1:{port}", gateway_ca=cert),
+                "mesh": MeshTlsConfig(tls="off"),
+            }
+        )
         server = uvicorn.Server(
             uvicorn.Config(create_app(rest), host="127.0.0.1", port=rest_port, log_config=None, lifespan="on")
         )

@@ -200,6 +200,10 @@ class GatewayConfig(ServesConfig):
     # one). Without them the front door is plaintext, as on a laptop or behind a TLS-terminating load balancer.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # The adapter listener (same host as server): front-door adapters (the REST process, role "rest") call here over
+    # mesh mTLS, and the gateway believes the client address they pass on (gateway/auth.py). 0 picks a free port;
+    # `aimass up` sets one. With mesh TLS off there is none: adapters call the public port, as any client.
+    adapter_port: int = Field(default=0, ge=0, le=65535)
     # How a replica is chosen per request (gateway/router.py): "ours" scores replicas on the scheduler's view and
     # falls back to "p2c" (power of two choices on queue length) while no fresh view is at hand.
     router: Literal["round_robin", "p2c", "ours"] = "ours"
@@ -536,10 +540,12 @@ class RestConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     # Its Prometheus metrics (gateway/rest/metrics.py), on a port of their own on rest.host; 0 = off.
     metrics_port: int = Field(default=0, ge=0, le=65535)
-    # The gateway it calls (host:port). Empty: this host's gateway, 127.0.0.1:gateway.server.port.
+    # The gateway it calls (host:port; a remote one too). With mesh TLS on: the gateway's adapter listener, dialled
+    # over mTLS with this process's "rest" certificate; empty: 127.0.0.1:gateway.adapter_port. With mesh TLS off: its
+    # public port (empty: 127.0.0.1:gateway.server.port), and every REST caller looks to the gateway like this process.
     gateway: str = ""
-    # The CA (PEM) to verify the gateway's TLS certificate with, when the front door has TLS (gateway.tls_cert);
-    # unset there: the system's roots.
+    # With mesh TLS off, the CA (PEM) to verify the gateway's TLS certificate with, when the front door has TLS
+    # (gateway.tls_cert); unset there: the system's roots.
     gateway_ca: Path | None = None
     # Largest JSON body (a 200,000-character prompt fits several times over), and largest multipart upload
     # (audio files: OpenAI's own limit). Past either: 413 before the body is read on.
@@ -588,7 +594,10 @@ class Settings(BaseSettings):
     @property
     def rest_gateway(self) -> str:
         """The gateway the REST front door calls."""
-        return self.rest.gateway or f"127.0.0.1:{self.gateway.server.port}"
+        if self.rest.gateway:
+            return self.rest.gateway
+        port = self.gateway.adapter_port if self.mesh.tls == "on" else self.gateway.server.port
+        return f"127.0.0.1:{port}"
 
     @property
     def admin_key_file(self) -> Path:

@@ -36,7 +36,11 @@ ROLE_NODE_AGENT: Final = "node-agent"
 # People and their tools on a mesh host (`aimass up`, `aimass status`, grpcurl with an operator certificate): they
 # may read the registry and the scheduler's view and placements, never change them.
 ROLE_OPERATOR: Final = "operator"
-CONTROL_ROLES: Final = frozenset({ROLE_GATEWAY, ROLE_SCHEDULER, ROLE_NODE_AGENT, ROLE_OPERATOR})
+# Front-door adapters (the OpenAI REST process): they call only the gateway's adapter listener, which believes the
+# client address they pass in x-aimass-caller-peer (gateway/auth.py); no internal listener serves them.
+ROLE_REST: Final = "rest"
+ADAPTER_ROLES: Final = frozenset({ROLE_REST})
+CONTROL_ROLES: Final = frozenset({ROLE_GATEWAY, ROLE_SCHEDULER, ROLE_NODE_AGENT, ROLE_OPERATOR, *ADAPTER_ROLES})
 # In a policy: any replica role (a replica's role is its kind: nlp, vision, speech, llm, ...).
 ANY_REPLICA: Final = "<replica>"
 

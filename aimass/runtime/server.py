@@ -141,6 +141,10 @@ class Listener:
     credentials: grpc.ServerCredentials | None = None
     interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
     security: Security = "plaintext"
+    # More ports of the same server (address → credentials; port 0 picks one): same handlers and interceptors, so an
+    # interceptor tells their calls apart by what their credentials verified (a mesh certificate), never by port.
+    # The gateway's adapter listener is one (gateway/app.py).
+    extra_ports: tuple[tuple[str, grpc.ServerCredentials], ...] = ()
 
 
 def mesh_listener(credentials: MeshCredentials | None, policy: MeshPolicy) -> Listener:
@@ -210,6 +214,8 @@ class ServerRunner:
             trust_tenant=replica is not None,
         )
         self.port = 0
+        # The listener's extra ports as bound: address asked for → port.
+        self.extra_ports: dict[str, int] = {}
         self.membership: Membership | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = False
@@ -260,10 +266,17 @@ class ServerRunner:
     def _listen(self) -> int:
         try:
             if self.listener.credentials is None:
-                return self.server.add_insecure_port(self.config.address)
-            return self.server.add_secure_port(self.config.address, self.listener.credentials)
+                port = self.server.add_insecure_port(self.config.address)
+            else:
+                port = self.server.add_secure_port(self.config.address, self.listener.credentials)
         except RuntimeError as err:
             raise RuntimeError(f"{self.app.kind}: cannot listen on {self.config.address}: {err}") from err
+        for address, credentials in self.listener.extra_ports:
+            try:
+                self.extra_ports[address] = self.server.add_secure_port(address, credentials)
+            except RuntimeError as err:
+                raise RuntimeError(f"{self.app.kind}: cannot listen on {address}: {err}") from err
+        return port
 
     async def start(self) -> None:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.

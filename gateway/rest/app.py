@@ -148,6 +148,9 @@ def main() -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.rest.drain_grace_s),
         server_header=False,
+        # The client's address is the connection's, never X-Forwarded-For (uvicorn believes it from 127.0.0.1 by
+        # default): the gateway throttles and audits by it (gateway/rest/upstream.py client_peer).
+        proxy_headers=False,
         # The process's own logging (configure_logging), not uvicorn's.
         log_config=None,
     )

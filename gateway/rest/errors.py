@@ -115,7 +115,8 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> OpenAIError:
         # The gateway asks for no automatic retry (-1) when the wait is hours (a day's token quota).
         if pushback == "-1":
             headers["x-should-retry"] = "false"
-    elif code == grpc.StatusCode.UNAUTHENTICATED:
+    elif code == grpc.StatusCode.UNAUTHENTICATED and reason != "too_many_failures":
+        # OpenAI's code for a bad key; the bad-key throttle keeps its own (the key may be good: retry after the window).
         reason = "invalid_api_key"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         # The same work under the same deadline would run out again: the SDKs should not repeat it by themselves.

@@ -3,11 +3,11 @@ read under the front door's upload limit.
 
 A bad key must not cost the server a 25 MiB read, so upload routes depend on ``infer_caller``: it asks the
 gateway who the key is (AdminService.WhoAmI, the gateway's own verification) and whether it has the ``infer``
-scope, before any body byte is read. Answers are kept briefly per key hash, so a client sending many files costs
-the gateway (and the tenant's rate quota, which counts WhoAmI like any call) one WhoAmI per ``KEY_CACHE_S``, not
-one per file; a body that declares at most ``CHECK_ABOVE_BYTES`` is cheap to read and skips the extra call (the
-gateway refuses a bad key on the real call, with the same status). The key is still verified again by the gateway
-on the real call: the cache only decides who may upload, never who is served.
+scope, before any body byte is read (WhoAmI is outside the tenant's request quotas: the upload's own call is what
+counts). Answers are kept briefly per key hash, so a client sending many files costs the gateway one WhoAmI per
+``KEY_CACHE_S``, not one per file; a body that declares at most ``CHECK_ABOVE_BYTES`` is cheap to read and skips
+the extra call (the gateway refuses a bad key on the real call, with the same status). The key is still verified
+again by the gateway on the real call: the cache only decides who may upload, never who is served.
 The body itself is bounded by the app's BodyLimit middleware (413 before it is read on).
 """
 

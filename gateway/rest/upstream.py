@@ -4,10 +4,18 @@ each call carries there (the caller's own key, trace context, request id, deadli
 The front door never judges a key itself: the gateway verifies it, applies the tenant's scopes, quotas and priority
 cap, routes and traces, exactly as for a gRPC caller. Whatever tenant or priority cap a caller claims in headers
 never reaches the mesh (the gateway also strips ``x-aimass-*`` metadata).
+
+The hop: with mesh TLS on, the channel goes to the gateway's adapter listener over mesh mTLS with this process's
+"rest" certificate, and each call carries its HTTP client's address (the socket's, never a header) in
+``x-aimass-caller-peer``, which the gateway believes from a verified adapter only: its bad-key throttle and audit
+log then see each REST client, not this process. With mesh TLS off (throwaway development) the channel goes to the
+public port in plaintext (or the front door's TLS): the gateway ignores that metadata there, so every REST client
+shares this process's address in the throttle and the audit log.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Final
@@ -18,7 +26,8 @@ from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import propagate
 
 from aimass.runtime.config import Settings
-from aimass.runtime.metadata import REQUEST_ID_KEY, new_request_id
+from aimass.runtime.identity import ROLE_GATEWAY, ROLE_REST, mesh_channel, process_credentials
+from aimass.runtime.metadata import CALLER_PEER_KEY, REQUEST_ID_KEY, new_request_id
 from aimass.runtime.scope import priority_named
 from aimass.v1 import (
     admin_pb2_grpc,
@@ -60,8 +69,8 @@ class Upstream:
 
     @classmethod
     def connect(cls, settings: Settings) -> Upstream:
-        """A channel to ``settings.rest_gateway`` (create it inside the event loop that uses it); TLS when the
-        gateway's front door has it."""
+        """A channel to ``settings.rest_gateway`` (create it inside the event loop that uses it): the gateway's
+        adapter listener over mesh mTLS, or with mesh TLS off its public port (TLS when the front door has it)."""
         target = settings.rest_gateway
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -71,6 +80,9 @@ class Upstream:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
+        credentials = process_credentials(settings, ROLE_REST)
+        if credentials is not None:
+            return cls(mesh_channel(target, credentials, server_role=ROLE_GATEWAY, options=options), target)
         if settings.gateway.tls_cert is None:
             return cls(grpc.aio.insecure_channel(target, options=options), target)
         ca = settings.rest.gateway_ca
@@ -122,7 +134,25 @@ def call_metadata(request: Request) -> Metadata:
         carrier = {h: v for h in TRACE_HEADERS if (v := request.headers.get(h, "")) and _PRINTABLE.match(v)}
     metadata.extend(carrier.items())
     metadata.append((REQUEST_ID_KEY, request_id(request)))
+    peer = client_peer(request)
+    if peer:
+        metadata.append((CALLER_PEER_KEY, peer))
     return tuple(metadata)
+
+
+def client_peer(request: Request) -> str:
+    """The HTTP client's address as grpc writes a peer ("ipv4:10.0.0.7:51234"), from the connection (uvicorn runs
+    without proxy headers, so no caller can write it); "" when it is not an IP (a unix socket)."""
+    client = request.client
+    if client is None:
+        return ""
+    try:
+        address = ipaddress.ip_address(client.host)
+    except ValueError:
+        return ""
+    if address.version == 4:
+        return f"ipv4:{address}:{client.port}"
+    return f"ipv6:[{address}]:{client.port}"
 
 
 def call_timeout(request: Request) -> float | None:
