@@ -242,9 +242,11 @@ async def test_a_client_that_leaves_before_the_whole_answer_stops_it(front_door_
 
 @pytest.fixture
 async def short_deadline_rest(front_door_mesh: LocalMesh) -> AsyncIterator[str]:
-    """A second REST front door, in this process, on the same gateway, whose calls have a 2-second deadline."""
+    """A second REST front door, in this process, on the same gateway (its adapter listener, with the session's
+    "rest" certificate), whose calls have a 2-second deadline."""
     port = free_port()
-    settings = Settings(rest=RestConfig(port=port, gateway=front_door_mesh.gateway, request_timeout_s=2))
+    adapter = f"127.0.0.1:{front_door_mesh.gateway_adapter_port}"
+    settings = Settings(rest=RestConfig(port=port, gateway=adapter, request_timeout_s=2))
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, lifespan="on")
     )
