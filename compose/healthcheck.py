@@ -1,7 +1,9 @@
 """Container health probe for the aimass image (Dockerfile HEALTHCHECK and compose healthchecks).
 
     python healthcheck.py [--role ROLE] HOST:PORT [SERVICE]  gRPC health (grpc.health.v1): exit 0 when SERVING
-    python healthcheck.py http://HOST:PORT/PATH               an HTTP endpoint (the node agent's metrics): exit 0 on 200
+    python healthcheck.py http://HOST:PORT/PATH               an HTTP endpoint: exit 0 on 200 (the node agent's
+                                                              metrics; the REST front door's /healthz, 503 until the
+                                                              gateway behind it serves)
 
 ``--role ROLE``: the server is an internal mesh listener (a replica, the scheduler), which takes only mTLS with a
 certificate from the mesh CA. The probe presents this container's own certificate (mesh.pki_dir and
@@ -43,7 +45,7 @@ def probe_http(url: str) -> str | None:
 
 def mesh_credentials(role: str) -> Any:
     """This container's mesh credentials, as its own process loads them; None when mesh TLS is off."""
-    # Imported here: plaintext and HTTP probes (the gateway, the node agent) stay as light as before.
+    # Imported here: plaintext and HTTP probes (the gateway, the node agent, the REST front door) stay light.
     from aimass.runtime.config import load_settings
     from aimass.runtime.identity import MeshCredentials
 

