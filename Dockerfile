@@ -73,7 +73,7 @@ WORKDIR /home/aimass
 # Runtime caches (the vision model's ONNX export, Whisper assembled from its packaged halves): compose mounts a
 # named volume here, which takes this folder's owner when it is created.
 RUN mkdir -p /home/aimass/.cache/aimass
-EXPOSE 50041 50051 50061 50071 50081 50091
+EXPOSE 8000 50041 50051 50061 50071 50081 50091
 # gRPC health of the process at $AIMASS_HEALTHCHECK_TARGET (compose sets each service's own probe). Model loading
 # takes a while on first start, hence the start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
