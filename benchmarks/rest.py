@@ -55,6 +55,8 @@ NAME = "rest"
 MODEL = "smollm2-135m-instruct"
 TTFT_GOAL_MS = 10.0
 SIDES = ("rest", "grpc", "vllm")
+# Pause before each path runs (see the order rotation in measure()).
+SETTLE_S = 2.0
 LABELS = {"rest": "aimass REST", "grpc": "aimass gRPC", "vllm": "vLLM OpenAI server"}
 
 
@@ -172,8 +174,12 @@ async def measure(
         await run_at(1, prompts(2), one)  # warm-up (first-request paths, connections)
     others: list[float] = []
     for round_index in range(args.rounds):
-        for concurrency, count in ((1, args.c1_prompts), (8, args.c8_prompts)):
-            for name in SIDES:
+        for step, (concurrency, count) in enumerate(((1, args.c1_prompts), (8, args.c8_prompts))):
+            # Each path goes first, second and third in turn, after a pause: a CPU engine that has just finished a
+            # run keeps a core busy for a moment, and whoever ran next paid for it (REST, always first, did).
+            shift = (round_index * 2 + step) % len(SIDES)
+            for name in SIDES[shift:] + SIDES[:shift]:
+                await asyncio.sleep(SETTLE_S)
                 # Whose CPU this side costs: the REST process, the gateway and the replica (engine included), or
                 # vLLM's server with its engine core.
                 watched: dict[str, int] = {p: pids[p] for p in ("rest", "gateway", "replica", "vllm") if p in pids}
@@ -264,7 +270,8 @@ def report(sides: dict[str, Side], hop: dict[str, float], args: argparse.Namespa
             "",
             f"`{command_line()}` on {machine()}, {utc_now()}. Greedy chats (fixed prompts, max_tokens"
             f" {args.max_tokens}): {args.c1_prompts} per round at c=1, {args.c8_prompts} at c=8, {args.rounds}"
-            " rounds alternating the three paths; every engine: SmolLM2-135M-Instruct on vLLM-CPU, float32, eager,"
+            f" rounds, the three paths taking turns to go first with {SETTLE_S:g} s pauses; every engine:"
+            " SmolLM2-135M-Instruct on vLLM-CPU, float32, eager,"
             " the LLM replica's max_num_seqs, max_model_len, priority scheduling, KV space and thread binding. All"
             " three engines' processes stay up; one path runs at a time. Clients: the openai SDK (REST, vLLM) and"
             f" the generated aio stub (gRPC). Other processes used {others_pct:.0f}% of a CPU meanwhile (median).",
