@@ -169,7 +169,9 @@ def run_in_process(shapes: Sequence[tuple[int, int]], rounds: int, duration: flo
     print("loading NlpEngine in-process ...", file=sys.stderr)
     engine = NlpEngine(device="cpu")
     engine.load(progress=lambda _: None)
-    batches = {shape: [EmbedJob((TEXT,) * shape[1], False) for _ in range(shape[0])] for shape in shapes}
+    batches = {
+        shape: [EmbedJob((TEXT,) * shape[1], False, count_tokens=True) for _ in range(shape[0])] for shape in shapes
+    }
     for jobs in batches.values():
         for _ in range(3):
             engine.embed_batch(jobs)

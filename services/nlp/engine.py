@@ -45,6 +45,16 @@ _LONG_RUN = re.compile(rf"\S{{{NER_MAX_RUN_CHARS + 1},}}")
 class EmbedJob:
     texts: tuple[str, ...]
     normalize: bool
+    # Embed reports the tokens the model read (front doors bill them as OpenAI's usage); Classify needs none.
+    count_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One job's vectors, and the tokens the model read for it (0 unless the job asked)."""
+
+    vectors: npt.NDArray[np.float32]
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,19 +144,26 @@ class NlpEngine:
         )
         return vectors
 
-    def embed_batch(self, jobs: Sequence[EmbedJob]) -> list[npt.NDArray[np.float32]]:
+    def embed_batch(self, jobs: Sequence[EmbedJob]) -> list[Embedded]:
         """One model call for every text of every job, split back per job."""
         texts = [text for job in jobs for text in job.texts]
         vectors = self.encode(texts, normalize=False)
-        results: list[npt.NDArray[np.float32]] = []
+        results: list[Embedded] = []
         offset = 0
         for job in jobs:
             part = vectors[offset : offset + len(job.texts)]
             offset += len(job.texts)
             if job.normalize:
                 part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-            results.append(part)
+            results.append(Embedded(part, self.count_embed_tokens(job.texts) if job.count_tokens else 0))
         return results
+
+    def count_embed_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the embedder reads for ``texts``: its own tokenizer, special tokens included, truncated at its
+        window as encode() truncates."""
+        embedder = self.models.get(EMBED_MODEL)
+        encoded = embedder.tokenizer(list(texts), truncation=True, max_length=embedder.max_seq_length)
+        return sum(len(ids) for ids in encoded["input_ids"])
 
     def sentiment(self, texts: Sequence[str], stop: Callable[[], bool] = lambda: False) -> list[SentimentResult]:
         """VADER per text. Its cost grows with the square of a text's words on some inputs (10,000 characters of

@@ -31,6 +31,7 @@ from services.nlp.engine import (
     MODELS,
     NER_MODEL,
     SENTIMENT_MODEL,
+    Embedded,
     EmbedJob,
     EntitySpan,
     NlpEngine,
@@ -55,7 +56,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         self.config = config
         self.heads = heads
         batching = config.embed_batching
-        self.embed_batcher: DynamicBatcher[EmbedJob, npt.NDArray[np.float32]] = DynamicBatcher(
+        self.embed_batcher: DynamicBatcher[EmbedJob, Embedded] = DynamicBatcher(
             engine.embed_batch,
             name="embed",
             max_batch_size=batching.max_batch_size,
@@ -174,11 +175,12 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         model = self._model(request.model, EMBED_MODEL, "NlpService.Embed")
         texts = self._check_texts(request.texts)
         terms = current_scope().queue_terms(request.meta.priority)
-        vectors = await self.embed_batcher.submit(EmbedJob(texts, request.normalize), **terms)
+        embedded = await self.embed_batcher.submit(EmbedJob(texts, request.normalize, count_tokens=True), **terms)
         return nlp_pb2.EmbedResponse(
             model=model,
-            embeddings=[nlp_pb2.Embedding(values=row.tolist()) for row in vectors],
-            dimensions=int(vectors.shape[1]),
+            embeddings=[nlp_pb2.Embedding(values=row.tolist()) for row in embedded.vectors],
+            dimensions=int(embedded.vectors.shape[1]),
+            input_tokens=embedded.tokens,
         )
 
     async def Sentiment(self, request: nlp_pb2.SentimentRequest, context: Context) -> nlp_pb2.SentimentResponse:
@@ -261,7 +263,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         text_vectors, label_vectors = await asyncio.gather(
             self.embed_batcher.submit(EmbedJob(texts, True), **terms), self._label_vectors(labels, template, terms)
         )
-        scores = zero_shot_scores(text_vectors, label_vectors, multi_label=request.multi_label)
+        scores = zero_shot_scores(text_vectors.vectors, label_vectors, multi_label=request.multi_label)
         return nlp_pb2.ClassifyResponse(model=model, results=_ranked(scores, labels))
 
     async def _classify_with_head(
@@ -284,8 +286,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             )
         self._check_pairs(len(texts), len(head.labels))
         terms = current_scope().queue_terms(request.meta.priority)
-        vectors = await self.embed_batcher.submit(EmbedJob(texts, True), **terms)
-        return nlp_pb2.ClassifyResponse(model=model, results=_ranked(head.probabilities(vectors), head.labels))
+        embedded = await self.embed_batcher.submit(EmbedJob(texts, True), **terms)
+        return nlp_pb2.ClassifyResponse(model=model, results=_ranked(head.probabilities(embedded.vectors), head.labels))
 
     async def _label_vectors(
         self, labels: tuple[str, ...], template: str, terms: QueueTerms
@@ -295,8 +297,8 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         if missing:
             before, after = self._check_template(template)
             hypotheses = tuple(before + label + after for label in missing)
-            vectors = await self.embed_batcher.submit(EmbedJob(hypotheses, True), **terms)
-            for label, vector in zip(missing, vectors, strict=True):
+            embedded = await self.embed_batcher.submit(EmbedJob(hypotheses, True), **terms)
+            for label, vector in zip(missing, embedded.vectors, strict=True):
                 if len(self._label_cache) >= LABEL_CACHE_SIZE:
                     self._label_cache.pop(next(iter(self._label_cache)))  # oldest first: dicts keep insertion order
                 self._label_cache[(label, template)] = vector
