@@ -4,6 +4,7 @@ the whole mesh started by `aimass up` answering through the gateway and on a rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
@@ -202,9 +203,10 @@ class OwnModels(deployments_pb2_grpc.DeploymentServiceServicer):
         )
 
 
-async def test_gateway_lists_the_callers_own_models_and_does_without_a_slow_scheduler(
-    live_and_dead: ReplicaSet, caplog: pytest.LogCaptureFixture
-) -> None:
+@contextlib.asynccontextmanager
+async def with_own_models(live_and_dead: ReplicaSet) -> AsyncIterator[tuple[ReplicaSet, OwnModels]]:
+    """The live replicas, and a scheduler (over mTLS, as gateways reach it) whose DeploymentService lists acme's
+    ticket-router (OwnModels): what a gateway's catalogue sees."""
     own = OwnModels()  # type: ignore[abstract]  # only ListCustomModels, the catalogue's question
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
     deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(own, server)
@@ -223,6 +225,16 @@ async def test_gateway_lists_the_callers_own_models_and_does_without_a_slow_sche
         ]
     )
     try:
+        yield replicas, own
+    finally:
+        await replicas.close()
+        await server.stop(0)
+
+
+async def test_gateway_lists_the_callers_own_models_and_does_without_a_slow_scheduler(
+    live_and_dead: ReplicaSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with with_own_models(live_and_dead) as (replicas, own):
         servicer = ModelCatalogueServicer(replicas, replica_timeout_s=1.0)
         context = cast(Any, FakeContext())
         trainer = RequestScope(tenant="acme", key_id="k1", scopes=frozenset({keys.SCOPE_MODELS_TRAIN}))
@@ -266,9 +278,6 @@ async def test_gateway_lists_the_callers_own_models_and_does_without_a_slow_sche
                 ):
                     await servicer.DescribeModel(models_pb2.DescribeModelRequest(model=ref("ticket-router")), context)
         assert own.tenants[asked:] == ["beta", "beta"]  # the others are not asked at all
-    finally:
-        await replicas.close()
-        await server.stop(0)
 
 
 # -- the mesh, through the gateway --------------------------------------------------------------------------------

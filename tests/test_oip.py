@@ -25,12 +25,10 @@ from tritonclient.utils import InferenceServerException  # type: ignore[import-u
 from aimass.local_mesh import LocalMesh
 from aimass.oip.v2 import grpc_predict_v2_pb2 as oip
 from aimass.runtime.config import Settings
-from aimass.runtime.discovery import CONTROL_PLANE_SERVICES, InMemoryRegistry, Instance
 from aimass.runtime.errors import NotFound
-from aimass.runtime.interceptors import ErrorMappingInterceptor
 from aimass.runtime.scope import RequestScope, entered
 from aimass.tenancy import keys
-from aimass.v1 import datasets_pb2, deployments_pb2, deployments_pb2_grpc, nlp_pb2, nlp_pb2_grpc, speech_pb2_grpc
+from aimass.v1 import datasets_pb2, deployments_pb2, nlp_pb2, nlp_pb2_grpc, speech_pb2_grpc
 from gateway.forwarder import Forwarder
 from gateway.model_catalogue import ModelCatalogueServicer, custom_model_info
 from gateway.oip.models import Kind, models_of
@@ -40,8 +38,8 @@ from gateway.replicas import ReplicaSet
 from gateway.router import make_router
 from tests import test_models_service
 from tests.metrics import scrape, value
-from tests.security import credentials, key_for
-from tests.test_models_service import FakeContext, OwnModels
+from tests.security import key_for
+from tests.test_models_service import FakeContext, with_own_models
 from tests.test_speech import SENTENCE, synthesize, word_error_rate
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -328,29 +326,12 @@ async def test_a_tenants_own_classifier_is_its_own_alone(live_and_dead: ReplicaS
     """The OIP sees the catalogue the caller sees (gateway.model_catalogue over a scheduler that lists acme's
     ticket-router to acme alone, as tests/test_models_service.py sets it up), and its cached views are per tenant:
     acme's listing, fresh, never answers another tenant or acme's key without models:train."""
-    own = OwnModels()  # type: ignore[abstract]  # only ListCustomModels, the catalogue's question
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-    deployments_pb2_grpc.add_DeploymentServiceServicer_to_server(own, server)
-    port = server.add_secure_port("127.0.0.1:0", credentials("scheduler").server_credentials())
-    await server.start()
-    replicas = ReplicaSet(
-        InMemoryRegistry(),
-        credentials=credentials("gateway"),
-        close_grace_s=0,
-        control_plane_services=CONTROL_PLANE_SERVICES,
-    )
-    replicas.apply(
-        [
-            *(replica.instance for replica in live_and_dead.all_healthy()),
-            Instance("sched", "scheduler", tuple(sorted(CONTROL_PLANE_SERVICES)), f"127.0.0.1:{port}"),
-        ]
-    )
-    catalogue = ModelCatalogueServicer(replicas, replica_timeout_s=1.0)
-    forwarder = Forwarder(replicas, make_router("round_robin"), local_services=frozenset())
-    servicer = OipServicer(forwarder, catalogue, Settings())
-    context = cast(Any, FakeContext())
-    ticket_router = oip.ModelMetadataRequest(name="ticket-router")
-    try:
+    async with with_own_models(live_and_dead) as (replicas, _):
+        catalogue = ModelCatalogueServicer(replicas, replica_timeout_s=1.0)
+        forwarder = Forwarder(replicas, make_router("round_robin"), local_services=frozenset())
+        servicer = OipServicer(forwarder, catalogue, Settings())
+        context = cast(Any, FakeContext())
+        ticket_router = oip.ModelMetadataRequest(name="ticket-router")
         with entered(RequestScope(tenant="acme", key_id="k1", scopes=frozenset({keys.SCOPE_MODELS_TRAIN}))):
             metadata = await servicer.ModelMetadata(ticket_router, context)
             assert [i.name for i in metadata.inputs] == ["TEXT"]
@@ -367,6 +348,3 @@ async def test_a_tenants_own_classifier_is_its_own_alone(live_and_dead: ReplicaS
                 with pytest.raises(NotFound, match="no model 'ticket-router'"):
                     await servicer.ModelInfer(request, context)
                 assert not (await servicer.ModelReady(oip.ModelReadyRequest(name="ticket-router"), context)).ready
-    finally:
-        await replicas.close()
-        await server.stop(0)
