@@ -27,12 +27,11 @@ from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2
 from gateway.app import build_runner as gateway_runner
 from gateway.rest.app import create_app
 from services.nlp.engine import NlpEngine
-from tests.conftest import start_mesh
+from tests import test_tracing
 from tests.fake_otlp import FakeCollector, ReceivedSpan, trace_of
 from tests.inprocess_mesh import in_process_mesh
 from tests.security import admin_key, key_for, self_signed_certificate
 from tests.test_lifecycle_e2e import TRAIN_SCOPES, train, upload
-from tests.test_tracing import telemetry_env
 
 MODEL = "smollm2-135m-instruct"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
@@ -217,27 +216,16 @@ def test_the_readme_curl_example(front_door_mesh: LocalMesh) -> None:
     assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
 
 
-@pytest.fixture(scope="module")
-def traced_rest_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalMesh, FakeCollector]]:
-    """`aimass up` (one NLP replica, the REST front door) tracing every request to a fake collector."""
-    collector = FakeCollector().start()
-    try:
-        mesh = start_mesh(tmp_path_factory.mktemp("rest-traced"), {"nlp": 1}, telemetry_env(collector, sample_ratio=1))
-    except BaseException:
-        collector.stop()
-        raise
-    try:
-        yield mesh, collector
-    finally:
-        mesh.stop()
-        collector.stop()
+# `aimass up` (one NLP replica, the REST front door with it) tracing every request to a fake collector: the same
+# mesh tests/test_tracing.py follows a gRPC call through.
+traced_mesh = test_tracing.traced_mesh
 
 
 @pytest.mark.slow
 def test_a_rest_request_is_a_span_parent_of_the_gateways(
-    traced_rest_mesh: tuple[LocalMesh, FakeCollector],
+    traced_mesh: tuple[LocalMesh, FakeCollector],
 ) -> None:
-    mesh, collector = traced_rest_mesh
+    mesh, collector = traced_mesh
     trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     reply = httpx.get(
         f"{mesh.rest_url}/models",
