@@ -15,11 +15,12 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from typing import Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass import admin_cli, lifecycle_cli
+from aimass import admin_cli, cluster_cli, lifecycle_cli
 from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
 from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
@@ -49,6 +50,10 @@ PROCESS_MODULES = {**SERVICE_MODULES, **WORKER_MODULES}
 # gateway's adapter listener with a "rest" mesh certificate; `aimass up` starts it last and waits for its /healthz.
 REST_PROCESS = "rest"
 REST_MODULE = "gateway.rest"
+# The web console (gateway/console): like the REST front door, a client of the gateway's adapter listener with its
+# own "console" certificate; started last, after the REST front door, and awaited on its /healthz.
+CONSOLE_PROCESS = "console"
+CONSOLE_MODULE = "gateway.console"
 
 # The gateway's adapter listener (gateway.adapter_port) unless config or --gateway-adapter-port says otherwise.
 DEFAULT_ADAPTER_PORT = 50052
@@ -110,6 +115,16 @@ def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
         rest_env = {"AIMASS_REST__PORT": str(rest_port), "AIMASS_REST__GATEWAY": rest_gateway}
         specs.append(ProcessSpec(REST_PROCESS, REST_MODULE, rest_env))
         metrics_keys[REST_PROCESS] = "AIMASS_REST__METRICS_PORT"
+    if settings.console.enabled:
+        console_env = {
+            "AIMASS_CONSOLE__PORT": str(args.console_port or settings.console.port),
+            "AIMASS_CONSOLE__GATEWAY": settings.console.gateway or rest_gateway,
+            # For the pages' code samples: where users dial.
+            "AIMASS_CONSOLE__PUBLIC_GATEWAY": settings.console.public_gateway or f"127.0.0.1:{gateway_port}",
+            "AIMASS_CONSOLE__PUBLIC_REST": settings.console.public_rest
+            or f"http://127.0.0.1:{args.rest_port or settings.rest.port}/v1",
+        }
+        specs.append(ProcessSpec(CONSOLE_PROCESS, CONSOLE_MODULE, console_env))
     # Every process serves Prometheus metrics on its own port (--metrics-port, then the next ones in order) and runs
     # as its own mesh identity.
     return [
@@ -164,9 +179,10 @@ async def wait_until_ready(
         await registry.close()
 
 
-async def wait_for_rest(rest_url: str, stop: asyncio.Event, timeout_s: float) -> bool:
-    """Until the REST front door's /healthz answers 200 (it does once the gateway behind it serves)."""
-    health = rest_url.removesuffix("/v1") + "/healthz"
+async def wait_for_http(base_url: str, stop: asyncio.Event, timeout_s: float) -> bool:
+    """Until an HTTP front door's /healthz (the REST one's, the console's) answers 200 (it does once the gateway
+    behind it serves)."""
+    health = base_url.removesuffix("/v1") + "/healthz"
 
     def answers() -> bool:
         try:
@@ -191,12 +207,16 @@ def format_instances(instances: Sequence[Instance]) -> str:
     return admin_cli.table(rows)
 
 
+# The environment keys that name a port a process listens on.
+PORT_KEYS: Final = ("__SERVER__PORT", "__ADAPTER_PORT", "METRICS_PORT", "AIMASS_REST__PORT", "AIMASS_CONSOLE__PORT")
+
+
 def busy_ports(specs: Sequence[ProcessSpec]) -> list[str]:
     """Ports the mesh would listen on that something else holds already (another `aimass up`, say)."""
     taken = []
     for spec in specs:
         for key, value in spec.env.items():
-            if key.endswith(("__SERVER__PORT", "__ADAPTER_PORT", "METRICS_PORT", "AIMASS_REST__PORT")) and value != "0":
+            if key.endswith(PORT_KEYS) and value != "0":
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                     # As the servers bind: connections of a mesh just stopped (TIME_WAIT) do not hold the port, a
                     # listener does.
@@ -227,7 +247,7 @@ async def up(args: argparse.Namespace) -> int:
     if taken:
         print(
             f"cannot start: {', '.join(taken)} already in use (is another `aimass up` running? see `aimass status`); "
-            "choose others with --gateway-port / --rest-port / --<kind>-port",
+            "choose others with --gateway-port / --rest-port / --console-port / --<kind>-port",
             file=sys.stderr,
         )
         return 1
@@ -255,11 +275,17 @@ async def up(args: argparse.Namespace) -> int:
             instances = ready.result()
             rest = next((spec for spec in specs if spec.name == REST_PROCESS), None)
             rest_url = f"http://127.0.0.1:{rest.env['AIMASS_REST__PORT']}/v1" if rest else ""
-            if rest_url and not await wait_for_rest(rest_url, stop, 120):
+            if rest_url and not await wait_for_http(rest_url, stop, 120):
                 log.warning("the REST front door at %s is not answering its /healthz yet", rest_url)
+            console = next((spec for spec in specs if spec.name == CONSOLE_PROCESS), None)
+            console_url = f"http://127.0.0.1:{console.env['AIMASS_CONSOLE__PORT']}" if console else ""
+            if console_url and not await wait_for_http(console_url, stop, 120):
+                log.warning("the console at %s is not answering its /healthz yet", console_url)
             print(f"\naimass is up. Gateway (the one front door): {gateway}\n", flush=True)
             if rest_url:
                 print(f"OpenAI-compatible REST (same API keys): {rest_url}\n", flush=True)
+            if console_url:
+                print(f"Web console (sign in with an API key): {console_url}\n", flush=True)
             print(format_instances(instances), flush=True)
             print(f"\n{admin_key_line}", flush=True)
             endpoints = metrics_endpoints(specs)
@@ -342,6 +368,12 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help=f"the OpenAI-compatible REST front door's port (default: config rest.port, {settings.rest.port})",
     )
+    up_cmd.add_argument(
+        "--console-port",
+        type=int,
+        default=0,
+        help=f"the web console's port (default: config console.port, {settings.console.port})",
+    )
     for kind in PROCESS_MODULES:
         default_port = getattr(settings, kind).server.port
         up_cmd.add_argument(
@@ -360,6 +392,7 @@ def parser() -> argparse.ArgumentParser:
     status_cmd.add_argument("--gateway", default="", help="gateway address (default: 127.0.0.1:gateway.server.port)")
     admin_cli.add_commands(commands)
     lifecycle_cli.add_commands(commands)
+    cluster_cli.add_commands(commands)
     return root
 
 
@@ -372,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(status(args))
     if args.command in lifecycle_cli.COMMANDS:
         return lifecycle_cli.run(args)
+    if args.command == cluster_cli.COMMAND:
+        return cluster_cli.run(args)
     return admin_cli.run(args)
 
 

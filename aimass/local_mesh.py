@@ -73,6 +73,8 @@ class LocalMesh:
     scheduler_port: int = 0
     # The OpenAI-compatible REST front door's port (see rest_url); off when env sets AIMASS_REST__ENABLED=false.
     rest_port: int = 0
+    # The web console's port (see console_url); off when env sets AIMASS_CONSOLE__ENABLED=false.
+    console_port: int = 0
     # First port of each kind; its replicas listen on consecutive ports.
     ports: dict[str, int] = field(default_factory=dict)
     # Serve Prometheus metrics from every process (on free consecutive ports; see metrics_address).
@@ -136,6 +138,15 @@ class LocalMesh:
         """The REST front door's OpenAI base URL, e.g. "http://127.0.0.1:PORT/v1"."""
         return f"http://127.0.0.1:{self.rest_port}/v1"
 
+    @property
+    def console_enabled(self) -> bool:
+        return self.env.get("AIMASS_CONSOLE__ENABLED", "true").lower() not in ("false", "0", "no", "off")
+
+    @property
+    def console_url(self) -> str:
+        """The web console, e.g. "http://127.0.0.1:PORT"."""
+        return f"http://127.0.0.1:{self.console_port}"
+
     def addresses(self, kind: str) -> list[str]:
         return [f"127.0.0.1:{self.ports[kind] + i}" for i in range(self.replicas.get(kind, 0))]
 
@@ -179,13 +190,21 @@ class LocalMesh:
         self.gateway_adapter_port = free_port()
         while self.gateway_adapter_port in taken | {self.gateway_port, self.scheduler_port, self.rest_port}:
             self.gateway_adapter_port = free_port()
+        self.console_port = free_port()
+        while self.console_port in taken | {
+            self.gateway_port,
+            self.scheduler_port,
+            self.rest_port,
+            self.gateway_adapter_port,
+        }:
+            self.console_port = free_port()
         # gateway, scheduler, node agent, then replicas, then the REST front door
         processes = 3 + sum(self.replicas.values()) + self.rest_enabled
         self.metrics_port = 0
         while self.metrics and (
             not self.metrics_port
             or taken & set(range(self.metrics_port, self.metrics_port + processes))
-            or {self.gateway_port, self.scheduler_port, self.rest_port, self.gateway_adapter_port}
+            or {self.gateway_port, self.scheduler_port, self.rest_port, self.gateway_adapter_port, self.console_port}
             & set(range(self.metrics_port, self.metrics_port + processes))
         ):
             self.metrics_port = consecutive_free_ports(processes)
@@ -200,6 +219,7 @@ class LocalMesh:
                     f"--scheduler-port={self.scheduler_port}",
                     f"--metrics-port={self.metrics_port}",
                     f"--rest-port={self.rest_port}",
+                    f"--console-port={self.console_port}",
                     *arguments,
                 ],
                 stdout=sink,
@@ -223,17 +243,21 @@ class LocalMesh:
             while not self._ready(registry, health):
                 self._check_alive(deadline, "every replica to register and serve")
                 time.sleep(0.2)
-        while self.rest_enabled and not self._rest_ready():
+        while self.rest_enabled and not self._http_ready(self.rest_url):
             self._check_alive(deadline, "the REST front door's /healthz")
+            time.sleep(0.2)
+        while self.console_enabled and not self._http_ready(self.console_url):
+            self._check_alive(deadline, "the console's /healthz")
             time.sleep(0.2)
         # Ready as `aimass up` sees it: it says so once every process (the REST front door included) answers.
         while "aimass is up" not in self.log_text():
             self._check_alive(deadline, "`aimass up` to say the mesh is up")
             time.sleep(0.2)
 
-    def _rest_ready(self) -> bool:
+    @staticmethod
+    def _http_ready(base_url: str) -> bool:
         try:
-            with urllib.request.urlopen(self.rest_url.removesuffix("/v1") + "/healthz", timeout=2) as reply:
+            with urllib.request.urlopen(base_url.removesuffix("/v1") + "/healthz", timeout=2) as reply:
                 return bool(reply.status == 200)
         except OSError:
             return False

@@ -49,7 +49,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass.cli import REST_PROCESS
+from aimass.cli import CONSOLE_PROCESS, REST_PROCESS
 from aimass.client import keyed_aio_channel, service_config
 from aimass.local_mesh import LocalMesh
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc, registry_pb2, registry_pb2_grpc
@@ -352,8 +352,8 @@ class ChaosMesh:
 
     def whole(self) -> bool:
         """Every process of the mesh is running and registered SERVING."""
-        # The node agent and the REST front door are supervised but not in the registry (they serve no aimass.v1).
-        unlisted = ("node-agent", REST_PROCESS)
+        # The node agent and the HTTP front doors are supervised but not in the registry (they serve no aimass.v1).
+        unlisted = ("node-agent", REST_PROCESS, CONSOLE_PROCESS)
         running = {name: p.pid for name, p in self.processes().items() if name not in unlisted}
         registered = self.registered()
         return all(pid in registered for pid in running.values()) and len(running) == len(self.expected_names())

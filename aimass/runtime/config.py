@@ -557,6 +557,25 @@ class RestConfig(BaseModel):
     drain_grace_s: PositiveFloat = 30.0
 
 
+class ConsoleConfig(BaseModel):
+    """The web console (gateway/console): its own process serving the pages and a JSON API that calls the gateway
+    with each user's own key, exactly as the REST front door does (the same adapter hop, a "console" certificate)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # The gateway it calls; empty: as rest.gateway (the adapter listener with mesh TLS on, else the public port).
+    gateway: str = ""
+    # Where users reach the gateway and the REST front door, for the pages' code samples (grpcurl, Python, curl);
+    # empty: 127.0.0.1 with gateway.server.port and rest.port.
+    public_gateway: str = ""
+    public_rest: str = ""
+    # Largest dataset upload through the console (streamed to DatasetService in chunks, never held whole).
+    max_dataset_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(256 << 20)
+    # On SIGTERM, requests in flight (live views and streams too) get this long to finish.
+    drain_grace_s: PositiveFloat = 10.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -578,6 +597,7 @@ class Settings(BaseSettings):
     trainer: TrainerConfig = TrainerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     rest: RestConfig = RestConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @property
     def store_url(self) -> str:
@@ -598,6 +618,11 @@ class Settings(BaseSettings):
             return self.rest.gateway
         port = self.gateway.adapter_port if self.mesh.tls == "on" else self.gateway.server.port
         return f"127.0.0.1:{port}"
+
+    @property
+    def console_gateway(self) -> str:
+        """The gateway the console calls: its own setting, else the REST front door's."""
+        return self.console.gateway or self.rest_gateway
 
     @property
     def admin_key_file(self) -> Path:

@@ -39,7 +39,9 @@ ROLE_OPERATOR: Final = "operator"
 # Front-door adapters (the OpenAI REST process): they call only the gateway's adapter listener, which believes the
 # client address they pass in x-aimass-caller-peer (gateway/auth.py); no internal listener serves them.
 ROLE_REST: Final = "rest"
-ADAPTER_ROLES: Final = frozenset({ROLE_REST})
+# The web console (gateway/console): an adapter like the REST front door, with its own certificate.
+ROLE_CONSOLE: Final = "console"
+ADAPTER_ROLES: Final = frozenset({ROLE_REST, ROLE_CONSOLE})
 CONTROL_ROLES: Final = frozenset({ROLE_GATEWAY, ROLE_SCHEDULER, ROLE_NODE_AGENT, ROLE_OPERATOR, *ADAPTER_ROLES})
 # In a policy: any replica role (a replica's role is its kind: nlp, vision, speech, llm, ...).
 ANY_REPLICA: Final = "<replica>"

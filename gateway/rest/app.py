@@ -70,7 +70,21 @@ class RequestIdHeader:
         await self.app(scope, receive, with_id)
 
 
-def _include_routers(app: FastAPI) -> None:
+async def healthz(request: Request) -> JSONResponse:
+    """Ready when the gateway behind answers its health check SERVING."""
+    upstream: Upstream = request.app.state.upstream
+    try:
+        reply = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
+    except grpc.aio.AioRpcError as err:
+        upstream_error(err)
+        raise OpenAIError(503, f"the gateway at {upstream.target} does not answer: {err.code().name}") from None
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise OpenAIError(503, f"the gateway at {upstream.target} is not serving")
+    return JSONResponse({"status": "ok", "gateway": upstream.target})
+
+
+def include_routers(app: FastAPI) -> None:
+    """The OpenAI-compatible routes (ROUTERS) on ``app``."""
     for name in ROUTERS:
         try:
             module = importlib.import_module(name)
@@ -104,20 +118,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     errors.install(app)
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz(request: Request) -> JSONResponse:
-        """Ready when the gateway behind answers its health check SERVING."""
-        upstream: Upstream = request.app.state.upstream
-        try:
-            reply = await upstream.health.Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_S)
-        except grpc.aio.AioRpcError as err:
-            upstream_error(err)
-            raise OpenAIError(503, f"the gateway at {upstream.target} does not answer: {err.code().name}") from None
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise OpenAIError(503, f"the gateway at {upstream.target} is not serving")
-        return JSONResponse({"status": "ok", "gateway": upstream.target})
-
-    _include_routers(app)
+    app.add_api_route("/healthz", healthz, include_in_schema=False)
+    include_routers(app)
     app.add_middleware(RequestIdHeader)
     app.add_middleware(
         BodyLimit,
@@ -132,27 +134,39 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def main() -> None:
-    """``python -m gateway.rest``: serve until SIGTERM/SIGINT, then let requests in flight finish."""
-    settings = load_settings()
-    configure_logging(settings.log_level, "rest")
-    traces = tracing.setup_process(settings.telemetry, "rest")
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.rest.host,
-        port=settings.rest.port,
+def uvicorn_config(app: FastAPI, settings: Settings, *, host: str, port: int, grace_s: float) -> uvicorn.Config:
+    """How an HTTP front door (this one, the console) serves: uvloop and httptools, no access log (a key could be
+    in a URL someone pasted), the process's own logging, and a drain of ``grace_s`` on SIGTERM."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
         log_level=settings.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=int(settings.rest.drain_grace_s),
+        timeout_graceful_shutdown=int(grace_s),
         server_header=False,
         # The client's address is the connection's, never X-Forwarded-For (uvicorn believes it from 127.0.0.1 by
         # default): the gateway throttles and audits by it (gateway/rest/upstream.py client_peer).
         proxy_headers=False,
         # The process's own logging (configure_logging), not uvicorn's.
         log_config=None,
+    )
+
+
+def main() -> None:
+    """``python -m gateway.rest``: serve until SIGTERM/SIGINT, then let requests in flight finish."""
+    settings = load_settings()
+    configure_logging(settings.log_level, "rest")
+    traces = tracing.setup_process(settings.telemetry, "rest")
+    config = uvicorn_config(
+        create_app(settings),
+        settings,
+        host=settings.rest.host,
+        port=settings.rest.port,
+        grace_s=settings.rest.drain_grace_s,
     )
     if settings.rest.metrics_port:
         prometheus_client.start_http_server(settings.rest.metrics_port, addr=settings.rest.host)

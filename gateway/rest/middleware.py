@@ -21,20 +21,29 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """JSON bodies up to ``max_body_bytes``, multipart uploads up to ``max_upload_bytes``: refused on the
+    """JSON bodies up to ``max_body_bytes``, uploads (multipart) up to ``max_upload_bytes``: refused on the
     Content-Length when it says more, else counted as the body arrives (chunked uploads)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        upload_types: tuple[bytes, ...] = (b"multipart/",),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
+        # Content types counted as uploads (the console also takes a dataset file as the raw body).
+        self.upload_types = upload_types
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        upload = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+        upload = headers.get(b"content-type", b"").lower().startswith(self.upload_types)
         limit = self.max_upload_bytes if upload else self.max_body_bytes
         what = "upload" if upload else "request body"
         message = f"the {what} is larger than {limit:,} bytes, the limit of this server"

@@ -68,10 +68,11 @@ class Upstream:
         self.health = health_pb2_grpc.HealthStub(channel)
 
     @classmethod
-    def connect(cls, settings: Settings) -> Upstream:
-        """A channel to ``settings.rest_gateway`` (create it inside the event loop that uses it): the gateway's
-        adapter listener over mesh mTLS, or with mesh TLS off its public port (TLS when the front door has it)."""
-        target = settings.rest_gateway
+    def connect(cls, settings: Settings, *, target: str = "", role: str = ROLE_REST) -> Upstream:
+        """A channel to ``target`` (default ``settings.rest_gateway``; create it inside the event loop that uses it):
+        the gateway's adapter listener over mesh mTLS as ``role`` (an adapter: "rest" or "console"), or with mesh
+        TLS off its public port (TLS when the front door has it)."""
+        target = target or settings.rest_gateway
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -80,7 +81,7 @@ class Upstream:
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        credentials = process_credentials(settings, ROLE_REST)
+        credentials = process_credentials(settings, role)
         if credentials is not None:
             return cls(mesh_channel(target, credentials, server_role=ROLE_GATEWAY, options=options), target)
         if settings.gateway.tls_cert is None:

@@ -1,0 +1,3 @@
+from gateway.console.app import main
+
+main()
