@@ -19,14 +19,14 @@ test: install
 
 install: system-packages $(STAMP)
 
-# Debian programs: the text-to-speech engines, and PostgreSQL's server binaries (the suite tests the shared store on a
-# real server it starts itself; nothing runs as a service). Checked on every run (cheap), installed once.
+# Debian programs: the text-to-speech engines, PostgreSQL's server binaries (the suite tests the shared store on a
+# real server it starts itself; nothing runs as a service) and Chromium (the console's tests drive it). Checked on every run (cheap), installed once.
 system-packages:
-	@command -v flite >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 \
+	@command -v flite >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 \
 	  && { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
-	  echo "==> [0/5] Debian packages flite and espeak-ng (text to speech), postgresql (the store's tests)"; \
+	  echo "==> [0/5] Debian packages flite and espeak-ng (text to speech), postgresql (the store's tests), chromium (the console's browser tests)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq flite espeak-ng postgresql; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq flite espeak-ng postgresql chromium; }
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH (or set PYTHON=...)"; exit 1; }
