@@ -20,7 +20,8 @@ test: install
 install: system-packages $(STAMP)
 
 # Debian programs: the text-to-speech engines, PostgreSQL's server binaries (the suite tests the shared store on a
-# real server it starts itself; nothing runs as a service) and Chromium (the console's tests drive it). Checked on every run (cheap), installed once.
+# real server it starts itself; nothing runs as a service) and Chromium (the console's tests drive it). Checked on
+# every run (cheap), installed once.
 system-packages:
 	@command -v flite >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 \
 	  && { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \

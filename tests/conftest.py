@@ -60,10 +60,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
 
 @pytest.fixture(scope="session")
 def front_door_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
-    """Every modality behind one gateway, for the front doors' tests (OpenAI REST, OIP v2, the typed client)."""
+    """Every modality behind one gateway and a trainer, for the front doors' tests (OpenAI REST, OIP v2, the typed
+    client, the console)."""
     started = start_mesh(
         tmp_path_factory.mktemp("front-door"),
-        {"nlp": 1, "vision": 1, "speech": 1, "llm": 1},
+        {"nlp": 1, "vision": 1, "speech": 1, "llm": 1, "trainer": 1},
         {"AIMASS_LLM__MAX_MODEL_LEN": "1024"},
         metrics=True,
     )
