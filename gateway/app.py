@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
-from aimass.runtime import tracing
+from aimass.runtime import contract, tracing
 from aimass.runtime.config import GatewayConfig, Settings
 from aimass.runtime.discovery import CONTROL_PLANE_SERVICES, make_registry
 from aimass.runtime.identity import ROLE_GATEWAY, process_credentials
@@ -22,21 +22,24 @@ from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, 
 from aimass.store.sql import SqlStore
 from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import TenantQuotas
-from aimass.v1 import admin_pb2_grpc, models_pb2, models_pb2_grpc
+from aimass.v1 import admin_pb2_grpc, cluster_pb2_grpc, models_pb2, models_pb2_grpc
 from gateway.admin import AdminServicer
 from gateway.auth import ApiKeyInterceptor, KeyVerifier
+from gateway.cluster import ClusterServicer
 from gateway.forwarder import Forwarder
 from gateway.model_catalogue import ModelCatalogueServicer
 from gateway.oip.reflection import OIP_SERVICE, reflection_pool
 from gateway.oip.servicer import OipServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
+from gateway.traffic import TrafficInterceptor, TrafficRecorder
 from gateway.view import LoadView, ViewWatcher
 
 log = logging.getLogger(__name__)
 
 MODEL_SERVICE = "aimass.v1.ModelService"
 ADMIN_SERVICE = "aimass.v1.AdminService"
+CLUSTER_SERVICE = "aimass.v1.ClusterService"
 # The control plane's contracts are for mesh processes, on the scheduler's mTLS port: never forwarded.
 INTERNAL_SERVICES = frozenset(
     {
@@ -77,7 +80,7 @@ def front_door_credentials(config: GatewayConfig) -> grpc.ServerCredentials | No
 class GatewayApp:
     kind = "gateway"
     # Served here, not forwarded: replicas serve ModelService too, but only for their own models.
-    service_names: tuple[str, ...] = (MODEL_SERVICE, ADMIN_SERVICE)
+    service_names: tuple[str, ...] = (MODEL_SERVICE, ADMIN_SERVICE, CLUSTER_SERVICE)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -125,6 +128,10 @@ class GatewayApp:
         self.auth = ApiKeyInterceptor(
             self.verifier, self.quotas, self.audit, usage=self.view.tenant_usage, tenants=settings.tenants
         )
+        # What callers got per public service and tenant, for ClusterService (whose own calls are left out).
+        self.traffic = TrafficRecorder(
+            {*contract.services(), OIP_SERVICE} - INTERNAL_SERVICES - {CLUSTER_SERVICE},
+        )
         self._health: health.aio.HealthServicer | None = None
         self._health_updates: set[asyncio.Task[None]] = set()
 
@@ -145,7 +152,9 @@ class GatewayApp:
         if self.credentials is not None:
             address = f"{config.server.host}:{config.adapter_port}"
             adapters = ((address, self.credentials.server_credentials()),)
-        return Listener(credentials, (self.auth,), "plaintext" if credentials is None else "tls", adapters)
+        # Traffic is recorded inside auth: admitted calls, with their verified tenant.
+        interceptors = (self.auth, TrafficInterceptor(self.traffic))
+        return Listener(credentials, interceptors, "plaintext" if credentials is None else "tls", adapters)
 
     def add_to_server(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
@@ -153,6 +162,10 @@ class GatewayApp:
         catalogue = ModelCatalogueServicer(self.replicas)
         models_pb2_grpc.add_ModelServiceServicer_to_server(catalogue, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.store, self.verifier, self.audit), server)
+        cluster = ClusterServicer(
+            self.view, self.traffic, self.replicas, self.verifier, forwarded=lambda: self.forwarded_services
+        )
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(cluster, server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         # The OIP's (inference.GRPCInferenceService) before the forwarder, which answers every other method.
         oip_handler = OipServicer(self.forwarder, catalogue, self.settings).generic_handler()

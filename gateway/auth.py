@@ -69,6 +69,8 @@ METHOD_SCOPES: Final[dict[str, frozenset[str]]] = {
     # The Open Inference Protocol (gateway/oip), every method: probes use grpc.health.v1, which needs no key.
     "/inference.GRPCInferenceService/": _INFER,
     "/aimass.v1.ModelService/DescribeModel": _INFER,
+    # The mesh's status; what a key sees of other tenants and of addresses is the servicer's (gateway/cluster.py).
+    "/aimass.v1.ClusterService/": _INFER,
     "/aimass.v1.DatasetService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
     "/aimass.v1.TrainingService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
     "/aimass.v1.DeploymentService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
@@ -173,6 +175,10 @@ class KeyVerifier:
 
     def tenant(self, tenant_id: str) -> TenantRecord | None:
         return self._tenants.get(tenant_id)
+
+    def known_tenants(self) -> list[str]:
+        """Every tenant the store had at the last refresh (in memory: no store call)."""
+        return sorted(self._tenants)
 
     def limits_of(self, tenant_id: str) -> Limits:
         """The tenant's limits as they apply: the store's, with the configured defaults where it says 0."""

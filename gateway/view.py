@@ -82,6 +82,8 @@ class LoadView:
         self.version = 0
         self.connected = False
         self.received_monotonic = 0.0
+        # The latest view as received (ClusterService shows it); empty until one arrives.
+        self.routing_view = scheduler_pb2.RoutingView()
         self._loads: dict[str, ReplicaLoad] = {}
         # Tenant → its usage as the scheduler accounts it (LLM tokens for the token quotas).
         self._tenants: dict[str, scheduler_pb2.TenantUsage] = {}
@@ -99,6 +101,7 @@ class LoadView:
         if view.version < self.version:
             return False
         self.version = view.version
+        self.routing_view = view
         self._loads = replica_loads(view)
         self._tenants = {usage.tenant_id: usage for usage in view.tenants}
         self.received_monotonic = time.monotonic()

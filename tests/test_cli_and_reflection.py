@@ -21,6 +21,7 @@ from tests.conftest import BIN
 # gateway neither forwards nor lists them.
 SERVICES = [
     "aimass.v1.AdminService",
+    "aimass.v1.ClusterService",
     "aimass.v1.DatasetService",
     "aimass.v1.DeploymentService",
     "aimass.v1.LlmService",
