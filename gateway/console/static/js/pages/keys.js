@@ -44,7 +44,7 @@ export const page = {
       "fieldset",
       { class: "scopes" },
       el("legend", {}, "Scopes"),
-      scopeBoxes.map(({ scope, box }) => el("div", { class: "check" }, box, el("label", { for: box.id }, scope, el("span", { class: "hint" }, ` – ${SCOPE_HINTS[scope]}`)))),
+      scopeBoxes.map(({ scope, box }) => el("div", { class: "scope-check" }, box, el("label", { for: box.id }, scope, el("span", { class: "hint" }, ` – ${SCOPE_HINTS[scope]}`)))),
     );
     const create = el("button", { type: "submit" }, "Create key");
     const secretBox = el("div", { class: "secret-box", "aria-live": "polite" });
