@@ -54,12 +54,15 @@ CONSUL_CONFIG = COMPOSE / "consul" / "aimass.hcl"
 
 REPLICAS = ("nlp", "vision", "speech", "llm")
 CONTROL_PLANE = ("gateway", "scheduler")
-# The processes in the mesh (registry, scheduler, Consul); the REST front door is a client of the gateway only.
+# The processes in the mesh (registry, scheduler, Consul); the REST front door and the console are clients of the
+# gateway only.
 MESH_MEMBERS = (*CONTROL_PLANE, "node-agent", *REPLICAS)
 REST = "rest"
+CONSOLE = "console"
+CONSOLE_PORT = 8080
 REST_PORT = 8000
 ADAPTER_PORT = 50052
-AIMASS_SERVICES = (*MESH_MEMBERS, REST)
+AIMASS_SERVICES = (*MESH_MEMBERS, REST, CONSOLE)
 INIT = "init"
 GRPC_PORTS = {"gateway": 50051, "scheduler": 50041, "nlp": 50061, "vision": 50071, "speech": 50081, "llm": 50091}
 # The servers only a mesh certificate may reach (the gateway's public port takes API keys, its health is open).
@@ -343,6 +346,40 @@ def test_rest_front_door_runs_in_its_own_locked_down_container_and_dials_the_ada
     assert env["OTEL_SERVICE_NAME"] == "aimass-rest"
     # The other hosts run no front door.
     assert REST not in services(worker)
+
+
+def test_console_runs_in_its_own_locked_down_container_and_dials_the_adapter_listener(
+    base: Config, worker: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m gateway.console` from the one image, on 0.0.0.0:8080 published, its own "console" certificate,
+    calling the gateway's adapter listener; its code samples name the published gateway and REST ports."""
+    found = services(base)
+    console = found[CONSOLE]
+    assert console["command"] == ["python", "-m", "gateway.console"]
+    assert importlib.util.find_spec("gateway.console.__main__") is not None
+    assert console["image"] == found["gateway"]["image"] and "build" not in console
+    settings = settings_of(console["environment"], monkeypatch)
+    assert settings.console.enabled and settings.mesh.tls == "on"
+    assert (settings.console.host, settings.console.port) == ("0.0.0.0", CONSOLE_PORT)
+    assert settings.mesh.identity == CONSOLE and settings.mesh.pki_dir == Path(PKI_TARGET)
+    assert settings.console_gateway == f"gateway:{ADAPTER_PORT}"
+    assert settings.console.public_gateway == "127.0.0.1:50051"
+    assert settings.console.public_rest == f"http://127.0.0.1:{REST_PORT}/v1"
+    assert [(p["target"], p["published"]) for p in console["ports"]] == [(CONSOLE_PORT, str(CONSOLE_PORT))]
+    assert healthcheck_target(console) == f"http://127.0.0.1:{CONSOLE_PORT}/healthz"
+    assert healthcheck_role(console) is None
+    assert console["depends_on"]["gateway"]["condition"] == "service_healthy"
+    (mount,) = pki_mounts(console)
+    assert (mount["source"], mount["volume"]["subpath"], mount["read_only"]) == ("mesh-pki", CONSOLE, True)
+    assert CONSOLE in found[INIT]["environment"]["MESH_IDENTITIES"].split()
+    assert [m["target"] for m in console["volumes"]] == [PKI_TARGET]
+    for key in ("AIMASS_STORE__URL", "AIMASS_REGISTRY__CONSUL__TOKEN", "AIMASS_REGISTRY__ADDRESS"):
+        assert key not in console["environment"], key
+    for key in ("init", "restart", "stop_grace_period"):
+        assert console[key] == found["gateway"][key], key
+    assert console["read_only"] is True and console["cap_drop"] == ["ALL"] and not console.get("cap_add")
+    assert "no-new-privileges:true" in console["security_opt"]
+    assert CONSOLE not in services(worker)
 
 
 def test_env_settings_are_real_config_keys_with_valid_values(
@@ -695,7 +732,9 @@ def test_prometheus_scrapes_every_metrics_port(base: Config, worker: Config) -> 
     scraped = {
         target: group["labels"]["process"] for group in aimass_job["static_configs"] for target in group["targets"]
     }
-    expected = {f"{name}:{metrics_port(name, services(base)[name])}": name for name in AIMASS_SERVICES}
+    # The console exports no metrics of its own: every call it makes is the gateway's, counted there.
+    exporters = [name for name in AIMASS_SERVICES if name != CONSOLE]
+    expected = {f"{name}:{metrics_port(name, services(base)[name])}": name for name in exporters}
     assert scraped == expected
     # Other hosts come through file_sd from the mounted folder; the example lists a worker's ports.
     mounts = {m["target"]: m["source"] for m in services(base)["prometheus"]["volumes"]}
