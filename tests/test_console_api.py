@@ -216,3 +216,30 @@ def test_pages_are_served_here_with_a_policy_that_reaches_nothing_else(http: htt
     methods = {f"{m['service']}/{m['method']}" for m in http.get("/api/services").json()["methods"]}
     assert "aimass.v1.NlpService/Sentiment" in methods and "aimass.v1.DatasetService/UploadDataset" in methods
     assert not [m for m in methods if "Scheduler" in m or "Registry" in m or "Blob" in m or "Trainer" in m]
+
+
+def test_the_gateway_sees_each_browser_not_the_console(http: httpx.Client, admin: dict[str, str]) -> None:
+    """A bad key sent from 127.0.0.7 through the console is refused and audited with 127.0.0.7 as its peer (the
+    console passes the browser's address on over its verified adapter hop; no header a caller writes is believed)."""
+    since = int(time.time() * 1000)
+    with httpx.Client(base_url=str(http.base_url), transport=httpx.HTTPTransport(local_address="127.0.0.7")) as browser:
+        refused = browser.post(
+            "/api/rpc/NlpService/Sentiment",
+            headers={**bearer("aimass_consolepeer1_" + "z" * 43), "x-forwarded-for": "10.9.9.9"},
+            json={"texts": ["hi"]},
+        )
+    assert refused.status_code == 401
+    deadline = time.monotonic() + 15
+    peers: set[str] = set()
+    while time.monotonic() < deadline:
+        events = http.post(
+            "/api/rpc/AdminService/ListAuditEvents",
+            headers=admin,
+            json={"tenant_id": "*", "action_prefix": "auth.refused", "since_unix_ms": since},
+        ).json()["events"]
+        peers = {event["peer"] for event in events}
+        if "127.0.0.7" in peers:
+            break
+        time.sleep(0.5)
+    assert "127.0.0.7" in peers, peers
+    assert not [peer for peer in peers if "10.9.9.9" in peer]
