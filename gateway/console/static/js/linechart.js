@@ -51,7 +51,7 @@ export function lineChart(options = {}) {
     const innerW = width - pad.left - pad.right;
     const innerH = height - pad.top - pad.bottom;
     const yMin = options.yMin !== undefined ? options.yMin : Math.min(0, ...all.map(([, y]) => y));
-    let yMax = options.yMax !== undefined ? options.yMax : Math.max(...all.map(([, y]) => y), yMin + 1e-9);
+    let yMax = options.yMax !== undefined ? options.yMax : all.length ? Math.max(...all.map(([, y]) => y)) : yMin + 1;
     if (!(yMax > yMin)) yMax = yMin + 1;
     const xs = all.map(([x]) => x);
     const xMin = xs.length ? Math.min(...xs) : 0;

@@ -153,6 +153,11 @@ export const page = {
     }
 
     function show({ cluster }) {
+      if (!head.isConnected) {
+        // The page was replaced without its cleanup being called: stop watching.
+        controller.abort();
+        return;
+      }
       clearError(head);
       status.textContent =
         `Live · snapshot at ${new Date(Number(cluster.generated_unix_ms)).toLocaleTimeString()} · ${cluster.gateways} gateway(s)` +

@@ -5,8 +5,8 @@ import { bytes, el, field, showError, table, toast } from "../ui.js";
 import { busy, classBalance, clearError, enumText, number, validationReport, when } from "../lifecycle/common.js";
 
 const TASKS = [
-  ["TRAINING_TASK_TEXT_CLASSIFICATION", "Text classification (CSV or JSONL: a text and a label per row)"],
-  ["TRAINING_TASK_IMAGE_CLASSIFICATION", "Image classification (a ZIP with one folder per label)"],
+  ["TRAINING_TASK_TEXT_CLASSIFICATION", "Text classification"],
+  ["TRAINING_TASK_IMAGE_CLASSIFICATION", "Image classification"],
 ];
 const FORMATS = [
   ["", "Detect from the file"],
@@ -31,7 +31,7 @@ export const page = {
 
     // --- Upload ---
     const file = el("input", { type: "file", accept: ".csv,.jsonl,.json,.zip,text/csv,application/zip", required: true });
-    const name = el("input", { type: "text", required: true, pattern: "[a-z0-9][a-z0-9._-]{0,62}", spellcheck: "false", autocomplete: "off" });
+    const name = el("input", { type: "text", required: true, pattern: "[a-z0-9][a-z0-9._\\-]{0,62}", spellcheck: "false", autocomplete: "off" });
     const task = el("select", {}, options(TASKS, TASKS[0][0]));
     const format = el("select", {}, options(FORMATS, ""));
     const textColumn = el("input", { type: "text", placeholder: "text", spellcheck: "false", autocomplete: "off" });
@@ -57,7 +57,7 @@ export const page = {
         { class: "form-grid" },
         field("File", file, "CSV or JSONL with a text and a label column, or a ZIP of images in one folder per label."),
         field("Dataset name", name, "1-63 characters: lowercase letters, digits, '.', '_' or '-'."),
-        field("Task", task),
+        field("Task", task, "Text: a text and a label per row. Images: a ZIP with one folder per label."),
         field("Format", format),
         field("Text column (optional)", textColumn, "Default: text."),
         field("Label column (optional)", labelColumn, "Default: label."),

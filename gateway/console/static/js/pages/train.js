@@ -27,7 +27,7 @@ export const page = {
     // ---------- Start a job ----------
     const dataset = el("select", { required: true });
     const baseModel = el("select", {}, BASE_MODELS.map(([v, t]) => el("option", { value: v }, t)));
-    const modelName = el("input", { type: "text", spellcheck: "false", autocomplete: "off", pattern: "[a-z0-9][a-z0-9._-]{0,62}" });
+    const modelName = el("input", { type: "text", spellcheck: "false", autocomplete: "off", pattern: "[a-z0-9][a-z0-9._\\-]{0,62}" });
     const epochs = el("input", { type: "number", min: "1", max: "500", step: "1", inputmode: "numeric" });
     const learningRate = el("input", { type: "number", min: "0", max: "1", step: "any" });
     const seed = el("input", { type: "number", min: "0", step: "1", inputmode: "numeric" });
@@ -174,7 +174,7 @@ export const page = {
         }
       };
 
-      stream("TrainingService", "WatchTraining", { job_id: jobId }, show, { signal: mine.signal })
+      stream("TrainingService", "WatchTraining", { job_id: jobId }, (m) => show(m.job), { signal: mine.signal })
         .then(() => {
           if (current && current.state === "JOB_STATE_SUCCEEDED") {
             refreshJobs();
@@ -377,6 +377,11 @@ export const page = {
       refreshJobs(),
       refreshModels(),
     ]);
+    if (!startForm.isConnected) {
+      // Left while loading: the router may never call this page's cleanup.
+      controller.abort();
+      return null;
+    }
     if (kind === "job" && first) watch(decodeURIComponent(first));
     return () => controller.abort();
   },
