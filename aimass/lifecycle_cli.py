@@ -1,11 +1,14 @@
 """``aimass datasets``, ``aimass train``, ``aimass jobs`` and ``aimass models versions|deploy|promote|rollback|
-undeploy|export``: a tenant's own models from the command line (DatasetService, TrainingService, DeploymentService).
+undeploy|export``: a tenant's own models from the command line (DatasetService, TrainingService, DeploymentService);
+``aimass models list|describe|load|unload``: the mesh's model catalogue, where each model is loaded, and loading or
+unloading it (ModelService; load and unload need the models:admin scope).
 
 Every command calls the gateway (``--gateway``, default 127.0.0.1:<gateway.server.port>) with the caller's API key
-(``--api-key``, ``$AIMASS_API_KEY`` or the admin key file `aimass up` wrote; the models:train scope), ``--ca-file``
-when the gateway's front door has TLS. Results go to stdout (``--json`` for machine-readable output on listings),
-progress to stderr: one line rewritten in place on a terminal, plain lines at milestones otherwise. An error prints
-one line, the gRPC status name (and the mesh's reason) with the server's message, and exits 1.
+(``--api-key``, ``$AIMASS_API_KEY`` or the admin key file `aimass up` wrote; the models:train scope for a tenant's
+own models), ``--ca-file`` when the gateway's front door has TLS. Results go to stdout (``--json`` for
+machine-readable output on listings), progress to stderr: one line rewritten in place on a terminal, plain lines at
+milestones otherwise. An error prints one line, the gRPC status name (and the mesh's reason) with the server's
+message, and exits 1.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import hashlib
 import io
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, TextIO
 
@@ -25,7 +29,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from aimass.admin_cli import table, when
+from aimass.admin_cli import seconds, table, when
 from aimass.client import Client, error_info
 from aimass.client.shortcuts import CHUNK_BYTES, FORMATS, TASKS, file_sha256, upload_requests
 from aimass.runtime.config import load_settings
@@ -33,6 +37,7 @@ from aimass.v1 import (
     common_pb2,
     datasets_pb2,
     deployments_pb2,
+    models_pb2,
     training_pb2,
 )
 
@@ -40,6 +45,7 @@ __all__ = [
     "CHUNK_BYTES",
     "COMMANDS",
     "Progress",
+    "add_catalogue_commands",
     "add_commands",
     "add_model_commands",
     "file_sha256",
@@ -50,6 +56,8 @@ __all__ = [
 # Deadline of one unary call (Deploy, Promote and Rollback wait for every replica to apply the change: longer).
 CALL_TIMEOUT_S: Final = 60.0
 DEPLOY_TIMEOUT_S: Final = 180.0
+# Default deadline of `models load` and `models unload` (--timeout): a load reads weights and warms the model up.
+LOAD_TIMEOUT_S: Final = 300.0
 # A watch that loses its connection (a gateway restarting, say) tries again this many times before giving up.
 WATCH_RECONNECTS: Final = 3
 EXIT_INTERRUPTED: Final = 130
@@ -58,6 +66,20 @@ EXIT_INTERRUPTED: Final = 130
 FINAL_JOB_STATES: Final = frozenset(
     {training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED}
 )
+# `models list --modality` and the services `--service` accepts by their short names.
+MODALITIES: Final = {
+    "text": models_pb2.MODALITY_TEXT,
+    "vision": models_pb2.MODALITY_VISION,
+    "speech": models_pb2.MODALITY_SPEECH,
+    "llm": models_pb2.MODALITY_LLM,
+}
+SERVICES: Final = {
+    "nlp": "aimass.v1.NlpService",
+    "text": "aimass.v1.NlpService",
+    "vision": "aimass.v1.VisionService",
+    "speech": "aimass.v1.SpeechService",
+    "llm": "aimass.v1.LlmService",
+}
 
 
 class CommandError(Exception):
@@ -100,6 +122,23 @@ def job_state(state: int) -> str:
 
 def version_state(state: int) -> str:
     return deployments_pb2.VersionState.Name(state).removeprefix("VERSION_STATE_")  # type: ignore[arg-type]
+
+
+def modality_name(modality: int) -> str:
+    return models_pb2.Modality.Name(modality).removeprefix("MODALITY_").lower()  # type: ignore[arg-type]
+
+
+def serving_state(state: int) -> str:
+    return common_pb2.ServingState.Name(state).removeprefix("SERVING_STATE_")  # type: ignore[arg-type]
+
+
+def device_kind(kind: common_pb2.DeviceKind.ValueType) -> str:
+    return common_pb2.DeviceKind.Name(kind).removeprefix("DEVICE_KIND_")
+
+
+def device_text(device: common_pb2.DeviceInfo) -> str:
+    """kind/name/id, e.g. GPU/NVIDIA H100/0 or CPU/cpu/0 (the id: the NVML index, 0 for the CPU)."""
+    return f"{device_kind(device.kind)}/{device.name or '-'}/{device.index}"
 
 
 def as_json(message: Message) -> str:
@@ -185,6 +224,31 @@ class Progress:
         self._pending = ""
 
 
+@contextlib.contextmanager
+def waiting(text: str, *, tick_s: float = 0.5) -> Iterator[Callable[[], float]]:
+    """Progress for one long call: ``text`` on stderr, with the seconds elapsed kept current on a terminal (a thread
+    redraws the line while the call blocks); yields a function giving the seconds elapsed."""
+    progress = Progress()
+    started = time.monotonic()
+    stop = threading.Event()
+    progress.update(text, text)
+
+    def tick() -> None:
+        while not stop.wait(tick_s):
+            progress.update(f"{text} {duration(time.monotonic() - started)}", text)
+
+    ticker = threading.Thread(target=tick, daemon=True) if progress.tty else None
+    if ticker is not None:
+        ticker.start()
+    try:
+        yield lambda: time.monotonic() - started
+    finally:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+        progress.close()
+
+
 def bar(fraction: float, width: int = 24) -> str:
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "[" + "#" * filled + "." * (width - filled) + "]"
@@ -205,14 +269,16 @@ def quarter(done: int, total: int) -> int:
 
 
 class Stubs:
-    """The three lifecycle services of one client to the gateway, as its typed methods. The client has no default
-    deadline (streams have none); unary calls pass theirs (CALL_TIMEOUT_S, DEPLOY_TIMEOUT_S)."""
+    """The lifecycle services and the model catalogue of one client to the gateway, as its typed methods. The client
+    has no default deadline (streams have none); unary calls pass theirs (CALL_TIMEOUT_S, DEPLOY_TIMEOUT_S,
+    --timeout)."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self.datasets = client.datasets
         self.training = client.training
         self.deployments = client.deployments
+        self.models = client.models
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -672,8 +738,170 @@ def export(stubs: Stubs, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- models: the catalogue, load and unload --------------------------------------------------------------------------
+
+
+def service_name(text: str) -> str:
+    """--service: a fully-qualified service (aimass.v1.VisionService), its short name (VisionService) or the kind
+    (nlp, text, vision, speech, llm); empty: every service."""
+    if not text or text.lower() in SERVICES:
+        return SERVICES.get(text.lower(), "")
+    if "." in text:
+        return text
+    if text.endswith("Service"):
+        return f"aimass.v1.{text}"
+    raise argparse.ArgumentTypeError(f"{text!r} is not a service: {', '.join(sorted(SERVICES))} or aimass.v1.<Name>")
+
+
+def device_target(text: str) -> tuple[int, int | None]:
+    """--device: cpu, gpu or gpu:INDEX (the NVML index, with --node) → the device kind and index."""
+    kind, _, index = text.strip().lower().partition(":")
+    kinds = {"cpu": common_pb2.DEVICE_KIND_CPU, "gpu": common_pb2.DEVICE_KIND_GPU}
+    if kind not in kinds or (index and (kind != "gpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, gpu or gpu:INDEX")
+    return kinds[kind], int(index) if index else None
+
+
+def _model_ref(model: common_pb2.ModelRef) -> str:
+    return f"{model.name}@{model.version}" if model.version else model.name
+
+
+def catalogue_table(models: Sequence[models_pb2.ModelInfo]) -> str:
+    rows = [["NAME", "MODALITY", "VERSIONS", "DEFAULT", "OWNER", "IS_DEFAULT"]]
+    rows += [
+        [
+            m.name,
+            modality_name(m.modality),
+            ",".join(v.version for v in m.versions) or "-",
+            m.default_version or "-",
+            m.owner,
+            "yes" if m.is_default else "no",
+        ]
+        for m in models
+    ]
+    return table(rows)
+
+
+def replicas_table(replicas: Sequence[models_pb2.ModelReplica]) -> str:
+    rows = [["INSTANCE", "NODE", "DEVICE", "VERSION", "STATE", "LOADED", "MEMORY"]]
+    rows += [
+        [
+            r.instance_id,
+            r.node_id or "-",
+            device_text(r.device),
+            r.version or "-",
+            serving_state(r.state),
+            "LOADED" if r.loaded else "NOT LOADED",
+            size(r.memory_bytes) if r.memory_bytes else "-",
+        ]
+        for r in replicas
+    ]
+    return table(rows)
+
+
+def catalogue_text(model: models_pb2.ModelInfo) -> str:
+    """``models describe``: the model's facts, its versions, then where it is loaded (or, for a tenant's own model,
+    its versions as ``models versions`` shows them)."""
+    owner = f"owner {model.owner}" if model.owner else "the mesh's own"
+    lines = [
+        f"{model.name} ({modality_name(model.modality)}, {owner}"
+        + (", default model of its methods" if model.is_default else "")
+        + ")",
+    ]
+    if model.description:
+        lines.append(model.description)
+    lines += [
+        f"services: {', '.join(model.services) or '-'}",
+        f"methods: {', '.join(model.methods) or '-'}",
+        f"default version: {model.default_version or '-'}",
+    ]
+    for v in model.versions:
+        measured = "measured" if v.footprint_measured else "estimated"
+        footprint = f"{size(v.footprint_bytes)} ({measured}, {device_kind(v.footprint_device_kind)})"
+        context = f", context {v.context_length} tokens" if v.context_length else ""
+        lines.append(f"version {v.version}: footprint {footprint}{context}")
+    if model.HasField("custom"):
+        lines += ["", model_text(model.custom)]
+    elif model.replicas:
+        lines += ["", "replicas:", replicas_table(model.replicas)]
+    else:
+        lines += ["", f"replicas: none hold it (aimass models load {model.name})"]
+    return "\n".join(lines)
+
+
+def _placement(args: argparse.Namespace) -> models_pb2.PlacementTarget:
+    target = models_pb2.PlacementTarget(node_id=args.node, instance_id=args.instance)
+    if args.device is not None:
+        target.device_kind, index = args.device
+        if index is not None:
+            target.device_index = index
+    return target
+
+
+def _where(replica: models_pb2.ModelReplica) -> str:
+    node = f", node {replica.node_id}" if replica.node_id else ""
+    return f"{replica.instance_id or replica.address}{node}, {device_text(replica.device)}"
+
+
+def _load(stubs: Stubs, args: argparse.Namespace) -> int:
+    model = _ref(args)
+    with waiting(f"loading {_model_ref(model)}…") as elapsed:
+        reply = stubs.models.load_model(model=model, target=_placement(args), timeout_s=args.timeout)
+    r = reply.replica
+    held = f"{args.name} version {r.version or '-'}"
+    memory = f", {size(r.memory_bytes)}" if r.memory_bytes else ""
+    if reply.already_loaded:
+        print(f"{held} was already loaded on {_where(r)}{memory}; nothing changed")
+    else:
+        print(f"loaded {held} on {_where(r)}{memory} in {elapsed():.1f}s")
+    if reply.evicted:
+        print(f"unloaded to make room: {', '.join(_model_ref(m) for m in reply.evicted)}")
+    return 0
+
+
+def _unload(stubs: Stubs, args: argparse.Namespace) -> int:
+    model = _ref(args)
+    with waiting(f"unloading {_model_ref(model)}…") as elapsed:
+        reply = stubs.models.unload_model(model=model, target=_placement(args), timeout_s=args.timeout)
+    if not reply.unloaded:
+        print(f"{_model_ref(model)} was loaded nowhere matching; nothing changed")
+        return 0
+    for r in reply.unloaded:
+        print(f"unloaded {args.name} version {r.version or '-'} from {_where(r)}")
+    print(f"{size(reply.freed_bytes)} freed in {elapsed():.1f}s")
+    return 0
+
+
+def _catalogue_command(stubs: Stubs, args: argparse.Namespace) -> int:
+    """models list, describe, load and unload (ModelService)."""
+    command = args.models_command
+    if command == "load":
+        return _load(stubs, args)
+    if command == "unload":
+        return _unload(stubs, args)
+    reply: models_pb2.ListModelsResponse | models_pb2.DescribeModelResponse
+    if command == "list":
+        reply = stubs.models.list_models(
+            service=args.service,
+            modality=MODALITIES.get(args.modality, models_pb2.MODALITY_UNSPECIFIED),
+            loaded_only=args.loaded,
+            timeout_s=CALL_TIMEOUT_S,
+        )
+        text = catalogue_table(reply.models) if reply.models else "no models match"
+    else:
+        reply = stubs.models.describe_model(model=_ref(args), timeout_s=CALL_TIMEOUT_S)
+        text = catalogue_text(reply.model)
+    print(as_json(reply) if args.json else text)
+    return 0
+
+
+CATALOGUE_COMMANDS: Final = frozenset({"list", "describe", "load", "unload"})
+
+
 def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
     command = args.models_command
+    if command in CATALOGUE_COMMANDS:
+        return _catalogue_command(stubs, args)
     if command == "versions":
         listed = stubs.deployments.list_custom_models(model=args.name, timeout_s=CALL_TIMEOUT_S)
         if args.json:
@@ -702,6 +930,45 @@ def _models_command(stubs: Stubs, args: argparse.Namespace) -> int:
 
 
 # -- the parser -----------------------------------------------------------------------------------------------------
+
+
+def _target_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--instance", default="", metavar="ID", help=f"{verb} this replica (aimass status lists them)")
+    parser.add_argument("--node", default="", help=f"{verb} a replica on this node")
+    parser.add_argument(
+        "--device", type=device_target, default=None, help="cpu, gpu or gpu:INDEX (the NVML index; with --node)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        default=LOAD_TIMEOUT_S,
+        help=f"how long to wait, e.g. 90s, 10m (default {LOAD_TIMEOUT_S:.0f}s)",
+    )
+
+
+def add_catalogue_commands(models_sub: Any) -> None:
+    """list, describe, load and unload under ``aimass models``: the mesh's catalogue (ModelService)."""
+    listing = _connected(models_sub.add_parser("list", help="the model catalogue: the mesh's models and your own"))
+    listing.add_argument(
+        "--service", type=service_name, default="", help="only this service's: nlp, vision, speech, llm or aimass.v1.X"
+    )
+    listing.add_argument("--modality", choices=list(MODALITIES), default="", help="only models of this modality")
+    listing.add_argument("--loaded", action="store_true", help="only models loaded on at least one replica")
+    _json_flag(listing)
+    describe = _connected(models_sub.add_parser("describe", help="one model: facts, versions, where it is loaded"))
+    describe.add_argument("name")
+    describe.add_argument("--version", default="", help="only the replicas of this version")
+    _json_flag(describe)
+    load = _connected(
+        models_sub.add_parser("load", help="load a model onto one more device (models:admin; default: the scheduler's)")
+    )
+    load.add_argument("name")
+    load.add_argument("--version", default="", help="default: the default version")
+    _target_flags(load, "load on")
+    unload = _connected(models_sub.add_parser("unload", help="unload a model (models:admin; default: from everywhere)"))
+    unload.add_argument("name")
+    unload.add_argument("--version", default="", help="default: every version")
+    _target_flags(unload, "unload from")
 
 
 def add_model_commands(models_sub: Any) -> None:
@@ -798,8 +1065,14 @@ def add_commands(commands: Any) -> None:
     _connected(jobs_sub.add_parser("watch", help="follow a job until it ends")).add_argument("job")
     _connected(jobs_sub.add_parser("cancel", help="stop a queued or running job")).add_argument("job")
 
-    models_cmd = commands.add_parser("models", help="your own models: versions, deploy, canary, rollback, export")
-    add_model_commands(models_cmd.add_subparsers(dest="models_command", required=True))
+    models_cmd = commands.add_parser(
+        "models",
+        help="the catalogue (list, describe, load, unload) and your own models (versions, deploy, canary, rollback, "
+        "export)",
+    )
+    models_sub = models_cmd.add_subparsers(dest="models_command", required=True)
+    add_catalogue_commands(models_sub)
+    add_model_commands(models_sub)
 
 
 COMMANDS: Final[dict[str, Callable[[Stubs, argparse.Namespace], int]]] = {

@@ -3,6 +3,9 @@ SERVERS in this process: grpc.aio servers implementing DatasetService, TrainingS
 small in-memory behaviour, enough to check what the command line sends (the upload's header, chunks and SHA-256, the
 arguments), what it prints (reports, progress, evaluations, error lines) and its exit codes. The real services, through
 the real gateway, are the end-to-end tests' business.
+
+The catalogue commands (`aimass models list|describe|load|unload`) run against the session's real mesh (``mesh``):
+its gateway's ModelService, its NLP replica's models.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import grpc
 import pytest
 
-from aimass.local_mesh import free_port
+from aimass.local_mesh import LocalMesh, free_port
 from aimass.runtime.metadata import ERROR_INFO_KEY
 from aimass.v1 import (
     common_pb2,
@@ -40,6 +43,7 @@ from aimass.v1 import (
     training_pb2_grpc,
 )
 from tests.conftest import BIN
+from tests.security import key_for
 
 # Datasets the test training server trains on without an upload.
 SCRIPTED = ("scripted", "doomed", "endless", "flaky")
@@ -999,3 +1003,115 @@ async def test_an_unreachable_gateway_says_where_it_looked() -> None:
     assert ran.returncode == 1
     assert ran.stderr.startswith("UNAVAILABLE: ")
     assert ran.stderr.strip().endswith(f"(gateway {address}: is the mesh up? see `aimass status`)")
+
+
+# -- models: the catalogue, on the session's mesh -------------------------------------------------------------------
+
+
+def catalogue_rows(stdout: str) -> dict[str, list[str]]:
+    """`models list`'s table by model name (OWNER is blank for the mesh's own models: those rows have 5 cells)."""
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["NAME", "MODALITY", "VERSIONS", "DEFAULT", "OWNER", "IS_DEFAULT"]
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def replica_rows(stdout: str) -> list[list[str]]:
+    """The replicas table of `models describe` (after its "replicas:" line), split on runs of 2+ spaces."""
+    lines = stdout.splitlines()
+    start = lines.index("replicas:") + 1
+    assert lines[start].split() == ["INSTANCE", "NODE", "DEVICE", "VERSION", "STATE", "LOADED", "MEMORY"]
+    return [[cell for cell in line.split("  ") if cell.strip()] for line in lines[start + 1 :] if line.strip()]
+
+
+async def test_models_list_shows_the_catalogue_with_filters_and_json(mesh: LocalMesh) -> None:
+    listed = await aimass(mesh.gateway, "models", "list", key=mesh.api_key)
+    assert listed.returncode == 0, listed.stderr
+    rows = catalogue_rows(listed.stdout)
+    assert rows["vader"] == ["vader", "text", "1", "1", "yes"]
+    assert rows["all-MiniLM-L6-v2"] == ["all-MiniLM-L6-v2", "text", "1", "1", "yes"]
+    assert rows["efficientnet-lite0"][:2] == ["efficientnet-lite0", "vision"]
+
+    vision = catalogue_rows(
+        (await aimass(mesh.gateway, "models", "list", "--service", "vision", key=mesh.api_key)).stdout
+    )
+    assert set(vision) == {"efficientnet-lite0", "mtcnn", "pp-ocr"}
+    text = await aimass(mesh.gateway, "models", "list", "--modality", "text", "--loaded", "--json", key=mesh.api_key)
+    assert text.returncode == 0, text.stderr
+    models = json.loads(text.stdout)["models"]
+    mesh_own = [m for m in models if not m["owner"]]
+    assert {m["name"] for m in mesh_own} == {"all-MiniLM-L6-v2", "en_core_web_sm", "vader"}
+    assert {m["modality"] for m in models} == {"MODALITY_TEXT"}
+    none = await aimass(mesh.gateway, "models", "list", "--modality", "llm", key=mesh.api_key)
+    assert none.returncode == 0 and none.stdout.strip() == "no models match"
+    bad = await aimass(mesh.gateway, "models", "list", "--modality", "sound", key=mesh.api_key)
+    assert bad.returncode == 2 and "invalid choice: 'sound'" in bad.stderr
+
+    # Reading the catalogue is for every key; the existing `models versions` is still there beside it.
+    reader = await aimass(mesh.gateway, "models", "list", key=key_for("acme"))
+    assert reader.returncode == 0 and "vader" in catalogue_rows(reader.stdout)
+
+
+async def test_models_describe_shows_the_replicas_and_an_unknown_model_is_not_found(mesh: LocalMesh) -> None:
+    described = await aimass(mesh.gateway, "models", "describe", "vader", key=mesh.api_key)
+    assert described.returncode == 0, described.stderr
+    lines = described.stdout.splitlines()
+    assert lines[0] == "vader (text, the mesh's own, default model of its methods)"
+    assert "methods: aimass.v1.NlpService/Sentiment" in lines and "default version: 1" in lines
+    [replica] = replica_rows(described.stdout)
+    instance, node, device, version, state, loaded, memory = replica
+    assert instance.startswith("nlp-") and node != "-" and device.startswith("CPU/")
+    assert (version, state, loaded) == ("1", "SERVING", "LOADED") and memory.endswith("B")
+
+    as_json = json.loads((await aimass(mesh.gateway, "models", "describe", "vader", "--json", key=mesh.api_key)).stdout)
+    assert as_json["model"]["replicas"][0]["loaded"] is True
+    assert as_json["model"]["replicas"][0]["device"]["kind"] == "DEVICE_KIND_CPU"
+
+    missing = await aimass(mesh.gateway, "models", "describe", "gpt-9", key=mesh.api_key)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.startswith("NOT_FOUND (MODEL_NOT_FOUND): model 'gpt-9' is not served by any replica")
+    no_version = await aimass(mesh.gateway, "models", "describe", "vader", "--version", "7", key=mesh.api_key)
+    assert no_version.returncode == 1 and no_version.stderr.startswith("NOT_FOUND")
+    assert "'vader' has no version '7'" in no_version.stderr
+
+
+async def test_models_load_and_unload_need_the_admin_scope(mesh: LocalMesh) -> None:
+    reader = key_for("acme")
+    for command in ("load", "unload"):
+        refused = await aimass(mesh.gateway, "models", command, "vader", key=reader)
+        assert refused.returncode == 1 and refused.stdout == ""
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("PERMISSION_DENIED (MISSING_SCOPE): ")
+        assert f"may not call /aimass.v1.ModelService/{command.capitalize()}Model" in last and "models:admin" in last
+    bad_device = await aimass(mesh.gateway, "models", "load", "vader", "--device", "tpu", key=mesh.api_key)
+    assert bad_device.returncode == 2 and "'tpu' is not a device: cpu, gpu or gpu:INDEX" in bad_device.stderr
+
+
+async def test_models_unload_then_load_back_with_the_admin_key(mesh: LocalMesh) -> None:
+    described = await aimass(mesh.gateway, "models", "describe", "vader", key=mesh.api_key)
+    [[instance, *_]] = replica_rows(described.stdout)
+    try:
+        unloaded = await aimass(mesh.gateway, "models", "unload", "vader", "--instance", instance, key=mesh.api_key)
+        assert unloaded.returncode == 0, unloaded.stderr
+        assert unloaded.stderr.splitlines()[0] == "unloading vader…"
+        out = unloaded.stdout.splitlines()
+        assert out[0].startswith(f"unloaded vader version 1 from {instance}, node ") and "CPU/" in out[0]
+        assert out[1].endswith("freed in " + out[1].rsplit(" ", 1)[-1]) and out[1].rsplit(" ", 1)[-1].endswith("s")
+        after = await aimass(mesh.gateway, "models", "describe", "vader", key=mesh.api_key)
+        assert [row[5] for row in replica_rows(after.stdout)] == ["NOT LOADED"]
+        loaded_only = await aimass(mesh.gateway, "models", "list", "--loaded", key=mesh.api_key)
+        assert "vader" not in catalogue_rows(loaded_only.stdout)
+        again = await aimass(mesh.gateway, "models", "unload", "vader", key=mesh.api_key)
+        assert again.returncode == 0 and again.stdout.strip() == "vader was loaded nowhere matching; nothing changed"
+    finally:
+        loaded = await aimass(
+            mesh.gateway, "models", "load", "vader", "--instance", instance, "--timeout", "2m", key=mesh.api_key
+        )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stderr.splitlines()[0] == "loading vader…"
+    assert loaded.stdout.startswith(f"loaded vader version 1 on {instance}, node ")
+    assert loaded.stdout.strip().endswith("s")
+    back = await aimass(mesh.gateway, "models", "describe", "vader", key=mesh.api_key)
+    [row] = replica_rows(back.stdout)
+    assert (row[0], row[5]) == (instance, "LOADED")
+    twice = await aimass(mesh.gateway, "models", "load", "vader", "--instance", instance, key=mesh.api_key)
+    assert twice.returncode == 0 and "was already loaded on" in twice.stdout and "nothing changed" in twice.stdout
