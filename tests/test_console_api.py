@@ -7,6 +7,10 @@ pages come from this process with a policy that lets them reach nothing else."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +19,7 @@ import httpx
 import pytest
 
 from aimass.datasets.samples import tickets_csv
-from aimass.local_mesh import LocalMesh
+from aimass.local_mesh import LocalMesh, free_port
 from aimass.tenancy import keys
 from tests.metrics import scrape, value
 from tests.security import key_for
@@ -243,3 +247,45 @@ def test_the_gateway_sees_each_browser_not_the_console(http: httpx.Client, admin
         time.sleep(0.5)
     assert "127.0.0.7" in peers, peers
     assert not [peer for peer in peers if "10.9.9.9" in peer]
+
+
+def test_sigterm_lets_streams_in_flight_finish(front_door_mesh: LocalMesh, admin: dict[str, str]) -> None:
+    """A console process of its own (the mesh's "console" certificate, the same adapter hop): SIGTERMed while a chat
+    streams, it lets the stream finish, then exits."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIMASS_STATE_DIR": str(front_door_mesh.state_dir),
+        "AIMASS_CONSOLE__PORT": str(port),
+        "AIMASS_CONSOLE__GATEWAY": f"127.0.0.1:{front_door_mesh.gateway_adapter_port}",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "gateway.console"], env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "the console did not start"
+            time.sleep(0.2)
+        body = {
+            "messages": [{"role": "CHAT_ROLE_USER", "content": "Count from one to twenty in words."}],
+            "sampling": {"max_tokens": 48, "temperature": 0},
+        }
+        with httpx.stream("POST", f"{base}/api/stream/LlmService/Chat", headers=admin, json=body, timeout=120) as reply:
+            assert reply.status_code == 200
+            seen: list[dict[str, object] | str] = []
+            for event in events(reply):
+                seen.append(event)
+                if len(seen) == 2:
+                    process.send_signal(signal.SIGTERM)
+        assert seen[-1] == "[DONE]" and len(seen) > 3, seen
+        # Drained, it exits: uvicorn re-raises the SIGTERM it caught once it has shut down (the default action).
+        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
