@@ -8,6 +8,7 @@ chat streamed and stopped; the code samples under a result. Every page must stay
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -268,6 +269,9 @@ def test_a_face_gets_a_box(
     assert image_box and overlay_box
     assert abs(image_box["width"] - overlay_box["width"]) < 1.5
     assert abs(image_box["height"] - overlay_box["height"]) < 1.5
+    # A laptop-sized window: the page still fits its width.
+    page.set_viewport_size({"width": 1000, "height": 760})
+    assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
     # Something was drawn (the box): the canvas is not blank.
     assert overlay.evaluate("c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0)")
 
@@ -408,3 +412,54 @@ def test_chat_streams_and_stop_cuts_the_reply(
     page.get_by_label("Your message").fill("Thanks!")
     run(page, "Send")
     expect(turns).to_have_count(6)
+
+
+# -- the tenant's own models -------------------------------------------------------------------------------------
+
+OWN_MODELS = {
+    "models": [
+        {"name": "all-MiniLM-L6-v2", "modality": "MODALITY_TEXT", "owner": "", "description": "the mesh's own"},
+        {
+            "name": "ticket-router",
+            "modality": "MODALITY_TEXT",
+            "owner": "admin",
+            "description": "Routes support tickets.",
+            "services": ["aimass.v1.NlpService"],
+            "custom": {"name": "ticket-router"},
+        },
+        {
+            "name": "shelf-photos",
+            "modality": "MODALITY_VISION",
+            "owner": "admin",
+            "description": "",
+            "services": ["aimass.v1.VisionService"],
+            "custom": {"name": "shelf-photos"},
+        },
+    ]
+}
+
+
+def test_each_own_model_gets_a_tile_and_a_view(watched: Watched, front_door_mesh: LocalMesh) -> None:  # noqa: F811
+    """The catalogue answer is stood in for (training one is test_console_lifecycle's work); the call to the model is
+    real, so a model the mesh does not serve is a readable refusal."""
+    watched.expected_statuses.add(404)
+    page = watched.page
+    page.route(
+        "**/api/rpc/ModelService/ListModels",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(OWN_MODELS)),
+    )
+    sign_in(page, front_door_mesh)
+    own = page.locator(".custom-models a.tile")
+    expect(own).to_have_count(2)
+    expect(own.nth(0)).to_contain_text("Classify with ticket-router")
+    expect(own.nth(0)).to_contain_text("NlpService/Classify")
+    expect(own.nth(1)).to_contain_text("VisionService/Classify")
+    own.nth(0).click()
+    expect(page.locator("#page h1")).to_have_text("Classify with ticket-router")
+    page.get_by_label("Texts, one per line").fill("I was charged twice")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator(".scenario-result [role=alert]")).to_contain_text("ticket-router")
+    page.get_by_text("← All scenarios").click()
+    page.get_by_role("link", name="Classify with shelf-photos").click()
+    expect(page.locator("#page h1")).to_have_text("Classify with shelf-photos")
+    expect(page.get_by_label("Photo (JPEG, PNG or WebP)")).to_be_visible()
