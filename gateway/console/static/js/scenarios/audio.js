@@ -273,7 +273,8 @@ export function synthesize(root) {
     controls: [field("Text to read", text), field("Voice", voice)],
     onAbort(ctx) {
       if (player) player.stop();
-      ctx.result.querySelector(".tts-status").textContent = "Stopped.";
+      const status = ctx.result.querySelector(".tts-status");
+      if (status) status.textContent = "Stopped.";
     },
     async run(ctx) {
       const words = text.value.trim();
