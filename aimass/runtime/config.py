@@ -572,8 +572,9 @@ class ConsoleConfig(BaseModel):
     public_rest: str = ""
     # Largest dataset upload through the console (streamed to DatasetService in chunks, never held whole).
     max_dataset_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(256 << 20)
-    # On SIGTERM, requests in flight (live views and streams too) get this long to finish.
-    drain_grace_s: PositiveFloat = 10.0
+    # On SIGTERM, requests in flight (chat streams too) get this long to finish; live views (WatchCluster,
+    # WatchTraining) are cut then, and the pages reconnect.
+    drain_grace_s: PositiveFloat = 30.0
 
 
 class Settings(BaseSettings):
