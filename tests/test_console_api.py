@@ -291,3 +291,11 @@ def test_sigterm_lets_streams_in_flight_finish(front_door_mesh: LocalMesh, admin
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_no_key_lands_in_a_log(front_door_mesh: LocalMesh, viewer: dict[str, str]) -> None:
+    """After every call above (good keys, bad keys, streams, uploads): no key's secret in any process's log."""
+    log = front_door_mesh.log_text()
+    for key in (front_door_mesh.api_key, viewer["authorization"].removeprefix("Bearer ")):
+        secret = key.rsplit("_", 1)[1]
+        assert secret not in log
