@@ -18,8 +18,13 @@ from PIL import Image, ImageDraw, ImageFont
 from playwright.sync_api import Page, expect
 from skimage import data as skimage_data
 
+from aimass.datasets.samples import TICKET_LABELS, tickets_csv
 from aimass.local_mesh import LocalMesh
+from aimass.tenancy import keys
+from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc
 from tests.console_browser import Watched, browser, playwright, sign_in, watched  # noqa: F401
+from tests.security import key_for
+from tests.test_lifecycle_e2e import train, upload
 
 pytestmark = pytest.mark.slow
 
@@ -463,3 +468,37 @@ def test_each_own_model_gets_a_tile_and_a_view(watched: Watched, front_door_mesh
     page.get_by_role("link", name="Classify with shelf-photos").click()
     expect(page.locator("#page h1")).to_have_text("Classify with shelf-photos")
     expect(page.get_by_label("Photo (JPEG, PNG or WebP)")).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def own_model(front_door_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tenant's key whose tenant has trained and deployed a small text classifier, "scenario-router" (seconds on
+    a CPU), through the public API."""
+    key = key_for("console-scenarios", (keys.SCOPE_INFER, keys.SCOPE_MODELS_TRAIN))
+    csv = tickets_csv(tmp_path_factory.mktemp("tickets") / "tickets.csv", rows=400, seed=3)
+    with front_door_mesh.channel(key) as channel:
+        upload(channel, csv, "scenario-tickets", datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION)
+        train(channel, "scenario-tickets", "scenario-router")
+        deployments_pb2_grpc.DeploymentServiceStub(channel).DeployModel(
+            deployments_pb2.DeployModelRequest(model=common_pb2.ModelRef(name="scenario-router", version="1")),
+            timeout=60,
+        )
+    return key
+
+
+def test_a_trained_model_classifies_from_its_tile(
+    watched: Watched,  # noqa: F811
+    front_door_mesh: LocalMesh,
+    own_model: str,
+) -> None:
+    page = watched.page
+    sign_in(page, front_door_mesh, own_model)
+    tile = page.get_by_role("link", name="Classify with scenario-router")
+    expect(tile).to_contain_text("NlpService/Classify")
+    tile.click()
+    expect(page.locator("#page h1")).to_have_text("Classify with scenario-router")
+    page.get_by_label("Texts, one per line").fill("I was charged twice for my subscription this month")
+    run(page)
+    expect(page.locator(".result-body tbody tr").first.locator(".best-label")).to_have_text("billing")
+    expect(page.locator(".result-body tbody tr").first.locator("ul.scores li")).to_have_count(len(TICKET_LABELS))
+    assert own_model not in page.url
