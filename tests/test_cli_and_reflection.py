@@ -153,6 +153,7 @@ def test_up_printed_where_everything_listens(mesh: LocalMesh) -> None:
     log = mesh.log_text()
     assert f"aimass is up. Gateway (the one front door): {mesh.gateway}" in log
     assert f"OpenAI-compatible REST (same API keys): {mesh.rest_url}" in log
+    assert f"Web console (sign in with an API key): {mesh.console_url}" in log
     assert f"readable only by you): {mesh.settings().admin_key_file}" in log  # where the admin key is
     assert "loading model 1/3: all-MiniLM-L6-v2" in log  # progress while models load
     # Requests are access-logged; the reports every process sends the scheduler each second are only metered (an
