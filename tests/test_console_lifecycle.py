@@ -131,21 +131,23 @@ def api(page: Page, path: str, body: dict[str, Any], key: str | None = None) -> 
     return answer
 
 
+def upload_over_grpc(channel: grpc.Channel, name: str) -> None:
+    data = tickets_csv()
+    header = datasets_pb2.UploadDatasetHeader(
+        name=name, task=datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION, size_bytes=len(data)
+    )
+    datasets_pb2_grpc.DatasetServiceStub(channel).UploadDataset(
+        iter([datasets_pb2.UploadDatasetRequest(header=header), datasets_pb2.UploadDatasetRequest(chunk=data)]),
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="module")
 def private_dataset(front_door_mesh: LocalMesh) -> Iterator[str]:
     """A dataset of the admin tenant (uploaded over gRPC), that other tenants must not see."""
-    data = tickets_csv()
-    header = datasets_pb2.UploadDatasetHeader(
-        name=PRIVATE_DATASET,
-        task=datasets_pb2.TRAINING_TASK_TEXT_CLASSIFICATION,
-        size_bytes=len(data),
-    )
     with front_door_mesh.channel() as channel:
+        upload_over_grpc(channel, PRIVATE_DATASET)
         stub = datasets_pb2_grpc.DatasetServiceStub(channel)
-        stub.UploadDataset(
-            iter([datasets_pb2.UploadDatasetRequest(header=header), datasets_pb2.UploadDatasetRequest(chunk=data)]),
-            timeout=60,
-        )
         yield PRIVATE_DATASET
         with contextlib.suppress(grpc.RpcError):
             stub.DeleteDataset(
@@ -331,6 +333,38 @@ def test_a_viewer_key_sees_no_admin_controls_or_other_tenants_data(
         trainer,
     )
     assert hidden["status"] == 404, hidden
+
+
+def test_a_dataset_is_shared_read_only_then_deleted(
+    front_door_mesh: LocalMesh,
+    watched: Watched,  # noqa: F811
+) -> None:
+    name = "console-shared"
+    other = key_for("console-partner", (keys.SCOPE_INFER, keys.SCOPE_MODELS_TRAIN))
+    with front_door_mesh.channel() as channel:
+        upload_over_grpc(channel, name)
+    watched.expected_statuses.add(404)
+    page = watched.page
+    accept_dialogs(page)
+    signed_in(page, front_door_mesh)
+    open_section(page, "data", "Data")
+    page.get_by_role("button", name=f"Describe {name}").click()
+    detail = page.locator("section[aria-labelledby=dataset-detail-heading]")
+    expect(detail).to_contain_text("Not shared with any other tenant.")
+    detail.get_by_label("Tenant", exact=True).fill("console-partner")
+    detail.get_by_role("button", name="Share read-only").click()
+    expect(detail).to_contain_text("Shared read-only with: console-partner.")
+    ref = {"dataset": {"name": name, "owner": "admin"}}
+    seen = api(page, "/api/rpc/DatasetService/DescribeDataset", ref, other)
+    assert seen["status"] == 200 and seen["body"]["dataset"]["shared_with"] == [], seen
+    detail.get_by_role("button", name="Stop sharing with console-partner").click()
+    expect(detail).to_contain_text("Not shared with any other tenant.")
+    assert api(page, "/api/rpc/DatasetService/DescribeDataset", ref, other)["status"] == 404
+    detail.get_by_role("button", name="Delete every version").click()
+    expect(detail).to_be_hidden()
+    listing = page.locator("section[aria-labelledby=datasets-heading]")
+    expect(listing.get_by_role("button", name=f"Describe {name}")).to_have_count(0)
+    assert api(page, "/api/rpc/DatasetService/DescribeDataset", ref)["status"] == 404
 
 
 def test_a_key_is_shown_once_works_and_is_refused_once_revoked(

@@ -17,6 +17,7 @@ function svg(tag, attrs, ...children) {
 
 function tidy(value) {
   if (!Number.isFinite(value)) return "–";
+  if (Number.isInteger(value)) return String(value);
   const abs = Math.abs(value);
   if (abs >= 100) return value.toFixed(0);
   if (abs >= 10) return value.toFixed(1);
@@ -92,7 +93,7 @@ export function lineChart(options = {}) {
         plot.append(svg("circle", { cx: px(lx), cy: py(ly), r: 3, fill: color }));
         latest.push(`${s.name} ${format(ly)}`);
       }
-      const lx = pad.left + 8 + index * 150;
+      const lx = width - pad.right - (series.length - index) * 130;
       legend.append(
         svg("rect", { x: lx, y: 2, width: 10, height: 10, fill: color }),
         svg("text", { x: lx + 14, y: 11, "font-size": 11, fill: "#1c2230" }, s.name),
