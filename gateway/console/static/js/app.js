@@ -14,6 +14,7 @@ export const SECTIONS = [
 ];
 
 let cleanup = null;
+let routes = 0;
 
 async function signIn(key) {
   setKey(key);
@@ -70,12 +71,16 @@ async function route() {
     }
     cleanup = null;
   }
-  const root = document.getElementById("page");
-  root.hidden = false;
-  root.replaceChildren();
+  // Each route renders into a view of its own: when the address changes again while a page still loads, the stale
+  // page goes on filling a view no longer on screen, and its cleanup runs as soon as its render returns.
+  const mine = ++routes;
+  const view = el("div", { class: "view" });
+  const page = document.getElementById("page");
+  page.hidden = false;
+  page.replaceChildren(view);
   document.title = `${section.title} · aimass console`;
   if (!hasScope(section.scope)) {
-    root.append(
+    view.append(
       el("h1", {}, section.title),
       el("p", { class: "error", role: "alert" }, `This key lacks the ${section.scope} scope this section needs.`),
     );
@@ -83,9 +88,14 @@ async function route() {
   }
   try {
     const module = await import(`./pages/${section.id}.js`);
-    cleanup = (await module.page.render(root, { args: rest })) || null;
+    const teardown = mine === routes ? (await module.page.render(view, { args: rest })) || null : null;
+    if (mine !== routes) {
+      if (teardown) teardown();
+      return;
+    }
+    cleanup = teardown;
   } catch (error) {
-    showError(root, error);
+    if (mine === routes) showError(view, error);
   }
   document.getElementById("main").focus({ preventScroll: true });
 }
