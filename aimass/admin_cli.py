@@ -124,11 +124,34 @@ def add_commands(commands: Any) -> None:
             sub.add_argument("--force", action="store_true", help="issue anew even if the current one is good")
 
 
-def _client(args: argparse.Namespace) -> Client:
+def gateway_client(args: argparse.Namespace, *, timeout_s: float | None = 30.0) -> Client:
+    """The client every key-based command calls the gateway with: --gateway (default 127.0.0.1:gateway.server.port),
+    --api-key (default $AIMASS_API_KEY, else the admin key file), --ca-file; 2 tries where the retry policy allows.
+    ``timeout_s``: the default deadline per call (None: none, for streams that run until Ctrl-C)."""
     settings = load_settings()
     target = args.gateway or f"127.0.0.1:{settings.gateway.server.port}"
     root = args.ca_file.read_bytes() if args.ca_file is not None else None
-    return Client(target, api_key=args.api_key, root_certificates=root, max_attempts=2)
+    return Client(target, api_key=args.api_key, root_certificates=root, max_attempts=2, timeout_s=timeout_s)
+
+
+def rpc_error_line(err: grpc.RpcError, target: str = "") -> str:
+    """One line for a refused or failed call: the status name, the mesh's reason and its message (and, when the
+    gateway at ``target`` does not answer, where to look)."""
+    info = error_info(err)
+    code = err.code().name if isinstance(err, grpc.Call) else "ERROR"
+    details = err.details() if isinstance(err, grpc.Call) else str(err)
+    reason = f" ({info.reason})" if info is not None and info.reason and info.reason != code else ""
+    where = f" (gateway {target}: is the mesh up? see `aimass status`)" if code == "UNAVAILABLE" and target else ""
+    return f"{code}{reason}: {details}{where}"
+
+
+def size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, 3.2 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def _limits(limits: admin_pb2.TenantLimits) -> list[str]:
@@ -278,15 +301,11 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "init":
             print(_init())
             return 0
-        with _client(args) as client:
+        with gateway_client(args) as client:
             print(COMMANDS[args.command](client, args))
         return 0
     except grpc.RpcError as err:
-        info = error_info(err)
-        code = err.code().name if isinstance(err, grpc.Call) else "ERROR"
-        details = err.details() if isinstance(err, grpc.Call) else str(err)
-        reason = f" ({info.reason})" if info is not None and info.reason else ""
-        print(f"{code}{reason}: {details}", file=sys.stderr)
+        print(rpc_error_line(err), file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

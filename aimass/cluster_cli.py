@@ -19,9 +19,8 @@ from typing import Any, Final
 import grpc
 from google.protobuf import json_format
 
-from aimass.admin_cli import table
-from aimass.client import Client, error_info
-from aimass.runtime.config import load_settings
+from aimass.admin_cli import gateway_client, rpc_error_line, size, table
+from aimass.client import Client
 from aimass.v1 import cluster_pb2, common_pb2, scheduler_pb2
 
 COMMAND: Final = "cluster"
@@ -41,16 +40,6 @@ def add_commands(commands: Any) -> None:
     )
     parser.add_argument("--json", action="store_true", help="proto3 JSON (field names as in cluster.proto)")
     parser.add_argument("--model", default="", help="only the replicas holding this model")
-
-
-def size(n_bytes: int) -> str:
-    """Bytes for people: 1.5 GiB, 312 MiB."""
-    value = float(n_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit in ("B", "KiB", "MiB") else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def limit(value: float) -> str:
@@ -176,14 +165,6 @@ def render(cluster: cluster_pb2.ClusterStatus) -> str:
     )
 
 
-def _client(args: argparse.Namespace) -> Client:
-    settings = load_settings()
-    target = args.gateway or f"127.0.0.1:{settings.gateway.server.port}"
-    root = args.ca_file.read_bytes() if args.ca_file is not None else None
-    # No default deadline: --watch runs until Ctrl-C.
-    return Client(target, api_key=args.api_key, root_certificates=root, max_attempts=2, timeout_s=None)
-
-
 def _snapshots(client: Client, args: argparse.Namespace) -> Iterator[cluster_pb2.ClusterStatus]:
     if not args.watch:
         yield client.cluster.get_cluster(model=args.model, timeout_s=30).cluster
@@ -204,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     """Prints the snapshot (or each, with --watch); errors print one line and exit 1, Ctrl-C exits 0."""
     clear = args.watch and not args.json and sys.stdout.isatty()
     try:
-        with _client(args) as client:
+        # No default deadline: --watch runs until Ctrl-C.
+        with gateway_client(args, timeout_s=None) as client:
             for cluster in _snapshots(client, args):
                 print((CLEAR_SCREEN if clear else "") + _shown(cluster, args), flush=True)
                 if args.watch and not args.json and not clear:
@@ -213,11 +195,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except grpc.RpcError as err:
-        info = error_info(err)
-        code = err.code().name if isinstance(err, grpc.Call) else "ERROR"
-        details = err.details() if isinstance(err, grpc.Call) else str(err)
-        reason = f" ({info.reason})" if info is not None and info.reason else ""
-        print(f"{code}{reason}: {details}", file=sys.stderr)
+        print(rpc_error_line(err), file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -29,10 +29,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from aimass.admin_cli import seconds, table, when
-from aimass.client import Client, error_info
+from aimass.admin_cli import gateway_client, rpc_error_line, seconds, size, table, when
+from aimass.client import Client
 from aimass.client.shortcuts import CHUNK_BYTES, FORMATS, TASKS, file_sha256, upload_requests
-from aimass.runtime.config import load_settings
 from aimass.v1 import (
     common_pb2,
     datasets_pb2,
@@ -87,15 +86,6 @@ class CommandError(Exception):
 
 
 # -- formatting -----------------------------------------------------------------------------------------------------
-
-
-def size(n: float) -> str:
-    """Bytes for people: 512 B, 1.5 KiB, 3.2 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def duration(seconds: float) -> str:
@@ -282,11 +272,8 @@ class Stubs:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    settings = load_settings()
-    target = args.gateway or f"127.0.0.1:{settings.gateway.server.port}"
-    root = args.ca_file.read_bytes() if args.ca_file is not None else None
-    # Deadlines are set per call (streams have none); 2 tries for the public services the retry policy covers.
-    return Client(target, api_key=args.api_key, root_certificates=root, max_attempts=2, timeout_s=None)
+    # Deadlines are set per call (streams have none).
+    return gateway_client(args, timeout_s=None)
 
 
 def _connected(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1091,12 +1078,7 @@ def run(args: argparse.Namespace) -> int:
             target = client.target
             return COMMANDS[args.command](Stubs(client), args)
     except grpc.RpcError as err:
-        info = error_info(err)
-        code = err.code().name if isinstance(err, grpc.Call) else "ERROR"
-        details = err.details() if isinstance(err, grpc.Call) else str(err)
-        reason = f" ({info.reason})" if info is not None and info.reason and info.reason != code else ""
-        where = f" (gateway {target}: is the mesh up? see `aimass status`)" if code == "UNAVAILABLE" else ""
-        print(f"{code}{reason}: {details}{where}", file=sys.stderr)
+        print(rpc_error_line(err, target), file=sys.stderr)
         return 1
     except (CommandError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

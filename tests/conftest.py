@@ -20,6 +20,9 @@ SESSION_STATE = prepare_session_state()
 from aimass.local_mesh import LocalMesh  # noqa: E402  (after the session's state directory is set)
 from services.nlp.engine import NlpEngine  # noqa: E402
 
+# The console's browser fixtures (one Playwright driver and one Chromium per module that uses them).
+from tests.console_browser import browser, playwright, watched  # noqa: E402, F401
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MESH_START_TIMEOUT_S = 240.0

@@ -1,5 +1,5 @@
 """The console's browser tests' shared parts: Debian's Chromium driven by Playwright (never `playwright install`: it
-downloads browsers), one browser per session, a fresh context per test that records every request leaving 127.0.0.1
+downloads browsers), one browser per module, a fresh context per test that records every request leaving 127.0.0.1
 and every error the page logs, and signing in as a user would."""
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ class Watched:
         assert not self.errors, f"errors in the browser's console: {self.errors}"
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright's sync driver runs, its event loop is the main thread's running
+# loop, and every async test after it (pytest-asyncio) would fail to start its own.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as driver:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     if not shutil.which(CHROMIUM) and not CHROMIUM.startswith("/"):
         pytest.fail("chromium is not installed (make install puts Debian's chromium package in)")

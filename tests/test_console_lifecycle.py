@@ -22,7 +22,7 @@ from playwright.sync_api import Dialog, Page, expect
 from aimass.local_mesh import LocalMesh
 from aimass.tenancy import keys
 from aimass.v1 import datasets_pb2, datasets_pb2_grpc
-from tests.console_browser import Watched, browser, playwright, sign_in, watched  # noqa: F401
+from tests.console_browser import Watched, sign_in
 from tests.security import key_for
 
 DATASET = "console-tickets"
@@ -169,7 +169,7 @@ def model_card(page: Page) -> Any:
 
 def test_upload_train_deploy_canary_and_export(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
 ) -> None:
     page = watched.page
     accept_dialogs(page)
@@ -296,7 +296,7 @@ def classify_in_scenarios(page: Page) -> None:
 
 def test_a_viewer_key_sees_no_admin_controls_or_other_tenants_data(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     private_dataset: str,
 ) -> None:
     viewer = key_for("console-viewer", (keys.SCOPE_INFER,))
@@ -337,7 +337,7 @@ def test_a_viewer_key_sees_no_admin_controls_or_other_tenants_data(
 
 def test_a_dataset_is_shared_read_only_then_deleted(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
 ) -> None:
     name = "console-shared"
     other = key_for("console-partner", (keys.SCOPE_INFER, keys.SCOPE_MODELS_TRAIN))
@@ -369,7 +369,7 @@ def test_a_dataset_is_shared_read_only_then_deleted(
 
 def test_a_key_is_shown_once_works_and_is_refused_once_revoked(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
 ) -> None:
     watched.expected_statuses.add(401)
     page = watched.page
@@ -420,7 +420,7 @@ def test_a_key_is_shown_once_works_and_is_refused_once_revoked(
 
 def test_models_page_shows_where_models_are_loaded(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
 ) -> None:
     page = watched.page
     signed_in(page, front_door_mesh)
@@ -440,7 +440,7 @@ def test_models_page_shows_where_models_are_loaded(
 
 def test_cluster_page_shows_devices_replicas_and_quotas_live(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
 ) -> None:
     page = watched.page
     signed_in(page, front_door_mesh)
@@ -465,7 +465,7 @@ def test_cluster_page_shows_devices_replicas_and_quotas_live(
 )
 def test_every_page_loads_cleanly_on_a_laptop_screen(
     front_door_mesh: LocalMesh,
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     section: str,
     heading: str,
 ) -> None:

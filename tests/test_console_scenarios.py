@@ -8,7 +8,6 @@ chat streamed and stopped; the code samples under a result. Every page must stay
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from aimass.datasets.samples import TICKET_LABELS, tickets_csv
 from aimass.local_mesh import LocalMesh
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2, datasets_pb2, deployments_pb2, deployments_pb2_grpc
-from tests.console_browser import Watched, browser, playwright, sign_in, watched  # noqa: F401
+from tests.console_browser import Watched, sign_in
 from tests.security import key_for
 from tests.test_lifecycle_e2e import train, upload
 
@@ -90,7 +89,7 @@ def result(page: Page) -> str:
 
 
 def test_sign_in_shows_the_gallery_and_keeps_the_key_out_of_urls(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -135,7 +134,7 @@ def test_sign_in_shows_the_gallery_and_keeps_the_key_out_of_urls(
 
 
 def test_a_wrong_key_is_refused_with_a_message(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     watched.expected_statuses.add(401)
@@ -156,7 +155,7 @@ def test_a_wrong_key_is_refused_with_a_message(
 
 
 def test_sentiment_and_its_code_samples(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -180,7 +179,7 @@ def test_sentiment_and_its_code_samples(
 
 
 def test_empty_input_is_a_readable_message(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -192,7 +191,7 @@ def test_empty_input_is_a_readable_message(
 
 
 def test_entities_are_highlighted_and_listed(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -206,7 +205,7 @@ def test_entities_are_highlighted_and_listed(
 
 
 def test_the_embedding_map_draws_a_point_per_text(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -223,7 +222,7 @@ def test_the_embedding_map_draws_a_point_per_text(
 
 
 def test_zero_shot_sorts_a_text_under_my_label(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -239,7 +238,7 @@ def test_zero_shot_sorts_a_text_under_my_label(
 
 
 def test_a_cat_photo_is_labelled_a_cat(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     inputs: dict[str, Path],
 ) -> None:
@@ -254,7 +253,7 @@ def test_a_cat_photo_is_labelled_a_cat(
 
 
 def test_a_face_gets_a_box(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     inputs: dict[str, Path],
 ) -> None:
@@ -282,7 +281,7 @@ def test_a_face_gets_a_box(
 
 
 def test_text_in_a_picture_is_read(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     inputs: dict[str, Path],
 ) -> None:
@@ -296,7 +295,7 @@ def test_text_in_a_picture_is_read(
 
 
 def test_a_file_that_is_not_a_photo_is_refused_readably(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     inputs: dict[str, Path],
 ) -> None:
@@ -316,7 +315,7 @@ def test_a_file_that_is_not_a_photo_is_refused_readably(
 
 
 def test_an_uploaded_recording_is_transcribed(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     inputs: dict[str, Path],
 ) -> None:
@@ -331,7 +330,7 @@ def test_an_uploaded_recording_is_transcribed(
 
 
 def test_a_microphone_recording_is_sent(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -351,7 +350,7 @@ def test_a_microphone_recording_is_sent(
 
 
 def test_read_aloud_streams_and_plays_audio(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -381,7 +380,7 @@ WATCH_REPLY = """() => {
 
 
 def test_chat_streams_and_stop_cuts_the_reply(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
 ) -> None:
     page = watched.page
@@ -421,54 +420,6 @@ def test_chat_streams_and_stop_cuts_the_reply(
 
 # -- the tenant's own models -------------------------------------------------------------------------------------
 
-OWN_MODELS = {
-    "models": [
-        {"name": "all-MiniLM-L6-v2", "modality": "MODALITY_TEXT", "owner": "", "description": "the mesh's own"},
-        {
-            "name": "ticket-router",
-            "modality": "MODALITY_TEXT",
-            "owner": "admin",
-            "description": "Routes support tickets.",
-            "services": ["aimass.v1.NlpService"],
-            "custom": {"name": "ticket-router"},
-        },
-        {
-            "name": "shelf-photos",
-            "modality": "MODALITY_VISION",
-            "owner": "admin",
-            "description": "",
-            "services": ["aimass.v1.VisionService"],
-            "custom": {"name": "shelf-photos"},
-        },
-    ]
-}
-
-
-def test_each_own_model_gets_a_tile_and_a_view(watched: Watched, front_door_mesh: LocalMesh) -> None:  # noqa: F811
-    """The catalogue answer is stood in for (training one is test_console_lifecycle's work); the call to the model is
-    real, so a model the mesh does not serve is a readable refusal."""
-    watched.expected_statuses.add(404)
-    page = watched.page
-    page.route(
-        "**/api/rpc/ModelService/ListModels",
-        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(OWN_MODELS)),
-    )
-    sign_in(page, front_door_mesh)
-    own = page.locator(".custom-models a.tile")
-    expect(own).to_have_count(2)
-    expect(own.nth(0)).to_contain_text("Classify with ticket-router")
-    expect(own.nth(0)).to_contain_text("NlpService/Classify")
-    expect(own.nth(1)).to_contain_text("VisionService/Classify")
-    own.nth(0).click()
-    expect(page.locator("#page h1")).to_have_text("Classify with ticket-router")
-    page.get_by_label("Texts, one per line").fill("I was charged twice")
-    page.get_by_role("button", name="Run").click()
-    expect(page.locator(".scenario-result [role=alert]")).to_contain_text("ticket-router")
-    page.get_by_text("← All scenarios").click()
-    page.get_by_role("link", name="Classify with shelf-photos").click()
-    expect(page.locator("#page h1")).to_have_text("Classify with shelf-photos")
-    expect(page.get_by_label("Photo (JPEG, PNG or WebP)")).to_be_visible()
-
 
 @pytest.fixture(scope="module")
 def own_model(front_door_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -487,7 +438,7 @@ def own_model(front_door_mesh: LocalMesh, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_a_trained_model_classifies_from_its_tile(
-    watched: Watched,  # noqa: F811
+    watched: Watched,
     front_door_mesh: LocalMesh,
     own_model: str,
 ) -> None:

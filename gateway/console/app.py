@@ -20,7 +20,7 @@ from typing import Any, Final
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from aimass import __version__
 from aimass.runtime import tracing
@@ -29,8 +29,8 @@ from aimass.runtime.identity import ROLE_CONSOLE
 from aimass.runtime.logs import configure_logging
 from gateway.console import rpc, transfers
 from gateway.rest import errors
-from gateway.rest.app import RequestIdHeader, healthz, include_routers, uvicorn_config
-from gateway.rest.middleware import BodyLimit, Traced
+from gateway.rest.app import healthz, include_routers, uvicorn_config
+from gateway.rest.middleware import BodyLimit, Headers, ResponseHeaders, Traced, request_id_header
 from gateway.rest.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -49,23 +49,9 @@ SECURITY_HEADERS: Final = (
 )
 
 
-class SecurityHeaders:
+def security_headers(scope: Scope) -> Headers:
     """The console's pages may load and call nothing but this origin (the CSP), and never be framed."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(event: Message) -> None:
-            if event["type"] == "http.response.start":
-                event["headers"] = [*event.get("headers", []), *SECURITY_HEADERS]
-            await send(event)
-
-        await self.app(scope, receive, with_headers)
+    return SECURITY_HEADERS
 
 
 def info(settings: Settings) -> dict[str, Any]:
@@ -99,7 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
     include_routers(app)
     # Last: the pages (index.html at /).
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
-    app.add_middleware(RequestIdHeader)
+    app.add_middleware(ResponseHeaders, headers_for=request_id_header)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=int(settings.rest.max_body_bytes),
@@ -109,7 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     tracer = tracing.tracer()
     if tracer is not None:
         app.add_middleware(Traced, tracer=tracer)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(ResponseHeaders, headers_for=security_headers)
     return app
 
 

@@ -23,7 +23,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aimass import __version__
 from aimass.runtime import tracing
@@ -32,7 +31,7 @@ from aimass.runtime.logs import configure_logging
 from gateway.rest import errors
 from gateway.rest.errors import OpenAIError
 from gateway.rest.metrics import Metered, upstream_error
-from gateway.rest.middleware import BodyLimit, Traced
+from gateway.rest.middleware import BodyLimit, ResponseHeaders, Traced, request_id_header
 from gateway.rest.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -46,28 +45,6 @@ ROUTERS: Final = (
     "gateway.rest.extras",
 )
 HEALTH_TIMEOUT_S: Final = 2.0
-
-
-class RequestIdHeader:
-    """Echoes the request id (the caller's X-Request-Id, or the one made for it) on every response."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_id(event: Message) -> None:
-            if event["type"] == "http.response.start":
-                state = scope.get("state") or {}
-                known = state.get("request_id")
-                if known:
-                    event["headers"] = [*event.get("headers", []), (b"x-request-id", known.encode())]
-            await send(event)
-
-        await self.app(scope, receive, with_id)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -120,7 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_api_route("/healthz", healthz, include_in_schema=False)
     include_routers(app)
-    app.add_middleware(RequestIdHeader)
+    app.add_middleware(ResponseHeaders, headers_for=request_id_header)
     app.add_middleware(
         BodyLimit,
         max_body_bytes=int(settings.rest.max_body_bytes),

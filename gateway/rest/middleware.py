@@ -4,6 +4,7 @@ untouched."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry import propagate
@@ -13,6 +14,35 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.rest.errors import OpenAIError
 from gateway.rest.metrics import REFUSED_BYTES_KEY
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class ResponseHeaders:
+    """Adds ``headers_for(scope)`` to every HTTP response (called as the response starts, when the request's state
+    is filled in)."""
+
+    def __init__(self, app: ASGIApp, headers_for: Callable[[Scope], Headers]) -> None:
+        self.app = app
+        self.headers_for = headers_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(event: Message) -> None:
+            if event["type"] == "http.response.start":
+                event["headers"] = [*event.get("headers", []), *self.headers_for(scope)]
+            await send(event)
+
+        await self.app(scope, receive, with_headers)
+
+
+def request_id_header(scope: Scope) -> Headers:
+    """The request id (the caller's X-Request-Id, or the one made for it), echoed on every response."""
+    known = (scope.get("state") or {}).get("request_id")
+    return [(b"x-request-id", known.encode())] if known else []
 
 
 class BodyTooLarge(HTTPException):
