@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from playwright.sync_api import ConsoleMessage, Page, ViewportSize, expect, sync_playwright
 from skimage import data as skimage_data
 
+from aimass.datasets.samples import tickets_csv
 from aimass.local_mesh import LocalMesh
 from tests.console_browser import CHROMIUM, CHROMIUM_ARGS
 
@@ -30,7 +31,7 @@ SECTIONS = ("data", "train", "models", "cluster", "keys")
 
 
 def sample_files(folder: Path) -> dict[str, Path]:
-    """A face photo and a picture with text, to show results on."""
+    """A face photo, a picture with text and a labelled CSV of support tickets, to show results on."""
     files = {"astronaut": folder / "astronaut.jpg", "text": folder / "text.png"}
     photo = skimage_data.astronaut()  # type: ignore[no-untyped-call]
     Image.fromarray(photo).save(files["astronaut"], "JPEG", quality=90)
@@ -40,6 +41,7 @@ def sample_files(folder: Path) -> dict[str, Path]:
     for row, line in enumerate(["Hello aimass vision", "Invoice 2026 total 42"]):
         draw.text((40, 40 + 110 * row), line, fill="black", font=font)
     picture.save(files["text"], "PNG")
+    files["tickets"] = tickets_csv(folder / "tickets.csv", rows=300, seed=5)
     return files
 
 
@@ -111,9 +113,29 @@ def capture(console: str, key: str, out: Path) -> list[Path]:
                 except Exception as err:  # a screenshot of what is there beats none
                     print(f"  {scenario}: {err}", file=sys.stderr)
                 shot(f"scenario-{scenario}")
+            # Data and Train with something in them: a dataset uploaded through the Data page, a model trained on
+            # it through the Train page (its live loss, evaluation and confusion matrix), deployed.
+            try:
+                open_hash(page, console, "data")
+                page.get_by_label("File").set_input_files(files["tickets"])
+                page.get_by_label("Dataset name").fill("support-tickets")
+                page.get_by_role("button", name="Upload", exact=True).click()
+                page.get_by_text("Done: version").wait_for(timeout=CALL_TIMEOUT_MS)
+                shot("data-uploaded")
+                open_hash(page, console, "train")
+                page.get_by_label("Dataset", exact=True).select_option("admin/support-tickets")
+                page.get_by_label("Model name").fill("ticket-router")
+                page.get_by_role("button", name="Start training").click()
+                page.get_by_text("Done: ticket-router version 1.").wait_for(timeout=CALL_TIMEOUT_MS)
+                page.locator('[data-model="ticket-router"]').get_by_role("button", name="Deploy", exact=True).click()
+                time.sleep(2)
+                shot("train-evaluated")
+            except Exception as err:  # a screenshot of what is there beats none
+                print(f"  data/train: {err}", file=sys.stderr)
             for section in SECTIONS:
                 open_hash(page, console, section)
-                shot(section, settle_s=1.5)
+                # The cluster's charts draw a point per snapshot (every 2 s): a few make a line.
+                shot(section, settle_s=10.0 if section == "cluster" else 1.5)
         finally:
             browser.close()
     return saved

@@ -205,7 +205,9 @@ def test_upload_train_deploy_canary_and_export(
     wait_for_job(page, "1")
     points = page.get_by_test_id("loss-chart").locator("path.series")
     expect(points).to_have_count(1)
-    assert int(points.get_attribute("data-points") or 0) >= 1
+    # The whole curve: a point for every epoch, though the job's updates came at most every so often.
+    epochs = re.search(r"epoch (\d+) of \1\b", page.get_by_text(re.compile(r"epoch \d+ of \d+")).inner_text())
+    assert epochs is not None and int(points.get_attribute("data-points") or 0) == int(epochs.group(1)) > 1
     evaluation = page.get_by_test_id("evaluation")
     expect(evaluation).to_contain_text("Accuracy")
     expect(evaluation).to_contain_text("Macro F1")

@@ -113,6 +113,8 @@ def train(channel: grpc.Channel, dataset: str, model: str, **hyper: float) -> tr
     assert progress == sorted(progress), "progress never goes back"
     assert {"training", "evaluating"} <= {j.stage for j in seen}, [j.stage for j in seen]
     assert max(j.epoch for j in seen) == final.hyperparameters.epochs
+    # The finished job keeps its whole loss curve, one point per epoch.
+    assert len(final.epoch_losses) == final.hyperparameters.epochs and final.epoch_losses[-1] == final.loss
     return final
 
 

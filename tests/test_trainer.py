@@ -211,6 +211,10 @@ async def test_a_job_streams_its_progress_and_ends_with_a_stored_evaluated_model
     # After training, every update keeps the last epoch and its loss.
     after = updates[seen.index("evaluating") :]
     assert all(u.epoch == 40 and u.loss == after[0].loss > 0 for u in after)
+    # Every update carries the whole loss curve so far (one per epoch, the last the update's own loss), so a
+    # watcher that saw a few updates still has every epoch; the last has all 40.
+    assert all(len(u.epoch_losses) == u.epoch and (not u.epoch or u.epoch_losses[-1] == u.loss) for u in updates)
+    assert len(last.epoch_losses) == 40 and all(loss > 0 for loss in last.epoch_losses)
     assert all(u.eta_seconds >= 0 for u in progress)
     # At most about 4 updates a second, beside one per stage change.
     assert len(updates) <= 4 * duration + len(STAGES) + 2

@@ -249,6 +249,8 @@ class JobController:
             call = stub.RunJob(request, timeout=JOB_TIMEOUT_S)
             async for update in call:
                 heard = True
+                if update.epoch_losses:
+                    job.epoch_losses[:] = update.epoch_losses
                 if update.HasField("result"):
                     await self._succeeded(job, update.result)
                     outcome = (training_pb2.JOB_STATE_SUCCEEDED, "")
@@ -300,6 +302,7 @@ class JobController:
             )
             job.state, job.stage, job.error = training_pb2.JOB_STATE_QUEUED, "queued", f"{why}; queued again"
             job.progress, job.epoch, job.loss, job.eta_seconds = 0, 0, 0, 0
+            del job.epoch_losses[:]
         else:
             log.warning("job %s: %s; no tries left (%d)", job.job_id, why, job.attempt)
             job.state, job.stage = training_pb2.JOB_STATE_FAILED, "failed"

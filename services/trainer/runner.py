@@ -167,6 +167,8 @@ class JobProgress:
     # The last epoch done and its mean loss: kept in every update after it (evaluating, saving, the result).
     epoch: int = 0
     loss: float = 0.0
+    # Every epoch's mean loss so far (at most MAX_EPOCHS), sent whole with each update.
+    losses: list[float] = field(default_factory=list)
     _training_started: float = 0.0
 
     def check(self) -> None:
@@ -182,6 +184,7 @@ class JobProgress:
             epoch=self.epoch,
             loss=self.loss,
             eta_seconds=max(eta_seconds, 0.0),
+            epoch_losses=self.losses,
         )
         self.memory.sample()
         with contextlib.suppress(RuntimeError):  # the loop already closed (the process is stopping): nobody listens
@@ -197,6 +200,7 @@ class JobProgress:
         elapsed = time.monotonic() - self._training_started
         eta = elapsed / epoch * (self.epochs - epoch)
         self.epoch, self.loss = epoch, loss
+        self.losses.append(loss)
         self.report(STAGE_TRAINING, epoch / self.epochs, eta_seconds=eta)
 
 
@@ -375,7 +379,12 @@ async def run_job(
         result.peak_memory_bytes / 2**20,
     )
     yield lifecycle_pb2.RunJobResponse(
-        stage=STAGE_SAVING, progress=1.0, epoch=progress.epoch, loss=progress.loss, result=result
+        stage=STAGE_SAVING,
+        progress=1.0,
+        epoch=progress.epoch,
+        loss=progress.loss,
+        result=result,
+        epoch_losses=progress.losses,
     )
 
 

@@ -155,7 +155,13 @@ export const page = {
           Number(job.eta_seconds) > 0 && !FINISHED.has(job.state) ? `about ${Math.ceil(job.eta_seconds)} s left` : "",
           job.attempt > 1 ? `attempt ${job.attempt}` : "",
         ].filter(Boolean).join(" · ");
-        if (job.epoch > 0 && Number.isFinite(Number(job.loss)) && Number(job.loss) > 0) {
+        // The job carries every epoch's loss so far (its updates come at most every so often, so the last-epoch
+        // figure alone would skip epochs); a job recorded before that field existed still draws what it reports.
+        const curve = (job.epoch_losses || []).map((loss, i) => [i + 1, Number(loss)]);
+        if (curve.length) {
+          losses.splice(0, losses.length, ...curve);
+          chart.update([{ name: "training loss", points: losses }]);
+        } else if (job.epoch > 0 && Number.isFinite(Number(job.loss)) && Number(job.loss) > 0) {
           const last = losses[losses.length - 1];
           if (last && last[0] === job.epoch) last[1] = Number(job.loss);
           else losses.push([job.epoch, Number(job.loss)]);
