@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.v1 import (
     admin_pb2,
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 MINILM, SPACY, VADER = "all-MiniLM-L6-v2", "en_core_web_sm", "vader"
 LOADED = scheduler_pb2.PLACEMENT_STATE_LOADED
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,16 @@ def placements_until(
         time.sleep(0.1)
 
 
+def serving_through(gateway: grpc.Channel, service: str, timeout_s: float = 20.0) -> None:
+    """Until the gateway says ``service`` is SERVING (a replica of it is in its routing view)."""
+    health = health_pb2_grpc.HealthStub(gateway)
+    deadline = time.monotonic() + timeout_s
+    while health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status != SERVING:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the gateway never served {service} again")
+        time.sleep(0.1)
+
+
 def loaded(placements: dict[str, scheduler_pb2.Placement]) -> set[str]:
     return {name for name, p in placements.items() if p.state == LOADED}
 
@@ -95,6 +107,8 @@ def test_loading_over_the_budget_evicts_the_least_recently_used_idle_model(mesh:
         mesh.stop_process("scheduler")
         mesh.start_scheduler({"AIMASS_SCHEDULER__MODEL_BUDGETS__TEXT": str(budget)})
         placements_until(scheduler, lambda found: set(found) == loaded(found) == {MINILM, SPACY})
+        # The gateway routes by the new scheduler's view, which lists the replica once it has reported again.
+        serving_through(gateway, "aimass.v1.NlpService")
 
         # spaCy used, then MiniLM: spaCy is the least recently used once the reports carry both uses.
         nlp.Entities(nlp_pb2.EntitiesRequest(texts=["Ada Lovelace lived in London."]), timeout=30)
