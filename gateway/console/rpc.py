@@ -15,7 +15,7 @@ import pkgutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import grpc
 from fastapi import APIRouter, Depends, Request
@@ -30,6 +30,7 @@ from gateway.rest.errors import OpenAIError, sse_error
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, upstream
 
 router = APIRouter(prefix="/api")
+Reply = TypeVar("Reply", bound=Message)
 
 # Streams the console relays (live views: a training job, the cluster; chat tokens; synthesized audio).
 SSE_HEADERS: Final = {"cache-control": "no-store", "x-accel-buffering": "no"}
@@ -151,16 +152,21 @@ async def server_stream(
     call = up.channel.unary_stream(
         rpc.path, request_serializer=rpc.request.SerializeToString, response_deserializer=rpc.response.FromString
     )(message, metadata=call_metadata(request), timeout=call_timeout(request))
+    first, replies = await first_reply(call)
+    return StreamingResponse(_events(call, replies, first), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def first_reply(call: grpc.aio.UnaryStreamCall[Any, Reply]) -> tuple[Reply | None, AsyncIterator[Reply]]:
+    """A server stream's first message (None when it ended without one) and the rest. Awaited before the HTTP answer
+    starts, so a refusal (a bad key, bad input) becomes an HTTP error status; the call is cancelled if it fails."""
     replies = call.__aiter__()
     try:
-        # The first message (or the refusal) before answering: a bad key or bad input is an HTTP error status.
-        first: Message | None = await anext(replies)
+        return await anext(replies), replies
     except StopAsyncIteration:
-        first = None
+        return None, replies
     except BaseException:
         call.cancel()
         raise
-    return StreamingResponse(_events(call, replies, first), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _events(call: Any, replies: AsyncIterator[Message], first: Message | None) -> AsyncIterator[str]:

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 
 from aimass.runtime.config import Settings
 from aimass.v1 import datasets_pb2, datasets_pb2_grpc, deployments_pb2, deployments_pb2_grpc
-from gateway.console.rpc import as_json, find_rpc, parsed
+from gateway.console.rpc import as_json, find_rpc, first_reply, parsed
 from gateway.rest.errors import OpenAIError
 from gateway.rest.upstream import Upstream, call_metadata, call_timeout, request_meta, upstream
 
@@ -81,14 +81,9 @@ async def export_model(request: Request, up: Annotated[Upstream, Depends(upstrea
     call = deployments_pb2_grpc.DeploymentServiceStub(up.channel).ExportModel(
         message, metadata=call_metadata(request), timeout=call_timeout(request)
     )
-    chunks = call.__aiter__()
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        raise OpenAIError(502, "the export ended before its first chunk") from None
-    except BaseException:
-        call.cancel()
-        raise
+    first, chunks = await first_reply(call)
+    if first is None:
+        raise OpenAIError(502, "the export ended before its first chunk")
     filename = first.filename or "model.zip"
     headers = {"content-disposition": f"attachment; filename={json.dumps(filename)}", "cache-control": "no-store"}
     if first.total_bytes > 0:
