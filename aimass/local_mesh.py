@@ -178,34 +178,25 @@ class LocalMesh:
                 taken |= set(range(first, first + count))
                 arguments.append(f"--{kind}-port={first}")
             arguments.append(f"--{kind}-replicas={count}")
-        self.gateway_port = free_port()
-        while self.gateway_port in taken:
-            self.gateway_port = free_port()
-        self.scheduler_port = free_port()
-        while self.scheduler_port in taken | {self.gateway_port}:
-            self.scheduler_port = free_port()
-        self.rest_port = free_port()
-        while self.rest_port in taken | {self.gateway_port, self.scheduler_port}:
-            self.rest_port = free_port()
-        self.gateway_adapter_port = free_port()
-        while self.gateway_adapter_port in taken | {self.gateway_port, self.scheduler_port, self.rest_port}:
-            self.gateway_adapter_port = free_port()
-        self.console_port = free_port()
-        while self.console_port in taken | {
-            self.gateway_port,
-            self.scheduler_port,
-            self.rest_port,
-            self.gateway_adapter_port,
-        }:
-            self.console_port = free_port()
+
+        def another_port() -> int:
+            """A free port none of this mesh's others has taken."""
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            return port
+
+        self.gateway_port = another_port()
+        self.scheduler_port = another_port()
+        self.rest_port = another_port()
+        self.gateway_adapter_port = another_port()
+        self.console_port = another_port()
         # gateway, scheduler, node agent, then replicas, then the REST front door
         processes = 3 + sum(self.replicas.values()) + self.rest_enabled
         self.metrics_port = 0
         while self.metrics and (
-            not self.metrics_port
-            or taken & set(range(self.metrics_port, self.metrics_port + processes))
-            or {self.gateway_port, self.scheduler_port, self.rest_port, self.gateway_adapter_port, self.console_port}
-            & set(range(self.metrics_port, self.metrics_port + processes))
+            not self.metrics_port or taken & set(range(self.metrics_port, self.metrics_port + processes))
         ):
             self.metrics_port = consecutive_free_ports(processes)
         env = {**os.environ, "AIMASS_LOG_LEVEL": self.log_level, "AIMASS_STATE_DIR": str(self.state_dir), **self.env}
