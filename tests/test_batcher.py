@@ -168,6 +168,63 @@ async def test_lone_request_waits_at_most_about_the_delay(make: Factory) -> None
     assert engine.batches == [[7]]
 
 
+@pytest.mark.parametrize("slots", [1, 2])
+async def test_idle_batcher_runs_a_lone_request_without_waiting_for_the_delay(make: Factory, slots: int) -> None:
+    # Adaptive batching: nothing is executing, so the request goes at once, not 10 s later.
+    engine = Engine()
+    b = await make(engine, max_batch_size=32, max_queue_delay_s=10.0, max_concurrent_batches=slots)
+    assert await asyncio.wait_for(b.submit(7), timeout=5) == 70
+    assert await asyncio.wait_for(b.submit(8), timeout=5) == 80
+    assert engine.batches == [[7], [8]]
+
+
+async def test_fixed_delay_mode_holds_a_lone_request_until_the_batch_fills(make: Factory) -> None:
+    # adaptive=False (BatchingConfig.wait_when_idle): the classic batcher waits for the batch even when idle.
+    engine = Engine()
+    b = await make(engine, max_batch_size=2, max_queue_delay_s=10.0, adaptive=False)
+    first = asyncio.create_task(b.submit(1))
+    await asyncio.sleep(0.05)
+    assert b.queue_depth == 1 and engine.batches == []
+    assert await asyncio.wait_for(b.submit(2), timeout=5) == 20  # the batch is full: it goes
+    assert await first == 10
+    assert engine.batches == [[1, 2]]
+
+
+async def test_arrivals_while_a_batch_executes_form_the_next_batch(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=4, max_queue_delay_s=10.0)
+    blocker = await hold_slot(b, engine)
+    tasks = []
+    for r in range(1, 7):  # one at a time, as separate calls arrive
+        tasks.append(asyncio.create_task(b.submit(r)))
+        await asyncio.sleep(0.01)
+    assert b.queue_depth == 6 and len(engine.batches) == 1
+    engine.gate.set()
+    # Taken as soon as the slot frees (a 10 s fill wait would trip the timeout), as large as allowed.
+    assert await asyncio.wait_for(asyncio.gather(*tasks), timeout=5) == [r * 10 for r in range(1, 7)]
+    assert await blocker == 0
+    assert engine.batches == [[0], [1, 2, 3, 4], [5, 6]]
+
+
+async def test_a_second_slot_waits_to_fill_only_while_the_first_executes(make: Factory) -> None:
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=3, max_queue_delay_s=10.0, max_concurrent_batches=2)
+    blocker = await hold_slot(b, engine)
+    first = await queue_tasks(b, [1, 2])
+    await asyncio.sleep(0.05)
+    assert len(engine.batches) == 1  # the free slot waits for the batch to fill while [0] executes
+    third = asyncio.create_task(b.submit(3))
+    assert await asyncio.wait_for(asyncio.gather(*first, third), timeout=5) == [10, 20, 30]  # full: goes
+    assert engine.batches[1] == [1, 2, 3]
+    late = await queue_tasks(b, [4])
+    await asyncio.sleep(0.05)
+    assert b.queue_depth == 1
+    engine.gate.set()  # the model goes idle: the wait ends, long before 10 s
+    assert await blocker == 0
+    assert await asyncio.wait_for(late[0], timeout=5) == 40
+    assert engine.batches == [[0], [1, 2, 3], [4]]
+
+
 async def test_full_batch_goes_without_waiting_for_the_delay(make: Factory) -> None:
     engine = Engine()
     b = await make(engine, max_batch_size=2, max_queue_delay_s=30.0)
@@ -454,9 +511,11 @@ async def test_uncontended_requests_run_at_once_whatever_their_priority(make: Fa
 
 
 async def test_a_later_higher_priority_arrival_does_not_postpone_the_batch(make: Factory) -> None:
-    # The batch closes max_queue_delay_s after the *oldest* waiting request, not after the most urgent one.
-    engine = Engine()
-    b = await make(engine, max_batch_size=32, max_queue_delay_s=1.0)
+    # With a second slot free while a batch executes, the next batch closes max_queue_delay_s after the *oldest*
+    # waiting request, not after the most urgent one.
+    engine = Engine(hold_first=True)
+    b = await make(engine, max_batch_size=32, max_queue_delay_s=1.0, max_concurrent_batches=2)
+    blocker = await hold_slot(b, engine)
     loop = asyncio.get_running_loop()
     start = loop.time()
     low = asyncio.create_task(b.submit(1, priority=LOW))
@@ -464,7 +523,9 @@ async def test_a_later_higher_priority_arrival_does_not_postpone_the_batch(make:
     high = asyncio.create_task(b.submit(2, priority=HIGH))
     assert list(await asyncio.gather(low, high)) == [10, 20]
     assert loop.time() - start < 1.4  # ~1.0; a clock restarted by the HIGH request would give >= 1.5
-    assert engine.batches == [[2, 1]]
+    assert engine.batches == [[0], [2, 1]]
+    engine.gate.set()
+    assert await blocker == 0
 
 
 async def test_higher_priority_displaces_the_newest_lowest_priority_when_full(make: Factory) -> None:

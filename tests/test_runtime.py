@@ -26,7 +26,9 @@ def settings_for(*, max_inflight: int = 512, queue_size: int = 2048, delay_ms: f
     return Settings(
         nlp=NlpConfig(
             server=ServerConfig(port=0, max_inflight=max_inflight, tenant_share=1.0, drain_delay_s=0.1),
-            embed_batching=BatchingConfig(max_batch_size=64, max_queue_delay_ms=delay_ms, max_queue_size=queue_size),
+            embed_batching=BatchingConfig(
+                max_batch_size=64, max_queue_delay_ms=delay_ms, max_queue_size=queue_size, wait_when_idle=True
+            ),
         )
     )
 

@@ -189,7 +189,7 @@ async def traced_replica(
     settings = Settings(
         nlp=NlpConfig(
             server=ServerConfig(port=0, max_inflight=1, drain_delay_s=0.05),
-            embed_batching=BatchingConfig(max_queue_delay_ms=300),
+            embed_batching=BatchingConfig(max_queue_delay_ms=300, wait_when_idle=True),
         )
     )
     runner = build_runner(settings, register=False, engine=nlp_engine)

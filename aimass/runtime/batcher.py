@@ -5,16 +5,29 @@ call's priority capped for its tenant, its deadline, tenant and weight); one col
 ``max_batch_size`` units (a request's units come from ``size_of``, e.g. the number of texts in an Embed request) and
 hands each batch to ``execute`` in a worker thread, so the event loop keeps serving while the model runs.
 
-A batch closes when it is full or ``max_queue_delay_s`` after the oldest waiting request was queued, whichever is
-first. The collector takes a free execution slot *before* forming a batch: while every slot is busy, requests pile
-up and the next batch is as large as the queue allows, which is how throughput grows under load.
+Batching is adaptive: it never waits while the model is idle. The collector takes a free execution slot *before*
+forming a batch, then takes whatever is queued (up to ``max_batch_size`` units) at once. A request arriving at an
+idle batcher therefore runs immediately, alone; while every slot is busy, arrivals pile up and the next batch takes
+all that queued meanwhile as soon as a slot frees, so batches grow with the load and shrink to one when it goes.
+(A fixed "wait up to N ms for the batch to fill" taxes every request of a lightly loaded replica by N ms and
+gains nothing: what would have joined the batch during the wait joins the next one instead.)
+
+``max_queue_delay_s`` only matters with ``max_concurrent_batches > 1``: when a slot frees while another batch is
+still executing, the collector waits up to that long after the oldest waiting request was queued for the batch to
+fill, so a second slot does not fragment the load into batches of one. It stops waiting as soon as the batch is
+full or no batch is executing any more (the model went idle). With one slot (the default) it is never used.
+
+``adaptive=False`` restores the classic fixed-delay batcher: a batch closes when it is full or
+``max_queue_delay_s`` after its oldest request was queued, idle model or not. It trades every request's latency for
+fuller batches (worth it only where a batch of one costs nearly as much as a full one), and tests use it to make
+requests sit in the queue.
 
 Priorities (``RequestMeta.priority``): a batch takes the waiting requests in order CRITICAL, HIGH, NORMAL, LOW
 (UNSPECIFIED is NORMAL), in tenants' fair-share order within a priority (below; first come first served for one
 tenant), and closes at the first request that does not fit, so neither a smaller nor a lower-priority request
 overtakes it. This is strict priority, as in the LLM
 engine: under sustained higher-priority load lower priorities wait, bounded by their deadlines. Uncontended,
-every request is batched as soon as it arrives and the order makes no difference.
+every request runs as soon as it arrives and the order makes no difference.
 
 Tenants (the request scope's, from the caller's API key) share a priority fairly, after virtual token counters
 (VTC, Sheng et al., OSDI 2024; the LLM engine does the same with tokens): each tenant waits in its own FIFO, and the
@@ -160,11 +173,12 @@ class DynamicBatcher(Generic[Req, Resp]):
         *,
         name: str,
         max_batch_size: int = 32,
-        max_queue_delay_s: float = 0.005,
+        max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
         size_of: Callable[[Req], int] = lambda r: 1,
         max_concurrent_batches: int = 1,
         executor: concurrent.futures.Executor | None = None,
+        adaptive: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -181,6 +195,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._max_queue_size = max_queue_size
         self._size_of = size_of
         self._max_concurrent_batches = max_concurrent_batches
+        self._adaptive = adaptive
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent_batches, thread_name_prefix=f"aimass-batcher-{name}"
@@ -198,6 +213,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._slots: asyncio.Semaphore | None = None
         self._collector: asyncio.Task[None] | None = None
         self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._executing = 0  # batches handed to _run_batch and not finished
         self._wakeup: asyncio.Future[None] | None = None
         self._closing = False
         # Set at start() when the process traces (aimass.runtime.tracing); None: no span work at all.
@@ -567,7 +583,8 @@ class DynamicBatcher(Generic[Req, Resp]):
         return batch
 
     async def _next_batch(self) -> list[_Item[Req, Resp]] | None:
-        """Wait for a batch to fill or its delay to pass; None once closing and the queue is empty."""
+        """The next batch once something is queued (the caller holds a free slot); None once closing and the queue is
+        empty. Waits for the batch to fill only while another batch executes (module docstring)."""
         assert self._loop is not None
         while True:
             oldest = self._oldest_waiting()
@@ -576,9 +593,15 @@ class DynamicBatcher(Generic[Req, Resp]):
                     return None
                 await self._wait(None)
                 continue
-            fill_by = oldest + self._max_queue_delay_s
-            while not self._closing and self._queued_units < self._max_batch_size and self._loop.time() < fill_by:
-                await self._wait(fill_by)
+            if self._max_queue_delay_s > 0:
+                fill_by = oldest + self._max_queue_delay_s
+                while (
+                    (self._executing > 0 or not self._adaptive)
+                    and not self._closing
+                    and self._queued_units < self._max_batch_size
+                    and self._loop.time() < fill_by
+                ):
+                    await self._wait(fill_by)
             batch = self._take_batch()
             if batch:
                 return batch
@@ -592,6 +615,7 @@ class DynamicBatcher(Generic[Req, Resp]):
                 if batch is None:
                     self._slots.release()
                     return
+                self._executing += 1  # now, not when the task starts: the next _next_batch must see it
                 task = self._loop.create_task(self._run_batch(batch))
                 self._batch_tasks.add(task)
                 task.add_done_callback(self._batch_tasks.discard)
@@ -644,7 +668,10 @@ class DynamicBatcher(Generic[Req, Resp]):
             self._executed_items += units
             self._executed_requests += len(batch)
             self._executed_batches += 1
+            self._executing -= 1
             self._slots.release()
+            # A collector waiting for a batch to fill behind this one stops waiting once the model is idle.
+            self._notify()
 
     # -- traces ---------------------------------------------------------------------------------------------------
 

@@ -130,10 +130,16 @@ class ServesConfig(BaseModel):
 
 
 class BatchingConfig(BaseModel):
-    """Dynamic batching: gather up to max_batch_size items, waiting at most max_queue_delay_ms for a batch to fill."""
+    """Adaptive dynamic batching (aimass.runtime.batcher): an idle model runs a request at once; while a batch
+    executes, arrivals queue and the next batch takes up to max_batch_size of them as soon as a slot frees."""
 
     max_batch_size: PositiveInt = 64
-    max_queue_delay_ms: float = Field(default=4.0, ge=0)
+    # Only with max_concurrent_batches > 1: how long a free slot waits for a batch to fill while another batch
+    # executes (never while the model is idle). 0 = never wait.
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    # True: the classic fixed-delay batcher instead, which waits max_queue_delay_ms for every batch to fill even
+    # when the model is idle (fuller batches for a latency tax on every request).
+    wait_when_idle: bool = False
     max_queue_size: PositiveInt = 2048
     max_concurrent_batches: PositiveInt = 1
 
@@ -229,6 +235,10 @@ class GatewayConfig(ServesConfig):
     # A replica whose connection broke under a call is left out of routing this long while others serve (the
     # registry drops a dead one after registry.ttl_s); calls sent to it meanwhile that fail count no crash. 0: off.
     crash_eject_s: float = Field(default=5.0, ge=0)
+    # Gateway processes sharing the public and adapter ports (SO_REUSEPORT; the kernel spreads client connections
+    # over them): gateway/workers.py. 1: one process. 0: one per available core, at most 4. Each worker enforces
+    # 1/N of a tenant's rate and concurrency limits, so a tenant whose calls all ride one connection gets 1/N.
+    workers: int = Field(default=1, ge=0, le=64)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewayConfig:
@@ -293,7 +303,7 @@ class VisionConfig(ServesConfig):
     ocr_max_side: PositiveInt = 2000  # RapidOCR scales to 2000 itself: more is never used
     # After an image of at least this many pixels, freed heap is handed back to the OS (glibc malloc_trim).
     trim_after_pixels: PositiveInt = 4_000_000
-    classify_batching: BatchingConfig = BatchingConfig(max_batch_size=32, max_queue_delay_ms=4.0, max_queue_size=512)
+    classify_batching: BatchingConfig = BatchingConfig(max_batch_size=32, max_queue_size=512)
     # CPU threads for onnxruntime / torch (0 = the library's default: all cores).
     threads: int = Field(default=0, ge=0)
 

@@ -64,6 +64,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.texts),
             max_concurrent_batches=batching.max_concurrent_batches,
+            adaptive=not batching.wait_when_idle,
         )
         self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher(
             engine.entities_batch,
@@ -72,6 +73,7 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             max_queue_delay_s=batching.max_queue_delay_ms / 1000,
             max_queue_size=batching.max_queue_size,
             size_of=len,
+            adaptive=not batching.wait_when_idle,
         )
         # Sentiment is cheap and lock-free: long inputs go to a small pool, off the event loop, with no batching delay.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlp-cpu")

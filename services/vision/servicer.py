@@ -75,6 +75,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=lambda job: len(job.pixels),
             max_concurrent_batches=batching.max_concurrent_batches,
+            adaptive=not batching.wait_when_idle,
         )
         self.features_batcher: DynamicBatcher[Tensor, Tensor] = DynamicBatcher(
             self._features_batch,
@@ -84,6 +85,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             max_queue_size=batching.max_queue_size,
             size_of=len,
             max_concurrent_batches=batching.max_concurrent_batches,
+            adaptive=not batching.wait_when_idle,
         )
         # Pillow's own bomb guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) must not be
         # stricter than the configured limit, which the decoder checks from the header first.
