@@ -69,6 +69,7 @@ from scheduler.lifecycle.jobs import JobController, TrainingServicer
 from scheduler.lifecycle.replica_sync import ReplicaSync
 from scheduler.model_loading import ModelLoadingServicer
 from scheduler.service import Context, SchedulerServicer, SchedulerState
+from scheduler.xds import ADS_SERVICE, XdsServer
 
 if TYPE_CHECKING:
     from aimass.runtime.discovery.leader import ConsulLeader
@@ -92,6 +93,9 @@ SCHEDULER_POLICY = MeshPolicy(
         f"/{SCHEDULER_SERVICE}/PlaceModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/EvictModel": (ROLE_GATEWAY,),
         f"/{SCHEDULER_SERVICE}/GetPlacement": (ROLE_GATEWAY, ROLE_OPERATOR),
+        # xDS (scheduler/xds.py): internal callers dial replicas directly with a gateway certificate (the role
+        # replicas serve); operators may read it too.
+        f"/{ADS_SERVICE}/": (ROLE_GATEWAY, ROLE_OPERATOR),
         # Loads and unloads: public calls the gateway forwards (models:admin checked there) with the caller's scope.
         f"/{MODEL_SERVICE}/LoadModel": (ROLE_GATEWAY,),
         f"/{MODEL_SERVICE}/UnloadModel": (ROLE_GATEWAY,),
@@ -232,6 +236,7 @@ class SchedulerApp:
             placement=self.state,
         )
         self.max_blob_bytes = max(int(lifecycle.max_upload_bytes), 1 << 30)
+        self.xds = XdsServer(self.state, self.standby_reason)
 
     def standby_reason(self) -> str:
         if self.active or self.leader is None:
@@ -253,6 +258,7 @@ class SchedulerApp:
             DeploymentServicer(self.store, self.blobs, self.replica_sync), server
         )
         lifecycle_pb2_grpc.add_BlobServiceServicer_to_server(BlobServicer(self.blobs, self.max_blob_bytes), server)
+        self.xds.add_to_server(server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelLoadingServicer(
                 self.state,
@@ -280,6 +286,7 @@ class SchedulerApp:
         await self._load_usage()
         await self.jobs.start()
         self.replica_sync.start()
+        self.xds.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._follow_registry(self.registry), name="scheduler-registry"),
@@ -380,6 +387,7 @@ class SchedulerApp:
             await self.leader.resign()
         # Gateways watching the view and the registry reconnect (to another scheduler, or to this one restarted).
         await self.state.close_watches()
+        await self.xds.end_streams()
         if self.embedded is not None:
             await self.embedded.end_watches()
 
@@ -394,6 +402,7 @@ class SchedulerApp:
             await cancel_and_wait(task)
         await self.jobs.close()
         await self.replica_sync.close()
+        await self.xds.close()
         await self.channels.close()
         await self.audit.close()
         if self.leader is not None:
