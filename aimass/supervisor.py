@@ -1,7 +1,8 @@
 """Runs the mesh's processes: starts them, restarts one that crashes, stops all cleanly.
 
 Each child runs in its own session so a terminal's Ctrl-C reaches only the supervisor, which then stops the
-services first (SIGTERM: they drain) and the gateway last, escalating to SIGKILL after the grace period.
+services first (SIGTERM: they drain) and the gateway last, escalating to SIGKILL after the grace period. The
+gateway's own workers (gateway/workers.py) run under the same restart policy, stopped all at once instead.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aimass.runtime.tasks import cancel_and_wait
@@ -43,9 +44,13 @@ class ProcessSpec:
 class Supervised:
     """One child process and its restart policy: exponential backoff, reset after a minute of stable running."""
 
-    def __init__(self, spec: ProcessSpec, *, max_backoff_s: float = 30.0) -> None:
+    def __init__(
+        self, spec: ProcessSpec, *, max_backoff_s: float = 30.0, on_exit: Callable[[int], None] | None = None
+    ) -> None:
         self.spec = spec
         self.max_backoff_s = max_backoff_s
+        # Called with the pid of every child that exited while running (not those stop() ended).
+        self.on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._stopping = False
@@ -71,6 +76,8 @@ class Supervised:
             self.process = await self._spawn()
             log.info("started %s (pid %d)", self.spec.name, self.process.pid)
             code = await self.process.wait()
+            if self.on_exit is not None:
+                self.on_exit(self.process.pid)
             if self._stopping:
                 return
             if time.monotonic() - started > 60:
@@ -101,15 +108,27 @@ class Supervised:
 
 
 class Supervisor:
-    def __init__(self, specs: Sequence[ProcessSpec], *, grace_s: float = 35.0) -> None:
-        self.children = [Supervised(spec) for spec in specs]
+    def __init__(
+        self,
+        specs: Sequence[ProcessSpec],
+        *,
+        grace_s: float = 35.0,
+        together: bool = False,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.children = [Supervised(spec, on_exit=on_exit) for spec in specs]
         self.grace_s = grace_s
+        # Stop every child at once (peers such as gateway workers) rather than one after another.
+        self.together = together
 
     def start(self) -> None:
         for child in self.children:
             child.start()
 
     async def stop(self) -> None:
+        if self.together:
+            await asyncio.gather(*(child.stop(self.grace_s) for child in self.children))
+            return
         # Reverse start order: services drain while the gateway still routes their in-flight replies.
         for child in reversed(self.children):
             await child.stop(self.grace_s)

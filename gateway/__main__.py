@@ -1,3 +1,3 @@
-from gateway.app import main
+from gateway.workers import main
 
 main()

@@ -82,7 +82,7 @@ class GatewayApp:
     # Served here, not forwarded: replicas serve ModelService too, but only for their own models.
     service_names: tuple[str, ...] = (MODEL_SERVICE, ADMIN_SERVICE, CLUSTER_SERVICE)
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker: int | None = None) -> None:
         self.settings = settings
         self.credentials = process_credentials(settings, ROLE_GATEWAY)
         # The registry is the scheduler's (or Consul): the gateway registers there and follows it.
@@ -126,7 +126,12 @@ class GatewayApp:
             idle_expiry_s=settings.tenants.idle_expiry_s,
         )
         self.auth = ApiKeyInterceptor(
-            self.verifier, self.quotas, self.audit, usage=self.view.tenant_usage, tenants=settings.tenants
+            self.verifier,
+            self.quotas,
+            self.audit,
+            usage=self.view.tenant_usage,
+            tenants=settings.tenants,
+            worker=str(worker or 0),
         )
         # What callers got per public service and tenant, for ClusterService (whose own calls are left out).
         self.traffic = TrafficRecorder(
@@ -214,8 +219,9 @@ class GatewayApp:
         await asyncio.to_thread(self.store.close)
 
 
-def build_runner(settings: Settings) -> ServerRunner:
-    app = GatewayApp(settings)
+def build_runner(settings: Settings, *, worker: int | None = None) -> ServerRunner:
+    """The gateway's server; ``worker``: its index among the workers sharing the ports (gateway/workers.py)."""
+    app = GatewayApp(settings, worker=worker)
     return ServerRunner(
         app,
         settings.gateway.server,
@@ -227,8 +233,14 @@ def build_runner(settings: Settings) -> ServerRunner:
         reflection_pool=reflection_pool,
         # Replicas echo the request id; the gateway only fills one in (see forwarder) and relays their trailers.
         echo_request_id=False,
+        reuse_port=worker is not None,
     )
 
 
-def main() -> None:
-    serve_process("gateway", build_runner)
+def main(worker: int | None = None) -> None:
+    """Serve one gateway: alone, or as worker ``worker`` of a gateway parent (see gateway/workers.py)."""
+    serve_process(
+        "gateway",
+        lambda settings: build_runner(settings, worker=worker),
+        log_name="gateway" if worker is None else f"gateway-{worker}",
+    )

@@ -56,6 +56,10 @@ AUTH_REFUSED = prometheus_client.Counter(
 QUOTA_REFUSED = prometheus_client.Counter(
     "aimass_gateway_quota_refused_total", "Calls refused by a tenant's quota, by quota.", ["quota"]
 )
+# Workers share the gateway's port and the kernel spreads connections over them (gateway/workers.py): this shows how.
+WORKER_CALLS = prometheus_client.Counter(
+    "aimass_gateway_worker_calls_total", "Calls admitted at the front door, by gateway worker.", ["worker"]
+)
 
 # What a key needs for each method (any one of the scopes listed); a method not named needs a valid key only.
 _INFER = frozenset({keys.SCOPE_INFER})
@@ -345,6 +349,7 @@ class ApiKeyInterceptor(AroundInterceptor):
         *,
         usage: Callable[[str], scheduler_pb2.TenantUsage | None] = lambda tenant: None,
         tenants: TenantsConfig | None = None,
+        worker: str = "0",
     ) -> None:
         super().__init__()
         # None: auth.mode = "off".
@@ -353,6 +358,7 @@ class ApiKeyInterceptor(AroundInterceptor):
         self.audit = audit
         self.usage = usage
         self.tenants = tenants or TenantsConfig()
+        self._admitted = WORKER_CALLS.labels(worker)
 
     @contextlib.asynccontextmanager
     async def around(self, method: str, context: Context) -> AsyncIterator[None]:
@@ -372,6 +378,7 @@ class ApiKeyInterceptor(AroundInterceptor):
             except AimassError as err:
                 QUOTA_REFUSED.labels(err.metadata.get("quota", "")).inc()
                 raise
+        self._admitted.inc()
         try:
             with entered(scope):
                 yield

@@ -43,7 +43,8 @@ LATENCY = Histogram(
     ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-INFLIGHT = Gauge("aimass_inflight_requests", "RPCs admitted and not yet finished")
+# Summed over live processes where several share one endpoint (gateway workers, prometheus multiprocess mode).
+INFLIGHT = Gauge("aimass_inflight_requests", "RPCs admitted and not yet finished", multiprocess_mode="livesum")
 REJECTED = Counter(
     "aimass_admission_rejected_total",
     "RPCs refused at admission: the server was full (SERVER_FULL) or the caller held its share (TENANT_INFLIGHT_LIMIT)",

@@ -98,13 +98,14 @@ class ServiceApp(Protocol):
         ...
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+def server_options(config: ServerConfig, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """gRPC server arguments: message limits and HTTP/2 hygiene (streams per connection, ping enforcement,
-    connection idle and age limits), all from ``config``."""
+    connection idle and age limits), all from ``config``. ``reuse_port``: only for gateway workers, whose parent
+    claimed the port first (gateway/workers.py)."""
     options = [
         *message_options(config),
         # Without this a second server silently shares the port (SO_REUSEPORT); we want "address in use".
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         # Keepalive pings are accepted (gateways ping idle replica channels to notice a vanished host), but a peer
         # pinging more often than min_ping_interval_s gets a strike, and past max_ping_strikes a GOAWAY
@@ -188,6 +189,7 @@ class ServerRunner:
         reflection_pool: Callable[[Sequence[str]], descriptor_pool.DescriptorPool] | None = None,
         echo_request_id: bool = True,
         node_id: str = "",
+        reuse_port: bool = False,
     ) -> None:
         self.app = app
         self.config = config
@@ -200,6 +202,8 @@ class ServerRunner:
         self.reflection_pool = reflection_pool
         self.echo_request_id = echo_request_id
         self.node_id = node_id or socket.gethostname()
+        # Share the ports with sibling workers (SO_REUSEPORT); see server_options.
+        self.reuse_port = reuse_port
         registry_address = (
             registry_config.consul.address if registry_config.backend == "consul" else registry_config.address
         )
@@ -280,7 +284,9 @@ class ServerRunner:
 
     async def start(self) -> None:
         # grpc.aio binds a server to the running event loop, so it is built here rather than in __init__.
-        self._server = grpc.aio.server(interceptors=self._interceptors(), options=server_options(self.config))
+        self._server = grpc.aio.server(
+            interceptors=self._interceptors(), options=server_options(self.config, reuse_port=self.reuse_port)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (*self.app.service_names, *self.reflection_extra, health.SERVICE_NAME, reflection.SERVICE_NAME)
         if self.replica is not None:
@@ -412,10 +418,11 @@ class ServerRunner:
         await self.drain()
 
 
-def serve_process(kind: str, build_runner: Callable[[Settings], ServerRunner]) -> None:
-    """A process's ``main``: settings from file and env, logging, then serve until SIGTERM/SIGINT and drain."""
+def serve_process(kind: str, build_runner: Callable[[Settings], ServerRunner], *, log_name: str = "") -> None:
+    """A process's ``main``: settings from file and env, logging (lines prefixed ``log_name``, default ``kind``),
+    then serve until SIGTERM/SIGINT and drain."""
     settings = load_settings()
-    configure_logging(settings.log_level, kind)
+    configure_logging(settings.log_level, log_name or kind)
     # Before the runner is built: servers, batchers and the gateway see whether tracing is on as they start.
     traces = tracing.setup_process(settings.telemetry, kind)
 
