@@ -13,14 +13,22 @@ identical requests are refused here, unsent, until the entry expires. Every othe
 answered UNAVAILABLE (reason REPLICA_CRASHED, naming it), logged and counted, never dropped: streams after their
 first response, client streams, calls with no other replica to go to.
 
-Every routing decision is counted (``aimass_gateway_routed_total``), and so is every retry. With tracing on
+A unary call to an idempotent method (its rpc says ``idempotency_level = NO_SIDE_EFFECTS``) with no answer after
+the method's hedge delay is sent once more, to another replica (gateway/hedging.py states when and how often): the
+first success wins and the other attempt is cancelled at once. The second attempt also serves as the retry: an
+attempt failing UNAVAILABLE (or crashing) while the other runs is accounted as above (crash, poison) and the call
+waits for the other; a replica's own answer of any other status ends the call with it, as without hedging.
+
+Every routing decision is counted (``aimass_gateway_routed_total``), and so is every retry and hedge. With tracing on
 (aimass.runtime.tracing) the gateway's server span gets a "route" child (the router, the candidates, the chosen
-replica and the figures it was chosen on) and a CLIENT span per call to a replica; the caller's trace headers are
+replica and the figures it was chosen on) and a CLIENT span per call to a replica (a hedge's marked
+``aimass.hedge``, a cancelled loser's ``aimass.attempt.cancelled``); the caller's trace headers are
 replaced by that span's, so the replica's server span is its child and the trace stays connected.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -40,6 +48,7 @@ from aimass.runtime.errors import relay_error as relay_replica_error
 from aimass.runtime.interceptors import Handler
 from aimass.runtime.metadata import TENANT_KEY
 from aimass.runtime.scope import Metadata, current_scope, forwarded_metadata, time_remaining
+from gateway.hedging import HedgingPolicy, MethodHedging
 from gateway.model_routing import model_field_number, requested_model
 from gateway.poison import (
     CrashRecord,
@@ -80,6 +89,20 @@ POISON_REFUSALS = Counter(
     "Requests refused at the gateway without being sent: the same bytes crashed gateway.poison_max_crashes replicas",
     ["service"],
 )
+HEDGES = Counter(
+    "aimass_gateway_hedges_total",
+    "Hedges sent: unary calls of an idempotent method sent once more, to another replica, after the hedge delay",
+    ["method"],
+)
+HEDGES_WON = Counter(
+    "aimass_gateway_hedges_won_total", "Hedged calls the hedge (the second attempt) answered first", ["method"]
+)
+HEDGES_DENIED = Counter(
+    "aimass_gateway_hedges_denied_total",
+    "Calls past their hedge delay that were not hedged: the method's budget was spent (budget) or no other replica "
+    "could take the call (no_other_replica)",
+    ["method", "reason"],
+)
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
 
@@ -115,6 +138,59 @@ class Attempt:
         return self.key
 
 
+@dataclass(slots=True, eq=False)
+class Flight:
+    """One attempt of a unary call on a replica: its call, CLIENT span and start; ``end`` settles the replica's
+    in-flight count and the span once."""
+
+    replica: Replica
+    call: grpc.aio.UnaryUnaryCall[bytes, bytes]
+    span: Span | None
+    started: float
+    ended: bool = False
+
+    def end(self, error: grpc.aio.AioRpcError | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.replica.inflight -= 1
+        Forwarder._end_call_span(self.span, error)
+
+    def cancel(self) -> None:
+        """Stops the attempt (the replica's work too, as the call's cancellation reaches it)."""
+        if not self.ended and not self.call.done():
+            self.call.cancel()
+            if self.span is not None:
+                self.span.set_attribute("aimass.attempt.cancelled", True)
+        self.end(None)
+
+
+async def settled_within(call: grpc.aio.Call, delay_s: float) -> bool:
+    """Whether ``call`` finished within ``delay_s``, without cancelling it (unlike ``asyncio.wait_for``)."""
+    return await first_settled((call,), delay_s)
+
+
+async def first_settled(calls: Sequence[grpc.aio.Call], timeout_s: float | None = None) -> bool:
+    """Waits until one of ``calls`` is done (or ``timeout_s`` passed); whether one is."""
+    if any(call.done() for call in calls):
+        return True
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for call in calls:
+        call.add_done_callback(wake)
+    timer = None if timeout_s is None else asyncio.get_running_loop().call_later(timeout_s, wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return any(call.done() for call in calls)
+
+
 class Forwarder(grpc.GenericRpcHandler):
     def __init__(
         self,
@@ -138,6 +214,7 @@ class Forwarder(grpc.GenericRpcHandler):
             max_crashes=config.poison_max_crashes, ttl_s=config.poison_ttl_s, max_entries=config.poison_max_entries
         )
         self.eject_s = config.crash_eject_s
+        self.hedging = HedgingPolicy(config.hedging)
         # None: tracing is off and no span work is done.
         self._tracer = tracer
         self._trace_headers = tracing.trace_header_names() if tracer is not None else frozenset()
@@ -220,6 +297,10 @@ class Forwarder(grpc.GenericRpcHandler):
             # drops them after its TTL).
             now = time.monotonic()
             candidates = [r for r in candidates if not r.down_at(now, self.eject_s)] or candidates
+        if len(candidates) > 1 and self.hedging.stalls:
+            # Replicas that just lost a hedge having answered nothing since (frozen) are left out too.
+            now = time.monotonic()
+            candidates = [r for r in candidates if not self.hedging.stalls.stalled(r, now)] or candidates
         choice = self.router.choose(service, candidates) if candidates else None
         if choice is not None:
             routed = self._routed.get((service, choice.instance.instance_id))
@@ -353,6 +434,7 @@ class Forwarder(grpc.GenericRpcHandler):
     async def _answered(self, attempt: Attempt, replica: Replica) -> None:
         """The replica answered the request itself (any status): it is up, and the request did not crash it."""
         replica.answered()
+        self.hedging.stalls.answered(replica, time.monotonic())
         request = attempt.request
         if request is not None and self.crashes.may_hold(attempt.method, len(request)):
             key = await attempt.fingerprint()
@@ -360,17 +442,33 @@ class Forwarder(grpc.GenericRpcHandler):
                 self.crashes.forget(key)
 
     async def _after_failure(
-        self, attempt: Attempt, err: grpc.aio.AioRpcError, started: float, context: Context, *, responses: int = 0
-    ) -> Replica:
-        """After a try failed with ``err``: the replica to try next, or the caller's answer (this raises).
+        self,
+        attempt: Attempt,
+        err: grpc.aio.AioRpcError,
+        started: float,
+        context: Context,
+        *,
+        responses: int = 0,
+        target: Replica | None = None,
+        pending: bool = False,
+    ) -> Replica | None:
+        """After a try on ``target`` (the last one tried unless given) failed with ``err``: the replica to try next,
+        None when another attempt of the call still runs (``pending``, a hedge) and takes over, or the caller's
+        answer (this raises).
 
         The replica's own UNAVAILABLE (draining, without the model) is retried once elsewhere; any other answer of
         its own is relayed unchanged. No answer at all (the connection broke) is a crash, counted against the
-        request unless the replica was already known down when the call began; poison after ``max_crashes``."""
-        target = attempt.tried[-1]
+        request unless the replica was already known down when the call began; poison after ``max_crashes``.
+        While another attempt runs, it is the retry (and a full replica's RESOURCE_EXHAUSTED waits for it too)."""
+        target = attempt.tried[-1] if target is None else target
         if not crashed_under(err):
             if answered_by_replica(err):
                 await self._answered(attempt, target)
+            if pending and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                log.info(
+                    "%s: %s on %s; the other attempt goes on", attempt.method, err.code().name, target.instance.address
+                )
+                return None
             unavailable = err.code() == grpc.StatusCode.UNAVAILABLE and responses == 0
             retry = self._retry(attempt, crashed=False) if unavailable else None
             if retry is None:
@@ -417,6 +515,15 @@ class Forwarder(grpc.GenericRpcHandler):
                 )
         # A request with no crash before this one may have been a bystander of a kill: it is run again elsewhere.
         first_crash = record is None or len(record.replicas) == 1
+        if pending and first_crash:
+            REPLICA_FAILURES.labels(attempt.service, "retried").inc()
+            log.info(
+                "%s: replica %s gave no answer (%s); the other attempt goes on",
+                attempt.method,
+                target.instance.instance_id,
+                err.details(),
+            )
+            return None
         retry = self._retry(attempt, crashed=True) if responses == 0 and first_crash else None
         if retry is not None:
             REPLICA_FAILURES.labels(attempt.service, "retried").inc()
@@ -443,6 +550,15 @@ class Forwarder(grpc.GenericRpcHandler):
                 metadata={"replica": target.instance.instance_id},
             ),
         )
+
+    async def _next_replica(
+        self, attempt: Attempt, err: grpc.aio.AioRpcError, started: float, context: Context
+    ) -> Replica:
+        """``_after_failure`` of a call with no other attempt running: the replica to try next (or it raises)."""
+        retry = await self._after_failure(attempt, err, started, context)
+        if retry is None:
+            raise AssertionError("unreachable: no other attempt runs")
+        return retry
 
     def _retry(self, attempt: Attempt, *, crashed: bool) -> Replica | None:
         """A replica for a request's second and last try, or None. After a crash, never the same one."""
@@ -475,7 +591,16 @@ class Forwarder(grpc.GenericRpcHandler):
         attempt.tried.append(replica)
         return self._call_span(attempt.method, replica, len(attempt.tried), metadata)
 
+    def _send(self, attempt: Attempt, target: Replica, request: bytes, metadata: Metadata, context: Context) -> Flight:
+        span, call_metadata = self._try(attempt, target, metadata)
+        started = time.monotonic()
+        call = target.unary_unary(attempt.method)(request, timeout=time_remaining(context), metadata=call_metadata)
+        target.inflight += 1
+        return Flight(target, call, span, started)
+
     def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
+        hedging = self.hedging.for_method(method)
+
         async def forward(request: bytes, context: Context) -> bytes:
             attempt = Attempt(method, service, request)
             await self._refuse_poison(attempt, context)
@@ -485,28 +610,115 @@ class Forwarder(grpc.GenericRpcHandler):
                 raise AssertionError("unreachable")
             metadata = forwarded_metadata(context)
             while True:
-                target = replica
-                span, call_metadata = self._try(attempt, target, metadata)
-                started = time.monotonic()
-                call = target.unary_unary(method)(request, timeout=time_remaining(context), metadata=call_metadata)
-                target.inflight += 1
-                error: grpc.aio.AioRpcError | None = None
+                flight = self._send(attempt, replica, request, metadata, context)
                 try:
-                    response: bytes = await call
+                    if hedging is not None and len(attempt.tried) == 1:
+                        delay = hedging.should_wait(time_remaining(context))
+                        if delay is not None and not await settled_within(flight.call, delay):
+                            hedge = self._hedge_target(attempt, hedging)
+                            if hedge is not None:
+                                return await self._race(attempt, hedging, flight, hedge, delay, metadata, context)
+                    response: bytes = await flight.call
                 except grpc.aio.AioRpcError as err:
-                    error = err
+                    flight.end(err)
                     # UNAVAILABLE: the replica is down, draining, cut off or without the model. It may have started
                     # the call before dying, but inference has no side effects, so running it again is safe.
-                    replica = await self._after_failure(attempt, err, started, context)
+                    replica = await self._next_replica(attempt, err, flight.started, context)
                     continue
                 finally:
-                    target.inflight -= 1
-                    self._end_call_span(span, error)
-                await self._answered(attempt, target)
-                await relay_trailers(context, call)
+                    # Also when the caller went away while the hedge delay ran: the replica's work stops too.
+                    flight.cancel()
+                if hedging is not None:
+                    hedging.latencies.observe(time.monotonic() - flight.started)
+                await self._answered(attempt, flight.replica)
+                await relay_trailers(context, flight.call)
                 return response
 
         return forward
+
+    def _hedge_target(self, attempt: Attempt, hedging: MethodHedging) -> Replica | None:
+        """The replica for a hedge of a call whose first attempt is past its delay, its budget token taken; None
+        when the budget is spent or no other replica could take the call."""
+        first = attempt.tried[0]
+        if not hedging.budget.available():
+            HEDGES_DENIED.labels(attempt.method, "budget").inc()
+            return None
+        target = None
+        if len(self.replicas.healthy(attempt.service)) > 1:
+            target = self._pick(attempt.service, first, method=attempt.method, request=attempt.request or b"")
+        if target is None or target is first:
+            HEDGES_DENIED.labels(attempt.method, "no_other_replica").inc()
+            return None
+        hedging.budget.take()
+        return target
+
+    async def _race(
+        self,
+        attempt: Attempt,
+        hedging: MethodHedging,
+        first: Flight,
+        target: Replica,
+        delay_s: float,
+        metadata: Metadata,
+        context: Context,
+    ) -> bytes:
+        """The call's first attempt ran past its hedge delay: the same request goes to ``target`` too, and the
+        first success is the answer (the other attempt is cancelled at once)."""
+        assert attempt.request is not None
+        HEDGES.labels(attempt.method).inc()
+        second = self._send(attempt, target, attempt.request, metadata, context)
+        if second.span is not None:
+            second.span.set_attributes({"aimass.hedge": True, "aimass.hedge.delay_ms": delay_s * 1000})
+        log.debug(
+            "%s: no answer from %s after %.0f ms; hedged on %s",
+            attempt.method,
+            first.replica.instance.address,
+            delay_s * 1000,
+            target.instance.address,
+        )
+        running = [first, second]
+        try:
+            while running:
+                await first_settled([flight.call for flight in running])
+                for flight in [f for f in running if f.call.done()]:
+                    running.remove(flight)
+                    try:
+                        response: bytes = await flight.call
+                    except grpc.aio.AioRpcError as err:
+                        flight.end(err)
+                        # Raises (relays the answer, or fails) unless the other attempt goes on.
+                        await self._after_failure(
+                            attempt, err, flight.started, context, target=flight.replica, pending=bool(running)
+                        )
+                        continue
+                    flight.end(None)
+                    now = time.monotonic()
+                    hedging.latencies.observe(now - flight.started)
+                    for loser in running:
+                        # A lower bound of the loser's latency: the slow tail stays in the estimate.
+                        hedging.latencies.observe(now - loser.started)
+                        loser.cancel()
+                    running.clear()
+                    if flight is second:
+                        HEDGES_WON.labels(attempt.method).inc()
+                        if self.hedging.stalls.lost_hedge(first.replica, first.started, now):
+                            log.warning(
+                                "replica %s at %s answered nothing for %.0f ms while a hedge on %s answered %s: left "
+                                "out of routing for %.1f s while others serve",
+                                first.replica.instance.instance_id,
+                                first.replica.instance.address,
+                                (now - first.started) * 1000,
+                                flight.replica.instance.address,
+                                attempt.method,
+                                self.hedging.stalls.eject_s,
+                            )
+                    await self._answered(attempt, flight.replica)
+                    await relay_trailers(context, flight.call)
+                    return response
+            raise AssertionError("unreachable: the last failed attempt's answer was relayed")
+        finally:
+            for flight in running:
+                flight.cancel()
 
     def _stream_unary(self, method: str, service: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         async def forward(requests: AsyncIterator[bytes], context: Context) -> bytes:
@@ -559,7 +771,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     except grpc.aio.AioRpcError as err:
                         # Nothing reached the caller yet: the stream may go to another replica, as a unary call.
                         error = err
-                        replica = await self._after_failure(attempt, err, started, context)
+                        replica = await self._next_replica(attempt, err, started, context)
                         continue
                     initial = await call.initial_metadata()
                     if initial:

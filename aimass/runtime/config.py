@@ -186,6 +186,39 @@ class RegistryConfig(BaseModel):
     consul: ConsulConfig = ConsulConfig()
 
 
+class HedgingConfig(BaseModel):
+    """Hedged requests at the gateway (gateway/hedging.py): a unary call to a method whose rpc is marked
+    ``idempotency_level = NO_SIDE_EFFECTS`` (inference, read-only queries) that has no answer after the method's
+    delay is sent once more to another replica; the first success wins, the other is cancelled."""
+
+    enabled: bool = True
+    # The delay: this quantile of the method's recent attempt latencies on this gateway (p97: about 3% of calls are
+    # hedged in normal running, under the budget), clamped to [min_delay_ms, max_delay_ms] (0: no cap) ...
+    quantile: float = Field(default=0.97, gt=0, lt=1)
+    min_delay_ms: float = Field(default=20.0, ge=0)
+    max_delay_ms: float = Field(default=500.0, ge=0)
+    # ... or this fixed delay for every method (0: adaptive, as above).
+    delay_ms: float = Field(default=0.0, ge=0)
+    # Latencies kept per method, and how many are needed before the adaptive delay is trusted (no hedge before).
+    window: PositiveInt = 1000
+    min_samples: PositiveInt = 50
+    # The budget, per method: hedges at most this fraction of calls over time (a token bucket), plus a burst of
+    # this many held in reserve for the moment a replica freezes.
+    max_extra_load: float = Field(default=0.05, ge=0, le=1)
+    burst: PositiveInt = 20
+    # A replica that lost a hedge having answered nothing since the call was sent (frozen) is left out of routing
+    # this long while others serve, or until it answers again. 0: never.
+    stall_eject_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> HedgingConfig:
+        if self.max_delay_ms and self.min_delay_ms > self.max_delay_ms:
+            raise ValueError(
+                f"hedging.min_delay_ms ({self.min_delay_ms}) is above hedging.max_delay_ms ({self.max_delay_ms})"
+            )
+        return self
+
+
 class GatewayConfig(ServesConfig):
     # The front door: fewer streams per client connection, slow pings only, idle connections closed after 5
     # minutes and every connection recycled after 30 (long LLM streams get 5 more to finish).
@@ -235,6 +268,8 @@ class GatewayConfig(ServesConfig):
     # A replica whose connection broke under a call is left out of routing this long while others serve (the
     # registry drops a dead one after registry.ttl_s); calls sent to it meanwhile that fail count no crash. 0: off.
     crash_eject_s: float = Field(default=5.0, ge=0)
+    # Hedged requests for idempotent unary methods (HedgingConfig; gateway/hedging.py).
+    hedging: HedgingConfig = HedgingConfig()
     # Gateway processes sharing the public and adapter ports (SO_REUSEPORT; the kernel spreads client connections
     # over them): gateway/workers.py. 1: one process. 0: one per available core, at most 4. Each worker enforces
     # 1/N of a tenant's rate and concurrency limits, so a tenant whose calls all ride one connection gets 1/N.
