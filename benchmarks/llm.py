@@ -23,6 +23,7 @@ from aimass.runtime.config import LlmConfig
 from aimass.v1 import llm_pb2, llm_pb2_grpc
 from benchmarks.common import Mesh, command_line, machine, markdown_table, median, publish, utc_now
 from services.llm.engine import LlmEngine
+from services.llm.protocol import Sampling
 
 NAME = "llm"
 THROUGHPUT_GOAL = 0.90
@@ -97,7 +98,7 @@ def in_process_caller(engine: LlmEngine, max_tokens: int) -> Caller:
     async def one(text: str) -> Call:
         started = time.perf_counter()
         ids = await engine.encode_chat([{"role": "user", "content": text}])
-        params = engine.sampling_params(temperature=0.0, max_tokens=max_tokens)
+        params = Sampling(temperature=0.0, max_tokens=max_tokens)
         tokens, ttft = 0, 0.0
         async for chunk in engine.stream(ids, params, request_id="bench", priority=0):
             if chunk.new_tokens and not ttft:

@@ -13,7 +13,8 @@ import pytest
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.v1 import llm_pb2
-from services.llm.sampling import checked_sampling, sampling_kwargs
+from services.llm.protocol import Sampling
+from services.llm.sampling import checked_sampling, request_sampling
 
 CONFIG = LlmConfig()
 NAN, INF = math.nan, math.inf
@@ -48,7 +49,7 @@ def test_bad_sampling_fields_are_refused_with_what_is_allowed(fields: dict[str, 
     assert message in raised.value.message
     # The full check (with the prompt's length) refuses it the same way.
     with pytest.raises(InvalidArgument) as raised:
-        sampling_kwargs(sampling, prompt_tokens=10, context_length=1024, config=CONFIG)
+        request_sampling(sampling, prompt_tokens=10, context_length=1024, config=CONFIG)
     assert message in raised.value.message
 
 
@@ -68,16 +69,19 @@ def test_bad_sampling_fields_are_refused_with_what_is_allowed(fields: dict[str, 
     ],
 )
 def test_boundary_values_are_accepted(fields: dict[str, Any]) -> None:
-    kwargs = sampling_kwargs(llm_pb2.SamplingParams(**fields), prompt_tokens=10, context_length=1024, config=CONFIG)
+    sampling = request_sampling(llm_pb2.SamplingParams(**fields), prompt_tokens=10, context_length=1024, config=CONFIG)
+    explicit = sampling.explicit()
     for name, value in fields.items():
-        assert kwargs[name] == pytest.approx(value) if isinstance(value, float) else kwargs[name] == value
-    assert kwargs["max_tokens"] == CONFIG.default_max_tokens
+        assert explicit[name] == pytest.approx(value) if isinstance(value, float) else explicit[name] == value
+    assert sampling.max_tokens == CONFIG.default_max_tokens
 
 
 def test_sampling_is_checked_before_the_prompt_length() -> None:
     # A NaN is named even when the prompt alone would overflow the context: the cheap check comes first.
     with pytest.raises(InvalidArgument) as raised:
-        sampling_kwargs(llm_pb2.SamplingParams(temperature=NAN), prompt_tokens=5000, context_length=1024, config=CONFIG)
+        request_sampling(
+            llm_pb2.SamplingParams(temperature=NAN), prompt_tokens=5000, context_length=1024, config=CONFIG
+        )
     assert "sampling.temperature is nan" in raised.value.message
 
 
@@ -92,7 +96,7 @@ def test_what_vllm_refuses_is_invalid_argument_not_internal() -> None:
     engine = LlmEngine(LlmConfig())
     try:
         with pytest.raises(InvalidArgument) as raised:
-            engine.sampling_params(temperature=NAN)
+            engine.vllm_sampling(Sampling(max_tokens=16, temperature=NAN))
         assert raised.value.reason == "ENGINE_REFUSED"
         assert "the engine refused the sampling parameters" in raised.value.message
         assert "temperature" in raised.value.message

@@ -8,7 +8,6 @@ Prompts are tokenised here (the service needs their length before admitting them
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import threading
@@ -23,6 +22,7 @@ import prometheus_client
 
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.llm.protocol import Chunk, EngineLoad, Sampling
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
 
 if TYPE_CHECKING:
@@ -36,30 +36,6 @@ T = TypeVar("T")
 ENGINE_RUNNING = prometheus_client.Gauge("aimass_llm_running_requests", "Sequences the engine is decoding.")
 ENGINE_WAITING = prometheus_client.Gauge("aimass_llm_waiting_requests", "Requests the engine holds, not started.")
 KV_CACHE_USAGE = prometheus_client.Gauge("aimass_llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.")
-
-
-@dataclasses.dataclass
-class EngineLoad:
-    """The engine's latest scheduler figures and running totals, as vLLM reports them after each step."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    updated_monotonic: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """One streamed step of a request: new text, and on the last chunk why it ended."""
-
-    text: str
-    new_tokens: int
-    # vLLM's reason on the last chunk: "stop", "length" or "abort"; None before.
-    finish_reason: str | None = None
-    # With finish_reason "stop": the stop string that matched (None for the end-of-sequence token).
-    stop_string: str | None = None
 
 
 def _load_recorder_factory(load: EngineLoad) -> Any:
@@ -92,6 +68,8 @@ def _load_recorder_factory(load: EngineLoad) -> Any:
 
 
 class LlmEngine:
+    """vLLM's AsyncLLM behind the service's engine protocol (services.llm.protocol.GenerationEngine)."""
+
     def __init__(self, config: LlmConfig) -> None:
         self.config = config
         if config.model_path is None and config.model not in PACKAGED_MODELS:
@@ -226,12 +204,13 @@ class LlmEngine:
         with self._tokenize_lock:
             self.tokenize_pending -= 1
 
-    def sampling_params(self, **explicit: Any) -> SamplingParams:
+    def vllm_sampling(self, sampling: Sampling) -> SamplingParams:
         """vLLM sampling parameters: the model's generation defaults, overridden by what the request set. A value
         vLLM refuses (the service checks them all first; this is the backstop) is INVALID_ARGUMENT, not INTERNAL."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        explicit = sampling.explicit()
         try:
             return SamplingParams(**{**self._default_sampling, **explicit, "output_kind": RequestOutputKind.DELTA})
         except _refusals() as exc:
@@ -240,13 +219,14 @@ class LlmEngine:
             ) from exc
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, *, request_id: str, priority: int
+        self, prompt_ids: list[int], sampling: Sampling, *, request_id: str, priority: int
     ) -> AsyncIterator[Chunk]:
         """Streams the generation. Closing or cancelling the iterator aborts the request in the engine at once."""
         from vllm.inputs import TokensPrompt
 
         if self._engine is None:
             raise RuntimeError("the engine is not loaded")
+        params = self.vllm_sampling(sampling)
         # Unique inside the engine even when clients reuse request ids.
         engine_request_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         outputs = self._engine.generate(

@@ -10,6 +10,7 @@ from typing import Any
 from aimass.runtime.config import LlmConfig
 from aimass.runtime.errors import InvalidArgument
 from aimass.v1 import llm_pb2
+from services.llm.protocol import Sampling
 
 ROLE_NAMES = {
     llm_pb2.CHAT_ROLE_SYSTEM: "system",
@@ -70,10 +71,10 @@ def _check_range(field: str, value: float, low: float, high: float, *, low_open:
         )
 
 
-def sampling_kwargs(
+def request_sampling(
     sampling: llm_pb2.SamplingParams, *, prompt_tokens: int, context_length: int, config: LlmConfig
-) -> dict[str, Any]:
-    """vLLM SamplingParams keyword arguments for what the request set (unset fields keep the model's defaults)."""
+) -> Sampling:
+    """The request's sampling, checked against its prompt's length (unset fields keep the model's defaults)."""
     fields = checked_sampling(sampling, config)
     if prompt_tokens >= context_length:
         raise InvalidArgument(
@@ -90,7 +91,7 @@ def sampling_kwargs(
             reason="CONTEXT_LENGTH_EXCEEDED",
             metadata={"prompt_tokens": str(prompt_tokens), "context_length": str(context_length)},
         )
-    return {"max_tokens": sampling.max_tokens or min(config.default_max_tokens, room), **fields}
+    return Sampling(max_tokens=sampling.max_tokens or min(config.default_max_tokens, room), **fields)
 
 
 def checked_sampling(sampling: llm_pb2.SamplingParams, config: LlmConfig) -> dict[str, Any]:
@@ -137,5 +138,5 @@ def checked_sampling(sampling: llm_pb2.SamplingParams, config: LlmConfig) -> dic
                     f"sampling.stop[{i}] is {len(stop)} characters; allowed 1..{config.max_stop_chars}",
                     reason="BAD_STOP_SEQUENCE",
                 )
-        kwargs["stop"] = list(sampling.stop)
+        kwargs["stop"] = tuple(sampling.stop)
     return kwargs

@@ -28,8 +28,8 @@ from aimass.runtime.models import serving_model
 from aimass.runtime.scope import current_scope, deadline_of
 from aimass.tenancy.fair_share import VirtualTokenCounters
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc
-from services.llm.engine import LlmEngine
-from services.llm.sampling import chat_messages, check_prompt_chars, checked_sampling, sampling_kwargs
+from services.llm.protocol import GenerationEngine
+from services.llm.sampling import chat_messages, check_prompt_chars, checked_sampling, request_sampling
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Response = TypeVar("Response", llm_pb2.ChatResponse, llm_pb2.GenerateResponse)
@@ -86,7 +86,7 @@ class ServiceCounters:
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, engine: LlmEngine, config: LlmConfig) -> None:
+    def __init__(self, engine: GenerationEngine, config: LlmConfig) -> None:
         self.engine = engine
         self.config = config
         self.fairness = VirtualTokenCounters()
@@ -167,28 +167,26 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         context: Context,
     ) -> AsyncIterator[Response]:
         received = time.perf_counter()
-        params = self.engine.sampling_params(
-            **sampling_kwargs(
-                request.sampling,
-                prompt_tokens=len(prompt_ids),
-                context_length=self.engine.context_length,
-                config=self.config,
-            )
+        sampling = request_sampling(
+            request.sampling,
+            prompt_tokens=len(prompt_ids),
+            context_length=self.engine.context_length,
+            config=self.config,
         )
         scope = current_scope()
         request_id = request.meta.request_id or scope.request_id
         tenant = scope.tenant
         # vLLM runs lower numbers first: the priority class (capped for the tenant) first, then within it tenants
         # take turns by the service they received (aimass.tenancy.fair_share).
-        rank, estimate = self.fairness.admit(tenant, scope.weight, len(prompt_ids), params.max_tokens or 0)
+        rank, estimate = self.fairness.admit(tenant, scope.weight, len(prompt_ids), sampling.max_tokens)
         priority = scope.rank(request.meta.priority) * PRIORITY_CLASS_SPAN + rank
         completion_tokens = 0
         first_token_ms = 0.0
         first = True
-        span = _inference_span(response_type, model, len(prompt_ids), params.max_tokens or 0, request.meta.priority)
+        span = _inference_span(response_type, model, len(prompt_ids), sampling.max_tokens, request.meta.priority)
         finish_reason = ""
         try:
-            async for chunk in self.engine.stream(prompt_ids, params, request_id=request_id, priority=priority):
+            async for chunk in self.engine.stream(prompt_ids, sampling, request_id=request_id, priority=priority):
                 completion_tokens += chunk.new_tokens
                 if chunk.new_tokens and not first_token_ms:
                     first_token_ms = (time.perf_counter() - received) * 1000
