@@ -8,7 +8,8 @@ published Envoy protos (``xds-protos``), never hand-written.
 Per aimass.v1 service that replicas serve (the name is the same for all four resource types):
 
 - Listener ``aimass.v1.NlpService``: an ``api_listener`` HttpConnectionManager whose routes come by RDS;
-- RouteConfiguration ``aimass.v1.NlpService``: every method (prefix ``/``) to the cluster of that name;
+- RouteConfiguration ``aimass.v1.NlpService``: every method (prefix ``/``) to the cluster of that name, retried
+  (twice) when a replica answers UNAVAILABLE (down or draining, safe to retry);
 - Cluster ``aimass.v1.NlpService``: EDS over ADS, round robin;
 - ClusterLoadAssignment ``aimass.v1.NlpService``: one locality per replica, whose ``load_balancing_weight`` is the
   replica's share. gRPC's round robin ignores endpoint weights but honours locality weights (weighted_target), so a
@@ -77,6 +78,8 @@ WHOLE_STATE_TYPES: Final = frozenset({LISTENER, CLUSTER})
 # Weights: the largest replica gets this much; the others a multiple of a tenth of it (at least 1).
 MAX_WEIGHT: Final = 100
 WEIGHT_STEP: Final = MAX_WEIGHT // 10
+# Retries of a call answered UNAVAILABLE (a replica stopping between the scheduler's view and the call).
+RETRIES: Final = 2
 # Cache rebuilds follow the scheduler's view at most this often (load reports change it constantly).
 REBUILD_INTERVAL_S: Final = 0.1
 # Requests read ahead of the stream's handling; the reader waits beyond (back pressure on the client).
@@ -122,9 +125,17 @@ def listener(service: str) -> Any:
 
 
 def route_configuration(service: str) -> Any:
+    # UNAVAILABLE means the replica is down or draining, safe to retry (on another: gRPC's retries pick again).
+    retry = route_components_pb2.RetryPolicy(
+        retry_on="unavailable",
+        num_retries=wrappers_pb2.UInt32Value(value=RETRIES),
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=duration_pb2.Duration(nanos=25_000_000), max_interval=duration_pb2.Duration(nanos=250_000_000)
+        ),
+    )
     route = route_components_pb2.Route(
         match=route_components_pb2.RouteMatch(prefix="/"),
-        route=route_components_pb2.RouteAction(cluster=service),
+        route=route_components_pb2.RouteAction(cluster=service, retry_policy=retry),
     )
     host = route_components_pb2.VirtualHost(name=service, domains=["*"], routes=[route])
     return route_pb2.RouteConfiguration(name=service, virtual_hosts=[host])

@@ -1,0 +1,298 @@
+"""The scheduler's xDS server: gRPC's own xDS client (``xds:///aimass.v1.NlpService``) calls the replicas directly,
+balanced by the scheduler's weights, and keeps succeeding while a replica stops; the ADS protocol (subscriptions,
+ACK, NACK, stale nonces) at the wire with the published Envoy protos; who may stream.
+
+One mesh of two NLP replicas (`aimass up`) for the module. The caller holds a gateway-role certificate (replicas
+serve their methods to that role only) and sends no API key: the gateway would refuse such a call, so an answer
+came from a replica directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from aimass import pki
+from aimass.local_mesh import LocalMesh
+from aimass.runtime.discovery import Instance, RemoteRegistry
+from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
+from aimass.runtime.metadata import REPLICA_KEY
+from aimass.runtime.xds_client import BOOTSTRAP_ENV, bootstrap_config, xds_channel
+from aimass.v1 import nlp_pb2, nlp_pb2_grpc, scheduler_pb2
+from gateway.view import LoadView
+from scheduler.xds import CLUSTER, ENDPOINTS, LISTENER, MAX_WEIGHT, ROUTE, replica_weights
+from tests.conftest import start_mesh
+from tests.eventually import eventually
+
+NLP = "aimass.v1.NlpService"
+CLIENT = "xds-test-client"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    started = start_mesh(tmp_path_factory.mktemp("xds"), {"nlp": 2})
+    pki.issue(started.settings().pki_dir, role="gateway", name=CLIENT)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def client_credentials(mesh: LocalMesh) -> MeshCredentials:
+    return MeshCredentials.load(mesh.settings().pki_dir, CLIENT)
+
+
+@pytest.fixture(scope="module")
+def bootstrap(mesh: LocalMesh) -> Iterator[dict[str, Any]]:
+    config = bootstrap_config(mesh.scheduler, pki_dir=mesh.settings().pki_dir, name=CLIENT)
+    yield config
+    os.environ.pop(BOOTSTRAP_ENV, None)
+
+
+class AdsStream:
+    """One ADS stream at the protocol level: send DiscoveryRequests, read DiscoveryResponses."""
+
+    def __init__(self, channel: grpc.aio.Channel, node_id: str = "test-node") -> None:
+        self.node_id = node_id
+        self._requests: asyncio.Queue[Any] = asyncio.Queue()
+        self._first = True
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(self._iterate())
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            request = await self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def send(self, type_url: str, names: list[str], *, nonce: str = "", version: str = "", error: str = "") -> None:
+        request = discovery_pb2.DiscoveryRequest(
+            type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version
+        )
+        if self._first:
+            request.node.id = self.node_id
+            self._first = False
+        if error:
+            request.error_detail.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+            request.error_detail.message = error
+        self._requests.put_nowait(request)
+
+    async def receive(self) -> Any:
+        response = await asyncio.wait_for(self.call.read(), 30)
+        assert response is not grpc.aio.EOF, "the ADS stream ended"
+        return response
+
+    async def receive_type(self, type_url: str) -> Any:
+        """The next response of ``type_url``, skipping endpoint pushes (weights change as load reports arrive)."""
+        while True:
+            response = await self.receive()
+            if response.type_url == type_url or response.type_url != ENDPOINTS:
+                return response
+
+    def close(self) -> None:
+        self._requests.put_nowait(None)
+        self.call.cancel()
+
+
+def names_in(response: Any, message: Any) -> list[str]:
+    found = []
+    for packed in response.resources:
+        resource = message()
+        assert packed.Unpack(resource)
+        found.append(resource.name if hasattr(resource, "name") and resource.name else resource.cluster_name)
+    return found
+
+
+def scheduler_channel(mesh: LocalMesh) -> grpc.aio.Channel:
+    return mesh_channel(mesh.scheduler, mesh.operator_credentials(), server_role=ROLE_SCHEDULER)
+
+
+async def nlp_instances(mesh: LocalMesh) -> list[Instance]:
+    registry = RemoteRegistry(mesh.scheduler, mesh.operator_credentials())
+    try:
+        return [i for i in await registry.list_instances() if i.kind == "nlp" and i.serving]
+    finally:
+        await registry.close()
+
+
+async def embed_through(stub: nlp_pb2_grpc.NlpServiceStub, text: str) -> str:
+    """One Embed call; the replica that answered."""
+    call: Any = stub.Embed(nlp_pb2.EmbedRequest(texts=[text]), timeout=30)
+    response = await call
+    assert len(response.embeddings) == 1 and len(response.embeddings[0].values) > 100
+    return str(dict(await call.trailing_metadata() or ())[REPLICA_KEY])
+
+
+async def test_an_xds_client_calls_both_replicas_directly(
+    mesh: LocalMesh, client_credentials: MeshCredentials, bootstrap: dict[str, Any]
+) -> None:
+    replicas = {i.instance_id for i in await nlp_instances(mesh)}
+    assert len(replicas) == 2
+    async with xds_channel(NLP, client_credentials, bootstrap=bootstrap) as channel:
+        stub = nlp_pb2_grpc.NlpServiceStub(channel)
+        served = collections.Counter([await embed_through(stub, f"text number {i}") for i in range(40)])
+    assert set(served) == replicas, f"not every replica got traffic: {dict(served)}"
+
+
+async def test_an_unknown_listener_is_a_clear_error(
+    client_credentials: MeshCredentials, bootstrap: dict[str, Any]
+) -> None:
+    async with xds_channel("aimass.v1.NoSuchService", client_credentials, bootstrap=bootstrap, role="nlp") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await nlp_pb2_grpc.NlpServiceStub(channel).Embed(nlp_pb2.EmbedRequest(texts=["x"]), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "aimass.v1.NoSuchService: does not exist" in (caught.value.details() or "")
+
+
+async def test_ads_without_a_mesh_certificate_or_with_a_replica_role_is_refused(mesh: LocalMesh) -> None:
+    pki_dir = mesh.settings().pki_dir
+    anonymous = grpc.ssl_channel_credentials(root_certificates=pki.ca_files(pki_dir).cert.read_bytes())
+    options = [("grpc.ssl_target_name_override", pki.server_name(ROLE_SCHEDULER))]
+    async with grpc.aio.secure_channel(mesh.scheduler, anonymous, options=options) as channel:
+        stream = AdsStream(channel)
+        stream.send(LISTENER, [NLP])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.receive()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake wants a client certificate
+    pki.issue(pki_dir, role="nlp", name="xds-test-replica")
+    replica = MeshCredentials.load(pki_dir, "xds-test-replica")
+    async with mesh_channel(mesh.scheduler, replica, server_role=ROLE_SCHEDULER) as channel:
+        stream = AdsStream(channel)
+        stream.send(LISTENER, [NLP])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.receive()
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "may not call /envoy.service.discovery.v3.AggregatedDiscoveryService" in (caught.value.details() or "")
+
+
+async def test_ads_subscriptions_ack_nack_and_stale_nonces(mesh: LocalMesh) -> None:
+    async with scheduler_channel(mesh) as channel:
+        stream = AdsStream(channel)
+        stream.send(LISTENER, [NLP])
+        listeners = await stream.receive_type(LISTENER)
+        assert listeners.type_url == LISTENER and names_in(listeners, listener_pb2.Listener) == [NLP]
+        assert listeners.nonce and listeners.version_info
+        # A NACK of that version: not sent again; the next answer is the one to the cluster subscription.
+        stream.send(LISTENER, [NLP], nonce=listeners.nonce, error="rejected by the test")
+        stream.send(CLUSTER, [NLP])
+        clusters = await stream.receive_type(CLUSTER)
+        assert clusters.type_url == CLUSTER and len(clusters.resources) == 1
+        # A request with a nonce the server never sent last is stale: ignored, so the next answer is to RDS.
+        stream.send(LISTENER, [NLP, "aimass.v1.VisionService"], nonce="not-the-last-nonce")
+        stream.send(ROUTE, [NLP])
+        routes = await stream.receive_type(ROUTE)
+        assert routes.type_url == ROUTE and len(routes.resources) == 1
+        # ACKs change nothing; new names are answered at once, with only the resources that exist.
+        stream.send(CLUSTER, [NLP], nonce=clusters.nonce, version=clusters.version_info)
+        stream.send(LISTENER, [NLP, "aimass.v1.NoSuchService"], nonce=listeners.nonce)
+        again = await stream.receive_type(LISTENER)
+        assert again.type_url == LISTENER and names_in(again, listener_pb2.Listener) == [NLP]
+        assert again.nonce != listeners.nonce
+        stream.close()
+        # Empty names in the first request: every listener (the wildcard).
+        wildcard = AdsStream(channel, "wildcard-node")
+        wildcard.send(LISTENER, [])
+        everything = await wildcard.receive_type(LISTENER)
+        assert NLP in names_in(everything, listener_pb2.Listener)
+        wildcard.close()
+
+
+async def test_endpoints_carry_every_replica_with_a_weight(mesh: LocalMesh) -> None:
+    async with scheduler_channel(mesh) as channel:
+        stream = AdsStream(channel)
+        stream.send(ENDPOINTS, [NLP])
+        response = await stream.receive_type(ENDPOINTS)
+        stream.close()
+    (packed,) = response.resources
+    assignment = endpoint_pb2.ClusterLoadAssignment()
+    assert packed.Unpack(assignment) and assignment.cluster_name == NLP
+    addresses, weights = set(), []
+    for locality in assignment.endpoints:
+        (endpoint,) = locality.lb_endpoints
+        address = endpoint.endpoint.address.socket_address
+        addresses.add(f"{address.address}:{address.port_value}")
+        assert endpoint.health_status == 1  # HEALTHY
+        weights.append(locality.load_balancing_weight.value)
+    assert addresses == set(mesh.addresses("nlp"))
+    assert all(1 <= w <= MAX_WEIGHT for w in weights) and max(weights) == MAX_WEIGHT
+
+
+def test_weights_follow_capacity_kv_pressure_and_warmth() -> None:
+    def replica(instance_id: str, *, loaded: bool = True, kv: float = 0.0) -> Any:
+        model = scheduler_pb2.ModelLoad(loaded=loaded, kv_cache_usage=kv)
+        return scheduler_pb2.ReplicaView(instance_id=instance_id, models=[model])
+
+    view = scheduler_pb2.RoutingView(
+        version=1, replicas=[replica("a"), replica("b", kv=1.0), replica("c", loaded=False)]
+    )
+    loads = LoadView()
+    loads.apply(view)
+    weights = replica_weights(view, loads)
+    # Same capacity (none measured yet); a full KV cache halves the share; a cold replica the least while warm exist.
+    assert weights == {"a": MAX_WEIGHT, "b": MAX_WEIGHT // 2, "c": 1}
+    all_cold = scheduler_pb2.RoutingView(version=2, replicas=[replica("x", loaded=False), replica("y", loaded=False)])
+    loads.apply(all_cold)
+    assert replica_weights(all_cold, loads) == {"x": MAX_WEIGHT, "y": MAX_WEIGHT}
+
+
+async def test_a_stopping_replica_leaves_the_endpoints_and_calls_keep_succeeding(
+    mesh: LocalMesh, client_credentials: MeshCredentials, bootstrap: dict[str, Any]
+) -> None:
+    """Last in the module: a replica is stopped (SIGTERM: it drains, then the supervisor starts it again)."""
+    victim = (await nlp_instances(mesh))[0]
+    codes: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+    async with scheduler_channel(mesh) as admin, xds_channel(NLP, client_credentials, bootstrap=bootstrap) as channel:
+        watch = AdsStream(admin, "stop-watcher")
+        watch.send(ENDPOINTS, [NLP])
+        stub = nlp_pb2_grpc.NlpServiceStub(channel)
+
+        async def caller(index: int) -> None:
+            while not stop.is_set():
+                try:
+                    await embed_through(stub, f"caller {index}")
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as err:
+                    codes[err.code().name] += 1
+
+        callers = [asyncio.create_task(caller(i)) for i in range(4)]
+        await eventually("calls flow", lambda: codes["OK"] >= 20, 60)
+        os.kill(victim.pid, signal.SIGTERM)
+
+        def healthy_ids(response: Any) -> set[str]:
+            (packed,) = response.resources
+            assignment = endpoint_pb2.ClusterLoadAssignment()
+            packed.Unpack(assignment)
+            return {
+                locality.locality.sub_zone
+                for locality in assignment.endpoints
+                if all(e.health_status == 1 for e in locality.lb_endpoints)
+            }
+
+        while victim.instance_id in healthy_ids(await watch.receive_type(ENDPOINTS)):
+            pass
+        after_removal = codes["OK"]
+        await eventually("calls go on after the replica left", lambda: codes["OK"] >= after_removal + 20, 60)
+        stop.set()
+        await asyncio.gather(*callers)
+        watch.close()
+    assert set(codes) == {"OK"}, f"calls failed while a replica stopped: {dict(codes)}"
+
+
+def test_bootstrap_names_the_scheduler_with_mesh_tls(tmp_path: Path) -> None:
+    config = bootstrap_config("127.0.0.1:1234", pki_dir=tmp_path, name="job")
+    (server,) = config["xds_servers"]
+    assert server["server_uri"] == "127.0.0.1:1234" and server["server_features"] == ["xds_v3"]
+    (creds,) = server["channel_creds"]
+    assert creds["type"] == "tls" and creds["config"]["certificate_file"].endswith("job.crt")
+    assert config["node"]["id"].startswith("job@")
