@@ -2,7 +2,10 @@
 
 Node agents report device readings, replicas report their load, the registry says which replicas exist and where
 they listen. The scheduler joins them into one ``RoutingView`` with a version that increases on every change, and
-pushes it to every gateway that watches (at most one view per subscriber interval: load reports arrive constantly).
+pushes it to every gateway that watches (at most one view per subscriber interval). Reports arrive every interval
+whether or not anything changed; only those that change what the view says make a new version (``load_changed``,
+``readings_changed``: an idle mesh's reports are the same every second, and the CPU's readings jitter), so an idle
+mesh pushes no views at all.
 Placement decisions go through ``PlacementTable`` against the latest readings. Nothing here is on a request's path.
 """
 
@@ -45,6 +48,58 @@ WATCHERS = prometheus_client.Gauge("aimass_scheduler_view_watchers", "Gateways w
 VIEWS_SENT = prometheus_client.Counter("aimass_scheduler_views_sent_total", "Routing views pushed to watchers.")
 
 
+# A node's readings change the view when a device's utilisation moved this many percentage points, or its used
+# memory this fraction of the total, since the readings the view holds: the CPU's readings jitter every second.
+UTILIZATION_STEP_PERCENT = 5.0
+MEMORY_STEP_FRACTION = 0.01
+TEMPERATURE_STEP_CELSIUS = 5.0
+POWER_STEP_WATTS = 25.0
+
+
+def readings_changed(before: Iterable[scheduler_pb2.NodeDevice], after: Iterable[scheduler_pb2.NodeDevice]) -> bool:
+    """Whether ``after`` differs from ``before`` enough to tell the gateways: other devices or processes, another
+    device description, or a reading moved by a step (above). Small drifts accumulate until they make a step."""
+    old, new = list(before), list(after)
+    if [d.device_id for d in old] != [d.device_id for d in new]:
+        return True
+    for was, now in zip(old, new, strict=True):
+        if list(was.processes) != list(now.processes):
+            return True
+        a, b = was.info, now.info
+        if abs(a.utilization_percent - b.utilization_percent) >= UTILIZATION_STEP_PERCENT:
+            return True
+        total = max(a.memory_total_bytes, b.memory_total_bytes, 1)
+        if abs(a.memory_used_bytes - b.memory_used_bytes) / total >= MEMORY_STEP_FRACTION:
+            return True
+        if abs(a.temperature_celsius - b.temperature_celsius) >= TEMPERATURE_STEP_CELSIUS:
+            return True
+        if abs(a.power_watts - b.power_watts) >= POWER_STEP_WATTS:
+            return True
+        described = (a.kind, a.index, a.name, a.uuid, a.memory_total_bytes, a.compute_tflops)
+        if described != (b.kind, b.index, b.name, b.uuid, b.memory_total_bytes, b.compute_tflops):
+            return True
+    return False
+
+
+def load_changed(before: scheduler_pb2.ReportLoadRequest, after: scheduler_pb2.ReportLoadRequest) -> bool:
+    """Whether a replica's new report says something the view does not: its state, node, models' figures (in
+    flight, queues, loaded, memory, rate), or tenants' work to account. Its timestamps alone do not."""
+    if after.tenant_tokens or before.state != after.state or before.node_id != after.node_id:
+        return True
+    if len(before.models) != len(after.models):
+        return True
+    for was, now in zip(before.models, after.models, strict=True):
+        # When a model was last used moves on every request; routing never reads it, placement gets it anyway.
+        if was.last_used_unix_ms != now.last_used_unix_ms:
+            copy = scheduler_pb2.ModelLoad()
+            copy.CopyFrom(was)
+            copy.last_used_unix_ms = now.last_used_unix_ms
+            was = copy
+        if was != now:
+            return True
+    return False
+
+
 class SchedulerState:
     def __init__(
         self,
@@ -65,6 +120,8 @@ class SchedulerState:
         self.token_weights = token_weights
         self.table = PlacementTable()
         self.nodes: dict[str, scheduler_pb2.NodeView] = {}
+        # Node id → its readings when they last changed the view: drifts are measured from there (readings_changed).
+        self._node_basis: dict[str, list[scheduler_pb2.NodeDevice]] = {}
         self.loads: dict[str, scheduler_pb2.ReportLoadRequest] = {}
         self.load_received_ms: dict[str, int] = {}
         self.instances: dict[str, Instance] = {}
@@ -110,9 +167,19 @@ class SchedulerState:
 
     # -- inputs --------------------------------------------------------------------------------------------------
 
-    def record_node(self, report: scheduler_pb2.ReportNodeRequest) -> None:
+    def record_node(self, report: scheduler_pb2.ReportNodeRequest) -> bool:
+        """Records a node's readings; whether they changed the view (``readings_changed``)."""
         if not report.node_id:
             raise InvalidArgument("node_id is empty; a node agent names its node", reason="NO_NODE_ID")
+        before = self.nodes.get(report.node_id)
+        changed = (
+            before is None
+            or before.host != report.host
+            or before.source != report.source
+            or readings_changed(self._node_basis.get(report.node_id, ()), report.devices)
+        )
+        if changed:
+            self._node_basis[report.node_id] = list(report.devices)
         self.nodes[report.node_id] = scheduler_pb2.NodeView(
             node_id=report.node_id,
             host=report.host,
@@ -120,10 +187,14 @@ class SchedulerState:
             devices=report.devices,
             last_report_unix_ms=now_ms(),
         )
+        return changed
 
-    def record_load(self, report: scheduler_pb2.ReportLoadRequest) -> None:
+    def record_load(self, report: scheduler_pb2.ReportLoadRequest) -> bool:
+        """Records a replica's load; whether it changed the view (``load_changed``)."""
         if not report.instance_id:
             raise InvalidArgument("instance_id is empty; a replica reports as itself", reason="NO_INSTANCE_ID")
+        before = self.loads.get(report.instance_id)
+        changed = before is None or load_changed(before, report)
         self.loads[report.instance_id] = report
         self.load_received_ms[report.instance_id] = now_ms()
         for work in report.tenant_tokens:
@@ -147,6 +218,7 @@ class SchedulerState:
                 )
             else:
                 self.table.observe_unloaded(load.model, load.device_id, report.instance_id)
+        return changed
 
     def _account(self, work: scheduler_pb2.TenantTokens) -> None:
         tenant = work.tenant_id or "anonymous"
@@ -177,6 +249,7 @@ class SchedulerState:
         for node_id, node in list(self.nodes.items()):
             if now - node.last_report_unix_ms > self.silence_ms:
                 del self.nodes[node_id]
+                self._node_basis.pop(node_id, None)
                 evicted = self.table.drop_node(node_id)
                 gone.append(f"node {node_id} ({len(evicted)} placements dropped)")
         for instance_id, received in list(self.load_received_ms.items()):
@@ -392,9 +465,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ReportNodeRequest, context: Context
     ) -> scheduler_pb2.ReportNodeResponse:
         self.state.check_reporter(peer_identity(context), self.state.node_reporters, "node", request.node_id)
-        self.state.record_node(request)
         REPORTS.labels("node").inc()
-        await self.state.changed()
+        if self.state.record_node(request):
+            await self.state.changed()
         return scheduler_pb2.ReportNodeResponse(report_interval_ms=self.state.report_interval_ms)
 
     async def ReportLoad(
@@ -404,9 +477,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.state.check_reporter(
             peer_identity(context), self.state.instance_reporters, "instance", request.instance_id, owner
         )
-        self.state.record_load(request)
         REPORTS.labels("load").inc()
-        await self.state.changed()
+        if self.state.record_load(request):
+            await self.state.changed()
         return scheduler_pb2.ReportLoadResponse(report_interval_ms=self.state.report_interval_ms)
 
     async def WatchView(
