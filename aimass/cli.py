@@ -20,7 +20,7 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass import admin_cli, cluster_cli, lifecycle_cli
+from aimass import admin_cli, cluster_cli, lifecycle_cli, xds_cli
 from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
 from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
@@ -393,6 +393,7 @@ def parser() -> argparse.ArgumentParser:
     admin_cli.add_commands(commands)
     lifecycle_cli.add_commands(commands)
     cluster_cli.add_commands(commands)
+    xds_cli.add_commands(commands)
     return root
 
 
@@ -407,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lifecycle_cli.run(args)
     if args.command == cluster_cli.COMMAND:
         return cluster_cli.run(args)
+    if args.command == xds_cli.COMMAND:
+        return xds_cli.run(args)
     return admin_cli.run(args)
 
 

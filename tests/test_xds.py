@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,11 +31,11 @@ from aimass.local_mesh import LocalMesh
 from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
 from aimass.runtime.metadata import REPLICA_KEY
-from aimass.runtime.xds_client import BOOTSTRAP_ENV, bootstrap_config, xds_channel
+from aimass.runtime.xds_client import BOOTSTRAP_ENV, BOOTSTRAP_FILE_ENV, bootstrap_config, xds_channel
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc, scheduler_pb2
 from gateway.view import LoadView
 from scheduler.xds import CLUSTER, ENDPOINTS, LISTENER, MAX_WEIGHT, ROUTE, replica_weights
-from tests.conftest import start_mesh
+from tests.conftest import BIN, start_mesh
 from tests.eventually import eventually
 
 NLP = "aimass.v1.NlpService"
@@ -245,6 +248,57 @@ def test_weights_follow_capacity_kv_pressure_and_warmth() -> None:
     assert replica_weights(all_cold, loads) == {"x": MAX_WEIGHT, "y": MAX_WEIGHT}
 
 
+def test_aimass_xds_bootstrap_file_serves_a_client_in_another_process(
+    mesh: LocalMesh, client_credentials: MeshCredentials, tmp_path: Path
+) -> None:
+    """What a Go or Java client does: GRPC_XDS_BOOTSTRAP names the file `aimass xds bootstrap` wrote."""
+    assert mesh.state_dir is not None
+    env = {**os.environ, "AIMASS_STATE_DIR": str(mesh.state_dir), "AIMASS_SCHEDULER__ADDRESS": mesh.scheduler}
+    env.pop(BOOTSTRAP_ENV, None)
+    path = tmp_path / "bootstrap.json"
+    made = subprocess.run(
+        [str(BIN / "aimass"), "xds", "bootstrap", "--name", CLIENT, "--out", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    assert json.loads(path.read_text())["xds_servers"][0]["server_uri"] == mesh.scheduler
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from aimass.runtime.identity import MeshCredentials\n"
+        "from aimass.runtime.xds_client import xds_channel\n"
+        "from aimass.v1 import nlp_pb2, nlp_pb2_grpc\n"
+        "async def main():\n"
+        f"    creds = MeshCredentials.load(Path({str(mesh.settings().pki_dir)!r}), {CLIENT!r})\n"
+        "    async with xds_channel('aimass.v1.NlpService', creds) as channel:\n"
+        "        stub = nlp_pb2_grpc.NlpServiceStub(channel)\n"
+        "        reply = await stub.Embed(nlp_pb2.EmbedRequest(texts=['hi']), timeout=30)\n"
+        "    print(len(reply.embeddings[0].values))\n"
+        "asyncio.run(main())\n"
+    )
+    called = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, BOOTSTRAP_FILE_ENV: str(path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert called.returncode == 0, called.stderr
+    assert int(called.stdout.strip()) > 100
+
+
+def test_bootstrap_names_the_scheduler_with_mesh_tls(tmp_path: Path) -> None:
+    config = bootstrap_config("127.0.0.1:1234", pki_dir=tmp_path, name="job")
+    (server,) = config["xds_servers"]
+    assert server["server_uri"] == "127.0.0.1:1234" and server["server_features"] == ["xds_v3"]
+    (creds,) = server["channel_creds"]
+    assert creds["type"] == "tls" and creds["config"]["certificate_file"].endswith("job.crt")
+    assert config["node"]["id"].startswith("job@")
+
+
 async def test_a_stopping_replica_leaves_the_endpoints_and_calls_keep_succeeding(
     mesh: LocalMesh, client_credentials: MeshCredentials, bootstrap: dict[str, Any]
 ) -> None:
@@ -287,12 +341,3 @@ async def test_a_stopping_replica_leaves_the_endpoints_and_calls_keep_succeeding
         await asyncio.gather(*callers)
         watch.close()
     assert set(codes) == {"OK"}, f"calls failed while a replica stopped: {dict(codes)}"
-
-
-def test_bootstrap_names_the_scheduler_with_mesh_tls(tmp_path: Path) -> None:
-    config = bootstrap_config("127.0.0.1:1234", pki_dir=tmp_path, name="job")
-    (server,) = config["xds_servers"]
-    assert server["server_uri"] == "127.0.0.1:1234" and server["server_features"] == ["xds_v3"]
-    (creds,) = server["channel_creds"]
-    assert creds["type"] == "tls" and creds["config"]["certificate_file"].endswith("job.crt")
-    assert config["node"]["id"].startswith("job@")

@@ -81,7 +81,7 @@ def bootstrap_config(
         "xds_servers": [
             {"server_uri": scheduler_address, "channel_creds": channel_creds, "server_features": ["xds_v3"]}
         ],
-        "node": {"id": node_id or f"{name}@{socket.gethostname()}/{os.getpid()}", "cluster": "aimass"},
+        "node": {"id": node_id or f"{name}@{socket.gethostname()}", "cluster": "aimass"},
     }
 
 
