@@ -68,7 +68,9 @@ class NodeAgent(PeriodicReporter):
         self.node_id = node_id
         self.host = host
 
-    async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
+    async def _send(
+        self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float, *, force: bool
+    ) -> int | None:
         # NVML calls block (tens of ms per GPU), so they stay off the event loop.
         devices = await asyncio.to_thread(self.reader.read)
         export_readings(self.node_id, devices)

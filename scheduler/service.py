@@ -23,6 +23,7 @@ import prometheus_client
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, InMemoryRegistry, Instance
 from aimass.runtime.errors import AimassError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from aimass.runtime.identity import MeshIdentity, check_owner, peer_identity
+from aimass.runtime.load_report import KEEPALIVE_INTERVALS, load_changed
 from aimass.store.records import now_ms
 from aimass.tenancy.fair_share import TOKEN_WEIGHTS, TokenWeights
 from aimass.tenancy.quotas import TokenUsage
@@ -81,25 +82,6 @@ def readings_changed(before: Iterable[scheduler_pb2.NodeDevice], after: Iterable
     return False
 
 
-def load_changed(before: scheduler_pb2.ReportLoadRequest, after: scheduler_pb2.ReportLoadRequest) -> bool:
-    """Whether a replica's new report says something the view does not: its state, node, models' figures (in
-    flight, queues, loaded, memory, rate), or tenants' work to account. Its timestamps alone do not."""
-    if after.tenant_tokens or before.state != after.state or before.node_id != after.node_id:
-        return True
-    if len(before.models) != len(after.models):
-        return True
-    for was, now in zip(before.models, after.models, strict=True):
-        # When a model was last used moves on every request; routing never reads it, placement gets it anyway.
-        if was.last_used_unix_ms != now.last_used_unix_ms:
-            copy = scheduler_pb2.ModelLoad()
-            copy.CopyFrom(was)
-            copy.last_used_unix_ms = now.last_used_unix_ms
-            was = copy
-        if was != now:
-            return True
-    return False
-
-
 class SchedulerState:
     def __init__(
         self,
@@ -116,6 +98,7 @@ class SchedulerState:
         # Modality → the most bytes its placements may take together on one device (scheduler.model_budgets).
         self.model_budgets = dict(model_budgets or {})
         self.silence_ms = silent_intervals * self.report_interval_ms
+        self.keepalive_ms = KEEPALIVE_INTERVALS * self.report_interval_ms
         self.tenant_weights = dict(tenant_weights or {})
         self.token_weights = token_weights
         self.table = PlacementTable()
@@ -253,7 +236,9 @@ class SchedulerState:
                 evicted = self.table.drop_node(node_id)
                 gone.append(f"node {node_id} ({len(evicted)} placements dropped)")
         for instance_id, received in list(self.load_received_ms.items()):
-            if now - received > self.silence_ms:
+            # A replica still in the registry (its heartbeats say it lives) skips unchanged reports (LoadReporter).
+            registered = instance_id in self.instances
+            if now - received > self.silence_ms + (self.keepalive_ms if registered else 0):
                 del self.load_received_ms[instance_id]
                 del self.loads[instance_id]
                 dropped = self.table.drop_instance(instance_id)

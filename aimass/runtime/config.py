@@ -300,8 +300,26 @@ class NlpConfig(ServesConfig):
     # Classify: texts x labels per request (each pair is a score computed and a LabelScore in the reply).
     max_classify_pairs: PositiveInt = 4096
     embed_batching: BatchingConfig = BatchingConfig()
-    # Torch threads for the embedding model (0 = torch's default: all cores).
+    # Torch threads for the embedding model (0 = half the cores this process may use: model_threads).
     torch_threads: int = Field(default=0, ge=0)
+
+
+def model_threads(requested: int) -> int:
+    """Threads a replica's model runtime (torch, onnxruntime, CTranslate2) uses: ``requested``, or for 0 half the
+    cores this process may run on (its CPU affinity), at least one.
+
+    A mesh on one host runs a gateway, a scheduler and several replicas side by side; each library's own default
+    (every core) in every process oversubscribes the cores as soon as two of them work at once, and leaves nothing
+    for the gateway forwarding the busy one's traffic. Set the config key to the core count for a replica that has
+    the host to itself.
+    """
+    if requested > 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def default_vision_cache_dir() -> Path:
@@ -339,7 +357,7 @@ class VisionConfig(ServesConfig):
     # After an image of at least this many pixels, freed heap is handed back to the OS (glibc malloc_trim).
     trim_after_pixels: PositiveInt = 4_000_000
     classify_batching: BatchingConfig = BatchingConfig(max_batch_size=32, max_queue_size=512)
-    # CPU threads for onnxruntime / torch (0 = the library's default: all cores).
+    # CPU threads for onnxruntime / torch (0 = half the cores this process may use: model_threads).
     threads: int = Field(default=0, ge=0)
 
 
@@ -348,7 +366,8 @@ class SpeechConfig(ServesConfig):
     server: ServerConfig = ServerConfig(port=50081, max_message_bytes=32 * 1024 * 1024)
     # "auto" takes CUDA when CTranslate2 sees a GPU, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # CTranslate2 threads for Whisper (0 = its default).
+    # CTranslate2 threads for Whisper, and onnxruntime's for Kokoro (0 = half the cores this process may use:
+    # model_threads).
     asr_threads: int = Field(default=0, ge=0)
     # Beam width for Transcribe and final stream segments; partial hypotheses always use greedy decoding.
     asr_beam_size: PositiveInt = 5
@@ -403,10 +422,14 @@ class LlmConfig(ServesConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Longest prompt + completion served (the model's own limit caps it; 0 = the model's limit).
     max_model_len: int = Field(default=4096, ge=0)
-    # Sequences decoded together in one engine step (continuous batching).
-    max_num_seqs: PositiveInt = 16
+    # Sequences decoded together in one engine step (continuous batching). vLLM's own server takes 128 on a CPU;
+    # a lower cap queues requests the engine could have taken (benchmarks/trace_replay.py).
+    max_num_seqs: PositiveInt = 128
     # Accepted requests beyond max_num_seqs wait in the engine; past this many waiting, RESOURCE_EXHAUSTED.
-    max_waiting: int = Field(default=64, ge=0)
+    max_waiting: int = Field(default=256, ge=0)
+    # Tokens one engine step takes (prompt chunks plus one per decoding sequence: chunked prefill); a long prompt is
+    # prefilled over several steps so decoding sequences keep their pace. 0 = vLLM's default (2,048).
+    max_num_batched_tokens: int = Field(default=0, ge=0)
     # KV-cache memory: whole GiB of RAM on the CPU (VLLM_CPU_KVCACHE_SPACE), fraction of GPU memory on CUDA.
     cpu_kv_cache_gib: PositiveInt = 1
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)

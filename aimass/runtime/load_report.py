@@ -97,8 +97,35 @@ class AdmissionLoad:
         return [scheduler_pb2.TenantTokens(tenant_id=tenant, requests=n) for tenant, n in sorted(by_tenant.items())]
 
 
+# An unchanged load report is sent again after this many intervals (see LoadReporter); the scheduler keeps a
+# registered replica's last report this much longer before it counts the replica silent.
+KEEPALIVE_INTERVALS = 10
+
+
+def load_changed(before: scheduler_pb2.ReportLoadRequest, after: scheduler_pb2.ReportLoadRequest) -> bool:
+    """Whether a replica's new report says something ``before`` does not: its state, node, models' figures (in
+    flight, queues, loaded, memory, rate), or tenants' work to account. Timestamps and windows alone do not."""
+    if after.tenant_tokens or before.state != after.state or before.node_id != after.node_id:
+        return True
+    if len(before.models) != len(after.models):
+        return True
+    for was, now in zip(before.models, after.models, strict=True):
+        # When a model was last used moves on every request; routing never reads it (placement's LRU gets it with
+        # the next report that changes anything, or the keep-alive).
+        if was.last_used_unix_ms != now.last_used_unix_ms:
+            copy = scheduler_pb2.ModelLoad()
+            copy.CopyFrom(was)
+            copy.last_used_unix_ms = now.last_used_unix_ms
+            was = copy
+        if was != now:
+            return True
+    return False
+
+
 class LoadReporter(PeriodicReporter):
-    """Sends ``app``'s load as this replica's ReportLoad."""
+    """Sends ``app``'s load as this replica's ReportLoad: every interval while it changes, and every
+    ``KEEPALIVE_INTERVALS`` intervals while it does not (an idle replica), so idle replicas cost the scheduler
+    almost nothing."""
 
     def __init__(
         self,
@@ -116,6 +143,9 @@ class LoadReporter(PeriodicReporter):
         self.node_id = node_id
         self.state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_SERVING
         self._last_report = time.monotonic()
+        # The last report the scheduler took, and how many intervals' reports were skipped since.
+        self._last_sent: scheduler_pb2.ReportLoadRequest | None = None
+        self._skipped = 0
 
     def build_report(self) -> scheduler_pb2.ReportLoadRequest:
         now = time.monotonic()
@@ -136,8 +166,21 @@ class LoadReporter(PeriodicReporter):
             tenant_tokens=self.app.tenant_tokens(),
         )
 
-    async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
-        response = await stub.ReportLoad(self.build_report(), timeout=timeout_s)
+    async def _send(
+        self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float, *, force: bool
+    ) -> int | None:
+        report = self.build_report()
+        last = self._last_sent
+        if (
+            not force
+            and last is not None
+            and self._skipped + 1 < KEEPALIVE_INTERVALS
+            and not load_changed(last, report)
+        ):
+            self._skipped += 1
+            return None
+        response = await stub.ReportLoad(report, timeout=timeout_s)
+        self._last_sent, self._skipped = report, 0
         return response.report_interval_ms
 
     async def stop(self, state: common_pb2.ServingState.ValueType = common_pb2.SERVING_STATE_DRAINING) -> None:

@@ -2,6 +2,10 @@
 
 The scheduler is never on a request's path: one that is down or slow only delays reports (logged once, retried,
 never fatal), and a report source that fails is logged once per failure streak rather than every interval.
+
+A reporter may skip a report that says nothing new (``_send`` returns None: an idle replica's load is the same every
+second); it still sends one every ``keepalive_intervals`` intervals, so a scheduler that restarted learns it, and
+``report(force=True)`` always sends.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ class PeriodicReporter(abc.ABC):
         self._failing = False
 
     @abc.abstractmethod
-    async def _send(self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float) -> int:
-        """Builds and sends one report; returns the interval the scheduler asks for next, in ms (0: unchanged)."""
+    async def _send(
+        self, stub: scheduler_pb2_grpc.SchedulerServiceAsyncStub, timeout_s: float, *, force: bool
+    ) -> int | None:
+        """Builds and sends one report; returns the interval the scheduler asks for next, in ms (0: unchanged), or
+        None when it sent nothing because nothing changed (only when not ``force``)."""
 
     @property
     def running(self) -> bool:
@@ -53,11 +60,14 @@ class PeriodicReporter(abc.ABC):
         self._stub = scheduler_pb2_grpc.SchedulerServiceStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self.what)
 
-    async def report(self) -> bool:
-        """Sends one report now; whether the scheduler took it."""
+    async def report(self, *, force: bool = True) -> bool:
+        """Sends one report now (unless not ``force`` and it would say nothing new); whether the scheduler took it
+        (False also when skipped)."""
         assert self._stub is not None, "start() first"
         try:
-            interval_ms = await self._send(self._stub, max(self.interval_s, 1.0))
+            interval_ms = await self._send(self._stub, max(self.interval_s, 1.0), force=force)
+            if interval_ms is None:
+                return False
         except grpc.aio.AioRpcError as err:
             if not self._unreachable:
                 log.warning(
@@ -82,7 +92,7 @@ class PeriodicReporter(abc.ABC):
         while True:
             started = loop.time()
             try:
-                await self.report()
+                await self.report(force=False)
                 self._failing = False
             except Exception:
                 if not self._failing:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from aimass.runtime.config import model_threads
 from aimass.runtime.errors import DeadlineExceeded
 from aimass.runtime.models import ModelSet
 
@@ -101,7 +102,8 @@ def load_minilm(device: str, *, torch_threads: int = 0) -> Any:
 class NlpEngine:
     def __init__(self, *, device: str = "auto", torch_threads: int = 0) -> None:
         self.device = pick_device(device)
-        self.torch_threads = torch_threads
+        # 0: this process's share of the cores, not torch's default of all of them (model_threads).
+        self.torch_threads = model_threads(torch_threads)
         self.models = ModelSet(
             {EMBED_MODEL: self._load_embedder, SENTIMENT_MODEL: self._load_sentiment, NER_MODEL: self._load_ner},
             device=self.device,

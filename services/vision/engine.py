@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from aimass.runtime.config import VisionConfig
+from aimass.runtime.config import VisionConfig, model_threads
 from aimass.runtime.models import ModelSet
 from services.vision.mtcnn import LANDMARK_NAMES, FaceBox, Mtcnn
 
@@ -198,15 +198,13 @@ class VisionEngine:
         if self.backend == "torch":
             import torch
 
-            if self.config.threads:
-                torch.set_num_threads(self.config.threads)
+            torch.set_num_threads(model_threads(self.config.threads))
             classifier = build_torch_classifier().to(self.device)
         else:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            if self.config.threads:
-                options.intra_op_num_threads = self.config.threads
+            options.intra_op_num_threads = model_threads(self.config.threads)
             providers = ["CPUExecutionProvider"]
             if self.device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
                 providers.insert(0, "CUDAExecutionProvider")
