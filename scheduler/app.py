@@ -69,7 +69,7 @@ from scheduler.lifecycle.jobs import JobController, TrainingServicer
 from scheduler.lifecycle.replica_sync import ReplicaSync
 from scheduler.model_loading import ModelLoadingServicer
 from scheduler.service import Context, SchedulerServicer, SchedulerState
-from scheduler.xds import ADS_SERVICE, XdsServer
+from scheduler.xds import XDS_SERVICES, XdsServer
 
 if TYPE_CHECKING:
     from aimass.runtime.discovery.leader import ConsulLeader
@@ -95,7 +95,7 @@ SCHEDULER_POLICY = MeshPolicy(
         f"/{SCHEDULER_SERVICE}/GetPlacement": (ROLE_GATEWAY, ROLE_OPERATOR),
         # xDS (scheduler/xds.py): internal callers dial replicas directly with a gateway certificate (the role
         # replicas serve); operators may read it too.
-        f"/{ADS_SERVICE}/": (ROLE_GATEWAY, ROLE_OPERATOR),
+        **{f"/{service}/": (ROLE_GATEWAY, ROLE_OPERATOR) for service in XDS_SERVICES},
         # Loads and unloads: public calls the gateway forwards (models:admin checked there) with the caller's scope.
         f"/{MODEL_SERVICE}/LoadModel": (ROLE_GATEWAY,),
         f"/{MODEL_SERVICE}/UnloadModel": (ROLE_GATEWAY,),

@@ -29,7 +29,9 @@ current resources at once (for listeners and clusters, a subscribed name absent 
 empty names at first mean every one, the wildcard). An ACK (the last nonce, no error) changes nothing; a NACK (the
 last nonce with ``error_detail``) is logged and counted and the rejected version is not sent again: the next
 change is. A request carrying an older nonce is stale and ignored. Each push carries the type's version and a
-fresh nonce. The scheduler's listener is mesh mTLS; ``SCHEDULER_POLICY`` says which roles may stream.
+fresh nonce. The per-type services (LDS, RDS, CDS, EDS: Stream* and Fetch*) speak the same protocol for their one
+type; incremental (Delta) xDS is not served. The scheduler's listener is mesh mTLS; ``SCHEDULER_POLICY`` says
+which roles may stream.
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+from envoy.service.listener.v3 import lds_pb2_grpc
+from envoy.service.route.v3 import rds_pb2_grpc
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from aimass.runtime.errors import Unavailable
+from aimass.runtime.errors import InvalidArgument, Unavailable
 from aimass.runtime.interceptors import abort_with
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.v1 import common_pb2, scheduler_pb2
@@ -67,6 +73,12 @@ from scheduler.service import Context, SchedulerState
 log = logging.getLogger(__name__)
 
 ADS_SERVICE: Final = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+LDS_SERVICE: Final = "envoy.service.listener.v3.ListenerDiscoveryService"
+RDS_SERVICE: Final = "envoy.service.route.v3.RouteDiscoveryService"
+CDS_SERVICE: Final = "envoy.service.cluster.v3.ClusterDiscoveryService"
+EDS_SERVICE: Final = "envoy.service.endpoint.v3.EndpointDiscoveryService"
+# Every discovery service served here (the scheduler's mesh policy names them).
+XDS_SERVICES: Final = (ADS_SERVICE, LDS_SERVICE, RDS_SERVICE, CDS_SERVICE, EDS_SERVICE)
 LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -341,23 +353,37 @@ class Subscription:
         return self.names is None or name in self.names
 
 
-class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
-    """StreamAggregatedResources, state of the world (see the module docstring for the protocol)."""
+class DiscoveryStreams:
+    """The state-of-the-world protocol over one stream (see the module docstring), for ADS (every type) and for the
+    per-type services (one type; their requests may leave ``type_url`` empty)."""
 
     def __init__(self, resources: XdsResources, standby: Callable[[], str] = lambda: "") -> None:
         self.resources = resources
         self.standby = standby
         self._nonces = itertools.count(1)
 
-    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+    async def _check_active(self, context: Context, method: str) -> None:
         reason = self.standby()
         if reason:
-            await abort_with(
-                context, f"/{ADS_SERVICE}/StreamAggregatedResources", Unavailable(reason, reason="SCHEDULER_STANDBY")
-            )
+            await abort_with(context, method, Unavailable(reason, reason="SCHEDULER_STANDBY"))
+
+    async def fetch(self, request: Any, context: Context, method: str, type_url: str) -> Any:
+        """One answer with the current resources of ``type_url`` that ``request`` names (all when it names none)."""
+        await self._check_active(context, method)
+        if request.type_url not in ("", type_url):
+            await abort_with(context, method, self._wrong_type(request.type_url, type_url))
+        names = frozenset(request.resource_names)
+        current = self.resources.resources[type_url]
+        chosen = {name: data for name, data in current.items() if not names or name in names}
+        return self._response(type_url, str(self.resources.versions[type_url]), chosen, "")
+
+    async def stream(
+        self, request_iterator: AsyncIterator[Any], context: Context, method: str, only: str | None = None
+    ) -> None:
+        await self._check_active(context, method)
         requests: asyncio.Queue[Any] = asyncio.Queue(MAX_QUEUED_REQUESTS)
         reader = asyncio.get_running_loop().create_task(self._read(request_iterator, requests), name="xds-reader")
-        subscriptions = {type_url: Subscription() for type_url in TYPES}
+        subscriptions = {type_url: Subscription() for type_url in ((only,) if only else TYPES)}
         node = ""
         STREAMS.inc()
         try:
@@ -376,7 +402,10 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
                     if request is None:  # the client closed its side
                         return
                     node = node or request.node.id
-                    await self._handle(request, subscriptions, context, node)
+                    type_url = request.type_url or only or ""
+                    if only is not None and type_url != only:
+                        await abort_with(context, method, self._wrong_type(type_url, only))
+                    await self._handle(request, type_url, subscriptions, context, node)
                 if newer in done:
                     if not newer.result():
                         return
@@ -389,14 +418,23 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             await cancel_and_wait(reader)
 
     @staticmethod
+    def _wrong_type(asked: str, served: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"this service serves {served} only, not {asked!r}; use the aggregated service ({ADS_SERVICE}) for "
+            "several types on one stream",
+            reason="WRONG_RESOURCE_TYPE",
+        )
+
+    @staticmethod
     async def _read(request_iterator: AsyncIterator[Any], requests: asyncio.Queue[Any]) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError):
             async for request in request_iterator:
                 await requests.put(request)
         await requests.put(None)
 
-    async def _handle(self, request: Any, subscriptions: dict[str, Subscription], context: Context, node: str) -> None:
-        type_url = request.type_url
+    async def _handle(
+        self, request: Any, type_url: str, subscriptions: dict[str, Subscription], context: Context, node: str
+    ) -> None:
         sub = subscriptions.get(type_url)
         if sub is None:
             log.info("xDS client %r asked for %s, which this server does not serve; ignored", node, type_url)
@@ -429,27 +467,88 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             return  # other resources of this type changed, none this client asked for
         sub.sent = chosen
         sub.nonce = str(next(self._nonces))
-        response = discovery_pb2.DiscoveryResponse(
-            version_info=str(version),
+        PUSHES.labels(short_type(type_url)).inc()
+        await context.write(self._response(type_url, str(version), chosen, sub.nonce))
+
+    @staticmethod
+    def _response(type_url: str, version: str, chosen: Mapping[str, bytes], nonce: str) -> Any:
+        return discovery_pb2.DiscoveryResponse(
+            version_info=version,
             type_url=type_url,
-            nonce=sub.nonce,
+            nonce=nonce,
             resources=[any_pb2.Any(type_url=type_url, value=data) for _, data in sorted(chosen.items())],
         )
-        PUSHES.labels(short_type(type_url)).inc()
-        await context.write(response)
+
+
+class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """Every resource type on one stream: what gRPC clients use. Delta xDS is not served (UNIMPLEMENTED)."""
+
+    def __init__(self, streams: DiscoveryStreams) -> None:
+        self.streams = streams
+
+    async def StreamAggregatedResources(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        await self.streams.stream(request_iterator, context, f"/{ADS_SERVICE}/StreamAggregatedResources")
+
+
+class ListenerServicer(lds_pb2_grpc.ListenerDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, streams: DiscoveryStreams) -> None:
+        self.streams = streams
+
+    async def StreamListeners(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        await self.streams.stream(request_iterator, context, f"/{LDS_SERVICE}/StreamListeners", LISTENER)
+
+    async def FetchListeners(self, request: Any, context: Context) -> Any:
+        return await self.streams.fetch(request, context, f"/{LDS_SERVICE}/FetchListeners", LISTENER)
+
+
+class RouteServicer(rds_pb2_grpc.RouteDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, streams: DiscoveryStreams) -> None:
+        self.streams = streams
+
+    async def StreamRoutes(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        await self.streams.stream(request_iterator, context, f"/{RDS_SERVICE}/StreamRoutes", ROUTE)
+
+    async def FetchRoutes(self, request: Any, context: Context) -> Any:
+        return await self.streams.fetch(request, context, f"/{RDS_SERVICE}/FetchRoutes", ROUTE)
+
+
+class ClusterServicer(cds_pb2_grpc.ClusterDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, streams: DiscoveryStreams) -> None:
+        self.streams = streams
+
+    async def StreamClusters(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        await self.streams.stream(request_iterator, context, f"/{CDS_SERVICE}/StreamClusters", CLUSTER)
+
+    async def FetchClusters(self, request: Any, context: Context) -> Any:
+        return await self.streams.fetch(request, context, f"/{CDS_SERVICE}/FetchClusters", CLUSTER)
+
+
+class EndpointServicer(eds_pb2_grpc.EndpointDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, streams: DiscoveryStreams) -> None:
+        self.streams = streams
+
+    async def StreamEndpoints(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        await self.streams.stream(request_iterator, context, f"/{EDS_SERVICE}/StreamEndpoints", ENDPOINTS)
+
+    async def FetchEndpoints(self, request: Any, context: Context) -> Any:
+        return await self.streams.fetch(request, context, f"/{EDS_SERVICE}/FetchEndpoints", ENDPOINTS)
 
 
 class XdsServer:
-    """The xDS role of the scheduler: the resources, what keeps them current, and the ADS service."""
+    """The xDS role of the scheduler: the resources, what keeps them current, and the discovery services."""
 
     def __init__(self, state: SchedulerState, standby: Callable[[], str] = lambda: "") -> None:
         self.resources = XdsResources()
         self.builder = XdsBuilder(state, self.resources)
-        self.servicer = AdsServicer(self.resources, standby)
+        self.streams = DiscoveryStreams(self.resources, standby)
         self._task: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.servicer, server)
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(self.streams), server)
+        lds_pb2_grpc.add_ListenerDiscoveryServiceServicer_to_server(ListenerServicer(self.streams), server)
+        rds_pb2_grpc.add_RouteDiscoveryServiceServicer_to_server(RouteServicer(self.streams), server)
+        cds_pb2_grpc.add_ClusterDiscoveryServiceServicer_to_server(ClusterServicer(self.streams), server)
+        eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(EndpointServicer(self.streams), server)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.builder.run(), name="scheduler-xds")

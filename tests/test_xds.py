@@ -22,9 +22,12 @@ from typing import Any
 
 import grpc
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
 
 from aimass import pki
 from aimass.local_mesh import LocalMesh
@@ -208,6 +211,23 @@ async def test_ads_subscriptions_ack_nack_and_stale_nonces(mesh: LocalMesh) -> N
         everything = await wildcard.receive_type(LISTENER)
         assert NLP in names_in(everything, listener_pb2.Listener)
         wildcard.close()
+
+
+async def test_the_per_type_services_speak_the_same_protocol(mesh: LocalMesh) -> None:
+    async with scheduler_channel(mesh) as channel:
+        clusters: Any = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel).StreamClusters()
+        await clusters.write(discovery_pb2.DiscoveryRequest(resource_names=[NLP]))  # type_url may be left out
+        answer = await asyncio.wait_for(clusters.read(), 30)
+        assert answer.type_url == CLUSTER and names_in(answer, cluster_pb2.Cluster) == [NLP]
+        await clusters.write(discovery_pb2.DiscoveryRequest(type_url=ROUTE, resource_names=[NLP]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(clusters.read(), 30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "serves type.googleapis.com/envoy.config.cluster.v3.Cluster only" in (caught.value.details() or "")
+        fetched = await eds_pb2_grpc.EndpointDiscoveryServiceStub(channel).FetchEndpoints(
+            discovery_pb2.DiscoveryRequest(type_url=ENDPOINTS, resource_names=[NLP]), timeout=30
+        )
+        assert fetched.type_url == ENDPOINTS and len(fetched.resources) == 1
 
 
 async def test_endpoints_carry_every_replica_with_a_weight(mesh: LocalMesh) -> None:
