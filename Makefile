@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python -m benchmarks.gateway_overhead
 	$(BIN)/python -m benchmarks.batching
 	$(BIN)/python -m benchmarks.vision_batching
+	$(BIN)/python -m benchmarks.coresidence --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.speech
 	$(BIN)/python -m benchmarks.llm
 	$(BIN)/python -m benchmarks.routing

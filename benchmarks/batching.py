@@ -11,6 +11,13 @@
     texts; the in-process jobs carry as many texts each as the served requests did. The in-process side runs after
     both meshes have stopped, so the two never share the CPU. Comparing the two request shapes shows whether what
     serving costs is per request (gRPC calls) or per text.
+(c) Latency of a lone request: Embed of one sentence at c=1 through the gateway (p50) vs the same
+    ``NlpEngine.embed_batch`` call in-process (p50 of back-to-back calls). The batcher runs a request that finds the
+    model idle at once, so the served p50 should be the in-process one plus the two gRPC hops (goal: ≤ +3 ms).
+
+The in-process engine is loaded in this process before the meshes start and measured in every round right after
+the served runs (the meshes idle meanwhile), so served and in-process figures alternate round by round; the
+in-process batch shapes come from the first round's served batch sizes.
 
     python -m benchmarks.batching [--rounds 2] [--duration 5] [--texts-per-request 8] [--write docs/benchmarks.md]
 """
@@ -25,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aimass.local_mesh import free_port
 from benchmarks.common import (
@@ -58,6 +66,8 @@ UNBATCHED_GATEWAY = "unbatched-gateway"
 BATCHED_DIRECT = "batched-direct"
 MULTI_GATEWAY = "multi-gateway"
 MULTI_DIRECT = "multi-direct"
+LONE_GATEWAY = "lone-gateway"
+LONE_GOAL_MS = 3.0
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,9 @@ async def serve_load(
     duration: float,
     metrics_port: int | None,
     texts_per_request: int = 1,
+    concurrency: int | None = None,
 ) -> Served:
-    concurrency = TEXTS_IN_FLIGHT // texts_per_request
+    concurrency = concurrency or TEXTS_IN_FLIGHT // texts_per_request
     spec = LoadSpec(
         target=target,
         method=METHOD,
@@ -135,15 +146,73 @@ async def serve_load(
     return sample
 
 
-async def run_served(
-    batched: Mesh, unbatched: Mesh, rounds: int, duration: float, metrics_port: int | None, texts_per_request: int
-) -> list[Served]:
+@dataclass(frozen=True)
+class Lone:
+    """In-process latency of one call of one text, back to back."""
+
+    round: int
+    calls: int
+    p50_ms: float
+    p99_ms: float
+
+
+def lone_in_process(engine: Any, rnd: int, duration: float) -> Lone:
+    from services.nlp.engine import EmbedJob
+
+    job = [EmbedJob((TEXT,), False, count_tokens=True)]
+    times: list[float] = []
+    stop_at = time.perf_counter() + duration
+    while time.perf_counter() < stop_at:
+        started = time.perf_counter()
+        engine.embed_batch(job)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    sample = Lone(rnd, len(times), median(times), times[min(len(times) - 1, int(len(times) * 0.99))])
+    print(f"  round {rnd + 1} in-process lone call    p50 {sample.p50_ms:7.2f} ms", file=sys.stderr)
+    return sample
+
+
+def load_engine() -> Any:
+    from services.nlp.engine import NlpEngine
+
+    print("loading NlpEngine in-process ...", file=sys.stderr)
+    # The replica's own defaults (device, model_threads), so both sides run the model the same way.
+    engine = NlpEngine(device="cpu")
+    engine.load(progress=lambda _: None)
+    return engine
+
+
+@dataclass(frozen=True)
+class Rounds:
+    served: list[Served]
+    local: list[InProcess]
+    lone: list[Lone]
+    single: Shape
+    multi: Shape
+
+
+async def run_rounds(
+    engine: Any,
+    batched: Mesh,
+    unbatched: Mesh,
+    rounds: int,
+    duration: float,
+    metrics_port: int | None,
+    texts_per_request: int,
+) -> Rounds:
+    """Each round: the served runs, then the in-process ones (the meshes idle meanwhile)."""
     me = os.getpid()
     batched_pids = {"client": me, **batched.pids()}
     unbatched_pids = {"client": me, **unbatched.pids()}
     k = texts_per_request
     samples: list[Served] = []
+    local: list[InProcess] = []
+    lone: list[Lone] = []
+    shapes: tuple[Shape, Shape] | None = None
     for rnd in range(rounds):
+        samples.append(
+            await serve_load(LONE_GATEWAY, batched, batched.gateway, batched_pids, rnd, duration, None, 1, 1)
+        )
         samples.append(
             await serve_load(BATCHED_GATEWAY, batched, batched.gateway, batched_pids, rnd, duration, metrics_port)
         )
@@ -159,16 +228,21 @@ async def run_served(
         samples.append(
             await serve_load(MULTI_DIRECT, batched, batched.replica, batched_pids, rnd, duration, metrics_port, k)
         )
-    return samples
+        if shapes is None:
+            shapes = (
+                shape_for(samples, BATCHED_GATEWAY, BATCHED_DIRECT, 1),
+                shape_for(samples, MULTI_GATEWAY, MULTI_DIRECT, k),
+            )
+        local += run_in_process(engine, [shape.key for shape in shapes], rnd, duration)
+        lone.append(lone_in_process(engine, rnd, duration))
+    assert shapes is not None
+    return Rounds(samples, local, lone, *shapes)
 
 
-def run_in_process(shapes: Sequence[tuple[int, int]], rounds: int, duration: float) -> list[InProcess]:
-    """NlpEngine.embed_batch, back to back in this process, for each (jobs, texts per job) shape, interleaved."""
-    from services.nlp.engine import EmbedJob, NlpEngine
+def run_in_process(engine: Any, shapes: Sequence[tuple[int, int]], rnd: int, duration: float) -> list[InProcess]:
+    """NlpEngine.embed_batch, back to back in this process, for each (jobs, texts per job) shape."""
+    from services.nlp.engine import EmbedJob
 
-    print("loading NlpEngine in-process ...", file=sys.stderr)
-    engine = NlpEngine(device="cpu")
-    engine.load(progress=lambda _: None)
     batches = {
         shape: [EmbedJob((TEXT,) * shape[1], False, count_tokens=True) for _ in range(shape[0])] for shape in shapes
     }
@@ -176,23 +250,22 @@ def run_in_process(shapes: Sequence[tuple[int, int]], rounds: int, duration: flo
         for _ in range(3):
             engine.embed_batch(jobs)
     samples = []
-    for rnd in range(rounds):
-        for (count, per_job), jobs in batches.items():
-            texts = 0
-            with CpuMeter({"self": os.getpid()}) as meter:
-                started = time.perf_counter()
-                stop_at = started + duration
-                while time.perf_counter() < stop_at:
-                    engine.embed_batch(jobs)
-                    texts += count * per_job
-                elapsed = time.perf_counter() - started
-            sample = InProcess(count, per_job, rnd, texts, elapsed, meter.used["self"] * 1000 / texts, meter.others_pct)
-            print(
-                f"  round {rnd + 1} in-process {sample.label:<17} {sample.texts_per_s:7,.1f} texts/s"
-                f"  others {meter.others_pct:.0f}% CPU",
-                file=sys.stderr,
-            )
-            samples.append(sample)
+    for (count, per_job), jobs in batches.items():
+        texts = 0
+        with CpuMeter({"self": os.getpid()}) as meter:
+            started = time.perf_counter()
+            stop_at = started + duration
+            while time.perf_counter() < stop_at:
+                engine.embed_batch(jobs)
+                texts += count * per_job
+            elapsed = time.perf_counter() - started
+        sample = InProcess(count, per_job, rnd, texts, elapsed, meter.used["self"] * 1000 / texts, meter.others_pct)
+        print(
+            f"  round {rnd + 1} in-process {sample.label:<17} {sample.texts_per_s:7,.1f} texts/s"
+            f"  others {meter.others_pct:.0f}% CPU",
+            file=sys.stderr,
+        )
+        samples.append(sample)
     return samples
 
 
@@ -221,6 +294,15 @@ class Figures:
     local: Sequence[InProcess]
     single: Shape
     multi: Shape
+    lone: Sequence[Lone]
+
+    @property
+    def lone_served_p50(self) -> float:
+        return self.median_of(LONE_GATEWAY, "p50_ms")
+
+    @property
+    def lone_local_p50(self) -> float:
+        return median(s.p50_ms for s in self.lone)
 
     def rows(self, label: str) -> list[Served]:
         return [s for s in self.served if s.label == label]
@@ -316,6 +398,22 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
             ),
         ]
     table_b = markdown_table(("path", "texts/s", "ratio to in-process"), b_rows)
+    table_c = markdown_table(
+        ("Embed, one sentence, c=1", "p50 ms", "p99 ms"),
+        [
+            (
+                "in-process `embed_batch` (one job of one text)",
+                f"{f.lone_local_p50:.2f}",
+                f"{median(s.p99_ms for s in f.lone):.2f}",
+            ),
+            (
+                "served, through the gateway",
+                f"{f.lone_served_p50:.2f}",
+                f"{f.median_of(LONE_GATEWAY, 'p99_ms'):.2f}",
+            ),
+            ("**served minus in-process**", f"**{f.lone_served_p50 - f.lone_local_p50:+.2f}**", ""),
+        ],
+    )
     cpu_rows = []
     for label in (BATCHED_GATEWAY, BATCHED_DIRECT, MULTI_GATEWAY, MULTI_DIRECT, UNBATCHED_GATEWAY):
         cpu = f.cpu(label)
@@ -388,11 +486,18 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
         "",
         "(b) Served vs in-process, same batches. Batches: one text per request — "
         f"{f.single.batch_source}; {k} texts per request — {f.multi.batch_source}. The in-process jobs carry as many"
-        " texts as the served requests; the in-process runs start after both meshes stopped:",
+        " texts as the served requests; the in-process runs follow the served ones in every round, the meshes idle:",
         "",
         table_b,
         "",
         *goal_lines_b(f),
+        "",
+        "(c) A lone request (c=1): the batcher runs a request that finds the model idle at once, so what serving"
+        " adds is the two gRPC hops:",
+        "",
+        table_c,
+        "",
+        goal_line_c(f),
     ]
     if busy:
         parts += [
@@ -402,6 +507,14 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, bu
         ]
     parts += ["", "CPU per text by process (from /proc, median of rounds):", "", cpu_table, "", "Raw figures:", "", raw]
     return "\n".join(parts)
+
+
+def goal_line_c(f: Figures) -> str:
+    extra = f.lone_served_p50 - f.lone_local_p50
+    return (
+        f"- c=1 p50 served {f.lone_served_p50:.2f} ms vs in-process {f.lone_local_p50:.2f} ms: {extra:+.2f} ms"
+        f" (goal ≤ +{LONE_GOAL_MS:.0f} ms):" + (" met." if extra <= LONE_GOAL_MS else " **missed**.")
+    )
 
 
 def goal_line_a(f: Figures) -> str:
@@ -476,6 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics_port = free_port()
     batched = Mesh("batched", env={"AIMASS_NLP__SERVER__METRICS_PORT": str(metrics_port)})
     unbatched = Mesh("unbatched", env={"AIMASS_NLP__EMBED_BATCHING__MAX_BATCH_SIZE": "1"})
+    engine = load_engine()
     print("starting two meshes (batching on / max_batch_size 1; models load first) ...", file=sys.stderr)
     batched.start()
     unbatched.start()
@@ -486,16 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh_pids = [batched.process.pid, unbatched.process.pid, *batched.pids().values(), *unbatched.pids().values()]
         busy = wait_quiet(args.wait_quiet, exclude=mesh_pids)
         scrape = metrics_port if batch_histogram(metrics_port, "embed") is not None else None
-        served = asyncio.run(run_served(batched, unbatched, args.rounds, args.duration, scrape, k))
+        got = asyncio.run(run_rounds(engine, batched, unbatched, args.rounds, args.duration, scrape, k))
     finally:
         unbatched.stop()
         batched.stop()
-    single = shape_for(served, BATCHED_GATEWAY, BATCHED_DIRECT, 1)
-    multi = shape_for(served, MULTI_GATEWAY, MULTI_DIRECT, k)
-    busy += wait_quiet(args.wait_quiet)
-    local = run_in_process([single.key, multi.key], args.rounds, args.duration)
     text = report(
-        Figures(served, local, single, multi),
+        Figures(got.served, got.local, got.single, got.multi, got.lone),
         host=host,
         date=date,
         rounds=args.rounds,

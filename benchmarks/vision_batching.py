@@ -8,6 +8,11 @@ endpoint answers (``AIMASS_VISION__SERVER__METRICS_PORT``). After both meshes st
 in-process (decode + preprocess per image, the ONNX model at batch 1 and at the served batch size), which shows
 what bounds the speedup.
 
+Served vs in-process, alternating: every round also measures, on the batched mesh, a lone request (c=1, p50) and
+c=32, then (the meshes idle) the same classifier in this process: one image decoded, preprocessed and classified
+back to back (p50; goal: served ≤ in-process + 3 ms) and the rate of decode + preprocess + the model at the batch
+size the c=32 run formed (goal: served c=32 ≥ 80% of it).
+
     python -m benchmarks.vision_batching [--rounds 2] [--duration 5] [--write docs/benchmarks.md]
 """
 
@@ -50,6 +55,11 @@ PROCESSES = ("client", "gateway", "replica")
 REPLICAS = {"vision": 1}
 BATCHED = "batched"
 UNBATCHED = "unbatched"
+LONE = "lone"  # c=1 on the batched mesh
+WIDE = "c32"  # c=32 on the batched mesh
+WIDE_CONCURRENCY = 32
+LONE_GOAL_MS = 3.0
+SERVED_RATIO_GOAL = 0.80
 
 
 def photo_jpeg() -> bytes:
@@ -102,14 +112,15 @@ async def serve_load(
     rnd: int,
     duration: float,
     port: int | None,
+    concurrency: int = CONCURRENCY,
 ) -> Served:
     spec = LoadSpec(
         target=target,
         method=METHOD,
         request=request,
-        concurrency=CONCURRENCY,
+        concurrency=concurrency,
         duration_s=duration,
-        warmup=CONCURRENCY * 2,
+        warmup=concurrency * 2,
         deadline_s=30.0,
         progress=False,
         **mesh.access(target),
@@ -128,6 +139,16 @@ async def serve_load(
     return sample
 
 
+@dataclass(frozen=True)
+class Local:
+    """The classifier in this process, measured in one round right after the served runs."""
+
+    round: int
+    lone_p50_ms: float  # one image: decode + preprocess + model at batch 1
+    batch: int
+    images_per_s: float  # decode + preprocess per image + the model at ``batch``, one caller
+
+
 async def run_served(
     batched: Mesh,
     unbatched: Mesh,
@@ -136,12 +157,15 @@ async def run_served(
     duration: float,
     port: int | None,
     quiet: Callable[[], object],
-) -> list[Served]:
-    """Interleaved rounds; ``quiet`` (waiting for other busy processes to finish) runs before every measurement."""
+    local: Callable[[int, int], Local] | None = None,
+) -> tuple[list[Served], list[Local]]:
+    """Interleaved rounds; ``quiet`` (waiting for other busy processes to finish) runs before every measurement, and
+    ``local(round, batch)`` after each round's served runs."""
     me = os.getpid()
     batched_pids = {"client": me, **batched.pids()}
     unbatched_pids = {"client": me, **unbatched.pids()}
     samples: list[Served] = []
+    locals_: list[Local] = []
     for rnd in range(rounds):
         quiet()
         samples.append(await serve_load(BATCHED, batched, batched.gateway, request, batched_pids, rnd, duration, port))
@@ -149,7 +173,49 @@ async def run_served(
         samples.append(
             await serve_load(UNBATCHED, unbatched, unbatched.gateway, request, unbatched_pids, rnd, duration, None)
         )
-    return samples
+        if local is None:
+            continue
+        quiet()
+        samples.append(await serve_load(LONE, batched, batched.gateway, request, batched_pids, rnd, duration, None, 1))
+        quiet()
+        wide = await serve_load(
+            WIDE, batched, batched.gateway, request, batched_pids, rnd, duration, port, WIDE_CONCURRENCY
+        )
+        samples.append(wide)
+        quiet()
+        locals_.append(local(rnd, max(1, round(wide.avg_batch)) if wide.avg_batch else WIDE_CONCURRENCY))
+    return samples, locals_
+
+
+def local_classifier(jpeg: bytes, seconds: float) -> Callable[[int, int], Local]:
+    """Loads the classifier in this process (the replica's defaults) and returns the per-round measurement."""
+    import numpy as np
+
+    from aimass.runtime.config import VisionConfig
+    from services.vision.engine import CLASSIFY_MODEL, RESIZE_SIZE, Tensor, VisionEngine, preprocess
+    from services.vision.images import decode_all
+
+    print("loading the classifier in-process ...", file=sys.stderr)
+    config = VisionConfig()
+    engine = VisionEngine(config)
+    engine.models.load(CLASSIFY_MODEL)
+
+    def prepare() -> Tensor:
+        return preprocess(decode_all([jpeg], config, min_side=RESIZE_SIZE)[0].image)
+
+    def measure(rnd: int, batch: int) -> Local:
+        lone, _, _ = per_call_ms(lambda: engine.classify_logits(np.stack([prepare()])), seconds)
+        many = np.repeat(np.stack([prepare()]), batch, axis=0)
+        prepare_ms, _, _ = per_call_ms(prepare, seconds / 2)
+        model_ms, _, _ = per_call_ms(lambda: engine.classify_logits(many), seconds / 2)
+        sample = Local(rnd, lone, batch, 1000 / (prepare_ms + model_ms / batch))
+        print(
+            f"  round {rnd + 1} in-process lone p50 {lone:.1f} ms, {sample.images_per_s:.1f} images/s at batch {batch}",
+            file=sys.stderr,
+        )
+        return sample
+
+    return measure
 
 
 def per_call_ms(call: Callable[[], object], seconds: float) -> tuple[float, float, float]:
@@ -205,6 +271,7 @@ def run_model_alone(jpeg: bytes, batch: int, seconds: float, quiet: Callable[[],
 class Figures:
     served: Sequence[Served]
     alone: ModelAlone | None
+    local: Sequence[Local] = ()
 
     def rows(self, label: str) -> list[Served]:
         return [s for s in self.served if s.label == label]
@@ -317,6 +384,41 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, jp
         "",
         goal_line(f),
     ]
+    if f.local:
+        lone_local = median(x.lone_p50_ms for x in f.local)
+        lone_served = f.median_of(LONE, "p50_ms")
+        wide_local = median(x.images_per_s for x in f.local)
+        wide_served = f.images_per_s(WIDE)
+        extra, ratio = lone_served - lone_local, wide_served / wide_local
+        batches = ", ".join(str(x.batch) for x in f.local)
+        parts += [
+            "",
+            "Served vs the same classifier in-process, alternating round by round (the in-process side runs in this"
+            " process right after each round's served runs, the meshes idle):",
+            "",
+            markdown_table(
+                ("Classify, one photo per request", "in-process", "served (gateway)", "served vs in-process"),
+                [
+                    (
+                        "c=1, p50 ms",
+                        f"{lone_local:.1f}",
+                        f"{lone_served:.1f}",
+                        f"**{extra:+.1f} ms**",
+                    ),
+                    (
+                        f"c={WIDE_CONCURRENCY}, images/s (in-process: batches of {batches})",
+                        f"{wide_local:,.1f}",
+                        f"{wide_served:,.1f}",
+                        f"**{ratio:.2f}**",
+                    ),
+                ],
+            ),
+            "",
+            f"- c=1 p50: {extra:+.1f} ms over in-process (goal ≤ +{LONE_GOAL_MS:g} ms):"
+            + (" met." if extra <= LONE_GOAL_MS else " **missed**."),
+            f"- c={WIDE_CONCURRENCY}: {ratio:.2f} of the in-process batched rate (goal ≥ {SERVED_RATIO_GOAL:.2f}):"
+            + (" met." if ratio >= SERVED_RATIO_GOAL else " **missed**."),
+        ]
     if f.alone is not None:
         parts += ["", alone_line(f.alone)]
     if busy:
@@ -406,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unbatched = Mesh(
         "vision-unbatched", env={"AIMASS_VISION__CLASSIFY_BATCHING__MAX_BATCH_SIZE": "1"}, replicas=REPLICAS
     )
+    measure = local_classifier(jpeg, 2.0)
     print("starting two vision meshes (batching on / max_batch_size 1; models load first) ...", file=sys.stderr)
     batched.start()
     unbatched.start()
@@ -420,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         def quiet_served() -> None:
             busy.extend(wait_quiet(args.wait_quiet, exclude=mesh_pids))
 
-        served = asyncio.run(run_served(batched, unbatched, request, args.rounds, args.duration, scrape, quiet_served))
+        served, local = asyncio.run(
+            run_served(batched, unbatched, request, args.rounds, args.duration, scrape, quiet_served, measure)
+        )
     finally:
         unbatched.stop()
         batched.stop()
@@ -430,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = max(1, round(median(sizes))) if sizes else CONCURRENCY
         alone = run_model_alone(jpeg, batch, 2.0, lambda: busy.extend(wait_quiet(args.wait_quiet)))
     text = report(
-        Figures(served, alone),
+        Figures(served, alone, local),
         host=host,
         date=date,
         rounds=args.rounds,

@@ -1,0 +1,217 @@
+"""What idle co-resident services cost: the CPU an idle whole mesh uses, and a busy NLP replica's throughput with the
+rest of the mesh up vs alone.
+
+Each round starts two meshes one after the other (never both at once): an NLP-only mesh (gateway + one NLP
+replica) and the whole mesh (`make run`'s shape: one NLP, vision, speech and LLM replica each). On the whole mesh,
+idle, it reads utime + stime from /proc of every process `aimass up` started (and their children: vLLM's engine
+and worker) over ``--idle`` seconds; then, on both, it drives NlpService/Embed at c=32 through the gateway (one
+short sentence per request) for ``--duration`` seconds. Goals: the idle mesh uses < 2% of one core in total;
+Embed c=32 with the whole mesh up ≥ 95% of the NLP-only mesh. The machine is shared, so only the ratio of two runs
+measured in the same round means much; the median round is reported.
+
+    python -m benchmarks.coresidence [--rounds 2] [--duration 5] [--idle 30] [--write docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import (
+    Mesh,
+    child_pids,
+    command_line,
+    cpu_seconds,
+    machine,
+    markdown_table,
+    median,
+    publish,
+    run_metered,
+    utc_now,
+    wait_quiet,
+)
+from loadtest.generator import LoadSpec
+
+NAME = "coresidence"
+METHOD = "aimass.v1.NlpService/Embed"
+TEXT = "The quick brown fox jumps over the lazy dog."
+CONCURRENCY = 32
+WHOLE = {"nlp": 1, "vision": 1, "speech": 1, "llm": 1}
+NLP_ONLY = {"nlp": 1}
+IDLE_GOAL_PCT = 2.0
+RATIO_GOAL = 0.95
+
+
+def process_tree(pid: int) -> list[int]:
+    found = [pid]
+    for child in child_pids(pid):
+        found.extend(process_tree(child))
+    return found
+
+
+def process_name(pid: int) -> str:
+    """``scheduler``, ``gateway.rest``, ``services.nlp``, ``VLLM::Worker``: the module a process runs, else its name."""
+    argv = [part.decode(errors="replace") for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if part]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    if argv and "aimass" in Path(argv[min(1, len(argv) - 1)]).name:
+        return "aimass up"
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def idle_cpu(mesh: Mesh, seconds: float) -> dict[str, float]:
+    """Percent of one core each process of ``mesh`` (by name, summed) used over ``seconds`` of idling."""
+    assert mesh.process is not None
+    pids = process_tree(mesh.process.pid)
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    started = time.perf_counter()
+    time.sleep(seconds)
+    wall = time.perf_counter() - started
+    used: dict[str, float] = defaultdict(float)
+    for pid in pids:
+        try:
+            used[process_name(pid)] += (cpu_seconds(pid) - before[pid]) / wall * 100
+        except OSError:  # a process that ended meanwhile
+            continue
+    return dict(used)
+
+
+@dataclass(frozen=True)
+class Round:
+    idle_pct: dict[str, float]
+    rps: dict[str, float]  # "nlp-only" / "whole" → Embed requests/s
+    p50_ms: dict[str, float]
+    others_pct: dict[str, float]
+
+
+async def embed_load(mesh: Mesh, duration: float, label: str) -> tuple[float, float, float]:
+    spec = LoadSpec(
+        target=mesh.gateway,
+        method=METHOD,
+        request={"texts": [TEXT]},
+        concurrency=CONCURRENCY,
+        duration_s=duration,
+        warmup=CONCURRENCY * 2,
+        deadline_s=30.0,
+        progress=False,
+        **mesh.access(mesh.gateway),
+    )
+    run = await run_metered(spec, {"client": os.getpid(), **mesh.pids()}, label)
+    return run.result.rps, run.result.latency.p50_ms, run.others_pct
+
+
+def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> Round:
+    rps: dict[str, float] = {}
+    p50: dict[str, float] = {}
+    others: dict[str, float] = {}
+    idle: dict[str, float] = {}
+    for side, replicas in (("nlp-only", NLP_ONLY), ("whole", WHOLE)):
+        mesh = Mesh(f"coresidence-{side}", replicas=replicas)
+        print(f"round {rnd + 1}: starting the {side} mesh ...", file=sys.stderr)
+        mesh.start()
+        try:
+            mesh.wait_ready(600)
+            assert mesh.process is not None
+            wait_quiet(quiet_s, exclude=process_tree(mesh.process.pid))
+            if side == "whole":
+                time.sleep(5)  # start-up's last reports and view pushes settle
+                idle = idle_cpu(mesh, idle_s)
+                print(f"  round {rnd + 1} idle whole mesh: {sum(idle.values()):.2f}% of a core", file=sys.stderr)
+            rps[side], p50[side], others[side] = asyncio.run(
+                embed_load(mesh, duration, f"round {rnd + 1} {side:<8} Embed c={CONCURRENCY}")
+            )
+        finally:
+            mesh.stop()
+    return Round(idle, rps, p50, others)
+
+
+def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, idle_s: float) -> str:
+    names = sorted(
+        {name for r in rounds for name in r.idle_pct}, key=lambda n: -median(r.idle_pct.get(n, 0) for r in rounds)
+    )
+    idle_rows = [(name, f"{median(r.idle_pct.get(name, 0.0) for r in rounds):.2f}") for name in names]
+    total = median(sum(r.idle_pct.values()) for r in rounds)
+    idle_rows.append(("**total**", f"**{total:.2f}**"))
+    ratios = [r.rps["whole"] / r.rps["nlp-only"] for r in rounds]
+    ratio = median(ratios)
+    load_rows = [
+        (
+            side,
+            f"{median(r.rps[side] for r in rounds):,.1f}",
+            f"{median(r.p50_ms[side] for r in rounds):.1f}",
+        )
+        for side in ("nlp-only", "whole")
+    ]
+    load_rows.append(("**whole / nlp-only**", f"**{ratio:.2f}**", ""))
+    raw = markdown_table(
+        ("round", "nlp-only req/s", "whole req/s", "ratio", "idle whole mesh % of a core", "other procs CPU % (runs)"),
+        [
+            (
+                str(i + 1),
+                f"{r.rps['nlp-only']:,.1f}",
+                f"{r.rps['whole']:,.1f}",
+                f"{r.rps['whole'] / r.rps['nlp-only']:.2f}",
+                f"{sum(r.idle_pct.values()):.2f}",
+                f"{r.others_pct['nlp-only']:.0f} / {r.others_pct['whole']:.0f}",
+            )
+            for i, r in enumerate(rounds)
+        ],
+    )
+    return "\n".join(
+        [
+            "## Co-residence: idle services next to a busy one",
+            "",
+            f"`{command_line()}` — {date}",
+            "",
+            f"Machine: {host}. The machine is shared: only the ratio of two runs in the same round means much.",
+            "",
+            f"The whole mesh (one NLP, vision, speech and LLM replica, as `make run`), idle, CPU per process over"
+            f" {idle_s:g} s (utime + stime from /proc, % of one core, median of {len(rounds)} rounds):",
+            "",
+            markdown_table(("process", "% of one core"), idle_rows),
+            "",
+            f"- Idle mesh in total: **{total:.2f}%** of one core (goal < {IDLE_GOAL_PCT:g}%):"
+            + (" met." if total < IDLE_GOAL_PCT else " **missed**."),
+            "",
+            f"NlpService/Embed, one short sentence per request, c={CONCURRENCY} through the gateway for {duration:g} s,"
+            " on an NLP-only mesh and on the whole mesh, one after the other in every round:",
+            "",
+            markdown_table(("mesh", "requests/s", "p50 ms"), load_rows),
+            "",
+            f"- Whole mesh / NLP-only: **{ratio:.2f}** (goal ≥ {RATIO_GOAL:.2f}):"
+            + (" met." if ratio >= RATIO_GOAL else " **missed**."),
+            "",
+            "Raw figures:",
+            "",
+            raw,
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli = argparse.ArgumentParser(prog="python -m benchmarks.coresidence", description=(__doc__ or "").split("\n")[0])
+    cli.add_argument("--rounds", type=int, default=2, help="rounds, each starting both meshes (default 2)")
+    cli.add_argument("--duration", type=float, default=5.0, help="seconds of Embed load per mesh (default 5)")
+    cli.add_argument("--idle", type=float, default=30.0, help="seconds the idle whole mesh is metered (default 30)")
+    cli.add_argument(
+        "--wait-quiet", type=float, default=30.0, help="wait up to this long for other busy processes (default 30)"
+    )
+    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    args = cli.parse_args(argv)
+    if not 1 <= args.rounds <= 5 or not 1 <= args.duration <= 10 or not 5 <= args.idle <= 60:
+        cli.error("rounds must be 1..5, duration 1..10 s and idle 5..60 s (the whole run stays bounded)")
+    host, date = machine(), utc_now()
+    rounds = [measure_round(rnd, args.duration, args.idle, args.wait_quiet) for rnd in range(args.rounds)]
+    publish(report(rounds, host=host, date=date, duration=args.duration, idle_s=args.idle), args.write, NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
