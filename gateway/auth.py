@@ -141,9 +141,15 @@ def required_scopes(method: str) -> frozenset[str]:
     return rule_for(METHOD_SCOPES, method) or frozenset()
 
 
-def presented_key(metadata: Iterable[Any] | None) -> str:
-    """The API key a call carries: ``authorization: Bearer <key>`` or ``x-api-key: <key>`` ("" when none)."""
-    found = metadata_values(metadata, ("authorization", "x-api-key"))
+# Read in one pass over a call's metadata.
+CALL_METADATA: Final = ("x-request-id", "authorization", "x-api-key")
+
+
+def presented_key(metadata: Iterable[Any] | None, found: dict[str, str] | None = None) -> str:
+    """The API key a call carries: ``authorization: Bearer <key>`` or ``x-api-key: <key>`` ("" when none).
+    ``found``: those entries already read (``metadata_values`` with CALL_METADATA)."""
+    if found is None:
+        found = metadata_values(metadata, ("authorization", "x-api-key"))
     scheme, _, credential = found["authorization"].strip().partition(" ")
     if scheme.lower() == "bearer" and credential.strip():
         return credential.strip()
@@ -389,7 +395,7 @@ class ApiKeyInterceptor(AroundInterceptor):
     async def _scope(self, method: str, context: Context) -> tuple[RequestScope, Limits | None]:
         """The call's scope from its key, and its tenant's limits (None with auth off: no quotas)."""
         metadata = context.invocation_metadata()
-        found = metadata_values(metadata, ("x-request-id",))
+        found = metadata_values(metadata, CALL_METADATA)
         deadline = deadline_of(context)
         if self.verifier is None:
             # auth.mode = "off": anyone, as whichever tenant they say (throwaway development only).
@@ -401,7 +407,7 @@ class ApiKeyInterceptor(AroundInterceptor):
                 deadline=deadline,
             )
             return scope, None
-        key = presented_key(metadata)
+        key = presented_key(metadata, found)
         if not key:
             raise Unauthenticated(f"{method} needs an API key: {HOW_TO_GET_A_KEY}", reason="NO_KEY")
         record = await self.verifier.verify(key, lambda: caller_peer(context))

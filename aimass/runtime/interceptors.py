@@ -30,7 +30,7 @@ from aimass.runtime.metadata import (
     new_request_id,
     request_id_of,
 )
-from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered, held_deadline, held_to
+from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered, held_deadline, held_to, loop_time
 from aimass.v1 import common_pb2
 
 access_log = logging.getLogger("aimass.access")
@@ -506,7 +506,7 @@ class DeadlineInterceptor(AroundInterceptor):
 
     @contextlib.asynccontextmanager
     async def _held(self, method: str, context: Context, *, rule: DeadlineConfig) -> AsyncIterator[None]:
-        now = asyncio.get_running_loop().time()
+        now = loop_time()
         asked = context.time_remaining()
         if asked is None:
             allowed = rule.default_s or None
