@@ -150,6 +150,9 @@ class NlpEngine:
         """One model call for every text of every job, split back per job."""
         texts = [text for job in jobs for text in job.texts]
         vectors = self.encode(texts, normalize=False)
+        # Token counts of every job that asks, from one tokenizer call for the batch rather than one per job.
+        counted = [text for job in jobs if job.count_tokens for text in job.texts]
+        lengths = iter(self.embed_token_lengths(counted) if counted else [])
         results: list[Embedded] = []
         offset = 0
         for job in jobs:
@@ -157,15 +160,20 @@ class NlpEngine:
             offset += len(job.texts)
             if job.normalize:
                 part = part / np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
-            results.append(Embedded(part, self.count_embed_tokens(job.texts) if job.count_tokens else 0))
+            tokens = sum(next(lengths) for _ in job.texts) if job.count_tokens else 0
+            results.append(Embedded(part, tokens))
         return results
+
+    def embed_token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the embedder reads for each of ``texts`` (see count_embed_tokens)."""
+        embedder = self.models.get(EMBED_MODEL)
+        encoded = embedder.tokenizer(list(texts), truncation=True, max_length=embedder.max_seq_length)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def count_embed_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the embedder reads for ``texts``: its own tokenizer, special tokens included, truncated at its
         window as encode() truncates."""
-        embedder = self.models.get(EMBED_MODEL)
-        encoded = embedder.tokenizer(list(texts), truncation=True, max_length=embedder.max_seq_length)
-        return sum(len(ids) for ids in encoded["input_ids"])
+        return sum(self.embed_token_lengths(texts))
 
     def sentiment(self, texts: Sequence[str], stop: Callable[[], bool] = lambda: False) -> list[SentimentResult]:
         """VADER per text. Its cost grows with the square of a text's words on some inputs (10,000 characters of
