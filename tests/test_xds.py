@@ -38,7 +38,7 @@ from aimass.runtime.xds_client import BOOTSTRAP_ENV, BOOTSTRAP_FILE_ENV, bootstr
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc, scheduler_pb2
 from gateway.view import LoadView
 from scheduler.xds import CLUSTER, ENDPOINTS, LISTENER, MAX_WEIGHT, ROUTE, replica_weights
-from tests.conftest import BIN, start_mesh
+from tests.conftest import BIN, ROOT, start_mesh
 from tests.eventually import eventually
 
 NLP = "aimass.v1.NlpService"
@@ -308,6 +308,79 @@ def test_aimass_xds_bootstrap_file_serves_a_client_in_another_process(
     )
     assert called.returncode == 0, called.stderr
     assert int(called.stdout.strip()) > 100
+
+
+# A real gRPC xDS client (its own process: the bootstrap is read once) against the scheduler's discovery service and
+# two real servers (grpc.health.v1.Health that name themselves), with the weights 90 and 10 as published.
+WEIGHTED_CLIENT = """
+import asyncio, collections, json, os
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from scheduler import xds
+
+class Named(health_pb2_grpc.HealthServicer):
+    def __init__(self, name):
+        self.name = name
+
+    async def Check(self, request, context):
+        await context.send_initial_metadata((("who", self.name),))
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+async def main():
+    ports, servers = [], []  # the servers stop when collected: keep them
+    for name in ("heavy", "light"):
+        servers.append(grpc.aio.server())
+        health_pb2_grpc.add_HealthServicer_to_server(Named(name), servers[-1])
+        ports.append(servers[-1].add_insecure_port("127.0.0.1:0"))
+        await servers[-1].start()
+    service = "grpc.health.v1.Health"
+    ends = [
+        xds.Endpoint("heavy", "n", "127.0.0.1", ports[0], 90),
+        xds.Endpoint("light", "n", "127.0.0.1", ports[1], 10),
+    ]
+    resources = xds.XdsResources()
+    built = {
+        xds.LISTENER: xds.listener(service), xds.ROUTE: xds.route_configuration(service),
+        xds.CLUSTER: xds.cluster(service), xds.ENDPOINTS: xds.load_assignment(service, ends),
+    }
+    await resources.update({t: {service: m.SerializeToString()} for t, m in built.items()})
+    control = grpc.aio.server()
+    servicer = xds.AdsServicer(xds.DiscoveryStreams(resources))
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, control)
+    port = control.add_insecure_port("127.0.0.1:0")
+    await control.start()
+    where = {"server_uri": f"127.0.0.1:{port}", "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}
+    os.environ["GRPC_XDS_BOOTSTRAP_CONFIG"] = json.dumps({"xds_servers": [where], "node": {"id": "weights"}})
+    served = collections.Counter()
+    async with grpc.aio.insecure_channel("xds:///" + service) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(1000):
+            call = stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            await call
+            served[dict(await call.initial_metadata())["who"]] += 1
+    print(json.dumps(served))
+    for server in (control, *servers):
+        await server.stop(None)
+
+asyncio.run(main())
+"""
+
+
+def test_a_grpc_client_follows_the_published_weights() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WEIGHTED_CLIENT],
+        env={k: v for k, v in os.environ.items() if not k.startswith("GRPC_XDS_BOOTSTRAP")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    served = json.loads(done.stdout)
+    # 90:10 published; a 1000-call sample lands near 900 (the test allows far more than chance would).
+    assert served["heavy"] + served["light"] == 1000
+    assert 750 <= served["heavy"] <= 980, served
 
 
 def test_bootstrap_names_the_scheduler_with_mesh_tls(tmp_path: Path) -> None:
