@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter
@@ -102,6 +103,12 @@ HEDGES_DENIED = Counter(
     "Calls past their hedge delay that were not hedged: the method's budget was spent (budget) or no other replica "
     "could take the call (no_other_replica)",
     ["method", "reason"],
+)
+STALLS = Counter(
+    "aimass_gateway_stalled_replicas_total",
+    "Replicas left out of routing after a hedge won over a call they held having answered nothing since (until they "
+    "answer a health check)",
+    ["service"],
 )
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
 LISTED_CANDIDATES = 16
@@ -215,6 +222,8 @@ class Forwarder(grpc.GenericRpcHandler):
         )
         self.eject_s = config.crash_eject_s
         self.hedging = HedgingPolicy(config.hedging)
+        # Stalled replicas being health-checked until they answer (one task each).
+        self._stall_probes: dict[Replica, asyncio.Task[None]] = {}
         # None: tracing is off and no span work is done.
         self._tracer = tracer
         self._trace_headers = tracing.trace_header_names() if tracer is not None else frozenset()
@@ -598,6 +607,30 @@ class Forwarder(grpc.GenericRpcHandler):
         target.inflight += 1
         return Flight(target, call, span, started)
 
+    def _probe_stalled(self, replica: Replica) -> None:
+        if replica not in self._stall_probes:
+            task = asyncio.get_running_loop().create_task(self._until_answers(replica), name="stall-probe")
+            self._stall_probes[replica] = task
+            task.add_done_callback(lambda _: self._stall_probes.pop(replica, None))
+
+    async def _until_answers(self, replica: Replica) -> None:
+        """Health-checks a stalled replica every ``stall_probe_s`` until it answers SERVING (it is routed to again)
+        or its time out (``stall_eject_s``) is over."""
+        stub = health_pb2_grpc.HealthStub(replica.channel)
+        every_s = self.hedging.config.stall_probe_s
+        stalls = self.hedging.stalls
+        while stalls.stalled(replica, time.monotonic()):
+            asked = time.monotonic()
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=every_s)
+            except grpc.aio.AioRpcError:
+                reply = None
+            if reply is not None and reply.status == health_pb2.HealthCheckResponse.SERVING:
+                stalls.answered(replica, time.monotonic())
+                log.info("replica %s answers again: routed to", replica.instance.instance_id)
+                return
+            await asyncio.sleep(max(0.0, asked + every_s - time.monotonic()))
+
     def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
         hedging = self.hedging.for_method(method)
 
@@ -646,7 +679,7 @@ class Forwarder(grpc.GenericRpcHandler):
         target = None
         if len(self.replicas.healthy(attempt.service)) > 1:
             target = self._pick(attempt.service, first, method=attempt.method, request=attempt.request or b"")
-        if target is None or target is first:
+        if target is None or target is first or self.hedging.stalls.stalled(target, time.monotonic()):
             HEDGES_DENIED.labels(attempt.method, "no_other_replica").inc()
             return None
         hedging.budget.take()
@@ -702,16 +735,17 @@ class Forwarder(grpc.GenericRpcHandler):
                     if flight is second:
                         HEDGES_WON.labels(attempt.method).inc()
                         if self.hedging.stalls.lost_hedge(first.replica, first.started, now):
-                            log.warning(
+                            STALLS.labels(attempt.service).inc()
+                            log.info(
                                 "replica %s at %s answered nothing for %.0f ms while a hedge on %s answered %s: left "
-                                "out of routing for %.1f s while others serve",
+                                "out of routing while others serve, until it answers a health check",
                                 first.replica.instance.instance_id,
                                 first.replica.instance.address,
                                 (now - first.started) * 1000,
                                 flight.replica.instance.address,
                                 attempt.method,
-                                self.hedging.stalls.eject_s,
                             )
+                            self._probe_stalled(first.replica)
                     await self._answered(attempt, flight.replica)
                     await relay_trailers(context, flight.call)
                     return response

@@ -20,9 +20,11 @@ delay; the first success wins and the other attempt is cancelled at once. The ru
 - **Not** when only one replica could serve the call (the Router's choice excluding the first attempt's replica is
   that same replica), nor when the call's remaining deadline is shorter than the delay.
 - **A stalled replica is left out.** When a hedge wins and the first attempt's replica answered nothing at all since
-  that attempt was sent, it is probably frozen: ``Stalls`` leaves it out of routing for ``stall_eject_s`` while others
-  serve (or until it answers again). Without this, the router would keep sending it half the calls (the cancelled
-  ones no longer count as in flight there), each one costing a hedge, and the budget would run dry within a second.
+  that attempt was sent, it may be frozen: ``Stalls`` leaves it out of routing (while others serve, and as a hedge's
+  target) until it answers a health check (the forwarder probes it every ``stall_probe_s``), for ``stall_eject_s``
+  at most. A replica that was merely slow on one batch answers the first probe, milliseconds later; a frozen one
+  stays out, where the router would otherwise keep sending it calls (the cancelled ones no longer count as in
+  flight there), each one costing a hedge, until the budget ran dry.
 
 A hedge is the same call: the tenant's quotas were taken once, when the call was admitted at the gateway (the auth
 interceptor); the hedge goes from the forwarder straight to a replica, with the same metadata and deadline.
