@@ -30,8 +30,9 @@ empty names at first mean every one, the wildcard). An ACK (the last nonce, no e
 last nonce with ``error_detail``) is logged and counted and the rejected version is not sent again: the next
 change is. A request carrying an older nonce is stale and ignored. Each push carries the type's version and a
 fresh nonce. The per-type services (LDS, RDS, CDS, EDS: Stream* and Fetch*) speak the same protocol for their one
-type; incremental (Delta) xDS is not served. The scheduler's listener is mesh mTLS; ``SCHEDULER_POLICY`` says
-which roles may stream.
+type; incremental (Delta) xDS is not served. Streams end when the scheduler drains or stands by (clients keep
+what they have and reconnect, to the active scheduler), as the gateways' view streams do; a standby answers
+UNAVAILABLE. The scheduler's listener is mesh mTLS; ``SCHEDULER_POLICY`` says which roles may stream.
 """
 
 from __future__ import annotations
@@ -234,7 +235,8 @@ class XdsResources:
         self.resources: dict[str, dict[str, bytes]] = {type_url: {} for type_url in TYPES}
         self.versions: dict[str, int] = dict.fromkeys(TYPES, 0)
         self.generation = 0
-        self.closing = False
+        # Raised to end every open stream (the scheduler drains or stands by): clients reconnect, to the active one.
+        self.epoch = 0
         self._changed = asyncio.Condition()
 
     async def update(self, built: Mapping[str, Mapping[str, bytes]]) -> bool:
@@ -253,14 +255,14 @@ class XdsResources:
                 self._changed.notify_all()
         return changed
 
-    async def wait_newer(self, generation: int) -> bool:
-        """Waits for a generation newer than ``generation``; False when closing instead."""
+    async def wait_newer(self, generation: int, epoch: int) -> bool:
+        """Waits for a generation newer than ``generation``; False when the streams of ``epoch`` are to end instead."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.generation > generation or self.closing)
-        return not self.closing
+            await self._changed.wait_for(lambda: self.generation > generation or self.epoch != epoch)
+        return self.epoch == epoch
 
-    async def close(self) -> None:
-        self.closing = True
+    async def end_streams(self) -> None:
+        self.epoch += 1
         async with self._changed:
             self._changed.notify_all()
 
@@ -278,10 +280,19 @@ class XdsBuilder:
 
     async def run(self) -> None:
         seen = -1
+        ended = False
         while True:
-            if self.state.version == seen and not await self.state.wait_newer(seen):
-                # Draining or standing by: the view stops changing; look again later (leadership may come back).
+            if self.state.closing:
+                # Draining or standing by (as WatchView's streams): end the open streams once, then look again
+                # later (leadership may come back).
+                if not ended:
+                    await self.resources.end_streams()
+                    ended = True
                 await asyncio.sleep(1.0)
+                continue
+            ended = False
+            if self.state.version == seen:
+                await self.state.wait_newer(seen)
                 continue
             seen = self.state.version
             await self.rebuild()
@@ -387,10 +398,10 @@ class DiscoveryStreams:
         node = ""
         STREAMS.inc()
         try:
-            generation = self.resources.generation
+            generation, epoch = self.resources.generation, self.resources.epoch
             while True:
                 next_request = asyncio.ensure_future(requests.get())
-                newer = asyncio.ensure_future(self.resources.wait_newer(generation))
+                newer = asyncio.ensure_future(self.resources.wait_newer(generation, epoch))
                 try:
                     done, _ = await asyncio.wait({next_request, newer}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -554,8 +565,8 @@ class XdsServer:
         self._task = asyncio.get_running_loop().create_task(self.builder.run(), name="scheduler-xds")
 
     async def end_streams(self) -> None:
-        await self.resources.close()
+        await self.resources.end_streams()
 
     async def close(self) -> None:
-        await self.resources.close()
         await cancel_and_wait(self._task)
+        await self.resources.end_streams()

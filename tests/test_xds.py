@@ -37,7 +37,17 @@ from aimass.runtime.metadata import REPLICA_KEY
 from aimass.runtime.xds_client import BOOTSTRAP_ENV, BOOTSTRAP_FILE_ENV, bootstrap_config, xds_channel
 from aimass.v1 import nlp_pb2, nlp_pb2_grpc, scheduler_pb2
 from gateway.view import LoadView
-from scheduler.xds import CLUSTER, ENDPOINTS, LISTENER, MAX_WEIGHT, ROUTE, replica_weights
+from scheduler.xds import (
+    CLUSTER,
+    ENDPOINTS,
+    LISTENER,
+    MAX_WEIGHT,
+    ROUTE,
+    AdsServicer,
+    DiscoveryStreams,
+    XdsResources,
+    replica_weights,
+)
 from tests.conftest import BIN, ROOT, start_mesh
 from tests.eventually import eventually
 
@@ -248,6 +258,35 @@ async def test_endpoints_carry_every_replica_with_a_weight(mesh: LocalMesh) -> N
         weights.append(locality.load_balancing_weight.value)
     assert addresses == set(mesh.addresses("nlp"))
     assert all(1 <= w <= MAX_WEIGHT for w in weights) and max(weights) == MAX_WEIGHT
+
+
+async def test_streams_end_when_the_scheduler_drains_and_a_standby_refuses() -> None:
+    """The discovery core on a server of its own: ending the streams (drain, lost leadership) closes them cleanly,
+    and while the scheduler stands by a new stream is UNAVAILABLE."""
+    resources = XdsResources()
+    standby = ""
+    server = grpc.aio.server()
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(
+        AdsServicer(DiscoveryStreams(resources, lambda: standby)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = AdsStream(channel)
+            stream.send(LISTENER, [])
+            assert (await stream.receive()).type_url == LISTENER  # no listeners yet: an empty answer
+            await resources.end_streams()
+            assert await asyncio.wait_for(stream.call.read(), 30) is grpc.aio.EOF
+            assert await stream.call.code() == grpc.StatusCode.OK
+            standby = "this scheduler stands by; the active one is elsewhere"
+            refused = AdsStream(channel)
+            refused.send(LISTENER, [])
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused.receive()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and caught.value.details() == standby
+    finally:
+        await server.stop(None)
 
 
 def test_weights_follow_capacity_kv_pressure_and_warmth() -> None:
