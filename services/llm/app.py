@@ -15,6 +15,7 @@ from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
 from aimass.v1 import common_pb2, llm_pb2_grpc, models_pb2, scheduler_pb2
 from services.llm.engine import LlmEngine
+from services.llm.protocol import GenerationEngine
 from services.llm.servicer import LlmServicer
 from services.llm.weights import PACKAGED_MODELS
 
@@ -25,9 +26,9 @@ class LlmApp:
     kind = "llm"
     service_names: tuple[str, ...] = (SERVICE,)
 
-    def __init__(self, config: LlmConfig) -> None:
+    def __init__(self, config: LlmConfig, engine: GenerationEngine | None = None) -> None:
         self.config = config
-        self.engine = LlmEngine(config)
+        self.engine: GenerationEngine = engine or LlmEngine(config)
         self.servicer = LlmServicer(self.engine, config)
         self._reported_tokens = 0
         self._reported_completed = 0
@@ -112,8 +113,9 @@ class LlmApp:
         self.engine.shutdown()
 
 
-def build_runner(settings: Settings, *, register: bool = True) -> ServerRunner:
-    return replica_runner(LlmApp(settings.llm), settings, settings.llm.server, register=register)
+def build_runner(settings: Settings, *, register: bool = True, engine: GenerationEngine | None = None) -> ServerRunner:
+    """The LLM replica's server; ``engine`` replaces vLLM (any services.llm.protocol.GenerationEngine)."""
+    return replica_runner(LlmApp(settings.llm, engine), settings, settings.llm.server, register=register)
 
 
 def main() -> None:

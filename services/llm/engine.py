@@ -145,6 +145,8 @@ class LlmEngine:
         )
         if self.config.max_model_len:
             args.max_model_len = self.config.max_model_len
+        if self.config.max_num_batched_tokens:
+            args.max_num_batched_tokens = self.config.max_num_batched_tokens
         self._tokenizer = AutoTokenizer.from_pretrained(folder)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[_load_recorder_factory(self.load_state)])
         self.context_length = self._engine.model_config.max_model_len
