@@ -17,12 +17,12 @@ Per aimass.v1 service that replicas serve (the name is the same for all four res
 
 Weights are what the gateway's ``ours`` router knows (gateway/router.py, ``LoadView.capacity``): the replica's
 learnt capacity, lowered by KV-cache pressure, and a cold replica (its models not loaded) gets the least weight
-while any warm one exists. They are quantised to tenths of the largest, so the constant stream of load reports
-does not become a constant stream of EDS pushes: a resource is pushed only when its bytes change. Replicas that
-are serving are HEALTHY; draining ones are listed as DRAINING (clients send them nothing new); starting or stopped
-ones are left out. A service keeps its listener once seen (scaled to zero, its endpoints are empty: UNAVAILABLE,
-not "does not exist"); a name no replica ever served has no listener, and gRPC clients fail their calls with
-"does not exist".
+while any warm one exists. They are set among the replicas of one service and quantised to tenths of the largest,
+so the constant stream of load reports does not become a constant stream of EDS pushes: a resource is pushed only
+when its bytes change. Replicas that are serving are HEALTHY; draining ones are listed as DRAINING (clients send
+them nothing new); starting or stopped ones are left out. A service keeps its listener once seen (scaled to zero,
+its endpoints are empty: UNAVAILABLE, not "does not exist"); a name no replica ever served has no listener, and
+gRPC clients fail their calls with "does not exist".
 
 Protocol (per stream and type): the first request, and any request that changes the resource names, gets the
 current resources at once (for listeners and clusters, a subscribed name absent from the answer does not exist;
@@ -198,12 +198,13 @@ def load_assignment(service: str, endpoints: Iterable[Endpoint]) -> Any:
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=service, endpoints=localities)
 
 
-def replica_weights(view: scheduler_pb2.RoutingView, loads: LoadView) -> dict[str, int]:
-    """instance_id → its weight (1..MAX_WEIGHT), from ``loads`` (fed ``view``): capacity over KV-cache pressure,
-    cold replicas the least while any is warm, quantised to tenths of the largest."""
+def replica_weights(replicas: Iterable[scheduler_pb2.ReplicaView], loads: LoadView) -> dict[str, int]:
+    """instance_id → its weight (1..MAX_WEIGHT) among ``replicas`` (those of one service), from ``loads`` (fed the
+    view): capacity over KV-cache pressure, cold replicas the least while any is warm, quantised to tenths of the
+    largest."""
     raw: dict[str, float] = {}
     cold: set[str] = set()
-    for replica in view.replicas:
+    for replica in replicas:
         load = loads.load_of(replica.instance_id)
         share = loads.capacity(replica.instance_id)
         if load is not None:
@@ -301,39 +302,45 @@ class XdsBuilder:
     async def rebuild(self) -> bool:
         view = self.state.view()
         self.loads.apply(view)
-        weights = replica_weights(view, self.loads)
         kinds = {i.instance_id: i.kind for i in self.state.instances.values()}
-        endpoints: dict[str, list[Endpoint]] = {}
+        usable: dict[str, list[scheduler_pb2.ReplicaView]] = {}
         for replica in view.replicas:
             if kinds.get(replica.instance_id) == TRAINER_KIND:
                 continue
             self.services.update(replica.services)
-            if replica.state not in (common_pb2.SERVING_STATE_SERVING, common_pb2.SERVING_STATE_DRAINING):
-                continue
-            where = split_address(replica.address)
-            host = await self._ip_of(where[0]) if where is not None else None
-            if where is None or host is None:
-                log.warning("xDS: replica %s has no usable address %r", replica.instance_id, replica.address)
-                continue
-            end = Endpoint(
-                instance_id=replica.instance_id,
-                node_id=replica.node_id,
-                host=host,
-                port=where[1],
-                weight=weights.get(replica.instance_id, 1),
-                draining=replica.state == common_pb2.SERVING_STATE_DRAINING,
-            )
-            for service in replica.services:
-                endpoints.setdefault(service, []).append(end)
+            if replica.state in (common_pb2.SERVING_STATE_SERVING, common_pb2.SERVING_STATE_DRAINING):
+                for service in replica.services:
+                    usable.setdefault(service, []).append(replica)
         built: dict[str, dict[str, bytes]] = {type_url: {} for type_url in TYPES}
         for service in sorted(self.services):
             built[LISTENER][service] = listener(service).SerializeToString(deterministic=True)
             built[ROUTE][service] = route_configuration(service).SerializeToString(deterministic=True)
             built[CLUSTER][service] = cluster(service).SerializeToString(deterministic=True)
-            built[ENDPOINTS][service] = load_assignment(service, endpoints.get(service, ())).SerializeToString(
-                deterministic=True
-            )
+            ends = await self._endpoints(usable.get(service, []))
+            built[ENDPOINTS][service] = load_assignment(service, ends).SerializeToString(deterministic=True)
         return await self.resources.update(built)
+
+    async def _endpoints(self, replicas: list[scheduler_pb2.ReplicaView]) -> list[Endpoint]:
+        """One service's replicas as endpoints, weighted among themselves."""
+        weights = replica_weights(replicas, self.loads)
+        found = []
+        for replica in replicas:
+            where = split_address(replica.address)
+            host = await self._ip_of(where[0]) if where is not None else None
+            if where is None or host is None:
+                log.warning("xDS: replica %s has no usable address %r", replica.instance_id, replica.address)
+                continue
+            found.append(
+                Endpoint(
+                    instance_id=replica.instance_id,
+                    node_id=replica.node_id,
+                    host=host,
+                    port=where[1],
+                    weight=weights[replica.instance_id],
+                    draining=replica.state == common_pb2.SERVING_STATE_DRAINING,
+                )
+            )
+        return found
 
     async def _ip_of(self, host: str) -> str | None:
         """gRPC clients take IP addresses in EDS: a registered host name is resolved here (and remembered)."""

@@ -299,12 +299,12 @@ def test_weights_follow_capacity_kv_pressure_and_warmth() -> None:
     )
     loads = LoadView()
     loads.apply(view)
-    weights = replica_weights(view, loads)
+    weights = replica_weights(view.replicas, loads)
     # Same capacity (none measured yet); a full KV cache halves the share; a cold replica the least while warm exist.
     assert weights == {"a": MAX_WEIGHT, "b": MAX_WEIGHT // 2, "c": 1}
     all_cold = scheduler_pb2.RoutingView(version=2, replicas=[replica("x", loaded=False), replica("y", loaded=False)])
     loads.apply(all_cold)
-    assert replica_weights(all_cold, loads) == {"x": MAX_WEIGHT, "y": MAX_WEIGHT}
+    assert replica_weights(all_cold.replicas, loads) == {"x": MAX_WEIGHT, "y": MAX_WEIGHT}
 
 
 def test_aimass_xds_bootstrap_file_serves_a_client_in_another_process(
