@@ -170,6 +170,8 @@ class KeyVerifier:
         self._unknown: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._lookups: dict[str, asyncio.Task[KeyRecord | None]] = {}
         self._tenants: dict[str, TenantRecord] = {}
+        # tenant → its Limits, built once per change of the tenants read (every call asks for them).
+        self._limits: dict[str, Limits] = {}
         self._failures: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._store_failing = False
@@ -192,6 +194,12 @@ class KeyVerifier:
 
     def limits_of(self, tenant_id: str) -> Limits:
         """The tenant's limits as they apply: the store's, with the configured defaults where it says 0."""
+        limits = self._limits.get(tenant_id)
+        if limits is None:
+            limits = self._limits[tenant_id] = self._limits_from_record(tenant_id)
+        return limits
+
+    def _limits_from_record(self, tenant_id: str) -> Limits:
         record = self._tenants.get(tenant_id)
         weight = self.tenants_config.weights.get(tenant_id, 1.0)
         if record is None:
@@ -208,6 +216,7 @@ class KeyVerifier:
     def tenant_changed(self, record: TenantRecord) -> None:
         """This gateway changed a tenant: apply it now rather than at the next refresh."""
         self._tenants[record.tenant_id] = record
+        self._limits.pop(record.tenant_id, None)
 
     # -- keys --------------------------------------------------------------------------------------------------
 
@@ -258,6 +267,7 @@ class KeyVerifier:
             tenant = await asyncio.to_thread(self.store.get_tenant, found.tenant_id)
             if tenant is not None:
                 self._tenants[tenant.tenant_id] = tenant
+                self._limits.pop(tenant.tenant_id, None)
         self._remember(key_hash, found)
         return found
 
@@ -330,6 +340,7 @@ class KeyVerifier:
         hashes = list(self._keys)
         tenants, records = await asyncio.to_thread(self._read, hashes)
         self._tenants = {tenant.tenant_id: tenant for tenant in tenants}
+        self._limits = {}
         for key_hash in hashes:
             record = records.get(key_hash)
             if record is None:
