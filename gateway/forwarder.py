@@ -106,8 +106,8 @@ HEDGES_DENIED = Counter(
 )
 STALLS = Counter(
     "aimass_gateway_stalled_replicas_total",
-    "Replicas left out of routing after a hedge won over a call they held having answered nothing since (until they "
-    "answer a health check)",
+    "Replicas left out of routing (until they answer a health check): a call they held passed its hedge delay and "
+    "they had answered nothing since it was sent",
     ["service"],
 )
 # The route span lists the candidates' instance ids up to this many (beyond, only their number).
@@ -607,6 +607,26 @@ class Forwarder(grpc.GenericRpcHandler):
         target.inflight += 1
         return Flight(target, call, span, started)
 
+    def _check_silent(self, attempt: Attempt, flight: Flight) -> None:
+        """The first attempt is past its hedge delay: its replica, if it answered nothing since, is left out of
+        routing until it answers a health check."""
+        replica = flight.replica
+        now = time.monotonic()
+        if len(self.replicas.healthy(attempt.service)) < 2 or not self.hedging.stalls.silent_since(
+            replica, flight.started, now
+        ):
+            return
+        STALLS.labels(attempt.service).inc()
+        log.info(
+            "replica %s at %s answered nothing for %.0f ms (holding %s): left out of routing while others serve, "
+            "until it answers a health check",
+            replica.instance.instance_id,
+            replica.instance.address,
+            (now - flight.started) * 1000,
+            attempt.method,
+        )
+        self._probe_stalled(replica)
+
     def _probe_stalled(self, replica: Replica) -> None:
         if replica not in self._stall_probes:
             task = asyncio.get_running_loop().create_task(self._until_answers(replica), name="stall-probe")
@@ -648,6 +668,7 @@ class Forwarder(grpc.GenericRpcHandler):
                     if hedging is not None and len(attempt.tried) == 1:
                         delay = hedging.should_wait(time_remaining(context))
                         if delay is not None and not await settled_within(flight.call, delay):
+                            self._check_silent(attempt, flight)
                             hedge = self._hedge_target(attempt, hedging)
                             if hedge is not None:
                                 return await self._race(attempt, hedging, flight, hedge, delay, metadata, context)
@@ -734,18 +755,6 @@ class Forwarder(grpc.GenericRpcHandler):
                     running.clear()
                     if flight is second:
                         HEDGES_WON.labels(attempt.method).inc()
-                        if self.hedging.stalls.lost_hedge(first.replica, first.started, now):
-                            STALLS.labels(attempt.service).inc()
-                            log.info(
-                                "replica %s at %s answered nothing for %.0f ms while a hedge on %s answered %s: left "
-                                "out of routing while others serve, until it answers a health check",
-                                first.replica.instance.instance_id,
-                                first.replica.instance.address,
-                                (now - first.started) * 1000,
-                                flight.replica.instance.address,
-                                attempt.method,
-                            )
-                            self._probe_stalled(first.replica)
                     await self._answered(attempt, flight.replica)
                     await relay_trailers(context, flight.call)
                     return response

@@ -19,12 +19,13 @@ delay; the first success wins and the other attempt is cancelled at once. The ru
   p97) so that in normal running the bucket stays full.
 - **Not** when only one replica could serve the call (the Router's choice excluding the first attempt's replica is
   that same replica), nor when the call's remaining deadline is shorter than the delay.
-- **A stalled replica is left out.** When a hedge wins and the first attempt's replica answered nothing at all since
-  that attempt was sent, it may be frozen: ``Stalls`` leaves it out of routing (while others serve, and as a hedge's
-  target) until it answers a health check (the forwarder probes it every ``stall_probe_s``), for ``stall_eject_s``
-  at most. A replica that was merely slow on one batch answers the first probe, milliseconds later; a frozen one
-  stays out, where the router would otherwise keep sending it calls (the cancelled ones no longer count as in
-  flight there), each one costing a hedge, until the budget ran dry.
+- **A silent replica is left out.** When a call's delay passes and its replica answered nothing at all since the
+  call was sent, it may be frozen: ``Stalls`` leaves it out of routing (while others serve, and as a hedge's target)
+  until it answers a health check (the forwarder probes it every ``stall_probe_s``), for ``stall_eject_s`` at most.
+  This happens whether or not the call can be hedged (budget, other replicas). A replica merely slow on one batch
+  answers the first probe, milliseconds later; a frozen one stays out, where the router would otherwise keep sending
+  it calls (the cancelled ones no longer count as in flight there), each one costing a hedge until the budget ran
+  dry, and where the hedges of calls slowed on the others (now carrying all the load) would be wasted.
 
 A hedge is the same call: the tenant's quotas were taken once, when the call was admitted at the gateway (the auth
 interceptor); the hedge goes from the forwarder straight to a replica, with the same metadata and deadline.
@@ -143,9 +144,9 @@ class MethodHedging:
 
 
 class Stalls:
-    """Replicas that look frozen: a hedge beat a call they held and they answered nothing since it was sent. Each is
-    left out of routing for ``eject_s`` (while others serve) or until it answers again. Keyed weakly: a replica that
-    left the view is forgotten with it."""
+    """Replicas that look frozen: a call they hold is past its hedge delay and they answered nothing since it was
+    sent. Each is left out of routing for ``eject_s`` (while others serve) or until it answers again. Keyed weakly: a
+    replica that left the view is forgotten with it."""
 
     def __init__(self, eject_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.eject_s = eject_s
@@ -160,10 +161,10 @@ class Stalls:
         self._last_answer[replica] = now
         self._until.pop(replica, None)
 
-    def lost_hedge(self, replica: object, sent_at: float, now: float) -> bool:
-        """A hedge won over a call sent to ``replica`` at ``sent_at``: True when the replica answered nothing since
-        then, and is now left out for ``eject_s``."""
-        if not self.eject_s or self._last_answer.get(replica, -math.inf) >= sent_at:
+    def silent_since(self, replica: object, sent_at: float, now: float) -> bool:
+        """A call sent to ``replica`` at ``sent_at`` is past its hedge delay: True when the replica answered nothing
+        since then and is now left out for ``eject_s`` (False when it answered, or is already left out)."""
+        if not self.eject_s or self._last_answer.get(replica, -math.inf) >= sent_at or self.stalled(replica, now):
             return False
         self._until[replica] = now + self.eject_s
         return True
