@@ -77,7 +77,9 @@ def worker_count(workers: int) -> int:
     """``gateway.workers`` as processes: 0 is one per core this process may run on, at most MAX_AUTO_WORKERS."""
     if workers:
         return workers
-    return max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0))))
+    # The cores this process may use (a container's CPU set), where the platform says.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores))
 
 
 def worker_index() -> int | None:

@@ -1,7 +1,8 @@
 """The gateway as two worker processes sharing its port (gateway.workers = 2, gateway/workers.py), in a real mesh
 started by `aimass up`: many client connections are served by both workers (the gateway's one /metrics endpoint
 counts each worker's calls), a tenant's rate holds across them (not twice it), a second gateway or `aimass up` on
-the same port fails clearly, a killed worker is restarted while the other serves, and SIGTERM drains both."""
+the same port fails clearly, a killed worker is restarted while the other serves, and SIGTERM drains both; and the
+parent's port claim on real sockets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ import pytest
 from aimass.client import keyed_aio_channel
 from aimass.local_mesh import BIN, LocalMesh
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc, registry_pb2, registry_pb2_grpc
+from gateway.workers import MAX_AUTO_WORKERS, PortTaken, claim_port, worker_count
 from tests.conftest import start_mesh
 from tests.eventually import eventually
 from tests.metrics import scrape, value
@@ -186,3 +189,43 @@ async def test_sigterm_drains_both_workers(mesh: LocalMesh) -> None:
     for index in range(WORKERS):
         assert re.search(rf"gateway-{index} INFO \S+: gateway draining", log), log[-3000:]
         assert re.search(rf"gateway-{index} INFO \S+: gateway stopped", log), log[-3000:]
+
+
+def test_the_parent_claims_a_port_for_its_workers_only() -> None:
+    """What the gateway parent does before starting workers, on real sockets: a port anything holds is refused;
+    once claimed, listeners that ask for SO_REUSEPORT (its workers) share it, any other server is refused."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        with pytest.raises(PortTaken, match="already in use"):
+            claim_port("127.0.0.1", held.getsockname()[1], "port")
+    claim = claim_port("127.0.0.1", 0, "port")
+    port = claim.getsockname()[1]
+    workers = [socket.socket() for _ in range(WORKERS)]
+    try:
+        for worker in workers:
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            worker.bind(("127.0.0.1", port))
+            worker.listen()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            other.bind(("127.0.0.1", port))
+        # The claim itself never listens: with the workers gone nobody answers there.
+        for worker in workers:
+            worker.close()
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))
+        # And a second gateway's claim of the same port is refused while this one holds it.
+        with pytest.raises(PortTaken):
+            claim_port("127.0.0.1", port, "port")
+    finally:
+        for worker in workers:
+            worker.close()
+        claim.close()
+
+
+def test_workers_zero_is_one_per_core_up_to_the_cap() -> None:
+    assert worker_count(3) == 3
+    assert 1 <= worker_count(0) <= MAX_AUTO_WORKERS
+    assert worker_count(0) == min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)))
