@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import (
+    CpuMeter,
     Mesh,
     child_pids,
     command_line,
@@ -89,6 +90,9 @@ class Round:
     rps: dict[str, float]  # "nlp-only" / "whole" → Embed requests/s
     p50_ms: dict[str, float]
     others_pct: dict[str, float]
+    # CPU the whole mesh's processes other than the gateway and the NLP replica used during its Embed run (% of one
+    # core): what the idle co-residents cost the busy one directly.
+    coresident_pct: float
 
 
 async def embed_load(mesh: Mesh, duration: float, label: str) -> tuple[float, float, float]:
@@ -103,12 +107,17 @@ async def embed_load(mesh: Mesh, duration: float, label: str) -> tuple[float, fl
         progress=False,
         **mesh.access(mesh.gateway),
     )
-    run = await run_metered(spec, {"client": os.getpid(), **mesh.pids()}, label)
+    assert mesh.process is not None
+    # By module: in the whole mesh several replicas run, and only the NLP one is under load.
+    names = {process_name(pid): pid for pid in process_tree(mesh.process.pid)}
+    pids = {"client": os.getpid(), "gateway": names["gateway"], "replica": names["services.nlp"]}
+    run = await run_metered(spec, pids, label)
     return run.result.rps, run.result.latency.p50_ms, run.others_pct
 
 
 def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> Round:
     rps: dict[str, float] = {}
+    coresident = 0.0
     p50: dict[str, float] = {}
     others: dict[str, float] = {}
     idle: dict[str, float] = {}
@@ -124,12 +133,20 @@ def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> R
                 time.sleep(5)  # start-up's last reports and view pushes settle
                 idle = idle_cpu(mesh, idle_s)
                 print(f"  round {rnd + 1} idle whole mesh: {sum(idle.values()):.2f}% of a core", file=sys.stderr)
-            rps[side], p50[side], others[side] = asyncio.run(
-                embed_load(mesh, duration, f"round {rnd + 1} {side:<8} Embed c={CONCURRENCY}")
-            )
+            tree = process_tree(mesh.process.pid)
+            bystanders = {str(p): p for p in tree if process_name(p) not in ("gateway", "services.nlp")}
+            with CpuMeter(bystanders) as meter:
+                started = time.perf_counter()
+                rps[side], p50[side], others[side] = asyncio.run(
+                    embed_load(mesh, duration, f"round {rnd + 1} {side:<8} Embed c={CONCURRENCY}")
+                )
+                wall = time.perf_counter() - started
+            if side == "whole":
+                coresident = sum(meter.used.values()) / wall * 100
+                print(f"  round {rnd + 1} co-residents meanwhile: {coresident:.1f}% of a core", file=sys.stderr)
         finally:
             mesh.stop()
-    return Round(idle, rps, p50, others)
+    return Round(idle, rps, p50, others, coresident)
 
 
 def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, idle_s: float) -> str:
@@ -151,7 +168,15 @@ def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, id
     ]
     load_rows.append(("**whole / nlp-only**", f"**{ratio:.2f}**", ""))
     raw = markdown_table(
-        ("round", "nlp-only req/s", "whole req/s", "ratio", "idle whole mesh % of a core", "other procs CPU % (runs)"),
+        (
+            "round",
+            "nlp-only req/s",
+            "whole req/s",
+            "ratio",
+            "idle whole mesh % of a core",
+            "co-residents during the whole run % of a core",
+            "other procs CPU % (runs)",
+        ),
         [
             (
                 str(i + 1),
@@ -159,6 +184,7 @@ def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, id
                 f"{r.rps['whole']:,.1f}",
                 f"{r.rps['whole'] / r.rps['nlp-only']:.2f}",
                 f"{sum(r.idle_pct.values()):.2f}",
+                f"{r.coresident_pct:.1f}",
                 f"{r.others_pct['nlp-only']:.0f} / {r.others_pct['whole']:.0f}",
             )
             for i, r in enumerate(rounds)
@@ -187,6 +213,11 @@ def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, id
             "",
             f"- Whole mesh / NLP-only: **{ratio:.2f}** (goal ≥ {RATIO_GOAL:.2f}):"
             + (" met." if ratio >= RATIO_GOAL else " **missed**."),
+            "",
+            f"- The co-resident processes (everything but the gateway and the NLP replica) used"
+            f" {median(r.coresident_pct for r in rounds):.1f}% of one core meanwhile (median round); the rest of any"
+            " gap is other load on the shared host (last column: CPU used by processes outside the client, gateway and"
+            " replica during each run, the co-residents included).",
             "",
             "Raw figures:",
             "",
