@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -57,6 +58,14 @@ TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInf
 REQUEST_TIMEOUT_S = 180.0
 SIDES = ("aimass", "vllm")
 SIDE_LABELS = {"aimass": "aimass (gateway → replica)", "vllm": "vLLM OpenAI server"}
+
+
+def variant_env(spec: str) -> tuple[str, dict[str, str]]:
+    """``name:KEY=VALUE,KEY=VALUE`` → the variant's name and its mesh's environment."""
+    name, _, settings = spec.partition(":")
+    if not name or name in SIDES or not settings:
+        raise argparse.ArgumentTypeError(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, dict(setting.split("=", 1) for setting in settings.split(","))
 
 
 @dataclass(frozen=True)
@@ -316,19 +325,28 @@ class VllmServer:
             self.log_path.unlink(missing_ok=True)
 
 
+def label_of(side: str, args: argparse.Namespace) -> str:
+    if side in SIDE_LABELS:
+        return SIDE_LABELS[side]
+    settings = dict(args.variant)[side]
+    return f"aimass, {', '.join(f'{k}={v}' for k, v in settings.items())}"
+
+
 def fmt_s(seconds: float) -> str:
     return "—" if math.isnan(seconds) else ("∞" if math.isinf(seconds) else f"{seconds:.2f}")
 
 
-def report(results: dict[tuple[str, float], Figures], args: argparse.Namespace, rates: Sequence[float]) -> str:
+def report(
+    results: dict[tuple[str, float], Figures], args: argparse.Namespace, rates: Sequence[float], sides: Sequence[str]
+) -> str:
     rows = []
     for rate in rates:
-        for side in SIDES:
+        for side in sides:
             f = results[(side, rate)]
             rows.append(
                 (
                     f"{rate:g}x",
-                    SIDE_LABELS[side],
+                    label_of(side, args),
                     f"{f.requests} ({f.failed} failed)",
                     f"{f.attainment:.0%}",
                     fmt_s(f.ttft_p50_s),
@@ -383,16 +401,25 @@ def report(results: dict[tuple[str, float], Figures], args: argparse.Namespace, 
     )
 
 
-def plot(results: dict[tuple[str, float], Figures], rates: Sequence[float], path: Path, token_scale: float) -> None:
+def plot(
+    results: dict[tuple[str, float], Figures],
+    rates: Sequence[float],
+    path: Path,
+    token_scale: float,
+    sides: Sequence[str],
+    args: argparse.Namespace,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for side, style in (("aimass", "o-"), ("vllm", "s--")):
-        left.plot(rates, [results[(side, r)].attainment * 100 for r in rates], style, label=SIDE_LABELS[side])
-        right.plot(rates, [results[(side, r)].ttft_p99_s for r in rates], style, label=SIDE_LABELS[side])
+    for index, side in enumerate(sides):
+        style = {"aimass": "o-", "vllm": "s--"}.get(side, f"{'^vDx'[index % 4]}:")
+        label = label_of(side, args)
+        left.plot(rates, [results[(side, r)].attainment * 100 for r in rates], style, label=label)
+        right.plot(rates, [results[(side, r)].ttft_p99_s for r in rates], style, label=label)
         right.plot(rates, [results[(side, r)].ttft_p50_s for r in rates], style, alpha=0.4)
     left.set(xlabel="load (x trace rate)", ylabel="SLO attainment %", ylim=(0, 105), title="SLO attainment")
     right.set(xlabel="load (x trace rate)", ylabel="seconds", title="TTFT p99 (faint: p50)")
@@ -417,34 +444,40 @@ async def main_async(args: argparse.Namespace) -> None:
         workloads[rate] = (trace, [maker.make(i, r.prompt_tokens) for i, r in enumerate(trace)])
         print(f"{rate:g}x: {len(trace)} requests in {args.duration:g} s", flush=True)
 
-    env = dict(kv.split("=", 1) for kv in args.aimass_env)
-    mesh = Mesh("trace-replay", replicas={"llm": 1}, env={"AIMASS_LLM__MODEL": args.model, **env})
+    sides = [*SIDES, *(name for name, _ in args.variant)]
+    meshes = {
+        side: Mesh(f"trace-replay-{side}", replicas={"llm": 1}, env={"AIMASS_LLM__MODEL": args.model, **env})
+        for side, env in [("aimass", {}), *args.variant]
+    }
     server = VllmServer(folder, args.model, config)
-    print("starting `aimass up` with one LLM replica and vLLM's OpenAI server (tens of seconds each)", flush=True)
+    print(f"starting vLLM's OpenAI server and `aimass up` with one LLM replica ({len(meshes)}x)", flush=True)
     results: dict[tuple[str, float], Figures] = {}
-    mesh.start()
     server.start()
+    for mesh in meshes.values():
+        mesh.start()
     finished = False
     try:
-        mesh.wait_ready(600)
         server.wait_ready(600)
-        async with (
-            mesh.aio_channel() as channel,
-            httpx.AsyncClient(
-                base_url=server.url, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            ) as client,
-        ):
-            senders = {"aimass": aimass_sender(llm_pb2_grpc.LlmServiceStub(channel), args.model)}
-            senders["vllm"] = vllm_sender(client, args.model)
-            for side in SIDES:  # warm-up: a few requests each, not measured
+        for mesh in meshes.values():
+            mesh.wait_ready(600)
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=server.url, limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
+                )
+            )
+            senders = {"vllm": vllm_sender(client, args.model)}
+            for side, mesh in meshes.items():
+                channel = await stack.enter_async_context(mesh.aio_channel())
+                senders[side] = aimass_sender(llm_pb2_grpc.LlmServiceStub(channel), args.model)
+            for side in sides:  # warm-up: a few requests each, not measured
                 warm, texts = workloads[rates[0]]
                 await replay(
                     [TraceRequest(0.0, r.prompt_tokens, r.output_tokens) for r in warm[:4]], texts[:4], senders[side]
                 )
             for index, rate in enumerate(rates):
                 trace, texts = workloads[rate]
-                order = SIDES if index % 2 == 0 else SIDES[::-1]
-                for side in order:
+                for side in sides if index % 2 == 0 else sides[::-1]:
                     outcomes, wall = await replay(trace, texts, senders[side])
                     figures = Figures.of(outcomes, wall, args.slo_ttft, args.slo_tpot)
                     results[(side, rate)] = figures
@@ -458,10 +491,11 @@ async def main_async(args: argparse.Namespace) -> None:
         finished = True
     finally:
         server.stop(keep_log=not finished)
-        mesh.stop()
+        for mesh in meshes.values():
+            mesh.stop()
     if args.plot is not None:
-        plot(results, rates, args.plot, args.token_scale)
-    publish(report(results, args, rates), args.write, NAME)
+        plot(results, rates, args.plot, args.token_scale, sides, args)
+    publish(report(results, args, rates, sides), args.write, NAME)
 
 
 def main() -> None:
@@ -474,7 +508,12 @@ def main() -> None:
     parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds per output token after the first")
     parser.add_argument("--model", default=LlmConfig().model, choices=sorted(PACKAGED_MODELS))
     parser.add_argument(
-        "--aimass-env", action="append", default=[], help="KEY=VALUE for the aimass mesh (to try a setting)"
+        "--variant",
+        type=variant_env,
+        action="append",
+        default=[],
+        help="NAME:KEY=VALUE[,KEY=VALUE]: one more aimass mesh with these settings, replayed in turn with the others"
+        " (e.g. seqs16:AIMASS_LLM__MAX_NUM_SEQS=16)",
     )
     parser.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
     parser.add_argument("--plot", type=Path, default=None, help="write the attainment/TTFT plot here (PNG)")
