@@ -16,8 +16,9 @@ Per aimass.v1 service that replicas serve (the name is the same for all four res
   locality of one endpoint carries the weight (the endpoint's own weight is set too, for clients that read it).
 
 Weights are what the gateway's ``ours`` router knows (gateway/router.py, ``LoadView.capacity``): the replica's
-learnt capacity, lowered by KV-cache pressure, and a cold replica (its models not loaded) gets the least weight
-while any warm one exists. They are set among the replicas of one service and quantised to tenths of the largest,
+learnt capacity (replicas sharing one device count as equals: their capacities only mirror the traffic each was
+sent), lowered by KV-cache pressure, and a cold replica (its models not loaded) gets the least weight while any
+warm one exists. They are set among the replicas of one service and quantised to tenths of the largest,
 so the constant stream of load reports does not become a constant stream of EDS pushes: a resource is pushed only
 when its bytes change. Replicas that are serving are HEALTHY; draining ones are listed as DRAINING (clients send
 them nothing new); starting or stopped ones are left out. A service keeps its listener once seen (scaled to zero,
@@ -202,11 +203,24 @@ def replica_weights(replicas: Iterable[scheduler_pb2.ReplicaView], loads: LoadVi
     """instance_id → its weight (1..MAX_WEIGHT) among ``replicas`` (those of one service), from ``loads`` (fed the
     view): capacity over KV-cache pressure, cold replicas the least while any is warm, quantised to tenths of the
     largest."""
+    replicas = list(replicas)
+    capacity = {replica.instance_id: loads.capacity(replica.instance_id) for replica in replicas}
+    # Replicas on one device share its utilisation, so their capacities (completions over that shared busy time)
+    # only mirror the traffic they were sent: weights fed back from them would drift apart with nothing pulling
+    # them even again. They count as equals, at their mean.
+    sharing: dict[str, list[str]] = {}
+    for replica in replicas:
+        device = next((m.device_id for m in replica.models if m.device_id), "")
+        if device:
+            sharing.setdefault(device, []).append(replica.instance_id)
+    for group in sharing.values():
+        mean = sum(capacity[i] for i in group) / len(group)
+        capacity.update(dict.fromkeys(group, mean))
     raw: dict[str, float] = {}
     cold: set[str] = set()
     for replica in replicas:
         load = loads.load_of(replica.instance_id)
-        share = loads.capacity(replica.instance_id)
+        share = capacity[replica.instance_id]
         if load is not None:
             share /= 1 + KV_CACHE_WEIGHT * load.kv_cache_usage
             if not load.warm:

@@ -35,7 +35,7 @@ from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.runtime.identity import ROLE_SCHEDULER, MeshCredentials, mesh_channel
 from aimass.runtime.metadata import REPLICA_KEY
 from aimass.runtime.xds_client import BOOTSTRAP_ENV, BOOTSTRAP_FILE_ENV, bootstrap_config, xds_channel
-from aimass.v1 import nlp_pb2, nlp_pb2_grpc, scheduler_pb2
+from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc, scheduler_pb2
 from gateway.view import LoadView
 from scheduler.xds import (
     CLUSTER,
@@ -307,6 +307,29 @@ def test_weights_follow_capacity_kv_pressure_and_warmth() -> None:
     assert replica_weights(all_cold.replicas, loads) == {"x": MAX_WEIGHT, "y": MAX_WEIGHT}
 
 
+def test_replicas_sharing_a_device_weigh_the_same_and_a_faster_device_more() -> None:
+    """Capacity is learnt as completions over device busy time: two replicas on one device (busy 50%) that were
+    sent 30 and 10 calls/s look 60 and 20 but are equals (40 each); one alone on a device as busy doing 40 calls/s
+    is twice as fast."""
+
+    def on(device: str, rps: float, instance_id: str) -> Any:
+        model = scheduler_pb2.ModelLoad(loaded=True, device_id=device, requests_per_second=rps)
+        return scheduler_pb2.ReplicaView(instance_id=instance_id, models=[model])
+
+    def node(node_id: str, device: str) -> Any:
+        info = common_pb2.DeviceInfo(utilization_percent=50)
+        return scheduler_pb2.NodeView(node_id=node_id, devices=[scheduler_pb2.NodeDevice(device_id=device, info=info)])
+
+    view = scheduler_pb2.RoutingView(
+        version=1,
+        replicas=[on("n/cpu", 30, "a"), on("n/cpu", 10, "b"), on("m/cpu", 40, "c")],
+        nodes=[node("n", "n/cpu"), node("m", "m/cpu")],
+    )
+    loads = LoadView()
+    loads.apply(view)
+    assert replica_weights(view.replicas, loads) == {"a": MAX_WEIGHT // 2, "b": MAX_WEIGHT // 2, "c": MAX_WEIGHT}
+
+
 def test_aimass_xds_bootstrap_file_serves_a_client_in_another_process(
     mesh: LocalMesh, client_credentials: MeshCredentials, tmp_path: Path
 ) -> None:
@@ -329,7 +352,7 @@ def test_aimass_xds_bootstrap_file_serves_a_client_in_another_process(
         "from pathlib import Path\n"
         "from aimass.runtime.identity import MeshCredentials\n"
         "from aimass.runtime.xds_client import xds_channel\n"
-        "from aimass.v1 import nlp_pb2, nlp_pb2_grpc\n"
+        "from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc\n"
         "async def main():\n"
         f"    creds = MeshCredentials.load(Path({str(mesh.settings().pki_dir)!r}), {CLIENT!r})\n"
         "    async with xds_channel('aimass.v1.NlpService', creds) as channel:\n"
