@@ -7,6 +7,7 @@ parent's port claim on real sockets."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from tests.metrics import scrape, value
 from tests.security import key_for
 
 WORKERS = 2
-# The REST front door and the console are left out: this is about the gRPC port.
-ENV = {"AIMASS_GATEWAY__WORKERS": str(WORKERS), "AIMASS_REST__ENABLED": "false", "AIMASS_CONSOLE__ENABLED": "false"}
+# The REST front door stays: it reaches the workers on the adapter port (mesh mTLS), which they share too, and the
+# mesh is ready only once it answers through them. The console is left out.
+ENV = {"AIMASS_GATEWAY__WORKERS": str(WORKERS), "AIMASS_CONSOLE__ENABLED": "false"}
 SENTIMENT = nlp_pb2.SentimentRequest(texts=["two workers share one port"])
 # One TCP connection per channel (grpc shares a connection between channels with the same target otherwise): the
 # kernel spreads connections, not calls, over the workers.
@@ -102,6 +105,12 @@ async def test_many_connections_are_served_by_both_workers(mesh: LocalMesh) -> N
     assert sum(served.values()) == 128
     samples = scrape(mesh.metrics_address("gateway"))
     assert value(samples, "aimass_requests_total", method="/aimass.v1.NlpService/Sentiment", code="OK") >= 128
+
+
+def test_the_rest_front_door_reaches_the_workers_on_their_shared_adapter_port(mesh: LocalMesh) -> None:
+    request = urllib.request.Request(f"{mesh.rest_url}/models", headers={"Authorization": f"Bearer {mesh.api_key}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200 and json.loads(reply.read())["data"]
 
 
 async def test_a_tenant_gets_its_rate_across_workers_not_twice_it(mesh: LocalMesh) -> None:
