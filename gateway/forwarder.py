@@ -17,7 +17,9 @@ A unary call to an idempotent method (its rpc says ``idempotency_level = NO_SIDE
 the method's hedge delay is sent once more, to another replica (gateway/hedging.py states when and how often): the
 first success wins and the other attempt is cancelled at once. The second attempt also serves as the retry: an
 attempt failing UNAVAILABLE (or crashing) while the other runs is accounted as above (crash, poison) and the call
-waits for the other; a replica's own answer of any other status ends the call with it, as without hedging.
+waits for the other; a replica's own answer of any other status ends the call with it, as without hedging. A
+replica that answered nothing since a call past its delay was sent is left out of routing until it answers a health
+check (``_until_answers``).
 
 Every routing decision is counted (``aimass_gateway_routed_total``), and so is every retry and hedge. With tracing on
 (aimass.runtime.tracing) the gateway's server span gets a "route" child (the router, the candidates, the chosen
@@ -307,7 +309,7 @@ class Forwarder(grpc.GenericRpcHandler):
             now = time.monotonic()
             candidates = [r for r in candidates if not r.down_at(now, self.eject_s)] or candidates
         if len(candidates) > 1 and self.hedging.stalls:
-            # Replicas that just lost a hedge having answered nothing since (frozen) are left out too.
+            # Replicas silent past a call's hedge delay (frozen?) are left out too, until they answer a health check.
             now = time.monotonic()
             candidates = [r for r in candidates if not self.hedging.stalls.stalled(r, now)] or candidates
         choice = self.router.choose(service, candidates) if candidates else None
@@ -608,47 +610,54 @@ class Forwarder(grpc.GenericRpcHandler):
         return Flight(target, call, span, started)
 
     def _check_silent(self, attempt: Attempt, flight: Flight) -> None:
-        """The first attempt is past its hedge delay: its replica, if it answered nothing since, is left out of
-        routing until it answers a health check."""
+        """The first attempt is past its hedge delay: a replica that answered nothing since it was sent is asked a
+        health check (``_until_answers``), unless one is under way."""
         replica = flight.replica
-        now = time.monotonic()
-        if len(self.replicas.healthy(attempt.service)) < 2 or not self.hedging.stalls.silent_since(
-            replica, flight.started, now
+        if (
+            replica not in self._stall_probes
+            and len(self.replicas.healthy(attempt.service)) > 1
+            and self.hedging.stalls.silent_since(replica, flight.started, time.monotonic())
         ):
-            return
-        STALLS.labels(attempt.service).inc()
-        log.info(
-            "replica %s at %s answered nothing for %.0f ms (holding %s): left out of routing while others serve, "
-            "until it answers a health check",
-            replica.instance.instance_id,
-            replica.instance.address,
-            (now - flight.started) * 1000,
-            attempt.method,
-        )
-        self._probe_stalled(replica)
-
-    def _probe_stalled(self, replica: Replica) -> None:
-        if replica not in self._stall_probes:
-            task = asyncio.get_running_loop().create_task(self._until_answers(replica), name="stall-probe")
+            task = asyncio.get_running_loop().create_task(
+                self._until_answers(replica, attempt, flight.started), name="stall-probe"
+            )
             self._stall_probes[replica] = task
             task.add_done_callback(lambda _: self._stall_probes.pop(replica, None))
 
-    async def _until_answers(self, replica: Replica) -> None:
-        """Health-checks a stalled replica every ``stall_probe_s`` until it answers SERVING (it is routed to again)
-        or its time out (``stall_eject_s``) is over."""
+    async def _until_answers(self, replica: Replica, attempt: Attempt, sent_at: float) -> None:
+        """Health-checks a silent replica: one that does not answer SERVING within ``stall_probe_s`` is left out of
+        routing while others serve, and asked again every ``stall_probe_s`` until it answers (routed to again) or
+        ``stall_eject_s`` is over."""
         stub = health_pb2_grpc.HealthStub(replica.channel)
         every_s = self.hedging.config.stall_probe_s
         stalls = self.hedging.stalls
-        while stalls.stalled(replica, time.monotonic()):
+        first = True
+        while True:
             asked = time.monotonic()
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=every_s)
             except grpc.aio.AioRpcError:
                 reply = None
+            now = time.monotonic()
             if reply is not None and reply.status == health_pb2.HealthCheckResponse.SERVING:
-                stalls.answered(replica, time.monotonic())
-                log.info("replica %s answers again: routed to", replica.instance.instance_id)
+                if stalls.stalled(replica, now):
+                    log.info("replica %s answers again: routed to", replica.instance.instance_id)
+                stalls.answered(replica, now)
                 return
+            if first:
+                first = False
+                stalls.exclude(replica, now)
+                STALLS.labels(attempt.service).inc()
+                log.warning(
+                    "replica %s at %s answered nothing for %.0f ms (holding %s) nor a health check: left out of "
+                    "routing while others serve, until it answers one",
+                    replica.instance.instance_id,
+                    replica.instance.address,
+                    (now - sent_at) * 1000,
+                    attempt.method,
+                )
+            elif not stalls.stalled(replica, now):
+                return  # stall_eject_s is over (or the replica left the view)
             await asyncio.sleep(max(0.0, asked + every_s - time.monotonic()))
 
     def _unary_unary(self, method: str, service: str) -> Callable[[bytes, Context], Any]:
@@ -667,11 +676,17 @@ class Forwarder(grpc.GenericRpcHandler):
                 try:
                     if hedging is not None and len(attempt.tried) == 1:
                         delay = hedging.should_wait(time_remaining(context))
-                        if delay is not None and not await settled_within(flight.call, delay):
+                        checks = 0
+                        while delay is not None and not await settled_within(flight.call, delay):
                             self._check_silent(attempt, flight)
-                            hedge = self._hedge_target(attempt, hedging)
+                            hedge = self._hedge_target(attempt, hedging, count_denial=checks == 0)
                             if hedge is not None:
                                 return await self._race(attempt, hedging, flight, hedge, delay, metadata, context)
+                            # Not now (budget, no other replica): looked at again after another delay.
+                            checks += 1
+                            remaining = time_remaining(context)
+                            if remaining is not None and remaining <= delay:
+                                break
                     response: bytes = await flight.call
                 except grpc.aio.AioRpcError as err:
                     flight.end(err)
@@ -690,18 +705,20 @@ class Forwarder(grpc.GenericRpcHandler):
 
         return forward
 
-    def _hedge_target(self, attempt: Attempt, hedging: MethodHedging) -> Replica | None:
+    def _hedge_target(self, attempt: Attempt, hedging: MethodHedging, *, count_denial: bool = True) -> Replica | None:
         """The replica for a hedge of a call whose first attempt is past its delay, its budget token taken; None
-        when the budget is spent or no other replica could take the call."""
+        when the budget is spent or no other replica (not left out) could take the call."""
         first = attempt.tried[0]
         if not hedging.budget.available():
-            HEDGES_DENIED.labels(attempt.method, "budget").inc()
+            if count_denial:
+                HEDGES_DENIED.labels(attempt.method, "budget").inc()
             return None
         target = None
         if len(self.replicas.healthy(attempt.service)) > 1:
             target = self._pick(attempt.service, first, method=attempt.method, request=attempt.request or b"")
         if target is None or target is first or self.hedging.stalls.stalled(target, time.monotonic()):
-            HEDGES_DENIED.labels(attempt.method, "no_other_replica").inc()
+            if count_denial:
+                HEDGES_DENIED.labels(attempt.method, "no_other_replica").inc()
             return None
         hedging.budget.take()
         return target

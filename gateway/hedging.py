@@ -19,16 +19,19 @@ delay; the first success wins and the other attempt is cancelled at once. The ru
   p97) so that in normal running the bucket stays full.
 - **Not** when only one replica could serve the call (the Router's choice excluding the first attempt's replica is
   that same replica), nor when the call's remaining deadline is shorter than the delay.
-- **A silent replica is left out.** When a call's delay passes and its replica answered nothing at all since the
-  call was sent, it may be frozen: ``Stalls`` leaves it out of routing (while others serve, and as a hedge's target)
-  until it answers a health check (the forwarder probes it every ``stall_probe_s``), for ``stall_eject_s`` at most.
-  This happens whether or not the call can be hedged (budget, other replicas). A replica merely slow on one batch
-  answers the first probe, milliseconds later; a frozen one stays out, where the router would otherwise keep sending
-  it calls (the cancelled ones no longer count as in flight there), each one costing a hedge until the budget ran
-  dry, and where the hedges of calls slowed on the others (now carrying all the load) would be wasted.
+- **A frozen replica is left out.** When a call's delay passes and its replica answered nothing at all since the
+  call was sent, the forwarder asks it a health check; one that does not answer within ``stall_probe_s`` is left
+  out of routing (while others serve, and as a hedge's target) until it answers one (asked every ``stall_probe_s``),
+  ``stall_eject_s`` at most. This happens whether or not the call can be hedged. A replica merely busy with a long
+  batch answers the check and is not left out; a frozen one would otherwise keep getting calls from the router (the
+  cancelled ones no longer count as in flight there), each one costing a hedge until the budget ran dry, and the
+  hedges of calls slowed on the others (now carrying all the load) would be wasted on it.
+- **Until it can be sent.** A call past its delay whose hedge could not go (the budget spent, no other replica that
+  is not left out) is looked at again after each further delay, until it ends or its deadline is nearer than that.
 
 A hedge is the same call: the tenant's quotas were taken once, when the call was admitted at the gateway (the auth
-interceptor); the hedge goes from the forwarder straight to a replica, with the same metadata and deadline.
+interceptor); the hedge goes from the forwarder straight to a replica, with the same metadata and deadline. (A
+replica that started the losing attempt still counts it in its per-tenant load report: work it did, not a quota.)
 """
 
 from __future__ import annotations
@@ -144,9 +147,10 @@ class MethodHedging:
 
 
 class Stalls:
-    """Replicas that look frozen: a call they hold is past its hedge delay and they answered nothing since it was
-    sent. Each is left out of routing for ``eject_s`` (while others serve) or until it answers again. Keyed weakly: a
-    replica that left the view is forgotten with it."""
+    """Replicas that look frozen. A replica is suspect when a call it holds is past its hedge delay and it answered
+    nothing since the call was sent (``silent_since``); the forwarder then asks it a health check, and one that does
+    not answer within ``stall_probe_s`` is left out of routing (``exclude``) for ``eject_s`` (while others serve) or
+    until it answers again. Keyed weakly: a replica that left the view is forgotten with it."""
 
     def __init__(self, eject_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.eject_s = eject_s
@@ -162,12 +166,16 @@ class Stalls:
         self._until.pop(replica, None)
 
     def silent_since(self, replica: object, sent_at: float, now: float) -> bool:
-        """A call sent to ``replica`` at ``sent_at`` is past its hedge delay: True when the replica answered nothing
-        since then and is now left out for ``eject_s`` (False when it answered, or is already left out)."""
-        if not self.eject_s or self._last_answer.get(replica, -math.inf) >= sent_at or self.stalled(replica, now):
-            return False
+        """Whether ``replica`` answered nothing since ``sent_at`` and is not left out already (0 ``eject_s``: never)."""
+        return (
+            bool(self.eject_s)
+            and self._last_answer.get(replica, -math.inf) < sent_at
+            and not self.stalled(replica, now)
+        )
+
+    def exclude(self, replica: object, now: float) -> None:
+        """Leaves ``replica`` out for ``eject_s`` from ``now``, or until it answers."""
         self._until[replica] = now + self.eject_s
-        return True
 
     def stalled(self, replica: object, now: float) -> bool:
         until = self._until.get(replica)

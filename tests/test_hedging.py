@@ -159,18 +159,20 @@ class ReplicaKey:
     """Any object serves as a replica here: Stalls only keys by identity (weakly), never reads one."""
 
 
-def test_a_replica_that_answered_nothing_since_a_call_was_sent_is_left_out_for_a_while() -> None:
+def test_a_silent_replica_is_suspect_and_left_out_for_a_while_once_excluded() -> None:
     clock = Clock()
     stalls = Stalls(eject_s=1.0, clock=clock)
     frozen, busy = ReplicaKey(), ReplicaKey()
-    assert not stalls
     stalls.answered(busy, 99.5)
     # busy answered another call after ours was sent (at 99.0): it is alive, just slow on this one.
     assert not stalls.silent_since(busy, sent_at=99.0, now=100.0)
     assert stalls.silent_since(frozen, sent_at=99.0, now=100.0)
+    assert not stalls, "suspect only: left out once it does not answer a health check (the forwarder asks)"
+    stalls.exclude(frozen, 100.0)
     assert stalls and stalls.stalled(frozen, 100.5) and not stalls.stalled(busy, 100.5)
+    assert not stalls.silent_since(frozen, sent_at=99.0, now=100.5), "already left out"
     assert not stalls.stalled(frozen, 101.0), "left out for eject_s only"
-    stalls.silent_since(frozen, sent_at=101.0, now=101.2)
+    stalls.exclude(frozen, 101.2)
     stalls.answered(frozen, 101.3)
     assert not stalls.stalled(frozen, 101.4), "an answer brings it back at once"
     assert not Stalls(eject_s=0).silent_since(frozen, sent_at=0, now=1), "0 turns it off"

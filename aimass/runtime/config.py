@@ -206,9 +206,10 @@ class HedgingConfig(BaseModel):
     # this many held in reserve for the moment a replica freezes.
     max_extra_load: float = Field(default=0.05, ge=0, le=1)
     burst: PositiveInt = 20
-    # A replica holding a call past its delay that answered nothing since the call was sent (frozen?) is left out
-    # of routing while others serve until it answers a health check, sent every stall_probe_s, and this long at most
-    # (the registry drops a replica silent for registry.ttl_s). 0: never left out.
+    # A replica holding a call past its delay that answered nothing since the call was sent (frozen?) is asked a
+    # health check; one that does not answer within stall_probe_s is left out of routing while others serve until it
+    # answers one (asked every stall_probe_s), and this long at most (the registry drops a replica silent for
+    # registry.ttl_s). 0: never left out.
     stall_eject_s: float = Field(default=10.0, ge=0)
     stall_probe_s: PositiveFloat = 0.25
 
