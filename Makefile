@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python -m benchmarks.rest --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.oip --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.console --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.hedging --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.xds --write docs/benchmarks.md
 
 # Load test: starts a mesh (nlp, vision, speech, llm) on free loopback ports, runs every loadtest/scenarios.py
