@@ -15,9 +15,10 @@ and serves none itself:
 - **Workers** are ``python -m gateway`` again with ``AIMASS_GATEWAY_WORKER`` set (so they serve instead of
   forking), under aimass.supervisor's restart policy: one that dies is restarted with backoff while the others
   keep serving; their log lines say ``gateway-<i>``. Should the parent die, the kernel sends its workers SIGTERM
-  (PDEATHSIG) and `aimass up` restarts the whole gateway. Starting workers from the gateway process rather than
-  as N entries of `aimass up`'s table keeps the port claim, the metrics endpoint and the drain in one place, and a
-  container running ``python -m gateway`` gets workers too.
+  (PDEATHSIG) and `aimass up` restarts the whole gateway (its claim fails "in use" until the old workers have
+  drained and let go of the ports; `aimass up` retries with backoff). Starting workers from the gateway process
+  rather than as N entries of `aimass up`'s table keeps the port claim, the metrics endpoint and the drain in one
+  place, and a container running ``python -m gateway`` gets workers too.
 - **Drain.** SIGTERM/SIGINT to the parent sends SIGTERM to every worker at once; each drains as a lone gateway
   does (health NOT_SERVING, deregister, in-flight calls finish within drain_grace_s), and the parent exits once
   all have.
