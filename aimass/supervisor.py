@@ -49,7 +49,7 @@ class Supervised:
     ) -> None:
         self.spec = spec
         self.max_backoff_s = max_backoff_s
-        # Called with the pid of every child that exited while running (not those stop() ended).
+        # Called with the pid of a child that exited: always when it exits on its own, not always when stop() ends it.
         self.on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
