@@ -240,8 +240,10 @@ hedging on (the default: delay = the method's p97 on this gateway, floored at 20
 calls + a burst of 20) vs off (`gateway.hedging.enabled = false`), alternating, {args.rounds} round(s) each:
 {args.normal:.0f} s of normal running, then one replica SIGSTOPped for {args.freeze:.0f} s under the same load (and
 1 s after SIGCONT). Medians over rounds; the machine is shared and noisy, so only the side-by-side figures of one run
-mean anything. "Replicas left out": a hedge won over a call whose replica had answered nothing since, so it was
-left out until it answered a health check (in normal running: a replica slow on one batch, back within a probe).
+mean anything. "Replicas left out": a replica held a call past its delay, had answered nothing since and missed a
+health check, so it was left out of routing until it answered one (in normal running it should stay 0). Without
+hedging, a call caught on the frozen replica waits until the gateway's keepalive gives up on the connection
+(`gateway.keepalive_s` + `keepalive_timeout_s`, 2 + 2 s) and is retried elsewhere: hence seconds, not the whole freeze.
 
 {table}
 
