@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +76,17 @@ def bootstrap(mesh: LocalMesh) -> Iterator[dict[str, Any]]:
 
 
 class AdsStream:
-    """One ADS stream at the protocol level: send DiscoveryRequests, read DiscoveryResponses."""
+    """One ADS stream at the protocol level: send DiscoveryRequests, read DiscoveryResponses. Requests are written
+    on the call (a request iterator's writer can end a refused call INTERNAL before the server's status arrives)."""
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str = "test-node") -> None:
         self.node_id = node_id
-        self._requests: asyncio.Queue[Any] = asyncio.Queue()
         self._first = True
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(self._iterate())
+        self.call: Any = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
 
-    async def _iterate(self) -> AsyncIterator[Any]:
-        while True:
-            request = await self._requests.get()
-            if request is None:
-                return
-            yield request
-
-    def send(self, type_url: str, names: list[str], *, nonce: str = "", version: str = "", error: str = "") -> None:
+    async def send(
+        self, type_url: str, names: list[str], *, nonce: str = "", version: str = "", error: str = ""
+    ) -> None:
         request = discovery_pb2.DiscoveryRequest(
             type_url=type_url, resource_names=names, response_nonce=nonce, version_info=version
         )
@@ -101,7 +96,7 @@ class AdsStream:
         if error:
             request.error_detail.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             request.error_detail.message = error
-        self._requests.put_nowait(request)
+        await self.call.write(request)
 
     async def receive(self) -> Any:
         response = await asyncio.wait_for(self.call.read(), 30)
@@ -116,7 +111,6 @@ class AdsStream:
                 return response
 
     def close(self) -> None:
-        self._requests.put_nowait(None)
         self.call.cancel()
 
 
@@ -176,16 +170,16 @@ async def test_ads_without_a_mesh_certificate_or_with_a_replica_role_is_refused(
     options = [("grpc.ssl_target_name_override", pki.server_name(ROLE_SCHEDULER))]
     async with grpc.aio.secure_channel(mesh.scheduler, anonymous, options=options) as channel:
         stream = AdsStream(channel)
-        stream.send(LISTENER, [NLP])
         with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.send(LISTENER, [NLP])
             await stream.receive()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake wants a client certificate
     pki.issue(pki_dir, role="nlp", name="xds-test-replica")
     replica = MeshCredentials.load(pki_dir, "xds-test-replica")
     async with mesh_channel(mesh.scheduler, replica, server_role=ROLE_SCHEDULER) as channel:
         stream = AdsStream(channel)
-        stream.send(LISTENER, [NLP])
         with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.send(LISTENER, [NLP])
             await stream.receive()
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "may not call /envoy.service.discovery.v3.AggregatedDiscoveryService" in (caught.value.details() or "")
@@ -194,30 +188,30 @@ async def test_ads_without_a_mesh_certificate_or_with_a_replica_role_is_refused(
 async def test_ads_subscriptions_ack_nack_and_stale_nonces(mesh: LocalMesh) -> None:
     async with scheduler_channel(mesh) as channel:
         stream = AdsStream(channel)
-        stream.send(LISTENER, [NLP])
+        await stream.send(LISTENER, [NLP])
         listeners = await stream.receive_type(LISTENER)
         assert listeners.type_url == LISTENER and names_in(listeners, listener_pb2.Listener) == [NLP]
         assert listeners.nonce and listeners.version_info
         # A NACK of that version: not sent again; the next answer is the one to the cluster subscription.
-        stream.send(LISTENER, [NLP], nonce=listeners.nonce, error="rejected by the test")
-        stream.send(CLUSTER, [NLP])
+        await stream.send(LISTENER, [NLP], nonce=listeners.nonce, error="rejected by the test")
+        await stream.send(CLUSTER, [NLP])
         clusters = await stream.receive_type(CLUSTER)
         assert clusters.type_url == CLUSTER and len(clusters.resources) == 1
         # A request with a nonce the server never sent last is stale: ignored, so the next answer is to RDS.
-        stream.send(LISTENER, [NLP, "aimass.v1.VisionService"], nonce="not-the-last-nonce")
-        stream.send(ROUTE, [NLP])
+        await stream.send(LISTENER, [NLP, "aimass.v1.VisionService"], nonce="not-the-last-nonce")
+        await stream.send(ROUTE, [NLP])
         routes = await stream.receive_type(ROUTE)
         assert routes.type_url == ROUTE and len(routes.resources) == 1
         # ACKs change nothing; new names are answered at once, with only the resources that exist.
-        stream.send(CLUSTER, [NLP], nonce=clusters.nonce, version=clusters.version_info)
-        stream.send(LISTENER, [NLP, "aimass.v1.NoSuchService"], nonce=listeners.nonce)
+        await stream.send(CLUSTER, [NLP], nonce=clusters.nonce, version=clusters.version_info)
+        await stream.send(LISTENER, [NLP, "aimass.v1.NoSuchService"], nonce=listeners.nonce)
         again = await stream.receive_type(LISTENER)
         assert again.type_url == LISTENER and names_in(again, listener_pb2.Listener) == [NLP]
         assert again.nonce != listeners.nonce
         stream.close()
         # Empty names in the first request: every listener (the wildcard).
         wildcard = AdsStream(channel, "wildcard-node")
-        wildcard.send(LISTENER, [])
+        await wildcard.send(LISTENER, [])
         everything = await wildcard.receive_type(LISTENER)
         assert NLP in names_in(everything, listener_pb2.Listener)
         wildcard.close()
@@ -243,7 +237,7 @@ async def test_the_per_type_services_speak_the_same_protocol(mesh: LocalMesh) ->
 async def test_endpoints_carry_every_replica_with_a_weight(mesh: LocalMesh) -> None:
     async with scheduler_channel(mesh) as channel:
         stream = AdsStream(channel)
-        stream.send(ENDPOINTS, [NLP])
+        await stream.send(ENDPOINTS, [NLP])
         response = await stream.receive_type(ENDPOINTS)
         stream.close()
     (packed,) = response.resources
@@ -274,15 +268,15 @@ async def test_streams_end_when_the_scheduler_drains_and_a_standby_refuses() -> 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stream = AdsStream(channel)
-            stream.send(LISTENER, [])
+            await stream.send(LISTENER, [])
             assert (await stream.receive()).type_url == LISTENER  # no listeners yet: an empty answer
             await resources.end_streams()
             assert await asyncio.wait_for(stream.call.read(), 30) is grpc.aio.EOF
             assert await stream.call.code() == grpc.StatusCode.OK
             standby = "this scheduler stands by; the active one is elsewhere"
             refused = AdsStream(channel)
-            refused.send(LISTENER, [])
             with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused.send(LISTENER, [])
                 await refused.receive()
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and caught.value.details() == standby
     finally:
@@ -463,7 +457,7 @@ async def test_a_stopping_replica_leaves_the_endpoints_and_calls_keep_succeeding
     stop = asyncio.Event()
     async with scheduler_channel(mesh) as admin, xds_channel(NLP, client_credentials, bootstrap=bootstrap) as channel:
         watch = AdsStream(admin, "stop-watcher")
-        watch.send(ENDPOINTS, [NLP])
+        await watch.send(ENDPOINTS, [NLP])
         stub = nlp_pb2_grpc.NlpServiceStub(channel)
 
         async def caller(index: int) -> None:
