@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import csv
 import datetime as dt
@@ -231,6 +232,9 @@ class Figures:
     tpot_p99_s: float
     tokens_per_s: float
     goodput_rps: float
+    # Answered requests that missed the SLO on their first token, and (first token in time) on their pace.
+    late_first_token: int
+    slow_decode: int
 
     @classmethod
     def of(cls, outcomes: Sequence[Outcome], wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> Figures:
@@ -248,6 +252,12 @@ class Figures:
             tpot_p99_s=percentile(tpots, 0.99),
             tokens_per_s=sum(o.tokens for o in outcomes if not o.error) / wall_s,
             goodput_rps=met / wall_s,
+            late_first_token=sum(1 for o in outcomes if not o.error and (o.ttft_s or math.inf) > slo_ttft_s),
+            slow_decode=sum(
+                1
+                for o in outcomes
+                if not o.error and (o.ttft_s or math.inf) <= slo_ttft_s and not o.meets(slo_ttft_s, slo_tpot_s)
+            ),
         )
 
 
@@ -347,8 +357,9 @@ def report(
                 (
                     f"{rate:g}x",
                     label_of(side, args),
-                    f"{f.requests} ({f.failed} failed)",
+                    str(f.requests),
                     f"{f.attainment:.0%}",
+                    f"{f.late_first_token} / {f.slow_decode} / {f.failed}",
                     fmt_s(f.ttft_p50_s),
                     fmt_s(f.ttft_p99_s),
                     f"{f.tpot_p50_s * 1000:.0f}",
@@ -363,6 +374,7 @@ def report(
             "side",
             "requests",
             "SLO met",
+            "missed: late first token / slow decode / failed",
             "TTFT p50 s",
             "TTFT p99 s",
             "TPOT p50 ms",
@@ -485,7 +497,13 @@ async def main_async(args: argparse.Namespace) -> None:
                         f"{rate:g}x {side:6}: SLO {figures.attainment:4.0%}  TTFT p50 {fmt_s(figures.ttft_p50_s)} s"
                         f" p99 {fmt_s(figures.ttft_p99_s)} s  TPOT p50 {figures.tpot_p50_s * 1000:.0f} ms"
                         f" p99 {figures.tpot_p99_s * 1000:.0f} ms  {figures.tokens_per_s:.0f} tok/s"
-                        f"  failed {figures.failed}/{figures.requests}  ({wall:.0f} s)",
+                        f"  failed {figures.failed}/{figures.requests}, late first token {figures.late_first_token},"
+                        f" slow decode {figures.slow_decode}  ({wall:.0f} s)"
+                        + (
+                            f"  errors {dict(collections.Counter(o.error for o in outcomes if o.error))}"
+                            if figures.failed
+                            else ""
+                        ),
                         flush=True,
                     )
         finished = True
@@ -503,7 +521,7 @@ def main() -> None:
     parser.add_argument("--trace", type=Path, default=TRACE)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of replay per rate and side")
     parser.add_argument("--rates", default="0.5,1,2", help="comma-separated multiples of the trace's arrival rate")
-    parser.add_argument("--token-scale", type=float, default=8.0, help="divide the trace's token counts by this")
+    parser.add_argument("--token-scale", type=float, default=16.0, help="divide the trace's token counts by this")
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to the first token")
     parser.add_argument("--slo-tpot", type=float, default=0.2, help="seconds per output token after the first")
     parser.add_argument("--model", default=LlmConfig().model, choices=sorted(PACKAGED_MODELS))
