@@ -55,13 +55,13 @@ lint: install
 
 # Benchmarks start their own meshes on free loopback ports and print markdown tables (docs/benchmarks.md).
 bench: install
-	$(BIN)/python -m benchmarks.gateway_overhead
-	$(BIN)/python -m benchmarks.batching
-	$(BIN)/python -m benchmarks.vision_batching
+	$(BIN)/python -m benchmarks.gateway_overhead --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.batching --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.vision_batching --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.coresidence --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.speech
-	$(BIN)/python -m benchmarks.llm
-	$(BIN)/python -m benchmarks.routing
+	$(BIN)/python -m benchmarks.llm --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.routing --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.lifecycle --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.simulator --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.tracing --write docs/benchmarks.md
@@ -73,6 +73,8 @@ bench: install
 	$(BIN)/python -m benchmarks.console --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.hedging --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.xds --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.gateway_workers --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.trace_replay --write docs/benchmarks.md --plot docs/trace_replay.png
 
 # Load test: starts a mesh (nlp, vision, speech, llm) on free loopback ports, runs every loadtest/scenarios.py
 # scenario through the gateway and straight to a replica, writes docs/loadtest.md and docs/loadtest.png (~5 min).
