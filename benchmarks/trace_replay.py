@@ -30,10 +30,13 @@ import asyncio
 import collections
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -237,6 +240,11 @@ class Figures:
     slow_decode: int
 
     @classmethod
+    def median(cls, rounds: Sequence[Figures]) -> Figures:
+        """Each figure's median over rounds (rounds alternate between sides, so noise hits both alike)."""
+        return cls(**{f.name: statistics.median(getattr(r, f.name) for r in rounds) for f in dataclasses.fields(cls)})
+
+    @classmethod
     def of(cls, outcomes: Sequence[Outcome], wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> Figures:
         # A request that never produced a token counts with an infinite TTFT, so p99 cannot look better by failing.
         ttfts = [o.ttft_s if o.ttft_s is not None and not o.error else math.inf for o in outcomes]
@@ -399,11 +407,12 @@ def report(
         [
             "## LLM trace replay (Azure LLM inference 2023, conversation) vs vLLM's own server",
             "",
-            f"`{command_line()}` on {machine()}, {utc_now()}. {args.duration:g} s of open-loop replay per rate and"
-            f" side, real arrival times compressed by the rate; token counts divided by **{args.token_scale:g}**;"
+            f"`{command_line()}` on {machine()}, {utc_now()}. {args.duration:g} s of open-loop replay per rate, side"
+            f" and round, median of {args.rounds} rounds (each figure on its own); real arrival times compressed by"
+            f" the rate; token counts divided by **{args.token_scale:g}**;"
             f" greedy; SLO: TTFT ≤ {args.slo_ttft:g} s and time per output token ≤ {args.slo_tpot:g} s. Same model"
             f" ({args.model}, float32), KV cache and cores on both sides; both servers up, replayed in turn, order"
-            " flipped at every rate. vLLM's server runs with its own defaults; aimass with its defaults.",
+            " flipped at every rate and round. vLLM's server runs with its own defaults; aimass with its defaults.",
             "",
             table,
             "",
@@ -487,14 +496,16 @@ async def main_async(args: argparse.Namespace) -> None:
                 await replay(
                     [TraceRequest(0.0, r.prompt_tokens, r.output_tokens) for r in warm[:4]], texts[:4], senders[side]
                 )
-            for index, rate in enumerate(rates):
+            rounds: dict[tuple[str, float], list[Figures]] = {}
+            for round_index, (index, rate) in itertools.product(range(args.rounds), enumerate(rates)):
                 trace, texts = workloads[rate]
-                for side in sides if index % 2 == 0 else sides[::-1]:
+                for side in sides if (index + round_index) % 2 == 0 else sides[::-1]:
                     outcomes, wall = await replay(trace, texts, senders[side])
                     figures = Figures.of(outcomes, wall, args.slo_ttft, args.slo_tpot)
-                    results[(side, rate)] = figures
+                    rounds.setdefault((side, rate), []).append(figures)
                     print(
-                        f"{rate:g}x {side:6}: SLO {figures.attainment:4.0%}  TTFT p50 {fmt_s(figures.ttft_p50_s)} s"
+                        f"round {round_index + 1} {rate:g}x {side:6}: SLO {figures.attainment:4.0%}"
+                        f"  TTFT p50 {fmt_s(figures.ttft_p50_s)} s"
                         f" p99 {fmt_s(figures.ttft_p99_s)} s  TPOT p50 {figures.tpot_p50_s * 1000:.0f} ms"
                         f" p99 {figures.tpot_p99_s * 1000:.0f} ms  {figures.tokens_per_s:.0f} tok/s"
                         f"  failed {figures.failed}/{figures.requests}, late first token {figures.late_first_token},"
@@ -506,6 +517,7 @@ async def main_async(args: argparse.Namespace) -> None:
                         ),
                         flush=True,
                     )
+            results = {key: Figures.median(got) for key, got in rounds.items()}
         finished = True
     finally:
         server.stop(keep_log=not finished)
@@ -519,7 +531,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", type=Path, default=TRACE)
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of replay per rate and side")
+    parser.add_argument("--duration", type=float, default=40.0, help="seconds of replay per rate, side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per rate and side; each figure is their median")
     parser.add_argument("--rates", default="0.5,1,2", help="comma-separated multiples of the trace's arrival rate")
     parser.add_argument("--token-scale", type=float, default=16.0, help="divide the trace's token counts by this")
     parser.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to the first token")
