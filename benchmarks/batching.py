@@ -24,26 +24,26 @@ in-process batch shapes come from the first round's served batch sizes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     CpuMeter,
     Mesh,
     batch_histogram,
+    check_bounded,
     command_line,
     machine,
     markdown_table,
     measure_load,
     median,
     publish,
+    rounds_cli,
     utc_now,
     wait_quiet,
 )
@@ -577,9 +577,7 @@ def overhead_note(f: Figures) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    cli.add_argument("--duration", type=float, default=5.0, help="seconds per measurement (default 5)")
+    cli = rounds_cli("batching", __doc__, duration_s=5.0)
     cli.add_argument(
         "--texts-per-request",
         type=int,
@@ -587,13 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"texts per request in the multi-text runs of part (b), at c={TEXTS_IN_FLIGHT}/this"
         f" (default {DEFAULT_TEXTS_PER_REQUEST})",
     )
-    cli.add_argument(
-        "--wait-quiet", type=float, default=60.0, help="wait up to this long for other busy processes (default 60)"
-    )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 5 or not 1 <= args.duration <= 10:
-        cli.error("rounds must be 1..5 and duration 1..10 s (the whole run stays bounded)")
+    check_bounded(cli, args, max_rounds=5, duration_s=(1, 10))
     k = args.texts_per_request
     if k < 2 or TEXTS_IN_FLIGHT % k:
         cli.error(f"--texts-per-request must divide {TEXTS_IN_FLIGHT} and be at least 2 (2, 4, 8, 16 or 32)")

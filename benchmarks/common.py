@@ -3,6 +3,7 @@ description, medians, and updating one section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -277,6 +278,46 @@ def batch_histogram(metrics_port: int, batcher: str) -> tuple[float, float] | No
     if "sum" not in found or "count" not in found:
         return None
     return found["sum"], found["count"]
+
+
+def rounds_cli(
+    module: str,
+    doc: str | None,
+    *,
+    rounds: int = 3,
+    rounds_help: str = "interleaved rounds",
+    duration_s: float = 3.0,
+    wait_quiet_s: float | None = 60.0,
+) -> argparse.ArgumentParser:
+    """The command line the benchmarks that measure in interleaved rounds share: --rounds, --duration,
+    --wait-quiet (unless ``wait_quiet_s`` is None) and --write; a benchmark adds its own options to it."""
+    cli = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=(doc or "").split("\n")[0])
+    cli.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
+    cli.add_argument(
+        "--duration", type=float, default=duration_s, help=f"seconds per measurement (default {duration_s:g})"
+    )
+    if wait_quiet_s is not None:
+        cli.add_argument(
+            "--wait-quiet",
+            type=float,
+            default=wait_quiet_s,
+            help=f"wait up to this long for other busy processes (default {wait_quiet_s:g})",
+        )
+    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    return cli
+
+
+def check_bounded(
+    cli: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *,
+    max_rounds: int = 10,
+    duration_s: tuple[float, float] = (0.5, 10.0),
+) -> None:
+    """Refuse rounds and durations that would make the run unbounded (argparse's usage error)."""
+    low, high = duration_s
+    if not 1 <= args.rounds <= max_rounds or not low <= args.duration <= high:
+        cli.error(f"rounds must be 1..{max_rounds} and duration {low:g}..{high:g} s (the whole run stays bounded)")
 
 
 def publish(text: str, doc: Path | None, name: str) -> None:

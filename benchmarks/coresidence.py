@@ -14,7 +14,6 @@ measured in the same round means much; the median round is reported.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from benchmarks.common import (
     CpuMeter,
     Mesh,
+    check_bounded,
     child_pids,
     command_line,
     cpu_seconds,
@@ -34,6 +34,7 @@ from benchmarks.common import (
     markdown_table,
     median,
     publish,
+    rounds_cli,
     run_metered,
     utc_now,
     wait_quiet,
@@ -227,17 +228,19 @@ def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, id
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.coresidence", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=2, help="rounds, each starting both meshes (default 2)")
-    cli.add_argument("--duration", type=float, default=5.0, help="seconds of Embed load per mesh (default 5)")
-    cli.add_argument("--idle", type=float, default=30.0, help="seconds the idle whole mesh is metered (default 30)")
-    cli.add_argument(
-        "--wait-quiet", type=float, default=30.0, help="wait up to this long for other busy processes (default 30)"
+    cli = rounds_cli(
+        "coresidence",
+        __doc__,
+        rounds=2,
+        rounds_help="rounds, each starting both meshes",
+        duration_s=5.0,
+        wait_quiet_s=30.0,
     )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    cli.add_argument("--idle", type=float, default=30.0, help="seconds the idle whole mesh is metered (default 30)")
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 5 or not 1 <= args.duration <= 10 or not 5 <= args.idle <= 60:
-        cli.error("rounds must be 1..5, duration 1..10 s and idle 5..60 s (the whole run stays bounded)")
+    check_bounded(cli, args, max_rounds=5, duration_s=(1, 10))
+    if not 5 <= args.idle <= 60:
+        cli.error("idle must be 5..60 s (the whole run stays bounded)")
     host, date = machine(), utc_now()
     rounds = [measure_round(rnd, args.duration, args.idle, args.wait_quiet) for rnd in range(args.rounds)]
     publish(report(rounds, host=host, date=date, duration=args.duration, idle_s=args.idle), args.write, NAME)

@@ -10,22 +10,22 @@ processes are read from /proc around every measurement, so the report shows wher
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from benchmarks.common import (
     Mesh,
     MeteredRun,
     SideMedians,
+    check_bounded,
     command_line,
     machine,
     markdown_table,
     publish,
+    rounds_cli,
     run_metered,
     utc_now,
     wait_quiet,
@@ -256,18 +256,9 @@ def report(samples: Sequence[Sample], *, host: str, date: str, rounds: int, dura
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(
-        prog="python -m benchmarks.gateway_overhead", description=(__doc__ or "").split("\n")[0]
-    )
-    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency (default 3)")
-    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
-    cli.add_argument(
-        "--wait-quiet", type=float, default=60.0, help="wait up to this long for other busy processes (default 60)"
-    )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    cli = rounds_cli("gateway_overhead", __doc__, rounds_help="interleaved rounds per concurrency")
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 10:
-        cli.error("rounds must be 1..10 and duration 0.5..10 s (the whole run stays bounded)")
+    check_bounded(cli, args)
     host, date = machine(), utc_now()
     mesh = Mesh("gateway-overhead")
     print("starting the mesh (models load first) ...", file=sys.stderr)

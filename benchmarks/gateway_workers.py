@@ -12,7 +12,6 @@ per call of the client, the gateway (parent and workers together) and the replic
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -20,7 +19,6 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,12 +29,14 @@ from benchmarks.common import (
     Mesh,
     MeteredRun,
     SideMedians,
+    check_bounded,
     child_pids,
     command_line,
     machine,
     markdown_table,
     median,
     publish,
+    rounds_cli,
     utc_now,
     wait_quiet,
 )
@@ -309,17 +309,10 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(
-        prog="python -m benchmarks.gateway_workers", description=(__doc__ or "").split("\n")[0]
-    )
-    cli.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
+    cli = rounds_cli("gateway_workers", __doc__, rounds_help="alternating rounds", wait_quiet_s=30.0)
     cli.add_argument("--connections", type=int, default=32, help="client connections (default 32)")
-    cli.add_argument(
-        "--wait-quiet", type=float, default=30.0, help="wait up to this long for other busy processes (default 30)"
-    )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
     args = cli.parse_args(argv)
+    check_bounded(cli, args)
     if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 10 or not 1 <= args.connections <= CONCURRENCY:
         cli.error(f"rounds 1..10, duration 0.5..10 s and connections 1..{CONCURRENCY}")
     host, date = machine(), utc_now()

@@ -12,7 +12,6 @@ with its five labels, alternating in rounds on the same replica.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import tempfile
@@ -37,7 +36,17 @@ from aimass.v1 import (
     training_pb2,
     training_pb2_grpc,
 )
-from benchmarks.common import Mesh, command_line, machine, markdown_table, median, publish, utc_now
+from benchmarks.common import (
+    Mesh,
+    check_bounded,
+    command_line,
+    machine,
+    markdown_table,
+    median,
+    publish,
+    rounds_cli,
+    utc_now,
+)
 
 NAME = "Custom models"
 CALLERS = 8
@@ -115,13 +124,11 @@ def throughput(call: Callable[[], object], seconds: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.lifecycle", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds (default 3)")
-    cli.add_argument("--duration", type=float, default=5.0, help="seconds per throughput measurement (default 5)")
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    cli = rounds_cli(
+        "lifecycle", __doc__, rounds_help="alternating throughput rounds", duration_s=5.0, wait_quiet_s=None
+    )
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 10 or not 1 <= args.duration <= 30:
-        cli.error("rounds must be 1..10 and duration 1..30 s (the run stays bounded)")
+    check_bounded(cli, args, duration_s=(1, 30))
     host, date = machine(), utc_now()
     data = Path(tempfile.mkdtemp(prefix="aimass-bench-lifecycle-"))
     texts_file = tickets_csv(data / "tickets.csv", rows=1000, seed=1)

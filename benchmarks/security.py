@@ -37,10 +37,12 @@ from benchmarks.common import (
     Scenario,
     ScenarioSample,
     SideMedians,
+    check_bounded,
     command_line,
     machine,
     markdown_table,
     publish,
+    rounds_cli,
     run_metered,
     utc_now,
     wait_quiet,
@@ -278,14 +280,12 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.security", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
-    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
+    cli = rounds_cli("security", __doc__, rounds_help="interleaved rounds per scenario", wait_quiet_s=None)
     cli.add_argument("--rate", type=float, default=40.0, help="the rate-limited tenant's requests/s (default 40)")
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
     args = cli.parse_args(argv)
-    if not (1 <= args.rounds <= 10 and 0.5 <= args.duration <= 10 and 1 <= args.rate <= 1000):
-        cli.error("rounds must be 1..10, duration 0.5..10 s and rate 1..1000 (the whole run stays bounded)")
+    check_bounded(cli, args)
+    if not 1 <= args.rate <= 1000:
+        cli.error("rate must be 1..1000 (the whole run stays bounded)")
     publish(asyncio.run(main_async(args)), args.write, NAME)
 
 

@@ -16,7 +16,6 @@ so drift on the machine hits them alike, and the report gives the median per sid
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -31,10 +30,12 @@ from benchmarks.common import (
     Scenario,
     ScenarioSample,
     SideMedians,
+    check_bounded,
     command_line,
     machine,
     markdown_table,
     publish,
+    rounds_cli,
     run_metered,
     utc_now,
     wait_quiet,
@@ -275,16 +276,9 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.tracing", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
-    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
-    cli.add_argument(
-        "--wait-quiet", type=float, default=60.0, help="wait up to this long for other busy processes (default 60)"
-    )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    cli = rounds_cli("tracing", __doc__, rounds_help="interleaved rounds per scenario")
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 10:
-        cli.error("rounds must be 1..10 and duration 0.5..10 s (the whole run stays bounded)")
+    check_bounded(cli, args)
     host, date = machine(), utc_now()
     collectors = {side: Collector() for side in TRACED}
     meshes = {

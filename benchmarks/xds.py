@@ -16,7 +16,6 @@ the client, the replica and the scheduler (off the path once the client has its 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -30,12 +29,14 @@ from benchmarks.common import (
     Scenario,
     ScenarioSample,
     SideMedians,
+    check_bounded,
     child_pids,
     command_line,
     machine,
     markdown_table,
     median,
     publish,
+    rounds_cli,
     run_metered,
     utc_now,
     wait_quiet,
@@ -190,16 +191,9 @@ def report(samples: Sequence[ScenarioSample], *, rounds: int, duration: float, b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m benchmarks.xds", description=(__doc__ or "").split("\n")[0])
-    cli.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario (default 3)")
-    cli.add_argument("--duration", type=float, default=3.0, help="seconds per measurement (default 3)")
-    cli.add_argument(
-        "--wait-quiet", type=float, default=30.0, help="wait up to this long for other busy processes (default 30)"
-    )
-    cli.add_argument("--write", type=Path, default=None, help="update this markdown file's section")
+    cli = rounds_cli("xds", __doc__, rounds_help="interleaved rounds per scenario", wait_quiet_s=30.0)
     args = cli.parse_args(argv)
-    if not 1 <= args.rounds <= 10 or not 0.5 <= args.duration <= 10:
-        cli.error("rounds must be 1..10 and duration 0.5..10 s (the whole run stays bounded)")
+    check_bounded(cli, args)
     mesh = Mesh("xds")
     print("starting the mesh (models load first) ...", file=sys.stderr)
     mesh.start()
