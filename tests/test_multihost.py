@@ -74,7 +74,7 @@ NLP_SERVICE = "aimass.v1.NlpService"
 GATEWAY_PORT = 50051
 SCHEDULER_PORT = 50041
 NLP_PORT = 50061
-# Short heartbeats and TTL so the dead replica leaves the registry within seconds (defaults: 1 s and 5 s).
+# Short heartbeats and TTL so the dead replica leaves the registry within seconds (defaults: 3 s and 10 s).
 HEARTBEAT_S = 0.5
 TTL_S = 3.0
 # Every process started, models loaded, replicas registered and serving through the gateway.

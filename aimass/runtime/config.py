@@ -180,9 +180,12 @@ class RegistryConfig(BaseModel):
 
     backend: Literal["embedded", "consul"] = "embedded"
     address: str = "127.0.0.1:50041"
-    heartbeat_s: PositiveFloat = 1.0
+    # Every process renews its registration this often (a lease's keepalive, about a third of its TTL, as etcd's and
+    # Consul's TTL checks are run). Only a crash waits for the TTL: a clean stop deregisters at once, and a gateway
+    # notices a dead replica's connection break (or its keepalive pings go unanswered) long before.
+    heartbeat_s: PositiveFloat = 3.0
     # An instance that misses heartbeats this long is dropped from the view (Consul: its TTL check goes critical).
-    ttl_s: PositiveFloat = 5.0
+    ttl_s: PositiveFloat = 10.0
     consul: ConsulConfig = ConsulConfig()
 
 

@@ -9,11 +9,12 @@ heartbeat, drain or deregister it, and a certificate registers instances of its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -30,6 +31,9 @@ from aimass.runtime.identity import (
 from aimass.v1 import common_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# The reaper wakes this long after the earliest deadline, so that instance is past it (not exactly at it).
+REAP_SLACK_S: Final = 0.05
 
 
 class InMemoryRegistry:
@@ -48,6 +52,9 @@ class InMemoryRegistry:
         self._version = 0
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
+        # Set by a registration (its deadline may come before the one the reaper sleeps until; heartbeats only move
+        # deadlines later).
+        self._registered = asyncio.Event()
         # Set when the hosting process drains: watches end, so the drain does not wait out its grace for them.
         self._closing = False
 
@@ -69,6 +76,7 @@ class InMemoryRegistry:
         self._instances[instance.instance_id] = instance
         self._ttl[instance.instance_id] = ttl_s
         self._expires_at[instance.instance_id] = time.monotonic() + ttl_s
+        self._registered.set()
         log.info(
             "registered %s %s at %s (%s)", instance.kind, instance.instance_id, instance.address, instance.state_name
         )
@@ -127,8 +135,10 @@ class InMemoryRegistry:
             self._changed.notify_all()
 
     async def _reap_expired(self) -> None:
+        """Drops instances past their deadline, sleeping until the next deadline (or a registration) in between,
+        so an idle registry wakes about once per TTL rather than on a fixed tick."""
         while True:
-            await asyncio.sleep(0.25)
+            self._registered.clear()
             now = time.monotonic()
             expired = [iid for iid, deadline in self._expires_at.items() if deadline < now]
             for iid in expired:
@@ -136,6 +146,10 @@ class InMemoryRegistry:
                 self._drop(iid)
             if expired:
                 await self._publish()
+            following = min(self._expires_at.values(), default=None)
+            wait_s = None if following is None else max(0.0, following - time.monotonic()) + REAP_SLACK_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registered.wait(), timeout=wait_s)
 
     async def close(self) -> None:
         if self._reaper is not None:
