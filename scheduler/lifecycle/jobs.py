@@ -176,9 +176,11 @@ class JobController:
 
     async def _place_loop(self) -> None:
         while True:
-            # Woken by a change, or every second (readings change free memory); wait_for cancels a wait it ends.
+            # Woken by a change, or while a job waits every second (readings change free memory); with none queued,
+            # only a change can give it work (an idle control plane stays asleep). wait_for cancels a wait it ends.
+            waiting = any(job.state == training_pb2.JOB_STATE_QUEUED for job in self.jobs.values())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0 if waiting else None)
             self._wake.clear()
             try:
                 await self._place_queued()
