@@ -252,8 +252,9 @@ async def until(condition: Callable[[], bool], failure: str, timeout_s: float = 
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+@contextlib.asynccontextmanager
+async def probe_mesh(marks: Path, **gateway_config: Any) -> AsyncIterator[Mesh]:
+    """A scheduler and a gateway in-process, ready for probe replicas; ``gateway_config`` updates the gateway's."""
     # Imported here, not at the top: a probe process imports this module and needs none of it.
     from aimass import pki
     from gateway.app import build_runner as gateway_runner
@@ -262,19 +263,26 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
 
     settings = mesh_settings(free_port())
     # Round robin: both replicas of a pair take calls, whatever the scheduler's view holds of probes.
-    settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"router": "round_robin"})})
+    gateway_update = {"router": "round_robin", **gateway_config}
+    settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update=gateway_update)})
     pki.issue(settings.pki_dir, role=PROBE_KIND, name=PROBE_KIND)
     scheduler = scheduler_runner(settings)
     await scheduler.start()
     gateway = gateway_runner(settings)
     await gateway.start()
-    started = Mesh(scheduler, gateway, settings, tmp_path_factory.mktemp("probe-marks"))
+    started = Mesh(scheduler, gateway, settings, marks)
     try:
         yield started
     finally:
         await started.stop_probes()
         await gateway.drain()
         await scheduler.drain()
+
+
+@pytest.fixture(scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
+    async with probe_mesh(tmp_path_factory.mktemp("probe-marks")) as started:
+        yield started
 
 
 @pytest.fixture

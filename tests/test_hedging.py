@@ -25,15 +25,16 @@ import grpc
 import pydantic
 import pytest
 
-from aimass.local_mesh import LocalMesh, free_port
+from aimass.local_mesh import LocalMesh
 from aimass.runtime import contract
 from aimass.runtime.config import GatewayConfig, HedgingConfig, Settings
 from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc, registry_pb2, registry_pb2_grpc
 from gateway.hedging import HedgeBudget, HedgingPolicy, LatencyQuantile, MethodHedging, Stalls
 from tests.conftest import start_mesh
 from tests.metrics import scrape, value
-from tests.test_forwarder import PROBE_KIND, TENANT, counted, embed, rpc_error, trailers, until
+from tests.test_forwarder import TENANT, counted, embed, rpc_error, trailers, until
 from tests.test_forwarder import Mesh as ProbeMesh
+from tests.test_forwarder import probe_mesh as probe_mesh_running
 
 log = logging.getLogger(__name__)
 
@@ -227,28 +228,10 @@ PROBE_BUDGET = 4
 
 @pytest.fixture(scope="module")
 async def probe_mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ProbeMesh]:
-    from aimass import pki
-    from gateway.app import build_runner as gateway_runner
-    from scheduler.app import build_runner as scheduler_runner
-    from tests.inprocess_mesh import mesh_settings
-
-    settings = mesh_settings(free_port())
     hedging = HedgingConfig(delay_ms=HEDGE_DELAY_MS, max_extra_load=0, burst=PROBE_BUDGET)
-    # Round robin: both probes of a pair take first attempts, whatever the scheduler's view holds of probes.
-    gateway_config = settings.gateway.model_copy(update={"router": "round_robin", "hedging": hedging})
-    settings = settings.model_copy(update={"gateway": gateway_config})
-    pki.issue(settings.pki_dir, role=PROBE_KIND, name=PROBE_KIND)
-    scheduler = scheduler_runner(settings)
-    await scheduler.start()
-    gateway = gateway_runner(settings)
-    await gateway.start()
-    started = ProbeMesh(scheduler, gateway, settings, tmp_path_factory.mktemp("hedging-probe-marks"))
-    try:
+    # Round robin (probe_mesh's): both probes of a pair take first attempts, whatever the view holds of probes.
+    async with probe_mesh_running(tmp_path_factory.mktemp("hedging-probe-marks"), hedging=hedging) as started:
         yield started
-    finally:
-        await started.stop_probes()
-        await gateway.drain()
-        await scheduler.drain()
 
 
 @pytest.fixture
