@@ -233,6 +233,7 @@ class SchedulerApp:
             self.mesh_instances,
             self.channels.channel_for,
             interval_s=lifecycle.sync_interval_s,
+            resync_s=lifecycle.resync_s,
             placement=self.state,
         )
         self.max_blob_bytes = max(int(lifecycle.max_upload_bytes), 1 << 30)

@@ -41,6 +41,7 @@ from aimass.v1 import (
     datasets_pb2,
     deployments_pb2,
     deployments_pb2_grpc,
+    lifecycle_pb2,
     lifecycle_pb2_grpc,
     nlp_pb2,
     nlp_pb2_grpc,
@@ -640,6 +641,21 @@ class Replica:
     heads: CustomHeads
     server: grpc.aio.Server
     close: Callable[[], Awaitable[None]]
+    host: CountingHost
+
+
+class CountingHost(ModelHostServicer):
+    """The replica's own ModelHostService, counting the pushes it was sent."""
+
+    def __init__(self, heads: CustomHeads) -> None:
+        super().__init__(heads)
+        self.pushes = 0
+
+    async def SyncCustomModels(
+        self, request: lifecycle_pb2.SyncCustomModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> lifecycle_pb2.SyncCustomModelsResponse:
+        self.pushes += 1
+        return await super().SyncCustomModels(request, context)
 
 
 @contextlib.asynccontextmanager
@@ -652,7 +668,8 @@ async def replica(blobs: BlobStore, *, base_model: str, engine: NlpEngine | None
 
     heads = CustomHeads(fetch, base_models=(base_model,), service="NlpService" if engine else "VisionService")
     server = grpc.aio.server(interceptors=[ScopeInterceptor(), ErrorMappingInterceptor()])
-    lifecycle_pb2_grpc.add_ModelHostServiceServicer_to_server(ModelHostServicer(heads), server)
+    host = CountingHost(heads)
+    lifecycle_pb2_grpc.add_ModelHostServiceServicer_to_server(host, server)
     servicer = None
     if engine is not None:
         servicer = NlpServicer(engine, NlpConfig(), heads)
@@ -667,7 +684,7 @@ async def replica(blobs: BlobStore, *, base_model: str, engine: NlpEngine | None
             await servicer.close()
 
     try:
-        yield Replica(f"127.0.0.1:{port}", heads, server, close)
+        yield Replica(f"127.0.0.1:{port}", heads, server, close, host)
     finally:
         await close()
 
@@ -790,6 +807,30 @@ async def test_a_replica_that_joins_late_or_restarts_catches_up_within_an_interv
                 assert (answer.model.version, answer.results[0].scores[0].label) == ("1", "shipping")
             finally:
                 await channel.close()
+
+
+async def test_an_idle_replica_is_sent_nothing_until_something_changes(plane: Plane) -> None:
+    for seed in range(2):
+        add_version(plane.store, "acme", "router", seed=seed)
+        await asyncio.to_thread(plane.blobs.put_bytes, head(TEXT_BACKBONE, seed))
+    stub, meta = plane.stub(), as_tenant("acme")
+    async with replica(plane.blobs, base_model=TEXT_BACKBONE) as nlp:
+        plane.replicas[:] = [Instance("nlp-1", "nlp", (NLP,), nlp.address)]
+        first = await stub.DeployModel(S.DeployModelRequest(model=ref("router", "1")), metadata=meta)
+        assert first.replicas_applied == 1
+        plane.sync.start()  # its first round sends every replica its part (the safety net): once more
+        await eventually("the loop's first round", lambda: nlp.host.pushes == 2)
+        await asyncio.sleep(1.0)  # five more rounds (every 0.2 s), nothing changed: nothing sent
+        assert nlp.host.pushes == 2
+        second = await stub.DeployModel(
+            S.DeployModelRequest(model=ref("router", "2"), canary_percent=10), metadata=meta
+        )
+        assert second.replicas_applied == 1 and nlp.host.pushes == 3
+        assert nlp.heads.generation == second.model.deployment.generation
+        await asyncio.sleep(1.0)
+        assert nlp.host.pushes == 3
+        await plane.sync.sync_once()  # a full round (every resync_s) sends it again even so
+        assert nlp.host.pushes == 4
 
 
 async def test_concurrent_changes_leave_every_replica_at_the_stores_last_word(plane: Plane) -> None:

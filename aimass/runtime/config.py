@@ -500,8 +500,10 @@ class LifecycleConfig(BaseModel):
     max_attempts: PositiveInt = 2
     # Memory a job is assumed to need before one on the same base model has been measured.
     job_memory_estimate_bytes: Annotated[ByteSize, Field(gt=0)] = ByteSize(1 << 30)
-    # Replicas are re-synced with the deployments this often (and at once after each change).
+    # Replicas are re-synced with the deployments this often (and at once after each change): a replica is sent its
+    # part only when it changed, it failed or the replica is new; every resync_s, every replica gets it regardless.
     sync_interval_s: PositiveFloat = 2.0
+    resync_s: PositiveFloat = 60.0
 
 
 class TrainerConfig(ServesConfig):

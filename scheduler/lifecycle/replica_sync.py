@@ -9,11 +9,16 @@ Replicas are idempotent (one already at the generation answers at once), so the 
 - ``apply(generation, deadline)`` pushes at once and waits (until ``deadline`` at most) for the replicas' answers:
   the number of replicas of the changed model's service that answered with the generation or a later one and did
   not fail to load that model.
-- A background loop (``start``) re-syncs every replica every ``interval_s``, so a replica that (re)joins or missed a
-  push catches up (it sends a replica even the generation it acknowledged: one that restarted under the same
-  instance id has lost it). Each replica gets at most ``replica_timeout_s`` a push and its own lock, so a slow or
-  dead replica never holds up the others, and pushes to one replica never overtake each other (one older than what
-  the replica acknowledged is not sent; ``apply`` skips a replica already at its generation).
+- A background loop (``start``) re-syncs every ``interval_s``, so a replica that (re)joins or missed a push catches
+  up. A round costs one read of the store and no call while nothing changed: a replica is sent its part only when it
+  differs from the last one it acknowledged (a new generation, a head placed on it since), when it failed, or when it
+  is new to the sync (a restarted process registers under a new instance id: its pid is part of it), or when the
+  channel to it is not connected (a process back under the same id and address has its connection broken). Every
+  ``resync_s`` a round sends every replica its part even so (a safety net for one that lost its state under the same
+  instance id, e.g. a registry that kept the id over a restart). Each replica gets at most ``replica_timeout_s`` a
+  push and its own lock, so a slow or dead replica never holds up the others, and pushes to one replica never
+  overtake each other (one older than what the replica acknowledged is not sent; ``apply`` skips a replica already
+  at its generation).
 - A replica that fails (unreachable, or unable to load a version) is logged once per generation and retried on the
   next interval.
 
@@ -52,6 +57,8 @@ IMAGE: Final = datasets_pb2.TRAINING_TASK_IMAGE_CLASSIFICATION
 # The service whose replicas host each task's heads.
 SERVICE_OF_TASK: Final = {TEXT: "aimass.v1.NlpService", IMAGE: "aimass.v1.VisionService"}
 DEFAULT_REPLICA_TIMEOUT_S: Final = 10.0
+# Every replica is sent its part this often even when it acknowledged it (see the module docstring).
+DEFAULT_RESYNC_S: Final = 60.0
 
 Task: TypeAlias = datasets_pb2.TrainingTask.ValueType
 
@@ -104,6 +111,8 @@ class ReplicaState:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     generation: int = -1
+    # The request that answer acknowledged (None: none yet): while a round's is the same, nothing is sent.
+    acknowledged: lifecycle_pb2.SyncCustomModelsRequest | None = None
     serving: frozenset[str] = frozenset()
     failed: tuple[str, ...] = ()
     # The generation whose failure was last logged (-1: none, or the replica recovered since).
@@ -124,6 +133,7 @@ class ReplicaSync:
         interval_s: float,
         *,
         replica_timeout_s: float = DEFAULT_REPLICA_TIMEOUT_S,
+        resync_s: float = DEFAULT_RESYNC_S,
         placement: SchedulerState | None = None,
     ) -> None:
         self.store = store
@@ -132,6 +142,9 @@ class ReplicaSync:
         self.channel_for = channel_for
         self.interval_s = interval_s
         self.replica_timeout_s = replica_timeout_s
+        self.resync_s = resync_s
+        # The event loop's clock at the last round that sent every replica its part (None: none yet).
+        self._last_full: float | None = None
         self.states: dict[str, ReplicaState] = {}
         # Versions never change once trained: their artifact and task are read from the store once.
         self._versions: dict[tuple[str, str, int], ModelVersionRecord] = {}
@@ -268,33 +281,39 @@ class ReplicaSync:
         prefix = f"{model[0]}/{model[1]}@"
         return not any(entry.startswith(prefix) for entry in state.failed)
 
-    async def sync_once(self) -> Mapping[str, int]:
-        """One round: every host gets the store's state (bounded by ``replica_timeout_s`` each); instance id → the
-        generation it acknowledged (-1: none yet)."""
+    async def sync_once(self, *, full: bool = True) -> Mapping[str, int]:
+        """One round: every host gets the store's state (bounded by ``replica_timeout_s`` each; without ``full``,
+        only the hosts whose part changed since they acknowledged it, that failed, or that are new); instance id →
+        the generation it acknowledged (-1: none yet)."""
         desired = await self.desired()
         hosts = self.hosts()
         until = asyncio.get_running_loop().time() + self.replica_timeout_s
-        await asyncio.gather(*(self._push(instance, desired, until=until, again=True) for instance in hosts))
+        await asyncio.gather(*(self._push(instance, desired, until=until, again=full) for instance in hosts))
         self._forget_gone({instance.instance_id for instance in hosts})
         return {instance.instance_id: self.states[instance.instance_id].generation for instance in hosts}
 
     async def _push(self, instance: Instance, desired: Desired, *, until: float, again: bool = False) -> None:
-        """Sends ``instance`` its part of ``desired`` unless it acknowledged a later generation, or that one with
-        every version loaded (``again``: even then, so a replica that lost its state is caught); never raises:
-        failures are recorded and logged once per generation."""
+        """Sends ``instance`` its part of ``desired`` unless it acknowledged a later generation, or that very part
+        with every version loaded over a connection still up (``again``: even then, so a replica that lost its state
+        is caught); never raises: failures are recorded and logged once per generation."""
         state = self.states.setdefault(instance.instance_id, ReplicaState())
         timeout = min(self.replica_timeout_s, until - asyncio.get_running_loop().time())
         if timeout <= 0:
             return
         request = desired.for_tasks(tasks_of(instance), instance.instance_id)
         try:
+            channel = self.channel_for(instance)
             async with asyncio.timeout(timeout):
                 async with state.lock:
                     if state.generation > desired.generation or (
-                        state.generation == desired.generation and not state.failed and not again
+                        state.generation == desired.generation
+                        and not state.failed
+                        and not again
+                        and state.acknowledged == request
+                        and channel.get_state() == grpc.ChannelConnectivity.READY
                     ):
                         return
-                    stub = lifecycle_pb2_grpc.ModelHostServiceStub(self.channel_for(instance))
+                    stub = lifecycle_pb2_grpc.ModelHostServiceStub(channel)
                     response = await stub.SyncCustomModels(request, timeout=timeout)
         except (grpc.aio.AioRpcError, TimeoutError, OSError) as exc:
             self._failed(instance, state, desired.generation, _why(exc))
@@ -308,6 +327,7 @@ class ReplicaSync:
             )
             return
         state.generation = response.generation
+        state.acknowledged = request
         state.serving = frozenset(response.serving)
         state.failed = tuple(response.failed)
         if self.placement is not None:
@@ -354,9 +374,13 @@ class ReplicaSync:
             self._task = None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            full = self._last_full is None or loop.time() - self._last_full >= self.resync_s
             try:
-                await self.sync_once()
+                await self.sync_once(full=full)
+                if full:
+                    self._last_full = loop.time()
             except Exception:  # the store unreachable a moment: the next round tries again
                 log.exception("syncing replicas with the deployments failed; retrying in %.1f s", self.interval_s)
             await asyncio.sleep(self.interval_s)
