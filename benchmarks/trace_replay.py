@@ -439,9 +439,10 @@ def plot(
     for index, side in enumerate(sides):
         style = {"aimass": "o-", "vllm": "s--"}.get(side, f"{'^vDx'[index % 4]}:")
         label = label_of(side, args)
-        left.plot(rates, [results[(side, r)].attainment * 100 for r in rates], style, label=label)
-        right.plot(rates, [results[(side, r)].ttft_p99_s for r in rates], style, label=label)
-        right.plot(rates, [results[(side, r)].ttft_p50_s for r in rates], style, alpha=0.4)
+        color = f"C{index}"  # one colour per side in both panels
+        left.plot(rates, [results[(side, r)].attainment * 100 for r in rates], style, color=color, label=label)
+        right.plot(rates, [results[(side, r)].ttft_p99_s for r in rates], style, color=color, label=label)
+        right.plot(rates, [results[(side, r)].ttft_p50_s for r in rates], style, color=color, alpha=0.35)
     left.set(xlabel="load (x trace rate)", ylabel="SLO attainment %", ylim=(0, 105), title="SLO attainment")
     right.set(xlabel="load (x trace rate)", ylabel="seconds", title="TTFT p99 (faint: p50)")
     right.set_yscale("log")
