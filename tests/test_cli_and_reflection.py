@@ -63,7 +63,9 @@ def test_grpcurl_lists_every_service_through_the_gateway(mesh: LocalMesh) -> Non
 def test_grpcurl_describes_and_calls_without_proto_files(mesh: LocalMesh) -> None:
     described = grpcurl(mesh.gateway, "describe", "aimass.v1.NlpService")
     assert described.returncode == 0, described.stderr
-    assert "rpc Embed ( .aimass.v1.EmbedRequest ) returns ( .aimass.v1.EmbedResponse );" in described.stdout
+    assert "rpc Embed ( .aimass.v1.EmbedRequest ) returns ( .aimass.v1.EmbedResponse )" in described.stdout
+    # Inference is marked side-effect free in the protos (the gateway may hedge it), and reflection shows it.
+    assert "option idempotency_level = NO_SIDE_EFFECTS;" in described.stdout
     called = grpcurl(
         *with_key(mesh), "-d", '{"texts": ["I love this"]}', mesh.gateway, "aimass.v1.NlpService/Sentiment"
     )

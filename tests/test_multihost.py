@@ -19,8 +19,9 @@ and replicas report to the scheduler at ``gw``, and its routing view (checked he
 runs on by hostname. The gateway routes round robin, though, not ``ours``: this test is about hosts and failover,
 and round robin makes both of its preconditions certain rather than likely: both hosts get requests, and requests
 are under way on the victim when it dies (``ours`` may, by its scores, send nothing to one replica for a while;
-tests/test_live_routing.py measures it). The client asks for no retries of its own, so every answer it gets is the
-gateway's doing.
+tests/test_live_routing.py measures it). Hedging is off, so calls are still under way on the victim when it is lost
+(tests/test_hedging.py shows hedges answering them first). The client asks for no retries of its own, so every
+answer it gets is the gateway's doing.
 
 The test shows: requests reach both hosts; one replica frozen (SIGSTOP) and then SIGKILLed mid-load loses no
 request: those cut off on it come back to the gateway UNAVAILABLE and run again on the survivor (the gateway retries
@@ -360,6 +361,9 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
                 "AIMASS_GATEWAY__SERVER__PORT": str(GATEWAY_PORT),
                 # Round robin: see the module's docstring.
                 "AIMASS_GATEWAY__ROUTER": "round_robin",
+                # No hedging: this test is about what happens to calls cut off on a lost replica (retried once
+                # elsewhere); a hedge would answer them first (tests/test_hedging.py freezes a replica with it on).
+                "AIMASS_GATEWAY__HEDGING__ENABLED": "false",
             },
         )
         for host in REPLICA_HOSTS:

@@ -143,7 +143,8 @@ async def test_batcher_records_queue_wait_batch_execution_and_inference(memory: 
         time.sleep(0.02)
         return [r * 10 for r in requests]
 
-    batcher: DynamicBatcher[int, int] = DynamicBatcher(execute, name="traced", max_queue_delay_s=0.01)
+    # The fixed-delay batcher: the two gathered requests share a batch, the late one expires while it waits.
+    batcher: DynamicBatcher[int, int] = DynamicBatcher(execute, name="traced", max_queue_delay_s=0.01, adaptive=False)
     await batcher.start()
     tracer = trace.get_tracer("test", tracer_provider=tracing.installed().provider)  # type: ignore[union-attr]
     try:
