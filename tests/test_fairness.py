@@ -44,3 +44,14 @@ def test_idle_tenants_beyond_the_bound_are_let_go() -> None:
         _, estimate = vtc.admit(f"made-up-{index}", 1.0, 10, 10)
         vtc.finish(f"made-up-{index}", estimate, 10, 10)
     assert vtc.service.tracked <= 4 and set(vtc.in_flight) == {"busy"}
+
+
+def test_one_tenants_requests_keep_their_order_when_earlier_ones_end_early() -> None:
+    vtc = VirtualTokenCounters()
+    first, first_estimate = vtc.admit("t", 1.0, 10, 500)  # estimated 1,010
+    second, _ = vtc.admit("t", 1.0, 10, 10)  # ranked behind the first's estimate
+    # The first ends far under its estimate (end of sequence after 2 tokens): the projection drops by ~1,000 ...
+    vtc.finish("t", first_estimate, 10, 2)
+    third, _ = vtc.admit("t", 1.0, 10, 10)
+    # ... but the third still ranks behind the second, which is still waiting or running.
+    assert first < second <= third

@@ -81,9 +81,12 @@ class VirtualTokenCounters:
     vLLM orders waiting requests by a fixed number given at admission, so a request is ranked by its tenant's
     *projected* counter: service received plus the estimated cost of the tenant's requests still in flight ahead of
     it. A tenant that floods the replica ranks its own later requests behind a light tenant's next one instead of
-    starving it. A tenant with nothing in flight is lifted to the smallest counter among active tenants (VTC's
-    lift). Counters outlive a tenant's requests (so a heavy tenant pausing keeps its debt), up to ``max_tracked``
-    tenants: beyond, a tenant whose last request finishes is let go.
+    starving it. Within one tenant ranks never go down while it has requests in flight: a request that finishes
+    under its estimate (an early end of sequence) lowers the projection, and a later request ranked below the
+    tenant's own earlier ones would overtake them (and, in vLLM's priority policy, preempt them), so a tenant's
+    requests stay first come, first served. A tenant with nothing in flight is lifted to the smallest counter among
+    active tenants (VTC's lift). Counters outlive a tenant's requests (so a heavy tenant pausing keeps its debt), up
+    to ``max_tracked`` tenants: beyond, a tenant whose last request finishes is let go.
     """
 
     def __init__(self, weights: TokenWeights = TOKEN_WEIGHTS, *, max_tracked: int = 10_000) -> None:
@@ -94,6 +97,8 @@ class VirtualTokenCounters:
         # Estimated cost of each tenant's admitted, unfinished requests.
         self.pending: dict[str, float] = collections.defaultdict(float)
         self.in_flight: collections.Counter[str] = collections.Counter()
+        # The last rank given to each tenant with requests in flight: its next rank is never lower.
+        self.last_rank: dict[str, int] = {}
 
     def admit(self, tenant: str, weight: float, prompt_tokens: int, max_tokens: int) -> tuple[int, float]:
         """The request's rank (lower is served first) and its estimated cost, to hand back to ``finish``."""
@@ -101,10 +106,11 @@ class VirtualTokenCounters:
         if not self.in_flight[tenant]:
             self.service.lift(tenant, [other for other, n in self.in_flight.items() if n > 0])
         estimate = self.weights.cost(prompt_tokens, max_tokens) / weight
-        rank = self.service.served(tenant) + self.pending[tenant]
+        rank = max(int(self.service.served(tenant) + self.pending[tenant]), self.last_rank.get(tenant, 0))
+        self.last_rank[tenant] = rank
         self.pending[tenant] += estimate
         self.in_flight[tenant] += 1
-        return int(rank), estimate
+        return rank, estimate
 
     def finish(self, tenant: str, estimate: float, prompt_tokens: int, completion_tokens: int) -> None:
         """Charges what the request really cost (cancelled ones too: the tokens were computed)."""
@@ -114,5 +120,6 @@ class VirtualTokenCounters:
         if self.in_flight[tenant] <= 0:
             del self.in_flight[tenant]
             del self.pending[tenant]
+            self.last_rank.pop(tenant, None)
             if self.service.tracked > self.max_tracked:
                 self.service.forget(tenant)
