@@ -362,6 +362,16 @@ class MeteredRun:
     # Calls made, warm-up included.
     calls: int
 
+    def load_cells(self) -> tuple[str, str, str, str]:
+        """Requests, RPS, p50 ms and p99 ms, as the benchmarks' raw tables print them."""
+        result = self.result
+        return (
+            str(result.requests),
+            f"{result.rps:,.1f}",
+            f"{result.latency.p50_ms:.3f}",
+            f"{result.latency.p99_ms:.3f}",
+        )
+
 
 async def run_metered(spec: LoadSpec, pids: Mapping[str, int], label: str) -> MeteredRun:
     """Run ``spec`` while metering each process's CPU; one progress line on stderr, starting with ``label``."""

@@ -245,10 +245,7 @@ def raw_table(samples: Sequence[Sample]) -> str:
         (
             str(s.round + 1),
             s.side,
-            str(s.run.result.requests),
-            f"{s.run.result.rps:,.1f}",
-            f"{s.run.result.latency.p50_ms:.3f}",
-            f"{s.run.result.latency.p99_ms:.3f}",
+            *s.run.load_cells(),
             *(f"{s.run.cpu_ms[p]:.3f}" for p in PROCESSES),
             str(s.run.result.errors),
             f"{s.run.others_pct:.0f}",

@@ -201,10 +201,7 @@ def raw_table(samples: Sequence[ScenarioSample]) -> str:
             str(s.round + 1),
             s.scenario.label,
             s.side,
-            str(s.run.result.requests),
-            f"{s.run.result.rps:,.1f}",
-            f"{s.run.result.latency.p50_ms:.3f}",
-            f"{s.run.result.latency.p99_ms:.3f}",
+            *s.run.load_cells(),
             str(s.run.result.errors),
             f"{s.run.others_pct:.0f}",
         )

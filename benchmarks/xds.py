@@ -136,10 +136,7 @@ def report(samples: Sequence[ScenarioSample], *, rounds: int, duration: float, b
             str(s.round + 1),
             s.scenario.label,
             s.side,
-            str(s.run.result.requests),
-            f"{s.run.result.rps:,.1f}",
-            f"{s.run.result.latency.p50_ms:.3f}",
-            f"{s.run.result.latency.p99_ms:.3f}",
+            *s.run.load_cells(),
             str(s.run.result.errors),
             f"{s.run.others_pct:.0f}",
         )
