@@ -89,6 +89,12 @@ class Mesh(LocalMesh):
             shutil.rmtree(self.state_dir, ignore_errors=True)
         return code
 
+    def wait_quiet(self, max_wait_s: float) -> list[str]:
+        """Waits up to ``max_wait_s`` for processes outside this mesh to go quiet; those still busy (see
+        ``wait_quiet``)."""
+        assert self.process is not None
+        return wait_quiet(max_wait_s, exclude=[self.process.pid, *self.pids().values()])
+
     def pids(self) -> dict[str, int]:
         """``gateway`` and ``replica`` → pid, from the children of the `aimass up` process."""
         assert self.process is not None
@@ -221,6 +227,11 @@ def wait_quiet(max_wait_s: float, exclude: Iterable[int] = ()) -> list[str]:
     for line in busy:
         print(f"WARNING: another process is busy during the benchmark: {line}", file=sys.stderr)
     return busy
+
+
+def busy_lines(busy: Sequence[str]) -> list[str]:
+    """A report's lines naming the processes that were still busy before the run (none when there were none)."""
+    return ["", "Other busy processes seen before the run:", *(f"- {b}" for b in busy)] if busy else []
 
 
 def utc_now() -> str:

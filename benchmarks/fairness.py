@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import Mesh, command_line, machine, markdown_table, median, publish, utc_now, wait_quiet
+from benchmarks.common import Mesh, busy_lines, command_line, machine, markdown_table, median, publish, utc_now
 from loadtest.generator import LoadResult, LoadSpec, run_load
 
 NAME = "fairness"
@@ -135,8 +135,7 @@ def report(samples: Sequence[Sample], *, host: str, date: str, rounds: int, dura
         " all it gives up: a difference this small is within the machine's noise).",
         f"- Non-OK calls: {errors}.",
     ]
-    if busy:
-        parts += ["", "Other busy processes seen before the run:", *(f"- {b}" for b in busy)]
+    parts += busy_lines(busy)
     header = ("round", "side", "light calls", "light p50 ms", "light p99 ms", "heavy calls", "heavy p50 ms", "non-OK")
     parts += ["", "Raw figures:", "", markdown_table(header, raw)]
     return "\n".join(parts)
@@ -155,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("starting the mesh (models load first) ...", file=sys.stderr)
         mesh.start()
         mesh.wait_ready()
-        assert mesh.process is not None
-        busy = wait_quiet(args.wait_quiet, exclude=[mesh.process.pid, *mesh.pids().values()])
+        busy = mesh.wait_quiet(args.wait_quiet)
         samples = asyncio.run(run_all(mesh, args.rounds, args.duration))
     finally:
         mesh.stop()

@@ -28,7 +28,6 @@ from benchmarks.common import (
     rounds_cli,
     run_metered,
     utc_now,
-    wait_quiet,
 )
 from loadtest.generator import LoadSpec, run_load
 
@@ -265,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh.start()
     try:
         mesh.wait_ready()
-        assert mesh.process is not None
-        busy = wait_quiet(args.wait_quiet, exclude=[mesh.process.pid, *mesh.pids().values()])
+        busy = mesh.wait_quiet(args.wait_quiet)
         samples = asyncio.run(run_all(mesh, args.rounds, args.duration))
     finally:
         mesh.stop()

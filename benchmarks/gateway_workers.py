@@ -29,6 +29,7 @@ from benchmarks.common import (
     Mesh,
     MeteredRun,
     SideMedians,
+    busy_lines,
     check_bounded,
     child_pids,
     command_line,
@@ -287,8 +288,7 @@ def report(
         "",
         *implication(medians, samples, os.cpu_count() or 0),
     ]
-    if busy:
-        parts += ["", "Other busy processes seen before the run:", *(f"- {b}" for b in busy)]
+    parts += busy_lines(busy)
     parts += [
         "",
         "CPU per call by process (from /proc, median of rounds):",

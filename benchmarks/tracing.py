@@ -30,6 +30,7 @@ from benchmarks.common import (
     Scenario,
     ScenarioSample,
     SideMedians,
+    busy_lines,
     check_bounded,
     command_line,
     machine,
@@ -257,8 +258,7 @@ def report(
         " beside one 512-span encode): that is what lifts p99 most at low concurrency. CPU per request by process"
         " below.",
     ]
-    if busy:
-        parts += ["", "Other busy processes seen before the run:", *(f"- {b}" for b in busy)]
+    parts += busy_lines(busy)
     parts += [
         "",
         "CPU per request by process (from /proc, median of rounds):",

@@ -29,6 +29,7 @@ from benchmarks.common import (
     Scenario,
     ScenarioSample,
     SideMedians,
+    busy_lines,
     check_bounded,
     child_pids,
     command_line,
@@ -39,7 +40,6 @@ from benchmarks.common import (
     rounds_cli,
     run_metered,
     utc_now,
-    wait_quiet,
 )
 from loadtest.generator import LoadSpec, run_load
 
@@ -169,8 +169,7 @@ def report(samples: Sequence[ScenarioSample], *, rounds: int, duration: float, b
         "",
         *(f"- {line}" for line in verdicts),
     ]
-    if busy:
-        parts += ["", "Other busy processes seen before the run:", *(f"- {b}" for b in busy)]
+    parts += busy_lines(busy)
     parts += [
         "",
         "CPU per call by process (from /proc, median of rounds; the scheduler is off the path once the client has "
@@ -196,8 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mesh.start()
     try:
         mesh.wait_ready()
-        assert mesh.process is not None
-        busy = wait_quiet(args.wait_quiet, exclude=[mesh.process.pid, *mesh.pids().values()])
+        busy = mesh.wait_quiet(args.wait_quiet)
         samples = asyncio.run(measure(mesh, args.rounds, args.duration))
     finally:
         mesh.stop()
