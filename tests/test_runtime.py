@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimass.runtime.config import BatchingConfig, NlpConfig, ServerConfig, Settings
 from aimass.runtime.metadata import ERROR_INFO_KEY
-from aimass.runtime.server import ServerRunner
+from aimass.runtime.server import ServerRunner, server_options
 from aimass.v1 import common_pb2, nlp_pb2, nlp_pb2_grpc
 from services.nlp.app import NlpApp, build_runner
 from services.nlp.engine import NlpEngine
@@ -166,3 +166,15 @@ async def test_drain_finishes_accepted_work_and_turns_health_not_serving(nlp_eng
     finally:
         await channel.close()
         await runner.drain()
+
+
+def test_servers_and_the_gateways_replica_channels_open_a_stream_window_beyond_grpcs_64_kib() -> None:
+    # A photo or an audio clip over 64 KiB must not wait a WINDOW_UPDATE round trip at each hop (issue 17).
+    from aimass.client.channels import channel_options
+    from aimass.runtime.config import GatewayConfig
+    from gateway.app import replica_channel_options
+
+    assert dict(server_options(ServerConfig()))["grpc.http2.lookahead_bytes"] == 1 << 20
+    assert dict(server_options(ServerConfig(stream_window_bytes=4 << 20)))["grpc.http2.lookahead_bytes"] == 4 << 20
+    assert dict(replica_channel_options(GatewayConfig()))["grpc.http2.lookahead_bytes"] == 1 << 20
+    assert dict(channel_options(1))["grpc.http2.lookahead_bytes"] == 1 << 20

@@ -94,8 +94,14 @@ def service_config(max_attempts: int) -> dict[str, Any]:
 
 
 def channel_options(max_attempts: int) -> ChannelOptions:
-    """Channel arguments that install ``service_config(max_attempts)`` and turn retries on."""
-    return (("grpc.service_config", json.dumps(service_config(max_attempts))), ("grpc.enable_retries", 1))
+    """Channel arguments that install ``service_config(max_attempts)`` and turn retries on, with a 1 MiB stream
+    window so a reply larger than grpc's 64 KiB default (speech audio, a long transcript) needs no WINDOW_UPDATE
+    round trip (as the mesh's own servers: ServerConfig.stream_window_bytes)."""
+    return (
+        ("grpc.service_config", json.dumps(service_config(max_attempts))),
+        ("grpc.enable_retries", 1),
+        ("grpc.http2.lookahead_bytes", 1 << 20),
+    )
 
 
 def resolve_api_key(api_key: str | None = None) -> str | None:

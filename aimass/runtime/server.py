@@ -123,10 +123,12 @@ def server_options(config: ServerConfig, *, reuse_port: bool = False) -> list[tu
 
 
 def message_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments for calls to a server of ``config``: the same message limits."""
+    """Channel arguments for calls to a server of ``config`` (and the server's own): the same message limits and
+    stream window."""
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.http2.lookahead_bytes", config.stream_window_bytes),
     ]
 
 

@@ -76,6 +76,8 @@ class Upstream:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # Replies beyond grpc's 64 KiB stream window (audio) without a WINDOW_UPDATE round trip.
+            ("grpc.http2.lookahead_bytes", settings.gateway.server.stream_window_bytes),
             # Calls from every REST client share this one connection (HTTP/2 streams); a short reconnect backoff
             # so a restarted gateway is used again quickly.
             ("grpc.min_reconnect_backoff_ms", 200),
