@@ -153,9 +153,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         # The count is checked before any work is queued; headers are read in the pool (no pixels: no budget).
         check_count(len(images), self.config)
         blobs = [image.data for image in images]
-        if len(blobs) == 1 and len(blobs[0]) <= INLINE_PROBE_BYTES:
-            # One small image: its header is read here (~25 µs) rather than in the pool, whose hop costs a lone
-            # request ~0.4 ms (benchmarks/vision_batching.py, c=1).
+        idle = self.budget.waiting == 0 and self.budget.free_slots > 0
+        if idle and len(blobs) == 1 and len(blobs[0]) <= INLINE_PROBE_BYTES:
+            # One small image and an idle decoder: its header is read here (~25 µs) rather than in the pool, whose
+            # hop costs a lone request ~0.4 ms (benchmarks/vision_batching.py, c=1). A busy decoder's queue keeps
+            # its order: the probe waits its turn there.
             return probe_all(blobs, self.config)
         return await self._held(0, deadline, "this request", lambda: probe_all(blobs, self.config))
 
