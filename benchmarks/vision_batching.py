@@ -144,6 +144,9 @@ class Local:
 
     round: int
     lone_p50_ms: float  # one image: decode + preprocess + model at batch 1
+    # The same with the cores left idle between calls as long as a served call spends outside the classifier (the
+    # served c=1 p50 minus lone_p50_ms): how much slower the same work runs on cores that idled in between.
+    gapped_p50_ms: float
     batch: int
     images_per_s: float  # decode + preprocess per image + the model at ``batch``, one caller
 
@@ -156,10 +159,10 @@ async def run_served(
     duration: float,
     port: int | None,
     quiet: Callable[[], object],
-    local: Callable[[int, int], Local] | None = None,
+    local: Callable[[int, int, float], Local] | None = None,
 ) -> tuple[list[Served], list[Local]]:
     """Interleaved rounds; ``quiet`` (waiting for other busy processes to finish) runs before every measurement, and
-    ``local(round, batch)`` after each round's served runs."""
+    ``local(round, batch, served c=1 p50 ms)`` after each round's served runs."""
     me = os.getpid()
     batched_pids = {"client": me, **batched.pids()}
     unbatched_pids = {"client": me, **unbatched.pids()}
@@ -175,18 +178,20 @@ async def run_served(
         if local is None:
             continue
         quiet()
-        samples.append(await serve_load(LONE, batched, batched.gateway, request, batched_pids, rnd, duration, None, 1))
+        lone = await serve_load(LONE, batched, batched.gateway, request, batched_pids, rnd, duration, None, 1)
+        samples.append(lone)
         quiet()
         wide = await serve_load(
             WIDE, batched, batched.gateway, request, batched_pids, rnd, duration, port, WIDE_CONCURRENCY
         )
         samples.append(wide)
         quiet()
-        locals_.append(local(rnd, max(1, round(wide.avg_batch)) if wide.avg_batch else WIDE_CONCURRENCY))
+        batch = max(1, round(wide.avg_batch)) if wide.avg_batch else WIDE_CONCURRENCY
+        locals_.append(local(rnd, batch, lone.result.latency.p50_ms))
     return samples, locals_
 
 
-def local_classifier(jpeg: bytes, seconds: float) -> Callable[[int, int], Local]:
+def local_classifier(jpeg: bytes, seconds: float) -> Callable[[int, int, float], Local]:
     """Loads the classifier in this process (the replica's defaults) and returns the per-round measurement."""
     import numpy as np
 
@@ -202,14 +207,17 @@ def local_classifier(jpeg: bytes, seconds: float) -> Callable[[int, int], Local]
     def prepare() -> Tensor:
         return preprocess(decode_all([jpeg], config, min_side=RESIZE_SIZE)[0].image)
 
-    def measure(rnd: int, batch: int) -> Local:
+    def measure(rnd: int, batch: int, served_lone_ms: float) -> Local:
         lone, _, _ = per_call_ms(lambda: engine.classify_logits(np.stack([prepare()])), seconds)
+        gap_s = max(0.0, served_lone_ms - lone) / 1000
+        gapped, _, _ = per_call_ms(lambda: engine.classify_logits(np.stack([prepare()])), seconds, gap_s=gap_s)
         many = np.repeat(np.stack([prepare()]), batch, axis=0)
         prepare_ms, _, _ = per_call_ms(prepare, seconds / 2)
         model_ms, _, _ = per_call_ms(lambda: engine.classify_logits(many), seconds / 2)
-        sample = Local(rnd, lone, batch, 1000 / (prepare_ms + model_ms / batch))
+        sample = Local(rnd, lone, gapped, batch, 1000 / (prepare_ms + model_ms / batch))
         print(
-            f"  round {rnd + 1} in-process lone p50 {lone:.1f} ms, {sample.images_per_s:.1f} images/s at batch {batch}",
+            f"  round {rnd + 1} in-process lone p50 {lone:.1f} ms ({gapped:.1f} with {gap_s * 1000:.1f} ms idle between"
+            f" calls), {sample.images_per_s:.1f} images/s at batch {batch}",
             file=sys.stderr,
         )
         return sample
@@ -217,14 +225,16 @@ def local_classifier(jpeg: bytes, seconds: float) -> Callable[[int, int], Local]
     return measure
 
 
-def per_call_ms(call: Callable[[], object], seconds: float) -> tuple[float, float, float]:
-    """Median wall ms and mean CPU ms (this process) of ``call``, run back to back for about ``seconds``, and the CPU
-    other processes used meanwhile (% of one CPU)."""
+def per_call_ms(call: Callable[[], object], seconds: float, gap_s: float = 0.0) -> tuple[float, float, float]:
+    """Median wall ms and mean CPU ms (this process) of ``call``, run back to back (or ``gap_s`` apart) for about
+    ``seconds``, and the CPU other processes used meanwhile (% of one CPU)."""
     call()
     times: list[float] = []
     stop_at = time.perf_counter() + seconds
     with CpuMeter({"self": os.getpid()}) as meter:
         while time.perf_counter() < stop_at or len(times) < 3:
+            if gap_s:
+                time.sleep(gap_s)
             started = time.perf_counter()
             call()
             times.append(time.perf_counter() - started)
@@ -395,6 +405,10 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, jp
         extra = median(lone_by_round[r] - by_round[r].lone_p50_ms for r in by_round.keys() & lone_by_round.keys())
         ratio = median(wide_by_round[r] / by_round[r].images_per_s for r in by_round.keys() & wide_by_round.keys())
         batches = ", ".join(str(x.batch) for x in f.local)
+        gapped = median(x.gapped_p50_ms for x in f.local)
+        extra_gapped = median(
+            lone_by_round[r] - by_round[r].gapped_p50_ms for r in by_round.keys() & lone_by_round.keys()
+        )
         parts += [
             "",
             "Served vs the same classifier in-process, alternating round by round (the in-process side runs in this"
@@ -425,6 +439,14 @@ def report(f: Figures, *, host: str, date: str, rounds: int, duration: float, jp
             "",
             f"- c=1 p50: {extra:+.1f} ms over in-process (goal ≤ +{LONE_GOAL_MS:g} ms):"
             + (" met." if extra <= LONE_GOAL_MS else " **missed**."),
+            f"- The same in-process call with the cores left idle between calls as long as a served call spends"
+            f" outside the classifier ({extra:.1f} ms): {gapped:.1f} ms p50, {gapped - lone_local:+.1f} ms against back"
+            f" to back, so served vs this in-process figure is {extra_gapped:+.1f} ms"
+            + (
+                ": the cores idling between requests (cache, clock) explain little of the served call's extra time."
+                if gapped - lone_local < extra / 2
+                else ": much of the served call's extra time is the same work running slower on cores that idled."
+            ),
             f"- c={WIDE_CONCURRENCY}: {ratio:.2f} of the in-process batched rate (goal ≥ {SERVED_RATIO_GOAL:.2f}):"
             + (" met." if ratio >= SERVED_RATIO_GOAL else " **missed**."),
         ]
