@@ -116,9 +116,10 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (all threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process so far (all threads), or of its thread ``tid``."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
     # After the command: state is field 3, utime 14 and stime 15 (1-based), i.e. indexes 11 and 12 here.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 

@@ -68,26 +68,50 @@ def process_name(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def idle_cpu(mesh: Mesh, seconds: float) -> dict[str, float]:
-    """Percent of one core each process of ``mesh`` (by name, summed) used over ``seconds`` of idling."""
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Thread id → (thread name, CPU seconds so far) for each thread of ``pid`` (none if it ended)."""
+    threads: dict[int, tuple[str, float]] = {}
+    try:
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return threads
+    for tid in tids:
+        try:
+            threads[tid] = (Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip(), cpu_seconds(pid, tid))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return threads
+
+
+def idle_cpu(mesh: Mesh, seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Percent of one core each process of ``mesh`` (by name, summed) used over ``seconds`` of idling, and the same
+    by kind of thread ("process: thread name (count)"), which says what wakes an idle process."""
     assert mesh.process is not None
     pids = process_tree(mesh.process.pid)
     before = {pid: cpu_seconds(pid) for pid in pids}
+    threads_before = {pid: thread_cpu(pid) for pid in pids}
     started = time.perf_counter()
     time.sleep(seconds)
     wall = time.perf_counter() - started
     used: dict[str, float] = defaultdict(float)
+    by_thread: dict[tuple[str, str], list[float]] = defaultdict(list)
     for pid in pids:
         try:
-            used[process_name(pid)] += (cpu_seconds(pid) - before[pid]) / wall * 100
+            name = process_name(pid)
+            used[name] += (cpu_seconds(pid) - before[pid]) / wall * 100
         except OSError:  # a process that ended meanwhile
             continue
-    return dict(used)
+        for tid, (thread, spent) in thread_cpu(pid).items():
+            _, earlier = threads_before[pid].get(tid, (thread, spent))
+            by_thread[(name, thread)].append((spent - earlier) / wall * 100)
+    threads = {f"{name}: {thread} ({len(pcts)})": sum(pcts) for (name, thread), pcts in by_thread.items()}
+    return dict(used), threads
 
 
 @dataclass(frozen=True)
 class Round:
     idle_pct: dict[str, float]
+    idle_threads_pct: dict[str, float]  # "process: thread name (count)" → % of one core
     rps: dict[str, float]  # "nlp-only" / "whole" → Embed requests/s
     p50_ms: dict[str, float]
     others_pct: dict[str, float]
@@ -122,6 +146,7 @@ def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> R
     p50: dict[str, float] = {}
     others: dict[str, float] = {}
     idle: dict[str, float] = {}
+    idle_threads: dict[str, float] = {}
     for side, replicas in (("nlp-only", NLP_ONLY), ("whole", WHOLE)):
         mesh = Mesh(f"coresidence-{side}", replicas=replicas)
         print(f"round {rnd + 1}: starting the {side} mesh ...", file=sys.stderr)
@@ -132,7 +157,7 @@ def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> R
             wait_quiet(quiet_s, exclude=process_tree(mesh.process.pid))
             if side == "whole":
                 time.sleep(5)  # start-up's last reports and view pushes settle
-                idle = idle_cpu(mesh, idle_s)
+                idle, idle_threads = idle_cpu(mesh, idle_s)
                 print(f"  round {rnd + 1} idle whole mesh: {sum(idle.values()):.2f}% of a core", file=sys.stderr)
             tree = process_tree(mesh.process.pid)
             bystanders = {str(p): p for p in tree if process_name(p) not in ("gateway", "services.nlp")}
@@ -147,7 +172,13 @@ def measure_round(rnd: int, duration: float, idle_s: float, quiet_s: float) -> R
                 print(f"  round {rnd + 1} co-residents meanwhile: {coresident:.1f}% of a core", file=sys.stderr)
         finally:
             mesh.stop()
-    return Round(idle, rps, p50, others, coresident)
+    return Round(idle, idle_threads, rps, p50, others, coresident)
+
+
+def busiest_threads(rounds: Sequence[Round], count: int = 8) -> list[tuple[str, float]]:
+    names = {name for r in rounds for name in r.idle_threads_pct}
+    pcts = {name: median(r.idle_threads_pct.get(name, 0.0) for r in rounds) for name in names}
+    return sorted(pcts.items(), key=lambda item: -item[1])[:count]
 
 
 def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, idle_s: float) -> str:
@@ -206,6 +237,9 @@ def report(rounds: Sequence[Round], *, host: str, date: str, duration: float, id
             "",
             f"- Idle mesh in total: **{total:.2f}%** of one core (goal < {IDLE_GOAL_PCT:g}%):"
             + (" met." if total < IDLE_GOAL_PCT else " **missed**."),
+            "- What wakes it, by kind of thread (the busiest; median of rounds, % of one core): "
+            + "; ".join(f"{name} {pct:.2f}" for name, pct in busiest_threads(rounds))
+            + ".",
             "",
             f"NlpService/Embed, one short sentence per request, c={CONCURRENCY} through the gateway for {duration:g} s,"
             " on an NLP-only mesh and on the whole mesh, one after the other in every round:",
