@@ -43,7 +43,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter
 
+from aimass.client import error_info
 from aimass.runtime import contract, tracing
+from aimass.runtime.batcher import UNMEETABLE_REASON
 from aimass.runtime.catalogue import default_model_label
 from aimass.runtime.config import GatewayConfig
 from aimass.runtime.errors import AimassError
@@ -63,8 +65,9 @@ from gateway.poison import (
     crashed_under,
     fingerprint,
 )
+from gateway.prefix_affinity import prompt_prefix
 from gateway.replicas import Replica, ReplicaSet
-from gateway.router import ExplainsChoice, Router
+from gateway.router import ExplainsChoice, Router, RoutesByPrefix
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,12 @@ class Flight:
         self.end(None)
 
 
+def refused_as_unmeetable(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a replica refused the call because the work queued there would outlast its deadline."""
+    info = error_info(err)
+    return info is not None and info.reason == UNMEETABLE_REASON
+
+
 async def settled_within(call: grpc.aio.Call, delay_s: float) -> bool:
     """Whether ``call`` finished within ``delay_s``, without cancelling it (unlike ``asyncio.wait_for``)."""
     return await first_settled((call,), delay_s)
@@ -216,6 +225,8 @@ class Forwarder(grpc.GenericRpcHandler):
         self.replicas = replicas
         self.router = router
         self.router_name = router_name or type(router).__name__
+        # A router that weighs prefix affinity gets LLM prompts' prefixes (gateway/prefix_affinity.py).
+        self._by_prefix = router if isinstance(router, RoutesByPrefix) else None
         self.retry_unavailable = retry_unavailable
         # Poison containment and crash ejection (the gateway's config; its defaults when none is given).
         config = config or GatewayConfig()
@@ -312,7 +323,11 @@ class Forwarder(grpc.GenericRpcHandler):
             # Replicas silent past a call's hedge delay (frozen?) are left out too, until they answer a health check.
             now = time.monotonic()
             candidates = [r for r in candidates if not self.hedging.stalls.stalled(r, now)] or candidates
-        choice = self.router.choose(service, candidates) if candidates else None
+        prefix = prompt_prefix(method, request) if self._by_prefix is not None and candidates else None
+        if prefix is not None and self._by_prefix is not None:
+            choice: Replica | None = self._by_prefix.choose_by_prefix(service, candidates, prefix)
+        else:
+            choice = self.router.choose(service, candidates) if candidates else None
         if choice is not None:
             routed = self._routed.get((service, choice.instance.instance_id))
             if routed is None:
@@ -467,7 +482,8 @@ class Forwarder(grpc.GenericRpcHandler):
         None when another attempt of the call still runs (``pending``, a hedge) and takes over, or the caller's
         answer (this raises).
 
-        The replica's own UNAVAILABLE (draining, without the model) is retried once elsewhere; any other answer of
+        The replica's own UNAVAILABLE (draining, without the model), and its refusal of a deadline its backlog would
+        outlast (RESOURCE_EXHAUSTED, DEADLINE_UNMEETABLE), are retried once elsewhere; any other answer of
         its own is relayed unchanged. No answer at all (the connection broke) is a crash, counted against the
         request unless the replica was already known down when the call began; poison after ``max_crashes``.
         While another attempt runs, it is the retry (and a full replica's RESOURCE_EXHAUSTED waits for it too)."""
@@ -480,7 +496,10 @@ class Forwarder(grpc.GenericRpcHandler):
                     "%s: %s on %s; the other attempt goes on", attempt.method, err.code().name, target.instance.address
                 )
                 return None
-            unavailable = err.code() == grpc.StatusCode.UNAVAILABLE and responses == 0
+            # A replica whose backlog would outlast the deadline refused it on arrival (aimass.runtime.batcher's
+            # deadline admission): another replica's may not.
+            unmeetable = err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and refused_as_unmeetable(err)
+            unavailable = (err.code() == grpc.StatusCode.UNAVAILABLE or unmeetable) and responses == 0
             retry = self._retry(attempt, crashed=False) if unavailable else None
             if retry is None:
                 await relay_error(context, err)

@@ -34,6 +34,8 @@ class ReplicaLoad:
     # Requests the replica runs together (max batch size or LLM sequences); at least 1.
     slots: int = 1
     kv_cache_usage: float = 0.0
+    # LLM engines: requests held but not started (no sequence slot or KV blocks free yet).
+    waiting_requests: int = 0
     # Of the replica's device, 0..1.
     utilization: float = 0.0
     free_memory_fraction: float = 1.0
@@ -60,6 +62,7 @@ def replica_loads(view: scheduler_pb2.RoutingView) -> dict[str, ReplicaLoad]:
             in_flight=sum(m.in_flight for m in models),
             slots=max([1, *(m.max_batch_size for m in models)]),
             kv_cache_usage=max([0.0, *(m.kv_cache_usage for m in models)]),
+            waiting_requests=sum(m.waiting_requests for m in models),
             utilization=(device.utilization_percent / 100) if device is not None else 0.0,
             free_memory_fraction=free,
             warm=any(m.loaded for m in models) or not models,
