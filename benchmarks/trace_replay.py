@@ -29,9 +29,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import csv
 import dataclasses
-import datetime as dt
 import itertools
 import json
 import math
@@ -55,9 +53,9 @@ from aimass.runtime.config import LlmConfig
 from aimass.v1 import llm_pb2, llm_pb2_grpc
 from benchmarks.common import Mesh, command_line, machine, markdown_table, publish, utc_now
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
+from simulator.trace import TRACE, Window, read_rows, window_rows
 
 NAME = "trace-replay"
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 # A request still unanswered this long after its arrival counts as failed (the replay must end by itself).
 REQUEST_TIMEOUT_S = 180.0
 SIDES = ("aimass", "vllm")
@@ -80,25 +78,10 @@ class TraceRequest:
 
 
 def load_trace(path: Path, *, duration_s: float, rate: float, token_scale: float) -> list[TraceRequest]:
-    """The requests arriving in the first ``duration_s`` seconds of replay at ``rate``x the trace's speed."""
-    requests: list[TraceRequest] = []
-    start: dt.datetime | None = None
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            # Seven fractional digits; Python parses six.
-            stamp = dt.datetime.fromisoformat(row["TIMESTAMP"][:26])
-            start = start or stamp
-            arrival = (stamp - start).total_seconds() / rate
-            if arrival >= duration_s:
-                break
-            requests.append(
-                TraceRequest(
-                    arrival_s=arrival,
-                    prompt_tokens=max(4, round(int(row["ContextTokens"]) / token_scale)),
-                    output_tokens=max(1, round(int(row["GeneratedTokens"]) / token_scale)),
-                )
-            )
-    return requests
+    """The requests arriving in the first ``duration_s`` seconds of replay at ``rate``x the trace's speed (the
+    reader is simulator.trace's, shared with the simulator's trace scenario)."""
+    window = Window(0.0, duration_s * rate, time_scale=rate, token_scale=token_scale)
+    return [TraceRequest(r.arrival, r.prompt_tokens, r.output_tokens) for r in window_rows(read_rows(path), window)]
 
 
 class PromptMaker:

@@ -8,7 +8,7 @@ from pathlib import Path
 from gateway.router import ROUTERS
 from simulator.calibration import DEFAULT_PATH, Calibration
 from simulator.mesh import simulate
-from simulator.report import calibration_table, main_table, plot, summarize, utilization_table
+from simulator.report import calibration_table, llm_table, main_table, plot, summarize, utilization_table
 from simulator.scenarios import SCENARIOS, make_scenario
 from simulator.workload import build_trace, fresh_copy
 
@@ -37,6 +37,8 @@ def main() -> None:
     print(utilization_table(summaries))
     print()
     print(calibration_table(scenario))
+    if llm := llm_table(results):
+        print(f"\n{llm}")
     for result in results:
         print(
             f"\n{result.router}: {result.events} events in {result.wall_s:.1f} s; placements"

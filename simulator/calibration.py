@@ -6,6 +6,9 @@ as they are) or *derived* from a measured one by stated ratios of compute and me
 the 6-layer one); every profile says which, and the report prints it.
 
 Times are the calibration host's; a device of ``speed`` s runs a batch in time / s (SimulatedGpu.speed).
+
+The file's "llm" section (``benchmarks/llm_calibration.py``: the real vLLM engine's prefill and decode step times,
+KV cache and reference TTFT / tokens/s) becomes a ``simulator.llm.LlmProfile`` under the LLM's name.
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ class Calibration:
                 measured=True,
                 provenance=f"measured ({entry.get('method', '?')} on {self.host}, {self.measured_at})",
             )
+        if "llm" in document:
+            # Here, not at the top: simulator.llm builds on this module's ModelProfile.
+            from simulator.llm import llm_profile
+
+            llm = llm_profile(document["llm"], host=str(document["llm"].get("host", {}).get("cpu_model", "?")))
+            self.profiles[llm.name] = llm
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> Calibration:

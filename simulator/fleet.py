@@ -7,6 +7,10 @@ aimass.runtime.batcher does). The GPU runs one batch at a time, taking the model
 longest. A batch of n requests takes the calibration's time for n on the host divided by the GPU's speed. A model
 placed on demand loads for its measured (or derived) load time before its first batch.
 
+An LLM (a ``simulator.llm.LlmProfile``) on a replica is an engine stepping as vLLM does (simulator/llm.py): it
+shares the GPU with the replica's other models, one engine step at a time, each step taking its turn like a batch
+(the engine's turn dates from the end of its previous step, a batch's from its oldest request).
+
 Memory lives in a ``scheduler.devices.SimulatedFleet`` per node (allocated at load, released at eviction), whose
 readings, with the busy fraction of the last report window as utilisation, are what the node agents report.
 """
@@ -21,6 +25,7 @@ from aimass.v1 import common_pb2, scheduler_pb2
 from scheduler.devices import SimulatedFleet, SimulatedGpu, gpu_device_id
 from simulator.calibration import ModelProfile
 from simulator.engine import Event, EventLoop
+from simulator.llm import LlmEngineModel, LlmProfile
 from simulator.workload import Outcome, Request
 
 MODEL_VERSION = "1"
@@ -49,6 +54,14 @@ class ModelSlot:
     window_completed: int = 0
     window_batches: int = 0
     window_units: int = 0
+    # An LLM's engine (None for batched models), and since when it has waited for the device.
+    engine: LlmEngineModel | None = None
+    turn_since: float = 0.0
+
+    def sync(self) -> None:
+        """An engine's queue and batch as the slot's waiting and running counts (reports, placement)."""
+        if self.engine is not None:
+            self.waiting, self.running = len(self.engine.waiting), len(self.engine.running)
 
     def head(self) -> Request | None:
         while self.queue and self.queue[0].outcome is not Outcome.PENDING:
@@ -103,6 +116,8 @@ class SimReplica:
 
     def add_model(self, profile: ModelProfile, batching: BatchingSpec, pid: int, *, loaded: bool) -> ModelSlot:
         slot = ModelSlot(profile, batching, pid, loaded=loaded)
+        if isinstance(profile, LlmProfile):
+            slot.engine = LlmEngineModel(profile, self.speed)
         self.models[profile.name] = slot
         self.node.allocate(0, profile.footprint_bytes, pid=pid, instance_id=self.instance_id)
         return slot
@@ -128,6 +143,14 @@ class SimReplica:
     def submit(self, request: Request) -> bool:
         """Queues ``request``; False when its model's queue is full (RESOURCE_EXHAUSTED)."""
         slot = self.models[request.model]
+        if slot.engine is not None:
+            if not slot.engine.has_work:
+                slot.turn_since = self.loop.now
+            accepted = slot.engine.add(request)
+            slot.sync()
+            if accepted:
+                self.kick()
+            return accepted
         if slot.waiting >= slot.batching.queue_capacity:
             return False
         slot.queue.append(request)
@@ -138,7 +161,10 @@ class SimReplica:
     def cancel(self, request: Request) -> None:
         """The gateway gave up on ``request`` (deadline): a queued one leaves the queue's budget at once."""
         slot = self.models.get(request.model)
-        if slot is not None and request.extra.get("started") is None:
+        if slot is not None and slot.engine is not None:
+            slot.engine.abort(request)
+            slot.sync()
+        elif slot is not None and request.extra.get("started") is None:
             slot.waiting -= 1
 
     def kick(self) -> None:
@@ -148,6 +174,12 @@ class SimReplica:
         now = self.loop.now
         best: tuple[float, float, str] | None = None
         for name, slot in self.models.items():
+            if slot.engine is not None:
+                if slot.loaded and slot.engine.has_work:
+                    key = (now, slot.turn_since, name)
+                    if best is None or key < best:
+                        best = key
+                continue
             if not slot.loaded or slot.waiting == 0:
                 continue
             head = slot.head()
@@ -177,6 +209,13 @@ class SimReplica:
 
     def _start(self, name: str) -> None:
         slot = self.models[name]
+        if slot.engine is not None:
+            step = slot.engine.plan(self.loop.now)
+            slot.sync()
+            if step is not None:
+                self.batch = Batch(name, [s.request for s in step.sequences], self.loop.now, step.seconds)
+                self.loop.after(step.seconds, self._finish)
+            return
         taken: list[Request] = []
         while slot.queue and len(taken) < slot.batching.max_batch_size:
             request = slot.queue.popleft()
@@ -197,6 +236,9 @@ class SimReplica:
         self.batch = None
         now = self.loop.now
         slot = self.models[batch.model]
+        if slot.engine is not None:
+            self._finish_step(slot, batch)
+            return
         slot.running = 0
         slot.last_used_s = now
         slot.window_batches += 1
@@ -209,6 +251,29 @@ class SimReplica:
         for request in batch.requests:
             self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
             request.service_s = share
+            if request.outcome is Outcome.PENDING:
+                request.outcome = Outcome.OK
+                request.finished = now
+                self.done(request)
+        self.kick()
+
+    def _finish_step(self, slot: ModelSlot, batch: Batch) -> None:
+        now = self.loop.now
+        assert slot.engine is not None
+        ended = slot.engine.finish(now) if slot.engine.step is not None else []
+        slot.sync()
+        slot.turn_since = slot.last_used_s = now
+        slot.window_batches += 1
+        slot.window_units += len(batch.requests)
+        slot.window_completed += len(ended)
+        self.batches += 1
+        self.window_busy_s += now - max(batch.started, self._last_reading)
+        self.busy_s += max(0.0, min(now, self.measure_until) - min(batch.started, self.measure_until))
+        share = batch.seconds / len(batch.requests)
+        for request in batch.requests:
+            self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
+            request.service_s += share
+        for request in ended:
             if request.outcome is Outcome.PENDING:
                 request.outcome = Outcome.OK
                 request.finished = now

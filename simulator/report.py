@@ -8,6 +8,8 @@ markdown tables and one PNG.
 - Utilisation: busy fraction of each GPU over the arrival window.
 - Share of service: a tenant's device seconds (each batch's time split evenly over its requests) over all device
   seconds, next to its share of the requests offered.
+- LLM requests (``llm_table``): SLO attainment on TTFT and TPOT together, their percentiles over the answered
+  requests, output tokens per second of the arrival window, and how often the engines preempted.
 """
 
 from __future__ import annotations
@@ -98,6 +100,46 @@ def summarize(result: RunResult) -> Summary:
             for s in result.replicas
         },
         tenants=tenants,
+    )
+
+
+def llm_table(results: Sequence[RunResult]) -> str:
+    """Per router, the LLM requests' TTFT / TPOT figures; empty when the scenario has none."""
+    rows = []
+    for result in results:
+        llm = [r for r in result.requests if r.output_tokens > 0]
+        if not llm:
+            continue
+        answered = [r for r in llm if r.outcome is Outcome.OK]
+        ttft = [r.ttft for r in answered if r.ttft is not None]
+        tpot = [r.tpot for r in answered if r.tpot is not None]
+        rows.append(
+            [
+                result.router,
+                str(len(llm)),
+                f"**{slo_attainment(llm):.3f}**",
+                f"{percentile(ttft, 0.5) * 1000:.0f} / {percentile(ttft, 0.99) * 1000:.0f}",
+                f"{percentile(tpot, 0.5) * 1000:.1f} / {percentile(tpot, 0.99) * 1000:.1f}",
+                f"{sum(r.tokens_out for r in answered) / result.duration_s:.0f}",
+                str(sum(r.preemptions for r in llm)),
+                f"{sum(r.outcome is Outcome.TIMED_OUT for r in llm)}"
+                f" / {sum(r.outcome is Outcome.REJECTED for r in llm)}",
+            ]
+        )
+    if not rows:
+        return ""
+    return markdown_table(
+        [
+            "router",
+            "LLM requests",
+            "TTFT+TPOT SLO",
+            "TTFT p50 / p99 ms",
+            "TPOT p50 / p99 ms",
+            "output tok/s",
+            "preemptions",
+            "timed out / rejected",
+        ],
+        rows,
     )
 
 

@@ -13,6 +13,19 @@
   - 2 gateways; load reports and device readings at production's default interval (1 s), the view pushed every
     100 ms (WatchView's default).
 ``small`` — a quick sanity run: 3 nodes (one of them 4x slower), two models, one Poisson tenant.
+``llm_mixed`` — LLM serving next to embeddings and vision on shared GPUs (simulator/llm.py steps the LLM as vLLM).
+  - 4 single-GPU nodes: A100-80GB, L4-24GB, 2 x T4-16GB; speeds relative to the calibration host, T4 anchored at 1
+    as in ``skewed``, the ratios between classes derived from their published memory bandwidth (decode steps are
+    memory-bound): A100 2,039 GB/s (x6.4), L4 300 GB/s (x0.94), T4 320 GB/s (x1).
+  - The measured LLM (smollm2-135m, the real engine's steps) on every node, MiniLM-L6 on every node,
+    EfficientNet-Lite0 on two.
+  - Tenants: chat (lognormal tokens around 128 in / 48 out; SLO TTFT 1 s, TPOT 150 ms; priority 0), summaries (512
+    in / 32 out in bursts; SLO TTFT 8 s, TPOT 400 ms; priority 1), search (embeddings, SLO 150 ms) and photos
+    (vision, SLO 300 ms).
+``llm_trace`` — the shared Azure conversation trace replayed on the same fleet as ``llm_mixed`` (LLM only):
+  arrivals and token counts of a window (from 600 s of the trace, time x3, tokens /8: simulator/trace.py), split
+  over three tenants by the stated rule (sha256 of the row index): chat-a and chat-b (SLO TTFT 2 s, TPOT 200 ms,
+  priority 0) and batch (SLO TTFT 20 s, TPOT 1 s, priority 1).
 """
 
 from __future__ import annotations
@@ -20,10 +33,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from scheduler.devices import GIB, SimulatedGpu
+from simulator import trace
 from simulator.calibration import Calibration
 from simulator.fleet import BatchingSpec
+from simulator.llm import LlmProfile
 from simulator.scenario import ModelSpec, Scenario
-from simulator.workload import Bursts, RequestClass, Tenant
+from simulator.workload import Bursts, RequestClass, Tenant, TokenShape
 
 NLP = "aimass.v1.NlpService"
 VISION = "aimass.v1.VisionService"
@@ -142,7 +157,109 @@ def small(calibration: Calibration, duration_s: float = 20.0) -> Scenario:
     )
 
 
-SCENARIOS: dict[str, Callable[..., Scenario]] = {"skewed": skewed, "small": small}
+LLM_MODEL = "smollm2-135m-instruct"
+# Derived: T4 anchored at the calibration host (as in ``skewed``), the others by published memory bandwidth.
+LLM_GPUS = (
+    SimulatedGpu("A100-80GB", 80 * GIB, speed=6.4),
+    SimulatedGpu("L4-24GB", 24 * GIB, speed=0.94),
+    SimulatedGpu("T4-16GB", 16 * GIB, speed=1.0),
+    SimulatedGpu("T4-16GB", 16 * GIB, speed=1.0),
+)
+# LLM classes: the SLO is on TTFT and TPOT; slo_s (the whole answer) is left at the deadline.
+CHAT = RequestClass("chat", slo_s=120.0, deadline_s=120.0, slo_ttft_s=1.0, slo_tpot_s=0.150, priority=0)
+SUMMARY = RequestClass("summary", slo_s=300.0, deadline_s=300.0, slo_ttft_s=8.0, slo_tpot_s=0.400, priority=1)
+TRACE_CHAT = RequestClass("trace-chat", slo_s=120.0, deadline_s=120.0, slo_ttft_s=2.0, slo_tpot_s=0.200, priority=0)
+TRACE_BATCH = RequestClass("trace-batch", slo_s=300.0, deadline_s=300.0, slo_ttft_s=20.0, slo_tpot_s=1.0, priority=1)
+TRACE_WINDOW = trace.Window(start_s=600.0, duration_s=180.0, time_scale=3.0, token_scale=8.0)
+
+
+def llm_spec(profile: LlmProfile, copies: int) -> ModelSpec:
+    # The replica's engine limits: max_num_seqs running, max_waiting queued (aimass.runtime.config.LlmConfig).
+    return ModelSpec(
+        profile,
+        BatchingSpec(max_batch_size=profile.max_num_seqs, max_queue_delay_s=0.0, queue_capacity=profile.max_waiting),
+        copies=copies,
+    )
+
+
+def _llm(calibration: Calibration) -> LlmProfile:
+    profile = calibration.measured(LLM_MODEL)
+    if not isinstance(profile, LlmProfile):
+        raise ValueError(f"{LLM_MODEL} in the calibration is not an LLM; run `python -m benchmarks.llm_calibration`")
+    return profile
+
+
+def _section(name: str) -> str:
+    text = __doc__ or ""
+    return text.split(f"``{name}``", 1)[1].split("\n``", 1)[0].strip(" —\n")
+
+
+def llm_mixed(calibration: Calibration, duration_s: float = 60.0) -> Scenario:
+    llm = _llm(calibration)
+    minilm = calibration.measured("all-MiniLM-L6-v2")
+    lite0 = calibration.measured("efficientnet-lite0")
+    tenants = (
+        Tenant("chat", rate=3.0, request_class=CHAT, models=(LLM_MODEL,), tokens=TokenShape(128, 48)),
+        Tenant(
+            "summaries",
+            rate=0.2,
+            request_class=SUMMARY,
+            models=(LLM_MODEL,),
+            tokens=TokenShape(512, 32, sigma=0.3),
+            bursts=Bursts(burst_rate=3.0, mean_on_s=4.0, mean_off_s=16.0),
+        ),
+        Tenant("search", rate=150.0, request_class=INTERACTIVE, models=("all-MiniLM-L6-v2",)),
+        Tenant("photos", rate=40.0, request_class=TAGGING, models=("efficientnet-lite0",)),
+    )
+    return Scenario(
+        name="llm_mixed",
+        description=_section("llm_mixed"),
+        gpus=LLM_GPUS,
+        models=(
+            llm_spec(llm, copies=4),
+            ModelSpec(minilm, EMBED_BATCHING, copies=4),
+            ModelSpec(lite0, CLASSIFY_BATCHING, copies=2),
+        ),
+        tenants=tenants,
+        duration_s=duration_s,
+    )
+
+
+def llm_trace(
+    calibration: Calibration, duration_s: float | None = None, *, window: trace.Window = TRACE_WINDOW
+) -> Scenario:
+    """``duration_s``: simulated seconds of replay (the window's length is that times its time scale)."""
+    if duration_s is not None:
+        window = trace.Window(window.start_s, duration_s * window.time_scale, window.time_scale, window.token_scale)
+    llm = _llm(calibration)
+    classes = {"chat-a": TRACE_CHAT, "chat-b": TRACE_CHAT, "batch": TRACE_BATCH}
+    split = trace.split_by_tenant(trace.read_rows(), window, tuple(classes))
+    tenants = tuple(
+        Tenant(
+            name,
+            rate=len(split[name]) / window.replay_s,
+            request_class=request_class,
+            models=(LLM_MODEL,),
+            replay=tuple(split[name]),
+        )
+        for name, request_class in classes.items()
+    )
+    return Scenario(
+        name="llm_trace",
+        description=f"{_section('llm_trace')} Window: {window.label()}.",
+        gpus=LLM_GPUS,
+        models=(llm_spec(llm, copies=4),),
+        tenants=tenants,
+        duration_s=window.replay_s,
+    )
+
+
+SCENARIOS: dict[str, Callable[..., Scenario]] = {
+    "skewed": skewed,
+    "small": small,
+    "llm_mixed": llm_mixed,
+    "llm_trace": llm_trace,
+}
 
 
 def make_scenario(

@@ -1,0 +1,262 @@
+"""The real vLLM engine's step costs, measured in-process, for the simulator's LLM replica model (simulator/llm.py).
+
+The engine is the replica's (services.llm.engine.LlmEngine with ``LlmConfig()``'s defaults: model, dtype, KV cache,
+max_num_seqs, stream interval). Requests go straight to its AsyncLLM as token ids, greedy with ``ignore_eos`` so
+every request decodes exactly its ``max_tokens`` (the service's own Sampling has no ignore_eos: a benchmark knob,
+not an API). Every prompt is fresh random token ids, so vLLM's prefix cache never shortens a prefill.
+
+Measured, after a warm-up:
+- prefill: time to first token of one request alone (``max_tokens`` 1) at several prompt sizes (the step that
+  prefills it and samples its first token, plus the engine's per-request overhead);
+- decode: ``b`` requests started together (same short prompt size), each decoding ``--decode-tokens`` tokens; a
+  step's time is (last token - first token) / (tokens - 1), the median over the requests, for b in 1..32;
+- the KV cache's capacity in tokens (vLLM's block count x block size, or the configured bytes over the model's
+  per-token KV bytes when the engine does not say), its block size and the step token budget;
+- the reference figures the simulator must reproduce (tests/test_simulator_llm.py): closed-loop clients at c=1 and
+  c=8 on a fixed shape (``--ref-prompt`` prompt tokens, ``--ref-output`` output tokens): median TTFT and output
+  tokens per second of wall time.
+
+The machine is shared: every figure is measured once per round, over ``--repeats`` rounds, and the median round's
+figure counts (noise hits all figures alike); the machine's busy CPUs during the run are kept beside them.
+
+    python -m benchmarks.llm_calibration [--out simulator/calibration.json] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aimass.runtime.config import LlmConfig
+from benchmarks.common import cpu_model, machine, memory_gib, system_busy_seconds, utc_now, wait_quiet
+from services.llm.engine import LlmEngine
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "simulator" / "calibration.json"
+PREFILL_SIZES = (16, 64, 128, 256, 512, 1024, 2048)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
+DECODE_PROMPT = 16
+# Token ids drawn for prompts: clear of the special tokens at the start of SmolLM2's vocabulary.
+TOKEN_RANGE = (100, 40_000)
+
+
+@dataclass
+class Timed:
+    """One request as the caller saw it: seconds from submission to each streamed chunk, and tokens in each."""
+
+    sent: float
+    chunks: list[tuple[float, int]]
+
+    @property
+    def ttft(self) -> float:
+        return self.chunks[0][0] - self.sent
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.chunks)
+
+    @property
+    def finished(self) -> float:
+        return self.chunks[-1][0]
+
+
+class Driver:
+    def __init__(self, engine: LlmEngine, seed: int = 0) -> None:
+        self.engine = engine
+        self.rng = random.Random(seed)
+
+    def prompt(self, tokens: int) -> list[int]:
+        return [self.rng.randrange(*TOKEN_RANGE) for _ in range(tokens)]
+
+    async def one(self, prompt_tokens: int, max_tokens: int) -> Timed:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        # The engine object behind LlmEngine: the service's Sampling cannot ask for ignore_eos.
+        core = self.engine._engine
+        assert core is not None
+        params = SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
+        prompt = TokensPrompt(prompt_token_ids=self.prompt(prompt_tokens))
+        timed = Timed(time.perf_counter(), [])
+        async for output in core.generate(prompt, params, f"cal-{uuid.uuid4().hex[:12]}"):
+            new = len(output.outputs[0].token_ids)
+            if new:
+                timed.chunks.append((time.perf_counter(), new))
+        if timed.tokens != max_tokens:
+            raise RuntimeError(f"asked for {max_tokens} tokens, got {timed.tokens}")
+        return timed
+
+    async def together(self, count: int, prompt_tokens: int, max_tokens: int) -> list[Timed]:
+        return list(await asyncio.gather(*(self.one(prompt_tokens, max_tokens) for _ in range(count))))
+
+    async def closed_loop(self, clients: int, per_client: int, prompt_tokens: int, max_tokens: int) -> dict[str, float]:
+        """``clients`` loops, each sending its next request when the previous one ends."""
+        done: list[Timed] = []
+
+        async def client() -> None:
+            for _ in range(per_client):
+                done.append(await self.one(prompt_tokens, max_tokens))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - started
+        return {
+            "ttft_s": statistics.median(t.ttft for t in done),
+            "tokens_per_s": sum(t.tokens for t in done) / wall,
+            "requests": len(done),
+            "wall_s": wall,
+        }
+
+
+def decode_step(timed: Timed) -> float:
+    first, last = timed.chunks[0][0], timed.chunks[-1][0]
+    return (last - first) / (timed.tokens - 1)
+
+
+def kv_capacity(engine: LlmEngine, config: LlmConfig) -> dict[str, Any]:
+    """Block size, blocks and tokens of the KV cache, and the step token budget, as the engine reports them."""
+    core = engine._engine
+    assert core is not None
+    vllm_config = core.vllm_config
+    cache = vllm_config.cache_config
+    block_size = int(cache.block_size)
+    model = core.model_config
+    layers = model.get_num_layers(vllm_config.parallel_config)
+    kv_heads = model.get_num_kv_heads(vllm_config.parallel_config)
+    head = model.get_head_size()
+    # K and V, per layer, per KV head, float32 on the CPU.
+    bytes_per_token = 2 * layers * kv_heads * head * 4
+    configured = config.cpu_kv_cache_gib * 2**30
+    blocks = cache.num_gpu_blocks
+    source = "vLLM's num_gpu_blocks"
+    if not blocks:
+        blocks = configured // (bytes_per_token * block_size)
+        source = f"{config.cpu_kv_cache_gib} GiB / {bytes_per_token} bytes per token"
+    return {
+        "block_size": block_size,
+        "blocks": int(blocks),
+        "tokens": int(blocks) * block_size,
+        "bytes_per_token": bytes_per_token,
+        "kv_cache_bytes": configured,
+        "source": source,
+        "max_num_batched_tokens": int(vllm_config.scheduler_config.max_num_batched_tokens),
+        "max_num_seqs": int(vllm_config.scheduler_config.max_num_seqs),
+        "max_model_len": int(model.max_model_len),
+    }
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    config = LlmConfig()
+    engine = LlmEngine(config)
+    print("starting vLLM in-process with the replica's defaults (tens of seconds)", flush=True)
+    started = time.perf_counter()
+    await asyncio.to_thread(engine.load)
+    load_seconds = time.perf_counter() - started
+    busy_before, wall_before = system_busy_seconds(), time.perf_counter()
+    try:
+        driver = Driver(engine)
+        capacity = kv_capacity(engine, config)
+        print(f"KV cache: {capacity}", flush=True)
+        for _ in range(2):
+            await driver.one(128, 8)
+        # Rounds: every figure once per round, so noise from a shared machine hits all of them alike; the median
+        # round's figure counts.
+        prefill_runs: dict[int, list[float]] = {size: [] for size in PREFILL_SIZES}
+        decode_runs: dict[int, list[float]] = {batch: [] for batch in DECODE_BATCHES}
+        reference_runs: dict[int, list[dict[str, float]]] = {1: [], 8: []}
+        for round_index in range(args.repeats):
+            for size in PREFILL_SIZES:
+                prefill_runs[size].append((await driver.one(size, 1)).ttft)
+            for batch in DECODE_BATCHES:
+                timed = await driver.together(batch, DECODE_PROMPT, args.decode_tokens)
+                decode_runs[batch].append(statistics.median(decode_step(t) for t in timed))
+            for clients in (1, 8):
+                reference_runs[clients].append(
+                    await driver.closed_loop(clients, args.ref_requests, args.ref_prompt, args.ref_output)
+                )
+            print(
+                f"round {round_index + 1}: prefill "
+                + ", ".join(f"{n}: {prefill_runs[n][-1] * 1000:.0f}" for n in PREFILL_SIZES)
+                + " ms; decode step "
+                + ", ".join(f"b{b}: {decode_runs[b][-1] * 1000:.1f}" for b in DECODE_BATCHES)
+                + " ms; "
+                + "; ".join(
+                    f"c={c}: TTFT {runs[-1]['ttft_s'] * 1000:.0f} ms, {runs[-1]['tokens_per_s']:.1f} tok/s"
+                    for c, runs in reference_runs.items()
+                ),
+                flush=True,
+            )
+        prefill = {str(n): round(statistics.median(v), 6) for n, v in prefill_runs.items()}
+        decode = {str(b): round(statistics.median(v), 6) for b, v in decode_runs.items()}
+        reference: dict[str, dict[str, float]] = {}
+        for clients, runs in reference_runs.items():
+            reference[f"c{clients}"] = {key: round(statistics.median(run[key] for run in runs), 6) for key in runs[0]}
+    finally:
+        others = (system_busy_seconds() - busy_before) / (time.perf_counter() - wall_before)
+        engine.shutdown()
+    return {
+        "about": (
+            "The replica's vLLM engine (LlmConfig defaults) measured in-process by `python -m "
+            "benchmarks.llm_calibration`: prefill_seconds = time to first token of one request alone by prompt "
+            "tokens; decode_step_seconds = one decode step's time by running batch size (requests started "
+            f"together, {DECODE_PROMPT}-token prompts, {args.decode_tokens} output tokens, greedy, ignore_eos); "
+            "medians of the repeats. reference: closed-loop clients at c=1 and c=8, each request "
+            f"{args.ref_prompt} prompt and {args.ref_output} output tokens: median TTFT and output tokens/s "
+            "over wall time (what simulator/llm.py must reproduce)."
+        ),
+        "model": config.model,
+        "dtype": "float32",
+        "measured_at": utc_now(),
+        "host": {"machine": machine(), "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model()},
+        "memory_gib": round(memory_gib(), 1),
+        "repeats": args.repeats,
+        "load_seconds": round(load_seconds, 2),
+        "weights_bytes": engine.weights_bytes,
+        "kv_cache": capacity,
+        "prefill_seconds": prefill,
+        "decode_step_seconds": decode,
+        "reference": {
+            "prompt_tokens": args.ref_prompt,
+            "output_tokens": args.ref_output,
+            "requests_per_client": args.ref_requests,
+            **reference,
+        },
+        # Busy CPUs on the whole machine during the measurement (this engine included), for judging noise.
+        "machine_busy_cpus": round(others, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="calibration file whose llm section to write")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the median counts")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--ref-prompt", type=int, default=128)
+    parser.add_argument("--ref-output", type=int, default=64)
+    parser.add_argument("--ref-requests", type=int, default=3, help="requests per client in each reference run")
+    parser.add_argument("--wait-quiet", type=float, default=30.0, help="wait this long for other busy processes")
+    args = parser.parse_args()
+    busy = wait_quiet(args.wait_quiet)
+    if busy:
+        print(f"measuring while others are busy: {', '.join(busy)}", flush=True)
+    section = asyncio.run(measure(args))
+    document = json.loads(args.out.read_text()) if args.out.exists() else {}
+    document["llm"] = section
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote the llm section of {args.out}")
+
+
+# vLLM starts its engine in child processes that may import this module again; only the parent measures.
+if __name__ == "__main__":
+    main()
