@@ -29,8 +29,9 @@ from prometheus_client import REGISTRY
 
 from aimass.client import error_info
 from aimass.local_mesh import free_port
+from aimass.runtime.batcher import UNMEETABLE_REASON
 from aimass.runtime.config import ServerConfig, Settings
-from aimass.runtime.errors import InvalidArgument, Unavailable
+from aimass.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from aimass.runtime.metadata import REPLICA_KEY, TENANT_KEY
 from aimass.runtime.replica import replica_runner
 from aimass.runtime.server import ServerRunner, serve_process
@@ -89,6 +90,14 @@ class ProbeNlp(nlp_pb2_grpc.NlpServiceServicer):
                 await hold(tag, float(seconds or 60))
         if command == "unavailable" and argument in ("", pid):  # unavailable[:<pid>]: as a draining replica answers
             raise Unavailable(f"probe {pid} is draining; retry on another replica", reason="DRAINING")
+        if command == "unmeetable" and argument in ("", pid):  # as a replica whose backlog outlasts the deadline
+            raise ResourceExhausted(
+                f"probe {pid}: the work queued ahead would outlast this call's deadline",
+                reason=UNMEETABLE_REASON,
+                retry_after_ms=250,
+            )
+        if command == "full":
+            raise ResourceExhausted(f"probe {pid}: queue is full", reason="QUEUE_FULL")
         if command == "invalid":
             raise InvalidArgument("the probe was asked to refuse this request")
         seen = dict(context.invocation_metadata() or ())
@@ -431,6 +440,31 @@ async def test_a_replicas_unavailable_is_retried_once_elsewhere(
     # A replica's own answer is no crash: nothing was counted against the request, nobody died.
     assert mesh.app.forwarder.crashes.get(key(embed("unavailable").SerializeToString())) is None
     assert mesh.alive() == {first, second}
+
+
+async def test_a_replicas_refusal_of_a_deadline_its_backlog_would_outlast_is_retried_once_elsewhere(
+    mesh: Mesh, probes: Callable[[int], Any], channel: grpc.aio.Channel
+) -> None:
+    first, second = await probes(2)
+    nlp = nlp_pb2_grpc.NlpServiceStub(channel)
+    retries = counted("aimass_gateway_retries_total", service=NLP, code="RESOURCE_EXHAUSTED")
+    # The first probe's backlog cannot meet the deadline: every call is answered by the second.
+    for _ in range(4):
+        call = nlp.Embed(embed(f"unmeetable:{first}"), timeout=10)
+        await call
+        assert (await trailers(call))["x-probe-pid"] == str(second)
+    assert 1 <= counted("aimass_gateway_retries_total", service=NLP, code="RESOURCE_EXHAUSTED") - retries <= 4
+    # Neither can: the caller gets the refusal, with its retry delay, after one retry.
+    err = await rpc_error(nlp.Embed(embed("unmeetable"), timeout=10))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(err) == UNMEETABLE_REASON
+    info = error_info(err)
+    assert info is not None and info.metadata["retry_after_ms"] == "250"
+    # A full queue is not retried elsewhere: the caller is told at once.
+    before = counted("aimass_gateway_retries_total", service=NLP, code="RESOURCE_EXHAUSTED")
+    for _ in range(3):
+        err = await rpc_error(nlp.Embed(embed("full"), timeout=10))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason(err) == "QUEUE_FULL"
+    assert counted("aimass_gateway_retries_total", service=NLP, code="RESOURCE_EXHAUSTED") == before
 
 
 async def test_a_stream_whose_replica_is_unavailable_before_data_is_retried(

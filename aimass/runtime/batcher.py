@@ -45,6 +45,15 @@ tenant holding more queued units than the newcomer's tenant would gives up its n
 drop, as in fair queueing), so a flood cannot keep a light tenant out of a full queue either; otherwise the
 newcomer is refused. With one priority and one tenant in use this is the plain bounded queue.
 
+Deadline admission (``refuse_unmeetable``, on in every replica's config): a request whose deadline the work queued
+ahead of it would outlast is refused on arrival, RESOURCE_EXHAUSTED with reason DEADLINE_UNMEETABLE and a retry
+delay (the estimate: aimass.runtime.backlog), instead of waiting only to expire. Work ahead counts by priority and
+tenant share as the queue would serve it: all of every higher priority, none of the lower ones, and of other
+tenants at its own priority only what fair sharing runs before it. So past saturation the low priorities and the
+tenants over their share are the ones refused, early, while high-priority work and light tenants still meet their
+deadlines; a request that finds nothing ahead is never refused. The gateway tries a refused request once on
+another replica (gateway/forwarder.py).
+
 Each priority holds a deque per tenant, with lazy removal: a cancelled or expired request is marked, its units are
 returned to the queue budget at once, and the collector skips the entry when it reaches it.
 
@@ -75,12 +84,14 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 from prometheus_client import Counter, Gauge, Histogram
 
 from aimass.runtime import tracing
+from aimass.runtime.backlog import HEADROOM, DrainEstimate
+from aimass.runtime.config import BatchingConfig
 from aimass.runtime.errors import AimassError, DeadlineExceeded, ResourceExhausted, Unavailable
 from aimass.runtime.scope import RANK_NAMES, priority_rank
 from aimass.tenancy.fair_share import FairShare
 from aimass.v1 import common_pb2
 
-__all__ = ["BatcherStats", "DynamicBatcher", "ExecuteFn"]
+__all__ = ["UNMEETABLE_REASON", "BatcherStats", "DynamicBatcher", "ExecuteFn"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +111,14 @@ BATCH_SIZE = Histogram(
 QUEUE_DEPTH = Gauge("aimass_batcher_queue_depth", "Units waiting in the batcher queue.", ["batcher"])
 DROPPED = Counter(
     "aimass_batcher_dropped_total",
-    "Requests that never reached execute, by reason (queue_full, displaced, cancelled, expired, shutdown).",
+    "Requests that never reached execute, by reason (queue_full, unmeetable, displaced, cancelled, expired, shutdown).",
     ["batcher", "reason"],
 )
 
-_DROP_REASONS = ("queue_full", "displaced", "cancelled", "expired", "shutdown")
+# The ErrorInfo reason of a request refused because the work ahead would outlast its deadline.
+UNMEETABLE_REASON = "DEADLINE_UNMEETABLE"
+
+_DROP_REASONS = ("queue_full", "unmeetable", "displaced", "cancelled", "expired", "shutdown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +130,7 @@ class BatcherStats:
     executed_requests: int
     executed_batches: int
     rejected_full: int
+    rejected_unmeetable: int  # refused on arrival: the backlog ahead would outlast the deadline
     dropped_displaced: int  # queued, then pushed out of a full queue by a higher-priority request
     dropped_cancelled: int  # cancelled while queued; cancelled while executing still counts as executed
     dropped_expired: int  # deadline passed before execution (including already passed at submit)
@@ -179,6 +194,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         max_concurrent_batches: int = 1,
         executor: concurrent.futures.Executor | None = None,
         adaptive: bool = True,
+        refuse_unmeetable: bool = False,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -196,6 +212,10 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._size_of = size_of
         self._max_concurrent_batches = max_concurrent_batches
         self._adaptive = adaptive
+        self._refuse_unmeetable = refuse_unmeetable
+        self._drain = DrainEstimate()
+        # loop.time() at which each executing batch started (the oldest ends first).
+        self._running_since: list[float] = []
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=max_concurrent_batches, thread_name_prefix=f"aimass-batcher-{name}"
@@ -224,6 +244,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._executed_requests = 0
         self._executed_batches = 0
         self._rejected_full = 0
+        self._rejected_unmeetable = 0
         self._dropped = dict.fromkeys(_DROP_REASONS, 0)
 
         # Bind label children once so the hot path is a plain observe/set/inc.
@@ -231,6 +252,30 @@ class DynamicBatcher(Generic[Req, Resp]):
         self._m_queue_depth = QUEUE_DEPTH.labels(batcher=name)
         self._m_dropped = {reason: DROPPED.labels(batcher=name, reason=reason) for reason in _DROP_REASONS}
         self._m_queue_depth.set(0)
+
+    @classmethod
+    def from_config(
+        cls,
+        execute: ExecuteFn[Req, Resp],
+        config: BatchingConfig,
+        *,
+        name: str,
+        size_of: Callable[[Req], int] = lambda r: 1,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> DynamicBatcher[Req, Resp]:
+        """A batcher as a replica's ``config`` (one BatchingConfig section) says."""
+        return cls(
+            execute,
+            name=name,
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000,
+            max_queue_size=config.max_queue_size,
+            size_of=size_of,
+            max_concurrent_batches=config.max_concurrent_batches,
+            executor=executor,
+            adaptive=not config.wait_when_idle,
+            refuse_unmeetable=config.refuse_unmeetable,
+        )
 
     # -- public API ---------------------------------------------------------------------------------------------
 
@@ -252,6 +297,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             executed_requests=self._executed_requests,
             executed_batches=self._executed_batches,
             rejected_full=self._rejected_full,
+            rejected_unmeetable=self._rejected_unmeetable,
             dropped_displaced=self._dropped["displaced"],
             dropped_cancelled=self._dropped["cancelled"],
             dropped_expired=self._dropped["expired"],
@@ -300,6 +346,8 @@ class DynamicBatcher(Generic[Req, Resp]):
             )
         # A zero-unit request still costs a batch slot; counting it as 1 keeps the fill logic finite.
         units = max(1, self._size_of(request))
+        if self._refuse_unmeetable and deadline is not None:
+            self._check_meetable(level, tenant, units, now, deadline)
         # An empty queue accepts any size, so a request larger than the queue limit is not refused forever.
         if (
             self._queued_units > 0
@@ -364,6 +412,42 @@ class DynamicBatcher(Generic[Req, Resp]):
         if self._owns_executor:
             # Workers are idle by now; don't block the loop joining them.
             self._executor.shutdown(wait=False)
+
+    # -- deadline admission ---------------------------------------------------------------------------------------
+
+    def _units_ahead(self, level: int, tenant: str, units: int) -> int:
+        """Queued units that would run before a newcomer of ``tenant`` at ``level``: every higher priority's, its
+        own tenant's at its level, and of each other tenant there as much as fair sharing takes from it meanwhile
+        (at most the newcomer's tenant's queue plus the newcomer)."""
+        ahead = sum(sum(self._tenant_units[higher].values()) for higher in range(level))
+        peers = self._tenant_units[level]
+        own = peers.get(tenant, 0)
+        return ahead + own + sum(min(n, own + units) for name, n in peers.items() if name != tenant)
+
+    def _check_meetable(self, level: int, tenant: str, units: int, now: float, deadline: float) -> None:
+        """Refuses (RESOURCE_EXHAUSTED, reason DEADLINE_UNMEETABLE) a request the work ahead of it would keep past
+        its deadline (aimass.runtime.backlog), never one that finds nothing ahead, and only once the batcher has
+        learnt its pace."""
+        if not self._drain.ready:
+            return
+        ahead = self._units_ahead(level, tenant, units)
+        if ahead == 0:
+            return
+        running_for = now - min(self._running_since) if self._running_since else None
+        finish = self._drain.seconds_to_finish(ahead, units, running_for, self._max_concurrent_batches)
+        left = deadline - now
+        if not self._drain.would_miss(finish, left):
+            return
+        self._rejected_unmeetable += 1
+        self._m_dropped["unmeetable"].inc()
+        retry_ms = max(10, round((finish - left / HEADROOM) * 1000))
+        raise ResourceExhausted(
+            f"{self.name}: the {ahead} units queued ahead would take ~{finish * 1000:.0f} ms here, past this call's"
+            f" deadline in {left * 1000:.0f} ms; retry in {retry_ms} ms, elsewhere, or with more time",
+            reason=UNMEETABLE_REASON,
+            retry_after_ms=retry_ms,
+            metadata={"batcher": self.name, "units_ahead": str(ahead), "estimate_ms": f"{finish * 1000:.0f}"},
+        )
 
     # -- queue bookkeeping ----------------------------------------------------------------------------------------
 
@@ -633,10 +717,14 @@ class DynamicBatcher(Generic[Req, Resp]):
         traced = [item for item in batch if item.trace is not None] if self._tracer is not None else []
         taken_ns = time.time_ns() if traced else 0
         inference: tuple[int, int] | None = None
+        started = self._loop.time()
+        self._running_since.append(started)
         try:
             call = functools.partial(_call_execute, self._execute, [item.request for item in batch])
             try:
-                results, inference = await self._loop.run_in_executor(self._executor, call)
+                results, ran = await self._loop.run_in_executor(self._executor, call)
+                inference = ran
+                self._drain.observe(units, (ran[1] - ran[0]) / 1e9)
             except Exception as exc:
                 for item in batch:
                     if not item.future.done():
@@ -664,6 +752,7 @@ class DynamicBatcher(Generic[Req, Resp]):
                     item.future.set_exception(AimassError(f"{self.name}: batch aborted before results were set"))
             if traced:
                 self._trace_batch(traced, len(batch), units, taken_ns, inference)
+            self._running_since.remove(started)
             self._in_flight_units -= units
             self._executed_items += units
             self._executed_requests += len(batch)

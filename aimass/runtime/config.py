@@ -147,6 +147,9 @@ class BatchingConfig(BaseModel):
     wait_when_idle: bool = False
     max_queue_size: PositiveInt = 2048
     max_concurrent_batches: PositiveInt = 1
+    # Refuse on arrival (RESOURCE_EXHAUSTED, DEADLINE_UNMEETABLE, with a retry delay) a request whose deadline the
+    # work queued ahead of it would outlast, rather than let it wait only to expire (aimass.runtime.backlog).
+    refuse_unmeetable: bool = True
 
 
 class ConsulConfig(BaseModel):

@@ -56,24 +56,15 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         self.config = config
         self.heads = heads
         batching = config.embed_batching
-        self.embed_batcher: DynamicBatcher[EmbedJob, Embedded] = DynamicBatcher(
-            engine.embed_batch,
-            name="embed",
-            max_batch_size=batching.max_batch_size,
-            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
-            max_queue_size=batching.max_queue_size,
-            size_of=lambda job: len(job.texts),
-            max_concurrent_batches=batching.max_concurrent_batches,
-            adaptive=not batching.wait_when_idle,
+        self.embed_batcher: DynamicBatcher[EmbedJob, Embedded] = DynamicBatcher.from_config(
+            engine.embed_batch, batching, name="embed", size_of=lambda job: len(job.texts)
         )
-        self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher(
+        # One NER batch at a time, whatever max_concurrent_batches embed_batching allows.
+        self.ner_batcher: DynamicBatcher[tuple[str, ...], list[list[EntitySpan]]] = DynamicBatcher.from_config(
             engine.entities_batch,
+            batching.model_copy(update={"max_concurrent_batches": 1}),
             name="entities",
-            max_batch_size=batching.max_batch_size,
-            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
-            max_queue_size=batching.max_queue_size,
             size_of=len,
-            adaptive=not batching.wait_when_idle,
         )
         # Sentiment is cheap and lock-free: long inputs go to a small pool, off the event loop, with no batching delay.
         self.cpu_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nlp-cpu")

@@ -69,25 +69,11 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.backbone: Any = None  # aimass.training.backbones.ImageBackbone, once a head needs it
         self._backbone_lock = asyncio.Lock()
         batching = config.classify_batching
-        self.classify_batcher: DynamicBatcher[ClassifyJob, list[list[Label]]] = DynamicBatcher(
-            engine.classify_batch,
-            name="classify",
-            max_batch_size=batching.max_batch_size,
-            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
-            max_queue_size=batching.max_queue_size,
-            size_of=lambda job: len(job.pixels),
-            max_concurrent_batches=batching.max_concurrent_batches,
-            adaptive=not batching.wait_when_idle,
+        self.classify_batcher: DynamicBatcher[ClassifyJob, list[list[Label]]] = DynamicBatcher.from_config(
+            engine.classify_batch, batching, name="classify", size_of=lambda job: len(job.pixels)
         )
-        self.features_batcher: DynamicBatcher[Tensor, Tensor] = DynamicBatcher(
-            self._features_batch,
-            name="image-features",
-            max_batch_size=batching.max_batch_size,
-            max_queue_delay_s=batching.max_queue_delay_ms / 1000,
-            max_queue_size=batching.max_queue_size,
-            size_of=len,
-            max_concurrent_batches=batching.max_concurrent_batches,
-            adaptive=not batching.wait_when_idle,
+        self.features_batcher: DynamicBatcher[Tensor, Tensor] = DynamicBatcher.from_config(
+            self._features_batch, batching, name="image-features", size_of=len
         )
         # Pillow's own bomb guard (a warning past MAX_IMAGE_PIXELS, an error past twice that) must not be
         # stricter than the configured limit, which the decoder checks from the header first.
