@@ -72,6 +72,7 @@ import concurrent.futures
 import enum
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -381,6 +382,7 @@ class DynamicBatcher(Generic[Req, Resp]):
             self._fair_share.lift(tenant, self._waiting)
         self._queues[level].setdefault(tenant, deque()).append(item)
         self._count_queued(item, +1)
+        self._drain.admitted(level, units, now)
         self._m_queue_depth.set(self._queued_units)
         self._notify()
         try:
@@ -434,19 +436,25 @@ class DynamicBatcher(Generic[Req, Resp]):
         if ahead == 0:
             return
         running_for = now - min(self._running_since) if self._running_since else None
-        finish = self._drain.seconds_to_finish(ahead, units, running_for, self._max_concurrent_batches)
+        slots = self._max_concurrent_batches
+        higher = self._drain.higher_share(level, now, slots)
+        finish = self._drain.seconds_to_finish(ahead, units, running_for, slots, higher)
         left = deadline - now
         if not self._drain.would_miss(finish, left):
             return
         self._rejected_unmeetable += 1
         self._m_dropped["unmeetable"].inc()
-        retry_ms = max(10, round((finish - left / HEADROOM) * 1000))
+        # Higher priorities taking the whole replica: no wait can be named; a second, for gRPC's retry pushback.
+        retry_ms = 1000 if math.isinf(finish) else max(10, round((finish - left / HEADROOM) * 1000))
+        estimate = (
+            "forever (higher priorities take the whole replica)" if math.isinf(finish) else f"~{finish * 1000:.0f} ms"
+        )
         raise ResourceExhausted(
-            f"{self.name}: the {ahead} units queued ahead would take ~{finish * 1000:.0f} ms here, past this call's"
+            f"{self.name}: the {ahead} units queued ahead would take {estimate} here, past this call's"
             f" deadline in {left * 1000:.0f} ms; retry in {retry_ms} ms, elsewhere, or with more time",
             reason=UNMEETABLE_REASON,
             retry_after_ms=retry_ms,
-            metadata={"batcher": self.name, "units_ahead": str(ahead), "estimate_ms": f"{finish * 1000:.0f}"},
+            metadata={"batcher": self.name, "units_ahead": str(ahead), "estimate": estimate},
         )
 
     # -- queue bookkeeping ----------------------------------------------------------------------------------------
