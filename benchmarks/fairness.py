@@ -148,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.add_argument("--wait-quiet", type=float, default=60.0, help="seconds to wait for other load to end first")
     cli.add_argument("--write", type=Path, default=None, help="docs file to update")
     args = cli.parse_args(argv)
+    check_bounded(cli, args, max_rounds=5)
     host, date = machine(), utc_now()
     mesh = Mesh(NAME)
     try:
