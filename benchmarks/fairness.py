@@ -20,7 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import Mesh, busy_lines, check_bounded, command_line, machine, markdown_table, median, publish, utc_now
+from benchmarks.common import (
+    Mesh,
+    busy_lines,
+    check_bounded,
+    command_line,
+    machine,
+    markdown_table,
+    median,
+    publish,
+    utc_now,
+)
 from loadtest.generator import LoadResult, LoadSpec, run_load
 
 NAME = "fairness"
