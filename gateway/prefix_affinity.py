@@ -6,14 +6,19 @@ where the previous turn ran it skips that prefill. The gateway cannot see the en
 of what it sent where, as llm-d's prefix-cache scorer (and the Gateway API inference extension's prefix plugin) do:
 
 - The prompt text (Generate's ``prompt``; Chat's messages in order, each as its role and content) is cut into
-  blocks of ``BLOCK_CHARS`` characters. Characters, not tokens: the gateway has no tokenizer, and a character
-  block stands in for a few token blocks well enough to say "this prefix was sent there". Only whole blocks count
-  (the engine caches only whole token blocks), and at most ``MAX_BLOCKS`` leading ones (the start is what matters).
-- Hashes are chained: a block's hash covers the method, the model name and every block before it, so equal hashes
-  mean equal prefixes, and one lookup per block tells how long a prefix a replica holds.
+  blocks of ``BLOCK_CHARS`` characters. Characters, not tokens: the gateway has no tokenizer, and a 256-character
+  block (some 64 tokens, four of vLLM's 16-token blocks) is fine enough to say "this prefix was sent there", as a
+  chat turn adds far more. Only whole blocks count (the engine caches only whole token blocks), and at most
+  ``MAX_BLOCKS`` leading ones (32 KiB: the start is what matters, and a request costs ~1 µs per block).
+- Hashes are chained: a block's hash covers the method, the model name and every block before it, so a replica
+  holding block k was sent the whole prefix up to k, and the deepest block it holds is its cached prefix (no
+  per-block intersection). They are Python's own hashes (strings hash with SipHash under a key drawn per process):
+  the index lives in one process, a hash is a fraction of a microsecond, and a client cannot aim a collision.
 - ``PrefixIndex`` maps block hash → the replicas it was sent to and when, least recently recorded first, at most
-  ``max_entries`` blocks (the oldest are dropped: bounded memory whatever the traffic) and each for at most
-  ``ttl_s`` (an engine's cache turns over; a stale entry would steer requests to a replica that forgot them).
+  ``max_entries`` blocks (beyond, the least recent go: bounded memory whatever the traffic) and each for at most
+  ``ttl_s`` (an engine's cache turns over; a stale entry would steer requests to a replica that forgot them). A
+  prefix is recorded last block first, so its leading blocks are the more recent and a long prompt loses its tail
+  before its head, as an engine's cache does.
 - A request's affinity for a replica is the fraction of its blocks that replica holds from the start (0..1).
 
 The router (gateway/router.py, ``ours``) weighs affinity against load; this module does no I/O and has no opinion
@@ -23,7 +28,6 @@ on what to do with it. Requests are read with protobuf's C parser (only LLM prom
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,11 +36,11 @@ from google.protobuf.message import DecodeError
 
 from aimass.v1 import llm_pb2
 
-# Characters per block (llm-d's prefix plugin hashes 64-character blocks too) and how many leading blocks count.
-BLOCK_CHARS = 64
-MAX_BLOCKS = 256
-# Index bounds: ~64k blocks is 4 MiB of prompt text (a few hundred long conversations), well under 100 bytes of
-# index per block of text; entries older than this are ignored and dropped.
+# Characters per block and how many leading blocks count.
+BLOCK_CHARS = 256
+MAX_BLOCKS = 128
+# Index bounds: 64k blocks stand for 16 MiB of prompt text (some hundreds of long conversations) in ~20 MB of index;
+# entries older than TTL_S are ignored and dropped.
 MAX_ENTRIES = 65_536
 TTL_S = 600.0
 # A block is remembered on this many replicas at most (the most recent ones).
@@ -52,7 +56,7 @@ _MESSAGE_END = "\x1f"
 class PromptPrefix:
     """A request's chained block hashes, first block first."""
 
-    blocks: tuple[bytes, ...]
+    blocks: tuple[int, ...]
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -60,15 +64,13 @@ class PromptPrefix:
 
 def chained_hashes(
     text: str, seed: str = "", block_chars: int = BLOCK_CHARS, max_blocks: int = MAX_BLOCKS
-) -> tuple[bytes, ...]:
+) -> tuple[int, ...]:
     """The chained hashes of ``text``'s whole leading blocks (at most ``max_blocks``): each covers ``seed`` and
     every block before it."""
-    previous = hashlib.blake2b(seed.encode(), digest_size=8).digest()
-    hashes: list[bytes] = []
-    whole = min(len(text) // block_chars, max_blocks)
-    for i in range(whole):
-        block = text[i * block_chars : (i + 1) * block_chars]
-        previous = hashlib.blake2b(previous + block.encode(), digest_size=8).digest()
+    previous = hash(seed)
+    hashes: list[int] = []
+    for start in range(0, min(len(text) // block_chars, max_blocks) * block_chars, block_chars):
+        previous = hash((previous, text[start : start + block_chars]))
         hashes.append(previous)
     return tuple(hashes)
 
@@ -123,7 +125,7 @@ class PrefixIndex:
         self.replicas_per_block = replicas_per_block
         self.clock = clock
         # Least recently recorded first: eviction and expiry pop from the front.
-        self._blocks: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        self._blocks: OrderedDict[int, dict[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -131,7 +133,7 @@ class PrefixIndex:
     def record(self, prefix: PromptPrefix, replica_id: str) -> None:
         """``prefix`` was sent to ``replica_id`` now: its engine will hold those blocks."""
         now = self.clock()
-        for block in prefix.blocks:
+        for block in reversed(prefix.blocks):
             holders = self._blocks.get(block)
             if holders is None:
                 holders = self._blocks[block] = {}
@@ -157,17 +159,16 @@ class PrefixIndex:
         """Replica instance id → how many of ``prefix``'s leading blocks it holds (only replicas holding some)."""
         now = self.clock()
         held: dict[str, int] = {}
-        alive: set[str] | None = None
         for depth, block in enumerate(prefix.blocks, start=1):
             holders = self._blocks.get(block)
-            if holders is None:
+            fresh = False
+            for replica, seen in (holders or {}).items():
+                if now - seen <= self.ttl_s:
+                    held[replica] = depth
+                    fresh = True
+            # No replica holds this block: none holds a deeper one (it would have been sent this one with it).
+            if not fresh:
                 break
-            fresh = {replica for replica, seen in holders.items() if now - seen <= self.ttl_s}
-            alive = fresh if alive is None else alive & fresh
-            if not alive:
-                break
-            for replica in alive:
-                held[replica] = depth
         return held
 
     def affinity(self, prefix: PromptPrefix, replica_ids: Sequence[str]) -> dict[str, float]:

@@ -4,14 +4,18 @@ replica that holds its prefix, and leave it when that replica is busy."""
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 import pytest
 
+from aimass.local_mesh import LocalMesh
 from aimass.runtime.discovery import Instance
-from aimass.v1 import common_pb2, llm_pb2, scheduler_pb2
+from aimass.runtime.identity import mesh_channel
+from aimass.runtime.metadata import REPLICA_KEY, metadata_value
+from aimass.v1 import common_pb2, llm_pb2, llm_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from gateway.prefix_affinity import (
     BLOCK_CHARS,
     PrefixIndex,
@@ -28,6 +32,8 @@ from gateway.router import (
     ScoreRouter,
 )
 from gateway.view import LoadView
+from tests.conftest import start_mesh
+from tests.security import as_gateway, credentials
 
 LLM = "aimass.v1.LlmService"
 CHAT = f"/{LLM}/Chat"
@@ -64,7 +70,7 @@ def chat(*turns: tuple[llm_pb2.ChatRole.ValueType, str], model: str = "") -> byt
 
 SYSTEM = (llm_pb2.CHAT_ROLE_SYSTEM, "You are a patient assistant who answers questions about rivers. " * 6)
 ASK = (llm_pb2.CHAT_ROLE_USER, "How long is the Danube?")
-ANSWER = (llm_pb2.CHAT_ROLE_ASSISTANT, "About 2,850 km, from the Black Forest to the Black Sea.")
+ANSWER = (llm_pb2.CHAT_ROLE_ASSISTANT, "About 2,850 km, from the Black Forest to the Black Sea. " * 5)
 AGAIN = (llm_pb2.CHAT_ROLE_USER, "And the Rhine?")
 
 
@@ -122,8 +128,8 @@ def test_the_index_is_bounded_least_recently_recorded_first() -> None:
     index.record(prefix_of("a", "b"), "r0")  # recorded again: now the most recent
     index.record(prefix_of("e"), "r2")
     assert len(index) == 4
-    # "c" went (least recently recorded); "c d" is then unreachable from its first block.
-    assert index.cached_blocks(prefix_of("c", "d")) == {}
+    # "d" went: the least recently recorded prefix loses its last block first (as an engine's cache does).
+    assert index.cached_blocks(prefix_of("c", "d")) == {"r1": 1}
     assert index.cached_blocks(prefix_of("a", "b")) == {"r0": 2}
     assert index.cached_blocks(prefix_of("e")) == {"r2": 1}
 
@@ -133,6 +139,12 @@ def test_a_block_keeps_only_its_most_recent_replicas() -> None:
     for replica in ("r0", "r1", "r2"):
         index.record(prefix_of("a"), replica)
     assert index.cached_blocks(prefix_of("a")) == {"r1": 1, "r2": 1}
+    # A replica crowded out of a shared first block (a common system prompt) keeps the deeper blocks only it was
+    # sent: a chained hash names the whole prefix before it.
+    index.record(prefix_of("a", "b"), "r0")
+    index.record(prefix_of("a"), "r1")
+    index.record(prefix_of("a"), "r2")
+    assert index.cached_blocks(prefix_of("a", "b", "c")) == {"r0": 2, "r1": 1, "r2": 1}
 
 
 def test_entries_expire() -> None:
@@ -271,3 +283,128 @@ async def test_explain_reports_the_affinity(replicas: list[Replica]) -> None:
     # A choice without a prefix explains none.
     router.choose(LLM, replicas)
     assert "aimass.route.prefix_blocks" not in router.explain(replicas[0])
+
+
+# --- live: two vLLM replicas behind the gateway ---
+
+MODEL = "smollm2-135m-instruct"
+# Four sequences per engine: sixteen requests sent straight to one replica leave twelve waiting there.
+MAX_NUM_SEQS = 4
+BUSY_REQUESTS = 16
+# Short answers keep each turn around a second on this CPU; the prompt's prefix is what the test is about.
+ANSWER_TOKENS = 12
+# Three, so that round-robin would move each conversation from turn to turn (an even count would not).
+TOPICS = ("rivers", "volcanoes", "lighthouses")
+
+
+@pytest.fixture(scope="module")
+def llm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    env = {
+        "AIMASS_LLM__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
+        "AIMASS_LLM__MAX_WAITING": "32",
+        "AIMASS_LLM__MAX_MODEL_LEN": "1024",
+        # Load reports every 100 ms, so the gateway's view follows the engines closely.
+        "AIMASS_SCHEDULER__REPORT_INTERVAL_S": "0.1",
+        "AIMASS_GATEWAY__ROUTER": "ours",
+    }
+    mesh = start_mesh(tmp_path_factory.mktemp("llm-routing"), {"llm": 2}, env)
+    yield mesh
+    mesh.stop()
+
+
+class Conversation:
+    """A chat whose every turn resends all before it (as chat clients do), with a long system prompt."""
+
+    def __init__(self, topic: str) -> None:
+        # ~2,100 characters: each turn adds under one 256-character block to eight or more cached ones.
+        system = f"You are a patient expert on {topic}. Answer in one short sentence, plainly and correctly. " * 24
+        self.messages = [llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_SYSTEM, content=system)]
+        self.topic = topic
+        self.served_by: list[str] = []
+
+    async def turn(self, stub: llm_pb2_grpc.LlmServiceAsyncStub, question: str) -> str:
+        """Asks ``question`` through the gateway; the replica that answered (its trailer)."""
+        self.messages.append(llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_USER, content=question))
+        request = llm_pb2.ChatRequest(
+            messages=self.messages, sampling=llm_pb2.SamplingParams(temperature=0, max_tokens=ANSWER_TOKENS)
+        )
+        call = stub.Chat(request, timeout=60)
+        answer = "".join([response.delta async for response in call])
+        self.messages.append(llm_pb2.ChatMessage(role=llm_pb2.CHAT_ROLE_ASSISTANT, content=answer))
+        replica = metadata_value(await call.trailing_metadata(), REPLICA_KEY)
+        assert replica, "the replica did not name itself"
+        self.served_by.append(replica)
+        return replica
+
+
+async def llm_loads(
+    mesh: LocalMesh, test: Callable[[dict[str, scheduler_pb2.ModelLoad]], bool]
+) -> dict[str, tuple[str, scheduler_pb2.ModelLoad]]:
+    """instance id → (address, the LLM's load) in the first view of the scheduler (as gateways get it) where
+    ``test`` holds of the loads by instance id."""
+    async with mesh_channel(mesh.scheduler, credentials("operator"), server_role="scheduler") as channel:
+        scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        request = scheduler_pb2.WatchViewRequest(subscriber_id="test-llm-routing", min_interval_ms=20)
+        async for response in scheduler.WatchView(request, timeout=60):
+            loads = {
+                replica.instance_id: (replica.address, load)
+                for replica in response.view.replicas
+                for load in replica.models
+                if load.model.name == MODEL and load.loaded
+            }
+            if test({iid: load for iid, (_, load) in loads.items()}):
+                return loads
+    raise AssertionError("the view stream ended")
+
+
+@pytest.mark.slow
+async def test_each_conversation_stays_on_the_replica_that_holds_its_prefix(llm_pair: LocalMesh) -> None:
+    await llm_loads(llm_pair, lambda loads: len(loads) == 2)
+    async with llm_pair.aio_channel() as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        conversations = [Conversation(topic) for topic in TOPICS]
+        # First turns together: the gateway's in-flight counts spread them over both replicas.
+        homes = await asyncio.gather(*(c.turn(stub, f"What is one fact about {c.topic}?") for c in conversations))
+        assert len(set(homes)) == 2, f"three first turns sent together all went to {homes[0]}"
+        # Later turns, again all at once: each goes where its conversation's prefix is cached, although the two
+        # replicas are equally loaded and a tie would otherwise be broken at random.
+        for question in ("Tell me another fact.", "Which one surprised people most?"):
+            await asyncio.gather(*(c.turn(stub, question) for c in conversations))
+    for conversation in conversations:
+        assert len(set(conversation.served_by)) == 1, f"{conversation.topic}: turns went to {conversation.served_by}"
+
+
+@pytest.mark.slow
+async def test_the_affinity_yields_to_a_busy_replica(llm_pair: LocalMesh) -> None:
+    loads = await llm_loads(llm_pair, lambda loads: len(loads) == 2)
+    async with llm_pair.aio_channel() as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        conversation = Conversation("harbours")
+        home = await conversation.turn(stub, "What is a harbour?")
+        assert await conversation.turn(stub, "And a quay?") == home
+        # The home replica gets work from elsewhere (another gateway, say): its engine runs four sequences and
+        # holds twelve waiting, which the scheduler's view shows.
+        address = loads[home][0]
+        async with as_gateway(address, "llm") as direct:
+            busy_stub = llm_pb2_grpc.LlmServiceStub(direct)
+            busy = [
+                busy_stub.Generate(
+                    llm_pb2.GenerateRequest(
+                        prompt=f"Story {i}: once upon a time", sampling=llm_pb2.SamplingParams(max_tokens=600)
+                    ),
+                    timeout=120,
+                )
+                for i in range(BUSY_REQUESTS)
+            ]
+            try:
+                await llm_loads(llm_pair, lambda now: now[home].waiting_requests >= BUSY_REQUESTS - MAX_NUM_SEQS - 2)
+                await asyncio.sleep(0.5)  # the gateway's view (pushed at most every 100 ms) catches up
+                # Four times the other's delay: more than a cached prefix makes up for, so the turn goes elsewhere.
+                elsewhere = await conversation.turn(stub, "And a jetty?")
+                assert elsewhere != home
+            finally:
+                for call in busy:
+                    call.cancel()
+        # The prefix now sits on both; with the home replica idle again the next turn may go to either, but it
+        # stays on one of the two that hold it (no third exists here), and it is served.
+        assert await conversation.turn(stub, "Thanks. One more: a pier?") in {home, elsewhere}
