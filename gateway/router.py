@@ -19,7 +19,8 @@
   not configured) it falls back to ``p2c``. benchmarks/simulator.py measures it against the other two on a
   heterogeneous fleet.
 
-For LLM replicas ``ours`` has three more terms (all from memory, O(candidates) per decision):
+For LLM replicas ``ours`` has three more terms (all from memory; O(candidates) per decision, after one index lookup
+per prompt block):
 
 - **KV headroom**: the delay is scaled by ``1 + kv_cache_usage`` (a nearly full cache doubles it): with little
   headroom vLLM queues new sequences and preempts running ones.
@@ -34,6 +35,8 @@ For LLM replicas ``ours`` has three more terms (all from memory, O(candidates) p
   (at most 3 times): a hot replica does not take every conversation it has seen; past that bound the turn goes to the
   least loaded replica, which then holds the prefix for the turns after. Every choice is recorded in the index.
   Without a fresh view the same discount applies to ``p2c``'s queue length (over all candidates, not two).
+  The index is each gateway's own: behind several gateways, a conversation keeps its replica as long as its
+  turns reach the same gateway (a client's long-lived channel does).
 
 A choice reads only memory: the view is pushed to the gateway, never fetched per request.
 """
