@@ -57,6 +57,8 @@ class ModelSlot:
     # An LLM's engine (None for batched models), and since when it has waited for the device.
     engine: LlmEngineModel | None = None
     turn_since: float = 0.0
+    # The engine's generated tokens at the last load report.
+    reported_tokens: int = 0
 
     def sync(self) -> None:
         """An engine's queue and batch as the slot's waiting and running counts (reports, placement)."""
@@ -313,21 +315,28 @@ class SimReplica:
             occupancy = (
                 slot.window_units / (slot.window_batches * slot.batching.max_batch_size) if slot.window_batches else 0.0
             )
-            loads.append(
-                scheduler_pb2.ModelLoad(
-                    model=common_pb2.ModelRef(name=name, version=MODEL_VERSION),
-                    device_id=self.device_id,
-                    loaded=slot.loaded,
-                    queue_depth=slot.waiting,
-                    queue_capacity=slot.batching.queue_capacity,
-                    in_flight=slot.waiting + slot.running,
-                    batch_occupancy=occupancy,
-                    max_batch_size=slot.batching.max_batch_size,
-                    requests_per_second=slot.window_completed / window_s if window_s > 0 else 0.0,
-                    memory_bytes=slot.profile.footprint_bytes if slot.loaded else 0,
-                    last_used_unix_ms=round(slot.last_used_s * 1000) if slot.last_used_s else 0,
-                )
+            load = scheduler_pb2.ModelLoad(
+                model=common_pb2.ModelRef(name=name, version=MODEL_VERSION),
+                device_id=self.device_id,
+                loaded=slot.loaded,
+                queue_depth=slot.waiting,
+                queue_capacity=slot.batching.queue_capacity,
+                in_flight=slot.waiting + slot.running,
+                batch_occupancy=occupancy,
+                max_batch_size=slot.batching.max_batch_size,
+                requests_per_second=slot.window_completed / window_s if window_s > 0 else 0.0,
+                memory_bytes=slot.profile.footprint_bytes if slot.loaded else 0,
+                last_used_unix_ms=round(slot.last_used_s * 1000) if slot.last_used_s else 0,
             )
+            if slot.engine is not None:
+                # What the real LLM replica reports from vLLM's scheduler stats.
+                engine = slot.engine
+                tokens, slot.reported_tokens = engine.tokens_generated - slot.reported_tokens, engine.tokens_generated
+                load.kv_cache_usage = engine.blocks_used / engine.profile.kv_blocks
+                load.waiting_requests = len(engine.waiting)
+                load.running_requests = len(engine.running)
+                load.tokens_per_second = tokens / window_s if window_s > 0 else 0.0
+            loads.append(load)
             slot.window_completed = slot.window_batches = slot.window_units = 0
         return loads, window_s
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simulator.calibration import ModelProfile
-from simulator.engine import Event, EventLoop
+from simulator.engine import EventLoop
 from simulator.workload import Outcome, Request
 
 LLM_SERVICE = "aimass.v1.LlmService"
@@ -230,6 +230,7 @@ class LlmEngineModel:
         self.by_request: dict[int, Sequence_] = {}
         self.preemptions = 0
         self.steps = 0
+        self.tokens_generated = 0
         self.step: Step | None = None
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ class LlmEngineModel:
             if sequence.computed < sequence.length:
                 continue  # a prefill chunk: no token sampled yet
             sequence.generated += 1
+            self.tokens_generated += 1
             request = sequence.request
             if request.first_token is None:
                 request.first_token = now
@@ -364,7 +366,11 @@ class LlmEngineModel:
 
 class StandaloneLlm:
     """One engine on one device of ``speed``, driven on ``loop``: runs steps back to back while it has work, and
-    calls ``done`` with each request it ends (outcome OK, ``finished`` set)."""
+    calls ``done`` with each request it ends (outcome OK, ``finished`` set).
+
+    As vLLM's engine loop: an idle engine starts a step as soon as a request arrives (with that request alone, when
+    others follow a moment later), and a busy one plans its next step as soon as the last ends, before the callers
+    of the requests that ended can send again."""
 
     def __init__(
         self, profile: LlmProfile, loop: EventLoop, done: Callable[[Request], None] | None = None, speed: float = 1.0
@@ -373,31 +379,28 @@ class StandaloneLlm:
         self.loop = loop
         self.done = done
         self.busy_s = 0.0
-        self._wake: Event | None = None
 
     def submit(self, request: Request) -> bool:
         accepted = self.engine.add(request)
         if not accepted:
             request.outcome, request.finished = Outcome.REJECTED, self.loop.now
-        elif self.engine.step is None and self._wake is None:
-            # Later in this same instant: requests sent together start in one step, as the engine's loop sees them.
-            self._wake = self.loop.after(0.0, self._next)
+        elif self.engine.step is None:
+            self._next()
         return accepted
 
     def _next(self) -> None:
-        self._wake = None
         step = self.engine.plan(self.loop.now)
         if step is not None:
             self.busy_s += step.seconds
             self.loop.after(step.seconds, self._finish)
 
     def _finish(self) -> None:
-        for request in self.engine.finish(self.loop.now):
+        ended = self.engine.finish(self.loop.now)
+        self._next()
+        for request in ended:
             request.outcome, request.finished = Outcome.OK, self.loop.now
             if self.done is not None:
                 self.done(request)
-        if self._wake is None:
-            self._wake = self.loop.after(0.0, self._next)
 
 
 def closed_loop(
