@@ -16,15 +16,17 @@ Measured, after a warm-up:
   c=8 on a fixed shape (``--ref-prompt`` prompt tokens, ``--ref-output`` output tokens): median TTFT and output
   tokens per second of wall time.
 
-The machine is shared: every figure is measured once per round; a round during which other processes kept more than
-``--max-others`` CPUs busy is measured again (up to ``--max-minutes``), and the median over ``--repeats`` kept rounds
-(the least disturbed) counts. Each round's disturbance is kept in the file.
+The machine is shared: every figure is measured once per round, over ``--rounds`` rounds (fewer if ``--max-minutes``
+pass first), and each figure is its fastest round's: other processes only ever add time (vLLM's spinning threads
+stall when descheduled), so the fastest is the closest to the engine undisturbed, for the step costs and the
+reference figures alike (as benchmarks/service_times.py keeps its lowest pass). Every round's figures and the CPUs
+others used during it are kept in the file.
 
 The report (``--write docs/benchmarks.md``) sets the real engine's reference figures beside what the simulator's
 LLM replica model makes of the measured steps (simulator.llm.closed_loop), as ratios; ``--report-only`` renders it
 from the file without measuring.
 
-    python -m benchmarks.llm_calibration [--out simulator/calibration.json] [--repeats 3] [--write docs/benchmarks.md]
+    python -m benchmarks.llm_calibration [--out simulator/calibration.json] [--rounds 6] [--write docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -148,6 +150,14 @@ class Round:
     # CPUs that processes other than this one and its engine's kept busy during the round, on average.
     others_cpus: float
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prefill_seconds": {str(n): round(t, 6) for n, t in self.prefill.items()},
+            "decode_step_seconds": {str(b): round(t, 6) for b, t in self.decode.items()},
+            "reference": {f"c{c}": {k: round(v, 6) for k, v in run.items()} for c, run in self.reference.items()},
+            "others_cpus": round(self.others_cpus, 2),
+        }
+
     def line(self) -> str:
         return (
             "prefill "
@@ -243,22 +253,24 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         print(f"KV cache: {capacity}", flush=True)
         for _ in range(2):
             await driver.one(128, 8)
-        # Rounds: every figure once per round, so noise hits them all alike. A round during which other processes
-        # used more than --max-others CPUs is measured again (vLLM's spinning threads stall when descheduled), up to
-        # --max-minutes; then the least disturbed rounds count. The median over the kept rounds is the figure.
+        # Rounds: every figure once per round, for --rounds rounds or --max-minutes. On a shared machine other
+        # processes only ever add time (vLLM's spinning threads stall when descheduled), so each figure is its
+        # fastest round: the closest to the engine undisturbed, for the step costs and the reference alike.
         rounds: list[Round] = []
         deadline = time.monotonic() + args.max_minutes * 60
-        while sum(r.others_cpus <= args.max_others for r in rounds) < args.repeats and time.monotonic() < deadline:
+        while len(rounds) < args.rounds and (len(rounds) < 2 or time.monotonic() < deadline):
             rounds.append(await one_round(driver, args))
             print(f"round {len(rounds)}: {rounds[-1].line()}", flush=True)
-        kept = sorted(rounds, key=lambda r: r.others_cpus)[: args.repeats]
-        print(f"keeping {len(kept)} of {len(rounds)} rounds (others' CPUs {[r.others_cpus for r in kept]})")
-        prefill = {str(n): round(statistics.median(r.prefill[n] for r in kept), 6) for n in PREFILL_SIZES}
-        decode = {str(b): round(statistics.median(r.decode[b] for r in kept), 6) for b in DECODE_BATCHES}
+        prefill = {str(n): round(min(r.prefill[n] for r in rounds), 6) for n in PREFILL_SIZES}
+        decode = {str(b): round(min(r.decode[b] for r in rounds), 6) for b in DECODE_BATCHES}
         reference: dict[str, dict[str, float]] = {}
         for clients in (1, 8):
-            runs = [r.reference[clients] for r in kept]
-            reference[f"c{clients}"] = {key: round(statistics.median(run[key] for run in runs), 6) for key in runs[0]}
+            runs = [r.reference[clients] for r in rounds]
+            best = max(runs, key=lambda run: run["tokens_per_s"])
+            reference[f"c{clients}"] = {
+                **{key: round(value, 6) for key, value in best.items()},
+                "ttft_s": round(min(run["ttft_s"] for run in runs), 6),
+            }
     finally:
         others = (system_busy_seconds() - busy_before) / (time.perf_counter() - wall_before)
         engine.shutdown()
@@ -268,18 +280,17 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "benchmarks.llm_calibration`: prefill_seconds = time to first token of one request alone by prompt "
             "tokens; decode_step_seconds = one decode step's time by running batch size (requests started "
             f"together, {args.ref_prompt}-token prompts, {args.decode_tokens} output tokens, greedy, ignore_eos); "
-            "medians over the kept rounds (the least disturbed by other processes). reference: closed-loop "
-            "clients at c=1 and c=8, each request "
-            f"{args.ref_prompt} prompt and {args.ref_output} output tokens: median TTFT and output tokens/s "
-            "over wall time (what simulator/llm.py must reproduce)."
+            "each figure the fastest of the rounds (others on the machine only add time). reference: "
+            "closed-loop clients at c=1 and c=8, each request "
+            f"{args.ref_prompt} prompt and {args.ref_output} output tokens: median TTFT (the lowest round's) and "
+            "output tokens/s over wall time (the highest round's): what simulator/llm.py must reproduce."
         ),
         "model": config.model,
         "dtype": "float32",
         "measured_at": utc_now(),
         "host": {"machine": machine(), "cpus": len(os.sched_getaffinity(0)), "cpu_model": cpu_model()},
         "memory_gib": round(memory_gib(), 1),
-        "repeats": args.repeats,
-        "rounds": [{"others_cpus": round(r.others_cpus, 2), "kept": r in kept} for r in rounds],
+        "rounds": [r.to_json() for r in rounds],
         "load_seconds": round(load_seconds, 2),
         "weights_bytes": engine.weights_bytes,
         "kv_cache": capacity,
@@ -320,18 +331,17 @@ def report(section: dict[str, Any], command: str) -> str:
             ]
         )
     kv = section["kv_cache"]
-    kept = [r for r in section.get("rounds", []) if r.get("kept")]
+    rounds = section.get("rounds", [])
     return "\n".join(
         [
             "## LLM calibration: the real vLLM engine's steps and the simulator's LLM replica"
             f" ({section['measured_at']})",
             "",
             f"`{command}` on {section['host']['machine']}. The replica's engine ({section['model']},"
-            f" {section['dtype']}, LlmConfig defaults) in-process; every figure is the median over"
-            f" {len(kept) or section['repeats']} rounds kept of {len(section.get('rounds', [])) or '?'} (rounds with"
-            " other processes busy are measured again; others' CPUs in the kept rounds: "
-            f"{', '.join(str(r['others_cpus']) for r in kept) or '?'}). The machine is shared: only figures from one"
-            " run mean anything side by side.",
+            f" {section['dtype']}, LlmConfig defaults) in-process; each figure is the fastest of {len(rounds)} rounds"
+            " (others on the machine only add time; the CPUs they used in each round: "
+            f"{', '.join(str(r['others_cpus']) for r in rounds) or '?'}). The machine is shared: only figures from"
+            " one run mean anything side by side.",
             "",
             markdown_table(
                 ["prompt tokens", *section["prefill_seconds"]],
@@ -361,12 +371,11 @@ def report(section: dict[str, Any], command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="calibration file whose llm section to write")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds; the median counts")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds; each figure is its fastest round's")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--ref-prompt", type=int, default=128)
     parser.add_argument("--ref-output", type=int, default=64)
     parser.add_argument("--ref-requests", type=int, default=3, help="requests per client in each reference run")
-    parser.add_argument("--max-others", type=float, default=0.3, help="CPUs others may use in a kept round")
     parser.add_argument("--max-minutes", type=float, default=12.0, help="stop measuring rounds after this long")
     parser.add_argument("--wait-quiet", type=float, default=30.0, help="wait this long for other busy processes")
     parser.add_argument("--write", type=Path, default=None, help="update this markdown file's llm-calibration section")
