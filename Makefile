@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python -m benchmarks.speech
 	$(BIN)/python -m benchmarks.llm --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.routing --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.llm_prefix_affinity --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.lifecycle --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.simulator --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.tracing --write docs/benchmarks.md
