@@ -39,15 +39,16 @@ from aimass.v1 import llm_pb2
 # Characters per block and how many leading blocks count.
 BLOCK_CHARS = 256
 MAX_BLOCKS = 128
-# Index bounds: 64k blocks stand for 16 MiB of prompt text (some hundreds of long conversations) in ~20 MB of index;
-# entries older than TTL_S are ignored and dropped.
+# Index bounds: 64k blocks stand for 16 MiB of prompt text (some hundreds of long conversations) in ~20 MB of
+# index (measured, one replica per block); entries older than TTL_S are ignored and dropped.
 MAX_ENTRIES = 65_536
 TTL_S = 600.0
 # A block is remembered on this many replicas at most (the most recent ones).
 REPLICAS_PER_BLOCK = 4
 
 LLM_SERVICE = "/aimass.v1.LlmService/"
-# Separators that cannot appear in a role name; a message's content cannot fake its neighbour's role.
+# Control characters chat text hardly holds, so one message's end does not read as the next one's start (and a
+# crafted collision would only misroute a request, never change its answer).
 _ROLE_END = "\x1e"
 _MESSAGE_END = "\x1f"
 
