@@ -8,8 +8,9 @@ not an API). Every prompt is fresh random token ids, so vLLM's prefix cache neve
 Measured, after a warm-up:
 - prefill: time to first token of one request alone (``max_tokens`` 1) at several prompt sizes (the step that
   prefills it and samples its first token, plus the engine's per-request overhead);
-- decode: ``b`` requests started together (prompts of the reference size), each decoding ``--decode-tokens`` tokens; a
-  step's time is (last token - first token) / (tokens - 1), the median over the requests, for b in 1..32;
+- decode: ``b`` requests started together, of the reference shape (its prompt and output tokens: the same context
+  lengths as the reference runs decode over); a step's time is (last token - first token) / (tokens - 1), the
+  median over the requests, for b in 1..32;
 - the KV cache's capacity in tokens (vLLM's block count x block size, or the configured bytes over the model's
   per-token KV bytes when the engine does not say), its block size and the step token budget;
 - the reference figures the simulator must reproduce (tests/test_simulator_llm.py): closed-loop clients at c=1 and
@@ -192,7 +193,7 @@ async def one_round(driver: Driver, args: argparse.Namespace) -> Round:
     prefill = {size: (await driver.one(size, 1)).ttft for size in PREFILL_SIZES}
     decode: dict[int, float] = {}
     for batch in DECODE_BATCHES:
-        timed = await driver.together(batch, args.ref_prompt, args.decode_tokens)
+        timed = await driver.together(batch, args.ref_prompt, args.ref_output)
         decode[batch] = statistics.median(decode_step(t) for t in timed)
     reference = {
         clients: await driver.closed_loop(clients, args.ref_requests, args.ref_prompt, args.ref_output)
@@ -279,7 +280,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "The replica's vLLM engine (LlmConfig defaults) measured in-process by `python -m "
             "benchmarks.llm_calibration`: prefill_seconds = time to first token of one request alone by prompt "
             "tokens; decode_step_seconds = one decode step's time by running batch size (requests started "
-            f"together, {args.ref_prompt}-token prompts, {args.decode_tokens} output tokens, greedy, ignore_eos); "
+            f"together, {args.ref_prompt}-token prompts, {args.ref_output} output tokens, greedy, ignore_eos); "
             "each figure the fastest of the rounds (others on the machine only add time). reference: "
             "closed-loop clients at c=1 and c=8, each request "
             f"{args.ref_prompt} prompt and {args.ref_output} output tokens: median TTFT (the lowest round's) and "
@@ -372,7 +373,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="calibration file whose llm section to write")
     parser.add_argument("--rounds", type=int, default=6, help="rounds; each figure is its fastest round's")
-    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--ref-prompt", type=int, default=128)
     parser.add_argument("--ref-output", type=int, default=64)
     parser.add_argument("--ref-requests", type=int, default=3, help="requests per client in each reference run")

@@ -17,7 +17,9 @@ Each engine step (``LlmEngineModel.plan`` then ``finish``), as vLLM v1's schedul
 Step time = f(prefill tokens in the step, decoding requests in the step) on the calibration host
 (``LlmProfile.step_seconds``), divided by the device's speed. ``f`` is interpolated from the real engine's measured
 prefill times (one request alone, by prompt tokens) and decode step times (by batch size), see
-benchmarks/llm_calibration.py; a mixed step costs both, less the fixed per-step cost they share.
+benchmarks/llm_calibration.py; a mixed step costs both, less the fixed per-step cost they share. Prefilling several
+sequences in one step costs less than one sequence as long as them all: the measured curve's n^2 part (attention,
+fitted) is counted per sequence.
 
 The replica reports what NVML and vLLM's own metrics would: memory = weights + the KV cache it reserves, utilisation
 = busy fraction of the window, requests running and waiting, KV blocks in use; never its speed.
@@ -26,11 +28,14 @@ The replica reports what NVML and vLLM's own metrics would: memory = weights + t
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy
 
 from simulator.calibration import ModelProfile
 from simulator.engine import EventLoop
@@ -60,14 +65,37 @@ class StepCosts:
         intercept = t0 - (t1 - t0) / (n1 - n0) * n0
         return max(0.0, min(intercept, self.decode[0][1]))
 
-    def seconds(self, prefill_tokens: int, decodes: int) -> float:
+    @functools.cached_property
+    def attention(self) -> float:
+        """Seconds per token squared of one sequence's prefill: the n^2 term of a least-squares fit of the measured
+        prefill times to a + b n + c n^2 (attention over the sequence itself), at least 0."""
+        if len(self.prefill) < 3:
+            return 0.0
+        n = numpy.array([p[0] for p in self.prefill], dtype=float)
+        t = numpy.array([p[1] for p in self.prefill], dtype=float)
+        coefficients, *_ = numpy.linalg.lstsq(numpy.stack([numpy.ones_like(n), n, n * n], axis=1), t, rcond=None)
+        return max(0.0, float(coefficients[2]))
+
+    def prefill_seconds(self, chunks: Sequence[tuple[int, int]]) -> float:
+        """A step's prefill of ``chunks`` (tokens already computed, tokens now) of several sequences: the measured
+        time of one sequence of their total length, with its n^2 attention part swapped for each chunk's own (a
+        chunk attends to its sequence's tokens before it and itself, not to the other sequences')."""
+        total = sum(n for _, n in chunks)
+        own = sum((done + n) ** 2 - done**2 for done, n in chunks)
+        return _interpolate(self.prefill, total) + self.attention * (own - total**2)
+
+    def seconds(self, prefill_tokens: int, decodes: int, chunks: Sequence[tuple[int, int]] | None = None) -> float:
+        """One step: ``prefill_tokens`` (in ``chunks``, default one sequence from its start) and ``decodes``."""
         if prefill_tokens < 0 or decodes < 0 or prefill_tokens + decodes == 0:
             raise ValueError(f"an empty or negative step: {prefill_tokens} prefill tokens, {decodes} decodes")
-        if decodes == 0:
-            return _interpolate(self.prefill, prefill_tokens)
+        if chunks is not None and sum(n for _, n in chunks) != prefill_tokens:
+            raise ValueError(f"chunks of {sum(n for _, n in chunks)} tokens for {prefill_tokens} prefill tokens")
         if prefill_tokens == 0:
             return _interpolate(self.decode, decodes)
-        return _interpolate(self.prefill, prefill_tokens) + _interpolate(self.decode, decodes) - self.shared_seconds
+        prefill = self.prefill_seconds(chunks if chunks is not None else [(0, prefill_tokens)])
+        if decodes == 0:
+            return prefill
+        return prefill + _interpolate(self.decode, decodes) - self.shared_seconds
 
 
 def _interpolate(points: Sequence[tuple[int, float]], x: int) -> float:
@@ -120,8 +148,10 @@ class LlmProfile(ModelProfile):
     def kv_tokens(self) -> int:
         return self.kv_blocks * self.block_size
 
-    def step_seconds(self, prefill_tokens: int, decodes: int, speed: float = 1.0) -> float:
-        return self.costs.seconds(prefill_tokens, decodes) / speed
+    def step_seconds(
+        self, prefill_tokens: int, decodes: int, speed: float = 1.0, chunks: Sequence[tuple[int, int]] | None = None
+    ) -> float:
+        return self.costs.seconds(prefill_tokens, decodes, chunks) / speed
 
     def derive_llm(
         self, name: str, *, compute: float, weights: float, kv_per_token: float, kv_cache_bytes: int, reason: str
@@ -329,9 +359,11 @@ class LlmEngineModel:
             scheduled.append(sequence)
         if not scheduled:
             return None
-        decodes = sum(1 for s in scheduled if s.computed >= s.prompt)
-        prefill_tokens = sum(s.scheduled for s in scheduled if s.computed < s.prompt)
-        seconds = self.profile.step_seconds(prefill_tokens, decodes, self.speed)
+        # A request prefilling (its prompt, or prompt and output again after a preemption) or decoding one token.
+        chunks = [(s.computed, s.scheduled) for s in scheduled if s.computed + 1 < s.length or s.generated == 0]
+        decodes = len(scheduled) - len(chunks)
+        prefill_tokens = sum(n for _, n in chunks)
+        seconds = self.profile.step_seconds(prefill_tokens, decodes, self.speed, chunks)
         self.step = Step(prefill_tokens, decodes, seconds, scheduled)
         self.steps += 1
         return self.step
