@@ -129,7 +129,7 @@ class LlmProfile(ModelProfile):
     reference shape run together, for the report's table and offered-work estimates) plus its engine's step costs
     and KV cache."""
 
-    costs: StepCosts = field(default_factory=lambda: StepCosts(((1, 0.0), (2, 0.0)), ((1, 0.0),)))
+    costs: StepCosts
     weights_bytes: int = 0
     kv_bytes_per_token: int = 0
     kv_cache_bytes: int = 0
@@ -216,7 +216,7 @@ def llm_profile(section: Mapping[str, Any], host: str = "") -> LlmProfile:
 
 
 @dataclass(eq=False)
-class Sequence_:
+class EngineRequest:
     """One request inside the engine."""
 
     request: Request
@@ -242,7 +242,7 @@ class Step:
     prefill_tokens: int
     decodes: int
     seconds: float
-    sequences: list[Sequence_]
+    sequences: list[EngineRequest]
 
 
 class LlmEngineModel:
@@ -255,9 +255,9 @@ class LlmEngineModel:
         self.profile = profile
         self.speed = speed
         self.free_blocks = profile.kv_blocks
-        self.waiting: list[Sequence_] = []
-        self.running: list[Sequence_] = []
-        self.by_request: dict[int, Sequence_] = {}
+        self.waiting: list[EngineRequest] = []
+        self.running: list[EngineRequest] = []
+        self.by_request: dict[int, EngineRequest] = {}
         self.preemptions = 0
         self.steps = 0
         self.tokens_generated = 0
@@ -274,14 +274,14 @@ class LlmEngineModel:
             return False
         if request.prompt_tokens + request.output_tokens > self.profile.kv_tokens:
             return False
-        sequence = Sequence_(request, request.prompt_tokens, request.output_tokens)
+        sequence = EngineRequest(request, request.prompt_tokens, request.output_tokens)
         self.by_request[request.id] = sequence
         bisect.insort(self.waiting, sequence, key=lambda s: s.key)
         return True
 
     def abort(self, request: Request) -> None:
-        """The caller gave up: the request leaves the queue or the batch and frees its blocks (after the step
-        running now, which still computes it)."""
+        """The caller gave up: the request leaves the queue or the batch and frees its blocks at once (a step
+        running now still takes its time; it samples nothing for it)."""
         sequence = self.by_request.pop(request.id, None)
         if sequence is None:
             return
@@ -302,10 +302,10 @@ class LlmEngineModel:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
-    def _blocks_for(self, sequence: Sequence_, tokens: int) -> int:
+    def _blocks_for(self, sequence: EngineRequest, tokens: int) -> int:
         return max(0, math.ceil((sequence.computed + tokens) / self.profile.block_size) - sequence.blocks)
 
-    def _preempt(self, sequence: Sequence_) -> None:
+    def _preempt(self, sequence: EngineRequest) -> None:
         self.running.remove(sequence)
         self.free_blocks += sequence.blocks
         sequence.blocks = sequence.computed = sequence.scheduled = 0
@@ -315,7 +315,7 @@ class LlmEngineModel:
 
     def plan(self, now: float) -> Step | None:
         budget = self.profile.max_num_batched_tokens
-        scheduled: list[Sequence_] = []
+        scheduled: list[EngineRequest] = []
         preempted = False
         index = 0
         while index < len(self.running) and budget > 0:

@@ -295,3 +295,30 @@ def test_the_mixed_scenario_shares_gpus_between_the_llm_and_batched_models() -> 
     shared = [s for s in result.replicas if LLM_MODEL in s.models and len(s.models) > 1]
     assert shared and all(s.busy_s > 0 for s in shared)
     assert all(r.tokens_out == r.output_tokens for r in by_model[LLM_MODEL] if r.outcome is Outcome.OK)
+
+
+def test_a_cancelled_llm_request_leaves_the_batch_and_frees_its_blocks() -> None:
+    loop = EventLoop()
+    node = SimulatedFleet("n", [SimulatedGpu("T4", 16 * GIB, 1.0)])
+    answered: list[Request] = []
+    replica = SimReplica("r", node, loop, answered.append, {"tiny": BatchingSpec()})
+    slot = replica.add_model(tiny(), BatchingSpec(max_batch_size=128, queue_capacity=256), pid=1, loaded=True)
+    kept, dropped = llm_request(0, 0.0, 100, 50), llm_request(1, 0.0, 100, 50)
+    assert replica.submit(kept) and replica.submit(dropped)
+    engine = slot.engine
+    assert engine is not None
+
+    def give_up() -> None:
+        # As the mesh does at a deadline: the outcome first, then the replica is told.
+        dropped.outcome, dropped.finished = Outcome.TIMED_OUT, loop.now
+        replica.cancel(dropped)
+
+    loop.at(0.5, give_up)
+    loop.run(until=0.499)
+    # Both decoding, about 115 tokens each: 8 blocks of 16 apiece.
+    assert slot.running == 2
+    used = engine.blocks_used
+    loop.run()
+    assert used == 16 and engine.blocks_used == 0 and not engine.has_work
+    assert answered == [kept] and kept.tokens_out == 50
+    assert dropped.outcome is Outcome.TIMED_OUT and dropped.tokens_out < 50
