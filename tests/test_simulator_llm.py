@@ -322,3 +322,17 @@ def test_a_cancelled_llm_request_leaves_the_batch_and_frees_its_blocks() -> None
     assert used == 16 and engine.blocks_used == 0 and not engine.has_work
     assert answered == [kept] and kept.tokens_out == 50
     assert dropped.outcome is Outcome.TIMED_OUT and dropped.tokens_out < 50
+
+
+def test_a_derived_llm_scales_steps_weights_and_kv_and_says_so() -> None:
+    base = measured()
+    big = base.derive_llm(
+        "bigger", compute=4.0, weights=3.0, kv_per_token=2.0, kv_cache_bytes=8 * GIB, reason="test ratios"
+    )
+    assert not big.measured and big.provenance.startswith(f"derived from {base.name}: compute x4")
+    assert big.step_seconds(128, 0) == pytest.approx(4 * base.step_seconds(128, 0))
+    assert big.step_seconds(0, 8, speed=2.0) == pytest.approx(2 * base.step_seconds(0, 8))
+    assert big.footprint_bytes == 3 * base.weights_bytes + 8 * GIB
+    assert big.kv_tokens == 8 * GIB // (2 * base.kv_bytes_per_token * base.block_size) * base.block_size
+    with pytest.raises(ValueError, match="ratios must be > 0"):
+        base.derive_llm("x", compute=0, weights=1, kv_per_token=1, kv_cache_bytes=GIB, reason="")
