@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from aimass.v1 import common_pb2, scheduler_pb2
 from scheduler.devices import SimulatedFleet, SimulatedGpu, gpu_device_id
+from simulator.admission import BatchedAdmission, LlmAdmission
 from simulator.calibration import ModelProfile
 from simulator.engine import Event, EventLoop
 from simulator.llm import LlmEngineModel, LlmProfile
@@ -59,6 +60,8 @@ class ModelSlot:
     turn_since: float = 0.0
     # The engine's generated tokens at the last load report.
     reported_tokens: int = 0
+    # SLO-aware admission (simulator/admission.py), when the scenario turns it on.
+    admission: BatchedAdmission | LlmAdmission | None = None
 
     def sync(self) -> None:
         """An engine's queue and batch as the slot's waiting and running counts (reports, placement)."""
@@ -87,8 +90,11 @@ class SimReplica:
         loop: EventLoop,
         done: Callable[[Request], None],
         served: Mapping[str, BatchingSpec],
+        *,
+        admission: bool = False,
     ) -> None:
         self.instance_id = instance_id
+        self.admission = admission
         # Every model this replica can serve (its catalogue), placed here or not: its reports list them all.
         self.served = dict(served)
         self.node = node
@@ -120,6 +126,8 @@ class SimReplica:
         slot = ModelSlot(profile, batching, pid, loaded=loaded)
         if isinstance(profile, LlmProfile):
             slot.engine = LlmEngineModel(profile, self.speed)
+        if self.admission:
+            slot.admission = LlmAdmission() if slot.engine is not None else BatchedAdmission()
         self.models[profile.name] = slot
         self.node.allocate(0, profile.footprint_bytes, pid=pid, instance_id=self.instance_id)
         return slot
@@ -143,8 +151,13 @@ class SimReplica:
     # -- requests --------------------------------------------------------------------------------------------
 
     def submit(self, request: Request) -> bool:
-        """Queues ``request``; False when its model's queue is full (RESOURCE_EXHAUSTED)."""
+        """Queues ``request``; False when its model's queue is full (RESOURCE_EXHAUSTED), or when admission judges
+        it would miss its SLO (its ``extra["retry_after_s"]`` then holds the retry delay the refusal names)."""
         slot = self.models[request.model]
+        retry = self._unmeetable(slot, request)
+        if retry is not None:
+            request.extra["retry_after_s"] = retry
+            return False
         if slot.engine is not None:
             if not slot.engine.has_work:
                 slot.turn_since = self.loop.now
@@ -159,6 +172,16 @@ class SimReplica:
         slot.waiting += 1
         self.kick()
         return True
+
+    def _unmeetable(self, slot: ModelSlot, request: Request) -> float | None:
+        now = self.loop.now
+        if isinstance(slot.admission, LlmAdmission) and slot.engine is not None:
+            return slot.admission.check(slot.engine, request, now)
+        if isinstance(slot.admission, BatchedAdmission):
+            batch = self.batch
+            running_for = now - batch.started if batch is not None and batch.model == request.model else None
+            return slot.admission.check(request, now, slot.waiting, running_for)
+        return None
 
     def cancel(self, request: Request) -> None:
         """The gateway gave up on ``request`` (deadline): a queued one leaves the queue's budget at once."""
@@ -243,6 +266,8 @@ class SimReplica:
             return
         slot.running = 0
         slot.last_used_s = now
+        if isinstance(slot.admission, BatchedAdmission):
+            slot.admission.observe(len(batch.requests), batch.seconds)
         slot.window_batches += 1
         slot.window_units += len(batch.requests)
         slot.window_completed += len(batch.requests)

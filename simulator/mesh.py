@@ -133,7 +133,9 @@ class Simulation:
         self.nodes = [SimulatedFleet(f"node{i}", [gpu]) for i, gpu in enumerate(scenario.gpus)]
         served = {spec.profile.name: spec.batching for spec in scenario.models}
         self.replicas = {
-            f"node{i}-replica": SimReplica(f"node{i}-replica", node, self.loop, self._answered, served)
+            f"node{i}-replica": SimReplica(
+                f"node{i}-replica", node, self.loop, self._answered, served, admission=scenario.admission
+            )
             for i, node in enumerate(self.nodes)
         }
         self.services = tuple(sorted({m.profile.service for m in scenario.models}))
@@ -284,8 +286,20 @@ class Simulation:
         chosen = gateway.router.choose(spec.profile.service, candidates)
         chosen.inflight += 1
         request.replica = chosen.instance.instance_id
-        if not self.replicas[request.replica].submit(request):
-            request.outcome, request.finished = Outcome.REJECTED, self.loop.now
+        accepted = self.replicas[request.replica].submit(request)
+        others = [c for c in candidates if c is not chosen]
+        if not accepted and "retry_after_s" in request.extra and others:
+            # Refused as unmeetable: the gateway tries once more on another replica (gateway/forwarder.py).
+            chosen.inflight -= 1
+            del request.extra["retry_after_s"]
+            chosen = gateway.router.choose(spec.profile.service, others)
+            chosen.inflight += 1
+            request.replica = chosen.instance.instance_id
+            accepted = self.replicas[request.replica].submit(request)
+        if not accepted:
+            refused = "retry_after_s" in request.extra
+            request.outcome = Outcome.REFUSED if refused else Outcome.REJECTED
+            request.finished = self.loop.now
             chosen.inflight -= 1
             return
         self.loop.at(request.arrival + request.deadline_s, lambda: self._deadline(request))

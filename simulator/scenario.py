@@ -38,6 +38,8 @@ class Scenario:
     report_interval_s: float = SchedulerConfig().report_interval_s
     # The scheduler pushes the view to each gateway at most this often (WatchView's default min_interval_ms).
     view_interval_s: float = DEFAULT_VIEW_INTERVAL_MS / 1000
+    # SLO-aware admission at the replicas, a refusal retried once elsewhere (simulator/admission.py).
+    admission: bool = False
 
     def model(self, name: str) -> ModelSpec:
         for spec in self.models:

@@ -119,6 +119,9 @@ class Outcome(Enum):
     REJECTED = "rejected"
     # The deadline passed before an answer (DEADLINE_EXCEEDED).
     TIMED_OUT = "timed_out"
+    # Refused at once by SLO-aware admission (simulator/admission.py), on every replica tried: RESOURCE_EXHAUSTED
+    # with a retry delay (DEADLINE_UNMEETABLE), not a late answer.
+    REFUSED = "refused"
 
 
 @dataclass(eq=False)

@@ -1,0 +1,116 @@
+"""SLO-aware admission in the simulated mesh: the live replicas' policy, so that past saturation the requests that
+cannot meet their SLO are refused at once instead of all going late.
+
+The live batcher (aimass.runtime.batcher ``_check_meetable``) refuses on arrival, RESOURCE_EXHAUSTED with reason
+DEADLINE_UNMEETABLE and a retry delay, a request the work queued ahead of it would keep past its deadline; the
+gateway tries such a refusal once on another replica (gateway/forwarder.py). Here the same, at three places:
+
+- A simulated replica's batched queue: ``BatchedAdmission`` is aimass.runtime.backlog's ``DrainEstimate`` itself,
+  learning seconds per unit from the simulated batches, and refuses what would finish past the request's target
+  (``finish x HEADROOM > time left``), never a request that finds nothing ahead, never before ``MIN_BATCHES``.
+  The simulated queue is first come first served with one priority (fleet.py), so the work ahead is the whole
+  queue; a priority level is still recorded, so higher priorities' share would stretch the wait as live.
+- A simulated LLM engine: ``LlmAdmission`` estimates time to first token from the prefill tokens that run before
+  the newcomer (waiting requests of its priority or a higher one, ahead in vLLM's order, and running ones still
+  prefilling) at the step's token budget less the decodes riding along, at the current step time; when the KV
+  cache or ``max_num_seqs`` leaves no room, it adds the time until the first running request ends. It refuses
+  when that TTFT x HEADROOM is past the TTFT SLO.
+- The simulated gateway (simulator/mesh.py): a refusal is retried once on another replica chosen by the same
+  router; refused again, the request is answered at once with the retry delay (``Outcome.REFUSED``): a miss of
+  the SLO for attainment, not a late answer, and no device time spent on it.
+
+The target is the request's SLO (for an LLM request its TTFT SLO), not its gRPC deadline: in the mesh a caller
+who needs the answer within its SLO sets its deadline to it, and an answer after the SLO counts for nothing in
+goodput (requests meeting SLO per second). Admission is off unless the scenario turns it on (``Scenario.admission``),
+so existing scenarios' results are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from aimass.runtime.backlog import HEADROOM, DrainEstimate
+from simulator.llm import LlmEngineModel
+from simulator.workload import Request
+
+# Floor and default of the retry delay a refusal names (as the live batcher: at least 10 ms; 1 s when no wait can
+# be named).
+MIN_RETRY_S = 0.010
+UNKNOWN_RETRY_S = 1.0
+
+
+def retry_after(finish_s: float, time_left_s: float) -> float:
+    """The retry delay a refusal names: when the backlog would have drained enough for the request to fit."""
+    if math.isinf(finish_s):
+        return UNKNOWN_RETRY_S
+    return max(MIN_RETRY_S, finish_s - time_left_s / HEADROOM)
+
+
+@dataclass
+class BatchedAdmission:
+    """One model's queue on one simulated replica, judged as aimass.runtime.batcher judges its own."""
+
+    drain: DrainEstimate = field(default_factory=DrainEstimate)
+    refused: int = 0
+
+    def observe(self, units: int, seconds: float) -> None:
+        self.drain.observe(units, seconds)
+
+    def check(self, request: Request, now: float, units_ahead: int, running_for_s: float | None) -> float | None:
+        """The retry delay (seconds) when ``request`` would miss its SLO behind ``units_ahead`` queued units and
+        the batch running for ``running_for_s`` (None: none of this model runs); None when it is admitted."""
+        level = request.priority
+        if self.drain.ready and units_ahead > 0:
+            higher = self.drain.higher_share(level, now, 1)
+            finish = self.drain.seconds_to_finish(units_ahead, 1, running_for_s, 1, higher)
+            left = request.arrival + request.slo_s - now
+            if self.drain.would_miss(finish, left):
+                self.refused += 1
+                return retry_after(finish, left)
+        self.drain.admitted(level, 1, now)
+        return None
+
+
+@dataclass
+class LlmAdmission:
+    """One LLM engine's time-to-first-token estimate and refusals."""
+
+    refused: int = 0
+
+    def ttft_estimate(self, engine: LlmEngineModel, request: Request) -> float | None:
+        """Seconds until ``request``'s first token if queued now; None when nothing runs before it (never refused)."""
+        profile = engine.profile
+        key = (request.priority, request.arrival, request.id)
+        ahead = [s for s in engine.waiting if s.key < key]
+        prefilling = [s for s in engine.running if s.computed < s.prompt]
+        if not ahead and not prefilling:
+            return None
+        tokens = sum(s.length - s.computed for s in ahead) + sum(s.prompt - s.computed for s in prefilling)
+        tokens += request.prompt_tokens
+        decodes = len(engine.running) - len(prefilling)
+        budget = max(1, profile.max_num_batched_tokens - decodes)
+        steps = math.ceil(tokens / budget)
+        step_s = profile.step_seconds(min(tokens, budget), decodes, engine.speed)
+        seconds = steps * step_s
+        blocks_needed = sum(math.ceil((s.length + 1) / profile.block_size) for s in ahead)
+        blocks_needed += math.ceil((request.prompt_tokens + 1) / profile.block_size)
+        full = len(engine.running) + len(ahead) >= profile.max_num_seqs or blocks_needed > engine.free_blocks
+        if full and engine.running:
+            # No room until a running request ends: the one closest to its last token.
+            tokens_left = min(s.output - s.generated for s in engine.running)
+            seconds += tokens_left * profile.step_seconds(0, max(1, decodes), engine.speed)
+        return seconds
+
+    def check(self, engine: LlmEngineModel, request: Request, now: float) -> float | None:
+        """The retry delay (seconds) when ``request`` would miss its TTFT SLO; None when it is admitted."""
+        if request.slo_ttft_s <= 0:
+            return None
+        ttft = self.ttft_estimate(engine, request)
+        if ttft is None:
+            return None
+        left = request.arrival + request.slo_ttft_s - now
+        if ttft * HEADROOM > left:
+            self.refused += 1
+            return retry_after(ttft, left)
+        return None
