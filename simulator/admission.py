@@ -8,8 +8,8 @@ gateway tries such a refusal once on another replica (gateway/forwarder.py). Her
 - A simulated replica's batched queue: ``BatchedAdmission`` is aimass.runtime.backlog's ``DrainEstimate`` itself,
   learning seconds per unit from the simulated batches, and refuses what would finish past the request's target
   (``finish x HEADROOM > time left``), never a request that finds nothing ahead, never before ``MIN_BATCHES``.
-  The simulated queue is first come first served with one priority (fleet.py), so the work ahead is the whole
-  queue; a priority level is still recorded, so higher priorities' share would stretch the wait as live.
+  The work ahead is counted by tenant share, as live (weighted by ``Tenant.weight``); the simulated queue itself
+  stays first come first served (fleet.py), so what makes shares follow weights under overload is who is refused.
 - A simulated LLM engine: ``LlmAdmission`` estimates time to first token from the prefill tokens that run before
   the newcomer (waiting requests of its priority or a higher one, ahead in vLLM's order, and running ones still
   prefilling) at the step's token budget less the decodes riding along, at the current step time; when the KV
@@ -28,6 +28,7 @@ so existing scenarios' results are unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aimass.runtime.backlog import HEADROOM, DrainEstimate
@@ -49,26 +50,51 @@ def retry_after(finish_s: float, time_left_s: float) -> float:
 
 @dataclass
 class BatchedAdmission:
-    """One model's queue on one simulated replica, judged as aimass.runtime.batcher judges its own."""
+    """One model's queue on one simulated replica, judged as aimass.runtime.batcher judges its own.
 
+    Work ahead counts by tenant share as the live batcher's ``_units_ahead`` does, with the tenants' weights: all of
+    the newcomer's own tenant's queued units, and of each other tenant as much as a weighted fair share runs
+    meanwhile (at most its queue, and ``weight_other / weight_own`` times the newcomer's tenant's queue plus the
+    newcomer). So under overload a tenant over its weighted share sees the longest wait and is the one refused; the
+    admitted (and so the served) work splits by weight."""
+
+    weights: Mapping[str, float] = field(default_factory=dict)
     drain: DrainEstimate = field(default_factory=DrainEstimate)
+    # Units admitted and not yet taken into a batch (or cancelled), per tenant.
+    queued: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
 
     def observe(self, units: int, seconds: float) -> None:
         self.drain.observe(units, seconds)
 
-    def check(self, request: Request, now: float, units_ahead: int, running_for_s: float | None) -> float | None:
-        """The retry delay (seconds) when ``request`` would miss its SLO behind ``units_ahead`` queued units and
-        the batch running for ``running_for_s`` (None: none of this model runs); None when it is admitted."""
+    def left_queue(self, request: Request) -> None:
+        """``request`` was taken into a batch or cancelled while queued."""
+        self.queued[request.tenant] = self.queued.get(request.tenant, 0) - 1
+
+    def units_ahead(self, tenant: str) -> int:
+        own = self.queued.get(tenant, 0)
+        w = self.weight(tenant)
+        return own + sum(
+            min(n, math.ceil((own + 1) * self.weight(t) / w)) for t, n in self.queued.items() if t != tenant
+        )
+
+    def check(self, request: Request, now: float, running_for_s: float | None) -> float | None:
+        """The retry delay (seconds) when ``request`` would miss its SLO behind the work ahead and the batch of
+        this model running for ``running_for_s`` (None: none runs); None when it is admitted."""
         level = request.priority
-        if self.drain.ready and units_ahead > 0:
+        ahead = self.units_ahead(request.tenant)
+        if self.drain.ready and ahead > 0:
             higher = self.drain.higher_share(level, now, 1)
-            finish = self.drain.seconds_to_finish(units_ahead, 1, running_for_s, 1, higher)
+            finish = self.drain.seconds_to_finish(ahead, 1, running_for_s, 1, higher)
             left = request.arrival + request.slo_s - now
             if self.drain.would_miss(finish, left):
                 self.refused += 1
                 return retry_after(finish, left)
         self.drain.admitted(level, 1, now)
+        self.queued[request.tenant] = self.queued.get(request.tenant, 0) + 1
         return None
 
 

@@ -91,9 +91,10 @@ class SimReplica:
         done: Callable[[Request], None],
         served: Mapping[str, BatchingSpec],
         *,
-        admission: bool = False,
+        admission: Mapping[str, float] | None = None,
     ) -> None:
         self.instance_id = instance_id
+        # SLO-aware admission on: the tenants' fair-share weights (simulator/admission.py).
         self.admission = admission
         # Every model this replica can serve (its catalogue), placed here or not: its reports list them all.
         self.served = dict(served)
@@ -126,8 +127,8 @@ class SimReplica:
         slot = ModelSlot(profile, batching, pid, loaded=loaded)
         if isinstance(profile, LlmProfile):
             slot.engine = LlmEngineModel(profile, self.speed)
-        if self.admission:
-            slot.admission = LlmAdmission() if slot.engine is not None else BatchedAdmission()
+        if self.admission is not None:
+            slot.admission = LlmAdmission() if slot.engine is not None else BatchedAdmission(self.admission)
         self.models[profile.name] = slot
         self.node.allocate(0, profile.footprint_bytes, pid=pid, instance_id=self.instance_id)
         return slot
@@ -180,7 +181,7 @@ class SimReplica:
         if isinstance(slot.admission, BatchedAdmission):
             batch = self.batch
             running_for = now - batch.started if batch is not None and batch.model == request.model else None
-            return slot.admission.check(request, now, slot.waiting, running_for)
+            return slot.admission.check(request, now, running_for)
         return None
 
     def cancel(self, request: Request) -> None:
@@ -191,6 +192,8 @@ class SimReplica:
             slot.sync()
         elif slot is not None and request.extra.get("started") is None:
             slot.waiting -= 1
+            if isinstance(slot.admission, BatchedAdmission):
+                slot.admission.left_queue(request)
 
     def kick(self) -> None:
         """Starts the next batch when the GPU is free and some model's batch is ready, or wakes up when one will be."""
@@ -249,6 +252,8 @@ class SimReplica:
         now = self.loop.now
         for request in taken:
             request.extra["started"] = now
+            if isinstance(slot.admission, BatchedAdmission):
+                slot.admission.left_queue(request)
         slot.waiting -= len(taken)
         slot.running = len(taken)
         seconds = slot.profile.seconds(len(taken), self.speed)

@@ -132,9 +132,10 @@ class Simulation:
         self.state = SchedulerState(report_interval_s=scenario.report_interval_s)
         self.nodes = [SimulatedFleet(f"node{i}", [gpu]) for i, gpu in enumerate(scenario.gpus)]
         served = {spec.profile.name: spec.batching for spec in scenario.models}
+        admission = {t.name: t.weight for t in scenario.tenants} if scenario.admission else None
         self.replicas = {
             f"node{i}-replica": SimReplica(
-                f"node{i}-replica", node, self.loop, self._answered, served, admission=scenario.admission
+                f"node{i}-replica", node, self.loop, self._answered, served, admission=admission
             )
             for i, node in enumerate(self.nodes)
         }

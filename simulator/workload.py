@@ -93,6 +93,8 @@ class Tenant:
     # Poisson/MMPP arrivals (rate is then only the recorded mean, for offered-load estimates).
     tokens: TokenShape | None = None
     replay: tuple[Replayed, ...] = ()
+    # Fair-share weight (as an API key's tenant's): SLO-aware admission splits an overloaded queue by it.
+    weight: float = 1.0
 
     def scaled(self, factor: float) -> Tenant:
         if self.replay:
