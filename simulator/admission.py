@@ -10,6 +10,9 @@ gateway tries such a refusal once on another replica (gateway/forwarder.py). Her
   (``finish x HEADROOM > time left``), never a request that finds nothing ahead, never before ``MIN_BATCHES``.
   The work ahead is counted by tenant share, as live (weighted by ``Tenant.weight``); the simulated queue itself
   stays first come first served (fleet.py), so what makes shares follow weights under overload is who is refused.
+  The simulated GPU runs one batch at a time for all the models on it, longest waiting first: the other models'
+  queued work (their queued units at their learnt pace) and a batch of another model running now come first too
+  (a live batcher has its device to itself).
 - A simulated LLM engine: ``LlmAdmission`` estimates time to first token from the prefill tokens that run before
   the newcomer (waiting requests of its priority or a higher one, ahead in vLLM's order, and running ones still
   prefilling) at the step's token budget less the decodes riding along, at the current step time; when the KV
@@ -59,6 +62,7 @@ class BatchedAdmission:
     admitted (and so the served) work splits by weight."""
 
     weights: Mapping[str, float] = field(default_factory=dict)
+    max_batch_size: int = 1
     drain: DrainEstimate = field(default_factory=DrainEstimate)
     # Units admitted and not yet taken into a batch (or cancelled), per tenant.
     queued: dict[str, int] = field(default_factory=dict)
@@ -81,14 +85,20 @@ class BatchedAdmission:
             min(n, math.ceil((own + 1) * self.weight(t) / w)) for t, n in self.queued.items() if t != tenant
         )
 
-    def check(self, request: Request, now: float, running_for_s: float | None) -> float | None:
-        """The retry delay (seconds) when ``request`` would miss its SLO behind the work ahead and the batch of
-        this model running for ``running_for_s`` (None: none runs); None when it is admitted."""
+    def check(self, request: Request, now: float, running_for_s: float | None, device_s: float = 0.0) -> float | None:
+        """The retry delay (seconds) when ``request`` would miss its SLO behind the work ahead, the batch of this
+        model running for ``running_for_s`` (None: none runs) and ``device_s`` of other models' work the device
+        runs first; None when it is admitted."""
         level = request.priority
         ahead = self.units_ahead(request.tenant)
-        if self.drain.ready and ahead > 0:
+        if self.drain.ready and (ahead > 0 or device_s > 0):
             higher = self.drain.higher_share(level, now, 1)
             finish = self.drain.seconds_to_finish(ahead, 1, running_for_s, 1, higher)
+            # Batches run whole: the newcomer's is the k-th to start, each about a mean batch long (the per-unit
+            # mean alone undercounts a queue of a few batches when batches have a large fixed cost).
+            batches = math.ceil((ahead + 1) / self.max_batch_size)
+            finish = max(finish, batches * self.drain.batch_s / (1.0 - higher) if higher < 1.0 else math.inf)
+            finish += device_s / (1.0 - higher) if higher < 1.0 else math.inf
             left = request.arrival + request.slo_s - now
             if self.drain.would_miss(finish, left):
                 self.refused += 1

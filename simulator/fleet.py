@@ -128,7 +128,9 @@ class SimReplica:
         if isinstance(profile, LlmProfile):
             slot.engine = LlmEngineModel(profile, self.speed)
         if self.admission is not None:
-            slot.admission = LlmAdmission() if slot.engine is not None else BatchedAdmission(self.admission)
+            slot.admission = (
+                LlmAdmission() if slot.engine is not None else BatchedAdmission(self.admission, batching.max_batch_size)
+            )
         self.models[profile.name] = slot
         self.node.allocate(0, profile.footprint_bytes, pid=pid, instance_id=self.instance_id)
         return slot
@@ -181,8 +183,18 @@ class SimReplica:
         if isinstance(slot.admission, BatchedAdmission):
             batch = self.batch
             running_for = now - batch.started if batch is not None and batch.model == request.model else None
-            return slot.admission.check(request, now, running_for)
+            return slot.admission.check(request, now, running_for, self._other_work_s(request.model))
         return None
+
+    def _other_work_s(self, model: str) -> float:
+        """Device seconds of other models' work ahead: what is left of a batch of theirs running now, and their
+        queued units at the pace their admission learnt."""
+        batch, now = self.batch, self.loop.now
+        seconds = max(0.0, batch.started + batch.seconds - now) if batch is not None and batch.model != model else 0.0
+        for name, slot in self.models.items():
+            if name != model and isinstance(slot.admission, BatchedAdmission):
+                seconds += slot.waiting * slot.admission.drain.unit_s
+        return seconds
 
     def cancel(self, request: Request) -> None:
         """The gateway gave up on ``request`` (deadline): a queued one leaves the queue's budget at once."""
