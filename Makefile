@@ -69,6 +69,7 @@ bench: install
 	$(BIN)/python -m benchmarks.llm_prefix_affinity --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.lifecycle --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.simulator --write docs/benchmarks.md
+	$(BIN)/python -m benchmarks.router_loads --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.tracing --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.fairness --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.security --write docs/benchmarks.md
