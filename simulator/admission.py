@@ -16,8 +16,10 @@ gateway tries such a refusal once on another replica (gateway/forwarder.py). Her
 - A simulated LLM engine: ``LlmAdmission`` estimates time to first token from the prefill tokens that run before
   the newcomer (waiting requests of its priority or a higher one, ahead in vLLM's order, and running ones still
   prefilling) at the step's token budget less the decodes riding along, at the current step time; when the KV
-  cache or ``max_num_seqs`` leaves no room, it adds the time until the first running request ends. It refuses
-  when that TTFT x HEADROOM is past the TTFT SLO.
+  cache or ``max_num_seqs`` leaves no room, it adds the time until the first running request ends; higher
+  priorities' recent requests (at the device seconds a request has cost lately) stretch it by 1 / (1 - their
+  share of the engine), as the live estimate does.
+  It refuses when that TTFT x HEADROOM is past the TTFT SLO.
 - The simulated gateway (simulator/mesh.py): a refusal is retried once on another replica chosen by the same
   router; refused again, the request is answered at once with the retry delay (``Outcome.REFUSED``): a miss of
   the SLO for attainment, not a late answer, and no device time spent on it.
@@ -34,7 +36,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aimass.runtime.backlog import HEADROOM, DrainEstimate
+from aimass.runtime.backlog import EWMA_ALPHA, HEADROOM, MAX_HIGHER_SHARE, DecayingRate, DrainEstimate
 from simulator.llm import LlmEngineModel
 from simulator.workload import Request
 
@@ -113,6 +115,26 @@ class LlmAdmission:
     """One LLM engine's time-to-first-token estimate and refusals."""
 
     refused: int = 0
+    # Admitted requests per second, by priority (lower first): higher priorities' work arriving while a newcomer
+    # waits runs first, stretching its wait by 1 / (1 - their share), as DrainEstimate.higher_share.
+    arrivals: dict[int, DecayingRate] = field(default_factory=dict)
+    # Device seconds a request costs the engine (its share of every step it ran in), a running mean of those that
+    # ended: DrainEstimate's unit cost, with a request as the unit.
+    request_s: float = 0.0
+    ended: int = 0
+
+    def observe(self, request: Request) -> None:
+        """``request`` ended, having cost ``request.service_s`` of the device."""
+        if self.ended == 0:
+            self.request_s = request.service_s
+        else:
+            self.request_s += EWMA_ALPHA * (request.service_s - self.request_s)
+        self.ended += 1
+
+    def higher_share(self, priority: int, now: float) -> float:
+        """The fraction of the engine that higher priorities' requests keep busy lately."""
+        rate = sum(r.per_second(now) for p, r in self.arrivals.items() if p < priority)
+        return rate * self.request_s
 
     def ttft_estimate(self, engine: LlmEngineModel, request: Request) -> float | None:
         """Seconds until ``request``'s first token if queued now; None when nothing runs before it (never refused)."""
@@ -143,10 +165,12 @@ class LlmAdmission:
         if request.slo_ttft_s <= 0:
             return None
         ttft = self.ttft_estimate(engine, request)
-        if ttft is None:
-            return None
-        left = request.arrival + request.slo_ttft_s - now
-        if ttft * HEADROOM > left:
-            self.refused += 1
-            return retry_after(ttft, left)
+        if ttft is not None:
+            higher = self.higher_share(request.priority, now)
+            ttft = ttft / (1.0 - higher) if higher < MAX_HIGHER_SHARE else math.inf
+            left = request.arrival + request.slo_ttft_s - now
+            if ttft * HEADROOM > left:
+                self.refused += 1
+                return retry_after(ttft, left)
+        self.arrivals.setdefault(request.priority, DecayingRate()).add(1, now)
         return None

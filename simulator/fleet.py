@@ -318,6 +318,8 @@ class SimReplica:
             self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
             request.service_s += share
         for request in ended:
+            if isinstance(slot.admission, LlmAdmission):
+                slot.admission.observe(request)
             if request.outcome is Outcome.PENDING:
                 request.outcome = Outcome.OK
                 request.finished = now
