@@ -40,6 +40,10 @@ from aimass.runtime.backlog import EWMA_ALPHA, HEADROOM, MAX_HIGHER_SHARE, Decay
 from simulator.llm import LlmEngineModel
 from simulator.workload import Request
 
+# A queue this far towards the point of refusing everyone (finish past CONGESTED x the time left, with headroom)
+# refuses the tenants admitted beyond their weighted share lately: shares follow weights before the queue is full.
+CONGESTED = 0.5
+
 # Floor and default of the retry delay a refusal names (as the live batcher: at least 10 ms; 1 s when no wait can
 # be named).
 MIN_RETRY_S = 0.010
@@ -68,6 +72,8 @@ class BatchedAdmission:
     drain: DrainEstimate = field(default_factory=DrainEstimate)
     # Units admitted and not yet taken into a batch (or cancelled), per tenant.
     queued: dict[str, int] = field(default_factory=dict)
+    # Units admitted lately, per tenant (for shares under congestion).
+    tenant_rates: dict[str, DecayingRate] = field(default_factory=dict)
     refused: int = 0
 
     def weight(self, tenant: str) -> float:
@@ -102,12 +108,22 @@ class BatchedAdmission:
             finish = max(finish, batches * self.drain.batch_s / (1.0 - higher) if higher < 1.0 else math.inf)
             finish += device_s / (1.0 - higher) if higher < 1.0 else math.inf
             left = request.arrival + request.slo_s - now
-            if self.drain.would_miss(finish, left):
+            congested = self.drain.would_miss(finish / CONGESTED, left)
+            if self.drain.would_miss(finish, left) or (congested and self.over_share(request.tenant, now)):
                 self.refused += 1
                 return retry_after(finish, left)
         self.drain.admitted(level, 1, now)
         self.queued[request.tenant] = self.queued.get(request.tenant, 0) + 1
+        self.tenant_rates.setdefault(request.tenant, DecayingRate()).add(1, now)
         return None
+
+    def over_share(self, tenant: str, now: float) -> bool:
+        """Whether ``tenant`` was admitted more than its weighted share of the units admitted lately (among the
+        tenants admitted lately)."""
+        rates = {t: r.per_second(now) for t, r in self.tenant_rates.items()}
+        total = sum(rates.values())
+        active = sum(self.weight(t) for t, rate in rates.items() if rate > 0.01 * total) or 1.0
+        return total > 0 and rates.get(tenant, 0.0) / total > self.weight(tenant) / active
 
 
 @dataclass

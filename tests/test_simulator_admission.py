@@ -63,7 +63,8 @@ def test_weights_decide_who_is_refused_under_overload() -> None:
     share = result.tenant_busy_s["gold"] / sum(result.tenant_busy_s.values())
     # Equal offered rates; gold (weight 2) is refused less and served more than bronze (weight 1).
     assert refused["gold"] < refused["bronze"], refused
-    assert share > 0.53, share
+    # Within 10% of the weights (2/3) under this overload.
+    assert abs(share / (2 / 3) - 1) <= 0.1, share
 
 
 def llm_two_priorities(rate: float) -> Scenario:
