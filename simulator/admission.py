@@ -72,8 +72,9 @@ class BatchedAdmission:
     drain: DrainEstimate = field(default_factory=DrainEstimate)
     # Units admitted and not yet taken into a batch (or cancelled), per tenant.
     queued: dict[str, int] = field(default_factory=dict)
-    # Units admitted lately, per tenant (for shares under congestion).
+    # Units admitted and refused lately, per tenant (for shares under congestion).
     tenant_rates: dict[str, DecayingRate] = field(default_factory=dict)
+    tenant_refusals: dict[str, DecayingRate] = field(default_factory=dict)
     refused: int = 0
 
     def weight(self, tenant: str) -> float:
@@ -111,6 +112,7 @@ class BatchedAdmission:
             congested = self.drain.would_miss(finish / CONGESTED, left)
             if self.drain.would_miss(finish, left) or (congested and self.over_share(request.tenant, now)):
                 self.refused += 1
+                self.tenant_refusals.setdefault(request.tenant, DecayingRate()).add(1, now)
                 return retry_after(finish, left)
         self.drain.admitted(level, 1, now)
         self.queued[request.tenant] = self.queued.get(request.tenant, 0) + 1
@@ -119,11 +121,22 @@ class BatchedAdmission:
 
     def over_share(self, tenant: str, now: float) -> bool:
         """Whether ``tenant`` was admitted more than its weighted share of the units admitted lately (among the
-        tenants admitted lately)."""
+        tenants admitted lately) while a tenant under its own share was refused lately: max-min fairness, which
+        takes nothing from a tenant when the others ask for no more."""
         rates = {t: r.per_second(now) for t, r in self.tenant_rates.items()}
         total = sum(rates.values())
+        if total <= 0:
+            return False
         active = sum(self.weight(t) for t, rate in rates.items() if rate > 0.01 * total) or 1.0
-        return total > 0 and rates.get(tenant, 0.0) / total > self.weight(tenant) / active
+
+        def over(t: str) -> bool:
+            return rates.get(t, 0.0) / total > self.weight(t) / active
+
+        if not over(tenant):
+            return False
+        return any(
+            t != tenant and not over(t) and r.per_second(now) > 0.01 * total for t, r in self.tenant_refusals.items()
+        )
 
 
 @dataclass
