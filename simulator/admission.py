@@ -10,6 +10,12 @@ gateway tries such a refusal once on another replica (gateway/forwarder.py). Her
   (``finish x HEADROOM > time left``), never a request that finds nothing ahead, never before ``MIN_BATCHES``.
   The work ahead is counted by tenant share, as live (weighted by ``Tenant.weight``); the simulated queue itself
   stays first come first served (fleet.py), so what makes shares follow weights under overload is who is refused.
+  Two additions to the live estimate, both found needed here: the newcomer's batch is at least the k-th whole
+  batch (k = ceil(units ahead / max batch size), each a mean batch long: a per-unit mean undercounts a queue of a
+  few batches when batches have a large fixed cost), and once the queue is half way to refusing everyone
+  (``CONGESTED``) a tenant admitted beyond its weighted share lately is refused while a tenant under its share is
+  being refused (max-min: nothing is taken from a tenant when the others ask for no more). Candidates for the
+  live batcher too; not ported there (aimass/ is not this change's).
   The simulated GPU runs one batch at a time for all the models on it, longest waiting first: the other models'
   queued work (their queued units at their learnt pace) and a batch of another model running now come first too
   (a live batcher has its device to itself).
