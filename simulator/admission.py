@@ -17,8 +17,8 @@ gateway tries such a refusal once on another replica (gateway/forwarder.py). Her
   being refused (max-min: nothing is taken from a tenant when the others ask for no more). Candidates for the
   live batcher too; not ported there (aimass/ is not this change's).
   The simulated GPU runs one batch at a time for all the models on it, longest waiting first: the other models'
-  queued work (their queued units at their learnt pace) and a batch of another model running now come first too
-  (a live batcher has its device to itself).
+  queued work (their queued units at their learnt pace) and a batch of another model running now come first too,
+  and an LLM engine with work there takes a step between batches (a live batcher has its device to itself).
 - A simulated LLM engine: ``LlmAdmission`` estimates time to first token from the prefill tokens that run before
   the newcomer (waiting requests of its priority or a higher one, ahead in vLLM's order, and running ones still
   prefilling) at the step's token budget less the decodes riding along, at the current step time; when the KV
@@ -100,10 +100,18 @@ class BatchedAdmission:
             min(n, math.ceil((own + 1) * self.weight(t) / w)) for t, n in self.queued.items() if t != tenant
         )
 
-    def check(self, request: Request, now: float, running_for_s: float | None, device_s: float = 0.0) -> float | None:
+    def check(
+        self,
+        request: Request,
+        now: float,
+        running_for_s: float | None,
+        device_s: float = 0.0,
+        between_batches_s: float = 0.0,
+    ) -> float | None:
         """The retry delay (seconds) when ``request`` would miss its SLO behind the work ahead, the batch of this
         model running for ``running_for_s`` (None: none runs) and ``device_s`` of other models' work the device
-        runs first; None when it is admitted."""
+        runs first, and ``between_batches_s`` (an LLM engine's step on the same device) before each of the batches
+        ahead; None when it is admitted."""
         level = request.priority
         ahead = self.units_ahead(request.tenant)
         if self.drain.ready and (ahead > 0 or device_s > 0):
@@ -113,7 +121,7 @@ class BatchedAdmission:
             # mean alone undercounts a queue of a few batches when batches have a large fixed cost).
             batches = math.ceil((ahead + 1) / self.max_batch_size)
             finish = max(finish, batches * self.drain.batch_s / (1.0 - higher) if higher < 1.0 else math.inf)
-            finish += device_s / (1.0 - higher) if higher < 1.0 else math.inf
+            finish += (device_s + batches * between_batches_s) / (1.0 - higher) if higher < 1.0 else math.inf
             left = request.arrival + request.slo_s - now
             congested = self.drain.would_miss(finish / CONGESTED, left)
             if self.drain.would_miss(finish, left) or (congested and self.over_share(request.tenant, now)):
@@ -157,6 +165,11 @@ class LlmAdmission:
     # ended: DrainEstimate's unit cost, with a request as the unit.
     request_s: float = 0.0
     ended: int = 0
+    # Seconds per engine step, a running mean (other models' batches on the device wait for a step between them).
+    step_s: float = 0.0
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s == 0 else self.step_s + EWMA_ALPHA * (seconds - self.step_s)
 
     def observe(self, request: Request) -> None:
         """``request`` ended, having cost ``request.service_s`` of the device."""

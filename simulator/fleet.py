@@ -183,7 +183,7 @@ class SimReplica:
         if isinstance(slot.admission, BatchedAdmission):
             batch = self.batch
             running_for = now - batch.started if batch is not None and batch.model == request.model else None
-            return slot.admission.check(request, now, running_for, self._other_work_s(request.model))
+            return slot.admission.check(request, now, running_for, self._other_work_s(request.model), self._step_s())
         return None
 
     def _other_work_s(self, model: str) -> float:
@@ -195,6 +195,14 @@ class SimReplica:
             if name != model and isinstance(slot.admission, BatchedAdmission):
                 seconds += slot.waiting * slot.admission.drain.unit_s
         return seconds
+
+    def _step_s(self) -> float:
+        """Seconds of the LLM engines' steps taken between two batches: the mean step of each engine with work."""
+        return sum(
+            slot.admission.step_s
+            for slot in self.models.values()
+            if isinstance(slot.admission, LlmAdmission) and slot.engine is not None and slot.engine.has_work
+        )
 
     def cancel(self, request: Request) -> None:
         """The gateway gave up on ``request`` (deadline): a queued one leaves the queue's budget at once."""
@@ -305,6 +313,8 @@ class SimReplica:
         now = self.loop.now
         assert slot.engine is not None
         ended = slot.engine.finish(now) if slot.engine.step is not None else []
+        if isinstance(slot.admission, LlmAdmission):
+            slot.admission.observe_step(batch.seconds)
         slot.sync()
         slot.turn_since = slot.last_used_s = now
         slot.window_batches += 1
