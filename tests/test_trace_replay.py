@@ -8,8 +8,9 @@ import math
 import pytest
 
 from aimass.runtime.config import LlmConfig
-from benchmarks.trace_replay import TRACE, Figures, Outcome, PromptMaker, load_trace, variant_env
+from benchmarks.trace_replay import Figures, Outcome, PromptMaker, load_trace, variant_env
 from services.llm.weights import PACKAGED_MODELS, ensure_converted
+from simulator.trace import TRACE
 
 
 def test_the_trace_is_read_as_recorded_and_scaled() -> None:
