@@ -293,20 +293,10 @@ class SimReplica:
         slot.last_used_s = now
         if isinstance(slot.admission, BatchedAdmission):
             slot.admission.observe(len(batch.requests), batch.seconds)
-        slot.window_batches += 1
-        slot.window_units += len(batch.requests)
-        slot.window_completed += len(batch.requests)
-        self.batches += 1
-        self.window_busy_s += now - max(batch.started, self._last_reading)
-        self.busy_s += max(0.0, min(now, self.measure_until) - min(batch.started, self.measure_until))
-        share = batch.seconds / len(batch.requests)
+        share = self._charge(slot, batch, completed=len(batch.requests))
         for request in batch.requests:
-            self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
             request.service_s = share
-            if request.outcome is Outcome.PENDING:
-                request.outcome = Outcome.OK
-                request.finished = now
-                self.done(request)
+            self._answer(request, now)
         self.kick()
 
     def _finish_step(self, slot: ModelSlot, batch: Batch) -> None:
@@ -317,24 +307,35 @@ class SimReplica:
             slot.admission.observe_step(batch.seconds)
         slot.sync()
         slot.turn_since = slot.last_used_s = now
+        share = self._charge(slot, batch, completed=len(ended))
+        for request in batch.requests:
+            request.service_s += share
+        for request in ended:
+            if isinstance(slot.admission, LlmAdmission):
+                slot.admission.observe(request)
+            self._answer(request, now)
+        self.kick()
+
+    def _charge(self, slot: ModelSlot, batch: Batch, *, completed: int) -> float:
+        """A finished batch or step in the report window's counters, the GPU's busy time and each tenant's share;
+        returns each request's share of its seconds."""
+        now = self.loop.now
         slot.window_batches += 1
         slot.window_units += len(batch.requests)
-        slot.window_completed += len(ended)
+        slot.window_completed += completed
         self.batches += 1
         self.window_busy_s += now - max(batch.started, self._last_reading)
         self.busy_s += max(0.0, min(now, self.measure_until) - min(batch.started, self.measure_until))
         share = batch.seconds / len(batch.requests)
         for request in batch.requests:
             self.tenant_busy_s[request.tenant] = self.tenant_busy_s.get(request.tenant, 0.0) + share
-            request.service_s += share
-        for request in ended:
-            if isinstance(slot.admission, LlmAdmission):
-                slot.admission.observe(request)
-            if request.outcome is Outcome.PENDING:
-                request.outcome = Outcome.OK
-                request.finished = now
-                self.done(request)
-        self.kick()
+        return share
+
+    def _answer(self, request: Request, now: float) -> None:
+        if request.outcome is Outcome.PENDING:
+            request.outcome = Outcome.OK
+            request.finished = now
+            self.done(request)
 
     # -- readings --------------------------------------------------------------------------------------------
 
