@@ -119,6 +119,9 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> OpenAIError:
         # OpenAI's code for a bad key; the bad-key throttle keeps its own (the key may be good: retry after the window).
         reason = "invalid_api_key"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        # One code whichever hop noticed first (grpc's own deadline has no reason, a server's says SERVER_DEADLINE);
+        # the message says which deadline it was.
+        reason = "deadline_exceeded"
         # The same work under the same deadline would run out again: the SDKs should not repeat it by themselves.
         headers["x-should-retry"] = "false"
     message = err.details() or code.name
