@@ -366,7 +366,12 @@ class Translation:
 
 def make_secrets(tmp: Path, store_url: str) -> dict[str, dict[str, bytes]]:
     """The Secrets as deploy/kubernetes/make-secrets.sh writes them (it runs here, kubectl --dry-run=client)."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "AIMASS_STORE_URL": store_url}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "AIMASS_STORE_URL": store_url,
+        "AIMASS_CONSUL_NAMESPACE": "consul",
+    }
     env.pop("AIMASS_STATE_DIR", None)
     done = subprocess.run(
         ["sh", str(KUBE / "make-secrets.sh"), str(tmp / "operator-pki")],
@@ -379,9 +384,39 @@ def make_secrets(tmp: Path, store_url: str) -> dict[str, dict[str, bytes]]:
     secrets = {}
     for doc in yaml.safe_load_all(done.stdout):
         if doc:
-            assert doc["kind"] == "Secret" and doc["metadata"]["namespace"] == "aimass"
+            assert doc["kind"] == "Secret"
+            namespace = "consul" if doc["metadata"]["name"] == "aimass-pki-consul" else "aimass"
+            assert doc["metadata"]["namespace"] == namespace, doc["metadata"]
             secrets[doc["metadata"]["name"]] = {k: base64.b64decode(v) for k, v in doc["data"].items()}
     return secrets
+
+
+def referenced_secrets(docs: list[dict[str, Any]]) -> set[str]:
+    found = set()
+    for workload in workloads(docs).values():
+        spec = workload["spec"]["template"]["spec"]
+        found |= {volume["secret"]["secretName"] for volume in spec.get("volumes", []) if "secret" in volume}
+        for container in spec["containers"]:
+            for env in container.get("env", []):
+                if "secretKeyRef" in env.get("valueFrom", {}):
+                    found.add(env["valueFrom"]["secretKeyRef"]["name"])
+    return found
+
+
+def test_make_secrets_makes_every_secret_the_overlays_use(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    made = make_secrets(tmp_path, "sqlite:///unused.db")
+    for overlay in ("cpu", "gpu"):
+        assert referenced_secrets(rendered[overlay]) <= set(made), overlay
+    # Production adds two the operator makes (docs/deployment.md): the Consul token and the Ingresses' certificate.
+    assert referenced_secrets(rendered["production"]) - set(made) == {"aimass-consul"}
+    assert {
+        tls["secretName"] for i in objects(rendered["production"], "Ingress").values() for tls in i["spec"]["tls"]
+    } == {"aimass-tls"}
+    # Each role's Secret holds its own key and no other's.
+    assert set(made["aimass-pki-nlp"]) == {"ca.crt", "nlp.crt", "nlp.key"}
+    assert b"PRIVATE KEY" not in made["aimass-pki-nlp"]["ca.crt"]
 
 
 def process_env(pod: LocalPod) -> dict[str, str]:
