@@ -4,17 +4,29 @@ shipped scenario on real inputs, steps in parallel, a failed step named, tenants
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
 import textwrap
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import soundfile
+from google.protobuf.message import Message
+from PIL import Image, ImageDraw, ImageFont
 
+from aimass.client import error_info
+from aimass.local_mesh import LocalMesh
 from aimass.runtime.errors import InvalidArgument
-from aimass.v1 import common_pb2, llm_pb2, vision_pb2
+from aimass.v1 import common_pb2, llm_pb2, scenarios_pb2, scenarios_pb2_grpc, speech_pb2, speech_pb2_grpc, vision_pb2
 from gateway.scenarios.catalogue import load_shipped
 from gateway.scenarios.format import Interpolated, Ref, Scenario, ScenarioError, parse
 from gateway.scenarios.runner import bind_inputs, build_request, resolve
+from tests.security import key_for
 
 GOOD = """\
 name: ocr-then-speak
@@ -243,3 +255,233 @@ def test_a_single_value_fills_a_repeated_field_and_enums_read_as_names() -> None
     feel = build_request(scenario.step("feel"), values, None)
     assert list(feel.texts) == ["FINISH_REASON_STOP"]  # type: ignore[attr-defined]
     assert resolve(scenario.outputs[0].value, values) == {"reason": "FINISH_REASON_STOP", "said": "Hello"}
+
+
+# -- ScenarioService on a real mesh ------------------------------------------------------------------------------
+
+slow = pytest.mark.slow
+PRINTED = ["Hello aimass vision", "Invoice 2026 total 42"]
+MEETING = (
+    "Welcome to the budget meeting. We agreed to buy twelve new laptops for the design team, "
+    "and the budget for them is five thousand dollars."
+)
+REVIEW = "The parcel from Berlin arrived two weeks late and the courier was rude. Terrible, awful service."
+MOOD = """\
+name: feedback-mood
+description: How a customer feels, and about what.
+inputs:
+  feedback: {type: text}
+steps:
+  mood:
+    method: NlpService.Sentiment
+    request: {texts: "${inputs.feedback}"}
+outputs:
+  mood: ${steps.mood.results[0].label}
+"""
+
+
+def printed_picture() -> bytes:
+    """PRINTED drawn by PIL on a white PNG."""
+    picture = Image.new("RGB", (1000, 260), "white")
+    draw = ImageDraw.Draw(picture)
+    for row, line in enumerate(PRINTED):
+        draw.text((40, 40 + 110 * row), line, fill="black", font=ImageFont.load_default(size=48))
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return out.getvalue()
+
+
+@dataclass
+class Run:
+    """What a RunScenario call streamed back."""
+
+    events: list[scenarios_pb2.RunScenarioResponse]
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """(event, step or output) in the order they came."""
+        named = []
+        for e in self.events:
+            kind = e.WhichOneof("event")
+            assert kind is not None
+            part = getattr(e, kind)
+            named.append((kind, getattr(part, "step", getattr(part, "name", ""))))
+        return named
+
+    def output(self, name: str) -> scenarios_pb2.ScenarioValue:
+        (value,) = [e.output.value for e in self.events if e.WhichOneof("event") == "output" and e.output.name == name]
+        return value
+
+    def result(self, step: str, message: Message) -> Any:
+        (finished,) = [e.step_finished for e in self.events if e.step_finished.step == step]
+        assert finished.result.Unpack(message), finished.result.type_url
+        return message
+
+
+def spoken(text: str) -> bytes:
+    """``text`` spoken by espeak-ng, as a WAV file."""
+    return subprocess.run(
+        ["espeak-ng", "-v", "en-us", "--stdout", "--", text], capture_output=True, check=True, timeout=30
+    ).stdout
+
+
+def text_value(value: str) -> scenarios_pb2.ScenarioValue:
+    return scenarios_pb2.ScenarioValue(text=value)
+
+
+async def run_scenario(
+    channel: grpc.aio.Channel, name: str, deadline_s: float = 180, **inputs: scenarios_pb2.ScenarioValue
+) -> Run:
+    stub = scenarios_pb2_grpc.ScenarioServiceStub(channel)
+    request = scenarios_pb2.RunScenarioRequest(
+        name=name, inputs=inputs, meta=common_pb2.RequestMeta(request_id=f"scenario-{name}-{time.time_ns()}")
+    )
+    events = [e async for e in stub.RunScenario(request, timeout=deadline_s)]
+    assert events and events[-1].WhichOneof("event") == "end", events[-1:]
+    return Run(events)
+
+
+@slow
+async def test_read_aloud_reads_a_photo_and_speaks_what_it_read(front_door_mesh: LocalMesh) -> None:
+    async with front_door_mesh.aio_channel() as channel:
+        run = await run_scenario(channel, "read-aloud", image=scenarios_pb2.ScenarioValue(data=printed_picture()))
+        # Whisper hears the photo's words in the audio the scenario made.
+        audio = run.output("audio").data
+        samples, rate = soundfile.read(io.BytesIO(audio), dtype="float32")
+        wav = io.BytesIO()
+        soundfile.write(wav, samples, rate, format="WAV", subtype="PCM_16")
+        speech = speech_pb2_grpc.SpeechServiceStub(channel)
+        heard = await speech.Transcribe(speech_pb2.TranscribeRequest(audio=wav.getvalue(), language="en"), timeout=120)
+    assert [k for k in run.kinds() if k[0].startswith("step")] == [
+        ("step_started", "ocr"),
+        ("step_finished", "ocr"),
+        ("step_started", "speak"),
+        ("step_finished", "speak"),
+    ]
+    read = run.output("text").text
+    assert "aimass" in read.lower() and "vision" in read.lower(), read
+    assert run.result("ocr", vision_pb2.ReadTextResponse()).results[0].text == read
+    assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
+    assert len(samples) / rate > 1.0, "the audio is shorter than the words it reads"
+    assert "vision" in heard.text.lower() or "hello" in heard.text.lower(), heard.text
+
+
+@slow
+async def test_review_triage_runs_three_models_at_once_and_merges_them(front_door_mesh: LocalMesh) -> None:
+    async with front_door_mesh.aio_channel() as channel:
+        run = await run_scenario(channel, "review-triage", review=text_value(REVIEW))
+    kinds = [k for k in run.kinds() if k[0].startswith("step")]
+    # All three were under way together: every step started before the first one finished.
+    first_finished = next(i for i, k in enumerate(kinds) if k[0] == "step_finished")
+    assert sorted(step for kind, step in kinds[:first_finished]) == ["entities", "sentiment", "topic"], kinds
+    assert sorted(step for kind, step in kinds[first_finished:]) == ["entities", "sentiment", "topic"], kinds
+    assert run.output("sentiment").text == "negative"
+    entities = json.loads(run.output("entities").json)
+    assert "Berlin" in [e["text"] for e in entities], entities
+    topics = json.loads(run.output("topics").json)
+    assert {t["label"] for t in topics} == {"shipping", "product quality", "customer service", "price"}
+    triage = json.loads(run.output("triage").json)
+    assert triage["sentiment"] == "negative" and triage["compound"] < 0
+    assert triage["topic"] == topics[0]["label"] and triage["entities"] == entities
+
+
+@slow
+async def test_meeting_notes_transcribes_and_summarises_a_recording(front_door_mesh: LocalMesh) -> None:
+    recording = spoken(MEETING)
+    async with front_door_mesh.aio_channel() as channel:
+        run = await run_scenario(
+            channel,
+            "meeting-notes",
+            recording=scenarios_pb2.ScenarioValue(data=recording),
+            language=text_value("en"),
+            max_tokens=scenarios_pb2.ScenarioValue(number=80),
+        )
+    transcript = run.output("transcript").text.lower()
+    assert "budget" in transcript and "laptop" in transcript, transcript
+    summary = run.output("summary").text
+    assert summary.strip() and any(word in summary.lower() for word in ("laptop", "budget", "design")), summary
+    chat = run.result("summary", llm_pb2.ChatResponse())
+    assert chat.delta == summary and chat.usage.completion_tokens > 0
+
+
+@slow
+async def test_a_failed_step_fails_the_run_naming_the_step(front_door_mesh: LocalMesh) -> None:
+    async with front_door_mesh.aio_channel() as channel:
+        stub = scenarios_pb2_grpc.ScenarioServiceStub(channel)
+        corrupt = scenarios_pb2.RunScenarioRequest(
+            name="read-aloud", inputs={"image": scenarios_pb2.ScenarioValue(data=b"not an image, only text" * 4)}
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            [e async for e in stub.RunScenario(corrupt, timeout=60)]
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = error_info(failed.value)
+        assert info is not None and info.metadata["step"] == "ocr", info
+        assert info.metadata["method"] == "aimass.v1.VisionService/ReadText"
+        assert "step 'ocr'" in (failed.value.details() or "")
+        # Inputs are checked before any step: a missing one, one of the wrong type.
+        for inputs, named in (
+            ({}, "image"),
+            ({"image": text_value("a photo")}, "image"),
+            ({"colour": text_value("red")}, "colour"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [
+                    e
+                    async for e in stub.RunScenario(
+                        scenarios_pb2.RunScenarioRequest(name="read-aloud", inputs=inputs), timeout=30
+                    )
+                ]
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+            refused_info = error_info(refused.value)
+            assert refused_info is not None and refused_info.metadata["input"] == named
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            [e async for e in stub.RunScenario(scenarios_pb2.RunScenarioRequest(name="no-such-scenario"), timeout=30)]
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@slow
+async def test_a_tenants_own_scenarios_are_its_own(front_door_mesh: LocalMesh) -> None:
+    tenant = f"scenarios-{time.time_ns()}"
+    async with (
+        front_door_mesh.aio_channel(key_for(tenant)) as channel,
+        front_door_mesh.aio_channel(key_for(f"{tenant}-other")) as other_channel,
+    ):
+        stub = scenarios_pb2_grpc.ScenarioServiceStub(channel)
+        other = scenarios_pb2_grpc.ScenarioServiceStub(other_channel)
+        put = await stub.PutScenario(scenarios_pb2.PutScenarioRequest(source=MOOD))
+        assert put.scenario.name == "feedback-mood" and not put.scenario.shipped
+        assert list(put.scenario.steps) == ["mood: NlpService.Sentiment"] and put.scenario.updated_unix_ms > 0
+        listed = {s.name: s for s in (await stub.ListScenarios(scenarios_pb2.ListScenariosRequest())).scenarios}
+        assert {"read-aloud", "review-triage", "meeting-notes", "feedback-mood"} <= set(listed)
+        assert listed["read-aloud"].shipped and not listed["feedback-mood"].shipped
+        assert (await stub.GetScenario(scenarios_pb2.GetScenarioRequest(name="feedback-mood"))).source == MOOD
+        run = await run_scenario(channel, "feedback-mood", feedback=text_value("I love this, it is wonderful!"))
+        assert run.output("mood").text == "positive"
+        # Another tenant: not listed, not found, not runnable, not deletable.
+        assert "feedback-mood" not in [
+            s.name for s in (await other.ListScenarios(scenarios_pb2.ListScenariosRequest())).scenarios
+        ]
+        for call in (
+            other.GetScenario(scenarios_pb2.GetScenarioRequest(name="feedback-mood")),
+            other.DeleteScenario(scenarios_pb2.DeleteScenarioRequest(name="feedback-mood")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await call
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as not_theirs:
+            await run_scenario(other_channel, "feedback-mood", feedback=text_value("hi"))
+        assert not_theirs.value.code() == grpc.StatusCode.NOT_FOUND
+        # A shipped name is refused; a malformed document is refused with its line.
+        with pytest.raises(grpc.aio.AioRpcError) as shipped_name:
+            await stub.PutScenario(scenarios_pb2.PutScenarioRequest(source=MOOD.replace("feedback-mood", "read-aloud")))
+        assert shipped_name.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+            await stub.PutScenario(scenarios_pb2.PutScenarioRequest(source=MOOD.replace("Sentiment", "Sentimental")))
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (malformed.value.details() or "").startswith(f"line {line_of(MOOD, 'Sentiment')}: "), malformed.value
+        with pytest.raises(grpc.aio.AioRpcError) as shipped_delete:
+            await stub.DeleteScenario(scenarios_pb2.DeleteScenarioRequest(name="read-aloud"))
+        assert shipped_delete.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await stub.DeleteScenario(scenarios_pb2.DeleteScenarioRequest(name="feedback-mood"))
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await stub.GetScenario(scenarios_pb2.GetScenarioRequest(name="feedback-mood"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND

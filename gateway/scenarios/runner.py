@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -125,16 +126,16 @@ def _read(ref: Ref, values: Mapping[str, Mapping[str, Any]]) -> Any:
     return [value] if ref.wrap else value
 
 
-def _as_json(value: Any) -> Any:
+def as_json(value: Any) -> Any:
     """``value`` as ParseDict and json.dumps take it: bytes as base64, messages as mappings."""
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, Message):
         return json_format.MessageToDict(value, preserving_proto_field_name=True)
     if isinstance(value, list):
-        return [_as_json(v) for v in value]
+        return [as_json(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _as_json(v) for k, v in value.items()}
+        return {str(k): as_json(v) for k, v in value.items()}
     return value
 
 
@@ -147,7 +148,7 @@ def _as_text(value: Any) -> str:
         return str(int(value))
     if isinstance(value, int | float):
         return str(value)
-    return json.dumps(_as_json(value))
+    return json.dumps(as_json(value))
 
 
 def resolve(template: Template, values: Mapping[str, Mapping[str, Any]]) -> Any:
@@ -172,7 +173,7 @@ def build_request(step: Step, values: Mapping[str, Mapping[str, Any]], meta: Mes
         raise InvalidArgument(f"step {step.id!r}: {fault}", metadata=where) from None
     request = step.request_type()
     try:
-        json_format.ParseDict(_as_json(resolved), request)
+        json_format.ParseDict(as_json(resolved), request)
     except json_format.ParseError as err:
         raise InvalidArgument(
             f"step {step.id!r}: its request is not a valid {request.DESCRIPTOR.name}: {err}", metadata=where
@@ -187,17 +188,18 @@ async def collect(step: Step, responses: AsyncIterator[Message]) -> Message:
     merged = step.response_type()
     texts: list[str] = []
     chunks: list[bytes] = []
-    async for response in responses:
-        if isinstance(response, speech_pb2.SynthesizeResponse):
-            # The first chunk's format (rate, encoding) with every chunk's bytes; the end message is not kept.
-            if response.HasField("audio"):
-                if not chunks:
-                    merged.MergeFrom(response)
-                chunks.append(response.audio.data)
-            continue
-        if isinstance(response, llm_pb2.ChatResponse | llm_pb2.GenerateResponse):
-            texts.append(response.delta)
-        merged.MergeFrom(response)
+    async with contextlib.aclosing(cast(Any, responses)):  # closed early (a run cancelled), it cancels the call
+        async for response in responses:
+            if isinstance(response, speech_pb2.SynthesizeResponse):
+                # The first chunk's format (rate, encoding) with every chunk's bytes; the end message is not kept.
+                if response.HasField("audio"):
+                    if not chunks:
+                        merged.MergeFrom(response)
+                    chunks.append(response.audio.data)
+                continue
+            if isinstance(response, llm_pb2.ChatResponse | llm_pb2.GenerateResponse):
+                texts.append(response.delta)
+            merged.MergeFrom(response)
     if isinstance(merged, llm_pb2.ChatResponse | llm_pb2.GenerateResponse):
         merged.delta = "".join(texts)
     if isinstance(merged, speech_pb2.SynthesizeResponse) and chunks:
