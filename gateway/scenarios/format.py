@@ -372,7 +372,7 @@ class _Parser:
         entries = self.mapping(node, f"step {step_id!r}", STEP_KEYS)
         what = f"step {step_id!r}"
         request: Template = {}
-        if "request" in entries:
+        if "request" in entries and entries["request"].tag != "tag:yaml.org,2002:null":
             if isinstance(entries["request"], yaml.MappingNode):
                 for key, (key_node, _) in self.entries(entries["request"], f"{what}: request").items():
                     if key == "meta":
@@ -551,7 +551,8 @@ def _literal_fits(value: Any, kind: str) -> bool:
 
 def _describe(kind: str) -> str:
     if kind.startswith("list:"):
-        return f"a list of {_describe(kind[5:]).removeprefix('a ').removeprefix('an ')}"
+        item = _describe(kind[5:]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item}s" if item.endswith("message") else f"a list of {item}"
     if kind.startswith("message:"):
         return f"a {kind.rsplit('.', 1)[-1]} message"
     if kind.startswith("enum:"):
