@@ -135,12 +135,20 @@ def test_strict_validation_rejects_an_unknown_field(rendered: dict[str, list[dic
 # -- 2. what a platform team checks ---------------------------------------------------------------------------------
 
 
+def image_uid() -> int:
+    found = re.search(r"useradd\b[^\n]*--uid (\d+)[^\n]*\baimass$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert found is not None, "the Dockerfile makes no aimass user with a fixed uid"
+    return int(found[1])
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_are_locked_down_and_sized(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    uid = image_uid()
     for name, workload in workloads(rendered[overlay]).items():
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name
-        assert pod["securityContext"]["runAsUser"] == 10001, f"{name}: the image's user (Dockerfile: uid 10001)"
+        # The image's user, who owns what the image ships for it (the LLM weights) and the Secrets' files (fsGroup).
+        assert pod["securityContext"]["runAsUser"] == uid == pod["securityContext"]["fsGroup"], name
         assert pod["automountServiceAccountToken"] is False, f"{name}: no process talks to the Kubernetes API"
         for container in containers(workload):
             security = container["securityContext"]
