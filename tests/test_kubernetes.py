@@ -179,6 +179,8 @@ def test_serving_deployments_have_a_pdb_and_an_hpa(rendered: dict[str, list[dict
     for name in ["aimass-gateway", *(f"aimass-{kind}" for kind in REPLICA_KINDS)]:
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert any(selector.items() <= labels.items() for selector in pdb_selectors), f"{name}: no PDB"
+        # The HPA owns the count: a replicas field would be reset by every `kubectl apply`.
+        assert "replicas" not in deployments[name]["spec"], f"{name}: replicas set beside its HPA"
         metrics = hpas[name]["spec"]["metrics"]
         assert all(metric["type"] == "Pods" for metric in metrics), f"{name}: scales on its own signal, not CPU"
         spread = deployments[name]["spec"]["template"]["spec"]["topologySpreadConstraints"]
