@@ -51,8 +51,11 @@ delay (the estimate: aimass.runtime.backlog), instead of waiting only to expire.
 tenant share as the queue would serve it: all of every higher priority, none of the lower ones, and of other
 tenants at its own priority only what fair sharing runs before it. So past saturation the low priorities and the
 tenants over their share are the ones refused, early, while high-priority work and light tenants still meet their
-deadlines; a request that finds nothing ahead is never refused. The gateway tries a refused request once on
-another replica (gateway/forwarder.py).
+deadlines; a request that finds nothing ahead is never refused. The estimate is looked at again after every batch,
+for the requests still queued (in priority order, then first come first served): when the replica has slowed since
+a request was admitted (a host under pressure, a throttled CPU), the ones that can no longer finish in time are
+refused then, the same way, rather than left to wait out their deadlines. The gateway tries a refused request once
+on another replica (gateway/forwarder.py).
 
 Each priority holds a deque per tenant, with lazy removal: a cancelled or expired request is marked, its units are
 returned to the queue budget at once, and the collector skips the entry when it reaches it.
@@ -444,18 +447,56 @@ class DynamicBatcher(Generic[Req, Resp]):
             return
         self._rejected_unmeetable += 1
         self._m_dropped["unmeetable"].inc()
+        raise self._unmeetable(ahead, finish, left)
+
+    def _unmeetable(
+        self, ahead: int, finish: float, left: float, *, waited_ms: float | None = None
+    ) -> ResourceExhausted:
+        """The refusal of a request the ``ahead`` units before it would keep ``finish`` seconds, ``left`` seconds
+        before its deadline (``waited_ms``: it was queued that long, and is refused on a later look)."""
         # Higher priorities taking the whole replica: no wait can be named; a second, for gRPC's retry pushback.
         retry_ms = 1000 if math.isinf(finish) else max(10, round((finish - left / HEADROOM) * 1000))
         estimate = (
             "forever (higher priorities take the whole replica)" if math.isinf(finish) else f"~{finish * 1000:.0f} ms"
         )
-        raise ResourceExhausted(
+        after = "" if waited_ms is None else f" (after {waited_ms:.0f} ms in the queue: the replica slowed)"
+        return ResourceExhausted(
             f"{self.name}: the {ahead} units queued ahead would take {estimate} here, past this call's"
-            f" deadline in {left * 1000:.0f} ms; retry in {retry_ms} ms, elsewhere, or with more time",
+            f" deadline in {left * 1000:.0f} ms{after}; retry in {retry_ms} ms, elsewhere, or with more time",
             reason=UNMEETABLE_REASON,
             retry_after_ms=retry_ms,
             metadata={"batcher": self.name, "units_ahead": str(ahead), "estimate": estimate},
         )
+
+    def _refuse_late_queued(self, now: float) -> None:
+        """After a batch: refuses the queued requests that can no longer finish by their deadlines at the pace the
+        batcher now estimates (the module docstring), in the order the queue would run them."""
+        if not self._refuse_unmeetable or not self._drain.ready or not self._queued_units:
+            return
+        running_for = now - min(self._running_since) if self._running_since else None
+        slots = self._max_concurrent_batches
+        ahead = 0
+        for level, fifos in enumerate(self._queues):
+            higher = self._drain.higher_share(level, now, slots)
+            waiting = sorted(
+                (item for queue in fifos.values() for item in queue if item.state is _State.QUEUED),
+                key=lambda item: item.enqueued_at,
+            )
+            for item in waiting:
+                if item.future.done():
+                    continue  # cancelled; skipped when the collector reaches it
+                if item.deadline is not None and ahead:
+                    finish = self._drain.seconds_to_finish(ahead, item.units, running_for, slots, higher)
+                    left = item.deadline - now
+                    if self._drain.would_miss(finish, left):
+                        self._drop(item, "unmeetable")
+                        self._rejected_unmeetable += 1
+                        item.future.set_exception(
+                            self._unmeetable(ahead, finish, left, waited_ms=(now - item.enqueued_at) * 1000)
+                        )
+                        continue
+                ahead += item.units
+        self._m_queue_depth.set(self._queued_units)
 
     # -- queue bookkeeping ----------------------------------------------------------------------------------------
 
@@ -733,6 +774,7 @@ class DynamicBatcher(Generic[Req, Resp]):
                 results, ran = await self._loop.run_in_executor(self._executor, call)
                 inference = ran
                 self._drain.observe(units, (ran[1] - ran[0]) / 1e9)
+                self._refuse_late_queued(self._loop.time())
             except Exception as exc:
                 for item in batch:
                     if not item.future.done():
