@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-import soundfile
+import soundfile  # type: ignore[import-untyped]
 from google.protobuf.message import Message
 from PIL import Image, ImageDraw, ImageFont
 
@@ -299,7 +299,7 @@ class Run:
 
     def kinds(self) -> list[tuple[str, str]]:
         """(event, step or output) in the order they came."""
-        named = []
+        named: list[tuple[str, str]] = []
         for e in self.events:
             kind = e.WhichOneof("event")
             assert kind is not None

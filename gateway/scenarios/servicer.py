@@ -135,7 +135,7 @@ class ScenarioServicer(scenarios_pb2_grpc.ScenarioServiceServicer):
         tenant = current_scope().tenant
         existing = await asyncio.to_thread(self.store.get_scenario, tenant, scenario.name)
         if existing is None:
-            count = len(await asyncio.to_thread(self.store.list_scenarios, tenant))
+            count = await asyncio.to_thread(self.store.count_scenarios, tenant)
             if count >= self.limits.max_per_tenant:
                 raise ResourceExhausted(
                     f"this tenant keeps {count} scenarios, the most allowed (scenarios.max_per_tenant); delete some",
