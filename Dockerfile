@@ -68,6 +68,12 @@ ENV VIRTUAL_ENV=/opt/venv \
     AIMASS_LLM__CACHE_DIR=/opt/aimass/llm \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cublas/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib
+# A read-only root (deploy/kubernetes; compose's REST front door): a process writes only /tmp, ~/.cache (runtime
+# model caches) and state_dir, each a volume there. Tools that would write a config file under ~ (vLLM's usage
+# stats) are kept from it.
+ENV VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1 \
+    XDG_CONFIG_HOME=/tmp/.config
 USER aimass
 WORKDIR /home/aimass
 # Runtime caches (the vision model's ONNX export, Whisper assembled from its packaged halves): compose mounts a

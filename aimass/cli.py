@@ -20,7 +20,7 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aimass import admin_cli, cluster_cli, lifecycle_cli, xds_cli
+from aimass import admin_cli, autoscale, cluster_cli, lifecycle_cli, xds_cli
 from aimass.bootstrap import ensure_certificates, operator_credentials, prepare_store
 from aimass.runtime.config import Settings, load_settings
 from aimass.runtime.discovery import CONTROL_PLANE_KINDS, Instance, make_registry
@@ -242,6 +242,15 @@ def prepare(settings: Settings, specs: Sequence[ProcessSpec]) -> tuple[MeshCrede
 
 
 async def up(args: argparse.Namespace) -> int:
+    scaling = args.autoscale or load_settings().autoscale.enabled
+    unknown = autoscale.unknown_kinds(load_settings().autoscale, SERVICE_MODULES) if scaling else []
+    if unknown:
+        print(
+            f"cannot autoscale: autoscale.services names {', '.join(unknown)}, which are no services; known: "
+            f"{', '.join(SERVICE_MODULES)}",
+            file=sys.stderr,
+        )
+        return 1
     specs = process_specs(args)
     taken = busy_ports(specs)
     if taken:
@@ -266,6 +275,7 @@ async def up(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     log.info("starting %s", ", ".join(spec.name for spec in specs))
     supervisor.start()
+    scaler: autoscale.Autoscaler | None = None
     try:
         expected = {"gateway": 1, "scheduler": 1, **replica_counts(args)}
         ready = asyncio.ensure_future(wait_until_ready(registry, credentials, expected, 600))
@@ -297,10 +307,19 @@ async def up(args: argparse.Namespace) -> int:
                 "Ctrl-C stops all\n",
                 flush=True,
             )
+            if scaling:
+                # Once every replica serves: the floor is what was started, and it is all loaded.
+                scaler = autoscale.for_mesh(
+                    settings, supervisor=supervisor, kinds=SERVICE_MODULES, scheduler=registry, credentials=credentials
+                )
+                scaler.start()
+                log.info("autoscaling %s", ", ".join(scaler.services))
         else:
             ready.cancel()
         await stopped
     finally:
+        if scaler is not None:
+            await scaler.stop()
         log.info("stopping: services drain first, then the gateway, then the scheduler")
         await supervisor.stop()
     return 0
@@ -339,6 +358,10 @@ async def status(args: argparse.Namespace) -> int:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             print(f"{service}  {state}")
+    scaling = autoscale.read_status(settings.state_dir)
+    if scaling:
+        print("\nAUTOSCALE")
+        print(admin_cli.table(autoscale.format_status(scaling)))
     return 0
 
 
@@ -385,6 +408,12 @@ def parser() -> argparse.ArgumentParser:
             default=1,
             help="0 leaves the service out" if kind in SERVICE_MODULES else "training jobs run there; 0: none",
         )
+    up_cmd.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="grow and shrink each service's replicas with its calls in flight, from --<kind>-replicas up to "
+        "autoscale.max_replicas (config autoscale.*; see docs/deployment.md)",
+    )
     status_cmd = commands.add_parser("status", help="list services, replicas, models and health")
     status_cmd.add_argument(
         "--registry", default="", help="registry address, the scheduler's (default: config registry.address)"

@@ -3,6 +3,7 @@
 Each child runs in its own session so a terminal's Ctrl-C reaches only the supervisor, which then stops the
 services first (SIGTERM: they drain) and the gateway last, escalating to SIGKILL after the grace period. The
 gateway's own workers (gateway/workers.py) run under the same restart policy, stopped all at once instead.
+Children can be added and removed while it runs (`aimass up --autoscale`, aimass/autoscale.py).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class Supervisor:
         together: bool = False,
         on_exit: Callable[[int], None] | None = None,
     ) -> None:
+        self.on_exit = on_exit
         self.children = [Supervised(spec, on_exit=on_exit) for spec in specs]
         self.grace_s = grace_s
         # Stop every child at once (peers such as gateway workers) rather than one after another.
@@ -124,6 +126,19 @@ class Supervisor:
     def start(self) -> None:
         for child in self.children:
             child.start()
+
+    def add(self, spec: ProcessSpec) -> Supervised:
+        """One more child under the same policy, started now (aimass.autoscale's replicas); stopped with the rest."""
+        child = Supervised(spec, on_exit=self.on_exit)
+        self.children.append(child)
+        child.start()
+        return child
+
+    async def remove(self, child: Supervised) -> None:
+        """Stops one child (SIGTERM: a replica drains) and forgets it; forgotten only once stopped, so a stop of the
+        whole supervisor meanwhile still reaches it."""
+        await child.stop(self.grace_s)
+        self.children.remove(child)
 
     async def stop(self) -> None:
         if self.together:

@@ -665,6 +665,36 @@ class ConsoleConfig(BaseModel):
     drain_grace_s: PositiveFloat = 30.0
 
 
+class AutoscaleServiceConfig(BaseModel):
+    """One service's bounds under `aimass up --autoscale`; 0 takes the general setting."""
+
+    # Floor; 0: the replicas `aimass up` starts (--<kind>-replicas). A service never goes to zero.
+    min_replicas: int = Field(default=0, ge=0)
+    # Ceiling; 0: autoscale.max_replicas.
+    max_replicas: int = Field(default=0, ge=0)
+    # 0: autoscale.target_in_flight.
+    target_in_flight: float = Field(default=0.0, ge=0)
+
+
+class AutoscaleConfig(BaseModel):
+    """`aimass up --autoscale` (aimass.autoscale): replica processes per service follow the calls in flight per
+    replica (the scheduler's view), up after ``scale_up_after_s`` above the target, down after
+    ``scale_down_after_s`` with everything fitting in one replica fewer under ``scale_down_below`` of the target."""
+
+    enabled: bool = False
+    max_replicas: PositiveInt = 4
+    # Calls in flight (admitted, queued included) per serving replica above which one more is started.
+    target_in_flight: PositiveFloat = 8.0
+    scale_up_after_s: float = Field(default=3.0, ge=0)
+    scale_down_after_s: float = Field(default=60.0, ge=0)
+    # The hysteresis band: between this fraction of the target and the target, nothing changes.
+    scale_down_below: float = Field(default=0.5, gt=0, lt=1)
+    # How often it decides.
+    interval_s: PositiveFloat = 0.5
+    # Per service kind (nlp, vision, speech, llm), e.g. AIMASS_AUTOSCALE__SERVICES='{"nlp": {"max_replicas": 3}}'.
+    services: dict[str, AutoscaleServiceConfig] = Field(default_factory=dict)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIMASS_", env_nested_delimiter="__", extra="ignore")
 
@@ -687,6 +717,7 @@ class Settings(BaseSettings):
     telemetry: TelemetryConfig = TelemetryConfig()
     rest: RestConfig = RestConfig()
     console: ConsoleConfig = ConsoleConfig()
+    autoscale: AutoscaleConfig = AutoscaleConfig()
 
     @property
     def store_url(self) -> str:
