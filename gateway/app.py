@@ -22,10 +22,13 @@ from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, 
 from aimass.store.sql import SqlStore
 from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import TenantQuotas
-from aimass.v1 import admin_pb2_grpc, cluster_pb2_grpc, models_pb2, models_pb2_grpc
+from aimass.v1 import admin_pb2_grpc, assistant_pb2_grpc, cluster_pb2_grpc, models_pb2, models_pb2_grpc
 from gateway.admin import AdminServicer
+from gateway.assistant.servicer import AssistantServicer
+from gateway.assistant.sessions import Sessions
 from gateway.auth import ApiKeyInterceptor, KeyVerifier
 from gateway.cluster import ClusterServicer
+from gateway.composition import Stages
 from gateway.forwarder import Forwarder
 from gateway.model_catalogue import ModelCatalogueServicer
 from gateway.oip.reflection import OIP_SERVICE, reflection_pool
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 MODEL_SERVICE = "aimass.v1.ModelService"
 ADMIN_SERVICE = "aimass.v1.AdminService"
 CLUSTER_SERVICE = "aimass.v1.ClusterService"
+ASSISTANT_SERVICE = "aimass.v1.AssistantService"
+SCENARIO_SERVICE = "aimass.v1.ScenarioService"
 # The control plane's contracts are for mesh processes, on the scheduler's mTLS port: never forwarded.
 INTERNAL_SERVICES = frozenset(
     {
@@ -80,7 +85,14 @@ def front_door_credentials(config: GatewayConfig) -> grpc.ServerCredentials | No
 class GatewayApp:
     kind = "gateway"
     # Served here, not forwarded: replicas serve ModelService too, but only for their own models.
-    service_names: tuple[str, ...] = (MODEL_SERVICE, ADMIN_SERVICE, CLUSTER_SERVICE)
+    # The assistant and scenarios compose forwarded calls here (gateway/composition.py).
+    service_names: tuple[str, ...] = (
+        MODEL_SERVICE,
+        ADMIN_SERVICE,
+        CLUSTER_SERVICE,
+        ASSISTANT_SERVICE,
+        SCENARIO_SERVICE,
+    )
 
     def __init__(self, settings: Settings, *, worker: int | None = None) -> None:
         self.settings = settings
@@ -171,6 +183,15 @@ class GatewayApp:
             self.view, self.traffic, self.replicas, self.verifier, forwarded=lambda: self.forwarded_services
         )
         cluster_pb2_grpc.add_ClusterServiceServicer_to_server(cluster, server)
+        stages = Stages(self.forwarder, self.auth.stage)
+        limits = self.settings.assistant
+        sessions = Sessions(
+            self.store,
+            ttl_s=limits.session_ttl_s,
+            max_chars=limits.max_session_chars,
+            max_per_tenant=limits.max_sessions_per_tenant,
+        )
+        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(AssistantServicer(stages, sessions, limits), server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         # The OIP's (inference.GRPCInferenceService) before the forwarder, which answers every other method.
         oip_handler = OipServicer(self.forwarder, catalogue, self.settings).generic_handler()

@@ -29,7 +29,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any, Final
 
 import prometheus_client
@@ -39,7 +39,7 @@ from aimass.runtime.errors import AimassError, PermissionDenied, Unauthenticated
 from aimass.runtime.identity import ADAPTER_ROLES, peer_identity
 from aimass.runtime.interceptors import AroundInterceptor, Context, rule_for
 from aimass.runtime.metadata import CALLER_PEER_KEY, metadata_value, metadata_values, tenant_of
-from aimass.runtime.scope import RequestScope, deadline_of, entered, priority_named
+from aimass.runtime.scope import RequestScope, current_scope, deadline_of, entered, priority_named
 from aimass.runtime.tasks import cancel_and_wait
 from aimass.store.records import AuditEvent, KeyRecord, TenantRecord, now_ms
 from aimass.store.sql import SqlStore
@@ -75,6 +75,9 @@ METHOD_SCOPES: Final[dict[str, frozenset[str]]] = {
     "/aimass.v1.ModelService/DescribeModel": _INFER,
     # The mesh's status; what a key sees of other tenants and of addresses is the servicer's (gateway/cluster.py).
     "/aimass.v1.ClusterService/": _INFER,
+    # Composite calls (gateway/composition.py); each of their stages needs its own method's scopes too.
+    "/aimass.v1.AssistantService/": _INFER,
+    "/aimass.v1.ScenarioService/": _INFER,
     "/aimass.v1.DatasetService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
     "/aimass.v1.TrainingService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
     "/aimass.v1.DeploymentService/": frozenset({keys.SCOPE_MODELS_TRAIN}),
@@ -91,7 +94,14 @@ METHOD_SCOPES: Final[dict[str, frozenset[str]]] = {
 LLM_GENERATION: Final = frozenset({"/aimass.v1.LlmService/Chat", "/aimass.v1.LlmService/Generate"})
 # Calls outside the tenant's request quotas: WhoAmI only reads the verified key (the REST front door asks it before
 # reading a large upload, which would otherwise cost a low-rate tenant two requests); the server's admission bounds it.
-QUOTA_FREE: Final = frozenset({"/aimass.v1.AdminService/WhoAmI"})
+# A composite call costs nothing itself: each of its stages is metered as the call it is (ApiKeyInterceptor.stage).
+QUOTA_FREE: Final = frozenset(
+    {
+        "/aimass.v1.AdminService/WhoAmI",
+        "/aimass.v1.AssistantService/Converse",
+        "/aimass.v1.ScenarioService/RunScenario",
+    }
+)
 
 FAILURES_PER_PEER: Final = 20
 FAILURE_WINDOW_S: Final = 10.0
@@ -402,6 +412,37 @@ class ApiKeyInterceptor(AroundInterceptor):
         finally:
             if lease is not None:
                 lease.release()
+
+    @contextlib.contextmanager
+    def stage(self, method: str) -> Iterator[None]:
+        """A composite call's stage (gateway/composition.py), admitted as if its caller had made it: the key's
+        scopes must allow ``method``, and it holds the tenant's quotas while it runs."""
+        if self.verifier is None:
+            yield
+            return
+        scope = current_scope()
+        needed = required_scopes(method)
+        if needed and not needed & scope.scopes:
+            raise PermissionDenied(
+                f"key {scope.key_id} (tenant {scope.tenant!r}) may not call {method}, which this call makes for it: "
+                f"it needs one of the scopes {', '.join(sorted(needed))}",
+                reason="MISSING_SCOPE",
+                metadata={"key_id": scope.key_id, "tenant": scope.tenant, "needed": ",".join(sorted(needed))},
+            )
+        try:
+            lease = self.quotas.admit(
+                scope.tenant,
+                self.verifier.limits_of(scope.tenant),
+                llm=method in LLM_GENERATION,
+                usage=self.usage(scope.tenant),
+            )
+        except AimassError as err:
+            QUOTA_REFUSED.labels(err.metadata.get("quota", "")).inc()
+            raise
+        try:
+            yield
+        finally:
+            lease.release()
 
     async def _scope(self, method: str, context: Context) -> tuple[RequestScope, Limits | None]:
         """The call's scope from its key, and its tenant's limits (None with auth off: no quotas)."""

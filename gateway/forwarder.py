@@ -279,6 +279,27 @@ class Forwarder(grpc.GenericRpcHandler):
         response: bytes = await handler.unary_unary(request, cast(Any, context))
         return response
 
+    def call_unary_stream(
+        self, method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """``call_unary`` for a server-streaming method (gateway/composition.py): the replica's responses as they
+        come; closing the iterator early cancels the replica's call."""
+        handler = self._handlers.get(method)
+        if handler is None or handler.unary_stream is None:
+            raise ValueError(f"{method} is not a server-streaming method this gateway forwards")
+        responses: AsyncIterator[bytes] = cast(Any, handler.unary_stream)(request, context)
+        return responses
+
+    def call_stream_stream(
+        self, method: str, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """``call_unary`` for a bidirectional method: ``requests`` are sent as the replica reads them."""
+        handler = self._handlers.get(method)
+        if handler is None or handler.stream_stream is None:
+            raise ValueError(f"{method} is not a bidirectional method this gateway forwards")
+        responses: AsyncIterator[bytes] = cast(Any, handler.stream_stream)(requests, context)
+        return responses
+
     def _unknown_method(self, method: str) -> Callable[[AsyncIterator[bytes], Context], Any]:
         service, _, name = method.lstrip("/").partition("/")
         descriptor = contract.services().get(service)

@@ -21,13 +21,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import MetaData, create_engine, select, text
 
 from aimass.store import AuditEvent, KeyRecord, SqlStore, TenantRecord, schema
-from aimass.store.records import now_ms
+from aimass.store.records import ScenarioRecord, SessionRecord, now_ms
 from aimass.tenancy import keys
 from aimass.v1 import common_pb2
 from tests.postgres import create_database, postgres_binaries, postgres_server
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0002"
+HEAD = "0003"
 _databases = itertools.count()
 
 
@@ -489,3 +489,37 @@ def test_stores_on_one_url_share_writes_and_concurrent_updates_add_up(store: Sql
         assert [tenant.tenant_id for tenant in other.list_tenants()] == ["acme", "t0", "t1", "t2", "t3", "t4"]
     finally:
         other.close()
+
+
+def test_assistant_sessions_are_per_tenant_and_expire(store: SqlStore) -> None:
+    now = now_ms()
+    kept = SessionRecord(
+        "acme", "kitchen", "Be brief.", (("user", "Hi"), ("assistant", "Hello!")), now, now, now + 60_000
+    )
+    store.put_session(kept)
+    store.put_session(SessionRecord("acme", "old", "", (), now - 10, now - 10, now - 1))
+    store.put_session(SessionRecord("other", "kitchen", "", (), now, now, now + 60_000))
+    assert store.get_session("acme", "kitchen", now) == kept
+    assert store.get_session("acme", "old", now) is None  # expired
+    assert store.get_session("nobody", "kitchen", now) is None
+    assert [s.session_id for s in store.list_sessions("acme", now)] == ["kitchen"]
+    assert store.count_sessions("acme", now) == 1
+    assert store.prune_sessions("acme", now) == 1
+    longer = dataclasses.replace(kept, messages=(*kept.messages, ("user", "Again")), updated_unix_ms=now + 5)
+    store.put_session(longer)
+    assert store.get_session("acme", "kitchen", now) == longer
+    assert store.delete_session("acme", "kitchen") and not store.delete_session("acme", "kitchen")
+    assert store.get_session("other", "kitchen", now) is not None
+
+
+def test_scenarios_are_per_tenant_and_keep_their_creation_time(store: SqlStore) -> None:
+    first = store.put_scenario(ScenarioRecord("acme", "triage", "name: triage"))
+    assert first.created_unix_ms == first.updated_unix_ms > 0
+    again = store.put_scenario(ScenarioRecord("acme", "triage", "name: triage\n# v2"))
+    assert again.created_unix_ms == first.created_unix_ms and again.source.endswith("v2")
+    assert store.get_scenario("acme", "triage") == again
+    assert store.get_scenario("other", "triage") is None
+    store.put_scenario(ScenarioRecord("acme", "alpha", "name: alpha"))
+    assert [s.name for s in store.list_scenarios("acme")] == ["alpha", "triage"] and store.count_scenarios("acme") == 2
+    assert store.list_scenarios("other") == []
+    assert store.delete_scenario("acme", "alpha") and not store.delete_scenario("acme", "alpha")

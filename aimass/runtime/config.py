@@ -648,6 +648,38 @@ class RestConfig(BaseModel):
 class ConsoleConfig(BaseModel):
     """The web console (gateway/console): its own process serving the pages and a JSON API that calls the gateway
     with each user's own key, exactly as the REST front door does (the same adapter hop, a "console" certificate)."""
+class AssistantConfig(BaseModel):
+    """AssistantService (gateway/assistant): the voice assistant the gateway serves, and its sessions."""
+
+    # A session expires this long after its last turn.
+    session_ttl_s: PositiveFloat = 24 * 3600.0
+    # A session's messages are kept within this many characters (oldest turns dropped first).
+    max_session_chars: PositiveInt = 20_000
+    max_sessions_per_tenant: PositiveInt = 1000
+    # The system prompt of a session that sets none.
+    default_system_prompt: str = (
+        "You are a helpful voice assistant. Answer in one or two short sentences, in plain words that read well aloud."
+    )
+    # Limits on what a caller sends: a text turn or system prompt, one chunk of microphone audio.
+    max_text_chars: PositiveInt = 4000
+    max_audio_chunk_bytes: PositiveInt = 1024 * 1024
+    # The first message (the config) must come within this long.
+    config_timeout_s: PositiveFloat = 10.0
+
+
+class ScenariosConfig(BaseModel):
+    """ScenarioService (gateway/scenarios): composed pipelines the gateway runs."""
+
+    # A scenario's YAML source, at most.
+    max_source_bytes: PositiveInt = 64 * 1024
+    # Scenarios a tenant may store.
+    max_per_tenant: PositiveInt = 100
+    # Steps in one scenario.
+    max_steps: PositiveInt = 32
+    # More shipped scenarios (every tenant sees them): a folder of *.yaml files an operator adds.
+    directory: Path | None = None
+
+
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -721,6 +753,8 @@ class Settings(BaseSettings):
 
     @property
     def store_url(self) -> str:
+    assistant: AssistantConfig = AssistantConfig()
+    scenarios: ScenariosConfig = ScenariosConfig()
         return self.store.url.get_secret_value() or f"sqlite:///{self.state_dir / 'aimass.db'}"
 
     @property

@@ -174,3 +174,27 @@ class JobRow:
     state: training_pb2.JobState.ValueType
     created_unix_ms: int
     job: bytes
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """One of a tenant's assistant conversations: its system prompt and its messages, oldest first."""
+
+    tenant_id: str
+    session_id: str
+    system_prompt: str
+    messages: tuple[tuple[str, str], ...]  # (role "user" or "assistant", content)
+    created_unix_ms: int
+    updated_unix_ms: int
+    expires_unix_ms: int
+
+
+@dataclass(frozen=True)
+class ScenarioRecord:
+    """One of a tenant's own scenarios: its YAML source (validated when it was stored)."""
+
+    tenant_id: str
+    name: str
+    source: str
+    created_unix_ms: int = 0
+    updated_unix_ms: int = 0

@@ -188,3 +188,30 @@ lifecycle_state = Table(
     # Bumped by every deployment change: replicas report the generation they have applied.
     Column("deployment_generation", BigInteger, nullable=False),
 )
+
+
+# The voice assistant's conversations (gateway/assistant/sessions.py), per tenant. No foreign key to tenants: with
+# auth off the tenant is whatever the caller names (or anonymous, "").
+assistant_sessions = Table(
+    "assistant_sessions",
+    metadata,
+    Column("tenant_id", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("session_id", String(64), primary_key=True),
+    Column("system_prompt", Text, nullable=False),
+    # JSON: [[role, content], ...], oldest first.
+    Column("messages", Text, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("updated_unix_ms", BigInteger, nullable=False),
+    Column("expires_unix_ms", BigInteger, nullable=False, index=True),
+)
+
+# Tenants' own scenarios (gateway/scenarios): their YAML source, validated when stored.
+scenarios = Table(
+    "scenarios",
+    metadata,
+    Column("tenant_id", String(TENANT_ID_LENGTH), primary_key=True),
+    Column("name", String(64), primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("created_unix_ms", BigInteger, nullable=False),
+    Column("updated_unix_ms", BigInteger, nullable=False),
+)

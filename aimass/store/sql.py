@@ -67,6 +67,8 @@ from aimass.store.records import (
     JobRow,
     KeyRecord,
     ModelVersionRecord,
+    ScenarioRecord,
+    SessionRecord,
     TenantRecord,
     now_ms,
 )
@@ -350,6 +352,28 @@ def _job(row: RowMapping) -> JobRow:
         state=training_pb2.JobState.ValueType(int(row["state"])),
         created_unix_ms=int(row["created_unix_ms"]),
         job=bytes(row["job"]),
+    )
+
+
+def _session(row: RowMapping) -> SessionRecord:
+    return SessionRecord(
+        tenant_id=row["tenant_id"],
+        session_id=row["session_id"],
+        system_prompt=row["system_prompt"],
+        messages=tuple((str(role), str(content)) for role, content in json.loads(row["messages"])),
+        created_unix_ms=int(row["created_unix_ms"]),
+        updated_unix_ms=int(row["updated_unix_ms"]),
+        expires_unix_ms=int(row["expires_unix_ms"]),
+    )
+
+
+def _scenario(row: RowMapping) -> ScenarioRecord:
+    return ScenarioRecord(
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        source=row["source"],
+        created_unix_ms=int(row["created_unix_ms"]),
+        updated_unix_ms=int(row["updated_unix_ms"]),
     )
 
 
@@ -1033,3 +1057,123 @@ class SqlStore:
         query = select(func.count()).select_from(table).where(table.c.owner == owner, table.c.state.in_(sorted(states)))
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
+
+    # -- the assistant's sessions (gateway/assistant/sessions.py)
+
+    def get_session(self, tenant_id: str, session_id: str, now_unix_ms: int) -> SessionRecord | None:
+        """The tenant's session, unless it does not exist or expired before ``now_unix_ms``."""
+        table = schema.assistant_sessions
+        query = select(table).where(
+            table.c.tenant_id == tenant_id,
+            table.c.session_id == session_id,
+            table.c.expires_unix_ms > now_unix_ms,
+        )
+        with self._read() as conn:
+            row = conn.execute(query).mappings().first()
+        return None if row is None else _session(row)
+
+    def put_session(self, record: SessionRecord) -> None:
+        """Creates or replaces the session."""
+        table = schema.assistant_sessions
+        values = dataclasses.asdict(record)
+        values["messages"] = json.dumps([list(message) for message in record.messages])
+        stmt = self._insert(table).values(**values)
+        changed = [field for field in values if field not in ("tenant_id", "session_id", "created_unix_ms")]
+        with self._write() as conn:
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant_id", "session_id"], set_={field: stmt.excluded[field] for field in changed}
+                )
+            )
+
+    def list_sessions(self, tenant_id: str, now_unix_ms: int) -> list[SessionRecord]:
+        """The tenant's sessions that have not expired, most recently used first."""
+        table = schema.assistant_sessions
+        query = (
+            select(table)
+            .where(table.c.tenant_id == tenant_id, table.c.expires_unix_ms > now_unix_ms)
+            .order_by(table.c.updated_unix_ms.desc(), table.c.session_id)
+        )
+        with self._read() as conn:
+            return [_session(row) for row in conn.execute(query).mappings()]
+
+    def count_sessions(self, tenant_id: str, now_unix_ms: int) -> int:
+        table = schema.assistant_sessions
+        query = (
+            select(func.count())
+            .select_from(table)
+            .where(table.c.tenant_id == tenant_id, table.c.expires_unix_ms > now_unix_ms)
+        )
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def delete_session(self, tenant_id: str, session_id: str) -> bool:
+        """Deletes the tenant's session; False when it had none of that id."""
+        table = schema.assistant_sessions
+        with self._write() as conn:
+            result = conn.execute(delete(table).where(table.c.tenant_id == tenant_id, table.c.session_id == session_id))
+        return bool(result.rowcount)
+
+    def prune_sessions(self, tenant_id: str, now_unix_ms: int) -> int:
+        """Deletes the tenant's sessions that expired before ``now_unix_ms``; how many."""
+        table = schema.assistant_sessions
+        with self._write() as conn:
+            result = conn.execute(
+                delete(table).where(table.c.tenant_id == tenant_id, table.c.expires_unix_ms <= now_unix_ms)
+            )
+        return int(result.rowcount or 0)
+
+    # -- tenants' scenarios (gateway/scenarios)
+
+    def put_scenario(self, record: ScenarioRecord) -> ScenarioRecord:
+        """Creates or replaces the tenant's scenario (its creation time kept); returns it as stored."""
+        table = schema.scenarios
+        now = now_ms()
+        with self._write() as conn:
+            created = conn.execute(
+                select(table.c.created_unix_ms).where(
+                    table.c.tenant_id == record.tenant_id, table.c.name == record.name
+                )
+            ).scalar_one_or_none()
+            stored = dataclasses.replace(
+                record, created_unix_ms=int(created) if created is not None else now, updated_unix_ms=now
+            )
+            stmt = self._insert(table).values(**dataclasses.asdict(stored))
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["tenant_id", "name"],
+                    set_={"source": stmt.excluded.source, "updated_unix_ms": stmt.excluded.updated_unix_ms},
+                )
+            )
+        return stored
+
+    def get_scenario(self, tenant_id: str, name: str) -> ScenarioRecord | None:
+        table = schema.scenarios
+        with self._read() as conn:
+            row = (
+                conn.execute(select(table).where(table.c.tenant_id == tenant_id, table.c.name == name))
+                .mappings()
+                .first()
+            )
+        return None if row is None else _scenario(row)
+
+    def list_scenarios(self, tenant_id: str) -> list[ScenarioRecord]:
+        """The tenant's scenarios by name."""
+        table = schema.scenarios
+        with self._read() as conn:
+            rows = conn.execute(select(table).where(table.c.tenant_id == tenant_id).order_by(table.c.name)).mappings()
+            return [_scenario(row) for row in rows]
+
+    def count_scenarios(self, tenant_id: str) -> int:
+        table = schema.scenarios
+        with self._read() as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(table).where(table.c.tenant_id == tenant_id)).scalar_one()
+            )
+
+    def delete_scenario(self, tenant_id: str, name: str) -> bool:
+        """Deletes the tenant's scenario; False when it had none of that name."""
+        table = schema.scenarios
+        with self._write() as conn:
+            result = conn.execute(delete(table).where(table.c.tenant_id == tenant_id, table.c.name == name))
+        return bool(result.rowcount)
