@@ -22,7 +22,14 @@ from aimass.runtime.server import NOT_SERVING, SERVING, Listener, ServerRunner, 
 from aimass.store.sql import SqlStore
 from aimass.tenancy.audit import AuditLog
 from aimass.tenancy.quotas import TenantQuotas
-from aimass.v1 import admin_pb2_grpc, assistant_pb2_grpc, cluster_pb2_grpc, models_pb2, models_pb2_grpc
+from aimass.v1 import (
+    admin_pb2_grpc,
+    assistant_pb2_grpc,
+    cluster_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    scenarios_pb2_grpc,
+)
 from gateway.admin import AdminServicer
 from gateway.assistant.servicer import AssistantServicer
 from gateway.assistant.sessions import Sessions
@@ -35,6 +42,7 @@ from gateway.oip.reflection import OIP_SERVICE, reflection_pool
 from gateway.oip.servicer import OipServicer
 from gateway.replicas import Replica, ReplicaSet
 from gateway.router import make_router
+from gateway.scenarios.servicer import ScenarioServicer
 from gateway.traffic import TrafficInterceptor, TrafficRecorder
 from gateway.view import LoadView, ViewWatcher
 
@@ -192,6 +200,8 @@ class GatewayApp:
             max_per_tenant=limits.max_sessions_per_tenant,
         )
         assistant_pb2_grpc.add_AssistantServiceServicer_to_server(AssistantServicer(stages, sessions, limits), server)
+        scenarios = ScenarioServicer(stages, self.store, self.settings.scenarios)
+        scenarios_pb2_grpc.add_ScenarioServiceServicer_to_server(scenarios, server)
         # Added last: gRPC consults registered services (health, reflection, registry) before generic handlers.
         # The OIP's (inference.GRPCInferenceService) before the forwarder, which answers every other method.
         oip_handler = OipServicer(self.forwarder, catalogue, self.settings).generic_handler()
