@@ -11,7 +11,8 @@
 3. The smoke test: the cpu overlay's scheduler, gateway, node agent, NLP replica and REST front door are started
    as local processes from their containers' command and environment exactly as rendered (ConfigMaps, Secrets made
    by make-secrets.sh, the downward API, $(VAR) expansion, volume mounts), with only ports and addresses rewritten
-   onto 127.0.0.1; then their own startup/readiness/liveness probes must pass, a request must go end to end
+   onto 127.0.0.1; then their own startup/readiness/liveness probes must pass (the kubelet's gRPC probes on each
+   server's plaintext health port, whose main port takes mesh mTLS only), a request must go end to end
    through the gateway, the series the HPAs scale on must be in what the processes export, and each process's
    resident memory must sit under its container's memory limit. A wrong flag, env name, probe port or Service
    address in a manifest fails here.
@@ -161,6 +162,10 @@ def test_pods_are_locked_down_and_sized(rendered: dict[str, list[dict[str, Any]]
             assert "livenessProbe" in container and "startupProbe" in container, f"{name}: probes"
             if workload["kind"] == "Deployment":
                 assert "readinessProbe" in container, f"{name}: readiness decides the Service's endpoints"
+            if workload["metadata"]["labels"]["app.kubernetes.io/component"] in ("gateway", "scheduler", "replica"):
+                # The kubelet's own gRPC probes on grpc.health.v1, for every gRPC server of the mesh.
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    assert set(container[kind]) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, (name, kind)
             # Secrets come from Secrets: no literal value that looks like one.
             for env in container.get("env", []):
                 if re.search(r"TOKEN|PASSWORD|STORE__URL|KEY$", env["name"]):
@@ -566,6 +571,16 @@ def test_manifests_run_as_local_processes_and_serve_end_to_end(smoke: SmokeMesh)
     with keyed_channel(smoke.gateway(), smoke.api_key) as channel:
         reply = nlp_pb2_grpc.NlpServiceStub(channel).Embed(nlp_pb2.EmbedRequest(texts=["hello kubernetes"]), timeout=60)
     assert len(reply.embeddings) == 1 and len(reply.embeddings[0].values) > 0
+    # The replicas' and the scheduler's own ports take mesh mTLS only: their probes' plaintext port has the health
+    # service and nothing more.
+    for name in ("aimass-nlp", "aimass-scheduler"):
+        pod = smoke.pods[name]
+        with grpc.insecure_channel(f"127.0.0.1:{pod.port('grpc')}") as channel, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        with grpc.insecure_channel(f"127.0.0.1:{pod.port('health')}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                nlp_pb2_grpc.NlpServiceStub(channel).Embed(nlp_pb2.EmbedRequest(texts=["no"]), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, name
     # The REST front door, through the gateway's adapter listener (mesh mTLS with the Secrets' certificates).
     rest = smoke.pods["aimass-rest"].port("http")
     request = urllib.request.Request(

@@ -89,6 +89,9 @@ class ServerConfig(BaseModel):
     access_log: bool = True
     # Prometheus text endpoint on this port (0 = off).
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # A plaintext listener serving grpc.health.v1 alone (the main port's statuses), for probes that hold no mesh
+    # certificate: the kubelet's own gRPC probes (deploy/kubernetes). 0 = none.
+    health_port: int = Field(default=0, ge=0, le=65535)
     # HTTP/2 hygiene. Streams one connection may have open at once (more wait in the client's transport): inside
     # the mesh a gateway multiplexes all its calls to a replica over one connection, so this is generous there.
     max_concurrent_streams: PositiveInt = 1024

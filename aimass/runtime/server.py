@@ -224,6 +224,8 @@ class ServerRunner:
         self.extra_ports: dict[str, int] = {}
         self.membership: Membership | None = None
         self._server: grpc.aio.Server | None = None
+        # config.health_port's server (grpc.health.v1 alone, plaintext), when there is one.
+        self._health_server: grpc.aio.Server | None = None
         self._stopped = False
         # False while a StandsBy app stands by.
         self._active = True
@@ -300,6 +302,8 @@ class ServerRunner:
             await self.health.set(name, NOT_SERVING)
         self.port = self._listen()
         await self.server.start()
+        if self.config.health_port:
+            await self._serve_health_port()
         if self.config.metrics_port:
             prometheus_client.start_http_server(self.config.metrics_port, addr=self.config.host)
             log.info("%s metrics at http://%s:%d/metrics", self.app.kind, self.config.host, self.config.metrics_port)
@@ -327,6 +331,19 @@ class ServerRunner:
             time.perf_counter() - started,
             ", ".join(self.app.model_names()) or "none",
         )
+
+    async def _serve_health_port(self) -> None:
+        """grpc.health.v1 alone, plaintext, on health_port: the same statuses (SERVING once the models are loaded,
+        NOT_SERVING while draining), for a prober that cannot present a mesh certificate; nothing else is there."""
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise RuntimeError(f"{self.app.kind}: cannot listen on {address} (health_port): {err}") from err
+        await server.start()
+        self._health_server = server
 
     async def _join(self, registry: Registry) -> None:
         """Registers this process (kept registered by heartbeats) with its models and labels."""
@@ -393,6 +410,8 @@ class ServerRunner:
         if isinstance(self.app, EndsStreams):
             await self.app.end_streams()
         await self.server.stop(self.config.drain_grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.app.close()
         if self.registry is not None:
             await self.registry.close()
