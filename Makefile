@@ -81,6 +81,7 @@ bench: install
 	$(BIN)/python -m benchmarks.xds --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.gateway_workers --write docs/benchmarks.md
 	$(BIN)/python -m benchmarks.trace_replay --write docs/benchmarks.md --plot docs/trace_replay.png
+	$(BIN)/python -m benchmarks.voice_assistant --write docs/benchmarks.md
 
 # Load test: starts a mesh (nlp, vision, speech, llm) on free loopback ports, runs every loadtest/scenarios.py
 # scenario through the gateway and straight to a replica, writes docs/loadtest.md and docs/loadtest.png (~5 min).
