@@ -37,7 +37,7 @@ from aimass.runtime.discovery import Instance, RemoteRegistry
 from aimass.runtime.errors import DeadlineExceeded
 from aimass.runtime.identity import ROLE_GATEWAY, MeshCredentials, MeshPolicy
 from aimass.runtime.server import mesh_listener
-from aimass.v1 import llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc
+from aimass.v1 import llm_pb2, llm_pb2_grpc, nlp_pb2, nlp_pb2_grpc, scenarios_pb2, scenarios_pb2_grpc
 from services.nlp.app import build_runner
 from services.nlp.engine import NlpEngine
 from tests import security
@@ -434,6 +434,46 @@ async def test_streams_through_the_gateway_carry_its_context(traced_mesh: tuple[
         await registry.deregister("probe-llm")
         await registry.close()
         await server.stop(0)
+
+
+STAGES = {"/aimass.v1.NlpService/Sentiment", "/aimass.v1.NlpService/Entities", "/aimass.v1.NlpService/Classify"}
+
+
+@pytest.mark.slow
+async def test_a_composite_call_is_one_trace_with_each_stage_a_call_of_its_own(
+    traced_mesh: tuple[LocalMesh, FakeCollector],
+) -> None:
+    """gateway/composition.py (the assistant's and scenarios' stages): a scenario's three steps are three forwarded
+    calls under the composite call's span, each reaching its replica in the same trace."""
+    mesh, collector = traced_mesh
+    trace_id = "77777777777777777777777777777777"
+    parent = f"00-{trace_id}-8888888888888888-01"
+    request = scenarios_pb2.RunScenarioRequest(
+        name="review-triage", inputs={"review": scenarios_pb2.ScenarioValue(text="The courier from Berlin was late.")}
+    )
+    async with mesh.aio_channel() as channel:
+        stub = scenarios_pb2_grpc.ScenarioServiceStub(channel)
+        events = [e async for e in stub.RunScenario(request, timeout=60, metadata=(("traceparent", parent),))]
+    assert events[-1].WhichOneof("event") == "end"
+    got = await asyncio.to_thread(
+        collector.wait_for,
+        lambda got: (
+            {(s.service, s.name) for s in trace_of(got, trace_id)}
+            >= {("aimass-nlp", m) for m in STAGES} | {("aimass-gateway", "/aimass.v1.ScenarioService/RunScenario")}
+        ),
+        15,
+    )
+    spans = trace_of(got, trace_id)
+    composite = [s for s in spans if s.service == "aimass-gateway" and s.kind == SERVER]
+    assert [s.name for s in composite] == ["/aimass.v1.ScenarioService/RunScenario"], [
+        (s.service, s.name, s.kind) for s in spans
+    ]
+    assert composite[0].parent_span_id == "8888888888888888"
+    calls = {s.name: s for s in spans if s.service == "aimass-gateway" and s.kind == CLIENT}
+    assert set(calls) == STAGES
+    assert all(call.parent_span_id == composite[0].span_id for call in calls.values())
+    replicas = {s.name: s for s in spans if s.service == "aimass-nlp" and s.kind == SERVER}
+    assert all(replicas[method].parent_span_id == calls[method].span_id for method in STAGES)
 
 
 @pytest.mark.slow
