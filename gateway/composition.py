@@ -18,7 +18,7 @@ barge-in stops a reply's generation in the engine.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -75,6 +75,12 @@ class StageFailed(Exception):
     def from_rpc_error(cls, err: grpc.aio.AioRpcError) -> StageFailed:
         return cls(err.code(), err.details() or err.code().name, tuple(err.trailing_metadata() or ()))
 
+    @classmethod
+    def refused(cls, err: AimassError) -> StageFailed:
+        """The gateway's own refusal of a stage (the caller's key or quotas), as the stage's failure."""
+        info = common_pb2.ErrorInfo(reason=err.reason, metadata=err.metadata)
+        return cls(err.code, err.message, ((ERROR_INFO_KEY, info.SerializeToString()),))
+
 
 class StageContext:
     """What a Forwarder handler needs of a ServicerContext, for one stage of a composite call (see the module)."""
@@ -123,6 +129,16 @@ class Stages:
         self.forwarder = forwarder
         self.admit = admit
 
+    @contextlib.contextmanager
+    def _admitted(self, method: str) -> Iterator[None]:
+        """Holds the stage's admission while it runs; a refusal is the stage's failure (StageFailed)."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.admit(method))
+            except AimassError as refusal:
+                raise StageFailed.refused(refusal) from None
+            yield
+
     def _context(self, outer: Context, timeout_s: float | None) -> StageContext:
         """The stage's context: its deadline is the caller's, or ``timeout_s`` from now when that comes first."""
         deadline = deadline_of(outer)
@@ -140,9 +156,9 @@ class Stages:
         *,
         timeout_s: float | None = None,
     ) -> Resp:
-        """One unary stage; raises StageFailed when it fails (AimassError when the caller may not make it)."""
+        """One unary stage; raises StageFailed when it fails (or the caller may not make it)."""
         context = self._context(outer, timeout_s)
-        with self.admit(method), held_to(context.deadline):
+        with self._admitted(method), held_to(context.deadline):
             raw = await self.forwarder.call_unary(method, request.SerializeToString(), cast(Any, context))
         return response_type.FromString(raw)
 
@@ -157,7 +173,7 @@ class Stages:
     ) -> AsyncIterator[Resp]:
         """A server-streaming stage's responses as they come; closing the iterator early cancels the stage."""
         context = self._context(outer, timeout_s)
-        with self.admit(method):
+        with self._admitted(method):
             responses = self.forwarder.call_unary_stream(method, request.SerializeToString(), cast(Any, context))
             async for raw in _relayed(responses, context.deadline):
                 yield response_type.FromString(raw)
@@ -178,7 +194,7 @@ class Stages:
             async for request in requests:
                 yield request.SerializeToString()
 
-        with self.admit(method):
+        with self._admitted(method):
             responses = self.forwarder.call_stream_stream(method, encoded(), cast(Any, context))
             async for raw in _relayed(responses, context.deadline):
                 yield response_type.FromString(raw)

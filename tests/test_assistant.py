@@ -229,6 +229,25 @@ async def test_a_later_call_continues_the_session(front_door_mesh: LocalMesh) ->
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_each_stage_counts_against_the_tenants_quotas(front_door_mesh: LocalMesh) -> None:
+    # One request per 10 s: the call itself costs nothing, its first reply (one Chat stage) fits, the second not.
+    key = key_for(f"assistant-quota-{time.time_ns()}", requests_per_second=0.1)
+    async with front_door_mesh.aio_channel(key) as channel:
+        caller = Caller(channel, voice_config(text_only=True))
+        await caller.until("started")
+        caller.type(QUESTION)
+        await caller.until("reply_end")
+        caller.type(QUESTION)
+        with pytest.raises(grpc.aio.AioRpcError) as refused_stage:
+            await caller.until("reply_end", 2)
+        caller.hang_up()
+    error = refused_stage.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    info = error_info(error)
+    assert info is not None and info.metadata["step"] == "reply" and "LlmService/Chat" in info.metadata["method"]
+    assert "requests per second" in (error.details() or ""), error.details()
+
+
 async def refused(channel: grpc.aio.Channel, requests: Sequence[assistant_pb2.ConverseRequest]) -> grpc.aio.AioRpcError:
     stub = assistant_pb2_grpc.AssistantServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
