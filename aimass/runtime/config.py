@@ -648,9 +648,6 @@ class RestConfig(BaseModel):
     drain_grace_s: PositiveFloat = 30.0
 
 
-class ConsoleConfig(BaseModel):
-    """The web console (gateway/console): its own process serving the pages and a JSON API that calls the gateway
-    with each user's own key, exactly as the REST front door does (the same adapter hop, a "console" certificate)."""
 class AssistantConfig(BaseModel):
     """AssistantService (gateway/assistant): the voice assistant the gateway serves, and its sessions."""
 
@@ -683,6 +680,9 @@ class ScenariosConfig(BaseModel):
     directory: Path | None = None
 
 
+class ConsoleConfig(BaseModel):
+    """The web console (gateway/console): its own process serving the pages and a JSON API that calls the gateway
+    with each user's own key, exactly as the REST front door does (the same adapter hop, a "console" certificate)."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -753,11 +753,11 @@ class Settings(BaseSettings):
     rest: RestConfig = RestConfig()
     console: ConsoleConfig = ConsoleConfig()
     autoscale: AutoscaleConfig = AutoscaleConfig()
+    assistant: AssistantConfig = AssistantConfig()
+    scenarios: ScenariosConfig = ScenariosConfig()
 
     @property
     def store_url(self) -> str:
-    assistant: AssistantConfig = AssistantConfig()
-    scenarios: ScenariosConfig = ScenariosConfig()
         return self.store.url.get_secret_value() or f"sqlite:///{self.state_dir / 'aimass.db'}"
 
     @property
