@@ -27,6 +27,7 @@ from gateway.scenarios.catalogue import load_shipped
 from gateway.scenarios.format import Interpolated, Ref, Scenario, ScenarioError, parse
 from gateway.scenarios.runner import bind_inputs, build_request, resolve
 from tests.security import key_for
+from tests.test_rest_llm import running_requests, wait_for
 
 GOOD = """\
 name: ocr-then-speak
@@ -485,3 +486,37 @@ async def test_a_tenants_own_scenarios_are_its_own(front_door_mesh: LocalMesh) -
         with pytest.raises(grpc.aio.AioRpcError) as gone:
             await stub.GetScenario(scenarios_pb2.GetScenarioRequest(name="feedback-mood"))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+STORY = """\
+name: long-story
+inputs:
+  topic: {type: text}
+steps:
+  story:
+    method: LlmService.Chat
+    request:
+      messages: [{role: CHAT_ROLE_USER, content: "Tell me a very long story about ${inputs.topic}."}]
+      sampling: {max_tokens: 600, temperature: 0}
+outputs:
+  story: ${steps.story.delta}
+"""
+
+
+@slow
+async def test_cancelling_a_run_stops_its_steps_and_the_deadline_bounds_them(front_door_mesh: LocalMesh) -> None:
+    async with front_door_mesh.aio_channel(key_for(f"scenarios-story-{time.time_ns()}")) as channel:
+        stub = scenarios_pb2_grpc.ScenarioServiceStub(channel)
+        await stub.PutScenario(scenarios_pb2.PutScenarioRequest(source=STORY))
+        request = scenarios_pb2.RunScenarioRequest(name="long-story", inputs={"topic": text_value("a dragon")})
+        call = stub.RunScenario(request, timeout=120)
+        first = await anext(aiter(call))
+        assert first.step_started.step == "story"
+        await wait_for(lambda: running_requests(front_door_mesh) >= 1, 30)
+        call.cancel()
+        # The caller's cancellation reaches the engine: the story's sequence is aborted, not left to finish.
+        await wait_for(lambda: running_requests(front_door_mesh) == 0, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            [e async for e in stub.RunScenario(request, timeout=1.5)]
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await wait_for(lambda: running_requests(front_door_mesh) == 0, 5)
