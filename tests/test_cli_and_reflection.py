@@ -21,12 +21,14 @@ from tests.conftest import BIN
 # gateway neither forwards nor lists them.
 SERVICES = [
     "aimass.v1.AdminService",
+    "aimass.v1.AssistantService",
     "aimass.v1.ClusterService",
     "aimass.v1.DatasetService",
     "aimass.v1.DeploymentService",
     "aimass.v1.LlmService",
     "aimass.v1.ModelService",
     "aimass.v1.NlpService",
+    "aimass.v1.ScenarioService",
     "aimass.v1.SpeechService",
     "aimass.v1.TrainingService",
     "aimass.v1.VisionService",
