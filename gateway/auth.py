@@ -151,6 +151,19 @@ def required_scopes(method: str) -> frozenset[str]:
     return rule_for(METHOD_SCOPES, method) or frozenset()
 
 
+def check_scopes_allow(method: str, key_id: str, tenant: str, scopes: frozenset[str]) -> None:
+    """PERMISSION_DENIED (MISSING_SCOPE) unless a key with ``scopes`` may call ``method`` (itself, or as a stage of a
+    composite call it made)."""
+    needed = required_scopes(method)
+    if needed and not needed & scopes:
+        raise PermissionDenied(
+            f"key {key_id} (tenant {tenant!r}, scopes {', '.join(sorted(scopes))}) may not call {method}: it needs "
+            f"one of the scopes {', '.join(sorted(needed))}",
+            reason="MISSING_SCOPE",
+            metadata={"key_id": key_id, "tenant": tenant, "needed": ",".join(sorted(needed))},
+        )
+
+
 # Read in one pass over a call's metadata.
 CALL_METADATA: Final = ("x-request-id", "authorization", "x-api-key")
 
@@ -421,14 +434,7 @@ class ApiKeyInterceptor(AroundInterceptor):
             yield
             return
         scope = current_scope()
-        needed = required_scopes(method)
-        if needed and not needed & scope.scopes:
-            raise PermissionDenied(
-                f"key {scope.key_id} (tenant {scope.tenant!r}) may not call {method}, which this call makes for it: "
-                f"it needs one of the scopes {', '.join(sorted(needed))}",
-                reason="MISSING_SCOPE",
-                metadata={"key_id": scope.key_id, "tenant": scope.tenant, "needed": ",".join(sorted(needed))},
-            )
+        check_scopes_allow(method, scope.key_id, scope.tenant, scope.scopes)
         try:
             lease = self.quotas.admit(
                 scope.tenant,
@@ -463,14 +469,7 @@ class ApiKeyInterceptor(AroundInterceptor):
         if not key:
             raise Unauthenticated(f"{method} needs an API key: {HOW_TO_GET_A_KEY}", reason="NO_KEY")
         record = await self.verifier.verify(key, lambda: caller_peer(context))
-        needed = required_scopes(method)
-        if needed and not needed & record.scopes:
-            raise PermissionDenied(
-                f"key {record.key_id} (tenant {record.tenant_id!r}, scopes {', '.join(sorted(record.scopes))}) may "
-                f"not call {method}: it needs one of the scopes {', '.join(sorted(needed))}",
-                reason="MISSING_SCOPE",
-                metadata={"key_id": record.key_id, "tenant": record.tenant_id, "needed": ",".join(sorted(needed))},
-            )
+        check_scopes_allow(method, record.key_id, record.tenant_id, record.scopes)
         limits = self.verifier.limits_of(record.tenant_id)
         scope = RequestScope(
             tenant=record.tenant_id,
