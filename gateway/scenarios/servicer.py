@@ -33,7 +33,7 @@ from aimass.v1 import common_pb2, scenarios_pb2, scenarios_pb2_grpc
 from gateway.composition import StageFailed, Stages
 from gateway.scenarios import runner
 from gateway.scenarios.catalogue import load_shipped
-from gateway.scenarios.format import Scenario, Step, parse
+from gateway.scenarios.format import Scenario, ScenarioError, Step, parse
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -110,7 +110,17 @@ class ScenarioServicer(scenarios_pb2_grpc.ScenarioServiceServicer):
         found = [info(s, shipped=True) for s in self.shipped.values()]
         records = await asyncio.to_thread(self.store.list_scenarios, current_scope().tenant)
         for record in sorted(records, key=lambda r: r.name):
-            found.append(info(self._parse(record.source), shipped=False, updated_unix_ms=record.updated_unix_ms))
+            try:
+                found.append(info(self._parse(record.source), shipped=False, updated_unix_ms=record.updated_unix_ms))
+            except ScenarioError as err:
+                # Stored when valid, no longer so (a method gone, a limit lowered): listed, so it can be fixed.
+                found.append(
+                    scenarios_pb2.ScenarioInfo(
+                        name=record.name,
+                        description=f"not valid now: {err.message}",
+                        updated_unix_ms=record.updated_unix_ms,
+                    )
+                )
         return scenarios_pb2.ListScenariosResponse(scenarios=found)
 
     async def GetScenario(
