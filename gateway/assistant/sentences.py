@@ -6,6 +6,10 @@ end nothing (a short list of abbreviations), nor does a decimal point ("3.5"), w
 sentence that runs past ``MAX_SENTENCE_CHARS`` without ending is cut at its last comma or space, so that a model
 that never stops a sentence does not keep the listener waiting for audio. What is left when generation ends is
 the last sentence.
+
+The first piece of a reply may be shorter: it ends at a comma too, once it has ``FIRST_CLAUSE_CHARS``. The listener
+hears the reply start as soon as its first clause is generated, not its whole first sentence (a long first sentence
+was most of the wait for the first sound); the rest is spoken sentence by sentence.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from typing import Final
 
 MIN_CLAUSE_CHARS: Final = 40
+FIRST_CLAUSE_CHARS: Final = 30
 MAX_SENTENCE_CHARS: Final = 240
 ABBREVIATIONS: Final = frozenset(
     {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no", "approx", "fig", "inc"}
@@ -28,6 +33,7 @@ class SentenceSplitter:
 
     def __init__(self) -> None:
         self._buffer = ""
+        self._first = True
 
     def feed(self, delta: str) -> Iterator[str]:
         self._buffer += delta
@@ -37,6 +43,7 @@ class SentenceSplitter:
                 return
             sentence, self._buffer = self._buffer[:cut].strip(), self._buffer[cut:]
             if sentence:
+                self._first = False
                 yield sentence
 
     def flush(self) -> str | None:
@@ -57,6 +64,8 @@ class SentenceSplitter:
                     return match.end(4)
                 continue
             return match.end(5)
+        if self._first and (comma := self._buffer.find(", ", FIRST_CLAUSE_CHARS - 1)) >= 0:
+            return comma + 2
         if len(self._buffer) > MAX_SENTENCE_CHARS:
             head = self._buffer[:MAX_SENTENCE_CHARS]
             comma = head.rfind(", ")
