@@ -13,6 +13,7 @@ import asyncio
 import collections
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ DOCUMENTED = {
 CALL_TIMEOUT_S = 8.0
 # Responses read from a stream before the test moves on (cancelling the rest, as a client that lost interest).
 MAX_STREAM_READS = 20
+MAX_STREAM_READ_S = 2.0
 # Resident memory no process of the mesh may pass while fuzzed (the LLM replica is the largest, ~2 GiB at rest).
 RSS_BOUND_BYTES = 6 * 2**30
 
@@ -145,8 +147,10 @@ def call(caller: Caller, method: str, requests: list[bytes]) -> grpc.StatusCode:
         if kind.server_streaming:
             server_stream: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(method)
             responses = server_stream(requests[0], timeout=CALL_TIMEOUT_S)
+            stop_at = time.monotonic() + MAX_STREAM_READ_S
             for count, _ in enumerate(responses):
-                if count >= MAX_STREAM_READS:
+                # Enough of a stream to see it answer: a watch (WatchCluster) sends one message a second forever.
+                if count >= MAX_STREAM_READS or time.monotonic() > stop_at:
                     responses.cancel()
                     break
         else:
