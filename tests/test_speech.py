@@ -143,8 +143,9 @@ async def test_kokoro_neural_voice_round_trip(
     assert word_error_rate(SENTENCE, reply.text) <= 0.1, reply.text
 
 
+@pytest.mark.parametrize("low_latency", [False, True], ids=["beam", "greedy finals"])
 async def test_stream_transcribe_in_100ms_chunks(
-    speech: tuple[ServerRunner, speech_pb2_grpc.SpeechServiceAsyncStub],
+    speech: tuple[ServerRunner, speech_pb2_grpc.SpeechServiceAsyncStub], low_latency: bool
 ) -> None:
     _, stub = speech
     pcm, _, end = await synthesize(stub, TWO_SENTENCES, encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000)
@@ -153,7 +154,10 @@ async def test_stream_transcribe_in_100ms_chunks(
     async def requests() -> AsyncIterator[speech_pb2.StreamTranscribeRequest]:
         yield speech_pb2.StreamTranscribeRequest(
             config=speech_pb2.StreamTranscribeConfig(
-                encoding=speech_pb2.AUDIO_ENCODING_PCM16, sample_rate_hz=16000, interim_results=True
+                encoding=speech_pb2.AUDIO_ENCODING_PCM16,
+                sample_rate_hz=16000,
+                interim_results=True,
+                low_latency=low_latency,
             )
         )
         for offset in range(0, len(pcm), chunk):

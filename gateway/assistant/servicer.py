@@ -358,6 +358,8 @@ class Conversation:
                     sample_rate_hz=config.input_sample_rate_hz,
                     language=config.language,
                     interim_results=config.interim_results,
+                    # A listener waits for the final text: greedy decoding, as the partials have.
+                    low_latency=True,
                 ),
             )
             while (chunk := await listening.feed.get()) is not None:

@@ -288,7 +288,8 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
                     partial_at = 0.0
                     if segmenter.is_silence(piece):
                         continue
-                    result = await self._transcribe(piece, language=language, beam_size=cfg.asr_beam_size, terms=terms)
+                    beam_size = 1 if config.low_latency else cfg.asr_beam_size
+                    result = await self._transcribe(piece, language=language, beam_size=beam_size, terms=terms)
                     if language is None and result.language:
                         # Detected once, on the first speech, then held so every segment is in one language.
                         language, probability = result.language, result.language_probability
