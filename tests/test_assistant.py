@@ -171,6 +171,11 @@ async def test_speech_during_the_reply_interrupts_it_and_is_answered(front_door_
         heard = await caller.until("reply_end", 2)
         caller.hang_up()
         await caller.rest()
+        # The session keeps the interrupted reply as far as it went, before the next turn.
+        session_id = heard.of("started")[0].session_id  # type: ignore[attr-defined]
+        stub = assistant_pb2_grpc.AssistantServiceStub(channel)
+        kept = await stub.GetSession(assistant_pb2.GetSessionRequest(session_id=session_id))
+        assert [m.content for m in kept.messages][1:3] == [interrupted.text, heard.of("user_turn")[1].text]  # type: ignore[attr-defined]
     turns = heard.of("user_turn")
     assert [t.turn for t in turns] == [1, 2]  # type: ignore[attr-defined]
     assert "capital of france" in turns[1].text.lower()  # type: ignore[attr-defined]

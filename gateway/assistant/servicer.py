@@ -331,10 +331,12 @@ class Conversation:
         it is still being transcribed)."""
         previous = self.current
         carried: asyncio.Task[str] | None = None
+        interrupted: asyncio.Task[None] | None = None
         if previous is not None and previous.task is not None and not previous.task.done():
             if previous.phase is Phase.TRANSCRIBING and previous.listening is not None:
                 carried = previous.listening.task
             previous.task.cancel()
+            interrupted = previous.task
         self.turns += 1
         turn = Turn(self.turns, listening=listening)
         if listening is not None:
@@ -343,7 +345,7 @@ class Conversation:
             turn.ended_at = loop_time()
             turn.ended.set()
         self.current = turn
-        turn.task = self._spawn(self._run_turn(turn, text, carried))
+        turn.task = self._spawn(self._run_turn(turn, text, carried, interrupted))
 
     async def _transcribe(self, turn: Turn, listening: Listening) -> str:
         config = self.config
@@ -382,7 +384,13 @@ class Conversation:
             raise failed.as_error("transcribe", TRANSCRIBE) from None
         return " ".join(s for s in segments if s)
 
-    async def _run_turn(self, turn: Turn, typed: str | None, carried: asyncio.Task[str] | None) -> None:
+    async def _run_turn(
+        self,
+        turn: Turn,
+        typed: str | None,
+        carried: asyncio.Task[str] | None,
+        interrupted: asyncio.Task[None] | None,
+    ) -> None:
         parts: list[str] = []
         if carried is not None:
             # Shielded: this turn being interrupted in turn must not cancel the words it carries.
@@ -399,6 +407,9 @@ class Conversation:
         await turn.ended.wait()
         ended_at = turn.ended_at if turn.ended_at is not None else loop_time()
         timings = assistant_pb2.TurnTimings(transcript_ms=(loop_time() - ended_at) * 1000 if turn.listening else 0)
+        if interrupted is not None:
+            # The interrupted reply is in the session (as far as it went) before this turn's prompt is made from it.
+            await asyncio.wait([interrupted])
         turn.phase = Phase.REPLYING
         self._send(user_turn=assistant_pb2.UserTurn(turn=turn.number, text=text, audio_seconds=audio_seconds))
         await self._reply(turn, text, ended_at, timings)
