@@ -74,6 +74,7 @@ import collections
 import concurrent.futures
 import enum
 import functools
+import heapq
 import logging
 import math
 import time
@@ -438,8 +439,7 @@ class DynamicBatcher(Generic[Req, Resp]):
         ahead = self._units_ahead(level, tenant, units)
         if ahead == 0:
             return
-        running_for = now - min(self._running_since) if self._running_since else None
-        slots = self._max_concurrent_batches
+        running_for, slots = self._running(now)
         higher = self._drain.higher_share(level, now, slots)
         finish = self._drain.seconds_to_finish(ahead, units, running_for, slots, higher)
         left = deadline - now
@@ -468,23 +468,24 @@ class DynamicBatcher(Generic[Req, Resp]):
             metadata={"batcher": self.name, "units_ahead": str(ahead), "estimate": estimate},
         )
 
+    def _running(self, now: float) -> tuple[float | None, int]:
+        """How long the oldest executing batch has run (None: none is), and how many batches run at once."""
+        running_for = now - min(self._running_since) if self._running_since else None
+        return running_for, self._max_concurrent_batches
+
     def _refuse_late_queued(self, now: float) -> None:
         """After a batch: refuses the queued requests that can no longer finish by their deadlines at the pace the
         batcher now estimates (the module docstring), in the order the queue would run them."""
         if not self._refuse_unmeetable or not self._drain.ready or not self._queued_units:
             return
-        running_for = now - min(self._running_since) if self._running_since else None
-        slots = self._max_concurrent_batches
+        running_for, slots = self._running(now)
         ahead = 0
         for level, fifos in enumerate(self._queues):
             higher = self._drain.higher_share(level, now, slots)
-            waiting = sorted(
-                (item for queue in fifos.values() for item in queue if item.state is _State.QUEUED),
-                key=lambda item: item.enqueued_at,
-            )
-            for item in waiting:
-                if item.future.done():
-                    continue  # cancelled; skipped when the collector reaches it
+            # Each tenant's FIFO is in arrival order already: merged, not sorted (this runs after every batch).
+            for item in heapq.merge(*fifos.values(), key=lambda item: item.enqueued_at):
+                if item.state is not _State.QUEUED or item.future.done():
+                    continue  # dropped or cancelled; skipped when the collector reaches it
                 if item.deadline is not None and ahead:
                     finish = self._drain.seconds_to_finish(ahead, item.units, running_for, slots, higher)
                     left = item.deadline - now
