@@ -469,18 +469,28 @@ class Conversation:
             # Barge-in (or the call ended): the reply stops here; the session keeps what was generated.
             if speaker is not None:
                 speaker.cancel()
-            end.interrupted = True
-            end.text = "".join(generated).strip()
-            timings.reply_ms = since()
-            end.timings.CopyFrom(timings)
+            self._ended(end, generated, timings, since(), interrupted=True)
             self._send(reply_end=end)
             await asyncio.shield(self._remember(user, end.text))
             raise
-        end.text = "".join(generated).strip()
-        timings.reply_ms = since()
-        end.timings.CopyFrom(timings)
+        self._ended(end, generated, timings, since(), interrupted=False)
         await self._remember(user, end.text)
         self._send(reply_end=end)
+
+    @staticmethod
+    def _ended(
+        end: assistant_pb2.ReplyEnd,
+        generated: list[str],
+        timings: assistant_pb2.TurnTimings,
+        reply_ms: float,
+        *,
+        interrupted: bool,
+    ) -> None:
+        """Fills the reply's end: its text as far as it was generated, its timings, whether it was interrupted."""
+        end.interrupted = interrupted
+        end.text = "".join(generated).strip()
+        timings.reply_ms = reply_ms
+        end.timings.CopyFrom(timings)
 
     async def _remember(self, user: str, reply: str) -> None:
         self.session = await self.sessions.add_turn(self.session, user, reply)
